@@ -1,0 +1,73 @@
+//! Hot paths of the wire contract: frame decode (header only) and encode, and Snowflake ids.
+//! Figures go in docs/benchmarks.md with the command that produced them.
+
+use std::hint::black_box;
+
+use bytes::{Bytes, BytesMut};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use messages::frame::encode_parts;
+use messages::{BodyCodec, Flags, Frame, FrameKind, Limits, Route, Snowflake, TraceContext};
+
+fn frame(body_len: usize, traced: bool) -> Frame {
+    let trace = traced.then_some(TraceContext {
+        trace_id: [7; 16],
+        span_id: [9; 8],
+        flags: 1,
+    });
+    Frame::new(FrameKind::Publish)
+        .with_msg_id(42)
+        .with_route(Route::new("chat.room.send").unwrap())
+        .with_body(BodyCodec::MsgPack, vec![0xa5; body_len])
+        .with_trace(trace)
+}
+
+fn codec(c: &mut Criterion) {
+    let limits = Limits {
+        max_body_len: 1 << 20,
+        ..Limits::default()
+    };
+    let mut group = c.benchmark_group("frame");
+    for &len in &[16usize, 1024, 65_536] {
+        let encoded = frame(len, true).encode();
+        group.throughput(Throughput::Elements(1));
+        group.bench_with_input(BenchmarkId::new("decode", len), &encoded, |b, encoded| {
+            b.iter(|| Frame::decode(black_box(encoded.clone()), &limits).unwrap());
+        });
+        let f = frame(len, true);
+        group.bench_with_input(BenchmarkId::new("encode", len), &f, |b, f| {
+            b.iter(|| black_box(f.encode()));
+        });
+        let body = Bytes::from(vec![0xa5; len]);
+        let route = Route::new("chat.room.send").unwrap();
+        group.bench_with_input(
+            BenchmarkId::new("encode_parts_reuse", len),
+            &body,
+            |b, body| {
+                let mut buf = BytesMut::with_capacity(len + 64);
+                b.iter(|| {
+                    encode_parts(
+                        &mut buf,
+                        FrameKind::Push,
+                        Flags::new(BodyCodec::MsgPack),
+                        7,
+                        None,
+                        &route,
+                        body,
+                    );
+                    black_box(buf.split().freeze())
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+fn ids(c: &mut Criterion) {
+    let ids = Snowflake::new(1).unwrap();
+    c.bench_function("snowflake/next_id", |b| {
+        b.iter(|| black_box(ids.next_id().unwrap()))
+    });
+}
+
+criterion_group!(benches, codec, ids);
+criterion_main!(benches);

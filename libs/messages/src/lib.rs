@@ -1,0 +1,28 @@
+//! The wire contract of the system, in one crate that every service and client shares.
+//!
+//! - [`frame`]: the binary client frame codec (client <-> gateway).
+//! - [`close`]: WebSocket close codes and error-frame codes.
+//! - [`subject`]: NATS subjects, built and parsed.
+//! - [`headers`]: NATS header names and per-hop timestamps.
+//! - [`ids`]: socket, user, room and gateway ids, validated once.
+//! - [`snowflake`]: the socket-id generator.
+//! - [`payload`]: typed bodies for control frames and bus payloads.
+//! - [`trace`]: W3C trace context in frames and NATS headers.
+//!
+//! `docs/protocol.md` describes the same contract for implementers in other languages.
+
+pub mod close;
+pub mod frame;
+pub mod headers;
+pub mod ids;
+pub mod payload;
+pub mod snowflake;
+pub mod subject;
+pub mod trace;
+
+pub use close::{CloseCode, ErrorCode};
+pub use frame::{BodyCodec, Flags, Frame, FrameError, FrameHeader, FrameKind, Limits, Route};
+pub use ids::{ClientKind, GatewayId, IdError, RoomId, SocketId, UserId};
+pub use snowflake::{Snowflake, SnowflakeError};
+pub use subject::Subject;
+pub use trace::TraceContext;

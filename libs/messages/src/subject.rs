@@ -1,0 +1,315 @@
+//! NATS subjects: every subject any service publishes or subscribes to is built and parsed
+//! here, so the bus layout is written down once.
+//!
+//! ```text
+//! ws.msg.<kind>.<route...>     gateway -> services: a client's publish frame (queue groups)
+//! ws.evt.<kind>.<event>        gateway -> services: connect, disconnect, heartbeat batch,
+//!                              join/leave requests, push receipts (queue groups)
+//! ws.user.<user>               services -> gateways holding one of the user's sockets
+//! ws.room.<room...>            services -> gateways holding a member of the room
+//! ws.gw.<gateway>.push         services -> one gateway, addressed to socket ids in a header
+//! ws.gw.<gateway>.ctl          services -> one gateway: join/leave a room, kick, replies
+//! ws.all                       services -> every gateway, every socket (broadcast)
+//! ws.ctl                       services -> every gateway: control (resync, drain)
+//! ```
+//! `<kind>` is `app` or `agent`: app traffic is consumed by ws-api, agent traffic by the
+//! scheduler. Gateways subscribe to user and room subjects only while they hold a
+//! recipient, so NATS interest routing delivers each push only where it is needed.
+
+use std::fmt;
+
+use crate::frame::Route;
+use crate::ids::{ClientKind, GatewayId, IdError, RoomId, UserId};
+
+/// First token of every subject this system uses.
+pub const ROOT: &str = "ws";
+
+/// Queue group ws-api replicas share for app traffic and events.
+pub const QUEUE_WS_API: &str = "ws-api";
+/// Queue group scheduler instances share for agent traffic and events.
+pub const QUEUE_SCHEDULER: &str = "scheduler";
+
+/// Lifecycle and session events a gateway emits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// A socket was accepted.
+    Connect,
+    /// A socket closed.
+    Disconnect,
+    /// A periodic batch of last-seen times for the gateway's sockets.
+    Heartbeat,
+    /// A client asked to join a room (the services decide).
+    Join,
+    /// A client asked to leave a room.
+    Leave,
+    /// A client acknowledged a push (delivery receipt).
+    Ack,
+}
+
+impl Event {
+    /// Every event.
+    pub const ALL: [Event; 6] = [
+        Event::Connect,
+        Event::Disconnect,
+        Event::Heartbeat,
+        Event::Join,
+        Event::Leave,
+        Event::Ack,
+    ];
+
+    /// The subject token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Connect => "connect",
+            Event::Disconnect => "disconnect",
+            Event::Heartbeat => "heartbeat",
+            Event::Join => "join",
+            Event::Leave => "leave",
+            Event::Ack => "ack",
+        }
+    }
+
+    fn parse(token: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == token)
+    }
+}
+
+/// A parsed subject of this system.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// `ws.msg.<kind>.<route>`
+    Upstream {
+        /// Client kind.
+        kind: ClientKind,
+        /// Route from the publish frame (non-empty).
+        route: Route,
+    },
+    /// `ws.evt.<kind>.<event>`
+    Event {
+        /// Client kind.
+        kind: ClientKind,
+        /// Which event.
+        event: Event,
+    },
+    /// `ws.user.<user>`
+    User(UserId),
+    /// `ws.room.<room>`
+    Room(RoomId),
+    /// `ws.gw.<gateway>.push`
+    GatewayPush(GatewayId),
+    /// `ws.gw.<gateway>.ctl`
+    GatewayControl(GatewayId),
+    /// `ws.all`
+    Broadcast,
+    /// `ws.ctl`
+    ControlAll,
+}
+
+/// Why a string is not one of this system's subjects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    /// Does not start with `ws.` or has an unknown second token.
+    #[error("not a subject of this system")]
+    Foreign,
+    /// Right prefix, wrong shape.
+    #[error("malformed subject")]
+    Malformed,
+    /// An embedded id is invalid.
+    #[error("invalid id in subject: {0}")]
+    Id(#[from] IdError),
+}
+
+impl Subject {
+    /// Parses a concrete subject (no wildcards).
+    pub fn parse(subject: &str) -> Result<Subject, SubjectError> {
+        let rest = subject.strip_prefix("ws.").ok_or(SubjectError::Foreign)?;
+        if rest == "all" {
+            return Ok(Subject::Broadcast);
+        }
+        if rest == "ctl" {
+            return Ok(Subject::ControlAll);
+        }
+        let (head, tail) = rest.split_once('.').ok_or(SubjectError::Foreign)?;
+        match head {
+            "msg" => {
+                let (kind, route) = tail.split_once('.').ok_or(SubjectError::Malformed)?;
+                let kind = kind.parse()?;
+                let route = Route::new(route).map_err(|_| SubjectError::Malformed)?;
+                if route.is_empty() {
+                    return Err(SubjectError::Malformed);
+                }
+                Ok(Subject::Upstream { kind, route })
+            }
+            "evt" => {
+                let (kind, event) = tail.split_once('.').ok_or(SubjectError::Malformed)?;
+                let kind = kind.parse()?;
+                let event = Event::parse(event).ok_or(SubjectError::Malformed)?;
+                Ok(Subject::Event { kind, event })
+            }
+            "user" => Ok(Subject::User(UserId::new(tail)?)),
+            "room" => Ok(Subject::Room(RoomId::new(tail)?)),
+            "gw" => {
+                let (gw, op) = tail.split_once('.').ok_or(SubjectError::Malformed)?;
+                let gw = GatewayId::new(gw)?;
+                match op {
+                    "push" => Ok(Subject::GatewayPush(gw)),
+                    "ctl" => Ok(Subject::GatewayControl(gw)),
+                    _ => Err(SubjectError::Malformed),
+                }
+            }
+            _ => Err(SubjectError::Foreign),
+        }
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Upstream { kind, route } => write!(f, "{ROOT}.msg.{kind}.{route}"),
+            Subject::Event { kind, event } => write!(f, "{ROOT}.evt.{kind}.{}", event.as_str()),
+            Subject::User(user) => write!(f, "{ROOT}.user.{user}"),
+            Subject::Room(room) => write!(f, "{ROOT}.room.{room}"),
+            Subject::GatewayPush(gw) => write!(f, "{ROOT}.gw.{gw}.push"),
+            Subject::GatewayControl(gw) => write!(f, "{ROOT}.gw.{gw}.ctl"),
+            Subject::Broadcast => write!(f, "{ROOT}.all"),
+            Subject::ControlAll => write!(f, "{ROOT}.ctl"),
+        }
+    }
+}
+
+/// `ws.msg.<kind>.<route>`: where a publish frame goes. `None` for an empty route, which a
+/// publish frame must not have.
+pub fn upstream(kind: ClientKind, route: &Route) -> Option<String> {
+    (!route.is_empty()).then(|| format!("{ROOT}.msg.{kind}.{route}"))
+}
+
+/// `ws.msg.<kind>.>`: everything clients of `kind` publish.
+pub fn upstream_wildcard(kind: ClientKind) -> String {
+    format!("{ROOT}.msg.{kind}.>")
+}
+
+/// `ws.evt.<kind>.<event>`
+pub fn event(kind: ClientKind, event: Event) -> String {
+    Subject::Event { kind, event }.to_string()
+}
+
+/// `ws.evt.<kind>.*`: every event about clients of `kind`.
+pub fn event_wildcard(kind: ClientKind) -> String {
+    format!("{ROOT}.evt.{kind}.*")
+}
+
+/// `ws.user.<user>`
+pub fn user(user: &UserId) -> String {
+    format!("{ROOT}.user.{user}")
+}
+
+/// `ws.room.<room>`
+pub fn room(room: &RoomId) -> String {
+    format!("{ROOT}.room.{room}")
+}
+
+/// `ws.gw.<gateway>.push`
+pub fn gateway_push(gateway: &GatewayId) -> String {
+    format!("{ROOT}.gw.{gateway}.push")
+}
+
+/// `ws.gw.<gateway>.ctl`
+pub fn gateway_control(gateway: &GatewayId) -> String {
+    format!("{ROOT}.gw.{gateway}.ctl")
+}
+
+/// `ws.all`
+pub fn broadcast() -> &'static str {
+    "ws.all"
+}
+
+/// `ws.ctl`
+pub fn control_all() -> &'static str {
+    "ws.ctl"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_examples() -> Vec<Subject> {
+        let mut out = vec![];
+        for kind in ClientKind::ALL {
+            out.push(Subject::Upstream {
+                kind,
+                route: Route::new("chat.send").unwrap(),
+            });
+            for event in Event::ALL {
+                out.push(Subject::Event { kind, event });
+            }
+        }
+        out.push(Subject::User(UserId::new("user:42@tenant").unwrap()));
+        out.push(Subject::Room(RoomId::new("chat.lobby").unwrap()));
+        out.push(Subject::GatewayPush(GatewayId::new("gw-1").unwrap()));
+        out.push(Subject::GatewayControl(GatewayId::new("gw-1").unwrap()));
+        out.push(Subject::Broadcast);
+        out.push(Subject::ControlAll);
+        out
+    }
+
+    #[test]
+    fn every_subject_round_trips() {
+        for subject in all_examples() {
+            let text = subject.to_string();
+            assert_eq!(Subject::parse(&text).unwrap(), subject, "{text}");
+        }
+    }
+
+    #[test]
+    fn builders_agree_with_display() {
+        let alice = UserId::new("alice").unwrap();
+        let lobby = RoomId::new("lobby").unwrap();
+        let gw = GatewayId::new("gw-2").unwrap();
+        let route = Route::new("orders.new").unwrap();
+        assert_eq!(
+            upstream(ClientKind::App, &route).unwrap(),
+            "ws.msg.app.orders.new"
+        );
+        assert_eq!(upstream(ClientKind::App, &Route::empty()), None);
+        assert_eq!(
+            event(ClientKind::Agent, Event::Connect),
+            "ws.evt.agent.connect"
+        );
+        assert_eq!(user(&alice), Subject::User(alice.clone()).to_string());
+        assert_eq!(room(&lobby), "ws.room.lobby");
+        assert_eq!(gateway_push(&gw), "ws.gw.gw-2.push");
+        assert_eq!(gateway_control(&gw), "ws.gw.gw-2.ctl");
+        assert_eq!(Subject::parse(broadcast()).unwrap(), Subject::Broadcast);
+        assert_eq!(Subject::parse(control_all()).unwrap(), Subject::ControlAll);
+        assert_eq!(upstream_wildcard(ClientKind::Agent), "ws.msg.agent.>");
+        assert_eq!(event_wildcard(ClientKind::App), "ws.evt.app.*");
+    }
+
+    #[test]
+    fn foreign_and_malformed_subjects_are_told_apart() {
+        assert_eq!(Subject::parse("app.orders"), Err(SubjectError::Foreign));
+        assert_eq!(Subject::parse("ws.nope.x"), Err(SubjectError::Foreign));
+        assert_eq!(Subject::parse("ws"), Err(SubjectError::Foreign));
+        assert_eq!(Subject::parse("ws.msg.app"), Err(SubjectError::Malformed));
+        assert_eq!(
+            Subject::parse("ws.evt.app.explode"),
+            Err(SubjectError::Malformed)
+        );
+        assert_eq!(
+            Subject::parse("ws.gw.gw-1.other"),
+            Err(SubjectError::Malformed)
+        );
+        assert!(matches!(
+            Subject::parse("ws.msg.robot.x"),
+            Err(SubjectError::Id(_))
+        ));
+        assert!(matches!(
+            Subject::parse("ws.user.a.b"),
+            Err(SubjectError::Id(_))
+        ));
+        assert!(matches!(
+            Subject::parse("ws.user.*"),
+            Err(SubjectError::Id(_))
+        ));
+    }
+}

@@ -1,0 +1,1 @@
+//! agent: placeholder crate so the workspace has its final shape; its issue fills it in.

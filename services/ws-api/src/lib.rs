@@ -1,0 +1,1 @@
+//! ws-api: placeholder crate so the workspace has its final shape; its issue fills it in.
