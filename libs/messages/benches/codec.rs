@@ -1,6 +1,8 @@
 //! Hot paths of the wire contract: frame decode (header only) and encode, and Snowflake ids.
 //! Figures go in docs/benchmarks.md with the command that produced them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
@@ -31,7 +33,7 @@ fn codec(c: &mut Criterion) {
         let encoded = frame(len, true).encode();
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::new("decode", len), &encoded, |b, encoded| {
-            b.iter(|| Frame::decode(black_box(encoded.clone()), &limits).unwrap());
+            b.iter(|| Frame::decode(black_box(encoded), &limits).unwrap());
         });
         let f = frame(len, true);
         group.bench_with_input(BenchmarkId::new("encode", len), &f, |b, f| {
@@ -65,7 +67,7 @@ fn codec(c: &mut Criterion) {
 fn ids(c: &mut Criterion) {
     let ids = Snowflake::new(1).unwrap();
     c.bench_function("snowflake/next_id", |b| {
-        b.iter(|| black_box(ids.next_id().unwrap()))
+        b.iter(|| black_box(ids.next_id().unwrap()));
     });
 }
 

@@ -483,9 +483,10 @@ impl Frame {
         self
     }
 
-    /// Decodes one WebSocket message. The returned body and route share `buf`'s memory.
-    pub fn decode(buf: Bytes, limits: &Limits) -> Result<Frame, FrameError> {
-        let header = FrameHeader::parse(&buf, limits)?;
+    /// Decodes one WebSocket message. The returned body and route share `buf`'s memory
+    /// (a reference-count increment, no copy).
+    pub fn decode(buf: &Bytes, limits: &Limits) -> Result<Frame, FrameError> {
+        let header = FrameHeader::parse(buf, limits)?;
         let route = Route::from_validated_bytes(buf.slice(header.route_start..header.body_start))?;
         Ok(Frame {
             kind: header.kind,
@@ -653,7 +654,7 @@ mod tests {
                 .with_msg_id(42)
                 .with_route(Route::new("chat.send").unwrap())
                 .with_body(BodyCodec::MsgPack, &b"\x81\xa1a\x01"[..]);
-            let decoded = Frame::decode(frame.encode(), &limits()).unwrap();
+            let decoded = Frame::decode(&frame.encode(), &limits()).unwrap();
             assert_eq!(decoded, frame, "{kind}");
         }
         assert_eq!(FrameKind::from_u8(0), None);
@@ -689,14 +690,14 @@ mod tests {
         assert_eq!(&bytes[12..28], &[0xab; 16]);
         assert_eq!(&bytes[28..36], &[0xcd; 8]);
         assert_eq!(bytes[36], 1);
-        assert_eq!(Frame::decode(bytes, &limits()).unwrap().trace, Some(trace));
+        assert_eq!(Frame::decode(&bytes, &limits()).unwrap().trace, Some(trace));
     }
 
     #[test]
     fn decoding_does_not_copy_the_body() {
         let frame = Frame::new(FrameKind::Publish).with_body(BodyCodec::Raw, vec![7u8; 1000]);
         let encoded = frame.encode();
-        let decoded = Frame::decode(encoded.clone(), &limits()).unwrap();
+        let decoded = Frame::decode(&encoded, &limits()).unwrap();
         let start = encoded.as_ptr() as usize;
         let body = decoded.body.as_ptr() as usize;
         assert_eq!(
@@ -717,7 +718,7 @@ mod tests {
             }))
             .encode();
         for cut in 0..(FIXED_HEADER_LEN + TRACE_CONTEXT_LEN + 3) {
-            let err = Frame::decode(full.slice(..cut), &limits()).unwrap_err();
+            let err = Frame::decode(&full.slice(..cut), &limits()).unwrap_err();
             assert!(
                 matches!(err, FrameError::Truncated { got, .. } if got == cut),
                 "{cut}: {err}"
@@ -731,7 +732,7 @@ mod tests {
         let with = |i: usize, v: u8| {
             let mut b = good.clone();
             b[i] = v;
-            Frame::decode(Bytes::from(b), &limits()).unwrap_err()
+            Frame::decode(&Bytes::from(b), &limits()).unwrap_err()
         };
         assert_eq!(with(0, 2), FrameError::UnsupportedVersion(2));
         assert_eq!(with(0, 0), FrameError::UnsupportedVersion(0));
@@ -749,14 +750,14 @@ mod tests {
         };
         let frame = Frame::new(FrameKind::Publish).with_route(Route::new("abcde").unwrap());
         assert_eq!(
-            Frame::decode(frame.encode(), &tight).unwrap_err(),
+            Frame::decode(&frame.encode(), &tight).unwrap_err(),
             FrameError::RouteTooLong { len: 5, max: 4 }
         );
         let mut raw = Frame::new(FrameKind::Publish).encode().to_vec();
         raw[3] = 3;
         raw.extend_from_slice(b"a*b");
         assert_eq!(
-            Frame::decode(Bytes::from(raw), &limits()).unwrap_err(),
+            Frame::decode(&Bytes::from(raw), &limits()).unwrap_err(),
             FrameError::InvalidRoute(RouteError::BadByte { byte: b'*', at: 1 })
         );
         assert_eq!(Route::new("a..b"), Err(RouteError::EmptyToken));
@@ -782,11 +783,11 @@ mod tests {
             ..Limits::default()
         };
         let frame = Frame::new(FrameKind::Publish).with_body(BodyCodec::Raw, vec![0u8; 11]);
-        let err = Frame::decode(frame.encode(), &tight).unwrap_err();
+        let err = Frame::decode(&frame.encode(), &tight).unwrap_err();
         assert_eq!(err, FrameError::BodyTooLarge { len: 11, max: 10 });
         assert_eq!(err.close_code(), crate::close::CloseCode::FrameTooLarge);
         let ok = Frame::new(FrameKind::Publish).with_body(BodyCodec::Raw, vec![0u8; 10]);
-        assert!(Frame::decode(ok.encode(), &tight).is_ok());
+        assert!(Frame::decode(&ok.encode(), &tight).is_ok());
     }
 
     #[test]
@@ -795,7 +796,7 @@ mod tests {
         raw[2] = Flags::TRACE;
         raw.extend_from_slice(&[0u8; TRACE_CONTEXT_LEN]);
         assert_eq!(
-            Frame::decode(Bytes::from(raw), &limits()).unwrap_err(),
+            Frame::decode(&Bytes::from(raw), &limits()).unwrap_err(),
             FrameError::InvalidTraceContext
         );
     }

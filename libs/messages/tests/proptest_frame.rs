@@ -1,6 +1,8 @@
 //! Property tests for the frame codec: every well-formed frame survives a round trip, and
 //! no byte string makes the decoder panic.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use bytes::Bytes;
 use messages::frame::{FIXED_HEADER_LEN, MAX_ROUTE_LEN};
 use messages::{BodyCodec, Flags, Frame, FrameKind, Limits, Route, TraceContext};
@@ -68,13 +70,13 @@ proptest! {
     fn round_trip(frame in frame()) {
         let bytes = frame.encode();
         prop_assert_eq!(bytes.len(), frame.encoded_len());
-        let decoded = Frame::decode(bytes, &roomy()).unwrap();
+        let decoded = Frame::decode(&bytes, &roomy()).unwrap();
         prop_assert_eq!(decoded, frame);
     }
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = Frame::decode(Bytes::from(bytes), &Limits::default());
+        let _ = Frame::decode(&Bytes::from(bytes), &Limits::default());
     }
 
     #[test]
@@ -89,14 +91,14 @@ proptest! {
             bytes[at % len] = value;
         }
         bytes.truncate(cut % (bytes.len() + 1));
-        let _ = Frame::decode(Bytes::from(bytes), &Limits::default());
+        let _ = Frame::decode(&Bytes::from(bytes), &Limits::default());
     }
 
     #[test]
     fn header_bytes_are_valid_or_rejected_with_a_typed_error(
         header in proptest::collection::vec(any::<u8>(), FIXED_HEADER_LEN..FIXED_HEADER_LEN + 40)
     ) {
-        match Frame::decode(Bytes::from(header.clone()), &roomy()) {
+        match Frame::decode(&Bytes::from(header.clone()), &roomy()) {
             Ok(frame) => prop_assert_eq!(frame.encode(), Bytes::from(header)),
             Err(err) => prop_assert!(!err.to_string().is_empty()),
         }

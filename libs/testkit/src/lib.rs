@@ -1,1 +1,15 @@
-//! placeholder
+//! Real infrastructure for tests: `nats-server` processes started on free loopback ports in
+//! temporary directories, killed and cleaned up on drop.
+//!
+//! [`NatsServer`] is one node with JetStream that can be killed and started again on the
+//! same port with the same storage (for reconnect and outage tests). [`NatsCluster`] is
+//! three (or more) routed nodes with clustered JetStream. Both read their settings from the
+//! repository's `nats/` configs, the same files `scripts/up` and compose use.
+//!
+//! The binary is found through `NATS_SERVER_BIN`, then `.tools/bin/nats-server` (where
+//! `scripts/install-nats` puts it), then `PATH`. When none exists, starting fails with one
+//! line that says how to install it.
+
+mod server;
+
+pub use server::{Error, NatsCluster, NatsServer, nats_server_binary, workspace_root};

