@@ -29,7 +29,7 @@ pub const MAX_ROUTE_LEN: usize = u8::MAX as usize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FrameKind {
-    /// Client -> gateway, optional first frame: client name/version, resume hints.
+    /// Client -> gateway, optional first frame: client name and version.
     Hello = 1,
     /// Gateway -> client, first frame: socket id and heartbeat parameters.
     Welcome = 2,
@@ -132,8 +132,8 @@ impl BodyCodec {
     }
 }
 
-/// The flags byte: body codec (bits 0-1), compressed (bit 2), trace context present (bit 3).
-/// Bits 4-7 are reserved and must be zero in version 1.
+/// The flags byte: body codec (bits 0-1), compressed (bit 2), trace context present (bit 3),
+/// receipt requested (bit 4). Bits 5-7 are reserved and must be zero in version 1.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Flags(u8);
 
@@ -143,7 +143,10 @@ impl Flags {
     pub const COMPRESSED: u8 = 0b0000_0100;
     /// A 25-byte binary trace context follows the fixed header.
     pub const TRACE: u8 = 0b0000_1000;
-    const RESERVED: u8 = 0b1111_0000;
+    /// On a push: the sender wants a delivery receipt, so the client should answer with an
+    /// ack frame carrying the push's message id.
+    pub const RECEIPT: u8 = 0b0001_0000;
+    const RESERVED: u8 = 0b1110_0000;
 
     /// Flags for a body in `codec`, uncompressed, without trace context.
     pub fn new(codec: BodyCodec) -> Self {
@@ -189,6 +192,20 @@ impl Flags {
         }
     }
 
+    /// Whether a delivery receipt is requested.
+    pub fn receipt(self) -> bool {
+        self.0 & Self::RECEIPT != 0
+    }
+
+    /// Returns these flags with the receipt bit set or cleared.
+    pub fn with_receipt(self, on: bool) -> Self {
+        if on {
+            Flags(self.0 | Self::RECEIPT)
+        } else {
+            Flags(self.0 & !Self::RECEIPT)
+        }
+    }
+
     fn with_trace(self, on: bool) -> Self {
         if on {
             Flags(self.0 | Self::TRACE)
@@ -208,6 +225,7 @@ impl fmt::Debug for Flags {
             .field("codec", &self.codec())
             .field("compressed", &self.compressed())
             .field("trace", &self.has_trace())
+            .field("receipt", &self.receipt())
             .finish()
     }
 }
@@ -435,7 +453,8 @@ pub struct Frame {
     pub msg_id: u64,
     /// W3C trace context the sender wants continued, if any.
     pub trace: Option<TraceContext>,
-    /// Where a publish goes, or which room a join/leave names; empty otherwise.
+    /// Where a publish goes, which room a join/leave names, or the route a service gave a
+    /// push; empty otherwise.
     pub route: Route,
     /// The body, never interpreted by the codec.
     pub body: Bytes,
@@ -471,7 +490,9 @@ impl Frame {
     /// Sets the body and its codec.
     #[must_use]
     pub fn with_body(mut self, codec: BodyCodec, body: impl Into<Bytes>) -> Self {
-        self.flags = Flags::new(codec).with_compressed(self.flags.compressed());
+        self.flags = Flags::new(codec)
+            .with_compressed(self.flags.compressed())
+            .with_receipt(self.flags.receipt());
         self.body = body.into();
         self
     }
@@ -738,7 +759,8 @@ mod tests {
         assert_eq!(with(0, 0), FrameError::UnsupportedVersion(0));
         assert_eq!(with(1, 0), FrameError::UnknownKind(0));
         assert_eq!(with(1, 200), FrameError::UnknownKind(200));
-        assert_eq!(with(2, 0b0001_0000), FrameError::ReservedFlags(0b0001_0000));
+        assert_eq!(with(2, 0b0010_0000), FrameError::ReservedFlags(0b0010_0000));
+        assert_eq!(with(2, 0b1000_0000), FrameError::ReservedFlags(0b1000_0000));
         assert_eq!(with(2, 0b0000_0011), FrameError::UnknownCodec(3));
     }
 
@@ -803,9 +825,13 @@ mod tests {
 
     #[test]
     fn flags_keep_codec_and_compression() {
-        let f = Flags::new(BodyCodec::Json).with_compressed(true);
+        let f = Flags::new(BodyCodec::Json)
+            .with_compressed(true)
+            .with_receipt(true);
         assert_eq!(f.codec(), BodyCodec::Json);
         assert!(f.compressed());
+        assert!(f.receipt());
+        assert_eq!(f.bits(), 0b0001_0110);
         assert_eq!(Flags::from_bits(f.bits()).unwrap(), f);
         for codec in [BodyCodec::Raw, BodyCodec::MsgPack, BodyCodec::Json] {
             assert_eq!(BodyCodec::parse(codec.as_str()), Some(codec));

@@ -119,7 +119,7 @@ pub struct Reconnect {
     pub reason: String,
 }
 
-/// Body of the optional hello frame a client sends first.
+/// Body of the optional hello frame a client sends first (for logs and metrics only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Hello {
     /// Client library name and version, for logs and metrics.

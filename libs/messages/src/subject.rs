@@ -10,7 +10,7 @@
 //! ws.gw.<gateway>.push         services -> one gateway, addressed to socket ids in a header
 //! ws.gw.<gateway>.ctl          services -> one gateway: join/leave a room, kick, replies
 //! ws.all                       services -> every gateway, every socket (broadcast)
-//! ws.ctl                       services -> every gateway: control (resync, drain)
+//! ws.ctl                       services -> every gateway: control (resync)
 //! ```
 //! `<kind>` is `app` or `agent`: app traffic is consumed by ws-api, agent traffic by the
 //! scheduler. Gateways subscribe to user and room subjects only while they hold a

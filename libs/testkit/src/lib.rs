@@ -1,5 +1,6 @@
 //! Real infrastructure for tests: `nats-server` processes started on free loopback ports in
-//! temporary directories, killed and cleaned up on drop.
+//! temporary directories, killed and cleaned up on drop, and a WebSocket client that speaks
+//! the frame protocol over a real socket.
 //!
 //! [`NatsServer`] is one node with JetStream that can be killed and started again on the
 //! same port with the same storage (for reconnect and outage tests). [`NatsCluster`] is
@@ -11,5 +12,6 @@
 //! line that says how to install it.
 
 mod server;
+pub mod ws;
 
 pub use server::{Error, NatsCluster, NatsServer, nats_server_binary, workspace_root};

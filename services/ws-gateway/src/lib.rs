@@ -1,1 +1,360 @@
-//! ws-gateway: placeholder crate so the workspace has its final shape; its issue fills it in.
+//! ws-gateway: terminates WebSocket connections (one actix actor each), authenticates
+//! them, gives each a Snowflake socket id, and moves frames between sockets and NATS
+//! without decoding bodies. Replicas share nothing but the bus: losing one only makes its
+//! clients reconnect elsewhere.
+//!
+//! [`run`] is the whole service, driven by a listener and a shutdown future so tests run
+//! it in-process; [`spawn`] runs it on its own thread for tests.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod heartbeat;
+mod http;
+pub mod lease;
+pub mod metrics;
+pub mod registry;
+pub mod session;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use actix::Addr;
+use actix_web::{App, HttpServer, web};
+use messages::{Snowflake, SocketId};
+use rand::Rng;
+use tokio::sync::oneshot;
+
+pub use config::{Args, Config, ConfigError};
+
+use crate::bus::Bus;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::session::{Conn, ToConn};
+
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Binding, runtime creation, serving.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The NATS client could not be created.
+    #[error("nats: {0}")]
+    Nats(String),
+}
+
+/// State every connection and task of a replica shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// Configuration.
+    pub config: Config,
+    /// Who is connected here.
+    pub registry: Registry<Addr<Conn>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The bus side.
+    pub bus: Bus,
+    /// Id generator for the leased worker id; `None` while no lease is held.
+    ids: RwLock<Option<Arc<Snowflake>>>,
+    /// Set when shutdown starts.
+    draining: AtomicBool,
+}
+
+/// Why a replica is or is not ready.
+#[derive(Debug, Clone, Copy)]
+pub struct Readiness {
+    /// NATS connection is up.
+    pub nats: bool,
+    /// Leased worker id, if any.
+    pub worker_id: Option<u16>,
+    /// Shutdown has started.
+    pub draining: bool,
+}
+
+impl Readiness {
+    /// Ready to accept connections.
+    pub fn ready(&self) -> bool {
+        self.nats && self.worker_id.is_some() && !self.draining
+    }
+
+    /// One line saying what is missing.
+    pub fn describe(&self) -> String {
+        let mut missing = vec![];
+        if !self.nats {
+            missing.push("NATS disconnected");
+        }
+        if self.worker_id.is_none() {
+            missing.push("no worker-id lease");
+        }
+        if self.draining {
+            missing.push("draining");
+        }
+        if missing.is_empty() {
+            "ready".into()
+        } else {
+            missing.join(", ")
+        }
+    }
+}
+
+impl Shared {
+    /// Current readiness.
+    pub fn readiness(&self) -> Readiness {
+        let worker_id = self
+            .ids
+            .read()
+            .ok()
+            .and_then(|ids| ids.as_ref().map(|g| g.worker()));
+        Readiness {
+            nats: self.bus.connected(),
+            worker_id,
+            draining: self.draining.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        usize::try_from(self.metrics.connections.get()).unwrap_or(0)
+    }
+
+    /// Mints a socket id; `None` without a lease or when the clock misbehaves.
+    pub fn mint(&self) -> Option<SocketId> {
+        let ids = self.ids.read().ok()?.clone()?;
+        match ids.next_id() {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot mint a socket id.");
+                None
+            }
+        }
+    }
+
+    fn set_worker(&self, worker: Option<u16>) {
+        let generator = worker.and_then(|w| Snowflake::new(w).ok()).map(Arc::new);
+        self.metrics.worker_id.set(worker.map_or(-1, i64::from));
+        if let Ok(mut ids) = self.ids.write() {
+            *ids = generator;
+        }
+    }
+}
+
+/// Runs a replica on `listener` until `shutdown` completes, then drains and exits. Must be
+/// called inside an actix system (`actix_web::rt::System`).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    config.validate()?;
+    let nats_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ws-gateway-nats")
+        .enable_all()
+        .build()?;
+    let options = async_nats::ConnectOptions::new()
+        .name(format!("ws-gateway/{}", config.instance))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5));
+    let urls = config.nats_url.clone();
+    let client = nats_runtime
+        .spawn(async move { options.connect(urls.as_str()).await })
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?
+        .map_err(|e| Error::Nats(e.to_string()))?;
+
+    let metrics = Arc::new(Metrics::new());
+    let bus = Bus::start(
+        client.clone(),
+        nats_runtime.handle().clone(),
+        Arc::clone(&metrics),
+    );
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        registry: Registry::new(),
+        metrics,
+        bus,
+        ids: RwLock::new(None),
+        draining: AtomicBool::new(false),
+    });
+    let fixed_subscriptions = bus::subscribe_fixed(&shared);
+    let presence = bus::spawn_presence_sync(&shared, config.presence_sync);
+    let (lease_stop, lease_stop_rx) = oneshot::channel();
+    let lease_task = nats_runtime.spawn(maintain_lease(
+        Arc::downgrade(&shared),
+        client,
+        lease::LeaseConfig {
+            bucket: config.lease_bucket.clone(),
+            ttl: config.lease_ttl,
+            replicas: config.lease_replicas,
+            instance: config.instance.clone(),
+        },
+        lease_stop_rx,
+    ));
+
+    let workers = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let data = web::Data::new(Arc::clone(&shared));
+    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(http::routes))
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(2)
+        .backlog(4096)
+        .max_connection_rate(4096)
+        .listen(listener)?
+        .run();
+    let server_handle = server.handle();
+    let server_task = actix_web::rt::spawn(server);
+    tracing::info!(instance = %config.instance, workers, "Gateway started.");
+
+    shutdown.await;
+    tracing::info!("Shutdown requested; draining.");
+    let deadline = config.shutdown_deadline;
+    let sequence = async {
+        drain(&shared).await;
+        server_handle.stop(true).await;
+        shared.bus.flush().await;
+        let _ = lease_stop.send(());
+        let _ = lease_task.await;
+    };
+    if tokio::time::timeout(deadline, sequence).await.is_err() {
+        tracing::warn!(?deadline, "Shutdown deadline passed; exiting anyway.");
+        server_handle.stop(false).await;
+    }
+    let _ = server_task.await;
+    presence.abort();
+    drop(fixed_subscriptions);
+    drop(shared);
+    nats_runtime.shutdown_background();
+    tracing::info!("Gateway stopped.");
+    Ok(())
+}
+
+/// Acquires a worker-id lease (retrying while NATS is unreachable), keeps it, mirrors its
+/// state into the id generator, and releases it when `stop` fires.
+async fn maintain_lease(
+    shared: std::sync::Weak<Shared>,
+    client: async_nats::Client,
+    config: lease::LeaseConfig,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let js = async_nats::jetstream::new(client);
+    let mut backoff = Duration::from_millis(100);
+    let lease = loop {
+        match lease::acquire(&js, &config).await {
+            Ok(lease) => break lease,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "Worker-id lease not acquired.");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = &mut stop => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    tracing::info!(worker_id = lease.worker_id(), "Worker-id lease acquired.");
+    let keeper = lease::LeaseKeeper::spawn(js, config, lease);
+    let mut watch = keeper.watch();
+    loop {
+        let worker = *watch.borrow_and_update();
+        match shared.upgrade() {
+            Some(shared) => shared.set_worker(worker),
+            None => break,
+        }
+        if worker.is_none() {
+            tracing::warn!("Worker-id lease lost; refusing new connections until it is back.");
+        }
+        tokio::select! {
+            changed = watch.changed() => if changed.is_err() { break },
+            _ = &mut stop => break,
+        }
+    }
+    if let Some(shared) = shared.upgrade() {
+        shared.set_worker(None);
+    }
+    keeper.release().await;
+}
+
+/// Stops admitting, asks every client to reconnect at a random point of the drain window
+/// (so other replicas are not stampeded), and waits until they are gone.
+async fn drain(shared: &Shared) {
+    shared.draining.store(true, Ordering::Relaxed);
+    let window = shared.config.drain_window;
+    let mut rng = rand::rng();
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    let count = shared.registry.for_all(None, |_, addr| {
+        let delay = Duration::from_millis(rng.random_range(0..=window_ms));
+        addr.do_send(ToConn::Drain(delay));
+    });
+    tracing::info!(connections = count, ?window, "Draining.");
+    let give_up = tokio::time::Instant::now() + window + Duration::from_secs(2);
+    while shared.connections() > 0 && tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A replica running on its own thread (tests, embedding).
+#[derive(Debug)]
+pub struct Handle {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<Result<(), Error>>>,
+}
+
+/// Starts a replica on its own thread and actix system.
+pub fn spawn(config: Config, listener: TcpListener) -> Result<Handle, Error> {
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let (done_tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("ws-gateway-{}", config.instance))
+        .spawn(move || {
+            let result = actix_web::rt::System::new().block_on(run(config, listener, async {
+                let _ = stop_rx.await;
+            }));
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "Gateway failed.");
+            }
+            let _ = done_tx.send(result);
+        })?;
+    Ok(Handle {
+        addr,
+        stop: Some(stop),
+        done: Some(done),
+    })
+}
+
+impl Handle {
+    /// Where the replica listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drains and stops the replica, waiting until it has.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.done.take() {
+            Some(done) => done.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,6 +1,66 @@
-//! Entry point for ws-gateway; the service is not implemented yet.
+//! ws-gateway binary: parse flags, initialise logging, bind, run until SIGTERM/SIGINT.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("ws-gateway: not implemented yet");
-    std::process::ExitCode::from(70)
+use std::net::TcpListener;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ws_gateway::{Args, Config};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let config = match Config::from_args(&args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ws-gateway: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let listener = match TcpListener::bind(&args.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ws-gateway: cannot listen on {}: {e}", args.listen);
+            return ExitCode::from(71);
+        }
+    };
+    tracing::info!(listen = %args.listen, nats = %config.nats_url, "Starting.");
+    let result =
+        actix_web::rt::System::new().block_on(ws_gateway::run(config, listener, shutdown_signal()));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ws-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

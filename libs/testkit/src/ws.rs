@@ -1,0 +1,241 @@
+//! A WebSocket test client over a real TCP socket: connects with a token, decodes frames
+//! with the real codec, and waits with timeouts so a broken test fails instead of hanging.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use messages::payload::{self, Welcome};
+use messages::{BodyCodec, Frame, FrameKind, Limits};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, client_async_with_config};
+
+/// The HS256 secret tests sign tokens with.
+pub const TEST_SECRET: &str = "testkit-secret-testkit-secret-0123456789";
+
+/// How long any single wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Signs an HS256 token for `user` with optional `kind` and `rooms`, valid for an hour.
+pub fn token(user: &str, kind: Option<&str>, rooms: &[&str]) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
+    token_with(
+        serde_json::json!({"sub": user, "exp": exp, "kind": kind.unwrap_or("app"), "rooms": rooms}),
+    )
+}
+
+/// Signs arbitrary claims with [`TEST_SECRET`].
+pub fn token_with(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(TEST_SECRET.as_bytes()),
+    )
+    .unwrap_or_default()
+}
+
+/// What came back instead of the expected frame.
+#[derive(Debug)]
+pub enum Received {
+    /// A frame.
+    Frame(Frame),
+    /// A close with its code.
+    Close(Option<u16>),
+    /// The connection ended without a close frame (or errored).
+    Ended(String),
+    /// Nothing arrived in time.
+    Timeout,
+}
+
+/// A connected test client.
+#[derive(Debug)]
+pub struct TestClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The welcome frame's body.
+    pub welcome: Welcome,
+    codec: BodyCodec,
+}
+
+/// Why a connection attempt did not produce a session.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The server answered the upgrade with this HTTP status.
+    Status(u16),
+    /// Something else went wrong.
+    Other(String),
+}
+
+impl TestClient {
+    /// Connects to `ws://addr/ws` with `token` in the Authorization header and waits for the
+    /// welcome.
+    pub async fn connect(addr: SocketAddr, token: &str) -> Result<Self, ConnectError> {
+        Self::connect_with(addr, Some(token), "", None).await
+    }
+
+    /// Connects with full control: token in the header (or none), an extra query string,
+    /// and an optional receive-buffer size for the socket (to make a slow reader).
+    pub async fn connect_with(
+        addr: SocketAddr,
+        token: Option<&str>,
+        query: &str,
+        recv_buffer: Option<u32>,
+    ) -> Result<Self, ConnectError> {
+        let url = format!(
+            "ws://{addr}/ws{}{query}",
+            if query.is_empty() { "" } else { "?" }
+        );
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| ConnectError::Other(e.to_string()))?;
+        if let Some(token) = token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ConnectError::Other("header".into()))?;
+            request.headers_mut().insert("authorization", value);
+        }
+        let socket =
+            tokio::net::TcpSocket::new_v4().map_err(|e| ConnectError::Other(e.to_string()))?;
+        if let Some(size) = recv_buffer {
+            socket
+                .set_recv_buffer_size(size)
+                .map_err(|e| ConnectError::Other(e.to_string()))?;
+        }
+        let stream = socket
+            .connect(addr)
+            .await
+            .map_err(|e| ConnectError::Other(e.to_string()))?;
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (ws, _) =
+            client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
+                .await
+                .map_err(|e| match e {
+                    tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                        ConnectError::Status(resp.status().as_u16())
+                    }
+                    other => ConnectError::Other(other.to_string()),
+                })?;
+        let codec = if query.contains("codec=json") {
+            BodyCodec::Json
+        } else {
+            BodyCodec::MsgPack
+        };
+        let mut ws = ws;
+        match recv_on(&mut ws, WAIT).await {
+            Received::Frame(f) if f.kind == FrameKind::Welcome => {
+                let welcome = payload::decode_body(f.flags.codec(), &f.body)
+                    .map_err(|e| ConnectError::Other(e.to_string()))?;
+                Ok(TestClient { ws, welcome, codec })
+            }
+            other => Err(ConnectError::Other(format!(
+                "expected welcome, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Codec the gateway uses for this client's control bodies.
+    pub fn codec(&self) -> BodyCodec {
+        self.codec
+    }
+
+    /// Sends a frame.
+    pub async fn send(&mut self, frame: &Frame) {
+        let _ = self.ws.send(Message::Binary(frame.encode())).await;
+    }
+
+    /// Sends raw bytes as one binary message.
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) {
+        let _ = self.ws.send(Message::Binary(Bytes::from(bytes))).await;
+    }
+
+    /// Sends a text message.
+    pub async fn send_text(&mut self, text: &str) {
+        let _ = self.ws.send(Message::Text(text.into())).await;
+    }
+
+    /// The next frame, close or end, waiting at most [`WAIT`].
+    pub async fn recv(&mut self) -> Received {
+        self.recv_within(WAIT).await
+    }
+
+    /// The next frame, close or end, waiting at most `wait`.
+    pub async fn recv_within(&mut self, wait: Duration) -> Received {
+        recv_on(&mut self.ws, wait).await
+    }
+
+    /// The next frame, skipping heartbeat acks; panics (test helper) on anything else.
+    pub async fn frame(&mut self) -> Frame {
+        loop {
+            match self.recv().await {
+                Received::Frame(f) if f.kind == FrameKind::HeartbeatAck => {}
+                Received::Frame(f) => return f,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until a close arrives (skipping frames) and returns its code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match self.recv().await {
+                Received::Frame(_) => {}
+                Received::Close(code) => return code,
+                Received::Ended(_) => return None,
+                Received::Timeout => panic!("no close within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// Asserts nothing but heartbeat acks arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        loop {
+            match self.recv_within(wait).await {
+                Received::Timeout => return,
+                Received::Frame(f) if f.kind == FrameKind::HeartbeatAck => {}
+                other => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+async fn recv_on(ws: &mut WebSocketStream<MaybeTlsStream<TcpStream>>, wait: Duration) -> Received {
+    let limits = Limits {
+        max_route_len: 255,
+        max_body_len: 16 << 20,
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let next = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Received::Timeout,
+            Ok(None) => return Received::Ended("stream ended".into()),
+            Ok(Some(Err(e))) => return Received::Ended(e.to_string()),
+            Ok(Some(Ok(m))) => m,
+        };
+        match next {
+            Message::Binary(bytes) => {
+                return match Frame::decode(&bytes, &limits) {
+                    Ok(frame) => Received::Frame(frame),
+                    Err(e) => Received::Ended(format!("undecodable frame from server: {e}")),
+                };
+            }
+            Message::Close(close) => return Received::Close(close.map(|c| u16::from(c.code))),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            Message::Text(t) => return Received::Ended(format!("unexpected text: {t}")),
+        }
+    }
+}

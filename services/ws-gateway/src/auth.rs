@@ -1,0 +1,365 @@
+//! Authentication of WebSocket upgrades: verifies a signed JWT (HS256 with a shared
+//! secret, or EdDSA with an Ed25519 public key) and turns its claims into the identity the
+//! gateway stamps on everything the connection does.
+//!
+//! The token comes from `Authorization: Bearer <jwt>` or, because browsers cannot set
+//! headers on a WebSocket, from the `token` query parameter. Verification happens before
+//! the upgrade: a bad token gets a 401 and never a socket.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use messages::{ClientKind, RoomId, UserId};
+use serde::Deserialize;
+
+/// The keys a gateway accepts tokens from. At least one must be configured.
+#[derive(Clone, Default)]
+pub struct Keys {
+    hs256: Option<DecodingKey>,
+    eddsa: Option<DecodingKey>,
+    /// Allowed clock skew for `exp` and `nbf`, seconds.
+    leeway_secs: u64,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("Keys")
+            .field("hs256", &self.hs256.is_some())
+            .field("eddsa", &self.eddsa.is_some())
+            .field("leeway_secs", &self.leeway_secs)
+            .finish()
+    }
+}
+
+/// Why keys could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Neither a secret nor a public key was given.
+    #[error("no token keys configured: set an HS256 secret and/or an Ed25519 public key")]
+    NoKeys,
+    /// The HS256 secret is too short to be a secret.
+    #[error("HS256 secret must be at least 32 bytes")]
+    WeakSecret,
+    /// The PEM did not parse as an Ed25519 public key.
+    #[error("Ed25519 public key: {0}")]
+    BadPublicKey(jsonwebtoken::errors::Error),
+}
+
+impl Keys {
+    /// Builds the key set from an HS256 secret and/or an Ed25519 public key in PEM.
+    pub fn new(
+        hs256_secret: Option<&[u8]>,
+        ed25519_public_pem: Option<&[u8]>,
+        leeway_secs: u64,
+    ) -> Result<Self, KeyError> {
+        let hs256 = match hs256_secret {
+            Some(secret) if secret.len() < 32 => return Err(KeyError::WeakSecret),
+            Some(secret) => Some(DecodingKey::from_secret(secret)),
+            None => None,
+        };
+        let eddsa = ed25519_public_pem
+            .map(DecodingKey::from_ed_pem)
+            .transpose()
+            .map_err(KeyError::BadPublicKey)?;
+        if hs256.is_none() && eddsa.is_none() {
+            return Err(KeyError::NoKeys);
+        }
+        Ok(Keys {
+            hs256,
+            eddsa,
+            leeway_secs,
+        })
+    }
+}
+
+/// Why a token was refused. Each is a 401 with this text in the body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token in the header or the query.
+    #[error("missing token")]
+    Missing,
+    /// Not three base64url parts, or undecodable header/claims.
+    #[error("malformed token")]
+    Malformed,
+    /// Signed with an algorithm no configured key accepts.
+    #[error("token algorithm not accepted")]
+    Algorithm,
+    /// Signature does not verify.
+    #[error("bad signature")]
+    Signature,
+    /// `exp` has passed.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("token not valid yet")]
+    NotYetValid,
+    /// A required claim is missing or has the wrong shape.
+    #[error("invalid claims: {0}")]
+    Claims(String),
+}
+
+/// The claims this gateway reads. Unknown claims are ignored.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    rooms: Vec<String>,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// From `sub`.
+    pub user_id: UserId,
+    /// From `kind` (`app` by default, or `agent`).
+    pub kind: ClientKind,
+    /// From `rooms`: rooms the client may join (ws-api decides; the gateway only forwards).
+    pub allowed_rooms: Vec<RoomId>,
+    /// Unix seconds when the token expires.
+    pub expires_at: u64,
+}
+
+/// Verifies `token` against `keys`. `exp` is required.
+pub fn verify(token: &str, keys: &Keys) -> Result<Identity, AuthError> {
+    let header = decode_header(token).map_err(|_| AuthError::Malformed)?;
+    let key = match header.alg {
+        Algorithm::HS256 => keys.hs256.as_ref(),
+        Algorithm::EdDSA => keys.eddsa.as_ref(),
+        _ => None,
+    }
+    .ok_or(AuthError::Algorithm)?;
+    let mut validation = Validation::new(header.alg);
+    validation.leeway = keys.leeway_secs;
+    validation.validate_nbf = true;
+    validation.validate_aud = false;
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    let data = decode::<serde_json::Value>(token, key, &validation).map_err(map_error)?;
+    let expires_at = data
+        .claims
+        .get("exp")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let claims: Claims =
+        serde_json::from_value(data.claims).map_err(|e| AuthError::Claims(e.to_string()))?;
+    let user_id = UserId::new(claims.sub).map_err(|e| AuthError::Claims(format!("sub: {e}")))?;
+    let kind = match claims.kind.as_deref() {
+        None => ClientKind::App,
+        Some(kind) => kind
+            .parse()
+            .map_err(|e| AuthError::Claims(format!("kind: {e}")))?,
+    };
+    let allowed_rooms = claims
+        .rooms
+        .into_iter()
+        .map(RoomId::new)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| AuthError::Claims(format!("rooms: {e}")))?;
+    Ok(Identity {
+        user_id,
+        kind,
+        allowed_rooms,
+        expires_at,
+    })
+}
+
+fn map_error(err: jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind;
+    match err.kind() {
+        ErrorKind::InvalidSignature => AuthError::Signature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
+        ErrorKind::MissingRequiredClaim(claim) => AuthError::Claims(format!("missing {claim}")),
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => AuthError::Malformed,
+        _ => AuthError::Claims(err.to_string()),
+    }
+}
+
+/// Extracts the token from an `Authorization` header value or a query string.
+pub fn token_from(authorization: Option<&str>, query: &str) -> Option<String> {
+    if let Some(value) = authorization {
+        let value = value.trim();
+        if let Some(token) = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+        {
+            let token = token.trim();
+            if !token.is_empty() {
+                return Some(token.to_owned());
+            }
+        }
+    }
+    query_param(query, "token")
+}
+
+/// The first value of `name` in a query string (tokens are base64url, so no decoding is
+/// needed beyond `%`-escapes some clients add anyway).
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name && !v.is_empty()).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%')
+            .then(|| value.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match decoded {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    use super::*;
+
+    pub(crate) const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
+    const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIDUxqBHnGvBXd7hD+MXbc5tQAWsrMbCDVl+777LAG2aX\n-----END PRIVATE KEY-----\n";
+    const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEABLam019SgZRosv2XBBlxWfdszHfUpiPWURyHTK0p5eI=\n-----END PUBLIC KEY-----\n";
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn keys() -> Keys {
+        Keys::new(Some(SECRET), Some(ED_PUBLIC.as_bytes()), 0).unwrap()
+    }
+
+    fn hs(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    fn ed(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap();
+        encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn accepts_hs256_and_eddsa() {
+        let exp = now() + 60;
+        let id = verify(
+            &hs(json!({"sub": "alice", "exp": exp, "rooms": ["lobby"]})),
+            &keys(),
+        )
+        .unwrap();
+        assert_eq!(id.user_id.as_str(), "alice");
+        assert_eq!(id.kind, ClientKind::App);
+        assert_eq!(id.allowed_rooms, vec![RoomId::new("lobby").unwrap()]);
+        assert_eq!(id.expires_at, exp);
+        let id = verify(
+            &ed(json!({"sub": "node-1", "exp": exp, "kind": "agent"})),
+            &keys(),
+        )
+        .unwrap();
+        assert_eq!(id.kind, ClientKind::Agent);
+    }
+
+    #[test]
+    fn refuses_each_kind_of_bad_token_distinctly() {
+        let exp = now() + 60;
+        let k = keys();
+        assert_eq!(verify("nonsense", &k), Err(AuthError::Malformed));
+        assert_eq!(verify("", &k), Err(AuthError::Malformed));
+        assert_eq!(
+            verify(&hs(json!({"sub": "a", "exp": now() - 120})), &k),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            verify(&hs(json!({"sub": "a", "exp": exp, "nbf": now() + 600})), &k),
+            Err(AuthError::NotYetValid)
+        );
+        let other = encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "a", "exp": exp}),
+            &EncodingKey::from_secret(b"another-secret-another-secret-another"),
+        )
+        .unwrap();
+        assert_eq!(verify(&other, &k), Err(AuthError::Signature));
+        let hs384 = encode(
+            &Header::new(Algorithm::HS384),
+            &json!({"sub": "a", "exp": exp}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert_eq!(verify(&hs384, &k), Err(AuthError::Algorithm));
+        assert!(matches!(
+            verify(&hs(json!({"sub": "a"})), &k),
+            Err(AuthError::Claims(_))
+        ));
+        assert!(matches!(
+            verify(&hs(json!({"exp": exp})), &k),
+            Err(AuthError::Claims(_))
+        ));
+        assert!(matches!(
+            verify(&hs(json!({"sub": "a.b", "exp": exp})), &k),
+            Err(AuthError::Claims(_))
+        ));
+        assert!(matches!(
+            verify(&hs(json!({"sub": "a", "exp": exp, "kind": "robot"})), &k),
+            Err(AuthError::Claims(_))
+        ));
+        // An EdDSA token when only HS256 is configured.
+        let hs_only = Keys::new(Some(SECRET), None, 0).unwrap();
+        assert_eq!(
+            verify(&ed(json!({"sub": "a", "exp": exp})), &hs_only),
+            Err(AuthError::Algorithm)
+        );
+    }
+
+    #[test]
+    fn key_configuration_is_checked() {
+        assert!(matches!(Keys::new(None, None, 0), Err(KeyError::NoKeys)));
+        assert!(matches!(
+            Keys::new(Some(b"short"), None, 0),
+            Err(KeyError::WeakSecret)
+        ));
+        assert!(matches!(
+            Keys::new(None, Some(b"not pem"), 0),
+            Err(KeyError::BadPublicKey(_))
+        ));
+        assert!(!format!("{:?}", keys()).contains("secret"));
+    }
+
+    #[test]
+    fn token_comes_from_header_or_query() {
+        assert_eq!(token_from(Some("Bearer abc"), ""), Some("abc".into()));
+        assert_eq!(
+            token_from(None, "codec=json&token=x%2Ey"),
+            Some("x.y".into())
+        );
+        assert_eq!(token_from(Some("Basic zzz"), "token=q"), Some("q".into()));
+        assert_eq!(token_from(None, "token="), None);
+        assert_eq!(token_from(None, ""), None);
+        assert_eq!(query_param("a=1&b=%zz", "b"), Some("%zz".into()));
+    }
+}

@@ -1,0 +1,419 @@
+//! The NATS side of the gateway: one publisher task that hands upstream frames and events
+//! to the bus in order, the subscriptions that bring pushes and control messages down, and
+//! the periodic presence batches.
+//!
+//! Everything here runs on a dedicated multi-thread Tokio runtime that owns the async-nats
+//! connection (deps.md, trap 5): actix workers are single-threaded runtimes, and the NATS
+//! connection must not depend on one of them. Actors reach this side through a bounded
+//! queue (`try_send`, never blocking) and are reached back through their addresses.
+//!
+//! Downstream, a bus message becomes one push frame, encoded once; every local recipient
+//! gets a reference-counted clone of the same buffer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use async_nats::{Client, HeaderMap};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use messages::frame::encode_parts;
+use messages::payload::{self, GatewayControl, HeartbeatBatch};
+use messages::subject::{self, Event};
+use messages::{
+    BodyCodec, ClientKind, ErrorCode, Flags, FrameKind, RoomId, Route, SocketId, TraceContext,
+    UserId, headers,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::Shared;
+use crate::registry::Subscription;
+use crate::session::{Conn, ToConn, unix_ms};
+
+/// Capacity of the queue between actors and the publisher task.
+const OUTBOUND_CAPACITY: usize = 16 * 1024;
+/// Entries per presence batch message (keeps each well under NATS' max payload).
+const PRESENCE_CHUNK: usize = 2_000;
+
+/// Something for the publisher task.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Publish one message; on success, tell `reply`'s actor its frame was published.
+    Publish {
+        /// Subject.
+        subject: String,
+        /// Headers.
+        headers: HeaderMap,
+        /// Body bytes, untouched.
+        payload: Bytes,
+        /// Actor and client frame id to acknowledge.
+        reply: Option<(Addr<Conn>, u64)>,
+    },
+    /// Flush everything queued before this, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to the bus side, shared by every actor.
+#[derive(Debug)]
+pub struct Bus {
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    outbound: mpsc::Sender<Outbound>,
+}
+
+impl Bus {
+    /// Wraps a connected client and starts the publisher task on `runtime`.
+    pub fn start(
+        client: Client,
+        runtime: tokio::runtime::Handle,
+        shared_metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        let (outbound, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        runtime.spawn(publisher(client.clone(), rx, shared_metrics));
+        Bus {
+            client,
+            runtime,
+            outbound,
+        }
+    }
+
+    /// Whether the NATS connection is up.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The client (for the lease and tests).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The runtime the bus side runs on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// Queues a message for the bus without waiting. Fails fast, with a reason for the
+    /// client, when NATS is down or the queue is full: the caller reports it; nothing is
+    /// dropped silently.
+    pub fn send(&self, out: Outbound) -> Result<(), &'static str> {
+        if !self.connected() {
+            return Err("message bus unavailable; not delivered");
+        }
+        self.outbound.try_send(out).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => "gateway publish queue full; not delivered",
+            mpsc::error::TrySendError::Closed(_) => "gateway shutting down; not delivered",
+        })
+    }
+
+    /// Waits until everything queued so far has been written to NATS and flushed.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.outbound.send(Outbound::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+async fn publisher(
+    client: Client,
+    mut rx: mpsc::Receiver<Outbound>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Outbound::Publish {
+                subject,
+                mut headers,
+                payload,
+                reply,
+            } => {
+                headers::stamp_hop(
+                    &mut headers,
+                    headers::hop::GATEWAY_PUB,
+                    headers::now_micros(),
+                );
+                match client.publish_with_headers(subject, headers, payload).await {
+                    Ok(()) => {
+                        metrics.published.inc();
+                        if let Some((addr, msg_id)) = reply {
+                            addr.do_send(ToConn::Published(msg_id));
+                        }
+                    }
+                    Err(e) => {
+                        metrics.publish_errors.inc();
+                        tracing::warn!(error = %e, "NATS publish failed.");
+                        if let Some((addr, msg_id)) = reply {
+                            addr.do_send(ToConn::Failed {
+                                msg_id,
+                                code: ErrorCode::Unavailable,
+                                message: "message bus unavailable; not delivered".into(),
+                            });
+                        }
+                    }
+                }
+            }
+            Outbound::Flush(done) => {
+                if let Err(e) = client.flush().await {
+                    tracing::warn!(error = %e, "NATS flush failed.");
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Who a subscription delivers to.
+#[derive(Debug, Clone)]
+enum Target {
+    User(UserId),
+    Room(RoomId),
+    /// `ws.gw.<me>.push`: socket ids in the `ws-socket` header.
+    Sockets,
+    /// `ws.all`: every app socket.
+    Broadcast,
+    /// `ws.gw.<me>.ctl` and `ws.ctl`.
+    Control,
+}
+
+/// Subscribes to a user's subject for as long as the returned handle lives.
+pub fn subscribe_user(shared: &Arc<Shared>, subject: String, user: UserId) -> Subscription {
+    spawn_subscription(shared, subject, Target::User(user))
+}
+
+/// Subscribes to a room's subject for as long as the returned handle lives.
+pub fn subscribe_room(shared: &Arc<Shared>, subject: String, room: RoomId) -> Subscription {
+    spawn_subscription(shared, subject, Target::Room(room))
+}
+
+/// Subscribes to this replica's fixed subjects: directed pushes, broadcast and control.
+pub fn subscribe_fixed(shared: &Arc<Shared>) -> Vec<Subscription> {
+    let me = &shared.config.instance;
+    vec![
+        spawn_subscription(shared, subject::gateway_push(me), Target::Sockets),
+        spawn_subscription(shared, subject::broadcast().to_owned(), Target::Broadcast),
+        spawn_subscription(shared, subject::gateway_control(me), Target::Control),
+        spawn_subscription(shared, subject::control_all().to_owned(), Target::Control),
+    ]
+}
+
+fn spawn_subscription(shared: &Arc<Shared>, subject: String, target: Target) -> Subscription {
+    // A weak reference: a subscription must not keep the gateway's state alive.
+    let weak = Arc::downgrade(shared);
+    let client = shared.bus.client.clone();
+    let (live_tx, live) = watch::channel(false);
+    let task = shared.bus.runtime.spawn(async move {
+        let mut sub = match client.subscribe(subject.clone()).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::error!(%subject, error = %e, "Subscribing failed.");
+                return;
+            }
+        };
+        // The server answers a flush after it has processed our SUB: from then on nothing
+        // published to the subject is missed.
+        if client.flush().await.is_ok() {
+            let _ = live_tx.send(true);
+        }
+        while let Some(msg) = sub.next().await {
+            let Some(shared) = weak.upgrade() else { break };
+            dispatch(&shared, &target, &msg);
+        }
+    });
+    Subscription::new(task.abort_handle(), live)
+}
+
+/// A push ready for local recipients.
+struct Push {
+    frame: Bytes,
+    exclude: Vec<SocketId>,
+}
+
+fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<Push> {
+    let recv_us = headers::now_micros();
+    let map = msg.headers.as_ref();
+    let get = |name: &str| map.and_then(|m| headers::get(m, name));
+    if let Some(expires) = get(headers::EXPIRES).and_then(|v| v.parse::<u64>().ok()) {
+        if expires < recv_us / 1000 {
+            shared.metrics.pushes_expired.inc();
+            return None;
+        }
+    }
+    let route = match get(headers::ROUTE).map(Route::new).transpose() {
+        Ok(route) => route.unwrap_or_default(),
+        Err(_) => {
+            shared.metrics.pushes_invalid.inc();
+            return None;
+        }
+    };
+    let msg_id = get(headers::MSG_ID)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let codec = get(headers::CODEC)
+        .and_then(BodyCodec::parse)
+        .unwrap_or(BodyCodec::Raw);
+    let flags = Flags::new(codec)
+        .with_compressed(get(headers::COMPRESSED) == Some("1"))
+        .with_receipt(get(headers::RECEIPT) == Some("1"));
+    let trace = map.and_then(TraceContext::extract);
+    let exclude = get(headers::EXCLUDE)
+        .map(parse_socket_list)
+        .unwrap_or_default();
+    if let Some(map) = map {
+        record_hops(shared, map, recv_us);
+    }
+    let mut buf = BytesMut::new();
+    encode_parts(
+        &mut buf,
+        FrameKind::Push,
+        flags,
+        msg_id,
+        trace.as_ref(),
+        &route,
+        &msg.payload,
+    );
+    Some(Push {
+        frame: buf.freeze(),
+        exclude,
+    })
+}
+
+fn record_hops(shared: &Shared, map: &HeaderMap, recv_us: u64) {
+    let hops = headers::hops(map);
+    for pair in hops.windows(2) {
+        shared
+            .metrics
+            .hop(&pair[0].0, &pair[1].0, pair[0].1, pair[1].1);
+    }
+    if let Some((last, at)) = hops.last() {
+        shared
+            .metrics
+            .hop(last, headers::hop::GATEWAY_RECV, *at, recv_us);
+    }
+}
+
+fn parse_socket_list(value: &str) -> Vec<SocketId> {
+    value
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
+    if let Target::Control = target {
+        return control(shared, msg);
+    }
+    let Some(push) = build_push(shared, msg) else {
+        return;
+    };
+    let deliver = |id: SocketId, addr: &Addr<Conn>| {
+        if !push.exclude.contains(&id) {
+            addr.do_send(ToConn::Push(push.frame.clone()));
+        }
+    };
+    match target {
+        Target::User(user) => {
+            shared.registry.for_user(user, deliver);
+        }
+        Target::Room(room) => {
+            shared.registry.for_room(room, deliver);
+        }
+        Target::Broadcast => {
+            shared.registry.for_all(Some(ClientKind::App), deliver);
+        }
+        Target::Sockets => {
+            let ids = msg
+                .headers
+                .as_ref()
+                .and_then(|m| headers::get(m, headers::SOCKET_ID))
+                .map(parse_socket_list)
+                .unwrap_or_default();
+            for id in ids {
+                if let Some(addr) = shared.registry.handle(id) {
+                    deliver(id, &addr);
+                }
+            }
+        }
+        Target::Control => {}
+    }
+}
+
+fn control(shared: &Shared, msg: &async_nats::Message) {
+    let control: GatewayControl = match payload::from_bus(&msg.payload) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "Undecodable gateway control message.");
+            return;
+        }
+    };
+    let socket = match &control {
+        GatewayControl::Join { socket_id, .. }
+        | GatewayControl::Leave { socket_id, .. }
+        | GatewayControl::Refuse { socket_id, .. }
+        | GatewayControl::Close { socket_id, .. } => Some(*socket_id),
+        GatewayControl::Resync => None,
+    };
+    match socket {
+        Some(id) => {
+            if let Some(addr) = shared.registry.handle(id) {
+                addr.do_send(ToConn::Control(control));
+            }
+        }
+        None => resync(shared),
+    }
+}
+
+/// Re-announces every local socket (a service lost its registry).
+fn resync(shared: &Shared) {
+    let mut count = 0;
+    shared.registry.for_all(None, |_, addr| {
+        addr.do_send(ToConn::Announce);
+        count += 1;
+    });
+    tracing::info!(sockets = count, "Resync requested; re-announcing sessions.");
+}
+
+/// Sends last-seen batches every `period` until the returned task is aborted.
+pub fn spawn_presence_sync(shared: &Arc<Shared>, period: Duration) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(shared);
+    shared.bus.runtime.spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { break };
+            sync_presence(&shared);
+        }
+    })
+}
+
+/// Publishes everything seen since the last batch.
+pub fn sync_presence(shared: &Shared) {
+    for (kind, seen) in shared.registry.take_seen() {
+        for chunk in seen.chunks(PRESENCE_CHUNK) {
+            let batch = HeartbeatBatch {
+                gateway: shared.config.instance.clone(),
+                at_ms: unix_ms(),
+                seen: chunk.to_vec(),
+            };
+            let Ok(body) = payload::to_bus(&batch) else {
+                continue;
+            };
+            let mut map = HeaderMap::new();
+            let _ = headers::set(
+                &mut map,
+                headers::GATEWAY_ID,
+                shared.config.instance.as_str(),
+            );
+            let out = Outbound::Publish {
+                subject: subject::event(kind, Event::Heartbeat),
+                headers: map,
+                payload: Bytes::from(body),
+                reply: None,
+            };
+            if shared.bus.send(out).is_err() {
+                shared.metrics.publish_errors.inc();
+            }
+        }
+    }
+}

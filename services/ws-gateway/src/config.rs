@@ -1,0 +1,286 @@
+//! Gateway configuration: command-line flags, each with a `WS_GATEWAY_*` environment
+//! variable, turned into a validated [`Config`]. Tests build a [`Config`] directly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use messages::payload::HeartbeatParams;
+use messages::{GatewayId, Limits};
+
+use crate::auth::{KeyError, Keys};
+
+/// Command-line flags and environment variables.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ws-gateway",
+    version,
+    about = "WebSocket gateway: sockets <-> NATS"
+)]
+pub struct Args {
+    /// Address to listen on for WebSocket and HTTP.
+    #[arg(long, env = "WS_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// NATS server URLs, comma-separated.
+    #[arg(
+        long,
+        env = "WS_GATEWAY_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// Stable instance name of this replica (leases its worker id; subject token).
+    /// Defaults to the host name.
+    #[arg(long, env = "WS_GATEWAY_INSTANCE")]
+    pub instance: Option<String>,
+    /// Actix worker threads (0 = one per core).
+    #[arg(long, env = "WS_GATEWAY_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+    /// HS256 shared secret for client tokens (at least 32 bytes).
+    #[arg(long, env = "WS_GATEWAY_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+    /// File with the Ed25519 public key (PEM) for EdDSA client tokens.
+    #[arg(long, env = "WS_GATEWAY_JWT_ED25519_PUBLIC_KEY_FILE")]
+    pub jwt_ed25519_public_key_file: Option<PathBuf>,
+    /// Allowed clock skew when checking token expiry, seconds.
+    #[arg(long, env = "WS_GATEWAY_JWT_LEEWAY_SECS", default_value_t = 30)]
+    pub jwt_leeway_secs: u64,
+    /// Heartbeat base interval, ms.
+    #[arg(long, env = "WS_GATEWAY_HEARTBEAT_BASE_MS", default_value_t = 10_000)]
+    pub heartbeat_base_ms: u32,
+    /// Heartbeat growth step, ms.
+    #[arg(long, env = "WS_GATEWAY_HEARTBEAT_STEP_MS", default_value_t = 10_000)]
+    pub heartbeat_step_ms: u32,
+    /// Heartbeat ceiling, ms.
+    #[arg(long, env = "WS_GATEWAY_HEARTBEAT_MAX_MS", default_value_t = 60_000)]
+    pub heartbeat_max_ms: u32,
+    /// On-time beats before each growth step.
+    #[arg(long, env = "WS_GATEWAY_HEARTBEAT_GROW_AFTER", default_value_t = 3)]
+    pub heartbeat_grow_after: u32,
+    /// Slack after the interval before a silent session is closed, ms.
+    #[arg(long, env = "WS_GATEWAY_HEARTBEAT_GRACE_MS", default_value_t = 20_000)]
+    pub heartbeat_grace_ms: u32,
+    /// How often last-seen times are sent to the bus in batches, ms.
+    #[arg(long, env = "WS_GATEWAY_PRESENCE_SYNC_MS", default_value_t = 15_000)]
+    pub presence_sync_ms: u64,
+    /// Largest frame body accepted from a client, bytes.
+    #[arg(long, env = "WS_GATEWAY_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Longest route accepted, bytes (at most 255).
+    #[arg(long, env = "WS_GATEWAY_MAX_ROUTE_LEN", default_value_t = 128)]
+    pub max_route_len: usize,
+    /// Sustained frames per second allowed per connection.
+    #[arg(long, env = "WS_GATEWAY_RATE_PER_SEC", default_value_t = 50)]
+    pub rate_per_sec: u32,
+    /// Burst of frames allowed per connection above the sustained rate.
+    #[arg(long, env = "WS_GATEWAY_RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+    /// Connections this replica accepts before answering 503.
+    #[arg(long, env = "WS_GATEWAY_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Frames queued for one client before it is closed as a slow consumer.
+    #[arg(long, env = "WS_GATEWAY_OUTBOUND_QUEUE", default_value_t = 512)]
+    pub outbound_queue: usize,
+    /// A write that cannot make progress for this long closes the client as slow, ms.
+    #[arg(long, env = "WS_GATEWAY_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+    /// Window over which a drain spreads clients' reconnects, ms.
+    #[arg(long, env = "WS_GATEWAY_DRAIN_WINDOW_MS", default_value_t = 10_000)]
+    pub drain_window_ms: u64,
+    /// Hard deadline for the whole shutdown, ms.
+    #[arg(
+        long,
+        env = "WS_GATEWAY_SHUTDOWN_DEADLINE_MS",
+        default_value_t = 30_000
+    )]
+    pub shutdown_deadline_ms: u64,
+    /// JetStream KV bucket holding worker-id leases.
+    #[arg(
+        long,
+        env = "WS_GATEWAY_LEASE_BUCKET",
+        default_value = "ws_gateway_workers"
+    )]
+    pub lease_bucket: String,
+    /// Worker-id lease time to live, seconds.
+    #[arg(long, env = "WS_GATEWAY_LEASE_TTL_SECS", default_value_t = 30)]
+    pub lease_ttl_secs: u64,
+    /// Replicas of the lease bucket (3 on a 3-node cluster).
+    #[arg(long, env = "WS_GATEWAY_LEASE_REPLICAS", default_value_t = 1)]
+    pub lease_replicas: usize,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "WS_GATEWAY_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// A configuration problem, reported before anything starts (exit code 64).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Token keys.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// Reading the public key file.
+    #[error("reading {path}: {source}")]
+    KeyFile {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The instance name is not a valid subject token.
+    #[error("instance name {0:?} is not valid: {1}")]
+    Instance(String, messages::IdError),
+    /// A value out of range.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// Validated gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS URLs, comma-separated.
+    pub nats_url: String,
+    /// This replica's stable name.
+    pub instance: GatewayId,
+    /// Actix worker threads (0 = one per core).
+    pub workers: usize,
+    /// Token verification keys.
+    pub keys: Keys,
+    /// Heartbeat parameters sent in the welcome frame.
+    pub heartbeat: HeartbeatParams,
+    /// Period of presence batches to the bus.
+    pub presence_sync: Duration,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Sustained frames per second per connection.
+    pub rate_per_sec: u32,
+    /// Burst above the sustained rate.
+    pub rate_burst: u32,
+    /// Connections accepted before 503.
+    pub max_connections: usize,
+    /// Outbound frames queued per connection before a slow-consumer close.
+    pub outbound_queue: usize,
+    /// Stalled-write limit before a slow-consumer close.
+    pub write_timeout: Duration,
+    /// Window over which a drain spreads reconnects.
+    pub drain_window: Duration,
+    /// Hard deadline for shutdown.
+    pub shutdown_deadline: Duration,
+    /// Lease bucket name.
+    pub lease_bucket: String,
+    /// Lease TTL.
+    pub lease_ttl: Duration,
+    /// Lease bucket replicas.
+    pub lease_replicas: usize,
+}
+
+impl Config {
+    /// Defaults for everything but the bus, the name and the keys; tests start here.
+    pub fn new(nats_url: impl Into<String>, instance: GatewayId, keys: Keys) -> Self {
+        Config {
+            nats_url: nats_url.into(),
+            instance,
+            workers: 0,
+            keys,
+            heartbeat: HeartbeatParams {
+                base_ms: 10_000,
+                step_ms: 10_000,
+                max_ms: 60_000,
+                grow_after: 3,
+                grace_ms: 20_000,
+            },
+            presence_sync: Duration::from_secs(15),
+            limits: Limits::default(),
+            rate_per_sec: 50,
+            rate_burst: 100,
+            max_connections: 100_000,
+            outbound_queue: 512,
+            write_timeout: Duration::from_secs(10),
+            drain_window: Duration::from_secs(10),
+            shutdown_deadline: Duration::from_secs(30),
+            lease_bucket: "ws_gateway_workers".into(),
+            lease_ttl: Duration::from_secs(30),
+            lease_replicas: 1,
+        }
+    }
+
+    /// Validates flags into a configuration.
+    pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
+        let public_pem = match &args.jwt_ed25519_public_key_file {
+            Some(path) => Some(std::fs::read(path).map_err(|source| ConfigError::KeyFile {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        let keys = Keys::new(
+            args.jwt_hs256_secret.as_deref().map(str::as_bytes),
+            public_pem.as_deref(),
+            args.jwt_leeway_secs,
+        )?;
+        let instance = match &args.instance {
+            Some(name) => name.clone(),
+            None => hostname(),
+        };
+        let instance = GatewayId::new(instance.clone())
+            .map_err(|e| ConfigError::Instance(instance.clone(), e))?;
+        let mut config = Config::new(args.nats_url.clone(), instance, keys);
+        config.workers = args.workers;
+        config.heartbeat = HeartbeatParams {
+            base_ms: args.heartbeat_base_ms,
+            step_ms: args.heartbeat_step_ms,
+            max_ms: args.heartbeat_max_ms,
+            grow_after: args.heartbeat_grow_after,
+            grace_ms: args.heartbeat_grace_ms,
+        };
+        config.presence_sync = Duration::from_millis(args.presence_sync_ms);
+        config.limits = Limits {
+            max_route_len: args.max_route_len,
+            max_body_len: args.max_body_bytes,
+        };
+        config.rate_per_sec = args.rate_per_sec;
+        config.rate_burst = args.rate_burst;
+        config.max_connections = args.max_connections;
+        config.outbound_queue = args.outbound_queue;
+        config.write_timeout = Duration::from_millis(args.write_timeout_ms);
+        config.drain_window = Duration::from_millis(args.drain_window_ms);
+        config.shutdown_deadline = Duration::from_millis(args.shutdown_deadline_ms);
+        config.lease_bucket = args.lease_bucket.clone();
+        config.lease_ttl = Duration::from_secs(args.lease_ttl_secs);
+        config.lease_replicas = args.lease_replicas;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges that would make the gateway misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let hb = &self.heartbeat;
+        if hb.base_ms == 0 || hb.max_ms < hb.base_ms {
+            return Err(ConfigError::Invalid("heartbeat: need 0 < base <= max"));
+        }
+        if self.limits.max_route_len > messages::frame::MAX_ROUTE_LEN {
+            return Err(ConfigError::Invalid("max route length is at most 255"));
+        }
+        if self.rate_per_sec == 0 || self.outbound_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "rate and outbound queue must be positive",
+            ));
+        }
+        if self.lease_ttl < Duration::from_secs(3) {
+            return Err(ConfigError::Invalid("lease TTL must be at least 3 s"));
+        }
+        Ok(())
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "ws-gateway".to_owned())
+        .replace('.', "-")
+}

@@ -1,0 +1,288 @@
+//! Prometheus metrics of one gateway replica. Handles to every labelled series the hot path
+//! touches are resolved once at start-up, so counting a frame is one atomic add.
+
+use messages::{CloseCode, FrameKind};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label set with one `reason`-like label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+/// Label set for frame kinds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: String,
+}
+
+/// Label set for hop latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Hop {
+    from: String,
+    to: String,
+}
+
+/// Why an upgrade was refused.
+#[derive(Debug, Clone, Copy)]
+pub enum Reject {
+    /// Token missing or invalid.
+    Unauthorized,
+    /// At the connection limit.
+    Capacity,
+    /// No NATS, no lease, or draining.
+    NotReady,
+}
+
+/// Every metric of the gateway.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open connections.
+    pub connections: Gauge,
+    /// Upgrades accepted.
+    pub accepted: Counter,
+    rejected: [Counter; 3],
+    frames_in: Vec<Counter>,
+    /// Bytes received in binary frames.
+    pub bytes_in: Counter,
+    /// Frames written to clients.
+    pub frames_out: Counter,
+    /// Bytes written to clients.
+    pub bytes_out: Counter,
+    /// Push frames handed to a client's queue.
+    pub pushes_delivered: Counter,
+    /// Pushes dropped because their `ws-expires` had passed.
+    pub pushes_expired: Counter,
+    /// Bus messages that could not be turned into a push (bad headers).
+    pub pushes_invalid: Counter,
+    closes: Vec<(CloseCode, Counter)>,
+    /// Heartbeats that arrived late (interval reset to base).
+    pub heartbeat_late: Counter,
+    /// Frames that failed to decode.
+    pub frame_errors: Counter,
+    /// Frames dropped by the per-connection rate limit.
+    pub rate_limited: Counter,
+    /// Messages that could not be handed to NATS (disconnected, queue full, error).
+    pub publish_errors: Counter,
+    /// Messages handed to NATS.
+    pub published: Counter,
+    /// 1 while ready.
+    pub ready: Gauge,
+    /// Leased worker id (-1 without a lease).
+    pub worker_id: Gauge,
+    hop_latency: Family<Hop, Histogram>,
+}
+
+fn hop_histogram() -> Histogram {
+    // 50 µs .. ~13 s
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_05, 2.0, 18,
+    ))
+}
+
+impl Metrics {
+    /// Registers everything under the `ws_gateway` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ws_gateway");
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
+        let accepted = Counter::default();
+        registry.register("accepted", "WebSocket upgrades accepted", accepted.clone());
+        let rejected_family = Family::<Reason, Counter>::default();
+        registry.register(
+            "rejected",
+            "WebSocket upgrades refused, by reason",
+            rejected_family.clone(),
+        );
+        let rejected = ["unauthorized", "capacity", "not_ready"].map(|r| {
+            rejected_family
+                .get_or_create(&Reason { reason: r.into() })
+                .clone()
+        });
+        let frames_family = Family::<Kind, Counter>::default();
+        registry.register(
+            "frames_in",
+            "Frames received from clients, by kind",
+            frames_family.clone(),
+        );
+        let frames_in = FrameKind::ALL
+            .iter()
+            .map(|k| {
+                frames_family
+                    .get_or_create(&Kind {
+                        kind: k.as_str().into(),
+                    })
+                    .clone()
+            })
+            .collect();
+        let bytes_in = Counter::default();
+        registry.register("bytes_in", "Bytes received from clients", bytes_in.clone());
+        let frames_out = Counter::default();
+        registry.register(
+            "frames_out",
+            "Frames written to clients",
+            frames_out.clone(),
+        );
+        let bytes_out = Counter::default();
+        registry.register("bytes_out", "Bytes written to clients", bytes_out.clone());
+        let pushes_delivered = Counter::default();
+        registry.register(
+            "pushes_delivered",
+            "Push frames queued to clients",
+            pushes_delivered.clone(),
+        );
+        let pushes_expired = Counter::default();
+        registry.register(
+            "pushes_expired",
+            "Pushes dropped after their expiry",
+            pushes_expired.clone(),
+        );
+        let pushes_invalid = Counter::default();
+        registry.register(
+            "pushes_invalid",
+            "Bus messages with invalid push headers",
+            pushes_invalid.clone(),
+        );
+        let closes_family = Family::<Reason, Counter>::default();
+        registry.register(
+            "closes",
+            "Connections closed by the gateway, by close code",
+            closes_family.clone(),
+        );
+        let closes = CloseCode::ALL
+            .iter()
+            .map(|c| {
+                (
+                    *c,
+                    closes_family
+                        .get_or_create(&Reason {
+                            reason: c.as_str().into(),
+                        })
+                        .clone(),
+                )
+            })
+            .collect();
+        let heartbeat_late = Counter::default();
+        registry.register(
+            "heartbeat_late",
+            "Heartbeats that arrived late",
+            heartbeat_late.clone(),
+        );
+        let frame_errors = Counter::default();
+        registry.register(
+            "frame_errors",
+            "Client frames that failed to decode",
+            frame_errors.clone(),
+        );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited",
+            "Client frames dropped by the rate limit",
+            rate_limited.clone(),
+        );
+        let publish_errors = Counter::default();
+        registry.register(
+            "nats_publish_errors",
+            "Messages that could not be handed to NATS",
+            publish_errors.clone(),
+        );
+        let published = Counter::default();
+        registry.register(
+            "nats_published",
+            "Messages handed to NATS",
+            published.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register("ready", "1 while the replica is ready", ready.clone());
+        let worker_id = Gauge::default();
+        worker_id.set(-1);
+        registry.register(
+            "worker_id",
+            "Leased Snowflake worker id (-1 without a lease)",
+            worker_id.clone(),
+        );
+        let hop_latency =
+            Family::<Hop, Histogram>::new_with_constructor(hop_histogram as fn() -> Histogram);
+        registry.register(
+            "hop_latency_seconds",
+            "Latency between consecutive hops of a message, from ws-hop header stamps",
+            hop_latency.clone(),
+        );
+        Metrics {
+            registry,
+            connections,
+            accepted,
+            rejected,
+            frames_in,
+            bytes_in,
+            frames_out,
+            bytes_out,
+            pushes_delivered,
+            pushes_expired,
+            pushes_invalid,
+            closes,
+            heartbeat_late,
+            frame_errors,
+            rate_limited,
+            publish_errors,
+            published,
+            ready,
+            worker_id,
+            hop_latency,
+        }
+    }
+
+    /// Counts a refused upgrade.
+    pub fn rejected(&self, reason: Reject) {
+        self.rejected[reason as usize].inc();
+    }
+
+    /// Counts a received frame.
+    pub fn frame_in(&self, kind: FrameKind) {
+        if let Some(c) = self.frames_in.get(usize::from(kind as u8).wrapping_sub(1)) {
+            c.inc();
+        }
+    }
+
+    /// Counts a close the gateway initiated.
+    pub fn closed(&self, code: CloseCode) {
+        if let Some((_, c)) = self.closes.iter().find(|(k, _)| *k == code) {
+            c.inc();
+        }
+    }
+
+    /// Records the latency between two hop stamps (Unix micros).
+    pub fn hop(&self, from: &str, to: &str, from_us: u64, to_us: u64) {
+        let seconds = to_us.saturating_sub(from_us) as f64 / 1e6;
+        self.hop_latency
+            .get_or_create(&Hop {
+                from: from.into(),
+                to: to.into(),
+            })
+            .observe(seconds);
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,440 @@
+//! The replica's view of who is connected: socket id -> connection handle, user -> local
+//! sockets, room -> local members, and the last-seen times waiting to be synced.
+//!
+//! Every map is split into 64 shards behind their own mutex (as centrifuge's hub does), so
+//! pushes fanning in from many NATS subscriptions never queue on one lock. A user's or
+//! room's bus subscription lives inside its entry: it is created with the first local
+//! socket and dropped (unsubscribed) with the last, which is what makes NATS deliver a
+//! push only to the replicas that hold a recipient. No lock is held across an await; the
+//! subscription is created by a synchronous callback that spawns a task.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::{Mutex, MutexGuard};
+
+use messages::{ClientKind, RoomId, SocketId, UserId};
+use tokio::sync::watch;
+
+const SHARDS: usize = 64;
+
+/// A bus subscription; dropping it unsubscribes (the task that owns the NATS subscriber is
+/// aborted, and async-nats unsubscribes when the subscriber is dropped).
+#[derive(Debug)]
+pub struct Subscription {
+    task: Option<tokio::task::AbortHandle>,
+    /// Becomes true once the server has confirmed the subscription, so a caller can promise
+    /// its client that nothing published from now on is missed.
+    live: watch::Receiver<bool>,
+}
+
+impl Subscription {
+    /// Wraps the task that reads a subscription and its liveness signal.
+    pub fn new(task: tokio::task::AbortHandle, live: watch::Receiver<bool>) -> Self {
+        Subscription {
+            task: Some(task),
+            live,
+        }
+    }
+
+    /// A subscription that owns nothing and is live at once (tests).
+    pub fn none() -> Self {
+        Subscription {
+            task: None,
+            live: watch::channel(true).1,
+        }
+    }
+
+    /// A receiver that turns true when the subscription is live.
+    pub fn live(&self) -> watch::Receiver<bool> {
+        self.live.clone()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Waits until a subscription is live, or `timeout` passes (then delivery is best effort).
+pub async fn wait_live(mut live: watch::Receiver<bool>, timeout: std::time::Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, live.wait_for(|v| *v)).await,
+        Ok(Ok(_))
+    )
+}
+
+#[derive(Debug)]
+struct SocketEntry<A> {
+    handle: A,
+    kind: ClientKind,
+}
+
+#[derive(Debug)]
+struct Group<A> {
+    members: HashMap<SocketId, A>,
+    subscription: Subscription,
+}
+
+/// Sharded registry, generic over the handle used to reach a connection (an actor address
+/// in the gateway, anything cloneable in tests).
+#[derive(Debug)]
+pub struct Registry<A> {
+    hasher: RandomState,
+    sockets: Vec<Mutex<HashMap<SocketId, SocketEntry<A>>>>,
+    users: Vec<Mutex<HashMap<UserId, Group<A>>>>,
+    rooms: Vec<Mutex<HashMap<RoomId, Group<A>>>>,
+    seen: Vec<Mutex<HashMap<SocketId, (ClientKind, u64)>>>,
+}
+
+fn shards<T: Default>() -> Vec<Mutex<T>> {
+    (0..SHARDS).map(|_| Mutex::new(T::default())).collect()
+}
+
+/// Locks a shard; a poisoned shard (a panic while held, which our code never does on
+/// purpose) is still usable because every update leaves the maps consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<A: Clone> Default for Registry<A> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<A: Clone> Registry<A> {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry {
+            hasher: RandomState::new(),
+            sockets: shards(),
+            users: shards(),
+            rooms: shards(),
+            seen: shards(),
+        }
+    }
+
+    fn shard<'a, T, K: Hash>(&self, maps: &'a [Mutex<T>], key: &K) -> &'a Mutex<T> {
+        // The modulo keeps the index in range; SHARDS is a power of two.
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        &maps[i]
+    }
+
+    /// Registers a connection. `subscribe` is called (under the user's shard lock) when this
+    /// is the user's first local socket, with the subject to subscribe to. Returns the user
+    /// subscription's liveness.
+    pub fn add(
+        &self,
+        id: SocketId,
+        user: &UserId,
+        kind: ClientKind,
+        handle: A,
+        subscribe: impl FnOnce(String) -> Subscription,
+    ) -> watch::Receiver<bool> {
+        lock(self.shard(&self.sockets, &id)).insert(
+            id,
+            SocketEntry {
+                handle: handle.clone(),
+                kind,
+            },
+        );
+        let mut users = lock(self.shard(&self.users, user));
+        match users.entry(user.clone()) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().members.insert(id, handle);
+                e.get().subscription.live()
+            }
+            Entry::Vacant(e) => {
+                let subscription = subscribe(messages::subject::user(user));
+                let live = subscription.live();
+                e.insert(Group {
+                    members: HashMap::from([(id, handle)]),
+                    subscription,
+                });
+                live
+            }
+        }
+    }
+
+    /// Removes a connection and its room memberships; drops subscriptions nobody local needs.
+    pub fn remove(&self, id: SocketId, user: &UserId, rooms: &[RoomId]) {
+        lock(self.shard(&self.sockets, &id)).remove(&id);
+        lock(self.shard(&self.seen, &id)).remove(&id);
+        remove_member(&mut lock(self.shard(&self.users, user)), user, id);
+        for room in rooms {
+            remove_member(&mut lock(self.shard(&self.rooms, room)), room, id);
+        }
+    }
+
+    /// Adds a socket to a room; `subscribe` is called for the room's first local member.
+    /// Returns `None` if the socket is not connected here, otherwise whether it was newly
+    /// added and the room subscription's liveness.
+    pub fn join(
+        &self,
+        id: SocketId,
+        room: &RoomId,
+        subscribe: impl FnOnce(String) -> Subscription,
+    ) -> Option<(bool, watch::Receiver<bool>)> {
+        let handle = self.handle(id)?;
+        let mut rooms = lock(self.shard(&self.rooms, room));
+        Some(match rooms.entry(room.clone()) {
+            Entry::Occupied(mut e) => {
+                let added = e.get_mut().members.insert(id, handle).is_none();
+                (added, e.get().subscription.live())
+            }
+            Entry::Vacant(e) => {
+                let subscription = subscribe(messages::subject::room(room));
+                let live = subscription.live();
+                e.insert(Group {
+                    members: HashMap::from([(id, handle)]),
+                    subscription,
+                });
+                (true, live)
+            }
+        })
+    }
+
+    /// Removes a socket from a room. Returns whether it was a member.
+    pub fn leave(&self, id: SocketId, room: &RoomId) -> bool {
+        remove_member(&mut lock(self.shard(&self.rooms, room)), room, id)
+    }
+
+    /// The handle of a connected socket.
+    pub fn handle(&self, id: SocketId) -> Option<A> {
+        lock(self.shard(&self.sockets, &id))
+            .get(&id)
+            .map(|e| e.handle.clone())
+    }
+
+    /// Calls `f` for each local socket of `user`; returns how many.
+    pub fn for_user(&self, user: &UserId, mut f: impl FnMut(SocketId, &A)) -> usize {
+        let users = lock(self.shard(&self.users, user));
+        users.get(user).map_or(0, |g| {
+            g.members.iter().for_each(|(id, h)| f(*id, h));
+            g.members.len()
+        })
+    }
+
+    /// Calls `f` for each local member of `room`; returns how many.
+    pub fn for_room(&self, room: &RoomId, mut f: impl FnMut(SocketId, &A)) -> usize {
+        let rooms = lock(self.shard(&self.rooms, room));
+        rooms.get(room).map_or(0, |g| {
+            g.members.iter().for_each(|(id, h)| f(*id, h));
+            g.members.len()
+        })
+    }
+
+    /// Calls `f` for every local socket of `kind` (all kinds when `None`), one shard at a time.
+    pub fn for_all(&self, kind: Option<ClientKind>, mut f: impl FnMut(SocketId, &A)) -> usize {
+        let mut n = 0;
+        for shard in &self.sockets {
+            for (id, entry) in lock(shard).iter() {
+                if kind.is_none_or(|k| k == entry.kind) {
+                    f(*id, &entry.handle);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Local members of `room` (for tests and diagnostics).
+    pub fn room_size(&self, room: &RoomId) -> usize {
+        lock(self.shard(&self.rooms, room))
+            .get(room)
+            .map_or(0, |g| g.members.len())
+    }
+
+    /// Whether this replica currently holds a subscription for `room`.
+    pub fn has_room(&self, room: &RoomId) -> bool {
+        lock(self.shard(&self.rooms, room)).contains_key(room)
+    }
+
+    /// Whether this replica currently holds a subscription for `user`.
+    pub fn has_user(&self, user: &UserId) -> bool {
+        lock(self.shard(&self.users, user)).contains_key(user)
+    }
+
+    /// Connected sockets.
+    pub fn len(&self) -> usize {
+        self.sockets.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// Whether no socket is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records activity for the next presence batch (the in-memory level of the two-level
+    /// heartbeat: the bus hears about it only once per sync period).
+    pub fn mark_seen(&self, id: SocketId, kind: ClientKind, unix_ms: u64) {
+        lock(self.shard(&self.seen, &id)).insert(id, (kind, unix_ms));
+    }
+
+    /// Takes every socket seen since the last call, grouped by kind.
+    pub fn take_seen(&self) -> HashMap<ClientKind, Vec<(SocketId, u64)>> {
+        let mut out: HashMap<ClientKind, Vec<(SocketId, u64)>> = HashMap::new();
+        for shard in &self.seen {
+            let taken = std::mem::take(&mut *lock(shard));
+            for (id, (kind, at)) in taken {
+                out.entry(kind).or_default().push((id, at));
+            }
+        }
+        out
+    }
+}
+
+fn remove_member<K: Hash + Eq, A>(
+    groups: &mut HashMap<K, Group<A>>,
+    key: &K,
+    id: SocketId,
+) -> bool {
+    let Some(group) = groups.get_mut(key) else {
+        return false;
+    };
+    let removed = group.members.remove(&id).is_some();
+    if group.members.is_empty() {
+        // Dropping the group drops its subscription: NATS stops sending us this subject.
+        groups.remove(key);
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn user(s: &str) -> UserId {
+        UserId::new(s).unwrap()
+    }
+    fn room(s: &str) -> RoomId {
+        RoomId::new(s).unwrap()
+    }
+
+    #[test]
+    fn subscribes_with_the_first_socket_and_unsubscribes_with_the_last() {
+        let reg = Registry::<u32>::new();
+        let subs = Arc::new(AtomicUsize::new(0));
+        let counting = |subs: &Arc<AtomicUsize>| {
+            let subs = Arc::clone(subs);
+            move |subject: String| {
+                assert_eq!(subject, "ws.user.alice");
+                subs.fetch_add(1, Ordering::SeqCst);
+                Subscription::none()
+            }
+        };
+        reg.add(
+            SocketId(1),
+            &user("alice"),
+            ClientKind::App,
+            1,
+            counting(&subs),
+        );
+        reg.add(
+            SocketId(2),
+            &user("alice"),
+            ClientKind::App,
+            2,
+            counting(&subs),
+        );
+        assert_eq!(subs.load(Ordering::SeqCst), 1, "one subscription per user");
+        let mut seen = vec![];
+        assert_eq!(reg.for_user(&user("alice"), |id, h| seen.push((id, *h))), 2);
+        reg.remove(SocketId(1), &user("alice"), &[]);
+        assert!(reg.has_user(&user("alice")));
+        reg.remove(SocketId(2), &user("alice"), &[]);
+        assert!(!reg.has_user(&user("alice")));
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn room_membership_is_reference_counted() {
+        let reg = Registry::<u32>::new();
+        reg.add(SocketId(1), &user("a"), ClientKind::App, 1, |_| {
+            Subscription::none()
+        });
+        reg.add(SocketId(2), &user("b"), ClientKind::App, 2, |_| {
+            Subscription::none()
+        });
+        let lobby = room("chat.lobby");
+        let mut subscribed = 0;
+        let added = |r: Option<(bool, watch::Receiver<bool>)>| r.map(|(added, _)| added);
+        assert_eq!(
+            added(reg.join(SocketId(1), &lobby, |s| {
+                assert_eq!(s, "ws.room.chat.lobby");
+                subscribed += 1;
+                Subscription::none()
+            })),
+            Some(true)
+        );
+        assert_eq!(
+            added(reg.join(SocketId(1), &lobby, |_| unreachable!("member"))),
+            Some(false)
+        );
+        assert_eq!(
+            added(reg.join(SocketId(2), &lobby, |_| unreachable!("subscribed"))),
+            Some(true)
+        );
+        assert_eq!(subscribed, 1);
+        assert_eq!(reg.room_size(&lobby), 2);
+        assert!(
+            reg.join(SocketId(99), &lobby, |_| Subscription::none())
+                .is_none(),
+            "unknown socket"
+        );
+        assert!(reg.leave(SocketId(1), &lobby));
+        assert!(!reg.leave(SocketId(1), &lobby));
+        assert!(reg.has_room(&lobby));
+        // Disconnect cleans up remaining memberships.
+        reg.remove(SocketId(2), &user("b"), &[lobby.clone()]);
+        assert!(!reg.has_room(&lobby));
+    }
+
+    #[test]
+    fn dropping_the_last_member_aborts_the_subscription_task() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let reg = Registry::<u32>::new();
+            let task = tokio::spawn(std::future::pending::<()>());
+            let abort = task.abort_handle();
+            let (_live_tx, live) = watch::channel(false);
+            reg.add(SocketId(1), &user("a"), ClientKind::App, 1, |_| {
+                Subscription::new(abort, live)
+            });
+            reg.remove(SocketId(1), &user("a"), &[]);
+            assert!(task.await.unwrap_err().is_cancelled());
+        });
+    }
+
+    #[test]
+    fn broadcast_filters_by_kind_and_presence_batches_by_kind() {
+        let reg = Registry::<u32>::new();
+        for i in 0..100u64 {
+            let kind = if i % 4 == 0 {
+                ClientKind::Agent
+            } else {
+                ClientKind::App
+            };
+            reg.add(SocketId(i), &user(&format!("u{i}")), kind, 0, |_| {
+                Subscription::none()
+            });
+            reg.mark_seen(SocketId(i), kind, 1000 + i);
+        }
+        assert_eq!(reg.for_all(Some(ClientKind::App), |_, _| {}), 75);
+        assert_eq!(reg.for_all(None, |_, _| {}), 100);
+        let seen = reg.take_seen();
+        assert_eq!(seen[&ClientKind::App].len(), 75);
+        assert_eq!(seen[&ClientKind::Agent].len(), 25);
+        assert!(reg.take_seen().is_empty(), "taken once");
+    }
+}

@@ -1,0 +1,755 @@
+//! The per-connection actor: one `Conn` per WebSocket. It owns the write half
+//! (`actix_ws::Session`), receives the read half as a stream, runs the heartbeat deadline
+//! and the rate limit, turns client frames into bus messages, and writes pushes through a
+//! bounded outbound queue.
+//!
+//! Writes never block the actor: queued frames are handed to one writer future at a time
+//! (`ctx.spawn`), so the mailbox keeps flowing while a client is slow. When the queue
+//! passes its limit, or a write stalls past the write timeout, the client is closed as a
+//! slow consumer; nobody else waits for it. Closing uses `ctx.wait` with a deadline, and
+//! the actor stops only after the close frame was handed over (see deps.md, traps 1-3).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{
+    ActorContext, ActorFutureExt, AsyncContext, Handler, Message, SpawnHandle, StreamHandler,
+    WrapFuture,
+};
+use actix_ws::{AggregatedMessage, CloseReason, ProtocolError};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use messages::payload::{self, ErrorBody, GatewayControl, HeartbeatAck, Reconnect, RoomRequest};
+use messages::subject::{self, Event};
+use messages::{
+    BodyCodec, ClientKind, CloseCode, ErrorCode, Frame, FrameError, FrameKind, RoomId, SocketId,
+    UserId, headers,
+};
+
+use crate::Shared;
+use crate::bus::Outbound;
+use crate::heartbeat::{Beat, Heartbeat};
+use crate::registry::wait_live;
+
+/// How long a new session or a join waits for its subscription before going ahead anyway.
+const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Something for a connection to do, sent by the bus side or the gateway.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub enum ToConn {
+    /// An encoded push frame, shared by every recipient.
+    Push(Bytes),
+    /// The client's publish with this id reached the bus.
+    Published(u64),
+    /// The client's message with this id failed.
+    Failed {
+        /// Client frame id.
+        msg_id: u64,
+        /// Error code for the error frame.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// A service's instruction for this socket.
+    Control(GatewayControl),
+    /// The gateway is draining: tell the client to reconnect after `delay`, close then.
+    Drain(Duration),
+    /// Publish this session's connect event again (a service asked for a resync).
+    Announce,
+}
+
+/// Token bucket for the per-connection frame rate.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// Full bucket of `burst` tokens refilling at `rate` per second.
+    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        let burst = f64::from(burst.max(1));
+        TokenBucket {
+            tokens: burst,
+            rate: f64::from(rate),
+            burst,
+            last: now,
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Identity and wiring a new connection starts with.
+pub struct ConnInit {
+    /// Minted socket id.
+    pub id: SocketId,
+    /// Token subject.
+    pub user: UserId,
+    /// Client kind.
+    pub kind: ClientKind,
+    /// Rooms the token allows (forwarded in the connect event).
+    pub allowed_rooms: Vec<RoomId>,
+    /// Codec for the gateway's own control bodies.
+    pub codec: BodyCodec,
+    /// Write half.
+    pub session: actix_ws::Session,
+    /// Replica-wide state.
+    pub shared: Arc<Shared>,
+}
+
+/// One WebSocket connection.
+pub struct Conn {
+    id: SocketId,
+    user: UserId,
+    kind: ClientKind,
+    /// Sent in the connect event (and again on a resync).
+    allowed_rooms: Vec<RoomId>,
+    codec: BodyCodec,
+    session: actix_ws::Session,
+    shared: Arc<Shared>,
+    hb: Heartbeat,
+    bucket: TokenBucket,
+    /// Frames dropped by the rate limit since the last accepted one.
+    strikes: u32,
+    /// Rooms this socket is in here (to clean up on disconnect).
+    rooms: Vec<RoomId>,
+    /// Frames waiting for the writer.
+    queue: VecDeque<Bytes>,
+    /// Frames the writer future currently holds.
+    in_flight: usize,
+    /// The writer future, if one runs.
+    writer: Option<SpawnHandle>,
+    /// Set once a close has started; the code goes into the disconnect event.
+    closing: Option<CloseCode>,
+    /// Why the peer went away, when it closed first.
+    peer_reason: Option<String>,
+}
+
+impl std::fmt::Debug for ConnInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnInit")
+            .field("id", &self.id)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("id", &self.id)
+            .field("user", &self.user)
+            .field("kind", &self.kind)
+            .field("queued", &self.queue.len())
+            .field("closing", &self.closing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// A connection that will send its welcome as soon as it starts.
+    pub fn new(init: ConnInit) -> Self {
+        let now = Instant::now();
+        let config = &init.shared.config;
+        Conn {
+            hb: Heartbeat::new(config.heartbeat, now),
+            bucket: TokenBucket::new(config.rate_per_sec, config.rate_burst, now),
+            id: init.id,
+            user: init.user,
+            kind: init.kind,
+            allowed_rooms: init.allowed_rooms,
+            codec: init.codec,
+            session: init.session,
+            shared: init.shared,
+            strikes: 0,
+            rooms: Vec::new(),
+            queue: VecDeque::new(),
+            in_flight: 0,
+            writer: None,
+            closing: None,
+            peer_reason: None,
+        }
+    }
+
+    fn control_frame<T: serde::Serialize>(&self, kind: FrameKind, msg_id: u64, body: &T) -> Bytes {
+        let codec = match self.codec {
+            BodyCodec::Raw => BodyCodec::MsgPack,
+            c => c,
+        };
+        // Our own bodies always serialise; an empty body is the fallback if one did not.
+        let body = payload::encode_body(codec, body).unwrap_or_default();
+        Frame::new(kind)
+            .with_msg_id(msg_id)
+            .with_body(codec, body)
+            .encode()
+    }
+
+    fn send_error(&mut self, msg_id: u64, code: ErrorCode, message: String, ctx: &mut Ctx) {
+        let frame = self.control_frame(
+            FrameKind::Error,
+            msg_id,
+            &ErrorBody {
+                code: code.code(),
+                message,
+            },
+        );
+        self.enqueue(frame, ctx);
+    }
+
+    /// Queues a frame for the client; closes the client as a slow consumer when its queue is
+    /// full.
+    fn enqueue(&mut self, frame: Bytes, ctx: &mut Ctx) {
+        if self.closing.is_some() {
+            return;
+        }
+        if self.queue.len() + self.in_flight >= self.shared.config.outbound_queue {
+            self.close(CloseCode::SlowConsumer, ctx);
+            return;
+        }
+        self.queue.push_back(frame);
+        self.pump(ctx);
+    }
+
+    /// Starts the writer if it is idle and there is something to write.
+    fn pump(&mut self, ctx: &mut Ctx) {
+        if self.writer.is_some() || self.queue.is_empty() || self.closing.is_some() {
+            return;
+        }
+        let batch: Vec<Bytes> = self.queue.drain(..).collect();
+        self.in_flight = batch.len();
+        let mut session = self.session.clone();
+        let timeout = self.shared.config.write_timeout;
+        let shared = Arc::clone(&self.shared);
+        let write = async move {
+            tokio::time::timeout(timeout, async move {
+                for frame in batch {
+                    let len = frame.len();
+                    session.binary(frame).await?;
+                    shared.metrics.frames_out.inc();
+                    shared.metrics.bytes_out.inc_by(len as u64);
+                }
+                Ok::<(), actix_ws::Closed>(())
+            })
+            .await
+        };
+        let handle = ctx.spawn(write.into_actor(self).map(|result, act, ctx| {
+            act.writer = None;
+            act.in_flight = 0;
+            match result {
+                Ok(Ok(())) => act.pump(ctx),
+                // The peer is gone; the read side will end the actor.
+                Ok(Err(actix_ws::Closed)) => ctx.stop(),
+                Err(_elapsed) => act.close(CloseCode::SlowConsumer, ctx),
+            }
+        }));
+        self.writer = Some(handle);
+    }
+
+    /// Sends a close frame (bounded wait) and stops.
+    fn close(&mut self, code: CloseCode, ctx: &mut Ctx) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.closing = Some(code);
+        self.shared.metrics.closed(code);
+        if let Some(writer) = self.writer.take() {
+            ctx.cancel_future(writer);
+        }
+        let session = self.session.clone();
+        let reason = CloseReason {
+            code: actix_ws::CloseCode::Other(code.code()),
+            description: Some(code.reason().to_owned()),
+        };
+        ctx.wait(
+            async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), session.close(Some(reason))).await;
+            }
+            .into_actor(self)
+            .map(|(), _, ctx| ctx.stop()),
+        );
+    }
+
+    fn headers(&self, op: &str, msg_id: u64) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        // Every value here is built from validated ids and numbers, so `set` cannot fail.
+        let _ = headers::set(&mut map, headers::SOCKET_ID, &self.id.to_string());
+        let _ = headers::set(&mut map, headers::USER_ID, self.user.as_str());
+        let _ = headers::set(
+            &mut map,
+            headers::GATEWAY_ID,
+            self.shared.config.instance.as_str(),
+        );
+        let _ = headers::set(&mut map, headers::CLIENT_KIND, self.kind.as_str());
+        let _ = headers::set(&mut map, headers::OPERATION, op);
+        if msg_id != 0 {
+            let _ = headers::set(&mut map, headers::MSG_ID, &msg_id.to_string());
+        }
+        map
+    }
+
+    /// Hands a message to the bus publisher; reports failure to the client (never silent).
+    fn publish(&mut self, out: Outbound, msg_id: u64, ctx: &mut Ctx) {
+        if let Err(reason) = self.shared.bus.send(out) {
+            self.shared.metrics.publish_errors.inc();
+            if msg_id != 0 {
+                self.send_error(msg_id, ErrorCode::Unavailable, reason.to_owned(), ctx);
+            }
+        }
+    }
+
+    fn event(&self, event: Event, headers: HeaderMap, payload: Vec<u8>) -> Outbound {
+        Outbound::Publish {
+            subject: subject::event(self.kind, event),
+            headers,
+            payload: Bytes::from(payload),
+            reply: None,
+        }
+    }
+
+    fn session_event(
+        &self,
+        close_code: Option<u16>,
+        reason: Option<String>,
+    ) -> payload::SessionEvent {
+        payload::SessionEvent {
+            socket_id: self.id,
+            user_id: self.user.clone(),
+            kind: self.kind,
+            gateway: self.shared.config.instance.clone(),
+            at_ms: unix_ms(),
+            allowed_rooms: self
+                .allowed_rooms
+                .iter()
+                .map(|r| r.as_str().to_owned())
+                .collect(),
+            close_code,
+            reason,
+        }
+    }
+
+    fn welcome(&mut self, ctx: &mut Ctx) {
+        let welcome = payload::Welcome {
+            socket_id: self.id,
+            user_id: self.user.clone(),
+            gateway: self.shared.config.instance.clone(),
+            heartbeat: self.shared.config.heartbeat,
+            max_body_bytes: u32::try_from(self.shared.config.limits.max_body_len)
+                .unwrap_or(u32::MAX),
+            server_time_ms: unix_ms(),
+        };
+        let frame = self.control_frame(FrameKind::Welcome, 0, &welcome);
+        self.enqueue(frame, ctx);
+        self.announce(ctx);
+        self.schedule_deadline_check(ctx);
+        tracing::debug!(socket_id = %self.id, user_id = %self.user, kind = %self.kind, "Session opened.");
+    }
+
+    /// Publishes the connect event.
+    fn announce(&mut self, ctx: &mut Ctx) {
+        match payload::to_bus(&self.session_event(None, None)) {
+            Ok(body) => {
+                let out = self.event(Event::Connect, self.headers("connect", 0), body);
+                self.publish(out, 0, ctx);
+            }
+            Err(e) => tracing::error!(error = %e, "Encoding a connect event failed."),
+        }
+    }
+
+    fn on_binary(&mut self, bytes: Bytes, ctx: &mut Ctx) {
+        let now = Instant::now();
+        let metrics = &self.shared.metrics;
+        metrics.bytes_in.inc_by(bytes.len() as u64);
+        if !self.bucket.take(now) {
+            metrics.rate_limited.inc();
+            self.strikes += 1;
+            if self.strikes > self.shared.config.rate_burst {
+                self.close(CloseCode::RateLimited, ctx);
+            } else {
+                let msg_id = peek_msg_id(&bytes);
+                self.send_error(
+                    msg_id,
+                    ErrorCode::RateLimited,
+                    "rate limit exceeded".into(),
+                    ctx,
+                );
+            }
+            return;
+        }
+        self.strikes = 0;
+        let frame = match Frame::decode(&bytes, &self.shared.config.limits) {
+            Ok(frame) => frame,
+            Err(err) => return self.on_bad_frame(&bytes, &err, ctx),
+        };
+        metrics.frame_in(frame.kind);
+        self.hb.on_activity(now);
+        self.shared
+            .registry
+            .mark_seen(self.id, self.kind, unix_ms());
+        match frame.kind {
+            FrameKind::Heartbeat => {
+                if self.hb.on_beat(now) == Beat::Late {
+                    self.shared.metrics.heartbeat_late.inc();
+                }
+                let ack = HeartbeatAck {
+                    next_interval_ms: self.hb.interval_ms(),
+                };
+                let frame = self.control_frame(FrameKind::HeartbeatAck, frame.msg_id, &ack);
+                self.enqueue(frame, ctx);
+            }
+            FrameKind::Hello => {}
+            FrameKind::Publish => self.on_publish(frame, ctx),
+            FrameKind::Ack => {
+                let headers = self.headers(FrameKind::Ack.as_str(), frame.msg_id);
+                let out = self.event(Event::Ack, with_trace(headers, &frame), Vec::new());
+                self.publish(out, 0, ctx);
+            }
+            FrameKind::Join | FrameKind::Leave => self.on_room_request(&frame, ctx),
+            FrameKind::Welcome
+            | FrameKind::HeartbeatAck
+            | FrameKind::Push
+            | FrameKind::Error
+            | FrameKind::Reconnect => {
+                let message = format!("{} frames are sent by the gateway, not to it", frame.kind);
+                self.send_error(frame.msg_id, ErrorCode::UnexpectedFrame, message, ctx);
+            }
+        }
+    }
+
+    fn on_bad_frame(&mut self, bytes: &[u8], err: &FrameError, ctx: &mut Ctx) {
+        self.shared.metrics.frame_errors.inc();
+        tracing::debug!(socket_id = %self.id, error = %err, "Bad frame.");
+        self.send_error(peek_msg_id(bytes), err.error_code(), err.to_string(), ctx);
+        // A frame is one WebSocket message, so a bad one does not desynchronise the stream;
+        // close only where the client is broken or abusive.
+        if matches!(
+            err,
+            FrameError::BodyTooLarge { .. }
+                | FrameError::UnsupportedVersion(_)
+                | FrameError::Truncated { .. }
+        ) {
+            self.close(err.close_code(), ctx);
+        }
+    }
+
+    fn on_publish(&mut self, frame: Frame, ctx: &mut Ctx) {
+        let Some(subject) = subject::upstream(self.kind, &frame.route) else {
+            let message = "publish needs a route".to_owned();
+            return self.send_error(frame.msg_id, ErrorCode::BadRoute, message, ctx);
+        };
+        let mut map = self.headers(FrameKind::Publish.as_str(), frame.msg_id);
+        let _ = headers::set(&mut map, headers::ROUTE, frame.route.as_str());
+        let _ = headers::set(&mut map, headers::CODEC, frame.flags.codec().as_str());
+        if frame.flags.compressed() {
+            let _ = headers::set(&mut map, headers::COMPRESSED, "1");
+        }
+        let map = with_trace(map, &frame);
+        let reply = (frame.msg_id != 0).then(|| (ctx.address(), frame.msg_id));
+        let out = Outbound::Publish {
+            subject,
+            headers: map,
+            payload: frame.body,
+            reply,
+        };
+        self.publish(out, frame.msg_id, ctx);
+    }
+
+    fn on_room_request(&mut self, frame: &Frame, ctx: &mut Ctx) {
+        let room = match RoomId::new(frame.route.as_str()) {
+            Ok(room) => room,
+            Err(e) => {
+                let message = format!("{} needs a room in the route: {e}", frame.kind);
+                return self.send_error(frame.msg_id, ErrorCode::BadRoute, message, ctx);
+            }
+        };
+        let request = RoomRequest {
+            socket_id: self.id,
+            user_id: self.user.clone(),
+            gateway: self.shared.config.instance.clone(),
+            room,
+            msg_id: frame.msg_id,
+        };
+        let event = if frame.kind == FrameKind::Join {
+            Event::Join
+        } else {
+            Event::Leave
+        };
+        let headers = with_trace(self.headers(frame.kind.as_str(), frame.msg_id), frame);
+        match payload::to_bus(&request) {
+            Ok(body) => {
+                let out = self.event(event, headers, body);
+                self.publish(out, frame.msg_id, ctx);
+            }
+            Err(e) => self.send_error(frame.msg_id, ErrorCode::Internal, e.to_string(), ctx),
+        }
+    }
+
+    fn on_control(&mut self, control: GatewayControl, ctx: &mut Ctx) {
+        match control {
+            GatewayControl::Join { room, msg_id, .. } => {
+                let shared = Arc::clone(&self.shared);
+                let joined = self.shared.registry.join(self.id, &room, |subject| {
+                    crate::bus::subscribe_room(&shared, subject, room.clone())
+                });
+                let Some((added, live)) = joined else { return };
+                if added {
+                    self.rooms.push(room);
+                }
+                if msg_id != 0 {
+                    // Ack once the room subscription is live: after the ack, no room push is missed.
+                    ctx.spawn(wait_live(live, LIVE_TIMEOUT).into_actor(self).map(
+                        move |_, act, ctx| {
+                            let frame = act.control_frame(FrameKind::Ack, msg_id, &());
+                            act.enqueue(frame, ctx);
+                        },
+                    ));
+                }
+            }
+            GatewayControl::Leave { room, msg_id, .. } => {
+                self.shared.registry.leave(self.id, &room);
+                self.rooms.retain(|r| r != &room);
+                if msg_id != 0 {
+                    let frame = self.control_frame(FrameKind::Ack, msg_id, &());
+                    self.enqueue(frame, ctx);
+                }
+            }
+            GatewayControl::Refuse {
+                msg_id,
+                code,
+                reason,
+                ..
+            } => {
+                let code = ErrorCode::from_code(code).unwrap_or(ErrorCode::Forbidden);
+                self.send_error(msg_id, code, reason, ctx);
+            }
+            GatewayControl::Close { code, .. } => {
+                self.close(CloseCode::from_code(code).unwrap_or(CloseCode::Kicked), ctx);
+            }
+            GatewayControl::Resync => {}
+        }
+    }
+
+    fn schedule_deadline_check(&self, ctx: &mut Ctx) {
+        let wait = self.hb.deadline().saturating_duration_since(Instant::now());
+        ctx.run_later(wait + Duration::from_millis(5), |act, ctx| {
+            if act.closing.is_some() {
+                return;
+            }
+            if act.hb.expired(Instant::now()) {
+                act.close(CloseCode::HeartbeatTimeout, ctx);
+            } else {
+                act.schedule_deadline_check(ctx);
+            }
+        });
+    }
+}
+
+type Ctx = actix::Context<Conn>;
+
+impl actix::Actor for Conn {
+    type Context = Ctx;
+
+    fn started(&mut self, ctx: &mut Ctx) {
+        let shared = Arc::clone(&self.shared);
+        let user = self.user.clone();
+        let live =
+            self.shared
+                .registry
+                .add(self.id, &self.user, self.kind, ctx.address(), |subject| {
+                    crate::bus::subscribe_user(&shared, subject, user)
+                });
+        self.shared.metrics.connections.inc();
+        // Hold the mailbox and the read side until the user subscription is live, so that
+        // the welcome promises: every push to this user from now on arrives.
+        ctx.wait(
+            wait_live(live, LIVE_TIMEOUT)
+                .into_actor(self)
+                .map(|_, act, ctx| act.welcome(ctx)),
+        );
+    }
+
+    fn stopped(&mut self, _ctx: &mut Ctx) {
+        self.shared
+            .registry
+            .remove(self.id, &self.user, &self.rooms);
+        self.shared.metrics.connections.dec();
+        let code = self.closing.map(CloseCode::code);
+        let reason = self
+            .closing
+            .map(|c| c.as_str().to_owned())
+            .or_else(|| self.peer_reason.take());
+        // Sent through the publisher's queue, not a spawned future: futures spawned on this
+        // actor are dropped with it (deps.md, trap 2).
+        match payload::to_bus(&self.session_event(code, reason)) {
+            Ok(body) => {
+                let out = self.event(Event::Disconnect, self.headers("disconnect", 0), body);
+                if self.shared.bus.send(out).is_err() {
+                    self.shared.metrics.publish_errors.inc();
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "Encoding a disconnect event failed."),
+        }
+        tracing::debug!(socket_id = %self.id, code = ?self.closing, "Session closed.");
+    }
+}
+
+impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Conn {
+    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Ctx) {
+        if self.closing.is_some() || self.peer_reason.is_some() {
+            return;
+        }
+        match item {
+            Ok(AggregatedMessage::Binary(bytes)) => self.on_binary(bytes, ctx),
+            Ok(AggregatedMessage::Text(_)) => {
+                self.shared.metrics.frame_errors.inc();
+                let message =
+                    "text messages are not part of the protocol; send binary frames".into();
+                self.send_error(0, ErrorCode::BadFrame, message, ctx);
+            }
+            Ok(AggregatedMessage::Ping(payload)) => {
+                self.hb.on_activity(Instant::now());
+                let mut session = self.session.clone();
+                ctx.spawn(
+                    async move {
+                        let _ = session.pong(&payload).await;
+                    }
+                    .into_actor(self),
+                );
+            }
+            Ok(AggregatedMessage::Pong(_)) => self.hb.on_activity(Instant::now()),
+            Ok(AggregatedMessage::Close(reason)) => {
+                self.peer_reason = Some(match reason {
+                    Some(r) => format!("peer closed: {}", u16::from(r.code)),
+                    None => "peer closed".to_owned(),
+                });
+                // Echo the close, then stop.
+                let session = self.session.clone();
+                ctx.wait(
+                    async move {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(1), session.close(None)).await;
+                    }
+                    .into_actor(self)
+                    .map(|(), _, ctx| ctx.stop()),
+                );
+            }
+            Err(ProtocolError::Overflow) => {
+                self.shared.metrics.frame_errors.inc();
+                let max = self.shared.config.limits.max_body_len;
+                self.send_error(
+                    0,
+                    ErrorCode::TooLarge,
+                    format!("frame larger than {max} bytes"),
+                    ctx,
+                );
+                self.close(CloseCode::FrameTooLarge, ctx);
+            }
+            Err(err) => {
+                self.shared.metrics.frame_errors.inc();
+                tracing::debug!(socket_id = %self.id, error = %err, "WebSocket protocol error.");
+                self.close(CloseCode::ProtocolError, ctx);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Ctx) {
+        // The read side ended: the peer is gone.
+        ctx.stop();
+    }
+}
+
+impl Handler<ToConn> for Conn {
+    type Result = ();
+
+    fn handle(&mut self, msg: ToConn, ctx: &mut Ctx) {
+        match msg {
+            ToConn::Push(frame) => {
+                self.shared.metrics.pushes_delivered.inc();
+                self.enqueue(frame, ctx);
+            }
+            ToConn::Published(msg_id) => {
+                let frame = self.control_frame(FrameKind::Ack, msg_id, &());
+                self.enqueue(frame, ctx);
+            }
+            ToConn::Failed {
+                msg_id,
+                code,
+                message,
+            } => self.send_error(msg_id, code, message, ctx),
+            ToConn::Control(control) => self.on_control(control, ctx),
+            ToConn::Announce => self.announce(ctx),
+            ToConn::Drain(delay) => {
+                let body = Reconnect {
+                    delay_ms: u32::try_from(delay.as_millis()).unwrap_or(u32::MAX),
+                    reason: "gateway draining".into(),
+                };
+                let frame = self.control_frame(FrameKind::Reconnect, 0, &body);
+                self.enqueue(frame, ctx);
+                ctx.run_later(delay, |act, ctx| act.close(CloseCode::Shutdown, ctx));
+            }
+        }
+    }
+}
+
+fn with_trace(mut map: HeaderMap, frame: &Frame) -> HeaderMap {
+    if let Some(trace) = &frame.trace {
+        trace.inject(&mut map);
+    }
+    headers::stamp_hop(&mut map, headers::hop::GATEWAY_IN, headers::now_micros());
+    map
+}
+
+/// The message id of a frame that failed to decode, if its fixed header is there, so the
+/// error frame can name it.
+fn peek_msg_id(bytes: &[u8]) -> u64 {
+    bytes
+        .get(4..12)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> u64 {
+    headers::now_micros() / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_the_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(10, 5, t0);
+        assert_eq!((0..10).filter(|_| bucket.take(t0)).count(), 5);
+        // 100 ms at 10/s refills one token.
+        assert!(bucket.take(t0 + Duration::from_millis(100)));
+        assert!(!bucket.take(t0 + Duration::from_millis(100)));
+        // Never more than the burst, however long the pause.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| bucket.take(later)).count(), 5);
+    }
+
+    #[test]
+    fn msg_id_is_peeked_from_a_broken_frame() {
+        let frame = Frame::new(FrameKind::Publish).with_msg_id(77).encode();
+        assert_eq!(peek_msg_id(&frame), 77);
+        assert_eq!(peek_msg_id(&frame[..5]), 0);
+    }
+}

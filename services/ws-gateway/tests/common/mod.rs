@@ -1,0 +1,125 @@
+//! Shared set-up for gateway integration tests: a real nats-server, real gateway replicas
+//! on port 0, and helpers to publish pushes and control messages the way services do.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures_util::StreamExt;
+use messages::payload::{self, GatewayControl};
+use messages::{GatewayId, headers};
+use testkit::ws::TEST_SECRET;
+use ws_gateway::Config;
+use ws_gateway::auth::Keys;
+
+/// A gateway config for tests: one worker, the test secret, a short lease TTL.
+pub fn config(nats_url: &str, instance: &str) -> Config {
+    let keys = Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+    let mut config = Config::new(nats_url, GatewayId::new(instance).unwrap(), keys);
+    config.workers = 1;
+    config.lease_ttl = Duration::from_secs(5);
+    config.drain_window = Duration::from_millis(200);
+    config.shutdown_deadline = Duration::from_secs(10);
+    config
+}
+
+/// Starts a replica on a free port and waits until `/readyz` says ready.
+pub async fn start(config: Config) -> ws_gateway::Handle {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let handle = ws_gateway::spawn(config, listener).unwrap();
+    wait_ready(handle.addr(), true).await;
+    handle
+}
+
+/// Plain HTTP GET against the replica; returns status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits until `/readyz` reports `ready` (or not).
+pub async fn wait_ready(addr: SocketAddr, ready: bool) {
+    let want = if ready { 200 } else { 503 };
+    for _ in 0..400 {
+        if http_get(addr, "/readyz").await.0 == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("replica at {addr} never became ready={ready}");
+}
+
+/// The value of one metric line (first match) from `/metrics`.
+pub async fn metric(addr: SocketAddr, prefix: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics").await;
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A NATS client for the test's "service" side.
+pub async fn bus_client(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+/// Publishes a push on `subject` with the given extra headers.
+pub async fn push(
+    client: &async_nats::Client,
+    subject: &str,
+    msg_id: u64,
+    body: &[u8],
+    extra: &[(&'static str, &str)],
+) {
+    let mut map = HeaderMap::new();
+    headers::set(&mut map, headers::MSG_ID, &msg_id.to_string()).unwrap();
+    headers::set(&mut map, headers::ROUTE, "test.push").unwrap();
+    headers::set(&mut map, headers::CODEC, "raw").unwrap();
+    for (name, value) in extra {
+        headers::set(&mut map, name, value).unwrap();
+    }
+    client
+        .publish_with_headers(subject.to_owned(), map, body.to_vec().into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+}
+
+/// Sends a control message to one gateway.
+pub async fn control(client: &async_nats::Client, gateway: &str, ctl: &GatewayControl) {
+    let subject = messages::subject::gateway_control(&GatewayId::new(gateway).unwrap());
+    client
+        .publish(subject, payload::to_bus(ctl).unwrap().into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+}
+
+/// Next message on a subscription, within 10 s.
+pub async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("bus message in time")
+        .expect("open")
+}
