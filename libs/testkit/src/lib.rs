@@ -11,6 +11,9 @@
 //! `scripts/install-nats` puts it), then `PATH`. When none exists, starting fails with one
 //! line that says how to install it.
 
+// A test-support crate: its helpers fail the calling test by panicking, on purpose.
+#![allow(clippy::panic)]
+
 mod server;
 pub mod ws;
 

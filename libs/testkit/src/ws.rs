@@ -29,15 +29,15 @@ pub fn token(user: &str, kind: Option<&str>, rooms: &[&str]) -> String {
         .unwrap_or(0)
         + 3600;
     token_with(
-        serde_json::json!({"sub": user, "exp": exp, "kind": kind.unwrap_or("app"), "rooms": rooms}),
+        &serde_json::json!({"sub": user, "exp": exp, "kind": kind.unwrap_or("app"), "rooms": rooms}),
     )
 }
 
 /// Signs arbitrary claims with [`TEST_SECRET`].
-pub fn token_with(claims: serde_json::Value) -> String {
+pub fn token_with(claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
-        &claims,
+        claims,
         &EncodingKey::from_secret(TEST_SECRET.as_bytes()),
     )
     .unwrap_or_default()

@@ -134,7 +134,7 @@ pub fn verify(token: &str, keys: &Keys) -> Result<Identity, AuthError> {
     validation.validate_nbf = true;
     validation.validate_aud = false;
     validation.set_required_spec_claims(&["exp", "sub"]);
-    let data = decode::<serde_json::Value>(token, key, &validation).map_err(map_error)?;
+    let data = decode::<serde_json::Value>(token, key, &validation).map_err(|e| map_error(&e))?;
     let expires_at = data
         .claims
         .get("exp")
@@ -163,7 +163,7 @@ pub fn verify(token: &str, keys: &Keys) -> Result<Identity, AuthError> {
     })
 }
 
-fn map_error(err: jsonwebtoken::errors::Error) -> AuthError {
+fn map_error(err: &jsonwebtoken::errors::Error) -> AuthError {
     use jsonwebtoken::errors::ErrorKind;
     match err.kind() {
         ErrorKind::InvalidSignature => AuthError::Signature,
@@ -250,7 +250,7 @@ pub(crate) mod tests {
         Keys::new(Some(SECRET), Some(ED_PUBLIC.as_bytes()), 0).unwrap()
     }
 
-    fn hs(claims: serde_json::Value) -> String {
+    fn hs(claims: &serde_json::Value) -> String {
         encode(
             &Header::new(Algorithm::HS256),
             &claims,
@@ -259,16 +259,16 @@ pub(crate) mod tests {
         .unwrap()
     }
 
-    fn ed(claims: serde_json::Value) -> String {
+    fn ed(claims: &serde_json::Value) -> String {
         let key = EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap();
-        encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap()
+        encode(&Header::new(Algorithm::EdDSA), claims, &key).unwrap()
     }
 
     #[test]
     fn accepts_hs256_and_eddsa() {
         let exp = now() + 60;
         let id = verify(
-            &hs(json!({"sub": "alice", "exp": exp, "rooms": ["lobby"]})),
+            &hs(&json!({"sub": "alice", "exp": exp, "rooms": ["lobby"]})),
             &keys(),
         )
         .unwrap();
@@ -277,7 +277,7 @@ pub(crate) mod tests {
         assert_eq!(id.allowed_rooms, vec![RoomId::new("lobby").unwrap()]);
         assert_eq!(id.expires_at, exp);
         let id = verify(
-            &ed(json!({"sub": "node-1", "exp": exp, "kind": "agent"})),
+            &ed(&json!({"sub": "node-1", "exp": exp, "kind": "agent"})),
             &keys(),
         )
         .unwrap();
@@ -291,11 +291,14 @@ pub(crate) mod tests {
         assert_eq!(verify("nonsense", &k), Err(AuthError::Malformed));
         assert_eq!(verify("", &k), Err(AuthError::Malformed));
         assert_eq!(
-            verify(&hs(json!({"sub": "a", "exp": now() - 120})), &k),
+            verify(&hs(&json!({"sub": "a", "exp": now() - 120})), &k),
             Err(AuthError::Expired)
         );
         assert_eq!(
-            verify(&hs(json!({"sub": "a", "exp": exp, "nbf": now() + 600})), &k),
+            verify(
+                &hs(&json!({"sub": "a", "exp": exp, "nbf": now() + 600})),
+                &k
+            ),
             Err(AuthError::NotYetValid)
         );
         let other = encode(
@@ -313,25 +316,25 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(verify(&hs384, &k), Err(AuthError::Algorithm));
         assert!(matches!(
-            verify(&hs(json!({"sub": "a"})), &k),
+            verify(&hs(&json!({"sub": "a"})), &k),
             Err(AuthError::Claims(_))
         ));
         assert!(matches!(
-            verify(&hs(json!({"exp": exp})), &k),
+            verify(&hs(&json!({"exp": exp})), &k),
             Err(AuthError::Claims(_))
         ));
         assert!(matches!(
-            verify(&hs(json!({"sub": "a.b", "exp": exp})), &k),
+            verify(&hs(&json!({"sub": "a.b", "exp": exp})), &k),
             Err(AuthError::Claims(_))
         ));
         assert!(matches!(
-            verify(&hs(json!({"sub": "a", "exp": exp, "kind": "robot"})), &k),
+            verify(&hs(&json!({"sub": "a", "exp": exp, "kind": "robot"})), &k),
             Err(AuthError::Claims(_))
         ));
         // An EdDSA token when only HS256 is configured.
         let hs_only = Keys::new(Some(SECRET), None, 0).unwrap();
         assert_eq!(
-            verify(&ed(json!({"sub": "a", "exp": exp})), &hs_only),
+            verify(&ed(&json!({"sub": "a", "exp": exp})), &hs_only),
             Err(AuthError::Algorithm)
         );
     }

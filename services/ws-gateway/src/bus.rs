@@ -232,11 +232,10 @@ fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<Push> {
     let recv_us = headers::now_micros();
     let map = msg.headers.as_ref();
     let get = |name: &str| map.and_then(|m| headers::get(m, name));
-    if let Some(expires) = get(headers::EXPIRES).and_then(|v| v.parse::<u64>().ok()) {
-        if expires < recv_us / 1000 {
-            shared.metrics.pushes_expired.inc();
-            return None;
-        }
+    let expires = get(headers::EXPIRES).and_then(|v| v.parse::<u64>().ok());
+    if expires.is_some_and(|at| at < recv_us / 1000) {
+        shared.metrics.pushes_expired.inc();
+        return None;
     }
     let route = match get(headers::ROUTE).map(Route::new).transpose() {
         Ok(route) => route.unwrap_or_default(),

@@ -393,7 +393,7 @@ mod tests {
         assert!(!reg.leave(SocketId(1), &lobby));
         assert!(reg.has_room(&lobby));
         // Disconnect cleans up remaining memberships.
-        reg.remove(SocketId(2), &user("b"), &[lobby.clone()]);
+        reg.remove(SocketId(2), &user("b"), std::slice::from_ref(&lobby));
         assert!(!reg.has_room(&lobby));
     }
 

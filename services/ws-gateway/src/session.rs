@@ -34,6 +34,8 @@ use crate::registry::wait_live;
 
 /// How long a new session or a join waits for its subscription before going ahead anyway.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closing connection may spend writing what is queued and the close frame.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Something for a connection to do, sent by the bus side or the gateway.
 #[derive(Debug, Message)]
@@ -137,6 +139,8 @@ pub struct Conn {
     writer: Option<SpawnHandle>,
     /// Set once a close has started; the code goes into the disconnect event.
     closing: Option<CloseCode>,
+    /// The close frame has been handed to the session.
+    close_sent: bool,
     /// Why the peer went away, when it closed first.
     peer_reason: Option<String>,
 }
@@ -183,6 +187,7 @@ impl Conn {
             in_flight: 0,
             writer: None,
             closing: None,
+            close_sent: false,
             peer_reason: None,
         }
     }
@@ -226,9 +231,16 @@ impl Conn {
         self.pump(ctx);
     }
 
-    /// Starts the writer if it is idle and there is something to write.
+    /// Starts the writer if it is idle and there is something to write; once a close is
+    /// pending and everything queued is written, sends the close frame.
     fn pump(&mut self, ctx: &mut Ctx) {
-        if self.writer.is_some() || self.queue.is_empty() || self.closing.is_some() {
+        if self.writer.is_some() {
+            return;
+        }
+        if self.queue.is_empty() {
+            if self.closing.is_some() {
+                self.send_close(ctx);
+            }
             return;
         }
         let batch: Vec<Bytes> = self.queue.drain(..).collect();
@@ -261,16 +273,34 @@ impl Conn {
         self.writer = Some(handle);
     }
 
-    /// Sends a close frame (bounded wait) and stops.
+    /// Closes the connection with `code`. Frames already queued (an error frame explaining
+    /// the close, say) are written first, within one second; a slow consumer's queue is
+    /// dropped instead, since it is the reason for the close.
     fn close(&mut self, code: CloseCode, ctx: &mut Ctx) {
         if self.closing.is_some() {
             return;
         }
         self.closing = Some(code);
         self.shared.metrics.closed(code);
+        if code == CloseCode::SlowConsumer {
+            self.queue.clear();
+            self.send_close(ctx);
+            return;
+        }
+        ctx.run_later(CLOSE_FLUSH_TIMEOUT, |act, ctx| act.send_close(ctx));
+        self.pump(ctx);
+    }
+
+    /// Sends the close frame (bounded wait) and stops the actor afterwards.
+    fn send_close(&mut self, ctx: &mut Ctx) {
+        if self.close_sent {
+            return;
+        }
+        self.close_sent = true;
         if let Some(writer) = self.writer.take() {
             ctx.cancel_future(writer);
         }
+        let code = self.closing.unwrap_or(CloseCode::Shutdown);
         let session = self.session.clone();
         let reason = CloseReason {
             code: actix_ws::CloseCode::Other(code.code()),
@@ -279,7 +309,7 @@ impl Conn {
         ctx.wait(
             async move {
                 let _ =
-                    tokio::time::timeout(Duration::from_secs(1), session.close(Some(reason))).await;
+                    tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, session.close(Some(reason))).await;
             }
             .into_actor(self)
             .map(|(), _, ctx| ctx.stop()),
@@ -372,7 +402,7 @@ impl Conn {
         }
     }
 
-    fn on_binary(&mut self, bytes: Bytes, ctx: &mut Ctx) {
+    fn on_binary(&mut self, bytes: &Bytes, ctx: &mut Ctx) {
         let now = Instant::now();
         let metrics = &self.shared.metrics;
         metrics.bytes_in.inc_by(bytes.len() as u64);
@@ -382,7 +412,7 @@ impl Conn {
             if self.strikes > self.shared.config.rate_burst {
                 self.close(CloseCode::RateLimited, ctx);
             } else {
-                let msg_id = peek_msg_id(&bytes);
+                let msg_id = peek_msg_id(bytes);
                 self.send_error(
                     msg_id,
                     ErrorCode::RateLimited,
@@ -393,9 +423,9 @@ impl Conn {
             return;
         }
         self.strikes = 0;
-        let frame = match Frame::decode(&bytes, &self.shared.config.limits) {
+        let frame = match Frame::decode(bytes, &self.shared.config.limits) {
             Ok(frame) => frame,
-            Err(err) => return self.on_bad_frame(&bytes, &err, ctx),
+            Err(err) => return self.on_bad_frame(bytes, &err, ctx),
         };
         metrics.frame_in(frame.kind);
         self.hb.on_activity(now);
@@ -615,7 +645,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Conn {
             return;
         }
         match item {
-            Ok(AggregatedMessage::Binary(bytes)) => self.on_binary(bytes, ctx),
+            Ok(AggregatedMessage::Binary(bytes)) => self.on_binary(&bytes, ctx),
             Ok(AggregatedMessage::Text(_)) => {
                 self.shared.metrics.frame_errors.inc();
                 let message =

@@ -51,7 +51,7 @@ async fn tokens_are_checked_before_the_upgrade() {
         401,
         "malformed"
     );
-    let expired = token_with(serde_json::json!({"sub": "a", "exp": 1_000_000}));
+    let expired = token_with(&serde_json::json!({"sub": "a", "exp": 1_000_000}));
     assert_eq!(
         status(TestClient::connect(addr, &expired).await),
         401,
@@ -498,7 +498,7 @@ async fn bad_and_oversized_frames_get_errors_and_the_right_close() {
     assert_eq!(error_of(&c.frame().await).code, ErrorCode::BadRoute.code());
     c.send(&Frame::new(FrameKind::Heartbeat).with_msg_id(6))
         .await;
-    assert_eq!(c.frame().await.kind, FrameKind::HeartbeatAck);
+    assert!(matches!(c.recv().await, Received::Frame(f) if f.kind == FrameKind::HeartbeatAck));
 
     // A body over the limit: error frame, then close 4501.
     let big = Frame::new(FrameKind::Publish)
@@ -558,7 +558,10 @@ async fn the_rate_limit_drops_with_errors_then_closes_abusers() {
         }
     };
     assert_eq!(code, Some(CloseCode::RateLimited.code()));
-    assert!(acks >= 5 && acks <= 6, "the burst passes: {acks}");
+    assert!(
+        (5..=6).contains(&acks),
+        "the burst passes: {acks} acks, {limited} limited"
+    );
     assert!(limited >= 5, "drops are reported: {limited}");
     gw.shutdown().await.unwrap();
 }
@@ -634,7 +637,7 @@ async fn clients_stay_connected_through_a_nats_restart() {
     );
     c.send(&Frame::new(FrameKind::Heartbeat).with_msg_id(2))
         .await;
-    assert_eq!(c.frame().await.kind, FrameKind::HeartbeatAck);
+    assert!(matches!(c.recv().await, Received::Frame(f) if f.kind == FrameKind::HeartbeatAck));
     // New clients are refused while not ready.
     assert!(matches!(
         TestClient::connect(gw.addr(), &token("late", None, &[])).await,
