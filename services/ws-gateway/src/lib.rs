@@ -35,6 +35,9 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::session::{Conn, ToConn};
 
+/// Longest a shutdown step that needs NATS (flush, lease release) may take.
+const BUS_STEP_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -221,9 +224,15 @@ pub async fn run(
     let sequence = async {
         drain(&shared).await;
         server_handle.stop(true).await;
-        shared.bus.flush().await;
+        // Bounded: with NATS down there is nothing to flush to, and exit must not wait.
+        if tokio::time::timeout(BUS_STEP_TIMEOUT, shared.bus.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Flushing to NATS timed out; events still queued are lost.");
+        }
         let _ = lease_stop.send(());
-        let _ = lease_task.await;
+        let _ = tokio::time::timeout(BUS_STEP_TIMEOUT, lease_task).await;
     };
     if tokio::time::timeout(deadline, sequence).await.is_err() {
         tracing::warn!(?deadline, "Shutdown deadline passed; exiting anyway.");

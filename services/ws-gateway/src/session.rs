@@ -690,6 +690,12 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Conn {
                 );
                 self.close(CloseCode::FrameTooLarge, ctx);
             }
+            Err(ProtocolError::Io(err)) => {
+                // The peer went away (reset, EOF mid-frame): nothing to tell it.
+                tracing::debug!(socket_id = %self.id, error = %err, "Connection lost.");
+                self.peer_reason = Some(format!("connection lost: {err}"));
+                ctx.stop();
+            }
             Err(err) => {
                 self.shared.metrics.frame_errors.inc();
                 tracing::debug!(socket_id = %self.id, error = %err, "WebSocket protocol error.");

@@ -661,3 +661,42 @@ async fn clients_stay_connected_through_a_nats_restart() {
     }
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_is_reported_without_a_gateway_close() {
+    let nats = NatsServer::start().unwrap();
+    let bus = bus_client(&nats.url()).await;
+    let mut disconnects = bus.subscribe("ws.evt.app.disconnect").await.unwrap();
+    bus.flush().await.unwrap();
+    let gw = start(config(&nats.url(), "gw-peer")).await;
+    let polite = TestClient::connect(gw.addr(), &token("polite", None, &[]))
+        .await
+        .unwrap();
+    let rude = TestClient::connect(gw.addr(), &token("rude", None, &[]))
+        .await
+        .unwrap();
+    let (polite_id, rude_id) = (polite.welcome.socket_id, rude.welcome.socket_id);
+    polite.close().await;
+    drop(rude);
+    let mut seen = vec![];
+    for _ in 0..2 {
+        let event: SessionEvent = payload::from_bus(&next(&mut disconnects).await.payload).unwrap();
+        assert_eq!(event.close_code, None, "the peer closed, not the gateway");
+        assert!(event.reason.is_some());
+        seen.push(event.socket_id);
+    }
+    seen.sort();
+    let mut expected = vec![polite_id, rude_id];
+    expected.sort();
+    assert_eq!(seen, expected);
+    assert_eq!(
+        metric(
+            gw.addr(),
+            "ws_gateway_closes_total{reason=\"protocol_error\"}"
+        )
+        .await,
+        0.0
+    );
+    assert_eq!(metric(gw.addr(), "ws_gateway_connections").await, 0.0);
+    gw.shutdown().await.unwrap();
+}
