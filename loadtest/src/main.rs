@@ -434,9 +434,9 @@ async fn fanout(
             break;
         }
         if got == last {
-            still += 1
+            still += 1;
         } else {
-            still = 0
+            still = 0;
         }
         last = got;
         tokio::time::sleep(Duration::from_millis(100)).await;
