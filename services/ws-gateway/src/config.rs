@@ -106,6 +106,15 @@ pub struct Args {
     /// Replicas of the lease bucket (3 on a 3-node cluster).
     #[arg(long, env = "WS_GATEWAY_LEASE_REPLICAS", default_value_t = 1)]
     pub lease_replicas: usize,
+    /// Print a development token for this user id (signed with the HS256 secret) and exit.
+    #[arg(long, value_name = "USER")]
+    pub mint_token: Option<String>,
+    /// Client kind for `--mint-token`: `app` or `agent`.
+    #[arg(long, default_value = "app")]
+    pub mint_kind: String,
+    /// Rooms for `--mint-token`, comma-separated.
+    #[arg(long, default_value = "")]
+    pub mint_rooms: String,
     /// Log format: `text` or `json`.
     #[arg(long, env = "WS_GATEWAY_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -8,6 +8,9 @@ use ws_gateway::{Args, Config};
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(user) = &args.mint_token {
+        return mint_token(&args, user);
+    }
     init_tracing(&args.log_format);
     let config = match Config::from_args(&args) {
         Ok(config) => config,
@@ -31,6 +34,42 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("ws-gateway: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--mint-token USER`: prints a token for trying the gateway out.
+fn mint_token(args: &Args, user: &str) -> ExitCode {
+    let result = (|| -> Result<String, Box<dyn std::error::Error>> {
+        let secret = args
+            .jwt_hs256_secret
+            .as_deref()
+            .ok_or("--mint-token needs the HS256 secret")?;
+        let user = messages::UserId::new(user)?;
+        let kind: messages::ClientKind = args.mint_kind.parse()?;
+        let rooms = args
+            .mint_rooms
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(messages::RoomId::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        let ttl = std::time::Duration::from_secs(24 * 3600);
+        Ok(ws_gateway::auth::mint(
+            secret.as_bytes(),
+            &user,
+            kind,
+            &rooms,
+            ttl,
+        )?)
+    })();
+    match result {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ws-gateway: {e}");
+            ExitCode::from(64)
         }
     }
 }

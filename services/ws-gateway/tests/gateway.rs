@@ -700,3 +700,61 @@ async fn a_client_that_goes_away_is_reported_without_a_gateway_close() {
     assert_eq!(metric(gw.addr(), "ws_gateway_connections").await, 0.0);
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_connection_limit_refuses_before_the_upgrade() {
+    let nats = NatsServer::start().unwrap();
+    let mut cfg = config(&nats.url(), "gw-full");
+    cfg.max_connections = 2;
+    let gw = start(cfg).await;
+    let _a = TestClient::connect(gw.addr(), &token("a", None, &[]))
+        .await
+        .unwrap();
+    let _b = TestClient::connect(gw.addr(), &token("b", None, &[]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        TestClient::connect(gw.addr(), &token("c", None, &[])).await,
+        Err(ConnectError::Status(503))
+    ));
+    assert_eq!(
+        metric(gw.addr(), "ws_gateway_rejected_total{reason=\"capacity\"}").await,
+        1.0
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn client_acks_go_upstream_as_receipts_for_the_push_id() {
+    let nats = NatsServer::start().unwrap();
+    let bus = bus_client(&nats.url()).await;
+    let mut acks = bus.subscribe("ws.evt.app.ack").await.unwrap();
+    bus.flush().await.unwrap();
+    let gw = start(config(&nats.url(), "gw-ack")).await;
+    let mut c = TestClient::connect(gw.addr(), &token("gina", None, &[]))
+        .await
+        .unwrap();
+    push(
+        &bus,
+        "ws.user.gina",
+        4242,
+        b"please-ack",
+        &[("ws-receipt", "1")],
+    )
+    .await;
+    let f = expect_push(&mut c, b"please-ack").await;
+    assert!(f.flags.receipt());
+    c.send(&Frame::new(FrameKind::Ack).with_msg_id(f.msg_id))
+        .await;
+    let receipt = next(&mut acks).await;
+    let h = receipt.headers.as_ref().unwrap();
+    assert_eq!(headers::get(h, headers::MSG_ID), Some("4242"));
+    assert_eq!(
+        headers::get(h, headers::SOCKET_ID),
+        Some(c.welcome.socket_id.to_string().as_str())
+    );
+    assert_eq!(headers::get(h, headers::USER_ID), Some("gina"));
+    assert_eq!(headers::get(h, headers::OPERATION), Some("ack"));
+    assert!(receipt.payload.is_empty());
+    gw.shutdown().await.unwrap();
+}
