@@ -105,6 +105,11 @@ impl Bus {
         })
     }
 
+    /// Whether [`Bus::send`] would currently accept a message (connected, queue not full).
+    pub fn send_ok(&self) -> bool {
+        self.connected() && self.outbound.capacity() > 0
+    }
+
     /// Waits until everything queued so far has been written to NATS and flushed.
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();

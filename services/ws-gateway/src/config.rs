@@ -83,6 +83,9 @@ pub struct Args {
     /// A write that cannot make progress for this long closes the client as slow, ms.
     #[arg(long, env = "WS_GATEWAY_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
+    /// How long a client's join/leave waits for the services' answer before a timeout error, ms.
+    #[arg(long, env = "WS_GATEWAY_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
+    pub request_timeout_ms: u64,
     /// Window over which a drain spreads clients' reconnects, ms.
     #[arg(long, env = "WS_GATEWAY_DRAIN_WINDOW_MS", default_value_t = 10_000)]
     pub drain_window_ms: u64,
@@ -169,6 +172,8 @@ pub struct Config {
     pub outbound_queue: usize,
     /// Stalled-write limit before a slow-consumer close.
     pub write_timeout: Duration,
+    /// How long a forwarded join/leave waits for the services' answer.
+    pub request_timeout: Duration,
     /// Window over which a drain spreads reconnects.
     pub drain_window: Duration,
     /// Hard deadline for shutdown.
@@ -203,6 +208,7 @@ impl Config {
             max_connections: 100_000,
             outbound_queue: 512,
             write_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(5),
             drain_window: Duration::from_secs(10),
             shutdown_deadline: Duration::from_secs(30),
             lease_bucket: "ws_gateway_workers".into(),
@@ -250,6 +256,7 @@ impl Config {
         config.max_connections = args.max_connections;
         config.outbound_queue = args.outbound_queue;
         config.write_timeout = Duration::from_millis(args.write_timeout_ms);
+        config.request_timeout = Duration::from_millis(args.request_timeout_ms);
         config.drain_window = Duration::from_millis(args.drain_window_ms);
         config.shutdown_deadline = Duration::from_millis(args.shutdown_deadline_ms);
         config.lease_bucket = args.lease_bucket.clone();

@@ -131,6 +131,8 @@ pub struct Conn {
     strikes: u32,
     /// Rooms this socket is in here (to clean up on disconnect).
     rooms: Vec<RoomId>,
+    /// Join/leave requests forwarded to the services and not answered yet (message ids).
+    pending: Vec<u64>,
     /// Frames waiting for the writer.
     queue: VecDeque<Bytes>,
     /// Frames the writer future currently holds.
@@ -183,6 +185,7 @@ impl Conn {
             shared: init.shared,
             strikes: 0,
             rooms: Vec::new(),
+            pending: Vec::new(),
             queue: VecDeque::new(),
             in_flight: 0,
             writer: None,
@@ -524,13 +527,39 @@ impl Conn {
         match payload::to_bus(&request) {
             Ok(body) => {
                 let out = self.event(event, headers, body);
-                self.publish(out, frame.msg_id, ctx);
+                let msg_id = frame.msg_id;
+                if msg_id != 0 && self.shared.bus.send_ok() {
+                    // The services answer with a control message; if none comes, say so.
+                    self.pending.push(msg_id);
+                    ctx.run_later(self.shared.config.request_timeout, move |act, ctx| {
+                        if act.answered(msg_id) {
+                            let message = "the services did not answer in time".to_owned();
+                            act.send_error(msg_id, ErrorCode::Timeout, message, ctx);
+                        }
+                    });
+                }
+                self.publish(out, msg_id, ctx);
             }
             Err(e) => self.send_error(frame.msg_id, ErrorCode::Internal, e.to_string(), ctx),
         }
     }
 
+    /// Marks a forwarded request as answered; returns whether it was still pending.
+    fn answered(&mut self, msg_id: u64) -> bool {
+        let before = self.pending.len();
+        self.pending.retain(|id| *id != msg_id);
+        self.pending.len() != before
+    }
+
     fn on_control(&mut self, control: GatewayControl, ctx: &mut Ctx) {
+        match &control {
+            GatewayControl::Join { msg_id, .. }
+            | GatewayControl::Leave { msg_id, .. }
+            | GatewayControl::Refuse { msg_id, .. } => {
+                self.answered(*msg_id);
+            }
+            GatewayControl::Close { .. } | GatewayControl::Resync => {}
+        }
         match control {
             GatewayControl::Join { room, msg_id, .. } => {
                 let shared = Arc::clone(&self.shared);

@@ -758,3 +758,26 @@ async fn client_acks_go_upstream_as_receipts_for_the_push_id() {
     assert!(receipt.payload.is_empty());
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_join_nobody_answers_times_out_with_an_error() {
+    let nats = NatsServer::start().unwrap();
+    let mut cfg = config(&nats.url(), "gw-timeout");
+    cfg.request_timeout = Duration::from_millis(300);
+    let gw = start(cfg).await;
+    let mut c = TestClient::connect(gw.addr(), &token("hal", None, &[]))
+        .await
+        .unwrap();
+    c.send(
+        &Frame::new(FrameKind::Join)
+            .with_msg_id(9)
+            .with_route(Route::new("void").unwrap()),
+    )
+    .await;
+    let f = c.frame().await;
+    assert_eq!(
+        (f.msg_id, error_of(&f).code),
+        (9, ErrorCode::Timeout.code())
+    );
+    gw.shutdown().await.unwrap();
+}
