@@ -98,6 +98,7 @@ async fn upgrade(
         user: identity.user_id,
         kind: identity.kind,
         allowed_rooms: identity.allowed_rooms,
+        expires_at: identity.expires_at,
         codec,
         session,
         shared: Arc::clone(shared),

@@ -107,6 +107,8 @@ pub struct ConnInit {
     pub kind: ClientKind,
     /// Rooms the token allows (forwarded in the connect event).
     pub allowed_rooms: Vec<RoomId>,
+    /// Unix seconds when the token expires; the connection is closed then.
+    pub expires_at: u64,
     /// Codec for the gateway's own control bodies.
     pub codec: BodyCodec,
     /// Write half.
@@ -122,6 +124,8 @@ pub struct Conn {
     kind: ClientKind,
     /// Sent in the connect event (and again on a resync).
     allowed_rooms: Vec<RoomId>,
+    /// Unix seconds when the credential expires.
+    expires_at: u64,
     codec: BodyCodec,
     session: actix_ws::Session,
     shared: Arc<Shared>,
@@ -180,6 +184,7 @@ impl Conn {
             user: init.user,
             kind: init.kind,
             allowed_rooms: init.allowed_rooms,
+            expires_at: init.expires_at,
             codec: init.codec,
             session: init.session,
             shared: init.shared,
@@ -634,6 +639,12 @@ impl actix::Actor for Conn {
                     crate::bus::subscribe_user(&shared, subject, user)
                 });
         self.shared.metrics.connections.inc();
+        // A credential is only good until it expires; the client reconnects with a new one.
+        let now_s = unix_ms() / 1000;
+        if self.expires_at > now_s {
+            let left = Duration::from_secs(self.expires_at - now_s);
+            ctx.run_later(left, |act, ctx| act.close(CloseCode::Unauthorized, ctx));
+        }
         // Hold the mailbox and the read side until the user subscription is live, so that
         // the welcome promises: every push to this user from now on arrives.
         ctx.wait(

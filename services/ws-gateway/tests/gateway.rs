@@ -781,3 +781,17 @@ async fn a_join_nobody_answers_times_out_with_an_error() {
     );
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_connection_is_closed_when_its_token_expires() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-exp")).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let short = token_with(&serde_json::json!({"sub": "ivy", "exp": now + 2}));
+    let mut c = TestClient::connect(gw.addr(), &short).await.unwrap();
+    assert_eq!(c.closed().await, Some(CloseCode::Unauthorized.code()));
+    gw.shutdown().await.unwrap();
+}

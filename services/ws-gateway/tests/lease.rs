@@ -52,26 +52,35 @@ async fn wait_state(
         .unwrap()
 }
 
+/// Three replicas (`gw-a`, `gw-b`, `gw-c`) acquiring at the same time, each through its own
+/// JetStream context; returns their worker ids in that order.
+async fn acquire_three(js: [&jetstream::Context; 3], replicas: usize) -> [u16; 3] {
+    let cfgs = ["gw-a", "gw-b", "gw-c"].map(|name| LeaseConfig {
+        replicas,
+        ..config(name, Duration::from_secs(10))
+    });
+    let (a, b, c) = timeout(WAIT, async {
+        tokio::join!(
+            acquire(js[0], &cfgs[0]),
+            acquire(js[1], &cfgs[1]),
+            acquire(js[2], &cfgs[2])
+        )
+    })
+    .await
+    .unwrap();
+    [
+        a.unwrap().worker_id(),
+        b.unwrap().worker_id(),
+        c.unwrap().worker_id(),
+    ]
+}
+
 #[tokio::test]
 async fn concurrent_replicas_get_distinct_ids() {
     let server = NatsServer::start().unwrap();
     let url = server.url();
     let (ja, jb, jc) = tokio::join!(connect(&url), connect(&url), connect(&url));
-    let (ca, cb, cc) = (
-        config("gw-a", Duration::from_secs(10)),
-        config("gw-b", Duration::from_secs(10)),
-        config("gw-c", Duration::from_secs(10)),
-    );
-    let (a, b, c) = timeout(WAIT, async {
-        tokio::join!(acquire(&ja, &ca), acquire(&jb, &cb), acquire(&jc, &cc))
-    })
-    .await
-    .unwrap();
-    let ids = [
-        a.unwrap().worker_id(),
-        b.unwrap().worker_id(),
-        c.unwrap().worker_id(),
-    ];
+    let ids = acquire_three([&ja, &jb, &jc], 1).await;
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3, "ids {ids:?}");
 
     let kv = bucket(&ja).await;
@@ -85,21 +94,7 @@ async fn concurrent_replicas_on_a_cluster_get_distinct_ids() {
     let cluster = NatsCluster::start(3).unwrap();
     let urls: Vec<String> = (0..3).map(|i| cluster.node(i).unwrap().url()).collect();
     let (ja, jb, jc) = tokio::join!(connect(&urls[0]), connect(&urls[1]), connect(&urls[2]));
-    let cfg = |name| LeaseConfig {
-        replicas: 3,
-        ..config(name, Duration::from_secs(10))
-    };
-    let (ca, cb, cc) = (cfg("gw-a"), cfg("gw-b"), cfg("gw-c"));
-    let (a, b, c) = timeout(WAIT, async {
-        tokio::join!(acquire(&ja, &ca), acquire(&jb, &cb), acquire(&jc, &cc))
-    })
-    .await
-    .unwrap();
-    let ids = [
-        a.unwrap().worker_id(),
-        b.unwrap().worker_id(),
-        c.unwrap().worker_id(),
-    ];
+    let ids = acquire_three([&ja, &jb, &jc], 3).await;
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3, "ids {ids:?}");
 }
 
@@ -132,21 +127,7 @@ async fn a_restarted_replica_gets_its_old_id_back() {
 async fn ids_minted_under_distinct_leases_never_collide() {
     let server = NatsServer::start().unwrap();
     let js = connect(&server.url()).await;
-    let (ca, cb, cc) = (
-        config("gw-a", Duration::from_secs(10)),
-        config("gw-b", Duration::from_secs(10)),
-        config("gw-c", Duration::from_secs(10)),
-    );
-    let (a, b, c) = timeout(WAIT, async {
-        tokio::join!(acquire(&js, &ca), acquire(&js, &cb), acquire(&js, &cc))
-    })
-    .await
-    .unwrap();
-    let workers = [
-        a.unwrap().worker_id(),
-        b.unwrap().worker_id(),
-        c.unwrap().worker_id(),
-    ];
+    let workers = acquire_three([&js, &js, &js], 1).await;
 
     let minted: Vec<Vec<_>> = std::thread::scope(|s| {
         let handles: Vec<_> = workers
