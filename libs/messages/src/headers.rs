@@ -40,9 +40,11 @@ pub const EXPIRES: &str = "ws-expires";
 pub const ROOM: &str = "ws-room";
 /// Socket ids to exclude from a room or broadcast push (for example the sender).
 pub const EXCLUDE: &str = "ws-exclude";
+/// A count (sockets a push was delivered to, in a `delivered` event).
+pub const COUNT: &str = "ws-count";
 
 /// Every header name, for tests and documentation.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     TRACEPARENT,
     TRACESTATE,
     HOP,
@@ -59,6 +61,7 @@ pub const ALL: [&str; 16] = [
     EXPIRES,
     ROOM,
     EXCLUDE,
+    COUNT,
 ];
 
 /// Names of the hops that stamp `ws-hop`, in the order a push or publish meets them.

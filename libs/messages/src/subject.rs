@@ -11,7 +11,10 @@
 //! ws.gw.<gateway>.ctl          services -> one gateway: join/leave a room, kick, replies
 //! ws.all                       services -> every gateway, every socket (broadcast)
 //! ws.ctl                       services -> every gateway: control (resync)
+//! app.<route...>               ws-api -> product services: clients' publish frames, body
+//!                              and headers as the gateway sent them
 //! ```
+//!
 //! `<kind>` is `app` or `agent`: app traffic is consumed by ws-api, agent traffic by the
 //! scheduler. Gateways subscribe to user and room subjects only while they hold a
 //! recipient, so NATS interest routing delivers each push only where it is needed.
@@ -23,6 +26,8 @@ use crate::ids::{ClientKind, GatewayId, IdError, RoomId, UserId};
 
 /// First token of every subject this system uses.
 pub const ROOT: &str = "ws";
+/// First token of the subjects product services consume.
+pub const APP_ROOT: &str = "app";
 
 /// Queue group ws-api replicas share for app traffic and events.
 pub const QUEUE_WS_API: &str = "ws-api";
@@ -44,6 +49,9 @@ pub enum Event {
     Leave,
     /// A client acknowledged a push (delivery receipt).
     Ack,
+    /// A gateway handed a push that asked for a receipt to its local recipients
+    /// (`ws-msg-id` names the push, `ws-count` how many sockets).
+    Delivered,
 }
 
 impl Event {
@@ -66,6 +74,7 @@ impl Event {
             Event::Join => "join",
             Event::Leave => "leave",
             Event::Ack => "ack",
+            Event::Delivered => "delivered",
         }
     }
 
@@ -103,6 +112,8 @@ pub enum Subject {
     Broadcast,
     /// `ws.ctl`
     ControlAll,
+    /// `app.<route>`
+    Application(Route),
 }
 
 /// Why a string is not one of this system's subjects.
@@ -122,6 +133,13 @@ pub enum SubjectError {
 impl Subject {
     /// Parses a concrete subject (no wildcards).
     pub fn parse(subject: &str) -> Result<Subject, SubjectError> {
+        if let Some(route) = subject.strip_prefix("app.") {
+            let route = Route::new(route).map_err(|_| SubjectError::Malformed)?;
+            if route.is_empty() {
+                return Err(SubjectError::Malformed);
+            }
+            return Ok(Subject::Application(route));
+        }
         let rest = subject.strip_prefix("ws.").ok_or(SubjectError::Foreign)?;
         if rest == "all" {
             return Ok(Subject::Broadcast);
@@ -173,6 +191,7 @@ impl fmt::Display for Subject {
             Subject::GatewayControl(gw) => write!(f, "{ROOT}.gw.{gw}.ctl"),
             Subject::Broadcast => write!(f, "{ROOT}.all"),
             Subject::ControlAll => write!(f, "{ROOT}.ctl"),
+            Subject::Application(route) => write!(f, "{APP_ROOT}.{route}"),
         }
     }
 }
@@ -218,6 +237,11 @@ pub fn gateway_control(gateway: &GatewayId) -> String {
     format!("{ROOT}.gw.{gateway}.ctl")
 }
 
+/// `app.<route>`: where ws-api forwards a client's publish for product services.
+pub fn application(route: &Route) -> Option<String> {
+    (!route.is_empty()).then(|| format!("{APP_ROOT}.{route}"))
+}
+
 /// `ws.all`
 pub fn broadcast() -> &'static str {
     "ws.all"
@@ -249,6 +273,7 @@ mod tests {
         out.push(Subject::GatewayControl(GatewayId::new("gw-1").unwrap()));
         out.push(Subject::Broadcast);
         out.push(Subject::ControlAll);
+        out.push(Subject::Application(Route::new("orders.create").unwrap()));
         out
     }
 
@@ -282,12 +307,15 @@ mod tests {
         assert_eq!(Subject::parse(broadcast()).unwrap(), Subject::Broadcast);
         assert_eq!(Subject::parse(control_all()).unwrap(), Subject::ControlAll);
         assert_eq!(upstream_wildcard(ClientKind::Agent), "ws.msg.agent.>");
+        assert_eq!(application(&route).unwrap(), "app.orders.new");
+        assert_eq!(application(&Route::empty()), None);
         assert_eq!(event_wildcard(ClientKind::App), "ws.evt.app.*");
     }
 
     #[test]
     fn foreign_and_malformed_subjects_are_told_apart() {
-        assert_eq!(Subject::parse("app.orders"), Err(SubjectError::Foreign));
+        assert_eq!(Subject::parse("other.orders"), Err(SubjectError::Foreign));
+        assert_eq!(Subject::parse("app."), Err(SubjectError::Malformed));
         assert_eq!(Subject::parse("ws.nope.x"), Err(SubjectError::Foreign));
         assert_eq!(Subject::parse("ws"), Err(SubjectError::Foreign));
         assert_eq!(Subject::parse("ws.msg.app"), Err(SubjectError::Malformed));

@@ -231,6 +231,8 @@ fn spawn_subscription(shared: &Arc<Shared>, subject: String, target: Target) -> 
 struct Push {
     frame: Bytes,
     exclude: Vec<SocketId>,
+    /// Set when the sender asked for a receipt: the push id to report deliveries for.
+    receipt: Option<u64>,
 }
 
 fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<Push> {
@@ -275,10 +277,8 @@ fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<Push> {
         &route,
         &msg.payload,
     );
-    Some(Push {
-        frame: buf.freeze(),
-        exclude,
-    })
+    let receipt = (flags.receipt() && msg_id != 0).then_some(msg_id);
+    Some(Push { frame: buf.freeze(), exclude, receipt })
 }
 
 fn record_hops(shared: &Shared, map: &HeaderMap, recv_us: u64) {
@@ -309,9 +309,11 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
     let Some(push) = build_push(shared, msg) else {
         return;
     };
-    let deliver = |id: SocketId, addr: &Addr<Conn>| {
+    let mut delivered = 0u64;
+    let mut deliver = |id: SocketId, addr: &Addr<Conn>| {
         if !push.exclude.contains(&id) {
             addr.do_send(ToConn::Push(push.frame.clone()));
+            delivered += 1;
         }
     };
     match target {
@@ -338,6 +340,26 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
             }
         }
         Target::Control => {}
+    }
+    if let (Some(push_id), true) = (push.receipt, delivered > 0) {
+        report_delivered(shared, push_id, delivered);
+    }
+}
+
+/// Tells the services how many local sockets a receipt-requesting push was handed to.
+fn report_delivered(shared: &Shared, push_id: u64, count: u64) {
+    let mut map = HeaderMap::new();
+    let _ = headers::set(&mut map, headers::MSG_ID, &push_id.to_string());
+    let _ = headers::set(&mut map, headers::COUNT, &count.to_string());
+    let _ = headers::set(&mut map, headers::GATEWAY_ID, shared.config.instance.as_str());
+    let out = Outbound::Publish {
+        subject: subject::event(ClientKind::App, Event::Delivered),
+        headers: map,
+        payload: Bytes::new(),
+        reply: None,
+    };
+    if shared.bus.send(out).is_err() {
+        shared.metrics.publish_errors.inc();
     }
 }
 
