@@ -56,13 +56,14 @@ pub enum Event {
 
 impl Event {
     /// Every event.
-    pub const ALL: [Event; 6] = [
+    pub const ALL: [Event; 7] = [
         Event::Connect,
         Event::Disconnect,
         Event::Heartbeat,
         Event::Join,
         Event::Leave,
         Event::Ack,
+        Event::Delivered,
     ];
 
     /// The subject token.
@@ -275,6 +276,28 @@ mod tests {
         out.push(Subject::ControlAll);
         out.push(Subject::Application(Route::new("orders.create").unwrap()));
         out
+    }
+
+    /// An exhaustive match: adding a variant fails to compile here until it is numbered,
+    /// and the test below then fails until `ALL` lists it.
+    fn ordinal(e: Event) -> usize {
+        match e {
+            Event::Connect => 0,
+            Event::Disconnect => 1,
+            Event::Heartbeat => 2,
+            Event::Join => 3,
+            Event::Leave => 4,
+            Event::Ack => 5,
+            Event::Delivered => 6,
+        }
+    }
+
+    #[test]
+    fn all_lists_every_event_once() {
+        for (i, e) in Event::ALL.into_iter().enumerate() {
+            assert_eq!(ordinal(e), i);
+        }
+        assert_eq!(Event::ALL.len(), ordinal(Event::Delivered) + 1);
     }
 
     #[test]

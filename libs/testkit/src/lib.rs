@@ -14,6 +14,7 @@
 // A test-support crate: its helpers fail the calling test by panicking, on purpose.
 #![allow(clippy::panic)]
 
+pub mod http;
 mod server;
 pub mod ws;
 

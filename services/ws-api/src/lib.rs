@@ -1,1 +1,306 @@
-//! ws-api: placeholder crate so the workspace has its final shape; its issue fills it in.
+//! ws-api: the brain for application traffic. It consumes what gateways publish (session
+//! events, join/leave requests, receipts, clients' publish frames), keeps the session and
+//! presence registry in JetStream KV, decides room membership, and offers product services
+//! an HTTP API to push to sockets, users, rooms or everyone.
+//!
+//! Replicas share the bus consumers through a queue group and share state only through
+//! NATS, so any number can run; [`run`] is the whole service, [`spawn`] runs it on its own
+//! thread for tests.
+
+pub mod config;
+pub mod events;
+mod http;
+pub mod presence;
+pub mod receipts;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, web};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio::sync::oneshot;
+
+pub use config::{Args, Config, ConfigError};
+
+use crate::presence::Presence;
+use crate::receipts::Receipts;
+
+/// Why the service could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Binding, runtime creation, serving.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// NATS, JetStream or a bucket could not be set up.
+    #[error("nats: {0}")]
+    Nats(String),
+}
+
+/// Counters of one replica.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Pushes published.
+    pub pushes: Counter,
+    /// Gateway events handled.
+    pub events: Counter,
+    /// Events that failed.
+    pub event_errors: Counter,
+    /// Publish frames forwarded to product services.
+    pub forwarded: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("ws_api");
+        let pushes = Counter::default();
+        registry.register("pushes", "Pushes published", pushes.clone());
+        let events = Counter::default();
+        registry.register("events", "Gateway events handled", events.clone());
+        let event_errors = Counter::default();
+        registry.register(
+            "event_errors",
+            "Gateway events that failed",
+            event_errors.clone(),
+        );
+        let forwarded = Counter::default();
+        registry.register(
+            "forwarded",
+            "Client frames forwarded to product services",
+            forwarded.clone(),
+        );
+        Metrics {
+            registry,
+            pushes,
+            events,
+            event_errors,
+            forwarded,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// State shared by handlers and consumers.
+#[derive(Debug)]
+pub struct Shared {
+    /// Configuration.
+    pub config: Config,
+    /// NATS client.
+    pub client: async_nats::Client,
+    /// Session registry.
+    pub presence: Arc<Presence>,
+    /// Push receipts.
+    pub receipts: Receipts,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Pushes per second over the last second, sampled.
+    push_rate: AtomicU64,
+}
+
+impl Shared {
+    /// Pushes per second, sampled once a second.
+    pub fn push_rate(&self) -> u64 {
+        self.push_rate.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs a replica with its HTTP API on `listener` until `shutdown` completes. Must be called
+/// inside an actix system.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    config.validate()?;
+    // The NATS connection and the consumers live on their own runtime (deps.md, trap 5).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ws-api-nats")
+        .enable_all()
+        .build()?;
+    let setup_config = config.clone();
+    let shared = runtime
+        .spawn(async move { setup(setup_config).await })
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))??;
+    runtime.spawn(events::consume_events(Arc::clone(&shared)));
+    runtime.spawn(events::forward_upstream(Arc::clone(&shared)));
+    runtime.spawn(sweep(Arc::downgrade(&shared)));
+    runtime.spawn(sample_rate(Arc::downgrade(&shared)));
+
+    let data = web::Data::new(Arc::clone(&shared));
+    let max = config.max_body_bytes;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(web::PayloadConfig::new(max + 4096))
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(max + 4096)
+                    .error_handler(|e, _| http::json_error(e)),
+            )
+            .configure(http::routes)
+    })
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    let task = actix_web::rt::spawn(server);
+    tracing::info!("ws-api started.");
+    shutdown.await;
+    handle.stop(true).await;
+    let _ = task.await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), shared.client.flush()).await;
+    drop(shared);
+    runtime.shutdown_background();
+    tracing::info!("ws-api stopped.");
+    Ok(())
+}
+
+async fn setup(config: Config) -> Result<Arc<Shared>, Error> {
+    let client = async_nats::ConnectOptions::new()
+        .name("ws-api")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(config.nats_url.as_str())
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    let js = async_nats::jetstream::new(client.clone());
+    // JetStream may take a moment after the server starts (or a cluster elects a leader).
+    let mut attempt = 0;
+    let (presence, receipts) = loop {
+        let opened = async {
+            let presence = Presence::open(
+                &js,
+                &config.sessions_bucket,
+                config.presence_ttl,
+                config.kv_replicas,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let receipts = Receipts::open(&js, &config.receipts_bucket, config.kv_replicas)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((presence, receipts))
+        };
+        match opened.await {
+            Ok(pair) => break pair,
+            Err(e) if attempt < 50 => {
+                attempt += 1;
+                tracing::warn!(error = %e, "Opening the KV buckets failed; retrying.");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(Error::Nats(e)),
+        }
+    };
+    Ok(Arc::new(Shared {
+        config,
+        client,
+        presence,
+        receipts,
+        metrics: Metrics::new(),
+        push_rate: AtomicU64::new(0),
+    }))
+}
+
+async fn sweep(shared: std::sync::Weak<Shared>) {
+    loop {
+        let period = match shared.upgrade() {
+            Some(s) => s.config.sweep,
+            None => break,
+        };
+        tokio::time::sleep(period).await;
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
+        let swept = shared.presence.sweep().await;
+        if swept > 0 {
+            tracing::info!(swept, "Expired stale sessions.");
+        }
+    }
+}
+
+async fn sample_rate(shared: std::sync::Weak<Shared>) {
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
+        let now = shared.metrics.pushes.get();
+        shared.push_rate.store(now - last, Ordering::Relaxed);
+        last = now;
+    }
+}
+
+/// A replica running on its own thread (tests, embedding).
+#[derive(Debug)]
+pub struct Handle {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<Result<(), Error>>>,
+}
+
+/// Starts a replica on its own thread and actix system.
+pub fn spawn(config: Config, listener: TcpListener) -> Result<Handle, Error> {
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let (done_tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("ws-api".into())
+        .spawn(move || {
+            let result = actix_web::rt::System::new().block_on(run(config, listener, async {
+                let _ = stop_rx.await;
+            }));
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "ws-api failed.");
+            }
+            let _ = done_tx.send(result);
+        })?;
+    Ok(Handle {
+        addr,
+        stop: Some(stop),
+        done: Some(done),
+    })
+}
+
+impl Handle {
+    /// Where the HTTP API listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the replica and waits until it has.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.done.take() {
+            Some(done) => done.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

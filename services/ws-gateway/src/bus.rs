@@ -278,7 +278,11 @@ fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<Push> {
         &msg.payload,
     );
     let receipt = (flags.receipt() && msg_id != 0).then_some(msg_id);
-    Some(Push { frame: buf.freeze(), exclude, receipt })
+    Some(Push {
+        frame: buf.freeze(),
+        exclude,
+        receipt,
+    })
 }
 
 fn record_hops(shared: &Shared, map: &HeaderMap, recv_us: u64) {
@@ -351,7 +355,11 @@ fn report_delivered(shared: &Shared, push_id: u64, count: u64) {
     let mut map = HeaderMap::new();
     let _ = headers::set(&mut map, headers::MSG_ID, &push_id.to_string());
     let _ = headers::set(&mut map, headers::COUNT, &count.to_string());
-    let _ = headers::set(&mut map, headers::GATEWAY_ID, shared.config.instance.as_str());
+    let _ = headers::set(
+        &mut map,
+        headers::GATEWAY_ID,
+        shared.config.instance.as_str(),
+    );
     let out = Outbound::Publish {
         subject: subject::event(ClientKind::App, Event::Delivered),
         headers: map,

@@ -1,0 +1,827 @@
+//! Agent configuration: a TOML file plus `AGENT_*` environment overrides.
+//!
+//! This module owns the file format, the environment variable names, the precedence
+//! (environment over file over defaults) and all validation, so that the rest of the agent
+//! receives an [`AgentConfig`] that is known to be usable. Every error names the field and
+//! where its value came from (the file, with a line for syntax and type errors, or the
+//! environment variable), because an agent on a remote machine that refuses to start must
+//! say exactly what to fix.
+//!
+//! The environment is passed in as a lookup function rather than read here, so tests and
+//! callers never mutate the process environment (which is racy under a parallel test
+//! runner).
+//!
+//! ```toml
+//! node_id = "edge-berlin-17"
+//! token_file = "token"                  # or: token = "..."
+//! gateways = ["ws://gw1.example:8081/ws", "ws://gw2.example:8081/ws"]
+//! outbox_path = "/var/lib/agent/outbox.redb"
+//! report_period_secs = 30               # default 30
+//! heartbeat_secs = 10                   # optional: overrides the gateway's interval
+//! allowed_commands = ["/usr/bin/uptime", "df"]   # default: none
+//!
+//! [labels]
+//! region = "eu-central"
+//!
+//! [backoff]                             # defaults: 100 ms, 30 s, 0.3
+//! base_ms = 100
+//! cap_ms = 30000
+//! jitter = 0.3
+//! ```
+//!
+//! Environment variables (each replaces the file's value; lists are comma-separated, labels
+//! are `key=value,key=value`): `AGENT_NODE_ID`, `AGENT_TOKEN`, `AGENT_TOKEN_FILE`,
+//! `AGENT_GATEWAYS`, `AGENT_LABELS`, `AGENT_OUTBOX_PATH`, `AGENT_HEARTBEAT_SECS`,
+//! `AGENT_REPORT_PERIOD_SECS`, `AGENT_BACKOFF_BASE_MS`, `AGENT_BACKOFF_CAP_MS`,
+//! `AGENT_BACKOFF_JITTER`, `AGENT_ALLOWED_COMMANDS`.
+//!
+//! Relative paths in the file (`token_file`, `outbox_path`) are resolved against the file's
+//! directory, so the agent does not depend on the directory it was started from; relative
+//! paths from the environment are used as given.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use messages::{IdError, UserId};
+use serde::Deserialize;
+
+use crate::backoff::{BackoffError, ExponentialBackoff};
+
+/// Default period between status reports.
+pub const DEFAULT_REPORT_PERIOD_SECS: u64 = 30;
+
+/// Longest label key or value.
+pub const MAX_LABEL_LEN: usize = 128;
+
+/// The agent's credential. Its `Debug` output is redacted so it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// The secret text, for the `Authorization` header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Validated agent configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// This node's id; also its user id on the gateway.
+    pub node_id: UserId,
+    /// The credential sent when connecting.
+    pub token: Token,
+    /// Where the token was read from, if it came from a file (so it can be re-read when
+    /// rotated).
+    pub token_file: Option<PathBuf>,
+    /// Gateway WebSocket URLs (`ws://` or `wss://`), at least one.
+    pub gateways: Vec<String>,
+    /// Labels reported at registration, used by the scheduler's selectors.
+    pub labels: BTreeMap<String, String>,
+    /// The outbox's redb file.
+    pub outbox_path: PathBuf,
+    /// Fixed heartbeat interval overriding the one the gateway announces, if set.
+    pub heartbeat: Option<Duration>,
+    /// Period between status reports.
+    pub report_period: Duration,
+    /// Reconnect backoff.
+    pub backoff: ExponentialBackoff,
+    /// Programs a command task may run: bare names or absolute paths, matched against the
+    /// task's program exactly. Empty means no command may run.
+    pub allowed_commands: Vec<String>,
+    /// The file this was loaded from, if any.
+    pub file: Option<PathBuf>,
+}
+
+/// Where a configuration value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The configuration file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(&'static str),
+    /// The built-in default.
+    Default,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, "in {}", p.display()),
+            Origin::Env(var) => write!(f, "from {var}"),
+            Origin::Default => f.write_str("by default"),
+        }
+    }
+}
+
+/// What is wrong with a configuration value.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    /// Not a valid node id.
+    #[error("not a valid node id: {0}")]
+    NodeId(IdError),
+    /// Both `token` and `token_file` are set.
+    #[error("both token and token_file are set; use one")]
+    TokenAndTokenFile,
+    /// The token is empty (after trimming surrounding whitespace).
+    #[error("the token is empty")]
+    EmptyToken,
+    /// The token contains whitespace or control characters.
+    #[error("the token contains whitespace or control characters")]
+    TokenCharacters,
+    /// The token file could not be read.
+    #[error("cannot read token file {path}: {source}")]
+    TokenFile {
+        /// The token file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gateway list is empty.
+    #[error("at least one gateway URL is required")]
+    NoGateways,
+    /// A gateway URL does not start with `ws://` or `wss://`.
+    #[error("gateway URL {url:?} must start with ws:// or wss://")]
+    GatewayScheme {
+        /// The offending URL.
+        url: String,
+    },
+    /// A gateway URL is malformed.
+    #[error("gateway URL {url:?}: {reason}")]
+    GatewayUrl {
+        /// The offending URL.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Not a non-negative integer.
+    #[error("{value:?} is not a non-negative integer")]
+    NotAnInteger {
+        /// The text given.
+        value: String,
+    },
+    /// Not a number.
+    #[error("{value:?} is not a number")]
+    NotANumber {
+        /// The text given.
+        value: String,
+    },
+    /// Zero where a positive number is required.
+    #[error("must be greater than zero")]
+    Zero,
+    /// Invalid backoff settings.
+    #[error("{0}")]
+    Backoff(BackoffError),
+    /// An empty path.
+    #[error("the path is empty")]
+    EmptyPath,
+    /// An invalid label.
+    #[error("label {label:?}: {reason}")]
+    Label {
+        /// The offending key (or `key=value` entry from the environment).
+        label: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// An invalid allowed-command entry.
+    #[error("allowed command {entry:?}: {reason}")]
+    Command {
+        /// The offending entry.
+        entry: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {}: cannot read: {source}", path.display())]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type. The
+    /// message (from the toml crate) shows the line and column.
+    #[error("config {}: {source}", path.display())]
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// 1-based line of the error, when known.
+        line: Option<usize>,
+        /// 1-based column of the error, when known.
+        column: Option<usize>,
+        /// The toml crate's error.
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A required field is set neither in the file nor in the environment.
+    #[error("config: {field} is missing: set {field} in {} or {env}", file.as_deref().map_or_else(|| "the config file".to_owned(), |p| p.display().to_string()))]
+    Missing {
+        /// The field, as spelled in the file.
+        field: &'static str,
+        /// The environment variable that can set it.
+        env: &'static str,
+        /// The configuration file, if one was given.
+        file: Option<PathBuf>,
+    },
+    /// A field has an invalid value.
+    #[error("config: {field} {origin}: {problem}")]
+    Invalid {
+        /// The field, as spelled in the file (`backoff.jitter` for nested ones).
+        field: &'static str,
+        /// Where the value came from.
+        origin: Origin,
+        /// What is wrong.
+        problem: Problem,
+    },
+}
+
+impl ConfigError {
+    /// The field the error is about, if it is about one field.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::Missing { field, .. } | ConfigError::Invalid { field, .. } => Some(field),
+            ConfigError::Read { .. } | ConfigError::Parse { .. } => None,
+        }
+    }
+}
+
+/// The file's shape. Unknown keys are errors so a typo (`gateway = ...`) is reported, with
+/// its line, instead of being silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<String>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    gateways: Option<Vec<String>>,
+    labels: Option<BTreeMap<String, String>>,
+    outbox_path: Option<PathBuf>,
+    heartbeat_secs: Option<u64>,
+    report_period_secs: Option<u64>,
+    backoff: Option<FileBackoff>,
+    allowed_commands: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackoff {
+    base_ms: Option<u64>,
+    cap_ms: Option<u64>,
+    jitter: Option<f64>,
+}
+
+/// A value and where it came from.
+struct Sourced<T> {
+    value: T,
+    origin: Origin,
+}
+
+/// Resolves one field: the environment variable wins over the file.
+struct Layers<'a, E> {
+    env: &'a E,
+    file: Option<&'a Path>,
+}
+
+impl<E: Fn(&str) -> Option<String>> Layers<'_, E> {
+    fn file_origin(&self) -> Origin {
+        self.file
+            .map_or(Origin::Default, |p| Origin::File(p.to_path_buf()))
+    }
+
+    /// The environment's value for `var` (parsed by `parse`) or else the file's.
+    fn pick<T>(
+        &self,
+        field: &'static str,
+        var: &'static str,
+        from_file: Option<T>,
+        parse: impl FnOnce(&str) -> Result<T, Problem>,
+    ) -> Result<Option<Sourced<T>>, ConfigError> {
+        if let Some(raw) = (self.env)(var) {
+            let origin = Origin::Env(var);
+            return match parse(raw.trim()) {
+                Ok(value) => Ok(Some(Sourced { value, origin })),
+                Err(problem) => Err(ConfigError::Invalid {
+                    field,
+                    origin,
+                    problem,
+                }),
+            };
+        }
+        Ok(from_file.map(|value| Sourced {
+            value,
+            origin: self.file_origin(),
+        }))
+    }
+
+    fn missing(&self, field: &'static str, env: &'static str) -> ConfigError {
+        ConfigError::Missing {
+            field,
+            env,
+            file: self.file.map(Path::to_path_buf),
+        }
+    }
+
+    /// Resolves a path from the file against the file's directory.
+    fn resolve(&self, path: PathBuf, origin: &Origin) -> PathBuf {
+        match (origin, self.file.and_then(Path::parent)) {
+            (Origin::File(_), Some(dir)) if path.is_relative() => dir.join(path),
+            _ => path,
+        }
+    }
+}
+
+fn invalid(field: &'static str, origin: Origin, problem: Problem) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        origin,
+        problem,
+    }
+}
+
+fn parse_u64(s: &str) -> Result<u64, Problem> {
+    s.parse().map_err(|_| Problem::NotAnInteger {
+        value: s.to_owned(),
+    })
+}
+
+fn parse_f64(s: &str) -> Result<f64, Problem> {
+    s.parse().map_err(|_| Problem::NotANumber {
+        value: s.to_owned(),
+    })
+}
+
+fn parse_list(s: &str) -> Result<Vec<String>, Problem> {
+    Ok(s.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, Problem> {
+    let mut labels = BTreeMap::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(Problem::Label {
+                label: item.to_owned(),
+                reason: "expected key=value",
+            });
+        };
+        labels.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(labels)
+}
+
+fn parse_path(s: &str) -> Result<PathBuf, Problem> {
+    Ok(PathBuf::from(s))
+}
+
+impl AgentConfig {
+    /// Loads the configuration from the TOML file at `path` (if given) with overrides from
+    /// `env` (a lookup such as `|k| std::env::var(k).ok()`), and validates it.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let text = match path {
+            Some(p) => Some(
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let file_config = match (path, text.as_deref()) {
+            (Some(p), Some(text)) => parse_file(p, text)?,
+            _ => FileConfig::default(),
+        };
+        Self::build(file_config, path, &env)
+    }
+
+    /// Like [`AgentConfig::load`], with the file's text given directly; `path` is used for
+    /// error messages and to resolve relative paths.
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let file_config = parse_file(path, text)?;
+        Self::build(file_config, Some(path), &env)
+    }
+
+    fn build<E: Fn(&str) -> Option<String>>(
+        f: FileConfig,
+        path: Option<&Path>,
+        env: &E,
+    ) -> Result<AgentConfig, ConfigError> {
+        let l = Layers { env, file: path };
+
+        let node_id = l
+            .pick("node_id", "AGENT_NODE_ID", f.node_id, |s| Ok(s.to_owned()))?
+            .ok_or_else(|| l.missing("node_id", "AGENT_NODE_ID"))?;
+        let node_id_value = UserId::new(node_id.value)
+            .map_err(|e| invalid("node_id", node_id.origin, Problem::NodeId(e)))?;
+
+        let (token, token_file) = resolve_token(&l, f.token, f.token_file)?;
+
+        let gateways = l
+            .pick("gateways", "AGENT_GATEWAYS", f.gateways, parse_list)?
+            .ok_or_else(|| l.missing("gateways", "AGENT_GATEWAYS"))?;
+        if gateways.value.is_empty() {
+            return Err(invalid("gateways", gateways.origin, Problem::NoGateways));
+        }
+        for url in &gateways.value {
+            check_gateway_url(url).map_err(|p| invalid("gateways", gateways.origin.clone(), p))?;
+        }
+
+        let labels = l.pick("labels", "AGENT_LABELS", f.labels, parse_labels)?;
+        let labels = match labels {
+            Some(Sourced { value, origin }) => {
+                for (k, v) in &value {
+                    check_label(k, v).map_err(|p| invalid("labels", origin.clone(), p))?;
+                }
+                value
+            }
+            None => BTreeMap::new(),
+        };
+
+        let outbox = l
+            .pick(
+                "outbox_path",
+                "AGENT_OUTBOX_PATH",
+                f.outbox_path,
+                parse_path,
+            )?
+            .ok_or_else(|| l.missing("outbox_path", "AGENT_OUTBOX_PATH"))?;
+        if outbox.value.as_os_str().is_empty() {
+            return Err(invalid("outbox_path", outbox.origin, Problem::EmptyPath));
+        }
+        let outbox_path = l.resolve(outbox.value, &outbox.origin);
+
+        let heartbeat = match l.pick(
+            "heartbeat_secs",
+            "AGENT_HEARTBEAT_SECS",
+            f.heartbeat_secs,
+            parse_u64,
+        )? {
+            Some(h) => Some(positive_secs("heartbeat_secs", h)?),
+            None => None,
+        };
+
+        let report_period = match l.pick(
+            "report_period_secs",
+            "AGENT_REPORT_PERIOD_SECS",
+            f.report_period_secs,
+            parse_u64,
+        )? {
+            Some(p) => positive_secs("report_period_secs", p)?,
+            None => Duration::from_secs(DEFAULT_REPORT_PERIOD_SECS),
+        };
+
+        let backoff = resolve_backoff(&l, f.backoff.unwrap_or_default())?;
+
+        let allowed_commands = match l.pick(
+            "allowed_commands",
+            "AGENT_ALLOWED_COMMANDS",
+            f.allowed_commands,
+            parse_list,
+        )? {
+            Some(Sourced { value, origin }) => {
+                for entry in &value {
+                    check_command(entry)
+                        .map_err(|p| invalid("allowed_commands", origin.clone(), p))?;
+                }
+                value
+            }
+            None => Vec::new(),
+        };
+
+        Ok(AgentConfig {
+            node_id: node_id_value,
+            token,
+            token_file,
+            gateways: gateways.value,
+            labels,
+            outbox_path,
+            heartbeat,
+            report_period,
+            backoff,
+            allowed_commands,
+            file: path.map(Path::to_path_buf),
+        })
+    }
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = match e.span() {
+            Some(span) => {
+                let (l, c) = line_col(text, span.start);
+                (Some(l), Some(c))
+            }
+            None => (None, None),
+        };
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            source: Box::new(e),
+        }
+    })
+}
+
+/// 1-based line and column (in characters) of byte offset `at` in `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, column)
+}
+
+fn positive_secs(field: &'static str, v: Sourced<u64>) -> Result<Duration, ConfigError> {
+    if v.value == 0 {
+        return Err(invalid(field, v.origin, Problem::Zero));
+    }
+    Ok(Duration::from_secs(v.value))
+}
+
+/// The token comes either inline or from a file. Each layer sets the credential as a whole:
+/// an `AGENT_TOKEN` or `AGENT_TOKEN_FILE` replaces both of the file's keys, so a deployment
+/// can override a file's `token_file` with an inline token and vice versa.
+fn resolve_token<E: Fn(&str) -> Option<String>>(
+    l: &Layers<'_, E>,
+    file_token: Option<String>,
+    file_token_file: Option<PathBuf>,
+) -> Result<(Token, Option<PathBuf>), ConfigError> {
+    let env_token = (l.env)("AGENT_TOKEN");
+    let env_file = (l.env)("AGENT_TOKEN_FILE");
+    let (token, token_file, origin) = match (env_token, env_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "token",
+                Origin::Env("AGENT_TOKEN"),
+                Problem::TokenAndTokenFile,
+            ));
+        }
+        (Some(t), None) => (Some(t), None, Origin::Env("AGENT_TOKEN")),
+        (None, Some(p)) => (
+            None,
+            Some(PathBuf::from(p.trim())),
+            Origin::Env("AGENT_TOKEN_FILE"),
+        ),
+        (None, None) => (file_token, file_token_file, l.file_origin()),
+    };
+    match (token, token_file) {
+        (Some(_), Some(_)) => Err(invalid("token", origin, Problem::TokenAndTokenFile)),
+        (None, None) => Err(l.missing("token", "AGENT_TOKEN")),
+        (Some(t), None) => Ok((check_token("token", origin, &t)?, None)),
+        (None, Some(p)) => {
+            if p.as_os_str().is_empty() {
+                return Err(invalid("token_file", origin, Problem::EmptyPath));
+            }
+            let p = l.resolve(p, &origin);
+            let text = std::fs::read_to_string(&p).map_err(|source| {
+                invalid(
+                    "token_file",
+                    origin.clone(),
+                    Problem::TokenFile {
+                        path: p.clone(),
+                        source,
+                    },
+                )
+            })?;
+            Ok((check_token("token_file", origin, &text)?, Some(p)))
+        }
+    }
+}
+
+fn check_token(field: &'static str, origin: Origin, raw: &str) -> Result<Token, ConfigError> {
+    // Surrounding whitespace is trimmed: token files usually end with a newline.
+    let t = raw.trim();
+    if t.is_empty() {
+        return Err(invalid(field, origin, Problem::EmptyToken));
+    }
+    // The token travels in an HTTP header; whitespace inside it is a copy-paste accident.
+    if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(field, origin, Problem::TokenCharacters));
+    }
+    Ok(Token(t.to_owned()))
+}
+
+fn resolve_backoff<E: Fn(&str) -> Option<String>>(
+    l: &Layers<'_, E>,
+    f: FileBackoff,
+) -> Result<ExponentialBackoff, ConfigError> {
+    let base = l.pick(
+        "backoff.base_ms",
+        "AGENT_BACKOFF_BASE_MS",
+        f.base_ms,
+        parse_u64,
+    )?;
+    let cap = l.pick(
+        "backoff.cap_ms",
+        "AGENT_BACKOFF_CAP_MS",
+        f.cap_ms,
+        parse_u64,
+    )?;
+    let jitter = l.pick(
+        "backoff.jitter",
+        "AGENT_BACKOFF_JITTER",
+        f.jitter,
+        parse_f64,
+    )?;
+    let d = ExponentialBackoff::default();
+    let (base_d, base_o) = match base {
+        Some(s) => (Duration::from_millis(s.value), s.origin),
+        None => (d.base(), Origin::Default),
+    };
+    let (cap_d, cap_o) = match cap {
+        Some(s) => (Duration::from_millis(s.value), s.origin),
+        None => (d.cap(), Origin::Default),
+    };
+    let (jitter_v, jitter_o) = match jitter {
+        Some(s) => (s.value, s.origin),
+        None => (d.jitter(), Origin::Default),
+    };
+    ExponentialBackoff::new(base_d, cap_d, jitter_v).map_err(|e| {
+        // Name the setting that is wrong; for base > cap, the one that was set explicitly
+        // (a base above the default cap is reported on base).
+        let (field, origin) = match e {
+            BackoffError::ZeroBase => ("backoff.base_ms", base_o),
+            BackoffError::Jitter(_) => ("backoff.jitter", jitter_o),
+            BackoffError::BaseAboveCap { .. } => match (&base_o, &cap_o) {
+                (Origin::Default, _) => ("backoff.cap_ms", cap_o),
+                _ => ("backoff.base_ms", base_o),
+            },
+        };
+        invalid(field, origin, Problem::Backoff(e))
+    })
+}
+
+/// Checks a gateway URL enough to catch configuration mistakes (wrong scheme, missing
+/// host, bad port, credentials in the URL); the WebSocket client does the full parse.
+fn check_gateway_url(url: &str) -> Result<(), Problem> {
+    let bad = |reason| Problem::GatewayUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let lower = url.to_ascii_lowercase();
+    let rest = if lower.starts_with("ws://") {
+        url.get(5..)
+    } else if lower.starts_with("wss://") {
+        url.get(6..)
+    } else {
+        None
+    };
+    let Some(rest) = rest else {
+        return Err(Problem::GatewayScheme {
+            url: url.to_owned(),
+        });
+    };
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("contains whitespace"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(bad("has no host"));
+    }
+    // The token is configured separately; a URL with user:password@ would leak it into logs.
+    if authority.contains('@') {
+        return Err(bad(
+            "must not contain credentials (use token or token_file)",
+        ));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let Some((host, after)) = v6.split_once(']') else {
+            return Err(bad("has an unterminated [IPv6] host"));
+        };
+        match after {
+            "" => (host, None),
+            p => match p.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(bad("has junk after the [IPv6] host")),
+            },
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    if let Some(port) = port {
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => {}
+            _ => return Err(bad("has an invalid port")),
+        }
+    }
+    Ok(())
+}
+
+/// Labels feed the scheduler's `key=value` selectors, so keys and values are restricted to
+/// characters that cannot break that syntax.
+fn check_label(key: &str, value: &str) -> Result<(), Problem> {
+    let ok = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':'))
+    };
+    let bad = |reason| Problem::Label {
+        label: key.to_owned(),
+        reason,
+    };
+    if key.is_empty() {
+        return Err(bad("the key is empty"));
+    }
+    if key.len() > MAX_LABEL_LEN || value.len() > MAX_LABEL_LEN {
+        return Err(bad("key or value is longer than 128 bytes"));
+    }
+    if !ok(key) || !ok(value) {
+        return Err(bad("only A-Z a-z 0-9 . _ - / : are allowed"));
+    }
+    Ok(())
+}
+
+/// An allowed command is a bare program name (looked up on PATH when run) or an absolute
+/// path. Relative paths with a slash are refused: what they name depends on the task's
+/// working directory, which the task chooses.
+fn check_command(entry: &str) -> Result<(), Problem> {
+    let bad = |reason| Problem::Command {
+        entry: entry.to_owned(),
+        reason,
+    };
+    if entry.trim().is_empty() {
+        return Err(bad("is empty"));
+    }
+    if entry.contains('\0') {
+        return Err(bad("contains a NUL byte"));
+    }
+    if entry.contains('/') && !entry.starts_with('/') {
+        return Err(bad("must be a program name or an absolute path"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("a\nbc\nd", 0), (1, 1));
+        assert_eq!(line_col("a\nbc\nd", 3), (2, 2));
+        assert_eq!(line_col("a\nbc\nd", 5), (3, 1));
+    }
+
+    #[test]
+    fn gateway_urls() {
+        for ok in [
+            "ws://127.0.0.1:8081/ws",
+            "wss://gw.example/ws?x=1",
+            "WS://gw",
+            "ws://[::1]:8081/ws",
+            "ws://[::1]",
+        ] {
+            assert!(check_gateway_url(ok).is_ok(), "{ok}");
+        }
+        assert!(matches!(
+            check_gateway_url("http://gw/ws"),
+            Err(Problem::GatewayScheme { .. })
+        ));
+        for bad in [
+            "ws://",
+            "ws:///ws",
+            "ws://gw:0",
+            "ws://gw:99999",
+            "ws://gw:x",
+            "ws://u:p@gw",
+            "ws://[::1",
+            "ws://[::1]x",
+            "ws://g w",
+            "ws://:80",
+        ] {
+            assert!(
+                matches!(check_gateway_url(bad), Err(Problem::GatewayUrl { .. })),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! The agent's durable outbox: every report and result the agent produces is written here
+//! before it is sent, and removed only when the scheduler acknowledges it.
+//!
+//! This module owns the on-disk queue (a redb file), its sequence numbers and the stable
+//! message ids the scheduler uses to ingest idempotently. It does not send anything: the
+//! connection loop reads [`Outbox::pending`], sends, and calls [`Outbox::ack`] when the
+//! scheduler's acknowledgement arrives. After a disconnect or a restart the loop simply
+//! sends `pending` again, so delivery is at-least-once and the message id turns it into
+//! exactly-once ingestion on the scheduler side.
+//!
+//! # Durability
+//! [`Outbox::append`] returns only after a redb write transaction with
+//! [`redb::Durability::Immediate`] has committed, which redb defines as "persistent as soon
+//! as `commit` returns" (the commit fsyncs). A `kill -9` (or a power cut, within what the
+//! disk's fsync promises) after `append` returned cannot lose the entry; a kill during
+//! `append` either keeps the whole entry or none of it, because the entry and the sequence
+//! counter are written in the same transaction.
+//!
+//! All calls block on disk I/O (an fsync per write); async callers should run them on a
+//! blocking thread (`tokio::task::spawn_blocking`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+
+/// Entries: sequence -> (appended at, unix ms; kind; payload).
+const ENTRIES: TableDefinition<'_, u64, (u64, &str, &[u8])> =
+    TableDefinition::new("outbox_entries");
+
+/// Small bookkeeping values. `u128` so the instance id fits; the others are widened `u64`s.
+const META: TableDefinition<'_, &str, u128> = TableDefinition::new("outbox_meta");
+
+/// The random id of this outbox file, written once on first open.
+const META_INSTANCE_ID: &str = "instance_id";
+/// The sequence number the next append will use. Persisted (rather than derived from the
+/// last entry) so sequences keep increasing after every entry has been acknowledged.
+const META_NEXT_SEQ: &str = "next_seq";
+/// On-disk layout version of this module's tables.
+const META_FORMAT: &str = "format";
+const FORMAT_VERSION: u128 = 1;
+
+/// redb's page cache is 1 GiB by default; an edge daemon's outbox is small and the machine
+/// is someone else's, so keep the cache modest.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Why an outbox operation failed.
+///
+/// After [`OutboxError::Commit`] redb refuses further write transactions on the open
+/// database (the commit may or may not have become durable); drop the [`Outbox`] and open it
+/// again, which repairs the file.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The directory for the outbox file could not be created.
+    #[error("outbox {path}: cannot create its directory: {source}")]
+    CreateDir {
+        /// The outbox file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The redb file could not be opened or created (includes "already open by another
+    /// process": redb takes an exclusive file lock).
+    #[error("outbox {path}: cannot open: {source}")]
+    Open {
+        /// The outbox file.
+        path: PathBuf,
+        /// The redb error.
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
+    /// A transaction could not be started.
+    #[error("outbox: cannot begin a transaction: {0}")]
+    Transaction(#[from] Box<redb::TransactionError>),
+    /// A table could not be opened.
+    #[error("outbox: cannot open a table: {0}")]
+    Table(#[from] Box<redb::TableError>),
+    /// Reading or writing the file failed.
+    #[error("outbox: storage error: {0}")]
+    Storage(#[from] Box<redb::StorageError>),
+    /// The durability level could not be set.
+    #[error("outbox: cannot set durability: {0}")]
+    Durability(#[from] Box<redb::SetDurabilityError>),
+    /// The commit failed; see the type's docs: reopen the outbox.
+    #[error("outbox: commit failed (reopen the outbox): {0}")]
+    Commit(#[from] Box<redb::CommitError>),
+    /// The file holds values this code did not write.
+    #[error("outbox: corrupt or foreign file: {0}")]
+    Corrupt(String),
+    /// 2^64 - 1 entries have been appended to this file.
+    #[error("outbox: sequence numbers exhausted")]
+    SequenceExhausted,
+}
+
+// redb's error types are large; boxing keeps `Result<_, OutboxError>` small (clippy's
+// `result_large_err`) and these conversions keep `?` usable.
+macro_rules! boxed_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for OutboxError {
+            fn from(e: $t) -> Self {
+                Box::new(e).into()
+            }
+        }
+    )*};
+}
+boxed_from!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::SetDurabilityError,
+    redb::CommitError
+);
+
+/// The stable id of one outbox entry: the outbox file's random instance id plus the entry's
+/// sequence number. A replayed entry carries the same id, so the scheduler can ingest by id
+/// and count a result once however often it arrives. The instance id makes ids from a
+/// recreated outbox file (whose sequences start again at 1) distinct from the old file's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId {
+    /// The outbox file's random instance id.
+    pub instance: u128,
+    /// The entry's sequence number in that file.
+    pub seq: u64,
+}
+
+impl fmt::Display for MessageId {
+    /// `<32 lowercase hex digits>-<decimal seq>`: only bytes that are valid in a NATS subject
+    /// token and in a header value.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}-{}", self.instance, self.seq)
+    }
+}
+
+/// One pending outbox entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Sequence number: strictly increasing in append order, never reused in this file.
+    pub seq: u64,
+    /// What the payload is (for example `report` or `result`); the outbox does not interpret it.
+    pub kind: String,
+    /// The bytes to send.
+    pub payload: Vec<u8>,
+    /// Wall-clock time of the append, unix milliseconds (0 if the clock is before 1970).
+    pub appended_at_ms: u64,
+    /// The stable message id; the same on every replay.
+    pub id: MessageId,
+}
+
+/// A durable, ordered queue of unacknowledged messages in one redb file.
+///
+/// Cheap to share by reference across threads: redb serialises write transactions and
+/// readers see committed snapshots.
+#[derive(Debug)]
+pub struct Outbox {
+    db: Database,
+    instance: u128,
+    path: PathBuf,
+}
+
+impl Outbox {
+    /// Opens the outbox at `path`, creating the file (and its directory) on first use.
+    ///
+    /// On first open a random instance id is generated and committed; later opens read it
+    /// back, so message ids stay stable across restarts. After a crash redb repairs the file
+    /// here (for a small outbox this is quick).
+    pub fn open(path: impl AsRef<Path>) -> Result<Outbox, OutboxError> {
+        let path = path.as_ref().to_path_buf();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| OutboxError::CreateDir {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| OutboxError::Open {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+
+        // Create the tables and the bookkeeping values in one transaction, so a crash during
+        // first open leaves either a complete, initialised file or an empty one.
+        let txn = begin_durable_write(&db)?;
+        let instance = {
+            let mut meta = txn.open_table(META)?;
+            let format = meta.get(META_FORMAT)?.map(|v| v.value());
+            match format {
+                None => {
+                    meta.insert(META_FORMAT, FORMAT_VERSION)?;
+                }
+                Some(FORMAT_VERSION) => {}
+                Some(other) => {
+                    return Err(OutboxError::Corrupt(format!(
+                        "format version {other}, this agent understands {FORMAT_VERSION}"
+                    )));
+                }
+            }
+            if meta.get(META_NEXT_SEQ)?.is_none() {
+                // Sequences start at 1 so that 0 never names an entry.
+                meta.insert(META_NEXT_SEQ, 1u128)?;
+            }
+            let existing = meta.get(META_INSTANCE_ID)?.map(|v| v.value());
+            match existing {
+                Some(id) => id,
+                None => {
+                    // Zero is avoided only so an id is never mistaken for "unset".
+                    let id = rand::random::<u128>().max(1);
+                    meta.insert(META_INSTANCE_ID, id)?;
+                    id
+                }
+            }
+        };
+        txn.open_table(ENTRIES)?;
+        txn.commit()?;
+        Ok(Outbox { db, instance, path })
+    }
+
+    /// The file this outbox lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// This outbox file's random instance id (the first half of every [`MessageId`]).
+    pub fn instance_id(&self) -> u128 {
+        self.instance
+    }
+
+    /// The message id of the entry with sequence `seq` in this outbox.
+    pub fn message_id(&self, seq: u64) -> MessageId {
+        MessageId {
+            instance: self.instance,
+            seq,
+        }
+    }
+
+    /// Appends an entry and returns its sequence number.
+    ///
+    /// When this returns `Ok` the entry has been committed with immediate durability: it
+    /// survives a kill -9 of the process from then on.
+    pub fn append(&self, kind: &str, payload: &[u8]) -> Result<u64, OutboxError> {
+        let appended_at_ms = now_unix_ms();
+        let txn = begin_durable_write(&self.db)?;
+        let seq = {
+            let mut meta = txn.open_table(META)?;
+            let seq = read_next_seq(&meta)?;
+            let next = seq.checked_add(1).ok_or(OutboxError::SequenceExhausted)?;
+            let mut entries = txn.open_table(ENTRIES)?;
+            entries.insert(seq, (appended_at_ms, kind, payload))?;
+            // The counter moves in the same transaction as the entry: after a crash either
+            // both are there or neither is, so a sequence is never issued twice.
+            meta.insert(META_NEXT_SEQ, u128::from(next))?;
+            seq
+        };
+        txn.commit()?;
+        Ok(seq)
+    }
+
+    /// Up to `limit` pending (unacknowledged) entries, oldest first (ascending sequence).
+    pub fn pending(&self, limit: usize) -> Result<Vec<Entry>, OutboxError> {
+        let txn = self.db.begin_read()?;
+        let entries = txn.open_table(ENTRIES)?;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for item in entries.iter()?.take(limit) {
+            let (k, v) = item?;
+            let seq = k.value();
+            let (appended_at_ms, kind, payload) = v.value();
+            out.push(Entry {
+                seq,
+                kind: kind.to_owned(),
+                payload: payload.to_vec(),
+                appended_at_ms,
+                id: self.message_id(seq),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes the entry `seq` because the scheduler acknowledged it.
+    ///
+    /// Idempotent: returns `true` if the entry was pending and is now removed, `false` if it
+    /// was not there (already acknowledged, or never appended). Acknowledgements can arrive
+    /// twice after a replay, so `false` is not an error.
+    pub fn ack(&self, seq: u64) -> Result<bool, OutboxError> {
+        let txn = begin_durable_write(&self.db)?;
+        let removed = {
+            let mut entries = txn.open_table(ENTRIES)?;
+            entries.remove(seq)?.is_some()
+        };
+        if removed {
+            txn.commit()?;
+        } else {
+            // Nothing changed: skip the fsync a commit would cost.
+            txn.abort()?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes every pending entry with sequence `<= seq` (a cumulative acknowledgement) in
+    /// one transaction and returns how many were removed.
+    pub fn ack_up_to(&self, seq: u64) -> Result<u64, OutboxError> {
+        let txn = begin_durable_write(&self.db)?;
+        let mut removed = 0u64;
+        {
+            let mut entries = txn.open_table(ENTRIES)?;
+            // Only entries read from this iterator are removed, so it must be drained.
+            for item in entries.extract_from_if(..=seq, |_, _| true)? {
+                item?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
+        Ok(removed)
+    }
+
+    /// Number of pending entries.
+    pub fn len(&self) -> Result<u64, OutboxError> {
+        let txn = self.db.begin_read()?;
+        let entries = txn.open_table(ENTRIES)?;
+        Ok(entries.len()?)
+    }
+
+    /// Whether no entry is pending.
+    pub fn is_empty(&self) -> Result<bool, OutboxError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// The sequence number the next [`Outbox::append`] will return.
+    pub fn next_seq(&self) -> Result<u64, OutboxError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        read_next_seq(&meta)
+    }
+}
+
+/// A write transaction with durability set explicitly, so a change of redb's default can
+/// never silently weaken the outbox's guarantee.
+fn begin_durable_write(db: &Database) -> Result<redb::WriteTransaction, OutboxError> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    Ok(txn)
+}
+
+fn read_next_seq(meta: &impl ReadableTable<&'static str, u128>) -> Result<u64, OutboxError> {
+    let raw = meta
+        .get(META_NEXT_SEQ)?
+        .map(|v| v.value())
+        .ok_or_else(|| OutboxError::Corrupt("next_seq is missing".to_owned()))?;
+    u64::try_from(raw).map_err(|_| OutboxError::Corrupt(format!("next_seq {raw} is out of range")))
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_id_format_is_subject_safe() {
+        let id = MessageId {
+            instance: 0xabc,
+            seq: 42,
+        };
+        let s = id.to_string();
+        assert_eq!(s, "00000000000000000000000000000abc-42");
+        assert!(messages::UserId::new(s).is_ok());
+    }
+}

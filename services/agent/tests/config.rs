@@ -1,0 +1,468 @@
+//! Agent configuration: a complete file, environment overrides, and each class of error.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agent::{AgentConfig, BackoffError, ConfigError, Origin, Problem};
+
+const GOOD: &str = r#"
+node_id = "edge-berlin-17"
+token_file = "token"
+gateways = ["ws://127.0.0.1:8081/ws", "wss://gw2.example/ws"]
+outbox_path = "state/outbox.redb"
+report_period_secs = 15
+heartbeat_secs = 10
+allowed_commands = ["/usr/bin/uptime", "df"]
+
+[labels]
+region = "eu-central"
+rack = "r17"
+
+[backoff]
+base_ms = 200
+cap_ms = 10000
+jitter = 0.5
+"#;
+
+const MINIMAL: &str = r#"
+node_id = "n1"
+token = "secret"
+gateways = ["ws://127.0.0.1:8081/ws"]
+outbox_path = "/var/lib/agent/outbox.redb"
+"#;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+    let map: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    move |k| map.get(k).cloned()
+}
+
+/// Writes `text` as agent.toml (and a token file) into a fresh directory.
+fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "tok-from-file\n").unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn load(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<AgentConfig, ConfigError> {
+    let (_dir, path) = write_config(text);
+    AgentConfig::load(Some(&path), env)
+}
+
+#[test]
+fn good_file_loads_with_every_field() {
+    let (dir, path) = write_config(GOOD);
+    let c = AgentConfig::load(Some(&path), no_env).unwrap();
+    assert_eq!(c.node_id.as_str(), "edge-berlin-17");
+    assert_eq!(
+        c.token.expose(),
+        "tok-from-file",
+        "trailing newline trimmed"
+    );
+    // Relative paths in the file are relative to the file's directory.
+    assert_eq!(
+        c.token_file.as_deref(),
+        Some(dir.path().join("token").as_path())
+    );
+    assert_eq!(c.outbox_path, dir.path().join("state/outbox.redb"));
+    assert_eq!(
+        c.gateways,
+        vec!["ws://127.0.0.1:8081/ws", "wss://gw2.example/ws"]
+    );
+    assert_eq!(c.labels.len(), 2);
+    assert_eq!(c.labels["region"], "eu-central");
+    assert_eq!(c.report_period, Duration::from_secs(15));
+    assert_eq!(c.heartbeat, Some(Duration::from_secs(10)));
+    assert_eq!(c.backoff.base(), Duration::from_millis(200));
+    assert_eq!(c.backoff.cap(), Duration::from_secs(10));
+    assert!((c.backoff.jitter() - 0.5).abs() < f64::EPSILON);
+    assert_eq!(c.allowed_commands, vec!["/usr/bin/uptime", "df"]);
+    assert_eq!(c.file.as_deref(), Some(path.as_path()));
+    // The token never shows up in Debug output.
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("tok-from-file"), "{debug}");
+}
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let c = load(MINIMAL, no_env).unwrap();
+    assert_eq!(c.token.expose(), "secret");
+    assert_eq!(c.token_file, None);
+    assert_eq!(c.report_period, Duration::from_secs(30));
+    assert_eq!(c.heartbeat, None);
+    assert_eq!(c.backoff, agent::ExponentialBackoff::default());
+    assert!(c.labels.is_empty());
+    assert!(
+        c.allowed_commands.is_empty(),
+        "no command allowed by default"
+    );
+    assert_eq!(c.outbox_path, Path::new("/var/lib/agent/outbox.redb"));
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let e = env(&[
+        ("AGENT_NODE_ID", "from-env"),
+        ("AGENT_TOKEN", " env-token "),
+        ("AGENT_GATEWAYS", "ws://a:1/ws, ws://b:2/ws"),
+        ("AGENT_LABELS", "zone=z1,tier=edge"),
+        ("AGENT_OUTBOX_PATH", "rel/outbox.redb"),
+        ("AGENT_HEARTBEAT_SECS", "5"),
+        ("AGENT_REPORT_PERIOD_SECS", "60"),
+        ("AGENT_BACKOFF_BASE_MS", "50"),
+        ("AGENT_BACKOFF_CAP_MS", "5000"),
+        ("AGENT_BACKOFF_JITTER", "0"),
+        ("AGENT_ALLOWED_COMMANDS", "ls,/bin/true"),
+    ]);
+    let c = load(GOOD, e).unwrap();
+    assert_eq!(c.node_id.as_str(), "from-env");
+    // An inline token from the environment replaces the file's token_file.
+    assert_eq!(c.token.expose(), "env-token");
+    assert_eq!(c.token_file, None);
+    assert_eq!(c.gateways, vec!["ws://a:1/ws", "ws://b:2/ws"]);
+    assert_eq!(
+        c.labels.iter().collect::<Vec<_>>(),
+        vec![
+            (&"tier".to_owned(), &"edge".to_owned()),
+            (&"zone".to_owned(), &"z1".to_owned())
+        ]
+    );
+    // Relative paths from the environment are used as given.
+    assert_eq!(c.outbox_path, Path::new("rel/outbox.redb"));
+    assert_eq!(c.heartbeat, Some(Duration::from_secs(5)));
+    assert_eq!(c.report_period, Duration::from_secs(60));
+    assert_eq!(c.backoff.base(), Duration::from_millis(50));
+    assert_eq!(c.backoff.cap(), Duration::from_secs(5));
+    assert_eq!(c.backoff.jitter(), 0.0);
+    assert_eq!(c.allowed_commands, vec!["ls", "/bin/true"]);
+}
+
+#[test]
+fn environment_alone_is_enough() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("tok");
+    std::fs::write(&token, "t0k\n").unwrap();
+    let e = env(&[
+        ("AGENT_NODE_ID", "n1"),
+        ("AGENT_TOKEN_FILE", token.to_str().unwrap()),
+        ("AGENT_GATEWAYS", "ws://127.0.0.1:8081/ws"),
+        ("AGENT_OUTBOX_PATH", "/tmp/x.redb"),
+    ]);
+    let c = AgentConfig::load(None, e).unwrap();
+    assert_eq!(c.token.expose(), "t0k");
+    assert_eq!(c.token_file, Some(token));
+    assert_eq!(c.file, None);
+}
+
+/// Asserts `err` is about `field`, from `origin`, and returns its problem.
+fn invalid(err: ConfigError, field: &str, origin: &Origin) -> Problem {
+    let msg = err.to_string();
+    match err {
+        ConfigError::Invalid {
+            field: f,
+            origin: o,
+            problem,
+        } => {
+            assert_eq!(f, field, "{msg}");
+            assert_eq!(&o, origin, "{msg}");
+            assert!(msg.contains(field), "message names the field: {msg}");
+            problem
+        }
+        other => panic!("expected an invalid {field}, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_toml_reports_the_file_and_line() {
+    let (_dir, path) = write_config("node_id = \"n1\"\ngateways = [\"ws://a\"\ntoken = 1\n");
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let msg = err.to_string();
+    let ConfigError::Parse { path: p, line, .. } = err else {
+        panic!("expected a parse error, got {err:?}");
+    };
+    assert_eq!(p, path);
+    assert_eq!(line, Some(3), "{msg}");
+    assert!(msg.contains("agent.toml"), "{msg}");
+    assert!(msg.contains("line 3"), "{msg}");
+}
+
+#[test]
+fn wrong_type_and_unknown_key_are_parse_errors_with_lines() {
+    let text = format!("{MINIMAL}report_period_secs = \"soon\"\n");
+    let err = load(&text, no_env).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Parse { line: Some(6), .. }),
+        "{err:?}"
+    );
+
+    let text = format!("{MINIMAL}gateway = \"ws://typo\"\n");
+    let err = load(&text, no_env).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, ConfigError::Parse { line: Some(6), .. }),
+        "{err:?}"
+    );
+    assert!(msg.contains("gateway"), "{msg}");
+
+    let text = format!("{MINIMAL}[backoff]\nbase = 5\n");
+    let err = load(&text, no_env).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Parse { line: Some(7), .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn unreadable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing.toml");
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    assert!(err.to_string().contains("missing.toml"), "{err}");
+    assert!(matches!(err, ConfigError::Read { .. }));
+}
+
+#[test]
+fn missing_required_fields_name_the_field_the_file_and_the_variable() {
+    for (field, var) in [
+        ("node_id", "AGENT_NODE_ID"),
+        ("token", "AGENT_TOKEN"),
+        ("gateways", "AGENT_GATEWAYS"),
+        ("outbox_path", "AGENT_OUTBOX_PATH"),
+    ] {
+        let text: String = MINIMAL
+            .lines()
+            .filter(|l| !l.starts_with(field))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let (_dir, path) = write_config(&text);
+        let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, ConfigError::Missing { field: f, env, file: Some(p) }
+                if *f == field && *env == var && *p == path),
+            "{err:?}"
+        );
+        assert_eq!(err.field(), Some(field));
+        assert!(msg.contains(field) && msg.contains(var), "{msg}");
+        assert!(msg.contains("agent.toml"), "{msg}");
+    }
+}
+
+#[test]
+fn invalid_node_id() {
+    let text = MINIMAL.replace("\"n1\"", "\"bad id.with*\"");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "node_id", &Origin::File(path));
+    assert!(matches!(p, Problem::NodeId(_)), "{p:?}");
+
+    let err = load(MINIMAL, env(&[("AGENT_NODE_ID", "")])).unwrap_err();
+    let p = invalid(err, "node_id", &Origin::Env("AGENT_NODE_ID"));
+    assert!(matches!(p, Problem::NodeId(messages::IdError::Empty)));
+}
+
+#[test]
+fn gateway_errors() {
+    let text = MINIMAL.replace("[\"ws://127.0.0.1:8081/ws\"]", "[]");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let origin = Origin::File(path);
+    assert!(matches!(
+        invalid(err, "gateways", &origin),
+        Problem::NoGateways
+    ));
+
+    let err = load(MINIMAL, env(&[("AGENT_GATEWAYS", " , ")])).unwrap_err();
+    let p = invalid(err, "gateways", &Origin::Env("AGENT_GATEWAYS"));
+    assert!(matches!(p, Problem::NoGateways));
+
+    let err = load(MINIMAL, env(&[("AGENT_GATEWAYS", "http://gw:80/ws")])).unwrap_err();
+    let msg = err.to_string();
+    let p = invalid(err, "gateways", &Origin::Env("AGENT_GATEWAYS"));
+    assert!(
+        matches!(&p, Problem::GatewayScheme { url } if url == "http://gw:80/ws"),
+        "{p:?}"
+    );
+    assert!(msg.contains("ws://"), "{msg}");
+
+    let err = load(MINIMAL, env(&[("AGENT_GATEWAYS", "ws://gw:notaport/ws")])).unwrap_err();
+    let p = invalid(err, "gateways", &Origin::Env("AGENT_GATEWAYS"));
+    assert!(matches!(p, Problem::GatewayUrl { .. }), "{p:?}");
+}
+
+#[test]
+fn token_errors() {
+    // Both in the file.
+    let text = format!("{MINIMAL}token_file = \"token\"\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    assert!(matches!(
+        invalid(err, "token", &Origin::File(path.clone())),
+        Problem::TokenAndTokenFile
+    ));
+
+    // Both in the environment.
+    let err = load(
+        MINIMAL,
+        env(&[("AGENT_TOKEN", "a"), ("AGENT_TOKEN_FILE", "/x")]),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        invalid(err, "token", &Origin::Env("AGENT_TOKEN")),
+        Problem::TokenAndTokenFile
+    ));
+
+    // Empty inline token.
+    let err = load(MINIMAL, env(&[("AGENT_TOKEN", "  ")])).unwrap_err();
+    assert!(matches!(
+        invalid(err, "token", &Origin::Env("AGENT_TOKEN")),
+        Problem::EmptyToken
+    ));
+
+    // Whitespace inside.
+    let err = load(MINIMAL, env(&[("AGENT_TOKEN", "ab cd")])).unwrap_err();
+    assert!(matches!(
+        invalid(err, "token", &Origin::Env("AGENT_TOKEN")),
+        Problem::TokenCharacters
+    ));
+
+    // Unreadable token file: the error names the resolved path.
+    let text = MINIMAL.replace("token = \"secret\"", "token_file = \"nope\"");
+    let (dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let msg = err.to_string();
+    let p = invalid(err, "token_file", &Origin::File(path));
+    assert!(
+        matches!(&p, Problem::TokenFile { path, .. } if *path == dir.path().join("nope")),
+        "{p:?}"
+    );
+    assert!(msg.contains("nope"), "{msg}");
+
+    // Empty token file.
+    let text = MINIMAL.replace("token = \"secret\"", "token_file = \"empty\"");
+    let (dir, path) = write_config(&text);
+    std::fs::write(dir.path().join("empty"), "\n").unwrap();
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    assert!(matches!(
+        invalid(err, "token_file", &Origin::File(path)),
+        Problem::EmptyToken
+    ));
+}
+
+#[test]
+fn number_errors() {
+    let err = load(MINIMAL, env(&[("AGENT_REPORT_PERIOD_SECS", "soon")])).unwrap_err();
+    let p = invalid(
+        err,
+        "report_period_secs",
+        &Origin::Env("AGENT_REPORT_PERIOD_SECS"),
+    );
+    assert!(matches!(&p, Problem::NotAnInteger { value } if value == "soon"));
+
+    let err = load(MINIMAL, env(&[("AGENT_REPORT_PERIOD_SECS", "-1")])).unwrap_err();
+    let p = invalid(
+        err,
+        "report_period_secs",
+        &Origin::Env("AGENT_REPORT_PERIOD_SECS"),
+    );
+    assert!(matches!(p, Problem::NotAnInteger { .. }));
+
+    let text = format!("{MINIMAL}report_period_secs = 0\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "report_period_secs", &Origin::File(path));
+    assert!(matches!(p, Problem::Zero));
+
+    let err = load(MINIMAL, env(&[("AGENT_HEARTBEAT_SECS", "0")])).unwrap_err();
+    let p = invalid(err, "heartbeat_secs", &Origin::Env("AGENT_HEARTBEAT_SECS"));
+    assert!(matches!(p, Problem::Zero));
+
+    let err = load(MINIMAL, env(&[("AGENT_BACKOFF_JITTER", "lots")])).unwrap_err();
+    let p = invalid(err, "backoff.jitter", &Origin::Env("AGENT_BACKOFF_JITTER"));
+    assert!(matches!(p, Problem::NotANumber { .. }));
+}
+
+#[test]
+fn backoff_errors_name_the_setting() {
+    let text = format!("{MINIMAL}[backoff]\njitter = 1.5\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let msg = err.to_string();
+    let p = invalid(err, "backoff.jitter", &Origin::File(path.clone()));
+    assert!(matches!(p, Problem::Backoff(BackoffError::Jitter(_))));
+    assert!(msg.contains("agent.toml"), "{msg}");
+
+    let err = load(MINIMAL, env(&[("AGENT_BACKOFF_BASE_MS", "0")])).unwrap_err();
+    let p = invalid(
+        err,
+        "backoff.base_ms",
+        &Origin::Env("AGENT_BACKOFF_BASE_MS"),
+    );
+    assert!(matches!(p, Problem::Backoff(BackoffError::ZeroBase)));
+
+    // A base above the default cap is reported on the base, which is what was set.
+    let err = load(MINIMAL, env(&[("AGENT_BACKOFF_BASE_MS", "60000")])).unwrap_err();
+    let p = invalid(
+        err,
+        "backoff.base_ms",
+        &Origin::Env("AGENT_BACKOFF_BASE_MS"),
+    );
+    assert!(matches!(
+        p,
+        Problem::Backoff(BackoffError::BaseAboveCap { .. })
+    ));
+
+    // A cap below the default base is reported on the cap.
+    let text = format!("{MINIMAL}[backoff]\ncap_ms = 10\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "backoff.cap_ms", &Origin::File(path));
+    assert!(matches!(
+        p,
+        Problem::Backoff(BackoffError::BaseAboveCap { .. })
+    ));
+}
+
+#[test]
+fn label_and_command_errors() {
+    let text = format!("{MINIMAL}[labels]\n\"bad key\" = \"v\"\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "labels", &Origin::File(path));
+    assert!(matches!(&p, Problem::Label { label, .. } if label == "bad key"));
+
+    let err = load(MINIMAL, env(&[("AGENT_LABELS", "novalue")])).unwrap_err();
+    let p = invalid(err, "labels", &Origin::Env("AGENT_LABELS"));
+    assert!(matches!(p, Problem::Label { .. }));
+
+    let err = load(MINIMAL, env(&[("AGENT_LABELS", "a=b,c=d,e")])).unwrap_err();
+    let p = invalid(err, "labels", &Origin::Env("AGENT_LABELS"));
+    assert!(matches!(&p, Problem::Label { label, .. } if label == "e"));
+
+    let text = format!("{MINIMAL}allowed_commands = [\"bin/run\"]\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "allowed_commands", &Origin::File(path));
+    assert!(matches!(&p, Problem::Command { entry, .. } if entry == "bin/run"));
+
+    let text = format!("{MINIMAL}allowed_commands = [\"\"]\n");
+    let err = load(&text, no_env).unwrap_err();
+    assert_eq!(err.field(), Some("allowed_commands"));
+}
+
+#[test]
+fn empty_outbox_path() {
+    let err = load(MINIMAL, env(&[("AGENT_OUTBOX_PATH", "")])).unwrap_err();
+    let p = invalid(err, "outbox_path", &Origin::Env("AGENT_OUTBOX_PATH"));
+    assert!(matches!(p, Problem::EmptyPath));
+}

@@ -1,0 +1,226 @@
+//! Consumers of gateway traffic (queue group `ws-api`, so replicas share the load):
+//! lifecycle events into the presence registry, join/leave requests decided and answered,
+//! receipts counted, and clients' publish frames forwarded to product services on
+//! `app.<route>` with headers intact and bodies untouched.
+
+use std::sync::Arc;
+
+use async_nats::Message;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use messages::payload::{self, GatewayControl, HeartbeatBatch, RoomRequest, SessionEvent};
+use messages::subject::{self, Event, Subject};
+use messages::{ClientKind, ErrorCode, Route, headers};
+
+use crate::Shared;
+use crate::config::RoomPolicy;
+
+/// Runs the event consumer until the subscription ends.
+pub async fn consume_events(shared: Arc<Shared>) {
+    let subject = subject::event_wildcard(ClientKind::App);
+    let mut sub = match shared
+        .client
+        .queue_subscribe(subject.clone(), subject::QUEUE_WS_API.into())
+        .await
+    {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(%subject, error = %e, "Subscribing to gateway events failed.");
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        let shared = Arc::clone(&shared);
+        // Each event is independent; a slow KV round trip must not hold up the others.
+        tokio::spawn(async move { handle_event(&shared, msg).await });
+    }
+}
+
+async fn handle_event(shared: &Shared, msg: Message) {
+    let Ok(Subject::Event { event, .. }) = Subject::parse(msg.subject.as_str()) else {
+        return;
+    };
+    shared.metrics.events.inc();
+    let result = match event {
+        Event::Connect => match payload::from_bus::<SessionEvent>(&msg.payload) {
+            Ok(e) => shared
+                .presence
+                .connected(&e)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Event::Disconnect => match payload::from_bus::<SessionEvent>(&msg.payload) {
+            Ok(e) => shared
+                .presence
+                .disconnected(e.socket_id)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Event::Heartbeat => match payload::from_bus::<HeartbeatBatch>(&msg.payload) {
+            Ok(b) => shared
+                .presence
+                .seen(&b.seen)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        },
+        Event::Join | Event::Leave => match payload::from_bus::<RoomRequest>(&msg.payload) {
+            Ok(r) => room_request(shared, event == Event::Join, r).await,
+            Err(e) => Err(e.to_string()),
+        },
+        Event::Ack | Event::Delivered => receipt(shared, event, &msg).await,
+    };
+    if let Err(e) = result {
+        shared.metrics.event_errors.inc();
+        tracing::warn!(subject = %msg.subject, error = %e, "Handling a gateway event failed.");
+    }
+}
+
+async fn receipt(shared: &Shared, event: Event, msg: &Message) -> Result<(), String> {
+    let Some(map) = msg.headers.as_ref() else {
+        return Ok(());
+    };
+    let Some(id) = headers::get(map, headers::MSG_ID).and_then(|v| v.parse::<u64>().ok()) else {
+        return Ok(());
+    };
+    let (delivered, acked) = match event {
+        Event::Delivered => (
+            headers::get(map, headers::COUNT)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            0,
+        ),
+        _ => (0, 1),
+    };
+    shared
+        .receipts
+        .add(id, delivered, acked)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Whether `record` may join `room` under the configured policy.
+fn may_join(shared: &Shared, allowed: &[String], room: &messages::RoomId) -> bool {
+    shared.config.room_policy == RoomPolicy::Open
+        || allowed.iter().any(|r| r == room.as_str())
+        || shared
+            .config
+            .open_room_prefixes
+            .iter()
+            .any(|p| room.as_str().starts_with(p.as_str()))
+}
+
+async fn room_request(shared: &Shared, join: bool, req: RoomRequest) -> Result<(), String> {
+    let control = if join {
+        match shared
+            .presence
+            .wait_for(req.socket_id, shared.config.session_wait)
+            .await
+        {
+            None => GatewayControl::Refuse {
+                socket_id: req.socket_id,
+                msg_id: req.msg_id,
+                code: ErrorCode::Unavailable.code(),
+                reason: "session not known yet; retry".into(),
+            },
+            Some(record) if !may_join(shared, &record.allowed_rooms, &req.room) => {
+                GatewayControl::Refuse {
+                    socket_id: req.socket_id,
+                    msg_id: req.msg_id,
+                    code: ErrorCode::Forbidden.code(),
+                    reason: format!("not allowed to join {}", req.room),
+                }
+            }
+            Some(_) => {
+                let room = req.room.clone();
+                shared
+                    .presence
+                    .modify(req.socket_id, |r| {
+                        if !r.rooms.contains(&room) {
+                            r.rooms.push(room.clone());
+                        }
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                GatewayControl::Join {
+                    socket_id: req.socket_id,
+                    room: req.room.clone(),
+                    msg_id: req.msg_id,
+                }
+            }
+        }
+    } else {
+        let room = req.room.clone();
+        shared
+            .presence
+            .modify(req.socket_id, |r| r.rooms.retain(|x| x != &room))
+            .await
+            .map_err(|e| e.to_string())?;
+        GatewayControl::Leave {
+            socket_id: req.socket_id,
+            room: req.room.clone(),
+            msg_id: req.msg_id,
+        }
+    };
+    send_control(shared, &req.gateway, &control).await
+}
+
+/// Publishes a control message to one gateway.
+pub async fn send_control(
+    shared: &Shared,
+    gateway: &messages::GatewayId,
+    control: &GatewayControl,
+) -> Result<(), String> {
+    let body = payload::to_bus(control).map_err(|e| e.to_string())?;
+    shared
+        .client
+        .publish(subject::gateway_control(gateway), Bytes::from(body))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Forwards clients' publish frames to `app.<route>` until the subscription ends.
+pub async fn forward_upstream(shared: Arc<Shared>) {
+    let subject = subject::upstream_wildcard(ClientKind::App);
+    let mut sub = match shared
+        .client
+        .queue_subscribe(subject.clone(), subject::QUEUE_WS_API.into())
+        .await
+    {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(%subject, error = %e, "Subscribing to upstream frames failed.");
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        let Ok(Subject::Upstream { route, .. }) = Subject::parse(msg.subject.as_str()) else {
+            continue;
+        };
+        forward(&shared, &route, msg).await;
+    }
+}
+
+async fn forward(shared: &Shared, route: &Route, msg: Message) {
+    let Some(target) = subject::application(route) else {
+        return;
+    };
+    let mut map = msg.headers.unwrap_or_default();
+    headers::stamp_hop(&mut map, headers::hop::SERVICE_IN, headers::now_micros());
+    headers::stamp_hop(&mut map, headers::hop::SERVICE_PUB, headers::now_micros());
+    match shared
+        .client
+        .publish_with_headers(target, map, msg.payload)
+        .await
+    {
+        Ok(()) => {
+            shared.metrics.forwarded.inc();
+        }
+        Err(e) => {
+            shared.metrics.event_errors.inc();
+            tracing::warn!(error = %e, "Forwarding an upstream frame failed.");
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The session and presence registry: who is connected, through which gateway, in which
+//! rooms, last seen when.
+//!
+//! The source of truth is a JetStream KV bucket with one record per socket (`s.<socket>`),
+//! written by whichever replica handles an event (queue group) with compare-and-set, so
+//! concurrent updates from different replicas never overwrite each other. Every replica
+//! keeps an in-memory view fed by a KV watch (with history, so a new replica starts from
+//! the current state) and answers queries and push targeting from it; replicas therefore
+//! hold nothing another would need.
+//!
+//! Ghosts: a gateway that dies sends no disconnects. Records carry the last time a gateway
+//! reported the socket (heartbeat batches); the sweep deletes records older than the
+//! presence TTL, so a dead gateway's sessions vanish within TTL + sweep period. The bucket's
+//! max age (twice the TTL) is a backstop if no replica sweeps.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, Operation};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use messages::payload::{self, SessionEvent};
+use messages::{ClientKind, GatewayId, RoomId, SocketId, UserId};
+use serde::{Deserialize, Serialize};
+
+/// One socket as the system knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Socket id.
+    pub socket_id: SocketId,
+    /// Owner.
+    pub user_id: UserId,
+    /// Client kind.
+    pub kind: ClientKind,
+    /// Holding gateway.
+    pub gateway: GatewayId,
+    /// Rooms the socket is in.
+    #[serde(default)]
+    pub rooms: Vec<RoomId>,
+    /// Rooms the token allows.
+    #[serde(default)]
+    pub allowed_rooms: Vec<String>,
+    /// Unix ms of the connect.
+    pub connected_at_ms: u64,
+    /// Unix ms a gateway last reported activity.
+    pub last_seen_ms: u64,
+}
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    /// A KV operation failed.
+    #[error("session store: {0}")]
+    Store(String),
+    /// A record could not be encoded or decoded.
+    #[error("session record: {0}")]
+    Codec(#[from] payload::PayloadError),
+}
+
+fn store_err(e: impl std::fmt::Display) -> PresenceError {
+    PresenceError::Store(e.to_string())
+}
+
+/// The in-memory view, rebuilt from the KV watch.
+#[derive(Debug, Default)]
+struct View {
+    sockets: HashMap<SocketId, SessionRecord>,
+    users: HashMap<UserId, HashSet<SocketId>>,
+    rooms: HashMap<RoomId, HashSet<SocketId>>,
+}
+
+impl View {
+    fn upsert(&mut self, record: SessionRecord) {
+        let id = record.socket_id;
+        self.remove(id);
+        self.users
+            .entry(record.user_id.clone())
+            .or_default()
+            .insert(id);
+        for room in &record.rooms {
+            self.rooms.entry(room.clone()).or_default().insert(id);
+        }
+        self.sockets.insert(id, record);
+    }
+
+    fn remove(&mut self, id: SocketId) -> Option<SessionRecord> {
+        let old = self.sockets.remove(&id)?;
+        if let Some(set) = self.users.get_mut(&old.user_id) {
+            set.remove(&id);
+            if set.is_empty() {
+                self.users.remove(&old.user_id);
+            }
+        }
+        for room in &old.rooms {
+            if let Some(set) = self.rooms.get_mut(room) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.rooms.remove(room);
+                }
+            }
+        }
+        Some(old)
+    }
+}
+
+/// Handle to the registry; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Presence {
+    kv: kv::Store,
+    view: RwLock<View>,
+    ttl: Duration,
+}
+
+fn key(id: SocketId) -> String {
+    format!("s.{id}")
+}
+
+impl Presence {
+    /// Opens (or creates) the bucket and starts the watch that feeds the view.
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        bucket: &str,
+        ttl: Duration,
+        replicas: usize,
+    ) -> Result<Arc<Self>, PresenceError> {
+        let config = kv::Config {
+            bucket: bucket.to_owned(),
+            history: 1,
+            max_age: ttl * 2,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        };
+        let kv = match js.create_key_value(config).await {
+            Ok(kv) => kv,
+            // Exists with other settings (another replica's flags): use it as it is.
+            Err(_) => js.get_key_value(bucket).await.map_err(store_err)?,
+        };
+        let presence = Arc::new(Presence {
+            kv,
+            view: RwLock::new(View::default()),
+            ttl,
+        });
+        let watch = presence
+            .kv
+            .watch_with_history(">")
+            .await
+            .map_err(store_err)?;
+        tokio::spawn(feed(Arc::downgrade(&presence), watch));
+        Ok(presence)
+    }
+
+    /// Records a connect.
+    pub async fn connected(&self, event: &SessionEvent) -> Result<(), PresenceError> {
+        let record = SessionRecord {
+            socket_id: event.socket_id,
+            user_id: event.user_id.clone(),
+            kind: event.kind,
+            gateway: event.gateway.clone(),
+            rooms: Vec::new(),
+            allowed_rooms: event.allowed_rooms.clone(),
+            connected_at_ms: event.at_ms,
+            last_seen_ms: event.at_ms.max(now_ms()),
+        };
+        let bytes = Bytes::from(payload::to_bus(&record)?);
+        self.kv
+            .put(key(record.socket_id), bytes)
+            .await
+            .map_err(store_err)?;
+        // Apply locally at once; the watch confirms it (idempotently) a moment later.
+        self.write_view().upsert(record);
+        Ok(())
+    }
+
+    /// Records a disconnect.
+    pub async fn disconnected(&self, id: SocketId) -> Result<(), PresenceError> {
+        self.kv.delete(key(id)).await.map_err(store_err)?;
+        self.write_view().remove(id);
+        Ok(())
+    }
+
+    /// Applies `change` to a record with compare-and-set, retrying on conflicts with other
+    /// replicas. Returns the new record, or `None` when the socket is unknown.
+    pub async fn modify(
+        &self,
+        id: SocketId,
+        mut change: impl FnMut(&mut SessionRecord),
+    ) -> Result<Option<SessionRecord>, PresenceError> {
+        for _ in 0..8 {
+            let Some(entry) = self.kv.entry(key(id)).await.map_err(store_err)? else {
+                return Ok(None);
+            };
+            if entry.operation != Operation::Put {
+                return Ok(None);
+            }
+            let mut record: SessionRecord = payload::from_bus(&entry.value)?;
+            change(&mut record);
+            let bytes = Bytes::from(payload::to_bus(&record)?);
+            match self.kv.update(key(id), bytes, entry.revision).await {
+                Ok(_) => {
+                    self.write_view().upsert(record.clone());
+                    return Ok(Some(record));
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+        Err(PresenceError::Store(format!(
+            "record of socket {id} kept changing; gave up"
+        )))
+    }
+
+    /// Refreshes last-seen times from a gateway's batch.
+    pub async fn seen(&self, seen: &[(SocketId, u64)]) -> Result<(), PresenceError> {
+        for &(id, at) in seen {
+            if self.get(id).is_none() {
+                continue;
+            }
+            self.modify(id, |r| r.last_seen_ms = r.last_seen_ms.max(at))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes records not seen within the TTL; returns how many.
+    pub async fn sweep(&self) -> usize {
+        let cutoff =
+            now_ms().saturating_sub(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX));
+        let stale: Vec<SocketId> = self
+            .read_view()
+            .sockets
+            .values()
+            .filter(|r| r.last_seen_ms < cutoff)
+            .map(|r| r.socket_id)
+            .collect();
+        for id in &stale {
+            if let Err(e) = self.disconnected(*id).await {
+                tracing::warn!(socket_id = %id, error = %e, "Sweeping a stale session failed.");
+            }
+        }
+        stale.len()
+    }
+
+    /// One socket.
+    pub fn get(&self, id: SocketId) -> Option<SessionRecord> {
+        self.read_view().sockets.get(&id).cloned()
+    }
+
+    /// A user's sockets.
+    pub fn user(&self, user: &UserId) -> Vec<SessionRecord> {
+        let view = self.read_view();
+        let mut out: Vec<_> = view
+            .users
+            .get(user)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| view.sockets.get(id).cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|r| r.socket_id);
+        out
+    }
+
+    /// A room's members.
+    pub fn room(&self, room: &RoomId) -> Vec<SessionRecord> {
+        let view = self.read_view();
+        let mut out: Vec<_> = view
+            .rooms
+            .get(room)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| view.sockets.get(id).cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|r| r.socket_id);
+        out
+    }
+
+    /// Number of sockets of `kind` (all kinds when `None`).
+    pub fn count(&self, kind: Option<ClientKind>) -> usize {
+        let view = self.read_view();
+        match kind {
+            None => view.sockets.len(),
+            Some(k) => view.sockets.values().filter(|r| r.kind == k).count(),
+        }
+    }
+
+    /// Sessions, users and rooms known.
+    pub fn totals(&self) -> (usize, usize, usize) {
+        let view = self.read_view();
+        (view.sockets.len(), view.users.len(), view.rooms.len())
+    }
+
+    /// Waits (bounded) until a socket is known: a join can be handled by one replica before
+    /// the connect event handled by another has reached its view.
+    pub async fn wait_for(&self, id: SocketId, wait: Duration) -> Option<SessionRecord> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(r) = self.get(id) {
+                return Some(r);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn read_view(&self) -> std::sync::RwLockReadGuard<'_, View> {
+        self.view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_view(&self) -> std::sync::RwLockWriteGuard<'_, View> {
+        self.view
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Applies KV changes to the view until the registry is dropped.
+async fn feed(presence: std::sync::Weak<Presence>, mut watch: kv::Watch) {
+    while let Some(entry) = watch.next().await {
+        let Some(presence) = presence.upgrade() else {
+            break;
+        };
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "Session watch error.");
+                continue;
+            }
+        };
+        let Some(id) = entry.key.strip_prefix("s.").and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        match entry.operation {
+            Operation::Put => match payload::from_bus::<SessionRecord>(&entry.value) {
+                Ok(record) => presence.write_view().upsert(record),
+                Err(e) => {
+                    tracing::warn!(key = %entry.key, error = %e, "Undecodable session record.");
+                }
+            },
+            Operation::Delete | Operation::Purge => {
+                presence.write_view().remove(id);
+            }
+        }
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    messages::headers::now_micros() / 1000
+}
