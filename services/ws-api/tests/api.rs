@@ -475,3 +475,86 @@ async fn bad_requests_get_clear_json_errors() {
     assert!(doc.json()["paths"]["/v1/push"].is_object());
     api.shutdown().await.unwrap();
 }
+
+/// The `ws-gateway` binary, built if needed, so a test can run and kill a real process.
+fn gateway_binary() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| testkit::workspace_root().join("target"));
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "ws-gateway", "--bin", "ws-gateway"])
+        .current_dir(testkit::workspace_root())
+        .status()
+        .unwrap();
+    assert!(status.success(), "building ws-gateway failed");
+    target.join("debug/ws-gateway")
+}
+
+#[tokio::test]
+async fn presence_follows_connects_disconnects_and_a_killed_gateway() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let mut cfg = api_config(&url);
+    cfg.presence_ttl = Duration::from_secs(2);
+    cfg.sweep = Duration::from_millis(300);
+    let api = api(cfg).await;
+    let live = gateway(&url, "gw-live").await;
+
+    // A real gateway process that will be killed with SIGKILL: no disconnect events.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut doomed = std::process::Command::new(gateway_binary())
+        .env("WS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("WS_GATEWAY_NATS_URL", &url)
+        .env("WS_GATEWAY_INSTANCE", "gw-doomed")
+        .env("WS_GATEWAY_JWT_HS256_SECRET", TEST_SECRET)
+        .env("WS_GATEWAY_PRESENCE_SYNC_MS", "300")
+        .env("WS_GATEWAY_WORKERS", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let doomed_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_status(doomed_addr, "/readyz", 200).await;
+
+    let ghost = TestClient::connect(doomed_addr, &token("ghost", None, &[]))
+        .await
+        .unwrap();
+    let keeper = TestClient::connect(live.addr(), &token("keeper", None, &[]))
+        .await
+        .unwrap();
+    let leaver = TestClient::connect(live.addr(), &token("leaver", None, &[]))
+        .await
+        .unwrap();
+    for user in ["ghost", "keeper", "leaver"] {
+        eventually(api.addr(), &format!("/v1/users/{user}"), |v| {
+            v["online"] == true
+        })
+        .await;
+    }
+
+    // A clean disconnect removes the session at once (no TTL involved).
+    leaver.close().await;
+    eventually(api.addr(), "/v1/users/leaver", |v| v["online"] == false).await;
+
+    // A killed gateway's sessions expire within TTL + sweep; live ones stay.
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    eventually(api.addr(), "/v1/users/ghost", |v| v["online"] == false).await;
+    let v = http::get(api.addr(), "/v1/users/keeper", KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(
+        v["online"], true,
+        "live sessions are refreshed by heartbeat batches: {v}"
+    );
+    drop(ghost);
+    drop(keeper);
+    api.shutdown().await.unwrap();
+    live.shutdown().await.unwrap();
+}

@@ -421,13 +421,20 @@ pub fn spawn_presence_sync(shared: &Arc<Shared>, period: Duration) -> tokio::tas
     })
 }
 
-/// Publishes everything seen since the last batch.
+/// Publishes the sockets this replica holds, with the time it vouched for them. Every held
+/// socket is included, not only those that sent something: a quiet client is still
+/// connected (its heartbeat deadline is enforced here), and presence must not expire it.
 pub fn sync_presence(shared: &Shared) {
-    for (kind, seen) in shared.registry.take_seen() {
-        for chunk in seen.chunks(PRESENCE_CHUNK) {
+    let now = unix_ms();
+    for kind in ClientKind::ALL {
+        let mut held = Vec::new();
+        shared
+            .registry
+            .for_all(Some(kind), |id, _| held.push((id, now)));
+        for chunk in held.chunks(PRESENCE_CHUNK) {
             let batch = HeartbeatBatch {
                 gateway: shared.config.instance.clone(),
-                at_ms: unix_ms(),
+                at_ms: now,
                 seen: chunk.to_vec(),
             };
             let Ok(body) = payload::to_bus(&batch) else {

@@ -1,5 +1,5 @@
 //! The replica's view of who is connected: socket id -> connection handle, user -> local
-//! sockets, room -> local members, and the last-seen times waiting to be synced.
+//! sockets, room -> local members.
 //!
 //! Every map is split into 64 shards behind their own mutex (as centrifuge's hub does), so
 //! pushes fanning in from many NATS subscriptions never queue on one lock. A user's or
@@ -87,7 +87,6 @@ pub struct Registry<A> {
     sockets: Vec<Mutex<HashMap<SocketId, SocketEntry<A>>>>,
     users: Vec<Mutex<HashMap<UserId, Group<A>>>>,
     rooms: Vec<Mutex<HashMap<RoomId, Group<A>>>>,
-    seen: Vec<Mutex<HashMap<SocketId, (ClientKind, u64)>>>,
 }
 
 fn shards<T: Default>() -> Vec<Mutex<T>> {
@@ -114,7 +113,6 @@ impl<A: Clone> Registry<A> {
             sockets: shards(),
             users: shards(),
             rooms: shards(),
-            seen: shards(),
         }
     }
 
@@ -163,7 +161,6 @@ impl<A: Clone> Registry<A> {
     /// Removes a connection and its room memberships; drops subscriptions nobody local needs.
     pub fn remove(&self, id: SocketId, user: &UserId, rooms: &[RoomId]) {
         lock(self.shard(&self.sockets, &id)).remove(&id);
-        lock(self.shard(&self.seen, &id)).remove(&id);
         remove_member(&mut lock(self.shard(&self.users, user)), user, id);
         for room in rooms {
             remove_member(&mut lock(self.shard(&self.rooms, room)), room, id);
@@ -267,24 +264,6 @@ impl<A: Clone> Registry<A> {
     /// Whether no socket is connected.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Records activity for the next presence batch (the in-memory level of the two-level
-    /// heartbeat: the bus hears about it only once per sync period).
-    pub fn mark_seen(&self, id: SocketId, kind: ClientKind, unix_ms: u64) {
-        lock(self.shard(&self.seen, &id)).insert(id, (kind, unix_ms));
-    }
-
-    /// Takes every socket seen since the last call, grouped by kind.
-    pub fn take_seen(&self) -> HashMap<ClientKind, Vec<(SocketId, u64)>> {
-        let mut out: HashMap<ClientKind, Vec<(SocketId, u64)>> = HashMap::new();
-        for shard in &self.seen {
-            let taken = std::mem::take(&mut *lock(shard));
-            for (id, (kind, at)) in taken {
-                out.entry(kind).or_default().push((id, at));
-            }
-        }
-        out
     }
 }
 
@@ -417,7 +396,7 @@ mod tests {
     }
 
     #[test]
-    fn broadcast_filters_by_kind_and_presence_batches_by_kind() {
+    fn broadcast_filters_by_kind() {
         let reg = Registry::<u32>::new();
         for i in 0..100u64 {
             let kind = if i % 4 == 0 {
@@ -428,13 +407,9 @@ mod tests {
             reg.add(SocketId(i), &user(&format!("u{i}")), kind, 0, |_| {
                 Subscription::none()
             });
-            reg.mark_seen(SocketId(i), kind, 1000 + i);
         }
         assert_eq!(reg.for_all(Some(ClientKind::App), |_, _| {}), 75);
+        assert_eq!(reg.for_all(Some(ClientKind::Agent), |_, _| {}), 25);
         assert_eq!(reg.for_all(None, |_, _| {}), 100);
-        let seen = reg.take_seen();
-        assert_eq!(seen[&ClientKind::App].len(), 75);
-        assert_eq!(seen[&ClientKind::Agent].len(), 25);
-        assert!(reg.take_seen().is_empty(), "taken once");
     }
 }

@@ -437,9 +437,6 @@ impl Conn {
         };
         metrics.frame_in(frame.kind);
         self.hb.on_activity(now);
-        self.shared
-            .registry
-            .mark_seen(self.id, self.kind, unix_ms());
         match frame.kind {
             FrameKind::Heartbeat => {
                 if self.hb.on_beat(now) == Beat::Late {

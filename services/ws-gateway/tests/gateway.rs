@@ -795,3 +795,32 @@ async fn a_connection_is_closed_when_its_token_expires() {
     assert_eq!(c.closed().await, Some(CloseCode::Unauthorized.code()));
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn presence_batches_vouch_for_every_held_socket_even_idle_ones() {
+    let nats = NatsServer::start().unwrap();
+    let bus = bus_client(&nats.url()).await;
+    let mut batches = bus.subscribe("ws.evt.app.heartbeat").await.unwrap();
+    bus.flush().await.unwrap();
+    let mut cfg = config(&nats.url(), "gw-presence");
+    cfg.presence_sync = Duration::from_millis(200);
+    let gw = start(cfg).await;
+    let idle = TestClient::connect(gw.addr(), &token("idle", None, &[]))
+        .await
+        .unwrap();
+    // Two batches in a row list the socket although it never sends a frame.
+    let mut listed = 0;
+    while listed < 2 {
+        let batch: messages::payload::HeartbeatBatch =
+            payload::from_bus(&next(&mut batches).await.payload).unwrap();
+        assert_eq!(batch.gateway.as_str(), "gw-presence");
+        if batch
+            .seen
+            .iter()
+            .any(|(id, _)| *id == idle.welcome.socket_id)
+        {
+            listed += 1;
+        }
+    }
+    gw.shutdown().await.unwrap();
+}
