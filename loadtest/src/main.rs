@@ -69,6 +69,25 @@ enum Scenario {
         #[arg(long)]
         pid: Option<u32>,
     },
+    /// Push through ws-api's HTTP API to random connected users and measure HTTP call ->
+    /// client latency and accepted pushes per second.
+    ApiPush {
+        /// ws-api address (host:port).
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        api: String,
+        /// ws-api key.
+        #[arg(long, env = "LOADTEST_API_KEY", hide_env_values = true)]
+        api_key: String,
+        /// Pushes to send.
+        #[arg(long, default_value_t = 10_000)]
+        pushes: usize,
+        /// HTTP requests in flight (one keep-alive connection each).
+        #[arg(long, default_value_t = 16)]
+        http_concurrency: usize,
+        /// Body size, bytes (at least 8).
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+    },
     /// Broadcast pushes through NATS and measure delivery.
     Fanout {
         /// NATS URL to publish on.
@@ -181,6 +200,25 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             size,
             rate,
         } => fanout(nats_url, *messages, *size, *rate, connected, &stats).await?,
+        Scenario::ApiPush {
+            api,
+            api_key,
+            pushes,
+            http_concurrency,
+            size,
+        } => {
+            api_push(
+                api,
+                api_key,
+                &cli.user_prefix,
+                connected,
+                *pushes,
+                *http_concurrency,
+                *size,
+                &stats,
+            )
+            .await?
+        }
     };
     let _ = stop_tx.send(true);
     let mut latencies = Vec::new();
@@ -196,7 +234,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         let p99 = percentile(&latencies, 99.0) as f64 / 1000.0;
         let max = latencies.last().copied().unwrap_or(0) as f64 / 1000.0;
         println!(
-            "push latency (bus publish -> client): p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms over {} deliveries",
+            "push latency (sender's timestamp in the body -> client): p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.2} ms over {} deliveries",
             latencies.len()
         );
         report["latency_p50_ms"] = p50.into();
@@ -451,6 +489,125 @@ async fn fanout(
         "scenario": "fanout", "connections": connected, "messages": messages, "size": size,
         "expected": expected, "delivered": delivered, "seconds": secs,
         "deliveries_per_sec": delivered as f64 / secs, "publish_seconds": publish_secs,
+    }))
+}
+
+/// Sends `pushes` HTTP pushes, each to one random connected user, over `concurrency`
+/// keep-alive connections; the body carries the send time so clients measure latency.
+#[allow(clippy::too_many_arguments)]
+async fn api_push(
+    api: &str,
+    key: &str,
+    prefix: &str,
+    users: usize,
+    pushes: usize,
+    concurrency: usize,
+    size: usize,
+    stats: &Stats,
+) -> Result<serde_json::Value, BoxError> {
+    use base64::Engine as _;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    if users == 0 {
+        return Err("no connected clients".into());
+    }
+    let addr: SocketAddr = api.parse()?;
+    let before = stats.received.load(Ordering::Relaxed);
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..concurrency.max(1) {
+        let (next, errors) = (Arc::clone(&next), Arc::clone(&errors));
+        let (key, prefix) = (key.to_owned(), prefix.to_owned());
+        workers.push(tokio::spawn(async move {
+            let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let mut stream = BufReader::new(stream);
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (w as u64 + 1);
+            loop {
+                if next.fetch_add(1, Ordering::Relaxed) >= pushes {
+                    break;
+                }
+                // xorshift: cheap, good enough to spread targets.
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let user = format!("{prefix}-{}", seed % users as u64);
+                let mut body = vec![0u8; size.max(8)];
+                body[..8].copy_from_slice(&headers::now_micros().to_be_bytes());
+                let b64 = base64::engine::general_purpose::STANDARD.encode(&body);
+                let json = format!(r#"{{"target":{{"users":["{user}"]}},"body_base64":"{b64}","codec":"raw"}}"#);
+                let request = format!(
+                    "POST /v1/push HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+                    json.len()
+                );
+                if stream.get_mut().write_all(request.as_bytes()).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                // Status line, headers (Content-Length), body.
+                let mut line = String::new();
+                let mut ok = false;
+                let mut length = 0usize;
+                let mut first = true;
+                loop {
+                    line.clear();
+                    match stream.read_line(&mut line).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    if first {
+                        ok = line.split_whitespace().nth(1) == Some("202");
+                        first = false;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut rest = vec![0u8; length];
+                if stream.read_exact(&mut rest).await.is_err() || !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+    let http_secs = started.elapsed().as_secs_f64();
+    let failed = errors.load(Ordering::Relaxed);
+    let expected = (pushes - failed) as u64;
+    let mut still = 0;
+    let mut last = 0;
+    while still < 20 {
+        let got = stats.received.load(Ordering::Relaxed) - before;
+        if got >= expected {
+            break;
+        }
+        if got == last {
+            still += 1;
+        } else {
+            still = 0;
+        }
+        last = got;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered = stats.received.load(Ordering::Relaxed) - before;
+    println!(
+        "api-push: {pushes} pushes over {concurrency} connections in {http_secs:.2}s: {:.0} accepted pushes/s ({failed} failed), {delivered} delivered",
+        (pushes - failed) as f64 / http_secs
+    );
+    Ok(serde_json::json!({
+        "scenario": "api-push", "connections": users, "pushes": pushes, "failed": failed,
+        "http_concurrency": concurrency, "size": size, "http_seconds": http_secs,
+        "pushes_per_sec": (pushes - failed) as f64 / http_secs, "delivered": delivered,
     }))
 }
 

@@ -1,1 +1,5 @@
-//! scheduler: placeholder crate so the workspace has its final shape; its issue fills it in.
+//! scheduler: the fleet control plane (agent registry, liveness, tasks, results).
+//!
+//! - [`store`]: the durable state in one redb file, as a synchronous API.
+
+pub mod store;

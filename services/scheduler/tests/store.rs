@@ -1,0 +1,711 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The scheduler store against real redb files in temporary directories.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use messages::UserId;
+use scheduler::store::{
+    AgentRecord, AgentState, Expired, Heartbeat, Ingest, LabelSelector, ResultBody, Store,
+    StoreError, StoreOptions, TargetState, Targets, TaskKind, TaskSpec,
+};
+use serde_json::json;
+
+fn node(s: &str) -> UserId {
+    UserId::new(s).unwrap()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> LabelSelector {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn agent(id: &str, pairs: &[(&str, &str)], at: u64) -> AgentRecord {
+    AgentRecord {
+        node_id: node(id),
+        hostname: format!("{id}.example"),
+        version: "0.1.0".into(),
+        labels: labels(pairs),
+        addresses: vec!["10.0.0.1".into()],
+        registered_at_ms: at,
+        last_seen_ms: at,
+        state: AgentState::Online,
+    }
+}
+
+fn command_spec(targets: Targets, timeout_ms: u64, max_attempts: u32) -> TaskSpec {
+    TaskSpec {
+        kind: TaskKind::Command {
+            argv: vec!["uptime".into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout_ms: 1_000,
+        },
+        targets,
+        timeout_ms,
+        max_attempts,
+    }
+}
+
+fn ok_result(at: u64) -> ResultBody {
+    ResultBody {
+        exit_code: Some(0),
+        stdout_tail: "up 3 days".into(),
+        stderr_tail: String::new(),
+        error: None,
+        latency_ms: None,
+        finished_at_ms: at,
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    store: Store,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state").join("scheduler.redb");
+    let store = Store::open(&path).unwrap();
+    Fixture {
+        _dir: dir,
+        path,
+        store,
+    }
+}
+
+/// Three agents: two in eu (one of them gpu), one in us.
+fn with_fleet(s: &Store) {
+    s.upsert_agent(&agent("n1", &[("region", "eu"), ("gpu", "yes")], 1_000))
+        .unwrap();
+    s.upsert_agent(&agent("n2", &[("region", "eu")], 1_000))
+        .unwrap();
+    s.upsert_agent(&agent("n3", &[("region", "us")], 1_000))
+        .unwrap();
+}
+
+fn state_of(s: &Store, task: u64, n: &str) -> TargetState {
+    s.task(task).unwrap().unwrap().targets[&node(n)].state
+}
+
+#[test]
+fn agent_upsert_touch_and_selectors() {
+    let f = fixture();
+    let s = &f.store;
+    assert_eq!(
+        s.upsert_agent(&agent("n1", &[("region", "eu")], 1_000))
+            .unwrap(),
+        None
+    );
+    // Re-register replaces the record and reports the previous state.
+    let mut again = agent("n1", &[("region", "eu"), ("gpu", "yes")], 1_500);
+    again.version = "0.2.0".into();
+    assert_eq!(s.upsert_agent(&again).unwrap(), Some(AgentState::Online));
+    with_fleet(s);
+    assert_eq!(s.counts().unwrap().agents, 3);
+
+    // Heartbeats: degraded, then healthy again; an older heartbeat is ignored.
+    assert_eq!(
+        s.touch(&node("n2"), 2_000, true).unwrap(),
+        Some(AgentState::Online)
+    );
+    assert_eq!(s.touch(&node("n2"), 2_500, true).unwrap(), None);
+    assert_eq!(s.touch(&node("n2"), 2_400, false).unwrap(), None);
+    let n2 = s.agent(&node("n2")).unwrap().unwrap();
+    assert_eq!((n2.last_seen_ms, n2.state), (2_500, AgentState::Degraded));
+    assert_eq!(
+        s.touch(&node("n2"), 3_000, false).unwrap(),
+        Some(AgentState::Degraded)
+    );
+    assert!(matches!(
+        s.touch(&node("ghost"), 3_000, false),
+        Err(StoreError::UnknownAgent(_))
+    ));
+    assert_eq!(s.agent(&node("ghost")).unwrap(), None);
+
+    // Batched heartbeats: one change, one unknown.
+    let out = s
+        .touch_many(&[
+            Heartbeat {
+                node_id: node("n1"),
+                at_ms: 3_000,
+                degraded: false,
+            },
+            Heartbeat {
+                node_id: node("n3"),
+                at_ms: 3_000,
+                degraded: true,
+            },
+            Heartbeat {
+                node_id: node("ghost"),
+                at_ms: 3_000,
+                degraded: false,
+            },
+        ])
+        .unwrap();
+    assert_eq!(
+        out.changes,
+        vec![(node("n3"), AgentState::Online, AgentState::Degraded)]
+    );
+    assert_eq!(out.unknown, vec![node("ghost")]);
+
+    let ids = |v: Vec<AgentRecord>| {
+        v.into_iter()
+            .map(|a| a.node_id.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(s.agents(&LabelSelector::new(), None).unwrap()),
+        ["n1", "n2", "n3"]
+    );
+    assert_eq!(
+        ids(s.agents(&labels(&[("region", "eu")]), None).unwrap()),
+        ["n1", "n2"]
+    );
+    assert_eq!(
+        ids(s
+            .agents(&labels(&[("region", "eu"), ("gpu", "yes")]), None)
+            .unwrap()),
+        ["n1"]
+    );
+    assert_eq!(
+        ids(s.agents(&labels(&[("region", "ap")]), None).unwrap()),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(s
+            .agents(&LabelSelector::new(), Some(AgentState::Degraded))
+            .unwrap()),
+        ["n3"]
+    );
+    assert_eq!(s.agent(&node("n1")).unwrap().unwrap().version, "0.1.0");
+}
+
+#[test]
+fn offline_marking_returns_only_changes() {
+    let f = fixture();
+    let s = &f.store;
+    with_fleet(s); // all last seen at 1_000
+    s.touch(&node("n1"), 5_000, false).unwrap();
+    s.touch(&node("n2"), 2_000, true).unwrap();
+
+    let changed = s.mark_offline_before(4_000).unwrap();
+    assert_eq!(
+        changed,
+        vec![
+            (node("n2"), AgentState::Degraded),
+            (node("n3"), AgentState::Online)
+        ]
+    );
+    // Already offline: not reported again.
+    assert_eq!(s.mark_offline_before(4_000).unwrap(), vec![]);
+    assert_eq!(
+        s.agent(&node("n3")).unwrap().unwrap().state,
+        AgentState::Offline
+    );
+    assert_eq!(
+        s.agent(&node("n1")).unwrap().unwrap().state,
+        AgentState::Online
+    );
+    // Coming back is a change the heartbeat reports.
+    assert_eq!(
+        s.touch(&node("n3"), 6_000, false).unwrap(),
+        Some(AgentState::Offline)
+    );
+}
+
+#[test]
+fn task_creation_by_ids_and_by_selector() {
+    let f = fixture();
+    let s = &f.store;
+    with_fleet(s);
+
+    let a = s
+        .create_task(
+            &command_spec(
+                Targets::Nodes(vec![node("n3"), node("n1"), node("n3")]),
+                100,
+                1,
+            ),
+            10_000,
+        )
+        .unwrap();
+    let b = s
+        .create_task(
+            &command_spec(Targets::Selector(labels(&[("region", "eu")])), 100, 1),
+            10_001,
+        )
+        .unwrap();
+    assert!(b > a, "ids are monotonic");
+
+    let ta = s.task(a).unwrap().unwrap();
+    assert_eq!(ta.created_at_ms, 10_000);
+    assert_eq!(
+        ta.targets.keys().cloned().collect::<Vec<_>>(),
+        vec![node("n1"), node("n3")]
+    );
+    assert!(
+        ta.targets
+            .values()
+            .all(|t| t.state == TargetState::Pending && t.attempts == 0)
+    );
+    let tb = s.task(b).unwrap().unwrap();
+    assert_eq!(
+        tb.targets.keys().cloned().collect::<Vec<_>>(),
+        vec![node("n1"), node("n2")]
+    );
+
+    // Bad input stores nothing.
+    let before = s.counts().unwrap();
+    assert!(matches!(
+        s.create_task(
+            &command_spec(Targets::Nodes(vec![node("ghost")]), 100, 1),
+            0
+        ),
+        Err(StoreError::UnknownAgent(_))
+    ));
+    assert!(matches!(
+        s.create_task(
+            &command_spec(Targets::Selector(labels(&[("region", "ap")])), 100, 1),
+            0
+        ),
+        Err(StoreError::NoTargets)
+    ));
+    assert!(matches!(
+        s.create_task(
+            &command_spec(Targets::Selector(LabelSelector::new()), 100, 1),
+            0
+        ),
+        Err(StoreError::InvalidSpec(_))
+    ));
+    assert!(matches!(
+        s.create_task(&command_spec(Targets::Nodes(vec![node("n1")]), 100, 0), 0),
+        Err(StoreError::InvalidSpec(_))
+    ));
+    let mut empty_argv = command_spec(Targets::Nodes(vec![node("n1")]), 100, 1);
+    empty_argv.kind = TaskKind::Command {
+        argv: vec![],
+        env: BTreeMap::new(),
+        cwd: None,
+        timeout_ms: 1,
+    };
+    assert!(matches!(
+        s.create_task(&empty_argv, 0),
+        Err(StoreError::InvalidSpec(_))
+    ));
+    assert_eq!(s.counts().unwrap(), before);
+    assert_eq!(s.task(9_999).unwrap(), None);
+
+    // Listing: newest first, limit, state filter.
+    let all = s.tasks(10, None).unwrap();
+    assert_eq!(all.iter().map(|t| t.id).collect::<Vec<_>>(), vec![b, a]);
+    assert_eq!(all[0].states[&TargetState::Pending], 2);
+    assert_eq!(s.tasks(1, None).unwrap().len(), 1);
+    s.mark_dispatched(a, &node("n1"), 10_100).unwrap();
+    let dispatched = s.tasks(10, Some(TargetState::Dispatched)).unwrap();
+    assert_eq!(dispatched.iter().map(|t| t.id).collect::<Vec<_>>(), vec![a]);
+    assert!(!dispatched[0].is_finished());
+
+    // Ids keep increasing after a restart.
+    drop(f.store);
+    let s = Store::open(&f.path).unwrap();
+    let c = s
+        .create_task(&command_spec(Targets::Nodes(vec![node("n2")]), 100, 1), 0)
+        .unwrap();
+    assert!(c > b);
+}
+
+#[test]
+fn every_legal_transition_and_illegal_ones() {
+    let f = fixture();
+    let s = &f.store;
+    with_fleet(s);
+    let all = Targets::Nodes(vec![node("n1"), node("n2"), node("n3")]);
+    let n1 = node("n1");
+    let n2 = node("n2");
+    let n3 = node("n3");
+
+    // Pending -> Dispatched -> Running -> Succeeded (n1)
+    // Pending -> Dispatched -> Running -> Failed    (n2)
+    // Pending -> Cancelled                          (n3)
+    let t = s
+        .create_task(&command_spec(all.clone(), 1_000, 1), 0)
+        .unwrap();
+    s.mark_dispatched(t, &n1, 10).unwrap();
+    let st = &s.task(t).unwrap().unwrap().targets[&n1];
+    assert_eq!(
+        (st.state, st.attempts, st.dispatched_at_ms, st.deadline_ms),
+        (TargetState::Dispatched, 1, Some(10), Some(1_010))
+    );
+    s.mark_running(t, &n1, 20).unwrap();
+    assert_eq!(state_of(s, t, "n1"), TargetState::Running);
+    assert_eq!(
+        s.record_result("m1", t, &n1, &ok_result(30)).unwrap(),
+        Ingest::New
+    );
+    assert_eq!(state_of(s, t, "n1"), TargetState::Succeeded);
+    s.mark_dispatched(t, &n2, 10).unwrap();
+    s.mark_running(t, &n2, 20).unwrap();
+    let mut failed = ok_result(40);
+    failed.exit_code = Some(3);
+    s.record_result("m2", t, &n2, &failed).unwrap();
+    assert_eq!(state_of(s, t, "n2"), TargetState::Failed);
+    assert_eq!(s.cancel_target(t, &n3, 50).unwrap(), TargetState::Pending);
+    assert_eq!(state_of(s, t, "n3"), TargetState::Cancelled);
+    let summary = &s.tasks(1, None).unwrap()[0];
+    assert!(summary.is_finished());
+    assert_eq!(
+        s.task(t).unwrap().unwrap().targets[&n1].result,
+        Some(ok_result(30))
+    );
+
+    // Dispatched -> Succeeded (running ack lost), Dispatched -> Cancelled,
+    // Running -> Cancelled.
+    let u = s
+        .create_task(&command_spec(all.clone(), 1_000, 1), 0)
+        .unwrap();
+    s.mark_dispatched(u, &n1, 10).unwrap();
+    s.record_result("m3", u, &n1, &ok_result(15)).unwrap();
+    assert_eq!(state_of(s, u, "n1"), TargetState::Succeeded);
+    s.mark_dispatched(u, &n2, 10).unwrap();
+    s.mark_dispatched(u, &n3, 10).unwrap();
+    s.mark_running(u, &n3, 11).unwrap();
+    let cancelled = s.cancel(u, 20).unwrap();
+    assert_eq!(
+        cancelled,
+        vec![
+            (n2.clone(), TargetState::Dispatched),
+            (n3.clone(), TargetState::Running)
+        ]
+    );
+    assert_eq!(state_of(s, u, "n2"), TargetState::Cancelled);
+    assert_eq!(state_of(s, u, "n3"), TargetState::Cancelled);
+    assert_eq!(s.cancel(u, 30).unwrap(), vec![], "nothing left to cancel");
+    // Cancelled targets are no longer pending or in flight.
+    assert!(s.expire_dispatched_before(u64::MAX).unwrap().is_empty());
+
+    // Illegal transitions are typed errors and change nothing.
+    let err = |r: Result<(), StoreError>| match r {
+        Err(StoreError::InvalidTransition { from, to, .. }) => (from, to),
+        other => panic!("expected InvalidTransition, got {other:?}"),
+    };
+    let v = s.create_task(&command_spec(all, 1_000, 1), 0).unwrap();
+    assert_eq!(
+        err(s.mark_running(v, &n1, 1)),
+        (TargetState::Pending, TargetState::Running)
+    );
+    s.mark_dispatched(v, &n1, 1).unwrap();
+    assert_eq!(
+        err(s.mark_dispatched(v, &n1, 2)),
+        (TargetState::Dispatched, TargetState::Dispatched)
+    );
+    assert_eq!(
+        err(s.mark_dispatched(t, &n1, 2)),
+        (TargetState::Succeeded, TargetState::Dispatched)
+    );
+    assert_eq!(
+        err(s.mark_running(t, &n3, 2)),
+        (TargetState::Cancelled, TargetState::Running)
+    );
+    assert!(matches!(
+        s.cancel_target(t, &n1, 3),
+        Err(StoreError::InvalidTransition {
+            from: TargetState::Succeeded,
+            to: TargetState::Cancelled,
+            ..
+        })
+    ));
+    assert_eq!(state_of(s, t, "n1"), TargetState::Succeeded);
+    assert_eq!(state_of(s, v, "n1"), TargetState::Dispatched);
+    assert!(matches!(
+        s.mark_dispatched(999, &n1, 1),
+        Err(StoreError::UnknownTask(999))
+    ));
+    s.upsert_agent(&agent("n4", &[], 0)).unwrap();
+    assert!(matches!(
+        s.mark_dispatched(v, &node("n4"), 1),
+        Err(StoreError::NotATarget { .. })
+    ));
+}
+
+#[test]
+fn pending_for_an_agent_that_comes_back() {
+    let f = fixture();
+    let s = &f.store;
+    with_fleet(s);
+    // n3 goes offline; tasks for it are created meanwhile.
+    s.touch(&node("n1"), 10_000, false).unwrap();
+    s.touch(&node("n2"), 10_000, false).unwrap();
+    assert_eq!(
+        s.mark_offline_before(5_000).unwrap(),
+        vec![(node("n3"), AgentState::Online)]
+    );
+    let by_id = s
+        .create_task(
+            &command_spec(Targets::Nodes(vec![node("n3")]), 100, 1),
+            11_000,
+        )
+        .unwrap();
+    let mut probe = command_spec(Targets::Selector(labels(&[("region", "us")])), 100, 1);
+    probe.kind = TaskKind::TcpProbe {
+        target: "db:5432".into(),
+        timeout_ms: 500,
+    };
+    let by_selector = s.create_task(&probe, 11_001).unwrap();
+    let other = s
+        .create_task(
+            &command_spec(Targets::Nodes(vec![node("n1")]), 100, 1),
+            11_002,
+        )
+        .unwrap();
+
+    assert_eq!(s.pending_for(&node("n1")).unwrap().len(), 1);
+    assert_eq!(s.pending_for(&node("n1")).unwrap()[0].0, other);
+    assert!(s.pending_for(&node("n2")).unwrap().is_empty());
+
+    // n3 returns (after a scheduler restart, even): both tasks wait for it, oldest first.
+    drop(f.store);
+    let s = Store::open(&f.path).unwrap();
+    assert_eq!(
+        s.touch(&node("n3"), 20_000, false).unwrap(),
+        Some(AgentState::Offline)
+    );
+    let pending = s.pending_for(&node("n3")).unwrap();
+    assert_eq!(
+        pending.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![by_id, by_selector]
+    );
+    assert_eq!(pending[1].1, probe);
+    s.mark_dispatched(by_id, &node("n3"), 20_001).unwrap();
+    assert_eq!(
+        s.pending_for(&node("n3"))
+            .unwrap()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect::<Vec<_>>(),
+        vec![by_selector]
+    );
+}
+
+#[test]
+fn timeout_expiry_with_and_without_attempts_left() {
+    let f = fixture();
+    let s = &f.store;
+    with_fleet(s);
+    let n1 = node("n1");
+    let n2 = node("n2");
+    let retrying = s
+        .create_task(&command_spec(Targets::Nodes(vec![n1.clone()]), 100, 2), 0)
+        .unwrap();
+    let once = s
+        .create_task(&command_spec(Targets::Nodes(vec![n2.clone()]), 100, 1), 0)
+        .unwrap();
+    s.mark_dispatched(retrying, &n1, 1_000).unwrap(); // deadline 1_100
+    s.mark_dispatched(once, &n2, 1_000).unwrap();
+    s.mark_running(once, &n2, 1_010).unwrap(); // running keeps the deadline 1_100
+
+    // Not yet due.
+    assert!(s.expire_dispatched_before(1_100).unwrap().is_empty());
+
+    let expired = s.expire_dispatched_before(1_101).unwrap();
+    assert_eq!(
+        expired,
+        vec![
+            Expired {
+                task_id: retrying,
+                node_id: n1.clone(),
+                new_state: TargetState::Pending
+            },
+            Expired {
+                task_id: once,
+                node_id: n2.clone(),
+                new_state: TargetState::TimedOut
+            },
+        ]
+    );
+    assert_eq!(state_of(s, once, "n2"), TargetState::TimedOut);
+    let t = &s.task(retrying).unwrap().unwrap().targets[&n1];
+    assert_eq!(
+        (t.state, t.attempts, t.deadline_ms),
+        (TargetState::Pending, 1, None)
+    );
+    assert_eq!(s.pending_for(&n1).unwrap()[0].0, retrying);
+    // Expiry is done: nothing is expired twice.
+    assert!(s.expire_dispatched_before(5_000).unwrap().is_empty());
+
+    // Second (last) attempt times out for good; a late result is kept but changes nothing.
+    s.mark_dispatched(retrying, &n1, 2_000).unwrap();
+    assert_eq!(
+        s.expire_dispatched_before(2_101).unwrap()[0].new_state,
+        TargetState::TimedOut
+    );
+    let t = &s.task(retrying).unwrap().unwrap().targets[&n1];
+    assert_eq!((t.state, t.attempts), (TargetState::TimedOut, 2));
+    assert!(s.pending_for(&n1).unwrap().is_empty());
+    assert_eq!(
+        s.record_result("late", retrying, &n1, &ok_result(2_200))
+            .unwrap(),
+        Ingest::New
+    );
+    assert_eq!(state_of(s, retrying, "n1"), TargetState::TimedOut);
+    let results = s.results_for(retrying).unwrap();
+    assert_eq!(results.len(), 1);
+    assert!(!results[0].applied);
+}
+
+#[test]
+fn result_ingestion_is_idempotent_across_restarts() {
+    let f = fixture();
+    let s = &f.store;
+    with_fleet(s);
+    let n1 = node("n1");
+    let n2 = node("n2");
+    let t = s
+        .create_task(
+            &command_spec(Targets::Nodes(vec![n1.clone(), n2.clone()]), 1_000, 1),
+            0,
+        )
+        .unwrap();
+    s.mark_dispatched(t, &n1, 10).unwrap();
+    s.mark_dispatched(t, &n2, 10).unwrap();
+
+    assert_eq!(
+        s.record_result("a-1", t, &n1, &ok_result(20)).unwrap(),
+        Ingest::New
+    );
+    let after_first = s.counts().unwrap();
+    assert_eq!(after_first.results, 1);
+    let task_after_first = s.task(t).unwrap().unwrap();
+
+    // A replay, even with a different body, is a duplicate and changes nothing.
+    let mut replay = ok_result(25);
+    replay.exit_code = Some(9);
+    assert_eq!(
+        s.record_result("a-1", t, &n1, &replay).unwrap(),
+        Ingest::Duplicate
+    );
+    assert_eq!(s.counts().unwrap(), after_first);
+    assert_eq!(s.task(t).unwrap().unwrap(), task_after_first);
+    assert_eq!(s.results_for(t).unwrap().len(), 1);
+
+    // The same message id from another agent is that agent's own message.
+    assert_eq!(
+        s.record_result("a-1", t, &n2, &ok_result(30)).unwrap(),
+        Ingest::New
+    );
+    assert_eq!(s.counts().unwrap().results, 2);
+
+    // Bad message ids and unknown tasks are errors that store nothing.
+    assert!(matches!(
+        s.record_result("", t, &n1, &ok_result(1)),
+        Err(StoreError::InvalidMessageId)
+    ));
+    assert!(matches!(
+        s.record_result("x-1", 77, &n1, &ok_result(1)),
+        Err(StoreError::UnknownTask(77))
+    ));
+    assert_eq!(s.counts().unwrap().results, 2);
+
+    // Restart: the results, their effect, and the idempotency set are all still there.
+    let before = s.counts().unwrap();
+    let task_before = s.task(t).unwrap().unwrap();
+    drop(f.store);
+    let s = Store::open(&f.path).unwrap();
+    assert_eq!(s.counts().unwrap(), before);
+    assert_eq!(s.task(t).unwrap().unwrap(), task_before);
+    assert_eq!(
+        s.record_result("a-1", t, &n1, &ok_result(20)).unwrap(),
+        Ingest::Duplicate
+    );
+    assert_eq!(
+        s.record_result("a-1", t, &n2, &ok_result(30)).unwrap(),
+        Ingest::Duplicate
+    );
+    assert_eq!(s.counts().unwrap(), before);
+    let stored = s.results_for(t).unwrap();
+    assert_eq!(
+        stored
+            .iter()
+            .map(|r| (r.node_id.to_string(), r.applied, r.body.finished_at_ms))
+            .collect::<Vec<_>>(),
+        vec![("n1".into(), true, 20), ("n2".into(), true, 30)]
+    );
+}
+
+#[test]
+fn reports_are_idempotent_and_bounded_per_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scheduler.redb");
+    let options = StoreOptions {
+        reports_per_agent: 5,
+        report_ids_per_agent: 8,
+        ..StoreOptions::default()
+    };
+    let s = Store::open_with(&path, options).unwrap();
+    with_fleet(&s);
+    let n1 = node("n1");
+
+    for i in 0..12u64 {
+        let m = json!({"cpu": i, "disk": {"free": 100 - i}});
+        assert_eq!(
+            s.record_report(&format!("r-{i}"), &n1, &m, 1_000 + i)
+                .unwrap(),
+            Ingest::New
+        );
+    }
+    s.record_report("r-0", &node("n2"), &json!({"cpu": 1}), 5)
+        .unwrap();
+
+    let kept = s.reports(&n1).unwrap();
+    assert_eq!(
+        kept.iter()
+            .map(|r| r.message_id.as_str())
+            .collect::<Vec<_>>(),
+        ["r-7", "r-8", "r-9", "r-10", "r-11"]
+    );
+    assert_eq!(kept[4].metrics, json!({"cpu": 11, "disk": {"free": 89}}));
+    assert_eq!(s.counts().unwrap().reports, 6);
+
+    // Replays inside the id window are duplicates, even of reports already trimmed.
+    let before = s.counts().unwrap();
+    for i in [4u64, 6, 11] {
+        assert_eq!(
+            s.record_report(&format!("r-{i}"), &n1, &json!({}), 9_000)
+                .unwrap(),
+            Ingest::Duplicate
+        );
+    }
+    assert_eq!(s.counts().unwrap(), before);
+    assert_eq!(s.reports(&n1).unwrap(), kept);
+
+    // After a restart too.
+    drop(s);
+    let s = Store::open_with(&path, options).unwrap();
+    assert_eq!(
+        s.record_report("r-11", &n1, &json!({}), 9_000).unwrap(),
+        Ingest::Duplicate
+    );
+    assert_eq!(s.reports(&n1).unwrap(), kept);
+    assert!(matches!(
+        s.record_report("r-1", &node("ghost"), &json!({}), 0),
+        Err(StoreError::UnknownAgent(_))
+    ));
+
+    // The bound holds under a long stream of reports.
+    for i in 100..400u64 {
+        s.record_report(&format!("r-{i}"), &n1, &json!({"i": i}), i)
+            .unwrap();
+    }
+    assert_eq!(s.reports(&n1).unwrap().len(), 5);
+    assert_eq!(s.counts().unwrap().reports, 6);
+}
+
+#[test]
+fn a_second_open_of_the_same_file_is_refused() {
+    let f = fixture();
+    assert!(matches!(Store::open(&f.path), Err(StoreError::Open { .. })));
+    assert_eq!(f.store.path(), f.path.as_path());
+}
