@@ -2,6 +2,7 @@
 //!
 //! - [`frame`]: the binary client frame codec (client <-> gateway).
 //! - [`close`]: WebSocket close codes and error-frame codes.
+//! - [`fleet`]: agent <-> scheduler messages and routes.
 //! - [`subject`]: NATS subjects, built and parsed.
 //! - [`headers`]: NATS header names and per-hop timestamps.
 //! - [`ids`]: socket, user, room and gateway ids, validated once.
@@ -12,6 +13,7 @@
 //! `docs/protocol.md` describes the same contract for implementers in other languages.
 
 pub mod close;
+pub mod fleet;
 pub mod frame;
 pub mod headers;
 pub mod ids;

@@ -1,0 +1,351 @@
+//! The fleet contract: what edge agents and the scheduler say to each other through the
+//! gateways.
+//!
+//! Agents are ordinary clients whose token has `kind: agent` and whose user id is the node
+//! id. Upstream they send publish frames on the routes below; the gateway puts them on
+//! `ws.msg.agent.<route>` (queue group `scheduler`). Downstream the scheduler pushes to the
+//! node's user subject (`ws.user.<node>`), with the route naming the message. Every body is
+//! MessagePack with named fields ([`crate::payload::to_bus`] / [`crate::payload::from_bus`]);
+//! agent liveness itself comes from the gateways' presence batches on `ws.evt.agent.*`.
+//!
+//! Delivery: reports and results carry a `message_id` that the agent keeps in its durable
+//! outbox until an [`Ack`] names it; the scheduler ingests by message id, so a replay is
+//! acknowledged again and never counted twice.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Routes of agent -> scheduler publish frames.
+pub mod up {
+    /// [`super::Register`]: sent after every (re)connect.
+    pub const REGISTER: &str = "agent.register";
+    /// [`super::Status`]: online/degraded changes.
+    pub const STATUS: &str = "agent.status";
+    /// [`super::ReportBatch`]: pre-aggregated metrics (outboxed).
+    pub const REPORT: &str = "agent.report";
+    /// [`super::TaskStarted`]: a task began executing.
+    pub const STARTED: &str = "agent.task.started";
+    /// [`super::TaskOutput`]: a chunk of a command's output (best effort, not outboxed).
+    pub const OUTPUT: &str = "agent.task.output";
+    /// [`super::TaskResult`]: a task finished (outboxed).
+    pub const RESULT: &str = "agent.task.result";
+}
+
+/// Routes of scheduler -> agent pushes.
+pub mod down {
+    /// [`super::Ack`]: outbox entries the scheduler has durably ingested.
+    pub const ACK: &str = "agent.ack";
+    /// [`super::Task`]: run this.
+    pub const TASK: &str = "agent.task";
+    /// [`super::Cancel`]: stop this.
+    pub const CANCEL: &str = "agent.cancel";
+}
+
+/// Subject on which the scheduler announces agent state changes ([`StateChange`]).
+pub fn state_subject(node: &crate::UserId) -> String {
+    format!("fleet.agent.state.{node}")
+}
+
+/// Wildcard for every agent's state changes.
+pub const STATE_WILDCARD: &str = "fleet.agent.state.*";
+
+/// Liveness of an agent as the scheduler sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Connected and healthy.
+    Online,
+    /// Connected, but reporting a problem (disk nearly full, tasks failing).
+    Degraded,
+    /// Not heard from for three heartbeat periods, or disconnected.
+    Offline,
+}
+
+/// First message after a connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// Must equal the token's subject; the scheduler trusts the gateway's `ws-user` header.
+    pub node_id: String,
+    /// Host name.
+    pub hostname: String,
+    /// Agent version.
+    pub version: String,
+    /// Labels for selectors (`region=eu`, `role=edge`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Addresses the node has.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// A health change reported by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Online or degraded (an agent never reports itself offline).
+    pub state: AgentState,
+    /// Why, when degraded.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// One pre-aggregated status report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Outbox message id.
+    pub message_id: String,
+    /// Unix ms at the end of the aggregation window.
+    pub at_ms: u64,
+    /// Metric name -> value averaged over the window (`cpu_pct`, `mem_pct`, `disk_pct`, `load1`).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Several reports in one frame (sent compressed when large).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportBatch {
+    /// Reports, oldest first.
+    pub reports: Vec<Report>,
+}
+
+/// What a task does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Run a program (must be on the agent's allowlist).
+    Command {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Extra environment.
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        #[serde(default)]
+        cwd: Option<String>,
+    },
+    /// Open a TCP connection to `target` (`host:port`).
+    TcpProbe {
+        /// Target.
+        target: String,
+    },
+    /// GET `url` (http only).
+    HttpProbe {
+        /// Target URL.
+        url: String,
+    },
+}
+
+/// A task for one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// Task id.
+    pub task_id: u64,
+    /// Attempt number (1-based); results name it.
+    pub attempt: u32,
+    /// What to do.
+    pub spec: TaskKind,
+    /// Kill/abandon after this long.
+    pub timeout_ms: u64,
+}
+
+/// Stop a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    /// Task id.
+    pub task_id: u64,
+}
+
+/// A task began executing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStarted {
+    /// Task id.
+    pub task_id: u64,
+    /// Attempt.
+    pub attempt: u32,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A chunk of output, streamed while a command runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOutput {
+    /// Task id.
+    pub task_id: u64,
+    /// Chunk number, from 0.
+    pub seq: u64,
+    /// Stream.
+    pub stream: Stream,
+    /// Bytes (lossy UTF-8).
+    pub data: String,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exit code 0 / probe reached its target.
+    Succeeded,
+    /// Non-zero exit, probe failed, or refused (not allowlisted).
+    Failed,
+    /// Killed after its timeout.
+    TimedOut,
+    /// Stopped by a cancel.
+    Cancelled,
+}
+
+/// A finished task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// Outbox message id (idempotent ingestion).
+    pub message_id: String,
+    /// Task id.
+    pub task_id: u64,
+    /// Attempt.
+    pub attempt: u32,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// Exit code of a command.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Last few KiB of stdout.
+    #[serde(default)]
+    pub stdout_tail: String,
+    /// Last few KiB of stderr.
+    #[serde(default)]
+    pub stderr_tail: String,
+    /// Error text (refused, probe error).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Probe latency or command duration, ms.
+    #[serde(default)]
+    pub latency_ms: Option<u64>,
+    /// HTTP status of an HTTP probe.
+    #[serde(default)]
+    pub http_status: Option<u16>,
+    /// Unix ms.
+    pub finished_at_ms: u64,
+}
+
+/// Outbox entries the scheduler has ingested; the agent deletes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Message ids.
+    pub message_ids: Vec<String>,
+}
+
+/// An agent's state changed (`fleet.agent.state.<node>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// Node.
+    pub node_id: String,
+    /// Previous state (none for a first registration).
+    pub from: Option<AgentState>,
+    /// New state.
+    pub to: AgentState,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::{from_bus, to_bus};
+
+    #[test]
+    fn every_message_round_trips_as_named_msgpack() {
+        let task = Task {
+            task_id: 7,
+            attempt: 1,
+            spec: TaskKind::Command {
+                argv: vec!["uptime".into()],
+                env: BTreeMap::new(),
+                cwd: None,
+            },
+            timeout_ms: 5_000,
+        };
+        assert_eq!(from_bus::<Task>(&to_bus(&task).unwrap()).unwrap(), task);
+        for spec in [
+            TaskKind::TcpProbe {
+                target: "127.0.0.1:80".into(),
+            },
+            TaskKind::HttpProbe {
+                url: "http://x/".into(),
+            },
+        ] {
+            assert_eq!(from_bus::<TaskKind>(&to_bus(&spec).unwrap()).unwrap(), spec);
+        }
+        let result = TaskResult {
+            message_id: "abc-1".into(),
+            task_id: 7,
+            attempt: 1,
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            stdout_tail: "ok".into(),
+            stderr_tail: String::new(),
+            error: None,
+            latency_ms: Some(3),
+            http_status: None,
+            finished_at_ms: 9,
+        };
+        assert_eq!(
+            from_bus::<TaskResult>(&to_bus(&result).unwrap()).unwrap(),
+            result
+        );
+        let reg = Register {
+            node_id: "n1".into(),
+            hostname: "h".into(),
+            version: "0.1.0".into(),
+            labels: BTreeMap::from([("region".into(), "eu".into())]),
+            addresses: vec!["10.0.0.1".into()],
+        };
+        assert_eq!(from_bus::<Register>(&to_bus(&reg).unwrap()).unwrap(), reg);
+        let ack = Ack {
+            message_ids: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(from_bus::<Ack>(&to_bus(&ack).unwrap()).unwrap(), ack);
+        let batch = ReportBatch {
+            reports: vec![Report {
+                message_id: "r1".into(),
+                at_ms: 1,
+                metrics: BTreeMap::from([("cpu_pct".into(), 12.5)]),
+            }],
+        };
+        assert_eq!(
+            from_bus::<ReportBatch>(&to_bus(&batch).unwrap()).unwrap(),
+            batch
+        );
+    }
+
+    #[test]
+    fn routes_are_valid_routes_and_distinct() {
+        let all = [
+            up::REGISTER,
+            up::STATUS,
+            up::REPORT,
+            up::STARTED,
+            up::OUTPUT,
+            up::RESULT,
+            down::ACK,
+            down::TASK,
+            down::CANCEL,
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for r in all {
+            assert!(crate::Route::new(r).is_ok(), "{r}");
+            assert!(seen.insert(r), "{r}");
+        }
+        assert_eq!(
+            state_subject(&crate::UserId::new("n1").unwrap()),
+            "fleet.agent.state.n1"
+        );
+    }
+}
