@@ -54,7 +54,7 @@ start_gateway() {
   echo "gateway did not become ready" >&2; cat "$TMP/gw.log" >&2; exit 1
 }
 
-lt() { LOADTEST_SECRET="$SECRET" "${CORE1[@]}" "$LT" --urls "ws://127.0.0.1:$PORT/ws" "$@"; }
+lt() { LOADTEST_GATEWAY_PID="$GW_PID" LOADTEST_SECRET="$SECRET" "${CORE1[@]}" "$LT" --urls "ws://127.0.0.1:$PORT/ws" "$@"; }
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(uname -r)"
 echo "== idle: $IDLE connections held ${HOLD}s (fresh gateway)"

@@ -150,8 +150,19 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     let stats = Arc::new(Stats::default());
     let (stop_tx, stop) = watch::channel(false);
     let started = Instant::now();
+    let cpu_before = gateway_pid().and_then(cpu_secs);
     let clients = open_all(&cli, &urls, &stats, &stop).await;
     let open_secs = started.elapsed().as_secs_f64();
+    let open_cpu = match (cpu_before, gateway_pid().and_then(cpu_secs)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    if let Some(cpu) = open_cpu {
+        println!(
+            "gateway CPU while opening: {cpu:.2} s ({:.0} µs per accepted connection)",
+            cpu * 1e6 / clients.len().max(1) as f64
+        );
+    }
     let connected = stats.connected.load(Ordering::Relaxed);
     let failed = stats.failed.load(Ordering::Relaxed);
     let mut handshakes: Vec<u64> = clients.iter().map(|c| c.handshake_us).collect();
@@ -168,6 +179,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             "seconds": open_secs, "accepts_per_sec": connected as f64 / open_secs,
             "handshake_p50_ms": percentile(&handshakes, 50.0) as f64 / 1000.0,
             "handshake_p99_ms": percentile(&handshakes, 99.0) as f64 / 1000.0,
+            "gateway_cpu_secs": open_cpu,
         }),
         Scenario::Idle { hold_secs, pid } => {
             let before = cli_rss_before(*pid);
@@ -252,6 +264,23 @@ fn cli_rss_before(pid: Option<u32>) -> Option<u64> {
         .ok()
         .and_then(|v| v.parse().ok())
         .or_else(|| pid.and_then(rss_kib))
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Linux reports clock ticks; USER_HZ is 100 on every mainstream architecture.
+    Some((utime + stime) / 100.0)
+}
+
+/// The gateway process to account CPU to, if the runner said which.
+fn gateway_pid() -> Option<u32> {
+    std::env::var("LOADTEST_GATEWAY_PID").ok()?.parse().ok()
 }
 
 /// VmRSS of a process in KiB.
@@ -446,6 +475,7 @@ async fn fanout(
     };
     let expected = (messages * connected) as u64;
     let before = stats.received.load(Ordering::Relaxed);
+    let cpu_before = gateway_pid().and_then(cpu_secs);
     let started = Instant::now();
     for i in 0..messages {
         let mut body = vec![0u8; size];
@@ -481,6 +511,16 @@ async fn fanout(
     }
     let delivered = stats.received.load(Ordering::Relaxed) - before;
     let secs = started.elapsed().as_secs_f64() - if delivered >= expected { 0.0 } else { 2.0 };
+    let cpu = match (cpu_before, gateway_pid().and_then(cpu_secs)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    if let Some(cpu) = cpu {
+        println!(
+            "gateway CPU for the fan-out: {cpu:.2} s ({:.2} CPU-s per million deliveries)",
+            cpu * 1e6 / delivered.max(1) as f64
+        );
+    }
     println!(
         "fanout: {messages} pushes x {connected} sockets = {expected} expected, {delivered} delivered in {secs:.2}s: {:.0} deliveries/s (published in {publish_secs:.2}s)",
         delivered as f64 / secs
@@ -489,6 +529,7 @@ async fn fanout(
         "scenario": "fanout", "connections": connected, "messages": messages, "size": size,
         "expected": expected, "delivered": delivered, "seconds": secs,
         "deliveries_per_sec": delivered as f64 / secs, "publish_seconds": publish_secs,
+        "gateway_cpu_secs": cpu,
     }))
 }
 
