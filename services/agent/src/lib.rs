@@ -1,16 +1,23 @@
 //! agent: the edge daemon. It holds one WebSocket to a gateway for heartbeats, reports,
 //! tasks and results.
 //!
-//! Built so far: the pieces the connection loop stands on.
 //! - [`config`]: the TOML file plus `AGENT_*` overrides, validated into [`AgentConfig`].
+//! - [`connection`]: the connection loop (connect, welcome, register, outbox replay,
+//!   heartbeats, pushes, reconnect policy) and [`start`], which runs an agent.
+//! - [`executor`]: runs tasks (allowlisted commands in their own process group, TCP and
+//!   HTTP probes) and writes each result to the outbox before it is sent.
 //! - [`outbox`]: the durable redb queue every report and result passes through, so nothing
 //!   is lost across disconnects or a kill -9.
 //! - [`backoff`]: reconnect delays (capped exponential with jitter).
 
 pub mod backoff;
 pub mod config;
+pub mod connection;
+pub mod executor;
 pub mod outbox;
 
 pub use backoff::{BackoffError, ExponentialBackoff};
 pub use config::{AgentConfig, ConfigError, Origin, Problem, Token};
+pub use connection::{AgentHandle, RunError, start};
+pub use executor::{ExecEvent, Execution, Executor};
 pub use outbox::{Entry, MessageId, Outbox, OutboxError};

@@ -1,8 +1,13 @@
-//! Entry point for agent. For now it loads and validates the configuration and exits: the
-//! connection loop is not implemented yet.
+//! Entry point for agent: load the configuration, run the agent until SIGINT/SIGTERM or a
+//! fatal close, and turn the outcome into an exit code.
 //!
 //! Usage: `agent [CONFIG_FILE]` (or `AGENT_CONFIG=CONFIG_FILE`); `AGENT_*` variables
-//! override the file (see the `config` module).
+//! override the file (see the `config` module). Logging follows `RUST_LOG` (default
+//! `info`).
+//!
+//! Exit codes (sysexits.h): 0 after a requested shutdown, 78 bad configuration, 77 the
+//! gateway rejected the token, 76 another "do not reconnect" close, 74 outbox I/O error,
+//! 71 no runtime, 70 internal failure.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,22 +17,82 @@ fn main() -> ExitCode {
         .nth(1)
         .or_else(|| std::env::var_os("AGENT_CONFIG"))
         .map(PathBuf::from);
-    match agent::AgentConfig::load(path.as_deref(), |k| std::env::var(k).ok()) {
-        Ok(config) => {
-            eprintln!(
-                "agent: configuration ok (node {}, {} gateway(s), outbox {}); \
-                 the connection loop is not implemented yet",
-                config.node_id,
-                config.gateways.len(),
-                config.outbox_path.display()
-            );
-            // EX_SOFTWARE, as the other not-yet-implemented services use.
-            ExitCode::from(70)
-        }
+    let config = match agent::AgentConfig::load(path.as_deref(), |k| std::env::var(k).ok()) {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("agent: {e}");
             // EX_CONFIG
-            ExitCode::from(78)
+            return ExitCode::from(78);
+        }
+    };
+    // Logs go to stderr (journald picks them up), coloured only on a terminal.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // Two workers are plenty for one connection and a few tasks; the blocking pool serves
+    // the outbox.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agent: cannot start the runtime: {e}");
+            // EX_OSERR
+            return ExitCode::from(71);
+        }
+    };
+    runtime.block_on(async move {
+        tracing::info!(
+            node = %config.node_id,
+            gateways = config.gateways.len(),
+            outbox = %config.outbox_path.display(),
+            "Starting."
+        );
+        let mut handle = match agent::start(config).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot start.");
+                return ExitCode::from(e.exit_code());
+            }
+        };
+        let result = tokio::select! {
+            r = handle.join() => r,
+            () = shutdown_signal() => {
+                tracing::info!("Shutting down.");
+                handle.stop();
+                handle.join().await
+            }
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "Stopped.");
+                ExitCode::from(e.exit_code())
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM (whichever comes first).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        // Without a SIGTERM handler, Ctrl-C still works.
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

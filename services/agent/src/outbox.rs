@@ -135,6 +135,22 @@ impl fmt::Display for MessageId {
     }
 }
 
+impl MessageId {
+    /// Parses the [`fmt::Display`] form (`<hex instance>-<decimal seq>`); `None` for
+    /// anything else, because acks name ids the scheduler echoes back and a garbled one must
+    /// simply match nothing.
+    pub fn parse(s: &str) -> Option<MessageId> {
+        let (instance, seq) = s.rsplit_once('-')?;
+        if instance.is_empty() || instance.len() > 32 {
+            return None;
+        }
+        Some(MessageId {
+            instance: u128::from_str_radix(instance, 16).ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
 /// One pending outbox entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -260,6 +276,41 @@ impl Outbox {
         Ok(seq)
     }
 
+    /// Appends an entry whose payload embeds its own message id, and returns its sequence.
+    ///
+    /// `build` receives the id the entry will have and returns the payload. The sequence is
+    /// read and the entry written in one write transaction (redb serialises writers), so
+    /// concurrent appends can never hand two payloads the same id. Results carry their
+    /// `message_id` inside the msgpack body, which is why plain [`Outbox::append`] (where the
+    /// id is known only afterwards) is not enough for them.
+    pub fn append_with<E>(
+        &self,
+        kind: &str,
+        build: impl FnOnce(MessageId) -> Result<Vec<u8>, E>,
+    ) -> Result<u64, E>
+    where
+        E: From<OutboxError>,
+    {
+        let appended_at_ms = now_unix_ms();
+        let txn = begin_durable_write(&self.db)?;
+        let seq = {
+            let mut meta = txn.open_table(META).map_err(OutboxError::from)?;
+            let seq = read_next_seq(&meta)?;
+            let next = seq.checked_add(1).ok_or(OutboxError::SequenceExhausted)?;
+            // On a build error the transaction is dropped uncommitted: nothing is written.
+            let payload = build(self.message_id(seq))?;
+            let mut entries = txn.open_table(ENTRIES).map_err(OutboxError::from)?;
+            entries
+                .insert(seq, (appended_at_ms, kind, payload.as_slice()))
+                .map_err(OutboxError::from)?;
+            meta.insert(META_NEXT_SEQ, u128::from(next))
+                .map_err(OutboxError::from)?;
+            seq
+        };
+        txn.commit().map_err(OutboxError::from)?;
+        Ok(seq)
+    }
+
     /// Up to `limit` pending (unacknowledged) entries, oldest first (ascending sequence).
     pub fn pending(&self, limit: usize) -> Result<Vec<Entry>, OutboxError> {
         let txn = self.db.begin_read()?;
@@ -376,6 +427,40 @@ mod tests {
         };
         let s = id.to_string();
         assert_eq!(s, "00000000000000000000000000000abc-42");
-        assert!(messages::UserId::new(s).is_ok());
+        assert!(messages::UserId::new(&s).is_ok());
+        assert_eq!(MessageId::parse(&s), Some(id));
+        for bad in [
+            "",
+            "-1",
+            "abc",
+            "xyz-1",
+            "abc-",
+            "abc-x",
+            &format!("{}-1", "f".repeat(33)),
+        ] {
+            assert_eq!(MessageId::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn append_with_embeds_the_entrys_own_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path().join("o.redb")).unwrap();
+        let seq = outbox
+            .append_with::<OutboxError>("result", |id| Ok(id.to_string().into_bytes()))
+            .unwrap();
+        let entries = outbox.pending(10).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].seq, seq);
+        assert_eq!(
+            entries[0].payload,
+            outbox.message_id(seq).to_string().into_bytes()
+        );
+        // A failing build writes nothing and does not consume a sequence.
+        let next = outbox.next_seq().unwrap();
+        let failed = outbox.append_with("result", |_| Err(OutboxError::SequenceExhausted));
+        assert!(failed.is_err());
+        assert_eq!(outbox.next_seq().unwrap(), next);
+        assert_eq!(outbox.len().unwrap(), 1);
     }
 }

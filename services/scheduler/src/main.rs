@@ -1,6 +1,73 @@
-//! Entry point for scheduler; the service is not implemented yet.
+//! scheduler binary: parse flags, initialise logging, bind, run until SIGTERM/SIGINT.
+//! Exit codes: 64 bad configuration, 71 cannot listen, 1 failure while running.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("scheduler: not implemented yet");
-    std::process::ExitCode::from(70)
+use std::net::TcpListener;
+use std::process::ExitCode;
+
+use clap::Parser;
+use scheduler::{Args, Config};
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(64);
+        }
+        // --help and --version.
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let config = match Config::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("scheduler: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let listener = match TcpListener::bind(&args.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("scheduler: cannot listen on {}: {e}", args.listen);
+            return ExitCode::from(71);
+        }
+    };
+    tracing::info!(listen = %args.listen, nats = %config.nats_url, db = %config.db_path.display(), "Starting.");
+    match actix_web::rt::System::new().block_on(scheduler::run(config, listener, shutdown_signal()))
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("scheduler: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

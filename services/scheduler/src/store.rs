@@ -648,6 +648,30 @@ impl Store {
         })
     }
 
+    /// Sets an agent's state in one transaction (read and write together, so a concurrent
+    /// register cannot be overwritten with a stale record). Returns the previous state when
+    /// it changed; `None` when it was already `state` or the agent is not registered.
+    pub fn set_agent_state(
+        &self,
+        node_id: &UserId,
+        state: AgentState,
+    ) -> Result<Option<AgentState>, StoreError> {
+        self.write(|txn| {
+            let mut agents = txn.open_table(AGENTS)?;
+            let mut rec: AgentRecord = match agents.get(node_id.as_str())? {
+                Some(v) => decode(v.value(), "agent")?,
+                None => return Ok(None),
+            };
+            if rec.state == state {
+                return Ok(None);
+            }
+            let old = rec.state;
+            rec.state = state;
+            agents.insert(node_id.as_str(), encode(&rec, "agent")?.as_slice())?;
+            Ok(Some(old))
+        })
+    }
+
     /// Records a heartbeat: `last_seen_ms` becomes `at_ms` and the state Online or Degraded.
     /// Returns the old state if the state changed. A heartbeat older than `last_seen_ms`
     /// (reordered delivery) changes nothing.

@@ -1,0 +1,715 @@
+//! The connection loop: one WebSocket to one gateway at a time, for everything.
+//!
+//! This module owns the session lifecycle (connect with the token, welcome, register,
+//! outbox replay, heartbeats, pushes, close) and the reconnect policy between sessions.
+//! Task execution lives in [`crate::executor`] and durability in [`crate::outbox`]; this
+//! loop only moves their frames.
+//!
+//! Reconnect policy (`docs/protocol.md` section 13.1):
+//! - Gateways are picked at random, and after a failure a different one than the one that
+//!   failed is preferred, so a dead replica is not retried while others are up.
+//! - Between attempts the configured [`ExponentialBackoff`] applies; the attempt counter
+//!   resets once a session got its welcome.
+//! - A reconnect frame (gateway drain) replaces the backoff with its `delay_ms`.
+//! - Close codes 4500-4999 (protocol error, unauthorized, kicked, ...) and an HTTP 401/403
+//!   at the handshake **stop the agent for good** after logging: the documented meaning is
+//!   "do not reconnect until something changes", and for a daemon that change is an
+//!   operator fixing the token or upgrading the agent. The process exits non-zero, so a
+//!   supervisor (systemd) decides whether and when to start it again.
+//!
+//! Only `ws://` gateways can be reached for now: the workspace builds tokio-tungstenite
+//! without a TLS backend, so a `wss://` URL fails to connect (and is retried like any
+//! other failure).
+//!
+//! Delivery: every result is in the outbox before it reaches this loop. After each
+//! register the loop sends every pending entry again; an `agent.ack` push deletes the named
+//! entries. Within one session an entry is sent at most once (a result that finishes while
+//! the replay runs is not sent twice); across sessions it is re-sent until acked, and the
+//! scheduler ingests by message id.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use messages::fleet::{self, Ack, Cancel, Register, Report, ReportBatch, Task};
+use messages::payload::{self, ErrorBody, HeartbeatAck, Reconnect, Welcome};
+use messages::{BodyCodec, CloseCode, Frame, FrameKind, Limits, Route};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::backoff::ExponentialBackoff;
+use crate::config::{AgentConfig, Token};
+use crate::executor::{ExecEvent, Executor, RESULT_KIND};
+use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
+
+/// Outbox entry kind of a status report (a msgpack [`Report`]).
+pub const REPORT_KIND: &str = "report";
+
+/// Longest wait for TCP connect plus the WebSocket handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the welcome after the handshake.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for one frame to be written.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Floor for the "no answer after a heartbeat" deadline, in case a gateway announces a
+/// tiny grace.
+const MIN_GRACE: Duration = Duration::from_secs(1);
+/// Most outbox entries replayed per session; the rest follow on the next reconnect once
+/// these are acked (bounds memory after a very long outage).
+const REPLAY_LIMIT: usize = 50_000;
+/// Reports per replayed batch frame, to stay well inside the gateway's body limit.
+const REPORTS_PER_BATCH: usize = 100;
+/// Largest message accepted from a gateway.
+const MAX_MESSAGE: usize = 1 << 20;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Why the agent stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// A background task failed to complete.
+    #[error("agent task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    /// A gateway closed the connection with a "do not reconnect" code (4500-4999).
+    #[error("gateway {url} closed the connection with {code} ({reason}); not reconnecting")]
+    Refused {
+        /// The gateway.
+        url: String,
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
+    /// A gateway rejected the token at the handshake.
+    #[error("gateway {url} rejected the token (HTTP {status}); not reconnecting")]
+    Unauthorized {
+        /// The gateway.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
+}
+
+impl RunError {
+    /// The process exit code for this error (sysexits.h values).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Outbox(_) => 74, // EX_IOERR
+            RunError::Join(_) => 70,   // EX_SOFTWARE
+            RunError::Refused { code, .. } if *code == CloseCode::Unauthorized.code() => 77,
+            RunError::Refused { .. } => 76,      // EX_PROTOCOL
+            RunError::Unauthorized { .. } => 77, // EX_NOPERM
+        }
+    }
+}
+
+/// Why one session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// The connection failed or was lost; `welcomed` says whether it got that far.
+    Lost { welcomed: bool, reason: String },
+    /// The gateway asked for a reconnect after `delay` (a drain).
+    Reconnect { delay: Duration },
+    /// Do not reconnect.
+    Fatal(RunError),
+    /// The agent is shutting down.
+    Shutdown,
+}
+
+/// A running agent (connection loop and executor) on the current tokio runtime.
+#[derive(Debug)]
+pub struct AgentHandle {
+    outbox: Arc<Outbox>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+impl AgentHandle {
+    /// The agent's outbox (for inspection; the agent holds the file's lock).
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// Asks the agent to close its connection and stop.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the agent has stopped. Call it once: after it returned, the handle is
+    /// spent.
+    pub async fn join(&mut self) -> Result<(), RunError> {
+        (&mut self.task).await?
+    }
+}
+
+/// Opens the outbox and starts the agent. Dropping the handle stops the agent too.
+pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
+    let path = config.outbox_path.clone();
+    let outbox = Arc::new(tokio::task::spawn_blocking(move || Outbox::open(path)).await??);
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run(config, Arc::clone(&outbox), stopped));
+    Ok(AgentHandle { outbox, stop, task })
+}
+
+/// Shared state of the connection loop.
+struct Ctx {
+    config: AgentConfig,
+    outbox: Arc<Outbox>,
+    executor: Executor,
+    events: mpsc::UnboundedReceiver<ExecEvent>,
+    shutdown: watch::Receiver<bool>,
+    hostname: String,
+}
+
+/// Runs sessions until shutdown or a fatal close.
+pub async fn run(
+    config: AgentConfig,
+    outbox: Arc<Outbox>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), RunError> {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let executor = Executor::new(
+        config.allowed_commands.clone(),
+        Arc::clone(&outbox),
+        events_tx,
+    );
+    let backoff: ExponentialBackoff = config.backoff;
+    let mut ctx = Ctx {
+        config,
+        outbox,
+        executor,
+        events,
+        shutdown,
+        hostname: hostname(),
+    };
+    let mut attempt: u32 = 0;
+    let mut last_failed: Option<usize> = None;
+    loop {
+        let index = pick_gateway(ctx.config.gateways.len(), last_failed);
+        let Some(url) = ctx.config.gateways.get(index).cloned() else {
+            // Config validation guarantees at least one gateway; stay defensive anyway.
+            return Ok(());
+        };
+        let end = ctx.session(&url).await;
+        let delay = match end {
+            SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Fatal(e) => {
+                tracing::error!(gateway = %url, error = %e, "Stopping for good.");
+                return Err(e);
+            }
+            SessionEnd::Reconnect { delay } => {
+                // A drain is not a failure: start the backoff afresh, but go elsewhere,
+                // since this replica is going away.
+                tracing::info!(gateway = %url, ?delay, "Gateway asked to reconnect.");
+                attempt = 0;
+                last_failed = Some(index);
+                delay
+            }
+            SessionEnd::Lost { welcomed, reason } => {
+                if welcomed {
+                    attempt = 0;
+                }
+                last_failed = Some(index);
+                let delay = backoff.delay(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(gateway = %url, %reason, retry_in = ?delay, "Disconnected; will retry.");
+                delay
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = wait_shutdown(&mut ctx.shutdown) => return Ok(()),
+        }
+    }
+}
+
+/// Resolves when shutdown is requested or the handle is gone.
+async fn wait_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// A random gateway index, avoiding `avoid` when there is a choice.
+fn pick_gateway(count: usize, avoid: Option<usize>) -> usize {
+    match (count, avoid) {
+        (0 | 1, _) => 0,
+        (n, Some(bad)) if bad < n => {
+            // Draw among the n - 1 others and skip over the bad one.
+            let i = rand::random_range(0..n - 1);
+            if i >= bad { i + 1 } else { i }
+        }
+        (n, _) => rand::random_range(0..n),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Why an established session failed (all of these lead to a reconnect).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("websocket: {0}")]
+    Ws(#[from] tungstenite::Error),
+    #[error("write timed out")]
+    WriteTimeout,
+    #[error("encode: {0}")]
+    Encode(#[from] payload::PayloadError),
+    #[error("bad route: {0}")]
+    Route(#[from] messages::frame::RouteError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error("outbox task: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// One live connection: the socket and its publish id counter.
+struct Conn {
+    ws: Ws,
+    next_id: u64,
+    /// Outbox sequences already sent in this session.
+    sent: HashSet<u64>,
+}
+
+impl Conn {
+    async fn send(&mut self, frame: Frame) -> Result<(), SessionError> {
+        tokio::time::timeout(WRITE_TIMEOUT, self.ws.send(Message::Binary(frame.encode())))
+            .await
+            .map_err(|_| SessionError::WriteTimeout)??;
+        Ok(())
+    }
+
+    async fn publish(&mut self, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = Frame::new(FrameKind::Publish)
+            .with_msg_id(id)
+            .with_route(Route::new(route)?)
+            .with_body(BodyCodec::MsgPack, body);
+        self.send(frame).await
+    }
+}
+
+/// How the frame handler wants the session to continue.
+enum Next {
+    Continue,
+    End(SessionEnd),
+}
+
+impl Ctx {
+    /// Connects to `url`, runs the session to its end and says how it ended.
+    async fn session(&mut self, url: &str) -> SessionEnd {
+        let ws = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect(url, &self.config.token)) => match r {
+                Err(_) => return lost(false, "connect timed out"),
+                Ok(Err(end)) => return end,
+                Ok(Ok(ws)) => ws,
+            },
+            () = wait_shutdown(&mut self.shutdown) => return SessionEnd::Shutdown,
+        };
+        let mut conn = Conn {
+            ws,
+            next_id: 1,
+            sent: HashSet::new(),
+        };
+        let welcome =
+            match tokio::time::timeout(WELCOME_TIMEOUT, read_welcome(&mut conn.ws, url)).await {
+                Err(_) => return lost(false, "no welcome"),
+                Ok(Err(end)) => return end,
+                Ok(Ok(welcome)) => welcome,
+            };
+        tracing::info!(
+            gateway = %welcome.gateway, socket_id = %welcome.socket_id, "Connected."
+        );
+        match self.established(&mut conn, url, &welcome).await {
+            Ok(end) => {
+                // Leave politely when the socket is still usable (shutdown, drain, refusal);
+                // a lost one has nothing left to close.
+                if !matches!(end, SessionEnd::Lost { .. }) {
+                    let _ = tokio::time::timeout(WRITE_TIMEOUT, conn.ws.close(None)).await;
+                }
+                end
+            }
+            Err(e) => lost(true, e.to_string()),
+        }
+    }
+
+    /// Register, replay, then serve the connection until it ends.
+    async fn established(
+        &mut self,
+        conn: &mut Conn,
+        url: &str,
+        welcome: &Welcome,
+    ) -> Result<SessionEnd, SessionError> {
+        let register = Register {
+            node_id: self.config.node_id.to_string(),
+            hostname: self.hostname.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            labels: self.config.labels.clone(),
+            addresses: local_address(&conn.ws).into_iter().collect(),
+        };
+        conn.publish(fleet::up::REGISTER, payload::to_bus(&register)?)
+            .await?;
+        self.replay(conn).await?;
+
+        let params = welcome.heartbeat;
+        let grace = Duration::from_millis(u64::from(params.grace_ms)).max(MIN_GRACE);
+        // A configured interval overrides the gateway's (and then acks are not followed).
+        let fixed = self.config.heartbeat;
+        let mut interval =
+            fixed.unwrap_or_else(|| Duration::from_millis(u64::from(params.base_ms)));
+        let mut last_beat = Instant::now();
+        let mut dead_at: Option<Instant> = None;
+        loop {
+            // Beat at 90% of the interval so network delay does not make a beat late.
+            let next_beat = last_beat + interval.mul_f64(0.9);
+            let next = tokio::select! {
+                () = tokio::time::sleep_until(next_beat) => {
+                    conn.send(Frame::new(FrameKind::Heartbeat)).await?;
+                    last_beat = Instant::now();
+                    if dead_at.is_none() {
+                        dead_at = Some(last_beat + grace);
+                    }
+                    Next::Continue
+                }
+                () = sleep_until_opt(dead_at) => {
+                    Next::End(lost(true, "no answer from the gateway after a heartbeat"))
+                }
+                msg = conn.ws.next() => {
+                    match msg {
+                        None => Next::End(lost(true, "connection closed")),
+                        Some(Err(e)) => Next::End(lost(true, e.to_string())),
+                        Some(Ok(Message::Binary(bytes))) => {
+                            // Any frame proves the gateway is alive.
+                            dead_at = None;
+                            match Frame::decode(&bytes, &frame_limits()) {
+                                Ok(frame) => {
+                                    if frame.kind == FrameKind::HeartbeatAck && fixed.is_none() {
+                                        if let Ok(ack) = payload::decode_body::<HeartbeatAck>(
+                                            frame.flags.codec(),
+                                            &frame.body,
+                                        ) {
+                                            interval = Duration::from_millis(
+                                                u64::from(ack.next_interval_ms).max(100),
+                                            );
+                                        }
+                                        Next::Continue
+                                    } else {
+                                        self.on_frame(conn, frame).await?
+                                    }
+                                }
+                                // The two sides disagree on the protocol: reconnecting is
+                                // the only recovery a client has.
+                                Err(e) => Next::End(lost(true, format!("undecodable frame: {e}"))),
+                            }
+                        }
+                        Some(Ok(Message::Close(close))) => Next::End(closed(url, close)),
+                        Some(Ok(Message::Text(_))) => {
+                            tracing::warn!("Ignoring a text message from the gateway.");
+                            Next::Continue
+                        }
+                        Some(Ok(_)) => Next::Continue,
+                    }
+                }
+                Some(event) = self.events.recv() => {
+                    match event {
+                        ExecEvent::Started(started) => {
+                            conn.publish(fleet::up::STARTED, payload::to_bus(&started)?).await?;
+                        }
+                        ExecEvent::Finished { seq, payload } => {
+                            if conn.sent.insert(seq) {
+                                conn.publish(fleet::up::RESULT, payload).await?;
+                            }
+                        }
+                    }
+                    Next::Continue
+                }
+                () = wait_shutdown(&mut self.shutdown) => Next::End(SessionEnd::Shutdown),
+            };
+            if let Next::End(end) = next {
+                return Ok(end);
+            }
+        }
+    }
+
+    /// Sends every pending outbox entry (oldest first).
+    async fn replay(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
+        let outbox = Arc::clone(&self.outbox);
+        let entries: Vec<Entry> =
+            tokio::task::spawn_blocking(move || outbox.pending(REPLAY_LIMIT)).await??;
+        if !entries.is_empty() {
+            tracing::info!(entries = entries.len(), "Replaying the outbox.");
+        }
+        let mut reports = Vec::new();
+        for entry in entries {
+            match entry.kind.as_str() {
+                RESULT_KIND => {
+                    if conn.sent.insert(entry.seq) {
+                        conn.publish(fleet::up::RESULT, entry.payload).await?;
+                    }
+                }
+                REPORT_KIND => match payload::from_bus::<Report>(&entry.payload) {
+                    Ok(report) => {
+                        conn.sent.insert(entry.seq);
+                        reports.push(report);
+                    }
+                    Err(e) => tracing::warn!(seq = entry.seq, error = %e, "Unreadable report."),
+                },
+                other => tracing::warn!(seq = entry.seq, kind = other, "Unknown outbox entry."),
+            }
+        }
+        for chunk in reports.chunks(REPORTS_PER_BATCH) {
+            let batch = ReportBatch {
+                reports: chunk.to_vec(),
+            };
+            conn.publish(fleet::up::REPORT, payload::to_bus(&batch)?)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Handles one frame other than a heartbeat ack.
+    async fn on_frame(&mut self, conn: &mut Conn, frame: Frame) -> Result<Next, SessionError> {
+        match frame.kind {
+            FrameKind::Push => {
+                self.on_push(&frame);
+                if frame.flags.receipt() && frame.msg_id != 0 {
+                    conn.send(Frame::new(FrameKind::Ack).with_msg_id(frame.msg_id))
+                        .await?;
+                }
+                Ok(Next::Continue)
+            }
+            FrameKind::Reconnect => {
+                let delay = payload::decode_body::<Reconnect>(frame.flags.codec(), &frame.body)
+                    .map(|r| Duration::from_millis(u64::from(r.delay_ms)))
+                    .unwrap_or_default();
+                Ok(Next::End(SessionEnd::Reconnect { delay }))
+            }
+            FrameKind::Error => {
+                let body = payload::decode_body::<ErrorBody>(frame.flags.codec(), &frame.body);
+                tracing::warn!(msg_id = frame.msg_id, error = ?body, "Gateway reported an error.");
+                Ok(Next::Continue)
+            }
+            // Acks of our publishes only say the gateway took them; delivery is confirmed by
+            // the scheduler's agent.ack push, so nothing to do.
+            _ => Ok(Next::Continue),
+        }
+    }
+
+    /// Dispatches a push by its route.
+    fn on_push(&mut self, frame: &Frame) {
+        if frame.flags.compressed() {
+            tracing::warn!(route = %frame.route, "Compressed pushes are not supported; ignored.");
+            return;
+        }
+        let codec = frame.flags.codec();
+        match frame.route.as_str() {
+            fleet::down::TASK => match payload::decode_body::<Task>(codec, &frame.body) {
+                Ok(task) => {
+                    tracing::info!(
+                        task_id = task.task_id,
+                        attempt = task.attempt,
+                        "Task received."
+                    );
+                    self.executor.start(task);
+                }
+                Err(e) => tracing::warn!(error = %e, "Undecodable task."),
+            },
+            fleet::down::CANCEL => match payload::decode_body::<Cancel>(codec, &frame.body) {
+                Ok(cancel) => {
+                    let found = self.executor.cancel(cancel.task_id);
+                    tracing::info!(task_id = cancel.task_id, found, "Cancel received.");
+                }
+                Err(e) => tracing::warn!(error = %e, "Undecodable cancel."),
+            },
+            fleet::down::ACK => match payload::decode_body::<Ack>(codec, &frame.body) {
+                Ok(ack) => self.on_ack(&ack),
+                Err(e) => tracing::warn!(error = %e, "Undecodable ack."),
+            },
+            other => tracing::debug!(route = other, "Push on an unknown route ignored."),
+        }
+    }
+
+    /// Deletes the acknowledged entries, off the loop: each delete is an fsync, and a large
+    /// ack must not delay heartbeats.
+    fn on_ack(&self, ack: &Ack) {
+        let instance = self.outbox.instance_id();
+        let seqs: Vec<u64> = ack
+            .message_ids
+            .iter()
+            .filter_map(|id| MessageId::parse(id))
+            // Ids of another outbox file (a reinstalled agent) name nothing here.
+            .filter(|id| id.instance == instance)
+            .map(|id| id.seq)
+            .collect();
+        if seqs.is_empty() {
+            return;
+        }
+        let outbox = Arc::clone(&self.outbox);
+        tokio::task::spawn_blocking(move || {
+            for seq in seqs {
+                if let Err(e) = outbox.ack(seq) {
+                    tracing::error!(seq, error = %e, "Cannot delete an acked outbox entry.");
+                }
+            }
+        });
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn lost(welcomed: bool, reason: impl Into<String>) -> SessionEnd {
+    SessionEnd::Lost {
+        welcomed,
+        reason: reason.into(),
+    }
+}
+
+/// Maps a close frame to how the session ends: 4500-4999 is fatal, the rest reconnects.
+fn closed(url: &str, close: Option<CloseFrame>) -> SessionEnd {
+    let Some(close) = close else {
+        return lost(true, "closed without a code");
+    };
+    let code = u16::from(close.code);
+    if (4500..5000).contains(&code) {
+        SessionEnd::Fatal(RunError::Refused {
+            url: url.to_owned(),
+            code,
+            reason: close.reason.to_string(),
+        })
+    } else {
+        lost(true, format!("closed with {code} ({})", close.reason))
+    }
+}
+
+fn frame_limits() -> Limits {
+    Limits {
+        max_route_len: messages::frame::MAX_ROUTE_LEN,
+        max_body_len: MAX_MESSAGE,
+    }
+}
+
+/// The local IP of the connection, reported as the node's address.
+fn local_address(ws: &Ws) -> Option<String> {
+    match ws.get_ref() {
+        MaybeTlsStream::Plain(tcp) => tcp.local_addr().ok().map(|a| a.ip().to_string()),
+        _ => None,
+    }
+}
+
+/// Opens the WebSocket with the token in the `Authorization` header.
+async fn connect(url: &str, token: &Token) -> Result<Ws, SessionEnd> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| lost(false, format!("bad gateway URL {url}: {e}")))?;
+    let value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .map_err(|_| lost(false, "token is not a valid header value"))?;
+    request.headers_mut().insert("authorization", value);
+    // Small buffers: an agent holds one quiet connection, and edge machines are small.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_MESSAGE + 1024));
+    match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            if status == 401 || status == 403 {
+                Err(SessionEnd::Fatal(RunError::Unauthorized {
+                    url: url.to_owned(),
+                    status,
+                }))
+            } else {
+                Err(lost(false, format!("handshake refused with HTTP {status}")))
+            }
+        }
+        Err(e) => Err(lost(false, e.to_string())),
+    }
+}
+
+/// Reads until the welcome (the first frame a gateway sends).
+async fn read_welcome(ws: &mut Ws, url: &str) -> Result<Welcome, SessionEnd> {
+    loop {
+        match ws.next().await {
+            None => return Err(lost(false, "closed before the welcome")),
+            Some(Err(e)) => return Err(lost(false, e.to_string())),
+            Some(Ok(Message::Binary(bytes))) => {
+                let frame = Frame::decode(&bytes, &frame_limits())
+                    .map_err(|e| lost(false, format!("undecodable frame: {e}")))?;
+                if frame.kind != FrameKind::Welcome {
+                    return Err(lost(
+                        false,
+                        format!("expected a welcome, got {}", frame.kind),
+                    ));
+                }
+                return payload::decode_body(frame.flags.codec(), &frame.body)
+                    .map_err(|e| lost(false, format!("undecodable welcome: {e}")));
+            }
+            Some(Ok(Message::Close(close))) => {
+                return Err(match closed(url, close) {
+                    SessionEnd::Lost { reason, .. } => lost(false, reason),
+                    other => other,
+                });
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+
+    #[test]
+    fn picks_another_gateway_after_a_failure() {
+        assert_eq!(pick_gateway(1, Some(0)), 0);
+        for _ in 0..200 {
+            assert_ne!(pick_gateway(2, Some(0)), 0);
+            let i = pick_gateway(3, Some(1));
+            assert!(i == 0 || i == 2);
+            assert!(pick_gateway(3, None) < 3);
+        }
+    }
+
+    #[test]
+    fn only_high_close_codes_are_fatal() {
+        let frame = |code: u16| {
+            Some(CloseFrame {
+                code: WsCloseCode::from(code),
+                reason: "x".into(),
+            })
+        };
+        assert!(matches!(closed("u", frame(4000)), SessionEnd::Lost { .. }));
+        assert!(matches!(closed("u", frame(1006)), SessionEnd::Lost { .. }));
+        assert!(matches!(closed("u", None), SessionEnd::Lost { .. }));
+        match closed("u", frame(4502)) {
+            SessionEnd::Fatal(e) => assert_eq!(e.exit_code(), 77),
+            other => panic!("{other:?}"),
+        }
+        match closed("u", frame(4503)) {
+            SessionEnd::Fatal(e) => assert_eq!(e.exit_code(), 76),
+            other => panic!("{other:?}"),
+        }
+    }
+}

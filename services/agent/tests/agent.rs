@@ -1,0 +1,601 @@
+//! The agent against a real nats-server, a real gateway and a fake scheduler (plain
+//! async-nats in the test): registration, command tasks, the allowlist, timeouts, and outbox
+//! replay after the gateway was down.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use agent::{AgentConfig, AgentHandle, RunError};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use messages::fleet::{
+    self, Ack, Cancel, Outcome, Register, Task, TaskKind, TaskResult, TaskStarted,
+};
+use messages::payload::{GatewayControl, HeartbeatParams, SessionEvent, from_bus, to_bus};
+use messages::subject::{self, Event};
+use messages::{ClientKind, CloseCode, GatewayId, headers};
+use testkit::NatsServer;
+use testkit::ws::{TEST_SECRET, token};
+use tokio::sync::mpsc;
+
+/// Bound on every wait in this file.
+const WAIT: Duration = Duration::from_secs(15);
+
+fn gateway_config(nats: &str, name: &str) -> ws_gateway::Config {
+    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+    let mut config = ws_gateway::Config::new(nats, GatewayId::new(name).unwrap(), keys);
+    config.workers = 1;
+    config.lease_ttl = Duration::from_secs(5);
+    config.drain_window = Duration::from_millis(100);
+    config.presence_sync = Duration::from_millis(300);
+    config
+}
+
+async fn gateway_on(nats: &str, name: &str, listener: TcpListener) -> ws_gateway::Handle {
+    spawn_gateway(gateway_config(nats, name), listener).await
+}
+
+async fn spawn_gateway(config: ws_gateway::Config, listener: TcpListener) -> ws_gateway::Handle {
+    let handle = ws_gateway::spawn(config, listener).unwrap();
+    wait_ready(handle.addr()).await;
+    handle
+}
+
+async fn wait_ready(addr: SocketAddr) {
+    for _ in 0..600 {
+        let status = testkit::http::request(addr, "GET", "/readyz", &[], b"")
+            .await
+            .map(|r| r.status)
+            .ok();
+        if status == Some(200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("gateway {addr} never became ready");
+}
+
+/// Binds `addr` again after a gateway on it stopped (retrying while the port frees up).
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    for _ in 0..200 {
+        if let Ok(l) = TcpListener::bind(addr) {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("cannot bind {addr} again");
+}
+
+fn agent_config(dir: &Path, gateway: SocketAddr) -> AgentConfig {
+    agent_config_many(dir, &[gateway])
+}
+
+fn agent_config_many(dir: &Path, gateways: &[SocketAddr]) -> AgentConfig {
+    let gateways = gateways
+        .iter()
+        .map(|g| format!("\"ws://{g}/ws\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"
+node_id = "node-1"
+token = "{token}"
+gateways = [{gateways}]
+outbox_path = "outbox.redb"
+allowed_commands = ["echo", "sleep", "sh"]
+
+[labels]
+role = "test"
+
+[backoff]
+base_ms = 50
+cap_ms = 500
+jitter = 0.3
+"#,
+        token = token("node-1", Some("agent"), &[]),
+    );
+    AgentConfig::from_toml(&text, &dir.join("agent.toml"), |_| None).unwrap()
+}
+
+/// A stand-in for the scheduler: records what agents publish, acks every result, and
+/// pushes tasks the way the real one will (headers on `ws.user.<node>`).
+struct Scheduler {
+    nats: async_nats::Client,
+    received: mpsc::UnboundedReceiver<(String, Bytes)>,
+    next_push: u64,
+    /// Whether results are acknowledged (on by default).
+    acking: Arc<AtomicBool>,
+}
+
+impl Scheduler {
+    async fn start(url: &str) -> Scheduler {
+        let nats = async_nats::connect(url).await.unwrap();
+        let mut sub = nats.subscribe("ws.msg.agent.>").await.unwrap();
+        nats.flush().await.unwrap();
+        let (tx, received) = mpsc::unbounded_channel();
+        let acker = nats.clone();
+        let acking = Arc::new(AtomicBool::new(true));
+        let ack_results = Arc::clone(&acking);
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let route = msg
+                    .subject
+                    .as_str()
+                    .strip_prefix("ws.msg.agent.")
+                    .unwrap_or_default()
+                    .to_owned();
+                if route == fleet::up::RESULT && ack_results.load(Ordering::SeqCst) {
+                    let result: TaskResult = from_bus(&msg.payload).unwrap();
+                    let ack = Ack {
+                        message_ids: vec![result.message_id],
+                    };
+                    push_to(&acker, 0, fleet::down::ACK, to_bus(&ack).unwrap()).await;
+                }
+                if tx.send((route, msg.payload)).is_err() {
+                    break;
+                }
+            }
+        });
+        Scheduler {
+            nats,
+            received,
+            next_push: 1,
+            acking,
+        }
+    }
+
+    async fn push_task(&mut self, task_id: u64, spec: TaskKind, timeout_ms: u64) {
+        let task = Task {
+            task_id,
+            attempt: 1,
+            spec,
+            timeout_ms,
+        };
+        self.next_push += 1;
+        push_to(
+            &self.nats,
+            self.next_push,
+            fleet::down::TASK,
+            to_bus(&task).unwrap(),
+        )
+        .await;
+    }
+
+    /// The next message on `route` (skipping others), or a panic after [`WAIT`].
+    async fn expect(&mut self, route: &str) -> Bytes {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.received.recv()).await {
+                Ok(Some((r, payload))) if r == route => return payload,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("scheduler subscription ended"),
+                Err(_) => panic!("nothing on {route} within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// The started notice of `task_id` (skipping other messages).
+    async fn started(&mut self, task_id: u64) -> TaskStarted {
+        loop {
+            let started: TaskStarted = from_bus(&self.expect(fleet::up::STARTED).await).unwrap();
+            if started.task_id == task_id {
+                return started;
+            }
+        }
+    }
+
+    async fn push_cancel(&mut self, task_id: u64) {
+        self.next_push += 1;
+        push_to(
+            &self.nats,
+            self.next_push,
+            fleet::down::CANCEL,
+            to_bus(&Cancel { task_id }).unwrap(),
+        )
+        .await;
+    }
+
+    /// The result of `task_id` (skipping other messages).
+    async fn result(&mut self, task_id: u64) -> TaskResult {
+        loop {
+            let result: TaskResult = from_bus(&self.expect(fleet::up::RESULT).await).unwrap();
+            if result.task_id == task_id {
+                return result;
+            }
+        }
+    }
+
+    /// Routes received so far without waiting.
+    fn drain(&mut self) -> Vec<(String, Bytes)> {
+        let mut out = Vec::new();
+        while let Ok(m) = self.received.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+}
+
+async fn push_to(nats: &async_nats::Client, msg_id: u64, route: &str, body: Vec<u8>) {
+    let mut map = async_nats::HeaderMap::new();
+    headers::set(&mut map, headers::ROUTE, route).unwrap();
+    headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
+    headers::set(&mut map, headers::MSG_ID, &msg_id.to_string()).unwrap();
+    nats.publish_with_headers("ws.user.node-1", map, body.into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+}
+
+fn command(argv: &[&str]) -> TaskKind {
+    TaskKind::Command {
+        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+        env: Default::default(),
+        cwd: None,
+    }
+}
+
+async fn outbox_len(agent: &AgentHandle) -> u64 {
+    let outbox = agent.outbox().clone();
+    tokio::task::spawn_blocking(move || outbox.len().unwrap())
+        .await
+        .unwrap()
+}
+
+async fn wait_outbox_len(agent: &AgentHandle, want: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while outbox_len(agent).await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "outbox never reached {want} entries (has {})",
+            outbox_len(agent).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_runs_tasks_and_clears_acked_results() {
+    let nats = NatsServer::start().unwrap();
+    let mut scheduler = Scheduler::start(&nats.url()).await;
+    let gw = gateway_on(
+        &nats.url(),
+        "gw-a",
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = agent::start(agent_config(dir.path(), gw.addr()))
+        .await
+        .unwrap();
+
+    let register: Register = from_bus(&scheduler.expect(fleet::up::REGISTER).await).unwrap();
+    assert_eq!(register.node_id, "node-1");
+    assert_eq!(
+        register.labels.get("role").map(String::as_str),
+        Some("test")
+    );
+    assert!(!register.hostname.is_empty());
+    assert_eq!(register.addresses, vec!["127.0.0.1".to_owned()]);
+
+    // An allowlisted command: started, then a result with its output and exit code.
+    scheduler
+        .push_task(1, command(&["echo", "hello"]), 10_000)
+        .await;
+    let started = scheduler.started(1).await;
+    assert_eq!((started.task_id, started.attempt), (1, 1));
+    let result = scheduler.result(1).await;
+    assert_eq!(result.outcome, Outcome::Succeeded, "{result:?}");
+    assert_eq!(result.exit_code, Some(0));
+    assert!(result.stdout_tail.contains("hello"), "{result:?}");
+    assert!(agent::MessageId::parse(&result.message_id).is_some());
+
+    // Not on the allowlist: refused without running.
+    scheduler
+        .push_task(2, command(&["rm", "-rf", "/tmp/nothing-here"]), 10_000)
+        .await;
+    let result = scheduler.result(2).await;
+    assert_eq!(result.outcome, Outcome::Failed);
+    assert_eq!(result.error.as_deref(), Some("not allowed"));
+
+    // Past its timeout: killed and reported as timed out.
+    scheduler.push_task(3, command(&["sleep", "30"]), 300).await;
+    let result = scheduler.result(3).await;
+    assert_eq!(result.outcome, Outcome::TimedOut, "{result:?}");
+
+    // Cancelled by id while running: the whole process group is killed.
+    scheduler
+        .push_task(4, command(&["sh", "-c", "sleep 30"]), 60_000)
+        .await;
+    scheduler.started(4).await;
+    scheduler.push_cancel(4).await;
+    let result = scheduler.result(4).await;
+    assert_eq!(result.outcome, Outcome::Cancelled, "{result:?}");
+
+    // The scheduler acked every result, so the outbox empties.
+    wait_outbox_len(&agent, 0).await;
+
+    agent.stop();
+    tokio::time::timeout(WAIT, agent.join())
+        .await
+        .unwrap()
+        .unwrap();
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_produced_while_the_gateway_is_down_arrive_once_after_it_returns() {
+    let nats = NatsServer::start().unwrap();
+    let mut scheduler = Scheduler::start(&nats.url()).await;
+    let gw = gateway_on(
+        &nats.url(),
+        "gw-a",
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .await;
+    let addr = gw.addr();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = agent::start(agent_config(dir.path(), addr)).await.unwrap();
+    scheduler.expect(fleet::up::REGISTER).await;
+
+    // A task that finishes only when the test says so, which is after the gateway is gone.
+    let go = dir.path().join("go");
+    let script = format!(
+        "while [ ! -e '{}' ]; do sleep 0.05; done; echo late",
+        go.display()
+    );
+    scheduler
+        .push_task(10, command(&["sh", "-c", &script]), 60_000)
+        .await;
+    scheduler.started(10).await;
+
+    gw.shutdown().await.unwrap();
+    std::fs::write(&go, b"").unwrap();
+    // The result is written to the outbox although nothing can be sent.
+    wait_outbox_len(&agent, 1).await;
+    let pending = {
+        let outbox = agent.outbox().clone();
+        tokio::task::spawn_blocking(move || outbox.pending(10).unwrap())
+            .await
+            .unwrap()
+    };
+    let id = pending[0].id.to_string();
+    assert!(
+        !scheduler
+            .drain()
+            .iter()
+            .any(|(route, _)| route == fleet::up::RESULT),
+        "no result can have been delivered while the gateway was down"
+    );
+
+    // The gateway comes back on the same address: the agent reconnects, registers and
+    // replays; the scheduler's ack empties the outbox.
+    let gw = gateway_on(&nats.url(), "gw-b", rebind(addr).await).await;
+    scheduler.expect(fleet::up::REGISTER).await;
+    let result = scheduler.result(10).await;
+    assert_eq!(result.outcome, Outcome::Succeeded, "{result:?}");
+    assert!(result.stdout_tail.contains("late"), "{result:?}");
+    assert_eq!(result.message_id, id);
+    wait_outbox_len(&agent, 0).await;
+
+    // Once: with the entry acked, nothing sends it again (bounded quiet period, then check
+    // everything that arrived meanwhile).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = scheduler
+        .drain()
+        .into_iter()
+        .filter(|(route, _)| route == fleet::up::RESULT)
+        .count();
+    assert_eq!(again, 0, "the result was delivered more than once");
+
+    agent.stop();
+    tokio::time::timeout(WAIT, agent.join())
+        .await
+        .unwrap()
+        .unwrap();
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_to_the_other_gateway() {
+    let nats = NatsServer::start().unwrap();
+    let mut scheduler = Scheduler::start(&nats.url()).await;
+    let mut connects = scheduler
+        .nats
+        .subscribe(subject::event(ClientKind::Agent, Event::Connect))
+        .await
+        .unwrap();
+    scheduler.nats.flush().await.unwrap();
+    let url = nats.url();
+    let (gw_a, gw_b) = tokio::join!(
+        gateway_on(&url, "gw-a", TcpListener::bind("127.0.0.1:0").unwrap()),
+        gateway_on(&url, "gw-b", TcpListener::bind("127.0.0.1:0").unwrap()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = agent::start(agent_config_many(dir.path(), &[gw_a.addr(), gw_b.addr()]))
+        .await
+        .unwrap();
+    scheduler.expect(fleet::up::REGISTER).await;
+    let session = next_connect(&mut connects).await;
+
+    // Take down the replica the agent is on: it must register through the other one.
+    let gone_name = session.gateway.as_str().to_owned();
+    let (gone, other) = if gone_name == "gw-a" {
+        (gw_a, gw_b)
+    } else {
+        (gw_b, gw_a)
+    };
+    gone.shutdown().await.unwrap();
+    scheduler.expect(fleet::up::REGISTER).await;
+    let expected = if gone_name == "gw-a" { "gw-b" } else { "gw-a" };
+    assert_eq!(next_connect(&mut connects).await.gateway.as_str(), expected);
+    scheduler
+        .push_task(20, command(&["echo", "still here"]), 10_000)
+        .await;
+    let result = scheduler.result(20).await;
+    assert!(result.stdout_tail.contains("still here"), "{result:?}");
+
+    agent.stop();
+    tokio::time::timeout(WAIT, agent.join())
+        .await
+        .unwrap()
+        .unwrap();
+    other.shutdown().await.unwrap();
+}
+
+async fn next_connect(connects: &mut async_nats::Subscriber) -> SessionEvent {
+    let msg = tokio::time::timeout(WAIT, connects.next())
+        .await
+        .unwrap()
+        .unwrap();
+    from_bus(&msg.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_stops_the_agent_for_good() {
+    let nats = NatsServer::start().unwrap();
+    let mut scheduler = Scheduler::start(&nats.url()).await;
+    let mut connects = scheduler
+        .nats
+        .subscribe(subject::event(ClientKind::Agent, Event::Connect))
+        .await
+        .unwrap();
+    scheduler.nats.flush().await.unwrap();
+    let gw = gateway_on(
+        &nats.url(),
+        "gw-a",
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = agent::start(agent_config(dir.path(), gw.addr()))
+        .await
+        .unwrap();
+    scheduler.expect(fleet::up::REGISTER).await;
+    let connect = tokio::time::timeout(WAIT, connects.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let session: SessionEvent = from_bus(&connect.payload).unwrap();
+
+    // 4503 is in the "do not reconnect" range: the agent logs and stops with an error.
+    let kick = GatewayControl::Close {
+        socket_id: session.socket_id,
+        code: CloseCode::Kicked.code(),
+        reason: "test".into(),
+    };
+    scheduler
+        .nats
+        .publish(
+            subject::gateway_control(&session.gateway),
+            to_bus(&kick).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let stopped = tokio::time::timeout(WAIT, agent.join()).await.unwrap();
+    match stopped {
+        Err(RunError::Refused { code, .. }) => assert_eq!(code, 4503),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_results_are_replayed_after_an_agent_restart() {
+    let nats = NatsServer::start().unwrap();
+    let mut scheduler = Scheduler::start(&nats.url()).await;
+    scheduler.acking.store(false, Ordering::SeqCst);
+    let gw = gateway_on(
+        &nats.url(),
+        "gw-a",
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = agent::start(agent_config(dir.path(), gw.addr()))
+        .await
+        .unwrap();
+    scheduler.expect(fleet::up::REGISTER).await;
+    scheduler
+        .push_task(30, command(&["echo", "keep me"]), 10_000)
+        .await;
+    let first = scheduler.result(30).await;
+    // Delivered but never acknowledged: it stays in the outbox across the restart.
+    assert_eq!(outbox_len(&agent).await, 1);
+    agent.stop();
+    tokio::time::timeout(WAIT, agent.join())
+        .await
+        .unwrap()
+        .unwrap();
+    drop(agent);
+
+    scheduler.acking.store(true, Ordering::SeqCst);
+    let mut agent = agent::start(agent_config(dir.path(), gw.addr()))
+        .await
+        .unwrap();
+    scheduler.expect(fleet::up::REGISTER).await;
+    let replayed = scheduler.result(30).await;
+    assert_eq!(replayed, first, "a replay is the same message, same id");
+    wait_outbox_len(&agent, 0).await;
+
+    agent.stop();
+    tokio::time::timeout(WAIT, agent.join())
+        .await
+        .unwrap()
+        .unwrap();
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_follow_the_gateway_and_keep_the_session() {
+    let nats = NatsServer::start().unwrap();
+    let mut scheduler = Scheduler::start(&nats.url()).await;
+    let mut disconnects = scheduler
+        .nats
+        .subscribe(subject::event(ClientKind::Agent, Event::Disconnect))
+        .await
+        .unwrap();
+    scheduler.nats.flush().await.unwrap();
+    // A session silent for interval + grace is closed: with these settings an agent that
+    // did not beat (or did not follow the acks) would be dropped several times below.
+    let mut config = gateway_config(&nats.url(), "gw-a");
+    config.heartbeat = HeartbeatParams {
+        base_ms: 200,
+        step_ms: 100,
+        max_ms: 400,
+        grow_after: 2,
+        grace_ms: 300,
+    };
+    let gw = spawn_gateway(config, TcpListener::bind("127.0.0.1:0").unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = agent::start(agent_config(dir.path(), gw.addr()))
+        .await
+        .unwrap();
+    scheduler.expect(fleet::up::REGISTER).await;
+
+    // Bounded observation window of many heartbeat periods: no disconnect, no re-register.
+    let dropped = tokio::time::timeout(Duration::from_secs(3), disconnects.next()).await;
+    assert!(dropped.is_err(), "the session was closed: {dropped:?}");
+    assert!(
+        !scheduler
+            .drain()
+            .iter()
+            .any(|(route, _)| route == fleet::up::REGISTER),
+        "the agent reconnected"
+    );
+    // And it still works.
+    scheduler
+        .push_task(40, command(&["echo", "ok"]), 10_000)
+        .await;
+    assert_eq!(scheduler.result(40).await.outcome, Outcome::Succeeded);
+
+    agent.stop();
+    tokio::time::timeout(WAIT, agent.join())
+        .await
+        .unwrap()
+        .unwrap();
+    gw.shutdown().await.unwrap();
+}

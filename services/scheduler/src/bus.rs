@@ -1,0 +1,627 @@
+//! The scheduler's side of the bus: consumers of agent traffic (queue group `scheduler`),
+//! the pushes to agents (tasks, cancels, acks), state-change events, and the periodic sweep
+//! that marks silent agents offline and expires overdue task attempts.
+//!
+//! Every store call runs on a blocking thread. Each subscription is consumed in order by
+//! one task, so one agent's messages are applied in the order the bus delivered them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_nats::{HeaderMap, Message, Subscriber};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use messages::fleet::{self, AgentState as WireState};
+use messages::payload::{self, GatewayControl, HeartbeatBatch, PayloadError, SessionEvent};
+use messages::subject::{self, Event, Subject};
+use messages::{BodyCodec, ClientKind, UserId, headers};
+use serde::Serialize;
+
+use crate::store::{
+    AgentRecord, AgentState, Heartbeat, Ingest, ResultBody, StoreError, TargetState, TaskId,
+    TaskKind, TaskSpec,
+};
+use crate::{Metrics, Shared};
+
+/// Why handling one bus message or one push failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A body could not be encoded or decoded.
+    #[error("payload: {0}")]
+    Payload(#[from] PayloadError),
+    /// A header value was unusable.
+    #[error("header: {0}")]
+    Header(#[from] headers::HeaderError),
+    /// Publishing failed.
+    #[error("publish: {0}")]
+    Publish(String),
+    /// Subscribing failed.
+    #[error("subscribe: {0}")]
+    Subscribe(String),
+    /// A blocking store call panicked or was cancelled.
+    #[error("blocking task: {0}")]
+    Join(String),
+    /// The message lacks something the contract requires.
+    #[error("bad message: {0}")]
+    BadMessage(String),
+}
+
+/// Unix time in ms.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs a store call on a blocking thread.
+pub async fn blocking<T, F>(shared: &Shared, f: F) -> Result<T, BusError>
+where
+    T: Send + 'static,
+    F: FnOnce(&crate::store::Store) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = Arc::clone(&shared.store);
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| BusError::Join(e.to_string()))?
+        .map_err(BusError::from)
+}
+
+/// The wire form of a stored agent state.
+pub fn wire_state(s: AgentState) -> WireState {
+    match s {
+        AgentState::Online => WireState::Online,
+        AgentState::Degraded => WireState::Degraded,
+        AgentState::Offline => WireState::Offline,
+    }
+}
+
+/// Stored task kind from the wire kind; the agent-side timeout lives in the kind.
+pub fn store_kind(kind: &fleet::TaskKind, timeout_ms: u64) -> TaskKind {
+    match kind.clone() {
+        fleet::TaskKind::Command { argv, env, cwd } => TaskKind::Command {
+            argv,
+            env,
+            cwd,
+            timeout_ms,
+        },
+        fleet::TaskKind::TcpProbe { target } => TaskKind::TcpProbe { target, timeout_ms },
+        fleet::TaskKind::HttpProbe { url } => TaskKind::HttpProbe { url, timeout_ms },
+    }
+}
+
+/// Wire task kind and agent-side timeout from the stored kind.
+pub fn wire_kind(kind: &TaskKind) -> (fleet::TaskKind, u64) {
+    match kind.clone() {
+        TaskKind::Command {
+            argv,
+            env,
+            cwd,
+            timeout_ms,
+        } => (fleet::TaskKind::Command { argv, env, cwd }, timeout_ms),
+        TaskKind::TcpProbe { target, timeout_ms } => {
+            (fleet::TaskKind::TcpProbe { target }, timeout_ms)
+        }
+        TaskKind::HttpProbe { url, timeout_ms } => (fleet::TaskKind::HttpProbe { url }, timeout_ms),
+    }
+}
+
+/// Subscribes the consumers (before returning, so nothing published after start-up is
+/// missed), asks the gateways to re-announce their sessions, and starts the sweep.
+pub async fn start(
+    runtime: &tokio::runtime::Runtime,
+    shared: &Arc<Shared>,
+) -> Result<(), BusError> {
+    let setup = Arc::clone(shared);
+    let (events, upstream) = runtime
+        .spawn(async move {
+            let queue = subject::QUEUE_SCHEDULER.to_owned();
+            let events = setup
+                .client
+                .queue_subscribe(subject::event_wildcard(ClientKind::Agent), queue.clone())
+                .await
+                .map_err(|e| BusError::Subscribe(e.to_string()))?;
+            let upstream = setup
+                .client
+                .queue_subscribe(subject::upstream_wildcard(ClientKind::Agent), queue)
+                .await
+                .map_err(|e| BusError::Subscribe(e.to_string()))?;
+            // The socket map is memory only: after a (re)start, have every gateway announce
+            // its sessions again so heartbeat batches can be attributed.
+            let body = payload::to_bus(&GatewayControl::Resync)?;
+            setup
+                .client
+                .publish(subject::control_all(), Bytes::from(body))
+                .await
+                .map_err(|e| BusError::Publish(e.to_string()))?;
+            setup
+                .client
+                .flush()
+                .await
+                .map_err(|e| BusError::Publish(e.to_string()))?;
+            Ok::<_, BusError>((events, upstream))
+        })
+        .await
+        .map_err(|e| BusError::Join(e.to_string()))??;
+    runtime.spawn(consume(Arc::clone(shared), events));
+    runtime.spawn(consume(Arc::clone(shared), upstream));
+    runtime.spawn(sweep(Arc::downgrade(shared)));
+    Ok(())
+}
+
+async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
+    while let Some(msg) = sub.next().await {
+        if let Err(e) = handle(&shared, &msg).await {
+            Metrics::inc(&shared.metrics.bus_errors);
+            tracing::warn!(subject = %msg.subject, error = %e, "Handling agent traffic failed.");
+        }
+    }
+}
+
+async fn handle(shared: &Shared, msg: &Message) -> Result<(), BusError> {
+    match Subject::parse(msg.subject.as_str()) {
+        Ok(Subject::Event { event, .. }) => handle_event(shared, event, msg).await,
+        Ok(Subject::Upstream { route, .. }) => handle_upstream(shared, route.as_str(), msg).await,
+        _ => Ok(()),
+    }
+}
+
+async fn handle_event(shared: &Shared, event: Event, msg: &Message) -> Result<(), BusError> {
+    match event {
+        // Connect only teaches us the socket; the agent counts once it registers.
+        Event::Connect => {
+            let e: SessionEvent = payload::from_bus(&msg.payload)?;
+            shared.remember_socket(e.socket_id, e.user_id);
+            Ok(())
+        }
+        Event::Disconnect => {
+            let e: SessionEvent = payload::from_bus(&msg.payload)?;
+            // A quick reconnect may already have a new socket (events can be reordered):
+            // only the last socket going away makes the agent offline.
+            if shared.forget_socket(e.socket_id, &e.user_id) {
+                return Ok(());
+            }
+            set_offline(shared, e.user_id, e.at_ms).await
+        }
+        Event::Heartbeat => {
+            let batch: HeartbeatBatch = payload::from_bus(&msg.payload)?;
+            heartbeats(shared, &batch).await
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn set_offline(shared: &Shared, node: UserId, at_ms: u64) -> Result<(), BusError> {
+    let n = node.clone();
+    let old = blocking(shared, move |store| {
+        store.set_agent_state(&n, AgentState::Offline)
+    })
+    .await?;
+    if let Some(old) = old {
+        announce(shared, &node, Some(old), AgentState::Offline, at_ms).await?;
+    }
+    Ok(())
+}
+
+async fn heartbeats(shared: &Shared, batch: &HeartbeatBatch) -> Result<(), BusError> {
+    let seen: Vec<(UserId, u64)> = batch
+        .seen
+        .iter()
+        .filter_map(|(socket, at)| shared.node_of(*socket).map(|n| (n, *at)))
+        .collect();
+    if seen.is_empty() {
+        return Ok(());
+    }
+    let outcome = blocking(shared, move |store| {
+        // A heartbeat keeps a degraded agent degraded: only a status message changes that.
+        let mut beats = Vec::with_capacity(seen.len());
+        for (node_id, at_ms) in seen {
+            if let Some(rec) = store.agent(&node_id)? {
+                beats.push(Heartbeat {
+                    degraded: rec.state == AgentState::Degraded,
+                    node_id,
+                    at_ms,
+                });
+            }
+        }
+        store.touch_many(&beats)
+    })
+    .await?;
+    for (node, old, new) in outcome.changes {
+        announce(shared, &node, Some(old), new, batch.at_ms).await?;
+        if old == AgentState::Offline {
+            // Back from offline: hand it what waited meanwhile.
+            dispatch_pending(shared, &node).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<(), BusError> {
+    let map = msg
+        .headers
+        .as_ref()
+        .ok_or_else(|| BusError::BadMessage("no headers".into()))?;
+    // The gateway sets ws-user from the verified token: it is the node id.
+    let node = headers::get(map, headers::USER_ID)
+        .and_then(|u| UserId::new(u).ok())
+        .ok_or_else(|| BusError::BadMessage("no valid ws-user header".into()))?;
+    if headers::get(map, headers::COMPRESSED) == Some("1") {
+        // No inflate implementation is linked yet; leaving it unacked keeps it in the
+        // agent's outbox rather than losing it.
+        return Err(BusError::BadMessage(format!(
+            "compressed {route} from {node} is not supported yet"
+        )));
+    }
+    let codec = headers::get(map, headers::CODEC)
+        .and_then(BodyCodec::parse)
+        .unwrap_or(BodyCodec::MsgPack);
+    let body = &msg.payload[..];
+    match route {
+        fleet::up::REGISTER => {
+            let socket = headers::get(map, headers::SOCKET_ID).and_then(|s| s.parse().ok());
+            if let Some(socket) = socket {
+                shared.remember_socket(socket, node.clone());
+            }
+            register(shared, node, payload::decode_body(codec, body)?).await
+        }
+        fleet::up::STATUS => status(shared, node, payload::decode_body(codec, body)?).await,
+        fleet::up::REPORT => reports(shared, node, payload::decode_body(codec, body)?).await,
+        fleet::up::STARTED => {
+            let s: fleet::TaskStarted = payload::decode_body(codec, body)?;
+            let n = node.clone();
+            match blocking(shared, move |store| {
+                store.mark_running(s.task_id, &n, s.at_ms)
+            })
+            .await
+            {
+                // A late or repeated "started" (after a result, cancel or expiry) is harmless.
+                Err(BusError::Store(
+                    e @ (StoreError::InvalidTransition { .. }
+                    | StoreError::UnknownTask(_)
+                    | StoreError::NotATarget { .. }),
+                )) => {
+                    tracing::debug!(%node, error = %e, "Ignored a task.started.");
+                    Ok(())
+                }
+                other => other,
+            }
+        }
+        fleet::up::RESULT => result(shared, node, payload::decode_body(codec, body)?).await,
+        fleet::up::OUTPUT => {
+            let chunk: fleet::TaskOutput = payload::decode_body(codec, body)?;
+            shared.output.push(node, chunk);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result<(), BusError> {
+    Metrics::inc(&shared.metrics.registers);
+    if reg.node_id != node.as_str() {
+        tracing::warn!(%node, claimed = %reg.node_id, "Register names another node; using the token's.");
+    }
+    let now = now_ms();
+    let n = node.clone();
+    let old = blocking(shared, move |store| {
+        let registered_at_ms = store
+            .agent(&n)?
+            .map_or(now, |existing| existing.registered_at_ms);
+        store.upsert_agent(&AgentRecord {
+            node_id: n,
+            hostname: reg.hostname,
+            version: reg.version,
+            labels: reg.labels,
+            addresses: reg.addresses,
+            registered_at_ms,
+            last_seen_ms: now,
+            state: AgentState::Online,
+        })
+    })
+    .await?;
+    if old != Some(AgentState::Online) {
+        announce(shared, &node, old, AgentState::Online, now).await?;
+    }
+    dispatch_pending(shared, &node).await
+}
+
+async fn status(shared: &Shared, node: UserId, s: fleet::Status) -> Result<(), BusError> {
+    let now = now_ms();
+    let degraded = s.state == WireState::Degraded;
+    let n = node.clone();
+    let old = blocking(shared, move |store| store.touch(&n, now, degraded)).await?;
+    if let Some(old) = old {
+        let new = if degraded {
+            AgentState::Degraded
+        } else {
+            AgentState::Online
+        };
+        announce(shared, &node, Some(old), new, now).await?;
+    }
+    Ok(())
+}
+
+async fn reports(shared: &Shared, node: UserId, batch: fleet::ReportBatch) -> Result<(), BusError> {
+    let now = now_ms();
+    let n = node.clone();
+    let acked = blocking(shared, move |store| {
+        let mut acked = Vec::with_capacity(batch.reports.len());
+        for r in batch.reports {
+            let metrics: serde_json::Map<String, serde_json::Value> = r
+                .metrics
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+                .collect();
+            let mut value = serde_json::Value::Object(metrics);
+            if let serde_json::Value::Object(m) = &mut value {
+                m.insert("at_ms".into(), serde_json::json!(r.at_ms));
+            }
+            match store.record_report(&r.message_id, &n, &value, now) {
+                Ok(_) => acked.push(r.message_id),
+                // An id the store can never accept would otherwise be replayed forever.
+                Err(StoreError::InvalidMessageId) => acked.push(r.message_id),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(acked)
+    })
+    .await?;
+    shared
+        .metrics
+        .reports
+        .fetch_add(acked.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    if acked.is_empty() {
+        return Ok(());
+    }
+    push(
+        shared,
+        &node,
+        fleet::down::ACK,
+        &fleet::Ack { message_ids: acked },
+    )
+    .await
+}
+
+async fn result(shared: &Shared, node: UserId, r: fleet::TaskResult) -> Result<(), BusError> {
+    let mut error = r.error.clone();
+    // The store decides success from error and exit code; make a non-success outcome with
+    // neither (a failed probe with only a status, a timeout) count as a failure.
+    if r.outcome != fleet::Outcome::Succeeded && error.is_none() {
+        error = Some(
+            match r.outcome {
+                fleet::Outcome::TimedOut => "timed out",
+                fleet::Outcome::Cancelled => "cancelled",
+                _ => "failed",
+            }
+            .to_owned(),
+        );
+    }
+    let body = ResultBody {
+        exit_code: r.exit_code,
+        stdout_tail: r.stdout_tail.clone(),
+        stderr_tail: r.stderr_tail.clone(),
+        error,
+        latency_ms: r.latency_ms,
+        finished_at_ms: r.finished_at_ms,
+    };
+    let n = node.clone();
+    let message_id = r.message_id.clone();
+    let task_id = r.task_id;
+    let ingest = blocking(shared, move |store| {
+        store.record_result(&message_id, task_id, &n, &body)
+    })
+    .await;
+    match ingest {
+        Ok(Ingest::New) => Metrics::inc(&shared.metrics.results),
+        Ok(Ingest::Duplicate) => Metrics::inc(&shared.metrics.duplicate_results),
+        // These can never succeed on a replay; acknowledging clears the agent's outbox.
+        Err(BusError::Store(
+            e @ (StoreError::UnknownTask(_)
+            | StoreError::NotATarget { .. }
+            | StoreError::InvalidMessageId),
+        )) => {
+            tracing::warn!(%node, task_id, error = %e, "Dropped an unusable result.");
+        }
+        Err(e) => return Err(e),
+    }
+    push(
+        shared,
+        &node,
+        fleet::down::ACK,
+        &fleet::Ack {
+            message_ids: vec![r.message_id],
+        },
+    )
+    .await
+}
+
+/// Publishes a state change on `fleet.agent.state.<node>`.
+async fn announce(
+    shared: &Shared,
+    node: &UserId,
+    from: Option<AgentState>,
+    to: AgentState,
+    at_ms: u64,
+) -> Result<(), BusError> {
+    Metrics::inc(&shared.metrics.state_changes);
+    tracing::info!(%node, ?from, ?to, "Agent state changed.");
+    let change = fleet::StateChange {
+        node_id: node.as_str().to_owned(),
+        from: from.map(wire_state),
+        to: wire_state(to),
+        at_ms,
+    };
+    let body = payload::to_bus(&change)?;
+    shared
+        .client
+        .publish(fleet::state_subject(node), Bytes::from(body))
+        .await
+        .map_err(|e| BusError::Publish(e.to_string()))
+}
+
+/// Pushes a typed message to every socket of `node` (MessagePack, `route` names it).
+pub async fn push<T: Serialize>(
+    shared: &Shared,
+    node: &UserId,
+    route: &'static str,
+    body: &T,
+) -> Result<(), BusError> {
+    let bytes = payload::to_bus(body)?;
+    // Any non-zero id: agents deduplicate by content (task ids, message ids), not by this.
+    let id = (rand::random::<u64>() >> 1).max(1);
+    let mut map = HeaderMap::new();
+    headers::set(&mut map, headers::MSG_ID, &id.to_string())?;
+    headers::set(&mut map, headers::ROUTE, route)?;
+    headers::set(&mut map, headers::CODEC, BodyCodec::MsgPack.as_str())?;
+    headers::stamp_hop(&mut map, headers::hop::SERVICE_PUB, headers::now_micros());
+    shared
+        .client
+        .publish_with_headers(subject::user(node), map, Bytes::from(bytes))
+        .await
+        .map_err(|e| BusError::Publish(e.to_string()))?;
+    Metrics::inc(&shared.metrics.pushes);
+    Ok(())
+}
+
+/// Marks one target dispatched and pushes the task to the agent.
+///
+/// The store is updated first: if the push is lost the attempt expires and is retried,
+/// whereas pushing first could let the result arrive before the target left Pending.
+pub async fn dispatch(
+    shared: &Shared,
+    node: &UserId,
+    task_id: TaskId,
+    spec: &TaskSpec,
+) -> Result<(), BusError> {
+    let n = node.clone();
+    let attempt = blocking(shared, move |store| {
+        store.mark_dispatched(task_id, &n, now_ms())?;
+        Ok(store
+            .task(task_id)?
+            .and_then(|t| t.targets.get(&n).map(|s| s.attempts))
+            .unwrap_or(1))
+    })
+    .await?;
+    let (kind, timeout_ms) = wire_kind(&spec.kind);
+    let task = fleet::Task {
+        task_id,
+        attempt,
+        spec: kind,
+        timeout_ms,
+    };
+    push(shared, node, fleet::down::TASK, &task).await?;
+    Metrics::inc(&shared.metrics.dispatches);
+    Ok(())
+}
+
+/// Sends `node` every task waiting for it, oldest first.
+pub async fn dispatch_pending(shared: &Shared, node: &UserId) -> Result<(), BusError> {
+    let n = node.clone();
+    let pending = blocking(shared, move |store| store.pending_for(&n)).await?;
+    for (task_id, spec) in pending {
+        match dispatch(shared, node, task_id, &spec).await {
+            // Cancelled or dispatched meanwhile (an API call raced us): nothing to send.
+            Err(BusError::Store(StoreError::InvalidTransition { .. })) => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Whether an agent can take work now.
+pub fn is_up(state: AgentState) -> bool {
+    matches!(state, AgentState::Online | AgentState::Degraded)
+}
+
+/// Every sweep period: agents silent for the configured number of heartbeat periods go
+/// offline; in-flight attempts past their deadline are retried or time out.
+async fn sweep(shared: std::sync::Weak<Shared>) {
+    loop {
+        let period = match shared.upgrade() {
+            Some(s) => s.config.sweep,
+            None => break,
+        };
+        tokio::time::sleep(period).await;
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
+        if let Err(e) = sweep_once(&shared).await {
+            Metrics::inc(&shared.metrics.bus_errors);
+            tracing::warn!(error = %e, "Sweep failed.");
+        }
+    }
+}
+
+/// One liveness and deadline pass (public so tests and tools can force one).
+pub async fn sweep_once(shared: &Shared) -> Result<(), BusError> {
+    let now = now_ms();
+    let offline_after =
+        u64::try_from(shared.config.offline_after().as_millis()).unwrap_or(u64::MAX);
+    let cutoff = now.saturating_sub(offline_after);
+    let (gone, expired) = blocking(shared, move |store| {
+        let gone = store.mark_offline_before(cutoff)?;
+        let expired = store.expire_dispatched_before(now)?;
+        // Retries go out at once to agents that are up; the others wait for a register.
+        let mut retry: BTreeMap<UserId, Vec<(TaskId, TaskSpec)>> = BTreeMap::new();
+        for e in &expired {
+            if e.new_state != TargetState::Pending {
+                continue;
+            }
+            let up = store.agent(&e.node_id)?.is_some_and(|a| is_up(a.state));
+            if let (true, Some(task)) = (up, store.task(e.task_id)?) {
+                retry
+                    .entry(e.node_id.clone())
+                    .or_default()
+                    .push((e.task_id, task.spec));
+            }
+        }
+        Ok((gone, (expired.len(), retry)))
+    })
+    .await?;
+    for (node, old) in gone {
+        announce(shared, &node, Some(old), AgentState::Offline, now).await?;
+    }
+    let (expired_count, retry) = expired;
+    if expired_count > 0 {
+        tracing::info!(expired = expired_count, "Expired overdue task attempts.");
+    }
+    for (node, tasks) in retry {
+        for (task_id, spec) in tasks {
+            match dispatch(shared, &node, task_id, &spec).await {
+                Err(BusError::Store(StoreError::InvalidTransition { .. })) => {}
+                other => other?,
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_kinds_convert_both_ways() {
+        let kinds = [
+            fleet::TaskKind::Command {
+                argv: vec!["uptime".into()],
+                env: BTreeMap::from([("A".into(), "1".into())]),
+                cwd: Some("/tmp".into()),
+            },
+            fleet::TaskKind::TcpProbe {
+                target: "127.0.0.1:1".into(),
+            },
+            fleet::TaskKind::HttpProbe {
+                url: "http://x/".into(),
+            },
+        ];
+        for k in kinds {
+            assert_eq!(wire_kind(&store_kind(&k, 42)), (k, 42));
+        }
+    }
+}

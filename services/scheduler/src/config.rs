@@ -1,0 +1,166 @@
+//! Scheduler configuration: flags with `SCHEDULER_*` environment variables, validated into
+//! a [`Config`]. Tests build a [`Config`] directly with [`Config::new`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Command-line flags and environment variables.
+#[derive(Debug, Parser)]
+#[command(
+    name = "scheduler",
+    version,
+    about = "Fleet control plane: agents, tasks, results"
+)]
+pub struct Args {
+    /// Address for the HTTP API.
+    #[arg(long, env = "SCHEDULER_LISTEN", default_value = "0.0.0.0:8100")]
+    pub listen: String,
+    /// NATS server URLs, comma-separated.
+    #[arg(
+        long,
+        env = "SCHEDULER_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// API keys accepted as `Authorization: Bearer <key>`, comma-separated (at least one,
+    /// 16+ characters each).
+    #[arg(long, env = "SCHEDULER_API_KEYS", hide_env_values = true)]
+    pub api_keys: String,
+    /// The redb file holding the registry, tasks and results.
+    #[arg(long, env = "SCHEDULER_DB", default_value = "scheduler.redb")]
+    pub db: PathBuf,
+    /// Agent heartbeat period, ms; an agent is offline after three missed periods.
+    #[arg(long, env = "SCHEDULER_HEARTBEAT_MS", default_value_t = 10_000)]
+    pub heartbeat_ms: u64,
+    /// Slack added to a task's own timeout before a dispatched attempt expires, ms: delivery,
+    /// start-up and the result's way back take time too.
+    #[arg(long, env = "SCHEDULER_DISPATCH_TIMEOUT_MS", default_value_t = 30_000)]
+    pub dispatch_timeout_ms: u64,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "SCHEDULER_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// A configuration problem (exit code 64).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value out of range or malformed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS URLs.
+    pub nats_url: String,
+    /// Accepted API keys.
+    pub api_keys: Vec<String>,
+    /// The redb file.
+    pub db_path: PathBuf,
+    /// Agent heartbeat period; offline after [`Config::missed_heartbeats`] of them.
+    pub heartbeat: Duration,
+    /// Periods without a sign of life before an agent is marked offline.
+    pub missed_heartbeats: u32,
+    /// Slack added to a task's own timeout before a dispatched attempt expires.
+    pub dispatch_timeout: Duration,
+    /// How often the liveness and deadline sweep runs.
+    pub sweep: Duration,
+    /// Largest HTTP request body, bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// Defaults for everything but the bus, the keys and the database file.
+    pub fn new(
+        nats_url: impl Into<String>,
+        api_keys: Vec<String>,
+        db_path: impl Into<PathBuf>,
+    ) -> Self {
+        Config {
+            nats_url: nats_url.into(),
+            api_keys,
+            db_path: db_path.into(),
+            heartbeat: Duration::from_secs(10),
+            missed_heartbeats: 3,
+            dispatch_timeout: Duration::from_secs(30),
+            sweep: Duration::from_secs(1),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+
+    /// Validates flags.
+    pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
+        let keys = args
+            .api_keys
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let mut config = Config::new(args.nats_url.clone(), keys, args.db.clone());
+        config.heartbeat = Duration::from_millis(args.heartbeat_ms);
+        config.dispatch_timeout = Duration::from_millis(args.dispatch_timeout_ms);
+        if !matches!(args.log_format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid(format!(
+                "log format {:?}: use text or json",
+                args.log_format
+            )));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that would make the service misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_keys.is_empty() || self.api_keys.iter().any(|k| k.len() < 16) {
+            return Err(ConfigError::Invalid(
+                "at least one API key of 16+ characters is required".into(),
+            ));
+        }
+        if self.heartbeat < Duration::from_millis(10) || self.missed_heartbeats == 0 {
+            return Err(ConfigError::Invalid(
+                "heartbeat period must be at least 10 ms and missed heartbeats at least 1".into(),
+            ));
+        }
+        if self.dispatch_timeout.is_zero() || self.sweep.is_zero() {
+            return Err(ConfigError::Invalid(
+                "dispatch timeout and sweep period must be positive".into(),
+            ));
+        }
+        if self.db_path.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("database path is empty".into()));
+        }
+        Ok(())
+    }
+
+    /// How long an agent may stay silent before it is offline.
+    pub fn offline_after(&self) -> Duration {
+        self.heartbeat.saturating_mul(self.missed_heartbeats)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(keys: &str) -> Args {
+        Args::parse_from(["scheduler", "--api-keys", keys])
+    }
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let c = Config::from_args(&args("0123456789abcdef")).unwrap();
+        assert_eq!(c.heartbeat, Duration::from_secs(10));
+        assert_eq!(c.offline_after(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn short_or_missing_keys_are_refused() {
+        assert!(Config::from_args(&args("short")).is_err());
+        assert!(Config::from_args(&args(" , ")).is_err());
+    }
+}

@@ -1,0 +1,568 @@
+//! The operators' HTTP API: agents (list with label/state filters, get one), tasks (create,
+//! list, get with per-target states and results, cancel), plus `/healthz`, `/readyz` and
+//! `/metrics`. Every `/v1` route needs `Authorization: Bearer <api key>`; every error is a
+//! 4xx/5xx with a JSON body `{"error", "detail"}`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use messages::{UserId, fleet};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::bus::{self, BusError, blocking, is_up, now_ms, store_kind, wire_kind};
+use crate::store::{
+    AgentRecord, AgentState, LabelSelector, StoreError, TargetState, Targets, TaskSpec,
+};
+use crate::{Metrics, Shared};
+
+/// The OpenAPI document served at `/v1/openapi.json`.
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// Most tasks one listing returns.
+const MAX_LIST: usize = 1000;
+
+/// Registers the routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/v1/openapi.json", web::get().to(openapi))
+        .route("/v1/agents", web::get().to(list_agents))
+        .route("/v1/agents/{id}", web::get().to(get_agent))
+        .route("/v1/tasks", web::post().to(create_task))
+        .route("/v1/tasks", web::get().to(list_tasks))
+        .route("/v1/tasks/{id}", web::get().to(get_task))
+        .route("/v1/tasks/{id}/cancel", web::post().to(cancel_task));
+}
+
+/// An API error with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error,
+            detail: detail.into(),
+        }
+    }
+
+    fn bad(error: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, error, detail)
+    }
+
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.error, self.detail)
+    }
+}
+
+impl actix_web::ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(json!({ "error": self.error, "detail": self.detail }))
+    }
+}
+
+/// Store and bus failures as API errors: the caller's mistakes are 4xx, the rest 503.
+impl From<BusError> for ApiError {
+    fn from(e: BusError) -> Self {
+        match e {
+            BusError::Store(StoreError::InvalidSpec(m)) => ApiError::bad("invalid_task", m),
+            BusError::Store(StoreError::UnknownAgent(id)) => {
+                ApiError::bad("unknown_agent", format!("agent {id} is not registered"))
+            }
+            BusError::Store(StoreError::NoTargets) => {
+                ApiError::bad("no_targets", "no registered agent matches the selector")
+            }
+            BusError::Store(StoreError::UnknownTask(id)) => {
+                ApiError::not_found(format!("no task {id}"))
+            }
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+/// Turns actix's own extractor errors (oversized or malformed bodies) into our JSON shape.
+pub fn json_error(err: actix_web::error::JsonPayloadError) -> actix_web::Error {
+    use actix_web::error::JsonPayloadError as E;
+    match err {
+        E::Overflow { limit } | E::OverflowKnownLength { limit, .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("limit is {limit} bytes"),
+        )
+        .into(),
+        E::ContentType => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected application/json",
+        )
+        .into(),
+        other => ApiError::bad("malformed_json", other.to_string()).into(),
+    }
+}
+
+fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|p| {
+        shared
+            .config
+            .api_keys
+            .iter()
+            .any(|k| constant_time_eq(k.as_bytes(), p.as_bytes()))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or unknown API key",
+        ))
+    }
+}
+
+/// Compares without an early exit, so response timing does not reveal key prefixes.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Decodes `%XX` escapes and `+` in a query component; `None` if malformed.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The query string as (key, value) pairs, keeping repeated keys.
+fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, ApiError> {
+    req.query_string()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            match (percent_decode(k), percent_decode(v)) {
+                (Some(k), Some(v)) => Ok((k, v)),
+                _ => Err(ApiError::bad("bad_query", format!("cannot decode {p:?}"))),
+            }
+        })
+        .collect()
+}
+
+fn parse_agent_state(s: &str) -> Result<AgentState, ApiError> {
+    match s {
+        "online" => Ok(AgentState::Online),
+        "degraded" => Ok(AgentState::Degraded),
+        "offline" => Ok(AgentState::Offline),
+        other => Err(ApiError::bad(
+            "bad_state",
+            format!("state {other:?}: use online, degraded or offline"),
+        )),
+    }
+}
+
+fn parse_target_state(s: &str) -> Result<TargetState, ApiError> {
+    serde_json::from_value(json!(s))
+        .map_err(|_| ApiError::bad("bad_state", format!("unknown task state {s:?}")))
+}
+
+fn node_id(s: &str) -> Result<UserId, ApiError> {
+    UserId::new(s).map_err(|e| ApiError::bad("malformed_id", format!("node {s:?}: {e}")))
+}
+
+fn agent_json(a: &AgentRecord) -> serde_json::Value {
+    json!({
+        "node_id": a.node_id.as_str(),
+        "hostname": a.hostname,
+        "version": a.version,
+        "labels": a.labels,
+        "addresses": a.addresses,
+        "registered_at_ms": a.registered_at_ms,
+        "last_seen_ms": a.last_seen_ms,
+        "state": a.state,
+    })
+}
+
+fn spec_json(spec: &TaskSpec) -> serde_json::Value {
+    let (kind, agent_timeout_ms) = wire_kind(&spec.kind);
+    let targets = match &spec.targets {
+        Targets::Nodes(ids) => {
+            json!({ "nodes": ids.iter().map(UserId::as_str).collect::<Vec<_>>() })
+        }
+        Targets::Selector(sel) => json!({ "labels": sel }),
+    };
+    json!({
+        "spec": kind,
+        "targets": targets,
+        "timeout_ms": agent_timeout_ms,
+        "deadline_ms": spec.timeout_ms,
+        "max_attempts": spec.max_attempts,
+    })
+}
+
+async fn list_agents(
+    req: HttpRequest,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let mut selector = LabelSelector::new();
+    let mut state = None;
+    for (k, v) in query_pairs(&req)? {
+        match k.as_str() {
+            "label" => {
+                let (lk, lv) = v
+                    .split_once('=')
+                    .filter(|(lk, _)| !lk.is_empty())
+                    .ok_or_else(|| ApiError::bad("bad_label", format!("{v:?}: use key=value")))?;
+                selector.insert(lk.to_owned(), lv.to_owned());
+            }
+            "state" => state = Some(parse_agent_state(&v)?),
+            other => {
+                return Err(ApiError::bad(
+                    "bad_query",
+                    format!("unknown parameter {other:?}"),
+                ));
+            }
+        }
+    }
+    let agents = blocking(&shared, move |store| store.agents(&selector, state)).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "agents": agents.iter().map(agent_json).collect::<Vec<_>>(),
+    })))
+}
+
+async fn get_agent(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let node = node_id(&path)?;
+    let n = node.clone();
+    let agent = blocking(&shared, move |store| store.agent(&n))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no agent {node}")))?;
+    Ok(HttpResponse::Ok().json(agent_json(&agent)))
+}
+
+/// Which agents a new task runs on.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum TargetsRequest {
+    /// Explicit node ids.
+    Nodes(Vec<String>),
+    /// Every registered agent with all these labels.
+    Labels(BTreeMap<String, String>),
+}
+
+/// Body of `POST /v1/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTask {
+    targets: TargetsRequest,
+    spec: fleet::TaskKind,
+    /// How long the agent lets one attempt run, ms.
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    /// Attempts per target including the first.
+    #[serde(default)]
+    max_attempts: Option<u32>,
+}
+
+/// Default attempt timeout when a request names none.
+const DEFAULT_TASK_TIMEOUT_MS: u64 = 60_000;
+
+async fn create_task(
+    req: HttpRequest,
+    body: web::Json<CreateTask>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let body = body.into_inner();
+    let targets = match body.targets {
+        TargetsRequest::Nodes(ids) => {
+            Targets::Nodes(ids.iter().map(|s| node_id(s)).collect::<Result<_, _>>()?)
+        }
+        TargetsRequest::Labels(sel) => Targets::Selector(sel),
+    };
+    let timeout_ms = body.timeout_ms.unwrap_or(DEFAULT_TASK_TIMEOUT_MS);
+    if timeout_ms == 0 {
+        return Err(ApiError::bad(
+            "invalid_task",
+            "timeout_ms must be at least 1",
+        ));
+    }
+    // The scheduler's deadline adds the configured dispatch slack to the agent's own
+    // timeout: delivery, start-up and the result's way back take time too.
+    let slack = u64::try_from(shared.config.dispatch_timeout.as_millis()).unwrap_or(u64::MAX);
+    let spec = TaskSpec {
+        kind: store_kind(&body.spec, timeout_ms),
+        targets,
+        timeout_ms: timeout_ms.saturating_add(slack),
+        max_attempts: body.max_attempts.unwrap_or(1),
+    };
+    let created = spec.clone();
+    let (task_id, up) = blocking(&shared, move |store| {
+        let id = store.create_task(&created, now_ms())?;
+        let mut up = Vec::new();
+        if let Some(task) = store.task(id)? {
+            for node in task.targets.keys() {
+                if store.agent(node)?.is_some_and(|a| is_up(a.state)) {
+                    up.push(node.clone());
+                }
+            }
+        }
+        Ok((id, up))
+    })
+    .await?;
+    Metrics::inc(&shared.metrics.tasks_created);
+    // Targets that are up get it now; the others when they register again.
+    let mut dispatched = 0u64;
+    for node in &up {
+        match bus::dispatch(&shared, node, task_id, &spec).await {
+            Ok(()) => dispatched += 1,
+            // Not fatal for the request: a target still Pending goes out on the next
+            // register, one left Dispatched expires and is retried by the sweep.
+            Err(e) => {
+                tracing::warn!(%node, task_id, error = %e, "Dispatch failed.");
+            }
+        }
+    }
+    Ok(HttpResponse::Created().json(json!({
+        "task_id": task_id,
+        "dispatched": dispatched,
+    })))
+}
+
+async fn list_tasks(
+    req: HttpRequest,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let mut limit = 100;
+    let mut state = None;
+    for (k, v) in query_pairs(&req)? {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .map_err(|_| ApiError::bad("bad_query", "limit must be a number"))?
+                    .min(MAX_LIST);
+            }
+            "state" => state = Some(parse_target_state(&v)?),
+            other => {
+                return Err(ApiError::bad(
+                    "bad_query",
+                    format!("unknown parameter {other:?}"),
+                ));
+            }
+        }
+    }
+    let tasks = blocking(&shared, move |store| store.tasks(limit, state)).await?;
+    let list: Vec<_> = tasks
+        .iter()
+        .map(|t| {
+            let mut v = spec_json(&t.spec);
+            v["task_id"] = json!(t.id);
+            v["created_at_ms"] = json!(t.created_at_ms);
+            v["states"] = json!(t.states);
+            v["finished"] = json!(t.is_finished());
+            v
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "tasks": list })))
+}
+
+fn task_id(path: &str) -> Result<u64, ApiError> {
+    path.parse()
+        .map_err(|_| ApiError::bad("malformed_id", "task ids are decimal numbers"))
+}
+
+async fn get_task(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let id = task_id(&path)?;
+    let (task, results) = blocking(&shared, move |store| {
+        Ok((store.task(id)?, store.results_for(id)?))
+    })
+    .await?;
+    let task = task.ok_or_else(|| ApiError::not_found(format!("no task {id}")))?;
+    let mut v = spec_json(&task.spec);
+    v["task_id"] = json!(task.id);
+    v["created_at_ms"] = json!(task.created_at_ms);
+    v["finished"] = json!(task.targets.values().all(|s| s.state.is_terminal()));
+    v["targets"] = json!(
+        task.targets
+            .iter()
+            .map(|(node, status)| (node.as_str().to_owned(), json!(status)))
+            .collect::<serde_json::Map<_, _>>()
+    );
+    v["results"] = json!(results);
+    v["output"] = json!(
+        shared
+            .output
+            .for_task(id)
+            .into_iter()
+            .map(|(node, chunks)| (node.as_str().to_owned(), json!(chunks)))
+            .collect::<serde_json::Map<_, _>>()
+    );
+    Ok(HttpResponse::Ok().json(v))
+}
+
+async fn cancel_task(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let id = task_id(&path)?;
+    let cancelled = blocking(&shared, move |store| store.cancel(id, now_ms())).await?;
+    // Only agents that had the task need telling; pending targets never left the store.
+    for (node, old) in &cancelled {
+        if old.is_in_flight()
+            && let Err(e) = bus::push(
+                &shared,
+                node,
+                fleet::down::CANCEL,
+                &fleet::Cancel { task_id: id },
+            )
+            .await
+        {
+            tracing::warn!(%node, task_id = id, error = %e, "Pushing a cancel failed.");
+        }
+    }
+    Ok(HttpResponse::Ok().json(json!({
+        "task_id": id,
+        "cancelled": cancelled.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+    })))
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(OPENAPI)
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+async fn readyz(shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    let connected = shared.client.connection_state() == async_nats::connection::State::Connected;
+    let body = json!({ "ready": connected, "nats_connected": connected });
+    if connected {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn metrics(shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(shared.metrics.encode())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_is_json_and_names_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap_or_default();
+        for path in [
+            "/v1/agents",
+            "/v1/agents/{id}",
+            "/v1/tasks",
+            "/v1/tasks/{id}",
+            "/v1/tasks/{id}/cancel",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("region%3Deu").as_deref(), Some("region=eu"));
+        assert_eq!(percent_decode("a+b").as_deref(), Some("a b"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%4"), None);
+    }
+
+    #[test]
+    fn create_requests_parse_both_target_forms() {
+        let by_nodes: Result<CreateTask, _> = serde_json::from_value(json!({
+            "targets": {"nodes": ["n1"]},
+            "spec": {"kind": "command", "argv": ["uptime"]},
+            "timeout_ms": 1000
+        }));
+        assert!(matches!(
+            by_nodes.map(|c| c.targets),
+            Ok(TargetsRequest::Nodes(_))
+        ));
+        let by_labels: Result<CreateTask, _> = serde_json::from_value(json!({
+            "targets": {"labels": {"region": "eu"}},
+            "spec": {"kind": "tcp_probe", "target": "127.0.0.1:1"}
+        }));
+        assert!(matches!(
+            by_labels.map(|c| c.targets),
+            Ok(TargetsRequest::Labels(_))
+        ));
+        let unknown: Result<CreateTask, _> = serde_json::from_value(json!({
+            "targets": {"nodes": ["n1"]},
+            "spec": {"kind": "command", "argv": ["x"]},
+            "bogus": 1
+        }));
+        assert!(unknown.is_err());
+    }
+}
