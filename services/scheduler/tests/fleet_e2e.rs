@@ -1,0 +1,192 @@
+//! The fleet end to end: a real nats-server, a real gateway, the real scheduler and two real
+//! agents (the agent library, over real WebSocket connections). Nothing is faked.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use messages::GatewayId;
+use serde_json::json;
+use testkit::NatsServer;
+use testkit::http;
+use testkit::ws::{TEST_SECRET, token};
+
+const KEY: &str = "e2e-api-key-0123456789";
+
+async fn ready(addr: SocketAddr) {
+    for _ in 0..600 {
+        if http::request(addr, "GET", "/readyz", &[], b"")
+            .await
+            .map(|r| r.status)
+            .ok()
+            == Some(200)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{addr} never became ready");
+}
+
+async fn eventually(
+    addr: SocketAddr,
+    path: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..600 {
+        let v = http::get(addr, path, KEY).await.unwrap().json();
+        if check(&v) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let last = http::get(addr, path, KEY).await.unwrap().json();
+    panic!("{path} never reached the expected state; last: {last}");
+}
+
+fn agent_config(
+    dir: &std::path::Path,
+    node: &str,
+    region: &str,
+    gateway: SocketAddr,
+) -> agent::AgentConfig {
+    let text = format!(
+        r#"
+node_id = "{node}"
+token = "{token}"
+gateways = ["ws://{gateway}/ws"]
+outbox_path = "{node}.redb"
+allowed_commands = ["echo", "sh"]
+
+[labels]
+region = "{region}"
+
+[backoff]
+base_ms = 50
+cap_ms = 500
+jitter = 0.3
+"#,
+        token = token(node, Some("agent"), &[]),
+    );
+    agent::AgentConfig::from_toml(&text, &dir.join(format!("{node}.toml")), |_| None).unwrap()
+}
+
+#[tokio::test]
+async fn tasks_to_a_label_selector_run_on_real_agents_and_results_are_stored_once() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+    let mut gw_config = ws_gateway::Config::new(&url, GatewayId::new("gw-fleet").unwrap(), keys);
+    gw_config.workers = 1;
+    gw_config.lease_ttl = Duration::from_secs(5);
+    gw_config.drain_window = Duration::from_millis(100);
+    let gateway = ws_gateway::spawn(gw_config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    ready(gateway.addr()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = scheduler::Config::new(
+        &url,
+        vec![KEY.to_owned()],
+        dir.path().join("scheduler.redb"),
+    );
+    let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    ready(sched.addr()).await;
+    let api = sched.addr();
+
+    // Agent configs resolve relative outbox paths against their file's directory.
+    let mut eu = agent::start(agent_config(dir.path(), "node-eu", "eu", gateway.addr()))
+        .await
+        .unwrap();
+    let mut us = agent::start(agent_config(dir.path(), "node-us", "us", gateway.addr()))
+        .await
+        .unwrap();
+    for node in ["node-eu", "node-us"] {
+        eventually(api, &format!("/v1/agents/{node}"), |v| {
+            v["state"] == "online"
+        })
+        .await;
+    }
+
+    // A command to the eu selector runs on node-eu only.
+    let r = http::post_json(
+        api,
+        "/v1/tasks",
+        KEY,
+        &json!({"targets": {"labels": {"region": "eu"}}, "spec": {"kind": "command", "argv": ["echo", "hello fleet"]}, "timeout_ms": 10000}),
+    )
+    .await
+    .unwrap();
+    assert!(
+        r.status == 200 || r.status == 201 || r.status == 202,
+        "{:?}",
+        r.json()
+    );
+    let id = r.json()["task_id"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| r.json()["task_id"].to_string());
+    let v = eventually(api, &format!("/v1/tasks/{id}"), |v| {
+        v["targets"]["node-eu"]["state"] == "succeeded"
+    })
+    .await;
+    assert!(
+        v["targets"].get("node-us").is_none(),
+        "the us agent was not selected: {v}"
+    );
+    assert_eq!(v["results"].as_array().map(Vec::len), Some(1), "{v}");
+    assert!(
+        v["results"][0]["body"]["stdout_tail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("hello fleet"),
+        "{v}"
+    );
+    assert_eq!(v["results"][0]["body"]["exit_code"], 0);
+
+    // A failing command on both: exit codes come back, one result per agent.
+    let r = http::post_json(
+        api,
+        "/v1/tasks",
+        KEY,
+        &json!({"targets": {"nodes": ["node-eu", "node-us"]}, "spec": {"kind": "command", "argv": ["sh", "-c", "exit 3"]}, "timeout_ms": 10000}),
+    )
+    .await
+    .unwrap();
+    let id = r.json()["task_id"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| r.json()["task_id"].to_string());
+    let v = eventually(api, &format!("/v1/tasks/{id}"), |v| {
+        v["targets"]["node-eu"]["state"] == "failed" && v["targets"]["node-us"]["state"] == "failed"
+    })
+    .await;
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{v}");
+    assert!(results.iter().all(|r| r["body"]["exit_code"] == 3), "{v}");
+
+    // Every result was acknowledged: both outboxes drain.
+    for handle in [&eu, &us] {
+        let outbox = std::sync::Arc::clone(handle.outbox());
+        for _ in 0..400 {
+            if tokio::task::spawn_blocking({
+                let outbox = std::sync::Arc::clone(&outbox);
+                move || outbox.len().unwrap_or(1)
+            })
+            .await
+            .unwrap()
+                == 0
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(outbox.len().unwrap(), 0, "outbox drained after acks");
+    }
+    eu.stop();
+    us.stop();
+    let _ = eu.join().await;
+    let _ = us.join().await;
+    sched.shutdown().await.unwrap();
+    gateway.shutdown().await.unwrap();
+}
