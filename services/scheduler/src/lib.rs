@@ -18,14 +18,13 @@ pub mod store;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
 use messages::{SocketId, UserId};
-use tokio::sync::oneshot;
 
 pub use config::{Args, Config, ConfigError};
 
@@ -191,7 +190,7 @@ pub async fn run(
             .app_data(
                 web::JsonConfig::default()
                     .limit(max)
-                    .error_handler(|e, _| http::json_error(e)),
+                    .error_handler(|e, _| servicekit::http::json_error(e)),
             )
             .configure(http::routes)
     })
@@ -235,59 +234,18 @@ async fn connect(config: Config, store: Arc<Store>) -> Result<Arc<Shared>, Error
     }))
 }
 
-/// A scheduler running on its own thread (tests, embedding).
-#[derive(Debug)]
-pub struct Handle {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: Option<oneshot::Receiver<Result<(), Error>>>,
-}
+/// A scheduler running on its own thread and actix system (tests, embedding).
+pub type Handle = servicekit::Handle<Error>;
 
-/// Starts a scheduler on its own thread and actix system.
+/// Starts the service on its own thread and actix system.
 pub fn spawn(config: Config, listener: TcpListener) -> Result<Handle, Error> {
-    let addr = listener.local_addr()?;
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let (done_tx, done) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("scheduler".into())
-        .spawn(move || {
-            let result = actix_web::rt::System::new().block_on(run(config, listener, async {
-                let _ = stop_rx.await;
-            }));
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "scheduler failed.");
-            }
-            let _ = done_tx.send(result);
-        })?;
-    Ok(Handle {
-        addr,
-        stop: Some(stop),
-        done: Some(done),
-    })
-}
-
-impl Handle {
-    /// Where the HTTP API listens.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Stops the scheduler and waits until it has (the store file is closed afterwards).
-    pub async fn shutdown(mut self) -> Result<(), Error> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.done.take() {
-            Some(done) => done.await.unwrap_or(Ok(())),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+    Ok(servicekit::spawn(
+        "scheduler",
+        listener,
+        move |listener, stop| {
+            run(config, listener, async {
+                let _ = stop.await;
+            })
+        },
+    )?)
 }

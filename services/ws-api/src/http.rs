@@ -17,6 +17,8 @@ use messages::{
 use serde::Deserialize;
 use serde_json::json;
 
+use servicekit::http::ApiError;
+
 use crate::Shared;
 use crate::events::send_control;
 use crate::presence::now_ms;
@@ -43,90 +45,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/stats", web::get().to(stats));
 }
 
-/// An API error with its status.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    error: &'static str,
-    detail: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            error,
-            detail: detail.into(),
-        }
-    }
-    fn bad(error: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, error, detail)
-    }
-}
-
-impl std::fmt::Display for ApiError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.error, self.detail)
-    }
-}
-
-impl actix_web::ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        self.status
-    }
-    fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(json!({ "error": self.error, "detail": self.detail }))
-    }
-}
-
-/// Turns actix's own extractor errors (oversized or malformed bodies) into our JSON shape.
-pub fn json_error(err: actix_web::error::JsonPayloadError) -> actix_web::Error {
-    use actix_web::error::JsonPayloadError as E;
-    match err {
-        E::Overflow { limit } | E::OverflowKnownLength { limit, .. } => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("limit is {limit} bytes"),
-        )
-        .into(),
-        E::ContentType => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "expected application/json",
-        )
-        .into(),
-        other => ApiError::bad("malformed_json", other.to_string()).into(),
-    }
-}
-
 fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ok = presented.is_some_and(|p| {
-        shared
-            .config
-            .api_keys
-            .iter()
-            .any(|k| constant_time_eq(k.as_bytes(), p.as_bytes()))
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or unknown API key",
-        ))
-    }
-}
-
-/// Compares without an early exit, so response timing does not reveal key prefixes.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    servicekit::http::authorize(req, &shared.config.api_keys)
 }
 
 /// Who a push goes to.

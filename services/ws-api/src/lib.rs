@@ -14,7 +14,7 @@ pub mod presence;
 pub mod receipts;
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -22,7 +22,6 @@ use std::time::Duration;
 use actix_web::{App, HttpServer, web};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tokio::sync::oneshot;
 
 pub use config::{Args, Config, ConfigError};
 
@@ -150,7 +149,7 @@ pub async fn run(
             .app_data(
                 web::JsonConfig::default()
                     .limit(max + 4096)
-                    .error_handler(|e, _| http::json_error(e)),
+                    .error_handler(|e, _| servicekit::http::json_error(e)),
             )
             .configure(http::routes)
     })
@@ -248,59 +247,18 @@ async fn sample_rate(shared: std::sync::Weak<Shared>) {
     }
 }
 
-/// A replica running on its own thread (tests, embedding).
-#[derive(Debug)]
-pub struct Handle {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: Option<oneshot::Receiver<Result<(), Error>>>,
-}
+/// A ws-api running on its own thread and actix system (tests, embedding).
+pub type Handle = servicekit::Handle<Error>;
 
-/// Starts a replica on its own thread and actix system.
+/// Starts the service on its own thread and actix system.
 pub fn spawn(config: Config, listener: TcpListener) -> Result<Handle, Error> {
-    let addr = listener.local_addr()?;
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let (done_tx, done) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("ws-api".into())
-        .spawn(move || {
-            let result = actix_web::rt::System::new().block_on(run(config, listener, async {
-                let _ = stop_rx.await;
-            }));
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "ws-api failed.");
-            }
-            let _ = done_tx.send(result);
-        })?;
-    Ok(Handle {
-        addr,
-        stop: Some(stop),
-        done: Some(done),
-    })
-}
-
-impl Handle {
-    /// Where the HTTP API listens.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Stops the replica and waits until it has.
-    pub async fn shutdown(mut self) -> Result<(), Error> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.done.take() {
-            Some(done) => done.await.unwrap_or(Ok(())),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+    Ok(servicekit::spawn(
+        "ws-api",
+        listener,
+        move |listener, stop| {
+            run(config, listener, async {
+                let _ = stop.await;
+            })
+        },
+    )?)
 }

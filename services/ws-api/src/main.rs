@@ -8,14 +8,7 @@ use ws_api::{Args, Config};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if args.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    servicekit::init_tracing(&args.log_format);
     let config = match Config::from_args(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -31,30 +24,15 @@ fn main() -> ExitCode {
         }
     };
     tracing::info!(listen = %args.listen, nats = %config.nats_url, "Starting.");
-    match actix_web::rt::System::new().block_on(ws_api::run(config, listener, shutdown_signal())) {
+    match actix_web::rt::System::new().block_on(ws_api::run(
+        config,
+        listener,
+        servicekit::shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ws-api: {e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

@@ -17,7 +17,7 @@ pub mod registry;
 pub mod session;
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -311,59 +311,18 @@ async fn drain(shared: &Shared) {
     }
 }
 
-/// A replica running on its own thread (tests, embedding).
-#[derive(Debug)]
-pub struct Handle {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    done: Option<oneshot::Receiver<Result<(), Error>>>,
-}
+/// A ws-gateway running on its own thread and actix system (tests, embedding).
+pub type Handle = servicekit::Handle<Error>;
 
-/// Starts a replica on its own thread and actix system.
+/// Starts the service on its own thread and actix system.
 pub fn spawn(config: Config, listener: TcpListener) -> Result<Handle, Error> {
-    let addr = listener.local_addr()?;
-    let (stop, stop_rx) = oneshot::channel::<()>();
-    let (done_tx, done) = oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("ws-gateway-{}", config.instance))
-        .spawn(move || {
-            let result = actix_web::rt::System::new().block_on(run(config, listener, async {
-                let _ = stop_rx.await;
-            }));
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "Gateway failed.");
-            }
-            let _ = done_tx.send(result);
-        })?;
-    Ok(Handle {
-        addr,
-        stop: Some(stop),
-        done: Some(done),
-    })
-}
-
-impl Handle {
-    /// Where the replica listens.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Drains and stops the replica, waiting until it has.
-    pub async fn shutdown(mut self) -> Result<(), Error> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.done.take() {
-            Some(done) => done.await.unwrap_or(Ok(())),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
+    Ok(servicekit::spawn(
+        "ws-gateway",
+        listener,
+        move |listener, stop| {
+            run(config, listener, async {
+                let _ = stop.await;
+            })
+        },
+    )?)
 }

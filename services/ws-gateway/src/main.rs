@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     if let Some(user) = &args.mint_token {
         return mint_token(&args, user);
     }
-    init_tracing(&args.log_format);
+    servicekit::init_tracing(&args.log_format);
     let config = match Config::from_args(&args) {
         Ok(config) => config,
         Err(e) => {
@@ -27,8 +27,11 @@ fn main() -> ExitCode {
         }
     };
     tracing::info!(listen = %args.listen, nats = %config.nats_url, "Starting.");
-    let result =
-        actix_web::rt::System::new().block_on(ws_gateway::run(config, listener, shutdown_signal()));
+    let result = actix_web::rt::System::new().block_on(ws_gateway::run(
+        config,
+        listener,
+        servicekit::shutdown_signal(),
+    ));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -70,36 +73,6 @@ fn mint_token(args: &Args, user: &str) -> ExitCode {
         Err(e) => {
             eprintln!("ws-gateway: {e}");
             ExitCode::from(64)
-        }
-    }
-}
-
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

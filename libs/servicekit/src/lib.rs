@@ -1,0 +1,105 @@
+//! Plumbing shared by the service binaries, kept in one place so every service behaves the
+//! same way: SIGTERM/SIGINT handling, log set-up, running a service on its own thread with
+//! its own actix system (how tests drive services in-process), and the JSON error shape and
+//! API-key check of the HTTP APIs. It holds no business logic and no wire contract (that is
+//! `libs/messages`).
+
+pub mod http;
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+
+use tokio::sync::oneshot;
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Initialises logging from `RUST_LOG` (default `info`), as text or as JSON lines.
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// A service running on its own thread and actix system.
+#[derive(Debug)]
+pub struct Handle<E> {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<Result<(), E>>>,
+}
+
+/// Runs `service(listener, shutdown)` on a new thread named `name` inside its own actix
+/// system; the shutdown future completes when the handle is shut down or dropped.
+pub fn spawn<E, F, Fut>(name: &str, listener: TcpListener, service: F) -> std::io::Result<Handle<E>>
+where
+    E: std::fmt::Display + Send + 'static,
+    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + 'static,
+{
+    let addr = listener.local_addr()?;
+    let (stop, stop_rx) = oneshot::channel::<()>();
+    let (done_tx, done) = oneshot::channel();
+    let thread_name = name.to_owned();
+    std::thread::Builder::new()
+        .name(thread_name.clone())
+        .spawn(move || {
+            let result = actix_web::rt::System::new().block_on(service(listener, stop_rx));
+            if let Err(e) = &result {
+                tracing::error!(service = %thread_name, error = %e, "Service failed.");
+            }
+            let _ = done_tx.send(result);
+        })?;
+    Ok(Handle {
+        addr,
+        stop: Some(stop),
+        done: Some(done),
+    })
+}
+
+impl<E> Handle<E> {
+    /// Where the service listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Asks the service to stop and waits until it has.
+    pub async fn shutdown(mut self) -> Result<(), E> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.done.take() {
+            Some(done) => done.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<E> Drop for Handle<E> {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
