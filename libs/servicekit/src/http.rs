@@ -101,6 +101,28 @@ pub fn authorize(req: &HttpRequest, keys: &[String]) -> Result<(), ApiError> {
     }
 }
 
+/// `/healthz`: the process is alive and serving HTTP.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "ok" }))
+}
+
+/// `/readyz` for a service whose readiness is its NATS connection.
+pub fn ready_response(nats_connected: bool) -> HttpResponse {
+    let body = json!({ "ready": nats_connected, "nats_connected": nats_connected });
+    if nats_connected {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// `/metrics`: OpenMetrics text as `prometheus-client` encodes it.
+pub fn metrics_response(text: String) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(text)
+}
+
 /// Compares without an early exit, so response timing does not reveal key prefixes.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

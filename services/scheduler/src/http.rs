@@ -27,7 +27,7 @@ const MAX_LIST: usize = 1000;
 
 /// Registers the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
+    cfg.route("/healthz", web::get().to(servicekit::http::healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
         .route("/v1/openapi.json", web::get().to(openapi))
@@ -403,24 +403,14 @@ async fn openapi() -> HttpResponse {
         .body(OPENAPI)
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
-}
-
 async fn readyz(shared: web::Data<Arc<Shared>>) -> HttpResponse {
-    let connected = shared.client.connection_state() == async_nats::connection::State::Connected;
-    let body = json!({ "ready": connected, "nats_connected": connected });
-    if connected {
-        HttpResponse::Ok().json(body)
-    } else {
-        HttpResponse::ServiceUnavailable().json(body)
-    }
+    servicekit::http::ready_response(
+        shared.client.connection_state() == async_nats::connection::State::Connected,
+    )
 }
 
 async fn metrics(shared: web::Data<Arc<Shared>>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(shared.metrics.encode())
+    servicekit::http::metrics_response(shared.metrics.encode())
 }
 
 #[cfg(test)]
