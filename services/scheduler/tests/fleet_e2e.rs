@@ -190,3 +190,113 @@ async fn tasks_to_a_label_selector_run_on_real_agents_and_results_are_stored_onc
     sched.shutdown().await.unwrap();
     gateway.shutdown().await.unwrap();
 }
+
+/// Runs the real `schedctl` binary; returns exit code and stdout.
+fn schedctl(api: SocketAddr, key: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_schedctl"))
+        .env("SCHEDULER_URL", format!("http://{api}"))
+        .env("SCHEDULER_API_KEY", key)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn operators_drive_the_fleet_with_schedctl() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+    let mut gw_config = ws_gateway::Config::new(&url, GatewayId::new("gw-ctl").unwrap(), keys);
+    gw_config.workers = 1;
+    gw_config.lease_ttl = Duration::from_secs(5);
+    gw_config.drain_window = Duration::from_millis(100);
+    let gateway = ws_gateway::spawn(gw_config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    ready(gateway.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = scheduler::Config::new(
+        &url,
+        vec![KEY.to_owned()],
+        dir.path().join("scheduler.redb"),
+    );
+    let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    ready(sched.addr()).await;
+    let api = sched.addr();
+    let mut node = agent::start(agent_config(dir.path(), "edge-7", "eu", gateway.addr()))
+        .await
+        .unwrap();
+    eventually(api, "/v1/agents/edge-7", |v| v["state"] == "online").await;
+
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(api, KEY, &["agents", "--label", "region=eu"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines().next().unwrap_or("").starts_with("NODE"),
+        "{out}"
+    );
+    assert!(
+        out.contains("edge-7") && out.contains("online") && out.contains("region=eu"),
+        "{out}"
+    );
+
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(
+            api,
+            KEY,
+            &[
+                "run",
+                "--label",
+                "region=eu",
+                "--wait",
+                "--",
+                "echo",
+                "from-schedctl",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("succeeded") && out.contains("from-schedctl"),
+        "{out}"
+    );
+
+    // --json prints the API's JSON; a failing command makes --wait exit 2.
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(
+            api,
+            KEY,
+            &[
+                "--json", "run", "--nodes", "edge-7", "--wait", "--", "sh", "-c", "exit 4",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 2, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["targets"]["edge-7"]["state"], "failed");
+
+    // Bad key and bad usage have their own exit codes.
+    let (code, _) =
+        tokio::task::spawn_blocking(move || schedctl(api, "wrong-key-0123456789", &["agents"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 1);
+    let (code, _) =
+        tokio::task::spawn_blocking(move || schedctl(api, KEY, &["run", "--wait", "--", "true"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 64, "neither --nodes nor --label");
+    node.stop();
+    let _ = node.join().await;
+    sched.shutdown().await.unwrap();
+    gateway.shutdown().await.unwrap();
+}

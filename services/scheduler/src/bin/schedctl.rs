@@ -1,0 +1,524 @@
+//! `schedctl`: the operator's terminal view of the fleet. It talks to the scheduler's HTTP
+//! API (the same one automation uses), prints readable tables, and `--json` prints the API's
+//! JSON unchanged for scripts.
+//!
+//! ```text
+//! schedctl agents --label region=eu
+//! schedctl run --label region=eu --wait -- uname -a
+//! schedctl probe tcp 10.0.0.1:443 --nodes edge-1,edge-2 --wait
+//! schedctl task 42
+//! ```
+//! Exit codes: 0 success, 1 the API refused the request, 2 a task finished with failures
+//! (with `--wait`), 64 bad usage, 69 the scheduler is unreachable.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "schedctl",
+    version,
+    about = "Operate the fleet through the scheduler's API"
+)]
+struct Cli {
+    /// Scheduler base URL.
+    #[arg(long, env = "SCHEDULER_URL", default_value = "http://127.0.0.1:8100")]
+    url: String,
+    /// API key.
+    #[arg(long, env = "SCHEDULER_API_KEY", hide_env_values = true)]
+    key: String,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List agents.
+    Agents {
+        /// Only agents with this label (`key=value`, repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Only agents in this state (online, degraded, offline).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Show one agent.
+    Agent {
+        /// Node id.
+        id: String,
+    },
+    /// Run a command on agents: `schedctl run --label role=edge -- df -h`.
+    Run {
+        #[command(flatten)]
+        target: Target,
+        /// Program and arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Probe a target from agents.
+    Probe {
+        /// `tcp` (host:port) or `http` (URL).
+        kind: String,
+        /// What to probe.
+        what: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List tasks.
+    Tasks {
+        /// How many, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show a task with per-agent states and results.
+    Task {
+        /// Task id.
+        id: u64,
+    },
+    /// Cancel a task everywhere it has not finished.
+    Cancel {
+        /// Task id.
+        id: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Target {
+    /// Target these node ids (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// Target agents with this label (`key=value`, repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Per-attempt timeout, ms.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Wait for every target to finish and print the results.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    wait_secs: u64,
+}
+
+/// Why a command failed, with its exit code.
+#[derive(Debug)]
+enum Failure {
+    Usage(String),
+    Unreachable(String),
+    Api(u16, String),
+    TasksFailed,
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Usage(_) => 64,
+            Failure::Unreachable(_) => 69,
+            Failure::Api(..) => 1,
+            Failure::TasksFailed => 2,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            match &f {
+                Failure::Usage(m) => eprintln!("schedctl: {m}"),
+                Failure::Unreachable(m) => eprintln!("schedctl: scheduler unreachable: {m}"),
+                Failure::Api(status, m) => eprintln!("schedctl: {status}: {m}"),
+                Failure::TasksFailed => eprintln!("schedctl: some targets did not succeed"),
+            }
+            ExitCode::from(f.code())
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<(), Failure> {
+    let api = Api::new(&cli.url, &cli.key)?;
+    match &cli.command {
+        Command::Agents { labels, state } => {
+            let mut query: Vec<String> = labels.iter().map(|l| format!("label={l}")).collect();
+            if let Some(s) = state {
+                query.push(format!("state={s}"));
+            }
+            let path = if query.is_empty() {
+                "/v1/agents".to_owned()
+            } else {
+                format!("/v1/agents?{}", query.join("&"))
+            };
+            let v = api.get(&path)?;
+            if cli.json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["agents"]
+                .as_array()
+                .map(|a| a.iter().map(agent_row).collect())
+                .unwrap_or_default();
+            print_table(
+                &["NODE", "STATE", "LABELS", "VERSION", "HOST", "LAST SEEN"],
+                &rows,
+            );
+            Ok(())
+        }
+        Command::Agent { id } => {
+            let v = api.get(&format!("/v1/agents/{id}"))?;
+            if cli.json {
+                return print_json(&v);
+            }
+            print_table(
+                &["NODE", "STATE", "LABELS", "VERSION", "HOST", "LAST SEEN"],
+                &[agent_row(&v)],
+            );
+            Ok(())
+        }
+        Command::Run { target, argv } => {
+            let spec = json!({"kind": "command", "argv": argv});
+            create(&api, cli.json, target, spec)
+        }
+        Command::Probe { kind, what, target } => {
+            let spec = match kind.as_str() {
+                "tcp" => json!({"kind": "tcp_probe", "target": what}),
+                "http" => json!({"kind": "http_probe", "url": what}),
+                other => {
+                    return Err(Failure::Usage(format!(
+                        "probe kind {other:?}: use tcp or http"
+                    )));
+                }
+            };
+            create(&api, cli.json, target, spec)
+        }
+        Command::Tasks { limit } => {
+            let v = api.get(&format!("/v1/tasks?limit={limit}"))?;
+            if cli.json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["tasks"]
+                .as_array()
+                .map(|tasks| {
+                    tasks
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                text(&t["task_id"]),
+                                text(&t["spec"]["spec"]["kind"]),
+                                summary_of_states(&t["targets"]),
+                                if t["finished"] == Value::Bool(true) {
+                                    "yes".into()
+                                } else {
+                                    "no".into()
+                                },
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["TASK", "KIND", "TARGETS", "FINISHED"], &rows);
+            Ok(())
+        }
+        Command::Task { id } => {
+            let v = api.get(&format!("/v1/tasks/{id}"))?;
+            if cli.json {
+                return print_json(&v);
+            }
+            print_task(&v);
+            Ok(())
+        }
+        Command::Cancel { id } => {
+            let v = api.post(&format!("/v1/tasks/{id}/cancel"), &json!({}))?;
+            if cli.json {
+                return print_json(&v);
+            }
+            println!("cancelled on: {}", text(&v["cancelled"]));
+            Ok(())
+        }
+    }
+}
+
+fn create(api: &Api, as_json: bool, target: &Target, spec: Value) -> Result<(), Failure> {
+    let targets = match (target.nodes.is_empty(), target.labels.is_empty()) {
+        (false, true) => json!({"nodes": target.nodes}),
+        (true, false) => {
+            let mut labels = serde_json::Map::new();
+            for l in &target.labels {
+                let (k, v) = l
+                    .split_once('=')
+                    .ok_or_else(|| Failure::Usage(format!("label {l:?}: use key=value")))?;
+                labels.insert(k.to_owned(), Value::String(v.to_owned()));
+            }
+            json!({"labels": labels})
+        }
+        _ => return Err(Failure::Usage("give either --nodes or --label".into())),
+    };
+    let mut body = json!({"targets": targets, "spec": spec});
+    if let Some(t) = target.timeout_ms {
+        body["timeout_ms"] = json!(t);
+    }
+    let created = api.post("/v1/tasks", &body)?;
+    let id = created["task_id"]
+        .as_u64()
+        .ok_or_else(|| Failure::Api(0, format!("no task id in {created}")))?;
+    if !target.wait {
+        if as_json {
+            return print_json(&created);
+        }
+        println!(
+            "task {id} created, dispatched to {} agent(s)",
+            text(&created["dispatched"])
+        );
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(target.wait_secs);
+    loop {
+        let v = api.get(&format!("/v1/tasks/{id}"))?;
+        if v["finished"] == Value::Bool(true) || Instant::now() >= deadline {
+            if as_json {
+                print_json(&v)?;
+            } else {
+                print_task(&v);
+            }
+            let all_ok = v["targets"]
+                .as_object()
+                .is_some_and(|t| t.values().all(|s| s["state"] == "succeeded"));
+            return if all_ok {
+                Ok(())
+            } else {
+                Err(Failure::TasksFailed)
+            };
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn agent_row(a: &Value) -> Vec<String> {
+    let labels = a["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let age = a["last_seen_ms"].as_u64().map(ago).unwrap_or_default();
+    vec![
+        text(&a["node_id"]),
+        text(&a["state"]),
+        labels,
+        text(&a["version"]),
+        text(&a["hostname"]),
+        age,
+    ]
+}
+
+fn summary_of_states(targets: &Value) -> String {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    if let Some(t) = targets.as_object() {
+        for s in t.values() {
+            *counts.entry(text(&s["state"])).or_default() += 1;
+        }
+    }
+    counts
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_task(v: &Value) {
+    println!(
+        "task {}  {}",
+        text(&v["task_id"]),
+        text(&v["spec"]["spec"]["kind"])
+    );
+    let results: Vec<&Value> = v["results"]
+        .as_array()
+        .map(|r| r.iter().collect())
+        .unwrap_or_default();
+    let rows: Vec<Vec<String>> = v["targets"]
+        .as_object()
+        .map(|targets| {
+            targets
+                .iter()
+                .map(|(node, s)| {
+                    let result = results
+                        .iter()
+                        .rev()
+                        .find(|r| r["node_id"] == Value::String(node.clone()));
+                    let (exit, out) = result.map_or((String::new(), String::new()), |r| {
+                        let body = &r["body"];
+                        let out = body["error"]
+                            .as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| {
+                                text(&body["stdout_tail"])
+                                    .lines()
+                                    .last()
+                                    .unwrap_or("")
+                                    .to_owned()
+                            });
+                        (text(&body["exit_code"]), out)
+                    });
+                    vec![node.clone(), text(&s["state"]), exit, out]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print_table(&["NODE", "STATE", "EXIT", "OUTPUT (last line)"], &rows);
+}
+
+fn print_json(v: &Value) -> Result<(), Failure> {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    Ok(())
+}
+
+/// A JSON value as plain text (strings without quotes, null as empty).
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn ago(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+    if rows.is_empty() {
+        println!("(none)");
+    }
+}
+
+/// A tiny blocking HTTP/1.1 client: one request per connection, JSON in and out.
+struct Api {
+    host: String,
+    key: String,
+}
+
+impl Api {
+    fn new(url: &str, key: &str) -> Result<Self, Failure> {
+        let host = url
+            .strip_prefix("http://")
+            .ok_or_else(|| Failure::Usage(format!("{url}: only http:// URLs are supported")))?
+            .trim_end_matches('/')
+            .to_owned();
+        Ok(Api {
+            host,
+            key: key.to_owned(),
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Value, Failure> {
+        self.request("GET", path, None)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Value, Failure> {
+        self.request("POST", path, Some(body))
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, Failure> {
+        let mut stream = TcpStream::connect(&self.host)
+            .map_err(|e| Failure::Unreachable(format!("{}: {e}", self.host)))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let payload = body.map(Value::to_string).unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+            self.host,
+            self.key,
+            payload.len()
+        );
+        stream
+            .write_all(request.as_bytes())
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(raw.len());
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut body = raw.get(split + 4..).unwrap_or_default().to_vec();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            body = dechunk(&body);
+        }
+        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if (200..300).contains(&status) {
+            Ok(value)
+        } else {
+            let message = match (&value["error"], &value["detail"]) {
+                (Value::String(e), Value::String(d)) => format!("{e}: {d}"),
+                _ => String::from_utf8_lossy(&body).into_owned(),
+            };
+            Err(Failure::Api(status, message))
+        }
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..end]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = end + 2;
+        let stop = (start + size).min(data.len());
+        out.extend_from_slice(&data[start..stop]);
+        data = data.get(stop + 2..).unwrap_or_default();
+    }
+    out
+}
