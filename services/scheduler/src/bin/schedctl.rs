@@ -185,7 +185,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Run { target, argv } => {
             let spec = json!({"kind": "command", "argv": argv});
-            create(&api, cli.json, target, spec)
+            create(&api, cli.json, target, &spec)
         }
         Command::Probe { kind, what, target } => {
             let spec = match kind.as_str() {
@@ -197,7 +197,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                     )));
                 }
             };
-            create(&api, cli.json, target, spec)
+            create(&api, cli.json, target, &spec)
         }
         Command::Tasks { limit } => {
             let v = api.get(&format!("/v1/tasks?limit={limit}"))?;
@@ -246,7 +246,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     }
 }
 
-fn create(api: &Api, as_json: bool, target: &Target, spec: Value) -> Result<(), Failure> {
+fn create(api: &Api, as_json: bool, target: &Target, spec: &Value) -> Result<(), Failure> {
     let targets = match (target.nodes.is_empty(), target.labels.is_empty()) {
         (false, true) => json!({"nodes": target.nodes}),
         (true, false) => {
