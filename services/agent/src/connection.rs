@@ -170,6 +170,8 @@ struct Ctx {
     events: mpsc::UnboundedReceiver<ExecEvent>,
     shutdown: watch::Receiver<bool>,
     hostname: String,
+    /// The last degraded/online status reported, re-sent after every register.
+    status: Option<fleet::Status>,
 }
 
 /// Runs sessions until shutdown or a fatal close.
@@ -179,6 +181,15 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
     let (events_tx, events) = mpsc::unbounded_channel();
+    let reporter = tokio::spawn(report_loop(
+        Arc::clone(&outbox),
+        config.outbox_path.clone(),
+        config.report_period,
+        events_tx.clone(),
+        shutdown.clone(),
+    ));
+    // The report loop ends with the connection loop (its shutdown or a fatal error).
+    let _reporter = AbortOnDrop(reporter);
     let executor = Executor::new(
         config.allowed_commands.clone(),
         Arc::clone(&outbox),
@@ -192,6 +203,7 @@ pub async fn run(
         events,
         shutdown,
         hostname: hostname(),
+        status: None,
     };
     let mut attempt: u32 = 0;
     let mut last_failed: Option<usize> = None;
@@ -230,6 +242,98 @@ pub async fn run(
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = wait_shutdown(&mut ctx.shutdown) => return Ok(()),
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Samples the host a few times per report period, and once per period writes the averages
+/// to the outbox as a report (then hands it to the session to send) and reports health
+/// changes. Runs whether or not a gateway is reachable: reports made offline wait in the
+/// outbox.
+async fn report_loop(
+    outbox: Arc<Outbox>,
+    outbox_path: std::path::PathBuf,
+    period: Duration,
+    events: mpsc::UnboundedSender<ExecEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let sample_every = (period / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    // A first reading primes the CPU counters, so even the first report has a CPU figure.
+    let mut sampler = tokio::task::spawn_blocking(move || {
+        let mut s = crate::metrics::Sampler::new(&outbox_path);
+        s.sample();
+        s
+    })
+    .await
+    .ok();
+    let mut degraded: Option<String> = None;
+    let mut window_start = Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(sample_every) => {}
+            () = wait_shutdown(&mut shutdown) => return,
+        }
+        let Some(mut s) = sampler.take() else { return };
+        let Ok(s) = tokio::task::spawn_blocking(move || {
+            s.sample();
+            s
+        })
+        .await
+        else {
+            return;
+        };
+        sampler = Some(s);
+        if window_start.elapsed() < period {
+            continue;
+        }
+        window_start = Instant::now();
+        let Some(metrics) = sampler.as_mut().map(crate::metrics::Sampler::take) else {
+            return;
+        };
+        let reason = crate::metrics::degraded_reason(&metrics);
+        if reason != degraded {
+            let state = if reason.is_some() {
+                fleet::AgentState::Degraded
+            } else {
+                fleet::AgentState::Online
+            };
+            let _ = events.send(ExecEvent::Status(fleet::Status {
+                state,
+                reason: reason.clone(),
+            }));
+            degraded = reason;
+        }
+        let outbox = Arc::clone(&outbox);
+        let at_ms = messages::headers::now_micros() / 1000;
+        let appended = tokio::task::spawn_blocking(move || {
+            let mut encoded = Vec::new();
+            let seq = outbox.append_with(REPORT_KIND, |id| {
+                let report = Report {
+                    message_id: id.to_string(),
+                    at_ms,
+                    metrics,
+                };
+                encoded = payload::to_bus(&report)?;
+                Ok::<_, crate::executor::ExecError>(encoded.clone())
+            })?;
+            Ok::<_, crate::executor::ExecError>((seq, encoded))
+        })
+        .await;
+        match appended {
+            Ok(Ok((seq, payload))) => {
+                let _ = events.send(ExecEvent::Report { seq, payload });
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "Storing a status report failed."),
+            Err(e) => tracing::warn!(error = %e, "Status report task failed."),
         }
     }
 }
@@ -365,6 +469,10 @@ impl Ctx {
         conn.publish(fleet::up::REGISTER, payload::to_bus(&register)?)
             .await?;
         self.replay(conn).await?;
+        if let Some(status) = &self.status {
+            conn.publish(fleet::up::STATUS, payload::to_bus(status)?)
+                .await?;
+        }
 
         let params = welcome.heartbeat;
         let grace = Duration::from_millis(u64::from(params.grace_ms)).max(MIN_GRACE);
@@ -434,6 +542,17 @@ impl Ctx {
                             if conn.sent.insert(seq) {
                                 conn.publish(fleet::up::RESULT, payload).await?;
                             }
+                        }
+                        ExecEvent::Report { seq, payload } => {
+                            if conn.sent.insert(seq) {
+                                let report: Report = payload::from_bus(&payload)?;
+                                let batch = ReportBatch { reports: vec![report] };
+                                conn.publish(fleet::up::REPORT, payload::to_bus(&batch)?).await?;
+                            }
+                        }
+                        ExecEvent::Status(status) => {
+                            conn.publish(fleet::up::STATUS, payload::to_bus(&status)?).await?;
+                            self.status = Some(status);
                         }
                     }
                     Next::Continue

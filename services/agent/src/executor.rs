@@ -58,6 +58,17 @@ pub enum ExecEvent {
         /// The encoded result.
         payload: Vec<u8>,
     },
+    /// A status report was durably written to the outbox as entry `seq`; `payload` is the
+    /// msgpack [`messages::fleet::Report`].
+    Report {
+        /// The outbox sequence.
+        seq: u64,
+        /// The encoded report.
+        payload: Vec<u8>,
+    },
+    /// The agent's health changed (online <-> degraded); sent best effort and again after
+    /// every reconnect.
+    Status(messages::fleet::Status),
 }
 
 /// Why a result could not be stored.

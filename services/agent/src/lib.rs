@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod config;
 pub mod connection;
 pub mod executor;
+pub mod metrics;
 pub mod outbox;
 
 pub use backoff::{BackoffError, ExponentialBackoff};

@@ -599,3 +599,65 @@ async fn heartbeats_follow_the_gateway_and_keep_the_session() {
         .unwrap();
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_are_averaged_outboxed_sent_and_cleared_by_acks() {
+    let nats = NatsServer::start().unwrap();
+    let mut scheduler = Scheduler::start(&nats.url()).await;
+    let gw = gateway_on(
+        &nats.url(),
+        "gw-reports",
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = agent_config(dir.path(), gw.addr());
+    config.report_period = Duration::from_secs(1);
+    let mut agent = agent::start(config).await.unwrap();
+    scheduler.expect(fleet::up::REGISTER).await;
+
+    let batch: fleet::ReportBatch = from_bus(&scheduler.expect(fleet::up::REPORT).await).unwrap();
+    assert_eq!(batch.reports.len(), 1);
+    let report = &batch.reports[0];
+    for key in ["cpu_pct", "mem_pct", "disk_pct"] {
+        let v = report.metrics[key];
+        assert!((0.0..=100.0).contains(&v), "{key} = {v}");
+    }
+    assert!(
+        report.message_id.contains('-'),
+        "an outbox message id: {}",
+        report.message_id
+    );
+    // Written to the outbox before it was sent; the scheduler's ack removes it.
+    assert!(outbox_len(&agent).await >= 1);
+    let ack = Ack {
+        message_ids: vec![report.message_id.clone()],
+    };
+    push_to(&scheduler.nats, 0, fleet::down::ACK, to_bus(&ack).unwrap()).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // Later reports may have been appended meanwhile; the acked one must be gone.
+        let outbox = agent.outbox().clone();
+        let id = report.message_id.clone();
+        let still_there = tokio::task::spawn_blocking(move || {
+            outbox
+                .pending(1000)
+                .unwrap()
+                .iter()
+                .any(|e| outbox.message_id(e.seq).to_string() == id)
+        })
+        .await
+        .unwrap();
+        if !still_there {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acked report never left the outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.stop();
+    let _ = agent.join().await;
+    gw.shutdown().await.unwrap();
+}
