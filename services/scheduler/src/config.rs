@@ -38,9 +38,30 @@ pub struct Args {
     /// start-up and the result's way back take time too.
     #[arg(long, env = "SCHEDULER_DISPATCH_TIMEOUT_MS", default_value_t = 30_000)]
     pub dispatch_timeout_ms: u64,
+    /// This instance's stable name, stored in the leader lease (default: the host name).
+    #[arg(long, env = "SCHEDULER_INSTANCE")]
+    pub instance: Option<String>,
+    /// Leader lease TTL, ms: a standby takes over this long after the active instance
+    /// stopped refreshing; the active one refreshes every third of it.
+    #[arg(long, env = "SCHEDULER_LEASE_TTL_MS", default_value_t = 15_000)]
+    pub lease_ttl_ms: u64,
     /// Log format: `text` or `json`.
     #[arg(long, env = "SCHEDULER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+/// Shortest leader lease TTL accepted.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
+
+/// The host name (the default instance name), or `scheduler` if it cannot be read.
+pub fn host_name() -> String {
+    // Linux exposes it here; no extra dependency is needed for one read.
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "scheduler".to_owned())
 }
 
 /// A configuration problem (exit code 64).
@@ -70,6 +91,12 @@ pub struct Config {
     pub sweep: Duration,
     /// Largest HTTP request body, bytes.
     pub max_body_bytes: usize,
+    /// This instance's name in the leader lease.
+    pub instance: String,
+    /// Leader lease TTL (also the lease bucket's `max_age`).
+    pub lease_ttl: Duration,
+    /// JetStream key-value bucket of the leader lease.
+    pub lease_bucket: String,
 }
 
 impl Config {
@@ -88,6 +115,9 @@ impl Config {
             dispatch_timeout: Duration::from_secs(30),
             sweep: Duration::from_secs(1),
             max_body_bytes: 64 * 1024,
+            instance: host_name(),
+            lease_ttl: crate::lease::DEFAULT_TTL,
+            lease_bucket: crate::lease::DEFAULT_BUCKET.to_owned(),
         }
     }
 
@@ -103,6 +133,10 @@ impl Config {
         let mut config = Config::new(args.nats_url.clone(), keys, args.db.clone());
         config.heartbeat = Duration::from_millis(args.heartbeat_ms);
         config.dispatch_timeout = Duration::from_millis(args.dispatch_timeout_ms);
+        config.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
+        if let Some(instance) = &args.instance {
+            config.instance = instance.trim().to_owned();
+        }
         if !matches!(args.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid(format!(
                 "log format {:?}: use text or json",
@@ -130,6 +164,17 @@ impl Config {
                 "dispatch timeout and sweep period must be positive".into(),
             ));
         }
+        // Refreshes go out every third of the TTL and each needs a round trip; below this
+        // a loaded machine would lose the lease to its own latency.
+        if self.lease_ttl < MIN_LEASE_TTL {
+            return Err(ConfigError::Invalid(format!(
+                "lease ttl must be at least {} ms",
+                MIN_LEASE_TTL.as_millis()
+            )));
+        }
+        if self.instance.is_empty() {
+            return Err(ConfigError::Invalid("instance name is empty".into()));
+        }
         if self.db_path.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("database path is empty".into()));
         }
@@ -156,11 +201,39 @@ mod tests {
         let c = Config::from_args(&args("0123456789abcdef")).unwrap();
         assert_eq!(c.heartbeat, Duration::from_secs(10));
         assert_eq!(c.offline_after(), Duration::from_secs(30));
+        assert_eq!(c.lease_ttl, Duration::from_secs(15));
+        assert!(!c.instance.is_empty());
     }
 
     #[test]
     fn short_or_missing_keys_are_refused() {
         assert!(Config::from_args(&args("short")).is_err());
         assert!(Config::from_args(&args(" , ")).is_err());
+    }
+
+    #[test]
+    fn lease_settings_are_read_and_checked() {
+        let ok = Args::parse_from([
+            "scheduler",
+            "--api-keys",
+            "0123456789abcdef",
+            "--instance",
+            "sched-a",
+            "--lease-ttl-ms",
+            "2000",
+        ]);
+        let c = Config::from_args(&ok).unwrap();
+        assert_eq!(
+            (c.instance.as_str(), c.lease_ttl),
+            ("sched-a", Duration::from_secs(2))
+        );
+        let short = Args::parse_from([
+            "scheduler",
+            "--api-keys",
+            "0123456789abcdef",
+            "--lease-ttl-ms",
+            "10",
+        ]);
+        assert!(Config::from_args(&short).is_err());
     }
 }

@@ -39,6 +39,32 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/tasks/{id}/cancel", web::post().to(cancel_task));
 }
 
+/// The routes of a standby (an instance waiting for the leader lease, with no store open):
+/// `/healthz` answers 200, `/readyz` 503 with `{"ready": false, "role": "standby"}`, and
+/// everything else 503 with `{"error": "standby"}`, so a load balancer sends operators to
+/// the active instance and a client that reaches this one learns why it cannot help.
+pub fn standby_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(servicekit::http::healthz))
+        .route("/readyz", web::get().to(standby_readyz))
+        .default_service(web::to(standby_api));
+}
+
+async fn standby_readyz(instance: web::Data<String>) -> HttpResponse {
+    HttpResponse::ServiceUnavailable().json(json!({
+        "ready": false,
+        "role": "standby",
+        "instance": instance.as_str(),
+    }))
+}
+
+async fn standby_api() -> HttpResponse {
+    actix_web::ResponseError::error_response(&ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "standby",
+        "this scheduler is standing by; another instance holds the leader lease",
+    ))
+}
+
 /// Store and bus failures as API errors: the caller's mistakes are 4xx, the rest 503.
 impl From<BusError> for ApiError {
     fn from(e: BusError) -> Self {
@@ -404,9 +430,18 @@ async fn openapi() -> HttpResponse {
 }
 
 async fn readyz(shared: web::Data<Arc<Shared>>) -> HttpResponse {
-    servicekit::http::ready_response(
-        shared.client.connection_state() == async_nats::connection::State::Connected,
-    )
+    let connected = shared.client.connection_state() == async_nats::connection::State::Connected;
+    let body = json!({
+        "ready": connected,
+        "nats_connected": connected,
+        "role": "active",
+        "instance": shared.config.instance,
+    });
+    if connected {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
 }
 
 async fn metrics(shared: web::Data<Arc<Shared>>) -> HttpResponse {

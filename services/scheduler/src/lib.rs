@@ -7,18 +7,22 @@
 //! - [`bus`]: the NATS consumers, the pushes to agents and the liveness/deadline sweep.
 //! - [`config`]: flags and environment variables.
 //! - [`output`]: the recent output of running commands, in memory.
+//! - [`lease`]: the leader lease; only the instance holding it is active.
 //!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
 pub mod bus;
 pub mod config;
 mod http;
+pub mod lease;
 pub mod output;
 pub mod store;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::TcpListener;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,6 +49,10 @@ pub enum Error {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// This instance was active and lost the leader lease; it stopped so that a supervisor
+    /// restarts it (as a standby, until the lease is free again).
+    #[error("lost the leader lease; stopped to let a supervisor restart this instance")]
+    LeaseLost,
 }
 
 /// Counters of the service, exposed at `/metrics` in the Prometheus text format.
@@ -155,32 +163,120 @@ impl Shared {
 
 /// Runs the scheduler with its HTTP API on `listener` until `shutdown` completes. Must be
 /// called inside an actix system.
+///
+/// The instance first stands by: it serves only `/healthz` (200) and a `/readyz` saying
+/// `standby` (503), and waits for the leader lease ([`lease`]). Only once it holds the
+/// lease does it open the redb file (redb locks it, and a standby on the same volume must
+/// not hold it), subscribe to the bus, start the sweep and serve the API.
+///
+/// A graceful stop closes the store first and then deletes the lease, so a standby takes
+/// over at once. Losing the lease while active (no refresh succeeded within the TTL, or
+/// another instance took it) stops consuming, dispatching and serving, and returns
+/// [`Error::LeaseLost`]: the process exits and its supervisor restarts it as a standby.
+/// That is simpler to get right than demoting in place, where every task spawned while
+/// active would have to be found and stopped.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     config.validate()?;
-    let path = config.db_path.clone();
-    // Opening may repair the file after a crash: keep it off the async threads.
-    let store = tokio::task::spawn_blocking(move || Store::open(path))
+    // The lease has its own runtime and NATS connection: it is released after the bus
+    // runtime (whose tasks hold the store) has shut down, and its refreshes never queue
+    // behind bus traffic.
+    let lease_rt = build_runtime("scheduler-lease")?;
+    let result = lead(&config, &lease_rt, listener, std::pin::pin!(shutdown)).await;
+    shutdown_runtime(lease_rt).await;
+    tracing::info!("scheduler stopped.");
+    result
+}
+
+/// Stands by until the lease is ours (or `shutdown`), then runs the active phase and
+/// releases the lease afterwards unless it was lost.
+async fn lead(
+    config: &Config,
+    lease_rt: &tokio::runtime::Runtime,
+    listener: TcpListener,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> Result<(), Error> {
+    let url = config.nats_url.clone();
+    let client = lease_rt
+        .spawn(async move { connect_nats(&url, "scheduler-lease").await })
         .await
-        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        .map_err(join_error)??;
+    let mut standby = Some(serve_standby(listener.try_clone()?, &config.instance)?);
+    tracing::info!(instance = %config.instance, "scheduler standing by for the leader lease.");
+    let lease_cfg = lease::LeaseConfig {
+        bucket: config.lease_bucket.clone(),
+        ttl: config.lease_ttl,
+        instance: config.instance.clone(),
+    };
+    let mut acquiring = lease_rt.spawn(lease::acquire(
+        async_nats::jetstream::new(client),
+        lease_cfg,
+    ));
+    let lease = tokio::select! {
+        () = &mut shutdown => {
+            acquiring.abort();
+            if let Some(s) = standby.take() {
+                s.stop(true).await;
+            }
+            return Ok(());
+        }
+        lease = &mut acquiring => lease.map_err(join_error)?,
+    };
+    let mut keeper = lease::Keeper::spawn(lease_rt.handle(), lease);
+    let bus_rt = build_runtime("scheduler-nats")?;
+    let result = active(
+        config,
+        listener,
+        &mut standby,
+        &bus_rt,
+        &mut keeper,
+        shutdown,
+    )
+    .await;
+    if let Some(s) = standby.take() {
+        s.stop(true).await;
+    }
+    // The consumers hold the store; wait (off the async threads, where a runtime may not
+    // block) until they are dropped, so the redb file is closed before the lease is
+    // released and the next active instance can open it at once.
+    shutdown_runtime(bus_rt).await;
+    if !matches!(result, Err(Error::LeaseLost)) {
+        keeper.release().await;
+    }
+    result
+}
+
+/// The active phase: open the store, start the bus consumers and the sweep, serve the API
+/// until `shutdown` (`Ok`) or the loss of the lease ([`Error::LeaseLost`]).
+async fn active(
+    config: &Config,
+    listener: TcpListener,
+    standby: &mut Option<Running>,
+    runtime: &tokio::runtime::Runtime,
+    keeper: &mut lease::Keeper,
+    mut shutdown: Pin<&mut impl Future<Output = ()>>,
+) -> Result<(), Error> {
+    let store = tokio::select! {
+        () = &mut shutdown => return Ok(()),
+        () = keeper.lost() => return Err(Error::LeaseLost),
+        store = open_store(config.db_path.clone(), config.lease_ttl) => store?,
+    };
     let store = Arc::new(store);
     // The NATS connection and the consumers live on their own runtime (deps.md, trap 5).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("scheduler-nats")
-        .enable_all()
-        .build()?;
     let setup_config = config.clone();
     let shared = runtime
         .spawn(async move { connect(setup_config, store).await })
         .await
-        .map_err(|e| Error::Nats(e.to_string()))??;
-    bus::start(&runtime, &shared)
+        .map_err(join_error)??;
+    bus::start(runtime, &shared)
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
+    if let Some(s) = standby.take() {
+        s.stop(false).await;
+    }
 
     let data = web::Data::new(Arc::clone(&shared));
     let max = config.max_body_bytes;
@@ -199,31 +295,114 @@ pub async fn run(
     .shutdown_timeout(5)
     .listen(listener)?
     .run();
-    let handle = server.handle();
-    let task = actix_web::rt::spawn(server);
-    tracing::info!("scheduler started.");
-    shutdown.await;
-    handle.stop(true).await;
-    let _ = task.await;
+    let server = Running::start(server);
+    tracing::info!(instance = %config.instance, "scheduler active.");
+    let outcome = tokio::select! {
+        () = &mut shutdown => Ok(()),
+        () = keeper.lost() => {
+            tracing::error!("Lost the leader lease; stopping so a supervisor restarts this instance.");
+            Err(Error::LeaseLost)
+        }
+    };
+    // After a loss, requests in flight are cut short: another instance may be active.
+    server.stop(outcome.is_ok()).await;
     let _ = tokio::time::timeout(Duration::from_secs(3), shared.client.flush()).await;
-    drop(shared);
-    // The consumers hold the store; wait (off the async threads, where a runtime may not
-    // block) until they are dropped, so the redb file is closed when `run` returns and a
-    // new instance can open it at once.
+    outcome
+}
+
+/// An HTTP server running on the actix system.
+struct Running {
+    handle: actix_web::dev::ServerHandle,
+    task: actix_web::rt::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    fn start(server: actix_web::dev::Server) -> Self {
+        Running {
+            handle: server.handle(),
+            task: actix_web::rt::spawn(server),
+        }
+    }
+
+    async fn stop(self, graceful: bool) {
+        self.handle.stop(graceful).await;
+        let _ = self.task.await;
+    }
+}
+
+/// The standby's HTTP server, on a duplicate of the listening socket: when it stops, the
+/// socket stays open and connections wait in its backlog for the active server.
+fn serve_standby(listener: TcpListener, instance: &str) -> Result<Running, Error> {
+    let instance = web::Data::new(instance.to_owned());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(instance.clone())
+            .configure(http::standby_routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .listen(listener)?
+    .run();
+    Ok(Running::start(server))
+}
+
+/// Opens the store, retrying for up to `patience` while another process still has the
+/// file open: a previous active instance that lost or released the lease may still be
+/// closing it.
+async fn open_store(path: PathBuf, patience: Duration) -> Result<Store, Error> {
+    let give_up = tokio::time::Instant::now() + patience;
+    loop {
+        let p = path.clone();
+        // Opening may repair the file after a crash: keep it off the async threads.
+        match tokio::task::spawn_blocking(move || Store::open(p))
+            .await
+            .map_err(join_error)?
+        {
+            Ok(store) => return Ok(store),
+            Err(StoreError::Open { source, .. })
+                if matches!(*source, redb::DatabaseError::DatabaseAlreadyOpen)
+                    && tokio::time::Instant::now() < give_up =>
+            {
+                tracing::debug!("Store still open elsewhere; retrying.");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn build_runtime(name: &str) -> Result<tokio::runtime::Runtime, Error> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()?)
+}
+
+/// Shuts a runtime down off the async threads (where dropping one would panic), giving its
+/// tasks a few seconds.
+async fn shutdown_runtime(runtime: tokio::runtime::Runtime) {
     let _ =
         tokio::task::spawn_blocking(move || runtime.shutdown_timeout(Duration::from_secs(5))).await;
-    tracing::info!("scheduler stopped.");
-    Ok(())
+}
+
+fn join_error(e: tokio::task::JoinError) -> Error {
+    Error::Io(std::io::Error::other(e))
+}
+
+async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, Error> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .map_err(|e| Error::Nats(e.to_string()))
 }
 
 async fn connect(config: Config, store: Arc<Store>) -> Result<Arc<Shared>, Error> {
-    let client = async_nats::ConnectOptions::new()
-        .name("scheduler")
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connect(config.nats_url.as_str())
-        .await
-        .map_err(|e| Error::Nats(e.to_string()))?;
+    let client = connect_nats(&config.nats_url, "scheduler").await?;
     Ok(Arc::new(Shared {
         config,
         client,

@@ -1,5 +1,7 @@
 //! scheduler binary: parse flags, initialise logging, bind, run until SIGTERM/SIGINT.
-//! Exit codes: 64 bad configuration, 71 cannot listen, 1 failure while running.
+//! Exit codes: 64 bad configuration, 71 cannot listen, 1 failure while running, including
+//! the loss of the leader lease while active (the supervisor restarts the process, which
+//! then stands by until the lease is free).
 
 use std::net::TcpListener;
 use std::process::ExitCode;

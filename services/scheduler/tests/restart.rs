@@ -1,0 +1,496 @@
+//! Restart safety and single-active leadership, against a real nats-server, real redb files
+//! in temp dirs, and the real `scheduler` binary where a process has to die with SIGKILL.
+//! The fake agent speaks over the bus subjects a gateway would use.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use messages::fleet;
+use messages::payload::{self, SessionEvent};
+use messages::{ClientKind, GatewayId, SocketId, UserId, headers};
+use serde::Serialize;
+use serde_json::json;
+use testkit::NatsServer;
+use testkit::http;
+
+const KEY: &str = "test-api-key-0123456789";
+const TTL: Duration = Duration::from_secs(2);
+/// Upper bound for any single wait in these tests.
+const WAIT: Duration = Duration::from_secs(15);
+
+/// Builds the scheduler binary (only that target, so a sibling binary being written in
+/// parallel does not get in the way) and returns its path.
+fn scheduler_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| testkit::workspace_root().join("target"));
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", "scheduler", "--bin", "scheduler"])
+        .current_dir(testkit::workspace_root())
+        .status()
+        .unwrap();
+    assert!(status.success(), "building scheduler failed");
+    target.join("debug/scheduler")
+}
+
+/// A scheduler process, killed with SIGKILL when dropped so a failing test leaves none.
+struct Process {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Process {
+    fn start(nats: &str, db: &Path, instance: &str, dispatch_timeout_ms: u64) -> Self {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let log = db.with_extension(format!("{instance}.log"));
+        let child = Command::new(scheduler_binary())
+            .env("SCHEDULER_LISTEN", addr.to_string())
+            .env("SCHEDULER_NATS_URL", nats)
+            .env("SCHEDULER_API_KEYS", KEY)
+            .env("SCHEDULER_DB", db)
+            .env("SCHEDULER_INSTANCE", instance)
+            .env("SCHEDULER_LEASE_TTL_MS", TTL.as_millis().to_string())
+            .env(
+                "SCHEDULER_DISPATCH_TIMEOUT_MS",
+                dispatch_timeout_ms.to_string(),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Process { child, addr, log }
+    }
+
+    /// SIGKILL: no graceful stop, no lease release, the redb file left as it was.
+    fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(nats: &str, db: &Path, instance: &str) -> scheduler::Config {
+    let mut config = scheduler::Config::new(nats, vec![KEY.to_owned()], db);
+    config.instance = instance.to_owned();
+    config.lease_ttl = TTL;
+    config.sweep = Duration::from_millis(100);
+    config
+}
+
+async fn status(addr: SocketAddr, path: &str) -> Option<(u16, serde_json::Value)> {
+    let r = http::request(addr, "GET", path, &[], b"").await.ok()?;
+    let body = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+    Some((r.status, body))
+}
+
+/// Polls `path` until it answers `want`; returns the body.
+async fn wait_status(addr: SocketAddr, path: &str, want: u16) -> serde_json::Value {
+    let give_up = Instant::now() + WAIT;
+    loop {
+        if let Some((code, body)) = status(addr, path).await
+            && code == want
+        {
+            return body;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{addr}{path} never answered {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Polls until `check` accepts the JSON at `path` (bounded).
+async fn eventually(
+    addr: SocketAddr,
+    path: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let give_up = Instant::now() + WAIT;
+    loop {
+        let v = http::get(addr, path, KEY).await.unwrap().json();
+        if check(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "{path} never reached the expected state; last: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Publishes what a gateway would put on the bus for an agent's publish frame.
+async fn gateway_publish<T: Serialize>(
+    bus: &async_nats::Client,
+    node: &str,
+    socket: u64,
+    route: &str,
+    body: &T,
+) {
+    let mut map = async_nats::HeaderMap::new();
+    headers::set(&mut map, headers::USER_ID, node).unwrap();
+    headers::set(&mut map, headers::SOCKET_ID, &socket.to_string()).unwrap();
+    headers::set(&mut map, headers::ROUTE, route).unwrap();
+    headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
+    let subject = format!("ws.msg.agent.{route}");
+    bus.publish_with_headers(subject, map, payload::to_bus(body).unwrap().into())
+        .await
+        .unwrap();
+    bus.flush().await.unwrap();
+}
+
+/// The gateway's connect event and the agent's register.
+async fn register(bus: &async_nats::Client, node: &str, socket: u64) {
+    let connect = SessionEvent {
+        socket_id: SocketId(socket),
+        user_id: UserId::new(node).unwrap(),
+        kind: ClientKind::Agent,
+        gateway: GatewayId::new("gw-x").unwrap(),
+        at_ms: 1,
+        allowed_rooms: vec![],
+        close_code: None,
+        reason: None,
+    };
+    bus.publish(
+        "ws.evt.agent.connect",
+        payload::to_bus(&connect).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    let reg = fleet::Register {
+        node_id: node.into(),
+        hostname: "edge-1".into(),
+        version: "0.1.0".into(),
+        labels: [("region".to_owned(), "eu".to_owned())].into(),
+        addresses: vec!["10.0.0.1".into()],
+    };
+    gateway_publish(bus, node, socket, fleet::up::REGISTER, &reg).await;
+}
+
+/// The next push on a node's user subject with `route`, skipping other routes.
+async fn bus_push<T: serde::de::DeserializeOwned>(
+    sub: &mut async_nats::Subscriber,
+    route: &str,
+) -> T {
+    loop {
+        let msg = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("no push in time")
+            .unwrap();
+        let map = msg.headers.as_ref().unwrap();
+        if headers::get(map, headers::ROUTE) == Some(route) {
+            return payload::from_bus(&msg.payload).unwrap();
+        }
+    }
+}
+
+fn result(message_id: &str, task_id: u64, stdout: &str) -> fleet::TaskResult {
+    fleet::TaskResult {
+        message_id: message_id.into(),
+        task_id,
+        attempt: 1,
+        outcome: fleet::Outcome::Succeeded,
+        exit_code: Some(0),
+        stdout_tail: stdout.into(),
+        stderr_tail: String::new(),
+        error: None,
+        latency_ms: Some(4),
+        http_status: None,
+        finished_at_ms: 1_800_000_000_000,
+    }
+}
+
+async fn create_task(api: SocketAddr, node: &str, timeout_ms: u64) -> u64 {
+    let r = http::post_json(
+        api,
+        "/v1/tasks",
+        KEY,
+        &json!({
+            "targets": {"nodes": [node]},
+            "spec": {"kind": "command", "argv": ["uptime"]},
+            "timeout_ms": timeout_ms,
+            "max_attempts": 1
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    r.json()["task_id"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn a_standby_waits_and_takes_over_on_expiry_and_on_release() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.redb");
+
+    // A: a real process, so it can die without releasing anything.
+    let mut a = Process::start(&url, &db, "sched-a", 30_000);
+    let ready = wait_status(a.addr, "/readyz", 200).await;
+    assert_eq!(
+        (ready["role"].as_str(), ready["instance"].as_str()),
+        (Some("active"), Some("sched-a")),
+        "{}",
+        a.log()
+    );
+
+    // B on the same file stands by: it answers health checks, but is not ready and serves
+    // no API (and has not opened the redb file, or A could not have kept it).
+    let b = scheduler::spawn(
+        config(&url, &db, "sched-b"),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .unwrap();
+    let body = wait_status(b.addr(), "/readyz", 503).await;
+    assert_eq!(
+        body,
+        json!({"ready": false, "role": "standby", "instance": "sched-b"})
+    );
+    assert_eq!(status(b.addr(), "/healthz").await.unwrap().0, 200);
+    let r = http::get(b.addr(), "/v1/agents", KEY).await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"], "standby");
+
+    // A stores an agent.
+    let bus = async_nats::connect(url.as_str()).await.unwrap();
+    register(&bus, "node-7", 71).await;
+    eventually(a.addr, "/v1/agents/node-7", |v| v["state"] == "online").await;
+
+    // A keeps refreshing: well past one TTL, B is still standing by.
+    tokio::time::sleep(TTL + TTL / 2).await;
+    assert_eq!(status(b.addr(), "/readyz").await.unwrap().0, 503);
+    assert_eq!(status(a.addr, "/readyz").await.unwrap().0, 200);
+
+    // A dies without releasing: B takes over once the lease expires (one TTL at most after
+    // A's last refresh), and serves what A stored.
+    a.kill_9();
+    let killed = Instant::now();
+    let ready = wait_status(b.addr(), "/readyz", 200).await;
+    let took = killed.elapsed();
+    assert_eq!(ready["role"], "active");
+    assert!(
+        took <= TTL + Duration::from_secs(2),
+        "takeover took {took:?}"
+    );
+    let v = http::get(b.addr(), "/v1/agents/node-7", KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["hostname"], "edge-1");
+
+    // A graceful stop releases the lease after closing the store: C, standing by, takes
+    // over well within a TTL.
+    let c = scheduler::spawn(
+        config(&url, &db, "sched-c"),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .unwrap();
+    let body = wait_status(c.addr(), "/readyz", 503).await;
+    assert_eq!(body["role"], "standby");
+    b.shutdown().await.unwrap();
+    let stopped = Instant::now();
+    wait_status(c.addr(), "/readyz", 200).await;
+    let took = stopped.elapsed();
+    assert!(took < TTL, "takeover after a release took {took:?}");
+    let v = http::get(c.addr(), "/v1/agents/node-7", KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["hostname"], "edge-1");
+    c.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn kill_9_mid_task_then_restart_keeps_registry_tasks_and_results() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.redb");
+    let bus = async_nats::connect(url.as_str()).await.unwrap();
+    let mut pushes = bus.subscribe("ws.user.node-8").await.unwrap();
+    bus.flush().await.unwrap();
+
+    // Slack of 3 s on top of each task's own timeout before an attempt expires.
+    let mut first = Process::start(&url, &db, "sched-1", 3_000);
+    wait_status(first.addr, "/readyz", 200).await;
+    let api = first.addr;
+    register(&bus, "node-8", 81).await;
+    eventually(api, "/v1/agents/node-8", |v| v["state"] == "online").await;
+
+    // Done before the crash: dispatched, result stored and acknowledged.
+    let done = create_task(api, "node-8", 60_000).await;
+    let task: fleet::Task = bus_push(&mut pushes, fleet::down::TASK).await;
+    assert_eq!((task.task_id, task.attempt), (done, 1));
+    gateway_publish(
+        &bus,
+        "node-8",
+        81,
+        fleet::up::RESULT,
+        &result("m-1", done, "one"),
+    )
+    .await;
+    let ack: fleet::Ack = bus_push(&mut pushes, fleet::down::ACK).await;
+    assert_eq!(ack.message_ids, vec!["m-1".to_owned()]);
+
+    // In flight at the crash: one the agent will finish, one it never reports on.
+    let finishes = create_task(api, "node-8", 60_000).await;
+    let task: fleet::Task = bus_push(&mut pushes, fleet::down::TASK).await;
+    assert_eq!(task.task_id, finishes);
+    gateway_publish(
+        &bus,
+        "node-8",
+        81,
+        fleet::up::STARTED,
+        &fleet::TaskStarted {
+            task_id: finishes,
+            attempt: 1,
+            at_ms: 1_800_000_000_000,
+        },
+    )
+    .await;
+    let silent = create_task(api, "node-8", 500).await;
+    let task: fleet::Task = bus_push(&mut pushes, fleet::down::TASK).await;
+    assert_eq!(task.task_id, silent);
+    eventually(api, &format!("/v1/tasks/{finishes}"), |v| {
+        v["targets"]["node-8"]["state"] == "running"
+    })
+    .await;
+    eventually(api, &format!("/v1/tasks/{silent}"), |v| {
+        v["targets"]["node-8"]["state"] == "dispatched"
+    })
+    .await;
+
+    // SIGKILL mid-task, then the same binary again on the same file. It waits for its old
+    // lease to expire (a lease holding our own name is not reclaimed), then takes over.
+    first.kill_9();
+    let second = Process::start(&url, &db, "sched-1", 3_000);
+    wait_status(second.addr, "/readyz", 200).await;
+    let api = second.addr;
+
+    // Registry, tasks and the stored result are intact.
+    let v = http::get(api, "/v1/agents/node-8", KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(
+        (&v["hostname"], &v["labels"]),
+        (&json!("edge-1"), &json!({"region": "eu"})),
+        "{}",
+        second.log()
+    );
+    let v = http::get(api, &format!("/v1/tasks/{done}"), KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["targets"]["node-8"]["state"], "succeeded");
+    assert_eq!(v["results"].as_array().map(Vec::len), Some(1));
+    assert_eq!(v["results"][0]["body"]["stdout_tail"], "one");
+    let v = http::get(api, &format!("/v1/tasks/{finishes}"), KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["targets"]["node-8"]["state"], "running");
+
+    // The in-flight attempt continues: its result after the restart is stored and
+    // acknowledged.
+    gateway_publish(
+        &bus,
+        "node-8",
+        81,
+        fleet::up::RESULT,
+        &result("m-2", finishes, "two"),
+    )
+    .await;
+    let ack: fleet::Ack = bus_push(&mut pushes, fleet::down::ACK).await;
+    assert_eq!(ack.message_ids, vec!["m-2".to_owned()]);
+    let v = eventually(api, &format!("/v1/tasks/{finishes}"), |v| {
+        v["targets"]["node-8"]["state"] == "succeeded"
+    })
+    .await;
+    assert_eq!(v["results"][0]["body"]["stdout_tail"], "two");
+
+    // A replay of the result stored before the crash is acknowledged, not counted again.
+    gateway_publish(
+        &bus,
+        "node-8",
+        81,
+        fleet::up::RESULT,
+        &result("m-1", done, "one"),
+    )
+    .await;
+    let ack: fleet::Ack = bus_push(&mut pushes, fleet::down::ACK).await;
+    assert_eq!(ack.message_ids, vec!["m-1".to_owned()]);
+    let v = http::get(api, &format!("/v1/tasks/{done}"), KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["results"].as_array().map(Vec::len), Some(1));
+
+    // The silent attempt times out as its policy says (one attempt, 0.5 s + 3 s slack).
+    let v = eventually(api, &format!("/v1/tasks/{silent}"), |v| {
+        v["targets"]["node-8"]["state"] == "timed_out"
+    })
+    .await;
+    assert_eq!(v["targets"]["node-8"]["attempts"], 1);
+}
+
+#[tokio::test]
+async fn an_active_instance_that_loses_its_lease_stops_with_an_error() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let a = scheduler::spawn(
+        config(&url, &dir.path().join("s.redb"), "sched-a"),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .unwrap();
+    let addr = a.addr();
+    wait_status(addr, "/readyz", 200).await;
+
+    // Someone else takes the key (as if A's refreshes had stalled past the TTL and another
+    // instance had taken over): A's next compare-and-set refresh fails.
+    let js = async_nats::jetstream::new(async_nats::connect(url.as_str()).await.unwrap());
+    let kv = js
+        .get_key_value(scheduler::lease::DEFAULT_BUCKET)
+        .await
+        .unwrap();
+    kv.delete(scheduler::lease::KEY).await.unwrap();
+    kv.create(scheduler::lease::KEY, "intruder".into())
+        .await
+        .unwrap();
+
+    // A stops serving (within one refresh period) and reports why.
+    let give_up = Instant::now() + WAIT;
+    while status(addr, "/healthz").await.is_some() {
+        assert!(Instant::now() < give_up, "A kept serving without its lease");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(matches!(
+        a.shutdown().await,
+        Err(scheduler::Error::LeaseLost)
+    ));
+    // It did not touch the lease it lost.
+    let entry = kv.entry(scheduler::lease::KEY).await.unwrap().unwrap();
+    assert_eq!(entry.value.as_ref(), b"intruder");
+}
