@@ -181,15 +181,30 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), RunError> {
     let (events_tx, events) = mpsc::unbounded_channel();
+    // The report loop holds the outbox; it is stopped and awaited (not aborted) before
+    // `run` returns, so the database is closed when the caller gets control back.
+    let (stop_reports, reports_stopped) = watch::channel(false);
     let reporter = tokio::spawn(report_loop(
         Arc::clone(&outbox),
         config.outbox_path.clone(),
         config.report_period,
         events_tx.clone(),
-        shutdown.clone(),
+        reports_stopped,
     ));
-    // The report loop ends with the connection loop (its shutdown or a fatal error).
-    let _reporter = AbortOnDrop(reporter);
+    let result = run_sessions(config, outbox, shutdown, events_tx, events).await;
+    let _ = stop_reports.send(true);
+    let _ = reporter.await;
+    result
+}
+
+/// Connects, serves sessions and reconnects until shutdown or a fatal close.
+async fn run_sessions(
+    config: AgentConfig,
+    outbox: Arc<Outbox>,
+    shutdown: watch::Receiver<bool>,
+    events_tx: mpsc::UnboundedSender<ExecEvent>,
+    events: mpsc::UnboundedReceiver<ExecEvent>,
+) -> Result<(), RunError> {
     let executor = Executor::new(
         config.allowed_commands.clone(),
         Arc::clone(&outbox),
@@ -243,15 +258,6 @@ pub async fn run(
             () = tokio::time::sleep(delay) => {}
             () = wait_shutdown(&mut ctx.shutdown) => return Ok(()),
         }
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
