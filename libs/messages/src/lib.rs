@@ -2,6 +2,7 @@
 //!
 //! - [`frame`]: the binary client frame codec (client <-> gateway).
 //! - [`close`]: WebSocket close codes and error-frame codes.
+//! - [`compress`]: end-to-end body compression (raw DEFLATE) with bounded inflation.
 //! - [`fleet`]: agent <-> scheduler messages and routes.
 //! - [`subject`]: NATS subjects, built and parsed.
 //! - [`headers`]: NATS header names and per-hop timestamps.
@@ -13,6 +14,7 @@
 //! `docs/protocol.md` describes the same contract for implementers in other languages.
 
 pub mod close;
+pub mod compress;
 pub mod fleet;
 pub mod frame;
 pub mod headers;

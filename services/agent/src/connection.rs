@@ -406,10 +406,17 @@ impl Conn {
     async fn publish(&mut self, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
         let id = self.next_id;
         self.next_id += 1;
-        let frame = Frame::new(FrameKind::Publish)
+        // Large bodies (long output tails, replayed report batches) go compressed end to
+        // end; the flag tells the scheduler to inflate.
+        let (body, compressed) = match messages::compress::deflate_if_worth_it(&body) {
+            Some(packed) => (packed, true),
+            None => (body, false),
+        };
+        let mut frame = Frame::new(FrameKind::Publish)
             .with_msg_id(id)
             .with_route(Route::new(route)?)
             .with_body(BodyCodec::MsgPack, body);
+        frame.flags = frame.flags.with_compressed(compressed);
         self.send(frame).await
     }
 }

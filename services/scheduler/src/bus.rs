@@ -241,6 +241,10 @@ async fn heartbeats(shared: &Shared, batch: &HeartbeatBatch) -> Result<(), BusEr
     Ok(())
 }
 
+/// Largest body an agent frame may inflate to (results carry output tails, batches carry
+/// many reports; 16 MiB is far above both).
+const MAX_INFLATED_BODY: usize = 16 << 20;
+
 async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<(), BusError> {
     let map = msg
         .headers
@@ -250,17 +254,19 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
     let node = headers::get(map, headers::USER_ID)
         .and_then(|u| UserId::new(u).ok())
         .ok_or_else(|| BusError::BadMessage("no valid ws-user header".into()))?;
-    if headers::get(map, headers::COMPRESSED) == Some("1") {
-        // No inflate implementation is linked yet; leaving it unacked keeps it in the
-        // agent's outbox rather than losing it.
-        return Err(BusError::BadMessage(format!(
-            "compressed {route} from {node} is not supported yet"
-        )));
-    }
+    // Agents compress large bodies end to end; inflate with a bound so a small frame cannot
+    // expand without limit.
+    let inflated;
+    let body: &[u8] = if headers::get(map, headers::COMPRESSED) == Some("1") {
+        inflated = messages::compress::inflate(&msg.payload, MAX_INFLATED_BODY)
+            .map_err(|e| BusError::BadMessage(format!("compressed {route} from {node}: {e}")))?;
+        &inflated
+    } else {
+        &msg.payload[..]
+    };
     let codec = headers::get(map, headers::CODEC)
         .and_then(BodyCodec::parse)
         .unwrap_or(BodyCodec::MsgPack);
-    let body = &msg.payload[..];
     match route {
         fleet::up::REGISTER => {
             let socket = headers::get(map, headers::SOCKET_ID).and_then(|s| s.parse().ok());

@@ -165,6 +165,26 @@ async fn tasks_to_a_label_selector_run_on_real_agents_and_results_are_stored_onc
     assert_eq!(results.len(), 2, "{v}");
     assert!(results.iter().all(|r| r["body"]["exit_code"] == 3), "{v}");
 
+    // A large result travels compressed (agent deflates, scheduler inflates) and arrives whole.
+    let r = http::post_json(
+        api,
+        "/v1/tasks",
+        KEY,
+        &json!({"targets": {"nodes": ["node-eu"]}, "spec": {"kind": "command", "argv": ["sh", "-c", "head -c 3000 /dev/zero | tr '\\0' x"]}, "timeout_ms": 10000}),
+    )
+    .await
+    .unwrap();
+    let id = r.json()["task_id"].to_string();
+    let v = eventually(api, &format!("/v1/tasks/{id}"), |v| {
+        v["targets"]["node-eu"]["state"] == "succeeded"
+    })
+    .await;
+    let out = v["results"][0]["body"]["stdout_tail"]
+        .as_str()
+        .unwrap_or("");
+    assert_eq!(out.len(), 3000, "{v}");
+    assert!(out.bytes().all(|b| b == b'x'));
+
     // Every result was acknowledged: both outboxes drain.
     for handle in [&eu, &us] {
         let outbox = std::sync::Arc::clone(handle.outbox());
