@@ -661,3 +661,88 @@ async fn status_reports_are_averaged_outboxed_sent_and_cleared_by_acks() {
     let _ = agent.join().await;
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_survives_kill_9_of_the_agent_process_and_is_delivered_once() {
+    let nats = NatsServer::start().unwrap();
+    let mut scheduler = Scheduler::start(&nats.url()).await;
+    scheduler.acking.store(false, Ordering::SeqCst);
+    let gw = gateway_on(
+        &nats.url(),
+        "gw-kill",
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("agent.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "node_id = \"node-1\"\ntoken = \"{}\"\ngateways = [\"ws://{}/ws\"]\noutbox_path = \"outbox.redb\"\nallowed_commands = [\"echo\"]\n",
+            token("node-1", Some("agent"), &[]),
+            gw.addr()
+        ),
+    )
+    .unwrap();
+    let spawn_agent = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+
+    // The result is written to the outbox and sent, but never acknowledged...
+    let mut process = spawn_agent();
+    scheduler.expect(fleet::up::REGISTER).await;
+    scheduler
+        .push_task(77, command(&["echo", "survive"]), 10_000)
+        .await;
+    let first = scheduler.result(77).await;
+    // ...and the process dies with SIGKILL: no chance to flush or say goodbye.
+    process.kill().unwrap();
+    process.wait().unwrap();
+
+    // The restarted agent replays it, with the same message id, and the ack clears it.
+    scheduler.acking.store(true, Ordering::SeqCst);
+    let mut process = spawn_agent();
+    scheduler.expect(fleet::up::REGISTER).await;
+    let replayed = scheduler.result(77).await;
+    assert_eq!(
+        replayed, first,
+        "the same message, so the scheduler counts it once"
+    );
+    // Give the ack time to land, stop the agent, and look inside its outbox. If the ack had
+    // not landed yet, the next run replays the result again: every copy must carry the same
+    // message id (that is what makes the scheduler count it once).
+    let outbox_path = dir.path().join("outbox.redb");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        process.kill().unwrap();
+        process.wait().unwrap();
+        for (route, body) in scheduler.drain() {
+            if route == fleet::up::RESULT {
+                let again: TaskResult = from_bus(&body).unwrap();
+                assert_eq!(again.message_id, first.message_id);
+            }
+        }
+        let path = outbox_path.clone();
+        let left =
+            tokio::task::spawn_blocking(move || agent::Outbox::open(path).unwrap().len().unwrap())
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the acked result never left the outbox"
+        );
+        process = spawn_agent();
+        scheduler.expect(fleet::up::REGISTER).await;
+    }
+    gw.shutdown().await.unwrap();
+}
