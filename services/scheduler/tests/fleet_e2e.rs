@@ -72,33 +72,59 @@ jitter = 0.3
     agent::AgentConfig::from_toml(&text, &dir.join(format!("{node}.toml")), |_| None).unwrap()
 }
 
+/// NATS, one gateway and the scheduler, all real; the agents come per test.
+struct Fleet {
+    _nats: NatsServer,
+    gateway: ws_gateway::Handle,
+    sched: scheduler::Handle,
+    dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn start(gateway_name: &str) -> Fleet {
+        let nats = NatsServer::start().unwrap();
+        let url = nats.url();
+        let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+        let mut gw_config =
+            ws_gateway::Config::new(&url, GatewayId::new(gateway_name).unwrap(), keys);
+        gw_config.workers = 1;
+        gw_config.lease_ttl = Duration::from_secs(5);
+        gw_config.drain_window = Duration::from_millis(100);
+        let gateway =
+            ws_gateway::spawn(gw_config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+        ready(gateway.addr()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = scheduler::Config::new(
+            &url,
+            vec![KEY.to_owned()],
+            dir.path().join("scheduler.redb"),
+        );
+        let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+        ready(sched.addr()).await;
+        Fleet {
+            _nats: nats,
+            gateway,
+            sched,
+            dir,
+        }
+    }
+
+    async fn stop(self) {
+        self.sched.shutdown().await.unwrap();
+        self.gateway.shutdown().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn tasks_to_a_label_selector_run_on_real_agents_and_results_are_stored_once() {
-    let nats = NatsServer::start().unwrap();
-    let url = nats.url();
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
-    let mut gw_config = ws_gateway::Config::new(&url, GatewayId::new("gw-fleet").unwrap(), keys);
-    gw_config.workers = 1;
-    gw_config.lease_ttl = Duration::from_secs(5);
-    gw_config.drain_window = Duration::from_millis(100);
-    let gateway = ws_gateway::spawn(gw_config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-    ready(gateway.addr()).await;
-
-    let dir = tempfile::tempdir().unwrap();
-    let config = scheduler::Config::new(
-        &url,
-        vec![KEY.to_owned()],
-        dir.path().join("scheduler.redb"),
-    );
-    let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-    ready(sched.addr()).await;
-    let api = sched.addr();
+    let fleet = Fleet::start("gw-fleet").await;
+    let (api, dir, gateway) = (fleet.sched.addr(), fleet.dir.path(), &fleet.gateway);
 
     // Agent configs resolve relative outbox paths against their file's directory.
-    let mut eu = agent::start(agent_config(dir.path(), "node-eu", "eu", gateway.addr()))
+    let mut eu = agent::start(agent_config(dir, "node-eu", "eu", gateway.addr()))
         .await
         .unwrap();
-    let mut us = agent::start(agent_config(dir.path(), "node-us", "us", gateway.addr()))
+    let mut us = agent::start(agent_config(dir, "node-us", "us", gateway.addr()))
         .await
         .unwrap();
     for node in ["node-eu", "node-us"] {
@@ -207,8 +233,7 @@ async fn tasks_to_a_label_selector_run_on_real_agents_and_results_are_stored_onc
     us.stop();
     let _ = eu.join().await;
     let _ = us.join().await;
-    sched.shutdown().await.unwrap();
-    gateway.shutdown().await.unwrap();
+    fleet.stop().await;
 }
 
 /// Runs the real `schedctl` binary; returns exit code and stdout.
@@ -227,25 +252,9 @@ fn schedctl(api: SocketAddr, key: &str, args: &[&str]) -> (i32, String) {
 
 #[tokio::test]
 async fn operators_drive_the_fleet_with_schedctl() {
-    let nats = NatsServer::start().unwrap();
-    let url = nats.url();
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
-    let mut gw_config = ws_gateway::Config::new(&url, GatewayId::new("gw-ctl").unwrap(), keys);
-    gw_config.workers = 1;
-    gw_config.lease_ttl = Duration::from_secs(5);
-    gw_config.drain_window = Duration::from_millis(100);
-    let gateway = ws_gateway::spawn(gw_config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-    ready(gateway.addr()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = scheduler::Config::new(
-        &url,
-        vec![KEY.to_owned()],
-        dir.path().join("scheduler.redb"),
-    );
-    let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-    ready(sched.addr()).await;
-    let api = sched.addr();
-    let mut node = agent::start(agent_config(dir.path(), "edge-7", "eu", gateway.addr()))
+    let fleet = Fleet::start("gw-ctl").await;
+    let (api, dir, gateway) = (fleet.sched.addr(), fleet.dir.path(), &fleet.gateway);
+    let mut node = agent::start(agent_config(dir, "edge-7", "eu", gateway.addr()))
         .await
         .unwrap();
     eventually(api, "/v1/agents/edge-7", |v| v["state"] == "online").await;
@@ -317,6 +326,5 @@ async fn operators_drive_the_fleet_with_schedctl() {
     assert_eq!(code, 64, "neither --nodes nor --label");
     node.stop();
     let _ = node.join().await;
-    sched.shutdown().await.unwrap();
-    gateway.shutdown().await.unwrap();
+    fleet.stop().await;
 }
