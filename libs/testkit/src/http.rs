@@ -105,3 +105,50 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// How long the polling helpers below wait before failing the test.
+pub const POLL_FOR: std::time::Duration = std::time::Duration::from_secs(20);
+const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Polls `GET path` (no credentials) until it answers `want`; returns that response.
+/// Fails the test after [`POLL_FOR`].
+pub async fn wait_status(addr: SocketAddr, path: &str, want: u16) -> Response {
+    let give_up = tokio::time::Instant::now() + POLL_FOR;
+    loop {
+        if let Ok(r) = request(addr, "GET", path, &[], b"").await
+            && r.status == want
+        {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{addr}{path} never answered {want}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls `GET path` with a bearer `key` until `check` accepts the JSON; returns it. Fails the
+/// test after [`POLL_FOR`], showing the last answer.
+pub async fn eventually(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let give_up = tokio::time::Instant::now() + POLL_FOR;
+    loop {
+        let v = get(addr, path, key)
+            .await
+            .map(|r| r.json())
+            .unwrap_or(serde_json::Value::Null);
+        if check(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "{path} never reached the expected state; last: {v}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}

@@ -46,17 +46,7 @@ async fn spawn_gateway(config: ws_gateway::Config, listener: TcpListener) -> ws_
 }
 
 async fn wait_ready(addr: SocketAddr) {
-    for _ in 0..600 {
-        let status = testkit::http::request(addr, "GET", "/readyz", &[], b"")
-            .await
-            .map(|r| r.status)
-            .ok();
-        if status == Some(200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("gateway {addr} never became ready");
+    testkit::http::wait_status(addr, "/readyz", 200).await;
 }
 
 /// Binds `addr` again after a gateway on it stopped (retrying while the port frees up).

@@ -15,34 +15,16 @@ use testkit::ws::{TEST_SECRET, token};
 const KEY: &str = "e2e-api-key-0123456789";
 
 async fn ready(addr: SocketAddr) {
-    for _ in 0..600 {
-        if http::request(addr, "GET", "/readyz", &[], b"")
-            .await
-            .map(|r| r.status)
-            .ok()
-            == Some(200)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{addr} never became ready");
+    http::wait_status(addr, "/readyz", 200).await;
 }
 
+/// Polls until `check` accepts the JSON at `path`.
 async fn eventually(
     addr: SocketAddr,
     path: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    for _ in 0..600 {
-        let v = http::get(addr, path, KEY).await.unwrap().json();
-        if check(&v) {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let last = http::get(addr, path, KEY).await.unwrap().json();
-    panic!("{path} never reached the expected state; last: {last}");
+    http::eventually(addr, path, KEY, check).await
 }
 
 fn agent_config(

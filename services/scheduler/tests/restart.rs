@@ -104,39 +104,16 @@ async fn status(addr: SocketAddr, path: &str) -> Option<(u16, serde_json::Value)
 
 /// Polls `path` until it answers `want`; returns the body.
 async fn wait_status(addr: SocketAddr, path: &str, want: u16) -> serde_json::Value {
-    let give_up = Instant::now() + WAIT;
-    loop {
-        if let Some((code, body)) = status(addr, path).await
-            && code == want
-        {
-            return body;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "{addr}{path} never answered {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    http::wait_status(addr, path, want).await.json()
 }
 
-/// Polls until `check` accepts the JSON at `path` (bounded).
+/// Polls until `check` accepts the JSON at `path`.
 async fn eventually(
     addr: SocketAddr,
     path: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let give_up = Instant::now() + WAIT;
-    loop {
-        let v = http::get(addr, path, KEY).await.unwrap().json();
-        if check(&v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "{path} never reached the expected state; last: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    http::eventually(addr, path, KEY, check).await
 }
 
 /// Publishes what a gateway would put on the bus for an agent's publish frame.

@@ -53,36 +53,18 @@ async fn start_scheduler(config: scheduler::Config) -> scheduler::Handle {
     handle
 }
 
+/// Polls `path` until it answers `want`.
 async fn wait_status(addr: SocketAddr, path: &str, want: u16) {
-    for _ in 0..400 {
-        if http::request(addr, "GET", path, &[], b"")
-            .await
-            .map(|r| r.status)
-            .ok()
-            == Some(want)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{addr}{path} never answered {want}");
+    http::wait_status(addr, path, want).await;
 }
 
-/// Polls until `check` accepts the JSON at `path` (bounded).
+/// Polls until `check` accepts the JSON at `path`.
 async fn eventually(
     addr: SocketAddr,
     path: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    for _ in 0..400 {
-        let v = http::get(addr, path, KEY).await.unwrap().json();
-        if check(&v) {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let last = http::get(addr, path, KEY).await.unwrap().json();
-    panic!("{path} never reached the expected state; last: {last}");
+    http::eventually(addr, path, KEY, check).await
 }
 
 /// Sends an agent -> scheduler publish frame with a MessagePack body.

@@ -55,14 +55,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// Waits until `/readyz` reports `ready` (or not).
 pub async fn wait_ready(addr: SocketAddr, ready: bool) {
-    let want = if ready { 200 } else { 503 };
-    for _ in 0..400 {
-        if http_get(addr, "/readyz").await.0 == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("replica at {addr} never became ready={ready}");
+    testkit::http::wait_status(addr, "/readyz", if ready { 200 } else { 503 }).await;
 }
 
 /// The value of one metric line (first match) from `/metrics`.
