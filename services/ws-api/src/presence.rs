@@ -210,10 +210,16 @@ impl Presence {
         )))
     }
 
-    /// Refreshes last-seen times from a gateway's batch.
+    /// Refreshes last-seen times from a gateway's batch. Gateways vouch for every socket each
+    /// sync period, but a record only needs rewriting before it could age past the TTL, so
+    /// records refreshed within the last half TTL are left alone (a KV read and write saved
+    /// per socket per batch; a live socket's record is still never older than TTL/2 + one
+    /// sync period).
     pub async fn seen(&self, seen: &[(SocketId, u64)]) -> Result<(), PresenceError> {
+        let fresh_for = u64::try_from(self.ttl.as_millis() / 2).unwrap_or(u64::MAX);
         for &(id, at) in seen {
-            if self.get(id).is_none() {
+            let Some(record) = self.get(id) else { continue };
+            if at < record.last_seen_ms.saturating_add(fresh_for) {
                 continue;
             }
             self.modify(id, |r| r.last_seen_ms = r.last_seen_ms.max(at))
