@@ -197,6 +197,25 @@ impl fmt::Display for Subject {
     }
 }
 
+/// The low-cardinality name of a concrete subject, for span names and metric labels: user,
+/// room and gateway ids are dropped (`ws.user`, `ws.room`, `ws.gw.push`, `ws.gw.ctl`);
+/// every other subject is its own family.
+pub fn family(subject: &str) -> &str {
+    if subject.starts_with("ws.user.") {
+        "ws.user"
+    } else if subject.starts_with("ws.room.") {
+        "ws.room"
+    } else if subject.starts_with("ws.gw.") {
+        if subject.ends_with(".ctl") {
+            "ws.gw.ctl"
+        } else {
+            "ws.gw.push"
+        }
+    } else {
+        subject
+    }
+}
+
 /// `ws.msg.<kind>.<route>`: where a publish frame goes. `None` for an empty route, which a
 /// publish frame must not have.
 pub fn upstream(kind: ClientKind, route: &Route) -> Option<String> {
@@ -362,5 +381,15 @@ mod tests {
             Subject::parse("ws.user.*"),
             Err(SubjectError::Id(_))
         ));
+    }
+
+    #[test]
+    fn family_drops_ids() {
+        assert_eq!(family("ws.user.alice"), "ws.user");
+        assert_eq!(family("ws.room.lobby.1"), "ws.room");
+        assert_eq!(family("ws.gw.gw-1.push"), "ws.gw.push");
+        assert_eq!(family("ws.gw.gw-1.ctl"), "ws.gw.ctl");
+        assert_eq!(family("ws.msg.app.chat.send"), "ws.msg.app.chat.send");
+        assert_eq!(family("ws.all"), "ws.all");
     }
 }

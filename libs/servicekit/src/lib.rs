@@ -4,7 +4,10 @@
 //! API-key check of the HTTP APIs. It holds no business logic and no wire contract (that is
 //! `libs/messages`).
 
+pub mod hops;
 pub mod http;
+pub mod nats;
+pub mod telemetry;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -27,18 +30,6 @@ pub async fn shutdown_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-/// Initialises logging from `RUST_LOG` (default `info`), as text or as JSON lines.
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

@@ -152,3 +152,13 @@ pub async fn eventually(
         tokio::time::sleep(POLL_EVERY).await;
     }
 }
+
+/// `ws://host:port/ws`, `http://host:port` or `host:port` to an IPv4 socket address.
+pub async fn resolve(url: &str) -> std::io::Result<SocketAddr> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    tokio::net::lookup_host(hostport)
+        .await?
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| std::io::Error::other(format!("{url}: no IPv4 address")))
+}

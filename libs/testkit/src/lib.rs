@@ -15,6 +15,8 @@
 #![allow(clippy::panic)]
 
 pub mod http;
+pub mod otlp;
+pub mod process;
 mod server;
 pub mod ws;
 

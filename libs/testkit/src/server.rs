@@ -94,6 +94,8 @@ pub struct NatsServer {
     /// Config file from `nats/` and the per-node flags (cluster settings).
     config: PathBuf,
     extra_args: Vec<String>,
+    /// Extra environment for the process (values that configs reference as `$VAR`).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -107,16 +109,35 @@ impl NatsServer {
         )
     }
 
-    fn start_with(config: PathBuf, port: u16, extra_args: Vec<String>) -> Result<Self, Error> {
-        let mut server = NatsServer {
+    /// Starts a single node with JetStream on a free loopback port, reading `config` (for
+    /// example `workspace_root().join("nats/single-auth.conf")`) with `env` added to the
+    /// process's environment, for configs that reference variables (`$RT_NATS_...`).
+    pub fn start_with_config(config: PathBuf, env: &[(&str, &str)]) -> Result<Self, Error> {
+        let mut server = Self::unstarted(config, free_port()?, Vec::new())?;
+        server.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        server.spawn()?;
+        server.wait_healthy()?;
+        Ok(server)
+    }
+
+    fn unstarted(config: PathBuf, port: u16, extra_args: Vec<String>) -> Result<Self, Error> {
+        Ok(NatsServer {
             bin: nats_server_binary()?,
             dir: tempfile::Builder::new().prefix("nats-test-").tempdir()?,
             port,
             monitor_port: free_port()?,
             config,
             extra_args,
+            env: Vec::new(),
             child: None,
-        };
+        })
+    }
+
+    fn start_with(config: PathBuf, port: u16, extra_args: Vec<String>) -> Result<Self, Error> {
+        let mut server = Self::unstarted(config, port, extra_args)?;
         server.spawn()?;
         server.wait_healthy()?;
         Ok(server)
@@ -139,6 +160,7 @@ impl NatsServer {
             .arg("-l")
             .arg(self.log_path())
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -283,6 +305,7 @@ impl NatsCluster {
                     "--routes".into(),
                     routes.clone(),
                 ],
+                env: Vec::new(),
                 child: None,
             };
             node.spawn()?;

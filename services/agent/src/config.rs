@@ -19,6 +19,7 @@
 //! report_period_secs = 30               # default 30
 //! heartbeat_secs = 10                   # optional: overrides the gateway's interval
 //! allowed_commands = ["/usr/bin/uptime", "df"]   # default: none
+//! metrics_listen = "127.0.0.1:9464"     # optional: serve Prometheus /metrics here
 //!
 //! [labels]
 //! region = "eu-central"
@@ -33,7 +34,15 @@
 //! are `key=value,key=value`): `AGENT_NODE_ID`, `AGENT_TOKEN`, `AGENT_TOKEN_FILE`,
 //! `AGENT_GATEWAYS`, `AGENT_LABELS`, `AGENT_OUTBOX_PATH`, `AGENT_HEARTBEAT_SECS`,
 //! `AGENT_REPORT_PERIOD_SECS`, `AGENT_BACKOFF_BASE_MS`, `AGENT_BACKOFF_CAP_MS`,
-//! `AGENT_BACKOFF_JITTER`, `AGENT_ALLOWED_COMMANDS`.
+//! `AGENT_BACKOFF_JITTER`, `AGENT_ALLOWED_COMMANDS`, `AGENT_METRICS_LISTEN`.
+//!
+//! `metrics_listen` is an `IP:port` socket address (`127.0.0.1:9464`, `[::1]:9464`,
+//! `0.0.0.0:9464`; host names are not resolved). When set, the agent serves Prometheus
+//! text on `GET /metrics` and `"ok"` on `GET /healthz` there (see
+//! [`crate::metrics_http`]); when unset (the default) it opens no listening socket. The
+//! endpoint has no authentication, so prefer a loopback or private address. Port 0 binds a
+//! free port (see [`crate::AgentHandle::metrics_addr`]); an empty value turns the endpoint
+//! off, so `AGENT_METRICS_LISTEN=` can disable a file's setting.
 //!
 //! Relative paths in the file (`token_file`, `outbox_path`) are resolved against the file's
 //! directory, so the agent does not depend on the directory it was started from; relative
@@ -41,6 +50,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -97,6 +107,8 @@ pub struct AgentConfig {
     /// Programs a command task may run: bare names or absolute paths, matched against the
     /// task's program exactly. Empty means no command may run.
     pub allowed_commands: Vec<String>,
+    /// Where to serve the Prometheus `/metrics` endpoint; `None` (the default) serves none.
+    pub metrics_listen: Option<SocketAddr>,
     /// The file this was loaded from, if any.
     pub file: Option<PathBuf>,
 }
@@ -192,6 +204,12 @@ pub enum Problem {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// Not an `IP:port` socket address.
+    #[error("{value:?} is not a socket address (expected IP:port, e.g. 127.0.0.1:9464)")]
+    NotASocketAddr {
+        /// The text given.
+        value: String,
+    },
     /// An invalid allowed-command entry.
     #[error("allowed command {entry:?}: {reason}")]
     Command {
@@ -275,6 +293,7 @@ struct FileConfig {
     report_period_secs: Option<u64>,
     backoff: Option<FileBackoff>,
     allowed_commands: Option<Vec<String>>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -389,6 +408,12 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, Problem> {
 
 fn parse_path(s: &str) -> Result<PathBuf, Problem> {
     Ok(PathBuf::from(s))
+}
+
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, Problem> {
+    s.trim().parse().map_err(|_| Problem::NotASocketAddr {
+        value: s.to_owned(),
+    })
 }
 
 impl AgentConfig {
@@ -512,6 +537,22 @@ impl AgentConfig {
             None => Vec::new(),
         };
 
+        // The file's value is text (not a typed TOML field) so a bad address is reported
+        // like any other invalid value, naming the field and where it came from.
+        let metrics_listen = match l.pick(
+            "metrics_listen",
+            "AGENT_METRICS_LISTEN",
+            f.metrics_listen,
+            |s| Ok(s.to_owned()),
+        )? {
+            // Empty means off, so `AGENT_METRICS_LISTEN=` can disable the file's setting.
+            Some(Sourced { value, .. }) if value.trim().is_empty() => None,
+            Some(Sourced { value, origin }) => {
+                Some(parse_socket_addr(&value).map_err(|p| invalid("metrics_listen", origin, p))?)
+            }
+            None => None,
+        };
+
         Ok(AgentConfig {
             node_id: node_id_value,
             token,
@@ -523,6 +564,7 @@ impl AgentConfig {
             report_period,
             backoff,
             allowed_commands,
+            metrics_listen,
             file: path.map(Path::to_path_buf),
         })
     }

@@ -27,14 +27,16 @@
 //! the replay runs is not sent twice); across sessions it is re-sent until acked, and the
 //! scheduler ingests by message id.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use messages::fleet::{self, Ack, Cancel, Register, Report, ReportBatch, Task};
+use messages::fleet::{self, Ack, Cancel, Register, Report, ReportBatch, Task, TaskResult};
 use messages::payload::{self, ErrorBody, HeartbeatAck, Reconnect, Welcome};
-use messages::{BodyCodec, CloseCode, Frame, FrameKind, Limits, Route};
+use messages::{BodyCodec, CloseCode, Frame, FrameKind, Limits, Route, TraceContext};
+use servicekit::telemetry::{MessageSpan, Operation};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -48,7 +50,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::backoff::ExponentialBackoff;
 use crate::config::{AgentConfig, Token};
 use crate::executor::{ExecEvent, Executor, RESULT_KIND};
+use crate::metrics_http::MetricsServer;
 use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
+use crate::prom::AgentMetrics;
 
 /// Outbox entry kind of a status report (a msgpack [`Report`]).
 pub const REPORT_KIND: &str = "report";
@@ -91,6 +95,15 @@ pub enum RunError {
         /// The close reason.
         reason: String,
     },
+    /// The configured `metrics_listen` address could not be bound.
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    MetricsListen {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A gateway rejected the token at the handshake.
     #[error("gateway {url} rejected the token (HTTP {status}); not reconnecting")]
     Unauthorized {
@@ -110,6 +123,8 @@ impl RunError {
             RunError::Refused { code, .. } if *code == CloseCode::Unauthorized.code() => 77,
             RunError::Refused { .. } => 76,      // EX_PROTOCOL
             RunError::Unauthorized { .. } => 77, // EX_NOPERM
+            // The remedy is another `metrics_listen` (the address is taken or not local).
+            RunError::MetricsListen { .. } => 78, // EX_CONFIG
         }
     }
 }
@@ -131,6 +146,8 @@ enum SessionEnd {
 #[derive(Debug)]
 pub struct AgentHandle {
     outbox: Arc<Outbox>,
+    metrics: Arc<AgentMetrics>,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), RunError>>,
 }
@@ -139,6 +156,17 @@ impl AgentHandle {
     /// The agent's outbox (for inspection; the agent holds the file's lock).
     pub fn outbox(&self) -> &Arc<Outbox> {
         &self.outbox
+    }
+
+    /// The agent's counters and gauges (what `/metrics` serves).
+    pub fn metrics(&self) -> &Arc<AgentMetrics> {
+        &self.metrics
+    }
+
+    /// Where the metrics endpoint listens, if `metrics_listen` is configured (the bound
+    /// address: with port 0 in the configuration, the port the system chose).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Asks the agent to close its connection and stop.
@@ -153,13 +181,41 @@ impl AgentHandle {
     }
 }
 
-/// Opens the outbox and starts the agent. Dropping the handle stops the agent too.
+/// Opens the outbox, binds the metrics endpoint if one is configured, and starts the agent.
+/// Dropping the handle stops the agent too. The metrics endpoint stops with the agent
+/// (however it stops), before [`AgentHandle::join`] returns.
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
     let path = config.outbox_path.clone();
     let outbox = Arc::new(tokio::task::spawn_blocking(move || Outbox::open(path)).await??);
+    let metrics = Arc::new(AgentMetrics::new());
+    let server = match config.metrics_listen {
+        Some(addr) => Some(
+            MetricsServer::bind(addr, Arc::clone(&metrics), Arc::downgrade(&outbox))
+                .await
+                .map_err(|source| RunError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = server.as_ref().map(MetricsServer::local_addr);
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(run(config, Arc::clone(&outbox), stopped));
-    Ok(AgentHandle { outbox, stop, task })
+    let task = tokio::spawn({
+        let outbox = Arc::clone(&outbox);
+        let metrics = Arc::clone(&metrics);
+        async move {
+            let result = run(config, outbox, stopped, metrics).await;
+            if let Some(server) = server {
+                server.stop().await;
+            }
+            result
+        }
+    });
+    Ok(AgentHandle {
+        outbox,
+        metrics,
+        metrics_addr,
+        stop,
+        task,
+    })
 }
 
 /// Shared state of the connection loop.
@@ -169,16 +225,64 @@ struct Ctx {
     executor: Executor,
     events: mpsc::UnboundedReceiver<ExecEvent>,
     shutdown: watch::Receiver<bool>,
+    metrics: Arc<AgentMetrics>,
     hostname: String,
     /// The last degraded/online status reported, re-sent after every register.
     status: Option<fleet::Status>,
+    /// Each recent task's trace, continued by its started and result frames.
+    traces: TaskTraces,
 }
 
-/// Runs sessions until shutdown or a fatal close.
+/// Most tasks whose trace context is remembered (for results replayed after a reconnect).
+const TRACED_TASKS: usize = 1024;
+
+/// The trace of each recent task: the execution span (a child of the context the task
+/// frame carried, open until the result is sent) and the context its frames carry.
+#[derive(Debug, Default)]
+struct TaskTraces {
+    spans: HashMap<u64, MessageSpan>,
+    contexts: HashMap<u64, TraceContext>,
+    order: VecDeque<u64>,
+}
+
+impl TaskTraces {
+    fn start(&mut self, task_id: u64, incoming: Option<&TraceContext>, msg_id: u64) {
+        let span = MessageSpan::start(Operation::Process, fleet::down::TASK, msg_id, incoming);
+        if let Some(context) = span.context()
+            && self.contexts.insert(task_id, context).is_none()
+        {
+            self.order.push_back(task_id);
+        }
+        self.spans.insert(task_id, span);
+        while self.order.len() > TRACED_TASKS {
+            if let Some(old) = self.order.pop_front() {
+                self.contexts.remove(&old);
+                self.spans.remove(&old);
+            }
+        }
+    }
+
+    fn context(&self, task_id: u64) -> Option<TraceContext> {
+        self.contexts.get(&task_id).copied()
+    }
+
+    fn trace_id(&self, task_id: u64) -> String {
+        self.context(task_id)
+            .map(|t| t.trace_id_hex())
+            .unwrap_or_default()
+    }
+
+    fn finish(&mut self, task_id: u64) {
+        self.spans.remove(&task_id);
+    }
+}
+
+/// Runs sessions until shutdown or a fatal close, counting in `metrics`.
 pub async fn run(
     config: AgentConfig,
     outbox: Arc<Outbox>,
     shutdown: watch::Receiver<bool>,
+    metrics: Arc<AgentMetrics>,
 ) -> Result<(), RunError> {
     let (events_tx, events) = mpsc::unbounded_channel();
     // The report loop holds the outbox; it is stopped and awaited (not aborted) before
@@ -191,7 +295,7 @@ pub async fn run(
         events_tx.clone(),
         reports_stopped,
     ));
-    let result = run_sessions(config, outbox, shutdown, events_tx, events).await;
+    let result = run_sessions(config, outbox, shutdown, events_tx, events, metrics).await;
     let _ = stop_reports.send(true);
     let _ = reporter.await;
     result
@@ -204,11 +308,13 @@ async fn run_sessions(
     shutdown: watch::Receiver<bool>,
     events_tx: mpsc::UnboundedSender<ExecEvent>,
     events: mpsc::UnboundedReceiver<ExecEvent>,
+    metrics: Arc<AgentMetrics>,
 ) -> Result<(), RunError> {
     let executor = Executor::new(
         config.allowed_commands.clone(),
         Arc::clone(&outbox),
         events_tx,
+        Arc::clone(&metrics),
     );
     let backoff: ExponentialBackoff = config.backoff;
     let mut ctx = Ctx {
@@ -217,8 +323,10 @@ async fn run_sessions(
         executor,
         events,
         shutdown,
+        metrics,
         hostname: hostname(),
         status: None,
+        traces: TaskTraces::default(),
     };
     let mut attempt: u32 = 0;
     let mut last_failed: Option<usize> = None;
@@ -241,6 +349,7 @@ async fn run_sessions(
                 tracing::info!(gateway = %url, ?delay, "Gateway asked to reconnect.");
                 attempt = 0;
                 last_failed = Some(index);
+                ctx.metrics.reconnect();
                 delay
             }
             SessionEnd::Lost { welcomed, reason } => {
@@ -250,6 +359,7 @@ async fn run_sessions(
                 last_failed = Some(index);
                 let delay = backoff.delay(attempt);
                 attempt = attempt.saturating_add(1);
+                ctx.metrics.reconnect();
                 tracing::warn!(gateway = %url, %reason, retry_in = ?delay, "Disconnected; will retry.");
                 delay
             }
@@ -404,6 +514,17 @@ impl Conn {
     }
 
     async fn publish(&mut self, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
+        self.publish_traced(route, body, None).await
+    }
+
+    /// Publishes with a trace context in the frame header, so the gateway continues the
+    /// task's trace instead of starting one.
+    async fn publish_traced(
+        &mut self,
+        route: &str,
+        body: Vec<u8>,
+        trace: Option<TraceContext>,
+    ) -> Result<(), SessionError> {
         let id = self.next_id;
         self.next_id += 1;
         // Large bodies (long output tails, replayed report batches) go compressed end to
@@ -415,7 +536,8 @@ impl Conn {
         let mut frame = Frame::new(FrameKind::Publish)
             .with_msg_id(id)
             .with_route(Route::new(route)?)
-            .with_body(BodyCodec::MsgPack, body);
+            .with_body(BodyCodec::MsgPack, body)
+            .with_trace(trace);
         frame.flags = frame.flags.with_compressed(compressed);
         self.send(frame).await
     }
@@ -452,6 +574,8 @@ impl Ctx {
         tracing::info!(
             gateway = %welcome.gateway, socket_id = %welcome.socket_id, "Connected."
         );
+        // Connected from the welcome until this function returns (or is dropped).
+        let _connected = Connected::new(&self.metrics);
         match self.established(&mut conn, url, &welcome).await {
             Ok(end) => {
                 // Leave politely when the socket is still usable (shutdown, drain, refusal);
@@ -501,6 +625,7 @@ impl Ctx {
             let next = tokio::select! {
                 () = tokio::time::sleep_until(next_beat) => {
                     conn.send(Frame::new(FrameKind::Heartbeat)).await?;
+                    self.metrics.heartbeat_sent();
                     last_beat = Instant::now();
                     if dead_at.is_none() {
                         dead_at = Some(last_beat + grace);
@@ -549,12 +674,18 @@ impl Ctx {
                 Some(event) = self.events.recv() => {
                     match event {
                         ExecEvent::Started(started) => {
-                            conn.publish(fleet::up::STARTED, payload::to_bus(&started)?).await?;
+                            let trace = self.traces.context(started.task_id);
+                            let body = payload::to_bus(&started)?;
+                            conn.publish_traced(fleet::up::STARTED, body, trace).await?;
                         }
-                        ExecEvent::Finished { seq, payload } => {
+                        ExecEvent::Finished { task_id, seq, payload } => {
                             if conn.sent.insert(seq) {
-                                conn.publish(fleet::up::RESULT, payload).await?;
+                                let trace = self.traces.context(task_id);
+                                conn.publish_traced(fleet::up::RESULT, payload, trace).await?;
+                                self.metrics.result_sent();
                             }
+                            // The execution span ends once its result is on its way.
+                            self.traces.finish(task_id);
                         }
                         ExecEvent::Report { seq, payload } => {
                             if conn.sent.insert(seq) {
@@ -591,7 +722,13 @@ impl Ctx {
             match entry.kind.as_str() {
                 RESULT_KIND => {
                     if conn.sent.insert(entry.seq) {
-                        conn.publish(fleet::up::RESULT, entry.payload).await?;
+                        // Our own entry: reading its task id finds the trace to continue.
+                        let trace = payload::from_bus::<TaskResult>(&entry.payload)
+                            .ok()
+                            .and_then(|r| self.traces.context(r.task_id));
+                        conn.publish_traced(fleet::up::RESULT, entry.payload, trace)
+                            .await?;
+                        self.metrics.result_sent();
                     }
                 }
                 REPORT_KIND => match payload::from_bus::<Report>(&entry.payload) {
@@ -652,9 +789,12 @@ impl Ctx {
         match frame.route.as_str() {
             fleet::down::TASK => match payload::decode_body::<Task>(codec, &frame.body) {
                 Ok(task) => {
+                    self.traces
+                        .start(task.task_id, frame.trace.as_ref(), frame.msg_id);
                     tracing::info!(
                         task_id = task.task_id,
                         attempt = task.attempt,
+                        trace_id = %self.traces.trace_id(task.task_id),
                         "Task received."
                     );
                     self.executor.start(task);
@@ -669,7 +809,10 @@ impl Ctx {
                 Err(e) => tracing::warn!(error = %e, "Undecodable cancel."),
             },
             fleet::down::ACK => match payload::decode_body::<Ack>(codec, &frame.body) {
-                Ok(ack) => self.on_ack(&ack),
+                Ok(ack) => {
+                    self.metrics.ack_received();
+                    self.on_ack(&ack);
+                }
                 Err(e) => tracing::warn!(error = %e, "Undecodable ack."),
             },
             other => tracing::debug!(route = other, "Push on an unknown route ignored."),
@@ -699,6 +842,23 @@ impl Ctx {
                 }
             }
         });
+    }
+}
+
+/// Marks the agent connected while it lives: `agent_connected` is 1 from the welcome until
+/// the session ends, on every path out of it.
+struct Connected(Arc<AgentMetrics>);
+
+impl Connected {
+    fn new(metrics: &Arc<AgentMetrics>) -> Self {
+        metrics.session_started();
+        Connected(Arc::clone(metrics))
+    }
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.session_ended();
     }
 }
 

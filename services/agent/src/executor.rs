@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::outbox::{Outbox, OutboxError};
+use crate::prom::AgentMetrics;
 
 /// How much of each output stream a result keeps (the end of it, where errors usually are).
 pub const TAIL_BYTES: usize = 4 * 1024;
@@ -52,6 +53,8 @@ pub enum ExecEvent {
     /// A result was durably written to the outbox as entry `seq`; `payload` is the
     /// msgpack [`TaskResult`] to send on `agent.task.result`.
     Finished {
+        /// The task the result belongs to (its trace is looked up by it).
+        task_id: u64,
         /// The outbox sequence (the connection loop uses it to avoid sending an entry twice
         /// in one session when a replay already sent it).
         seq: u64,
@@ -153,23 +156,27 @@ struct Inner {
     allowed: Vec<String>,
     outbox: Arc<Outbox>,
     events: mpsc::UnboundedSender<ExecEvent>,
+    /// Counts started and finished tasks.
+    metrics: Arc<AgentMetrics>,
     /// Running tasks by id, with the sender that cancels each.
     running: Mutex<HashMap<u64, oneshot::Sender<()>>>,
 }
 
 impl Executor {
-    /// An executor allowing the programs in `allowed`, storing results in `outbox` and
-    /// reporting on `events`.
+    /// An executor allowing the programs in `allowed`, storing results in `outbox`,
+    /// reporting on `events` and counting tasks in `metrics`.
     pub fn new(
         allowed: Vec<String>,
         outbox: Arc<Outbox>,
         events: mpsc::UnboundedSender<ExecEvent>,
+        metrics: Arc<AgentMetrics>,
     ) -> Self {
         Executor {
             inner: Arc::new(Inner {
                 allowed,
                 outbox,
                 events,
+                metrics,
                 running: Mutex::new(HashMap::new()),
             }),
         }
@@ -219,6 +226,7 @@ impl Executor {
     }
 
     async fn run(&self, task: Task, cancel: oneshot::Receiver<()>) {
+        self.inner.metrics.task_started();
         let _ = self.inner.events.send(ExecEvent::Started(TaskStarted {
             task_id: task.task_id,
             attempt: task.attempt,
@@ -229,6 +237,7 @@ impl Executor {
             ms => Duration::from_millis(ms),
         };
         let execution = execute(&task.spec, &self.inner.allowed, timeout, cancel).await;
+        self.inner.metrics.task_finished(execution.outcome);
         if let Ok(mut running) = self.inner.running.lock() {
             running.remove(&task.task_id);
         }
@@ -241,7 +250,11 @@ impl Executor {
         let result = execution.into_result(&task);
         match store(&self.inner.outbox, result).await {
             Ok((seq, payload)) => {
-                let _ = self.inner.events.send(ExecEvent::Finished { seq, payload });
+                let _ = self.inner.events.send(ExecEvent::Finished {
+                    task_id: task.task_id,
+                    seq,
+                    payload,
+                });
             }
             // Nothing durable exists to send; sending it anyway would break the promise
             // that every delivered result can be replayed, so the loss is logged loudly.

@@ -9,16 +9,24 @@
 //! - [`outbox`]: the durable redb queue every report and result passes through, so nothing
 //!   is lost across disconnects or a kill -9.
 //! - [`backoff`]: reconnect delays (capped exponential with jitter).
+//! - [`metrics`]: host CPU, memory and disk samples for status reports.
+//! - [`prom`]: the agent's own Prometheus counters and gauges ([`AgentMetrics`]) and their
+//!   text rendering.
+//! - [`metrics_http`]: the optional `/metrics` + `/healthz` endpoint (`metrics_listen`).
 
 pub mod backoff;
 pub mod config;
 pub mod connection;
 pub mod executor;
 pub mod metrics;
+pub mod metrics_http;
 pub mod outbox;
+pub mod prom;
 
 pub use backoff::{BackoffError, ExponentialBackoff};
 pub use config::{AgentConfig, ConfigError, Origin, Problem, Token};
 pub use connection::{AgentHandle, RunError, start};
 pub use executor::{ExecEvent, Execution, Executor};
+pub use metrics_http::MetricsServer;
 pub use outbox::{Entry, MessageId, Outbox, OutboxError};
+pub use prom::AgentMetrics;

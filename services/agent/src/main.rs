@@ -3,11 +3,15 @@
 //!
 //! Usage: `agent [CONFIG_FILE]` (or `AGENT_CONFIG=CONFIG_FILE`); `AGENT_*` variables
 //! override the file (see the `config` module). Logging follows `RUST_LOG` (default
-//! `info`).
+//! `info`), `AGENT_LOG_FORMAT=json` for JSON lines; `OTEL_*` variables turn on trace export.
 //!
-//! Exit codes (sysexits.h): 0 after a requested shutdown, 78 bad configuration, 77 the
-//! gateway rejected the token, 76 another "do not reconnect" close, 74 outbox I/O error,
-//! 71 no runtime, 70 internal failure.
+//! Exit codes (sysexits.h): 0 after a requested shutdown, 78 bad configuration (including a
+//! `metrics_listen` address that cannot be bound), 77 the gateway rejected the token, 76
+//! another "do not reconnect" close, 74 outbox I/O error, 71 no runtime, 70 internal
+//! failure.
+//!
+//! With `metrics_listen` (or `AGENT_METRICS_LISTEN`) set, Prometheus can scrape
+//! `http://<metrics_listen>/metrics`; `/healthz` there answers `ok` while the process runs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,15 +29,24 @@ fn main() -> ExitCode {
             return ExitCode::from(78);
         }
     };
-    // Logs go to stderr (journald picks them up), coloured only on a terminal.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    // Logs go to stderr (journald picks them up), coloured only on a terminal; spans go to
+    // the OTLP endpoint named by the standard OTEL_* variables, if any.
+    let log_format = std::env::var("AGENT_LOG_FORMAT").unwrap_or_default();
+    let telemetry = servicekit::telemetry::TelemetryArgs::from_env().and_then(|args| {
+        servicekit::telemetry::init(
+            "agent",
+            servicekit::telemetry::LogFormat::parse(&log_format),
+            &args,
         )
-        .init();
+    });
+    let _telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("agent: {e}");
+            // EX_CONFIG
+            return ExitCode::from(78);
+        }
+    };
     // Two workers are plenty for one connection and a few tasks; the blocking pool serves
     // the outbox.
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -107,6 +107,7 @@ fn minimal_file_gets_defaults() {
         "no command allowed by default"
     );
     assert_eq!(c.outbox_path, Path::new("/var/lib/agent/outbox.redb"));
+    assert_eq!(c.metrics_listen, None, "no metrics endpoint by default");
 }
 
 #[test]
@@ -465,4 +466,59 @@ fn empty_outbox_path() {
     let err = load(MINIMAL, env(&[("AGENT_OUTBOX_PATH", "")])).unwrap_err();
     let p = invalid(err, "outbox_path", &Origin::Env("AGENT_OUTBOX_PATH"));
     assert!(matches!(p, Problem::EmptyPath));
+}
+
+#[test]
+fn metrics_listen_from_the_file_or_the_environment() {
+    let text = format!("{MINIMAL}metrics_listen = \"127.0.0.1:9464\"\n");
+    let c = load(&text, no_env).unwrap();
+    assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+
+    // The environment wins, IPv6 works, and surrounding whitespace is ignored.
+    let c = load(&text, env(&[("AGENT_METRICS_LISTEN", " [::1]:9100 ")])).unwrap();
+    assert_eq!(c.metrics_listen, Some("[::1]:9100".parse().unwrap()));
+
+    // Port 0 asks for a free port.
+    let c = load(MINIMAL, env(&[("AGENT_METRICS_LISTEN", "0.0.0.0:0")])).unwrap();
+    assert_eq!(c.metrics_listen, Some("0.0.0.0:0".parse().unwrap()));
+
+    // An empty value turns off the file's endpoint.
+    let c = load(&text, env(&[("AGENT_METRICS_LISTEN", "")])).unwrap();
+    assert_eq!(c.metrics_listen, None);
+}
+
+#[test]
+fn metrics_listen_errors_name_the_setting_and_the_value() {
+    for bad in [
+        "9464",
+        "localhost:9464",
+        "127.0.0.1",
+        "127.0.0.1:99999",
+        "::1:9464",
+        "x",
+    ] {
+        let err = load(MINIMAL, env(&[("AGENT_METRICS_LISTEN", bad)])).unwrap_err();
+        let msg = err.to_string();
+        let p = invalid(err, "metrics_listen", &Origin::Env("AGENT_METRICS_LISTEN"));
+        assert!(
+            matches!(&p, Problem::NotASocketAddr { value } if value == bad),
+            "{bad}: {p:?}"
+        );
+        assert!(msg.contains("AGENT_METRICS_LISTEN"), "{msg}");
+        assert!(msg.contains("IP:port"), "{msg}");
+    }
+
+    let text = format!("{MINIMAL}metrics_listen = \"127.0.0.1:port\"\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "metrics_listen", &Origin::File(path));
+    assert!(matches!(p, Problem::NotASocketAddr { .. }));
+
+    // A number where an address belongs is a type error with a line, like any other.
+    let text = format!("{MINIMAL}metrics_listen = 9464\n");
+    let err = load(&text, no_env).unwrap_err();
+    assert!(
+        matches!(err, ConfigError::Parse { line: Some(6), .. }),
+        "{err:?}"
+    );
 }

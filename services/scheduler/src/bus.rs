@@ -11,16 +11,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::{HeaderMap, Message, Subscriber};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
+use messages::TraceContext;
 use messages::fleet::{self, AgentState as WireState};
 use messages::payload::{self, GatewayControl, HeartbeatBatch, PayloadError, SessionEvent};
 use messages::subject::{self, Event, Subject};
 use messages::{BodyCodec, ClientKind, UserId, headers};
 use serde::Serialize;
+use servicekit::telemetry::{MessageSpan, Operation};
 
 use crate::store::{
-    AgentRecord, AgentState, Heartbeat, Ingest, ResultBody, StoreError, TargetState, TaskId,
-    TaskKind, TaskSpec,
+    AgentRecord, AgentState, Heartbeat, Ingest, NewResult, ResultBody, StoreError, TargetState,
+    TaskId, TaskKind, TaskSpec,
 };
 use crate::{Metrics, Shared};
 
@@ -153,13 +155,63 @@ pub async fn start(
     Ok(())
 }
 
+/// Most messages taken off the subscription in one go.
+const MAX_BURST: usize = 1024;
+
+/// Handles agent traffic in arrival order. Whatever has already arrived is taken as a burst
+/// and consecutive results in it are stored in one transaction: a task fanned out to
+/// thousands of agents finishes in a burst, and one fsync per result would bound ingestion
+/// at the disk's sync rate.
 async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
-    while let Some(msg) = sub.next().await {
-        if let Err(e) = handle(&shared, &msg).await {
-            Metrics::inc(&shared.metrics.bus_errors);
-            tracing::warn!(subject = %msg.subject, error = %e, "Handling agent traffic failed.");
+    while let Some(first) = sub.next().await {
+        let mut burst = vec![first];
+        while burst.len() < MAX_BURST {
+            match sub.next().now_or_never() {
+                Some(Some(msg)) => burst.push(msg),
+                _ => break,
+            }
         }
+        let mut progress = Progress::default();
+        for msg in burst {
+            let hop = servicekit::telemetry::on_receive(&msg, &shared.metrics.hops);
+            match as_progress(&msg) {
+                Some(Ok(Report::Started(node, started))) => {
+                    progress.started.push((node, started, hop));
+                    continue;
+                }
+                Some(Ok(Report::Result(node, result))) => {
+                    progress.results.push(Incoming {
+                        node,
+                        result,
+                        _hop: hop,
+                    });
+                    continue;
+                }
+                Some(Err(e)) => {
+                    failed(&shared, &msg, &e);
+                    continue;
+                }
+                None => {}
+            }
+            // Everything else is handled after the progress before it, in order.
+            store_progress(&shared, std::mem::take(&mut progress)).await;
+            if let Err(e) = handle(&shared, &msg).await {
+                failed(&shared, &msg, &e);
+            }
+        }
+        store_progress(&shared, progress).await;
     }
+}
+
+fn failed(shared: &Shared, msg: &Message, e: &BusError) {
+    Metrics::inc(&shared.metrics.bus_errors);
+    let trace_id = msg
+        .headers
+        .as_ref()
+        .and_then(TraceContext::extract)
+        .map(|t| t.trace_id_hex())
+        .unwrap_or_default();
+    tracing::warn!(subject = %msg.subject, error = %e, %trace_id, "Handling agent traffic failed.");
 }
 
 async fn handle(shared: &Shared, msg: &Message) -> Result<(), BusError> {
@@ -245,7 +297,16 @@ async fn heartbeats(shared: &Shared, batch: &HeartbeatBatch) -> Result<(), BusEr
 /// many reports; 16 MiB is far above both).
 const MAX_INFLATED_BODY: usize = 16 << 20;
 
-async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<(), BusError> {
+/// An agent's frame as the gateway forwarded it: the node (from the verified token), the
+/// body (inflated if the agent compressed it) and its codec.
+struct Upstream<'a> {
+    map: &'a HeaderMap,
+    node: UserId,
+    body: std::borrow::Cow<'a, [u8]>,
+    codec: BodyCodec,
+}
+
+fn upstream<'a>(route: &str, msg: &'a Message) -> Result<Upstream<'a>, BusError> {
     let map = msg
         .headers
         .as_ref()
@@ -256,17 +317,99 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
         .ok_or_else(|| BusError::BadMessage("no valid ws-user header".into()))?;
     // Agents compress large bodies end to end; inflate with a bound so a small frame cannot
     // expand without limit.
-    let inflated;
-    let body: &[u8] = if headers::get(map, headers::COMPRESSED) == Some("1") {
-        inflated = messages::compress::inflate(&msg.payload, MAX_INFLATED_BODY)
-            .map_err(|e| BusError::BadMessage(format!("compressed {route} from {node}: {e}")))?;
-        &inflated
+    let body = if headers::get(map, headers::COMPRESSED) == Some("1") {
+        std::borrow::Cow::Owned(
+            messages::compress::inflate(&msg.payload, MAX_INFLATED_BODY).map_err(|e| {
+                BusError::BadMessage(format!("compressed {route} from {node}: {e}"))
+            })?,
+        )
     } else {
-        &msg.payload[..]
+        std::borrow::Cow::Borrowed(&msg.payload[..])
     };
     let codec = headers::get(map, headers::CODEC)
         .and_then(BodyCodec::parse)
         .unwrap_or(BodyCodec::MsgPack);
+    Ok(Upstream {
+        map,
+        node,
+        body,
+        codec,
+    })
+}
+
+/// Task progress from an agent: stored in bursts, not one transaction per message.
+enum Report {
+    Started(UserId, fleet::TaskStarted),
+    Result(UserId, fleet::TaskResult),
+}
+
+/// `Some` when `msg` is task progress (`started` or a result): decoded, or why it could
+/// not be.
+fn as_progress(msg: &Message) -> Option<Result<Report, BusError>> {
+    let Ok(Subject::Upstream { route, .. }) = Subject::parse(msg.subject.as_str()) else {
+        return None;
+    };
+    let route = route.as_str();
+    if route != fleet::up::RESULT && route != fleet::up::STARTED {
+        return None;
+    }
+    Some(upstream(route, msg).and_then(|up| {
+        Ok(if route == fleet::up::RESULT {
+            Report::Result(up.node, payload::decode_body(up.codec, &up.body)?)
+        } else {
+            Report::Started(up.node, payload::decode_body(up.codec, &up.body)?)
+        })
+    }))
+}
+
+/// The task progress of one burst, in arrival order per kind. Storing every `started`
+/// before every result keeps each agent's order: an agent sends `started` before its
+/// result on the same connection.
+#[derive(Default)]
+struct Progress {
+    started: Vec<(UserId, fleet::TaskStarted, Option<MessageSpan>)>,
+    results: Vec<Incoming>,
+}
+
+async fn store_progress(shared: &Shared, progress: Progress) {
+    if !progress.started.is_empty() {
+        let rows: Vec<(TaskId, UserId, u64)> = progress
+            .started
+            .iter()
+            .map(|(node, s, _)| (s.task_id, node.clone(), s.at_ms))
+            .collect();
+        let outcome = blocking(shared, move |store| {
+            let rows: Vec<(TaskId, &UserId, u64)> =
+                rows.iter().map(|(t, n, at)| (*t, n, *at)).collect();
+            store.mark_running_many(&rows)
+        })
+        .await;
+        match outcome {
+            // A late or repeated "started" (after a result, cancel or expiry) is harmless.
+            Ok(outcomes) => {
+                for ((node, s, _), e) in progress.started.iter().zip(outcomes) {
+                    if let Err(e) = e {
+                        tracing::debug!(%node, task_id = s.task_id, error = %e, "Ignored a task.started.");
+                    }
+                }
+            }
+            Err(e) => {
+                Metrics::inc(&shared.metrics.bus_errors);
+                tracing::warn!(error = %e, "Storing task.started failed.");
+            }
+        }
+    }
+    store_results(shared, progress.results).await;
+}
+
+async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<(), BusError> {
+    let Upstream {
+        map,
+        node,
+        body,
+        codec,
+    } = upstream(route, msg)?;
+    let body = &body[..];
     match route {
         fleet::up::REGISTER => {
             let socket = headers::get(map, headers::SOCKET_ID).and_then(|s| s.parse().ok());
@@ -277,27 +420,7 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
         }
         fleet::up::STATUS => status(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REPORT => reports(shared, node, payload::decode_body(codec, body)?).await,
-        fleet::up::STARTED => {
-            let s: fleet::TaskStarted = payload::decode_body(codec, body)?;
-            let n = node.clone();
-            match blocking(shared, move |store| {
-                store.mark_running(s.task_id, &n, s.at_ms)
-            })
-            .await
-            {
-                // A late or repeated "started" (after a result, cancel or expiry) is harmless.
-                Err(BusError::Store(
-                    e @ (StoreError::InvalidTransition { .. }
-                    | StoreError::UnknownTask(_)
-                    | StoreError::NotATarget { .. }),
-                )) => {
-                    tracing::debug!(%node, error = %e, "Ignored a task.started.");
-                    Ok(())
-                }
-                other => other,
-            }
-        }
-        fleet::up::RESULT => result(shared, node, payload::decode_body(codec, body)?).await,
+        // `started` and results are taken out earlier and stored in bursts (see `consume`).
         fleet::up::OUTPUT => {
             let chunk: fleet::TaskOutput = payload::decode_body(codec, body)?;
             shared.output.push(node, chunk);
@@ -389,11 +512,19 @@ async fn reports(shared: &Shared, node: UserId, batch: fleet::ReportBatch) -> Re
         &node,
         fleet::down::ACK,
         &fleet::Ack { message_ids: acked },
+        None,
     )
     .await
 }
 
-async fn result(shared: &Shared, node: UserId, r: fleet::TaskResult) -> Result<(), BusError> {
+/// A decoded task result waiting to be stored with the rest of its burst.
+struct Incoming {
+    node: UserId,
+    result: fleet::TaskResult,
+    _hop: Option<MessageSpan>,
+}
+
+fn result_body(r: &fleet::TaskResult) -> ResultBody {
     let mut error = r.error.clone();
     // The store decides success from error and exit code; make a non-success outcome with
     // neither (a failed probe with only a status, a timeout) count as a failure.
@@ -407,43 +538,86 @@ async fn result(shared: &Shared, node: UserId, r: fleet::TaskResult) -> Result<(
             .to_owned(),
         );
     }
-    let body = ResultBody {
+    ResultBody {
         exit_code: r.exit_code,
         stdout_tail: r.stdout_tail.clone(),
         stderr_tail: r.stderr_tail.clone(),
         error,
         latency_ms: r.latency_ms,
         finished_at_ms: r.finished_at_ms,
-    };
-    let n = node.clone();
-    let message_id = r.message_id.clone();
-    let task_id = r.task_id;
-    let ingest = blocking(shared, move |store| {
-        store.record_result(&message_id, task_id, &n, &body)
+    }
+}
+
+/// Stores a burst of results in one transaction, then acknowledges them (one ack per agent)
+/// so the agents can clear their outboxes. Nothing is acknowledged if the store fails: the
+/// agents replay and ingestion is idempotent.
+async fn store_results(shared: &Shared, batch: Vec<Incoming>) {
+    if batch.is_empty() {
+        return;
+    }
+    let rows: Vec<(String, u64, UserId, ResultBody)> = batch
+        .iter()
+        .map(|i| {
+            (
+                i.result.message_id.clone(),
+                i.result.task_id,
+                i.node.clone(),
+                result_body(&i.result),
+            )
+        })
+        .collect();
+    let outcomes = blocking(shared, move |store| {
+        let batch: Vec<NewResult<'_>> = rows
+            .iter()
+            .map(|(message_id, task_id, node_id, body)| NewResult {
+                message_id,
+                task_id: *task_id,
+                node_id,
+                body,
+            })
+            .collect();
+        store.record_results(&batch)
     })
     .await;
-    match ingest {
-        Ok(Ingest::New) => Metrics::inc(&shared.metrics.results),
-        Ok(Ingest::Duplicate) => Metrics::inc(&shared.metrics.duplicate_results),
-        // These can never succeed on a replay; acknowledging clears the agent's outbox.
-        Err(BusError::Store(
-            e @ (StoreError::UnknownTask(_)
-            | StoreError::NotATarget { .. }
-            | StoreError::InvalidMessageId),
-        )) => {
-            tracing::warn!(%node, task_id, error = %e, "Dropped an unusable result.");
+    let outcomes = match outcomes {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            Metrics::inc(&shared.metrics.bus_errors);
+            tracing::warn!(results = batch.len(), error = %e, "Storing results failed; the agents will replay them.");
+            return;
         }
-        Err(e) => return Err(e),
+    };
+    let mut acks: BTreeMap<UserId, Vec<String>> = BTreeMap::new();
+    for (incoming, outcome) in batch.into_iter().zip(outcomes) {
+        let (node, task_id) = (&incoming.node, incoming.result.task_id);
+        match outcome {
+            Ok(Ingest::New) => Metrics::inc(&shared.metrics.results),
+            Ok(Ingest::Duplicate) => Metrics::inc(&shared.metrics.duplicate_results),
+            // These can never succeed on a replay; acknowledging clears the agent's outbox.
+            Err(
+                e @ (StoreError::UnknownTask(_)
+                | StoreError::NotATarget { .. }
+                | StoreError::InvalidMessageId),
+            ) => {
+                tracing::warn!(%node, task_id, error = %e, "Dropped an unusable result.");
+            }
+            Err(e) => {
+                Metrics::inc(&shared.metrics.bus_errors);
+                tracing::warn!(%node, task_id, error = %e, "A result was refused.");
+                continue;
+            }
+        }
+        acks.entry(incoming.node)
+            .or_default()
+            .push(incoming.result.message_id);
     }
-    push(
-        shared,
-        &node,
-        fleet::down::ACK,
-        &fleet::Ack {
-            message_ids: vec![r.message_id],
-        },
-    )
-    .await
+    for (node, message_ids) in acks {
+        let ack = fleet::Ack { message_ids };
+        if let Err(e) = push(shared, &node, fleet::down::ACK, &ack, None).await {
+            Metrics::inc(&shared.metrics.bus_errors);
+            tracing::warn!(%node, error = %e, "Acknowledging results failed.");
+        }
+    }
 }
 
 /// Publishes a state change on `fleet.agent.state.<node>`.
@@ -476,6 +650,7 @@ pub async fn push<T: Serialize>(
     node: &UserId,
     route: &'static str,
     body: &T,
+    trace: Option<&TraceContext>,
 ) -> Result<(), BusError> {
     let bytes = payload::to_bus(body)?;
     // Any non-zero id: agents deduplicate by content (task ids, message ids), not by this.
@@ -484,10 +659,17 @@ pub async fn push<T: Serialize>(
     headers::set(&mut map, headers::MSG_ID, &id.to_string())?;
     headers::set(&mut map, headers::ROUTE, route)?;
     headers::set(&mut map, headers::CODEC, BodyCodec::MsgPack.as_str())?;
+    let subject = subject::user(node);
+    // Only messages that belong to a trace (a task from a traced request) get a span; acks
+    // and other control traffic would each start a trace of their own.
+    let hop = trace.map(|t| MessageSpan::start(Operation::Publish, &subject, id, Some(t)));
+    if let Some(context) = hop.as_ref().and_then(MessageSpan::context) {
+        context.inject(&mut map);
+    }
     headers::stamp_hop(&mut map, headers::hop::SERVICE_PUB, headers::now_micros());
     shared
         .client
-        .publish_with_headers(subject::user(node), map, Bytes::from(bytes))
+        .publish_with_headers(subject, map, Bytes::from(bytes))
         .await
         .map_err(|e| BusError::Publish(e.to_string()))?;
     Metrics::inc(&shared.metrics.pushes);
@@ -504,25 +686,59 @@ pub async fn dispatch(
     task_id: TaskId,
     spec: &TaskSpec,
 ) -> Result<(), BusError> {
-    let n = node.clone();
-    let attempt = blocking(shared, move |store| {
-        store.mark_dispatched(task_id, &n, now_ms())?;
-        Ok(store
-            .task(task_id)?
-            .and_then(|t| t.targets.get(&n).map(|s| s.attempts))
-            .unwrap_or(1))
+    let (sent, mut skipped) = dispatch_many(shared, task_id, spec, vec![node.clone()]).await?;
+    match skipped.pop() {
+        Some((_, e)) if sent == 0 => Err(BusError::Store(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Marks many targets of one task dispatched in one transaction (one fsync for a fan-out
+/// to thousands of agents), then pushes the task to each. Returns how many were sent and
+/// the targets the store refused (cancelled or dispatched meanwhile, not a target) with
+/// the reason; those get nothing. A failed push leaves its target Dispatched: the attempt
+/// expires and is retried like any lost message.
+pub async fn dispatch_many(
+    shared: &Shared,
+    task_id: TaskId,
+    spec: &TaskSpec,
+    nodes: Vec<UserId>,
+) -> Result<(u64, Vec<(UserId, StoreError)>), BusError> {
+    let (nodes, attempts) = blocking(shared, move |store| {
+        let attempts = store.mark_dispatched_many(task_id, &nodes, now_ms())?;
+        Ok((nodes, attempts))
     })
     .await?;
     let (kind, timeout_ms) = wire_kind(&spec.kind);
-    let task = fleet::Task {
-        task_id,
-        attempt,
-        spec: kind,
-        timeout_ms,
-    };
-    push(shared, node, fleet::down::TASK, &task).await?;
-    Metrics::inc(&shared.metrics.dispatches);
-    Ok(())
+    let trace = spec
+        .traceparent
+        .as_deref()
+        .and_then(TraceContext::parse_traceparent);
+    let mut sent = 0;
+    let mut skipped = Vec::new();
+    for (node, attempt) in nodes.into_iter().zip(attempts) {
+        let attempt = match attempt {
+            Ok(attempt) => attempt,
+            Err(e) => {
+                skipped.push((node, e));
+                continue;
+            }
+        };
+        let task = fleet::Task {
+            task_id,
+            attempt,
+            spec: kind.clone(),
+            timeout_ms,
+        };
+        match push(shared, &node, fleet::down::TASK, &task, trace.as_ref()).await {
+            Ok(()) => {
+                sent += 1;
+                Metrics::inc(&shared.metrics.dispatches);
+            }
+            Err(e) => tracing::warn!(%node, task_id, error = %e, "Dispatch failed."),
+        }
+    }
+    Ok((sent, skipped))
 }
 
 /// Sends `node` every task waiting for it, oldest first.

@@ -48,6 +48,9 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "SCHEDULER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Trace export (standard `OTEL_*` variables).
+    #[command(flatten)]
+    pub telemetry: servicekit::telemetry::TelemetryArgs,
 }
 
 /// Shortest leader lease TTL accepted.

@@ -12,6 +12,7 @@ use messages::{UserId, fleet};
 use serde::Deserialize;
 use serde_json::json;
 use servicekit::http::ApiError;
+use servicekit::telemetry::server_span;
 
 use crate::bus::{self, BusError, blocking, is_up, now_ms, store_kind, wire_kind};
 use crate::store::{
@@ -260,6 +261,7 @@ async fn create_task(
     body: web::Json<CreateTask>,
     shared: web::Data<Arc<Shared>>,
 ) -> Result<HttpResponse, ApiError> {
+    let request = server_span(&req, "/v1/tasks");
     authorize(&req, &shared)?;
     let body = body.into_inner();
     let targets = match body.targets {
@@ -283,6 +285,7 @@ async fn create_task(
         targets,
         timeout_ms: timeout_ms.saturating_add(slack),
         max_attempts: body.max_attempts.unwrap_or(1),
+        traceparent: request.context().map(|t| t.to_traceparent()),
     };
     let created = spec.clone();
     let (task_id, up) = blocking(&shared, move |store| {
@@ -300,21 +303,23 @@ async fn create_task(
     .await?;
     Metrics::inc(&shared.metrics.tasks_created);
     // Targets that are up get it now; the others when they register again.
-    let mut dispatched = 0u64;
-    for node in &up {
-        match bus::dispatch(&shared, node, task_id, &spec).await {
-            Ok(()) => dispatched += 1,
-            // Not fatal for the request: a target still Pending goes out on the next
-            // register, one left Dispatched expires and is retried by the sweep.
-            Err(e) => {
-                tracing::warn!(%node, task_id, error = %e, "Dispatch failed.");
-            }
+    // Not fatal for the request when this fails: targets still Pending go out on the next
+    // register, ones left Dispatched expire and are retried by the sweep.
+    let dispatched = match bus::dispatch_many(&shared, task_id, &spec, up).await {
+        Ok((sent, _)) => sent,
+        Err(e) => {
+            tracing::warn!(task_id, error = %e, "Dispatch failed.");
+            0
         }
-    }
-    Ok(HttpResponse::Created().json(json!({
+    };
+    let mut created = json!({
         "task_id": task_id,
         "dispatched": dispatched,
-    })))
+    });
+    if let Some(trace) = request.context() {
+        created["trace_id"] = json!(trace.trace_id_hex());
+    }
+    Ok(HttpResponse::Created().json(created))
 }
 
 async fn list_tasks(
@@ -411,6 +416,7 @@ async fn cancel_task(
                 node,
                 fleet::down::CANCEL,
                 &fleet::Cancel { task_id: id },
+                None,
             )
             .await
         {

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub pushes: AtomicU64,
     /// Bus messages that could not be handled.
     pub bus_errors: AtomicU64,
+    /// Per-hop latency of agent traffic, from the messages' `ws-hop` stamps.
+    pub hops: servicekit::hops::HopLatency,
 }
 
 impl Metrics {
@@ -112,7 +114,10 @@ impl Metrics {
                 "# HELP scheduler_{name} {help}.\n# TYPE scheduler_{name} counter\nscheduler_{name}_total {v}\n"
             ));
         }
-        out.push_str("# EOF\n");
+        let mut registry = prometheus_client::registry::Registry::with_prefix("scheduler");
+        self.hops.register_in(&mut registry);
+        // Appends the histogram and the closing `# EOF`; writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
 }
@@ -392,11 +397,14 @@ fn join_error(e: tokio::task::JoinError) -> Error {
 }
 
 async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, Error> {
-    async_nats::ConnectOptions::new()
+    let target =
+        servicekit::nats::NatsTarget::parse(url).map_err(|e| Error::Nats(e.to_string()))?;
+    target
+        .options()
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(url)
+        .connect(target.servers())
         .await
         .map_err(|e| Error::Nats(e.to_string()))
 }

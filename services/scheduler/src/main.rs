@@ -22,7 +22,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    servicekit::init_tracing(&args.log_format);
+    let _telemetry =
+        match servicekit::telemetry::init_main("scheduler", &args.log_format, &args.telemetry) {
+            Ok(t) => t,
+            Err(code) => return code,
+        };
     let config = match Config::from_args(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -37,7 +41,7 @@ fn main() -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    tracing::info!(listen = %args.listen, nats = %config.nats_url, db = %config.db_path.display(), "Starting.");
+    tracing::info!(listen = %args.listen, nats = %servicekit::nats::NatsTarget::parse(&config.nats_url).map(|t| t.redacted()).unwrap_or_default(), db = %config.db_path.display(), "Starting.");
     match actix_web::rt::System::new().block_on(scheduler::run(
         config,
         listener,

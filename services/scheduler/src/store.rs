@@ -281,6 +281,10 @@ pub struct TaskSpec {
     pub timeout_ms: u64,
     /// Attempts per target including the first; at least 1.
     pub max_attempts: u32,
+    /// W3C `traceparent` of the request that created the task, so every dispatch (also a
+    /// later one, to an agent that was offline) continues that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// The state of one task on one target.
@@ -461,6 +465,19 @@ struct TaskRow {
     created_at_ms: u64,
 }
 
+/// One result to ingest with [`Store::record_results`].
+#[derive(Debug, Clone, Copy)]
+pub struct NewResult<'a> {
+    /// The agent's outbox message id (the idempotency key).
+    pub message_id: &'a str,
+    /// The task.
+    pub task_id: TaskId,
+    /// The agent that ran it.
+    pub node_id: &'a UserId,
+    /// What it reported.
+    pub body: &'a ResultBody,
+}
+
 /// Outcome of an idempotent ingest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ingest {
@@ -628,6 +645,23 @@ impl Store {
         let txn = begin_durable_write(&self.db)?;
         let out = f(&txn)?;
         txn.commit()?;
+        Ok(out)
+    }
+
+    /// Like [`Store::write`], for batch calls whose inputs may all be refused: `f` also says
+    /// whether it changed anything, and a transaction that changed nothing is aborted
+    /// rather than committed, so it costs no fsync.
+    fn write_if_changed<T>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<(T, bool), StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = begin_durable_write(&self.db)?;
+        let (out, changed) = f(&txn)?;
+        if changed {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
         Ok(out)
     }
 
@@ -841,20 +875,53 @@ impl Store {
         node_id: &UserId,
         at_ms: u64,
     ) -> Result<(), StoreError> {
-        self.write(|txn| {
+        self.mark_dispatched_many(task_id, std::slice::from_ref(node_id), at_ms)?
+            .pop()
+            .unwrap_or(Ok(0))
+            .map(|_| ())
+    }
+
+    /// [`Store::mark_dispatched`] for many targets of one task in one transaction, so a
+    /// fan-out to thousands of agents costs one fsync, not one each. Returns, per node in
+    /// order, the attempt number now dispatched or why that node was skipped (not a target,
+    /// not Pending); those skips change nothing. An unknown task or a storage error fails
+    /// the whole call and changes nothing.
+    pub fn mark_dispatched_many(
+        &self,
+        task_id: TaskId,
+        nodes: &[UserId],
+        at_ms: u64,
+    ) -> Result<Vec<Result<u32, StoreError>>, StoreError> {
+        self.write_if_changed(|txn| {
             let mut t = TaskTables::open(txn)?;
             let row = t.task_row(task_id)?;
-            let old = t.target(task_id, node_id)?;
-            check(task_id, node_id, old.state, TargetState::Dispatched)?;
-            let new = TargetStatus {
-                state: TargetState::Dispatched,
-                attempts: old.attempts.saturating_add(1),
-                dispatched_at_ms: Some(at_ms),
-                deadline_ms: Some(at_ms.saturating_add(row.spec.timeout_ms)),
-                updated_at_ms: at_ms,
-                result: None,
-            };
-            t.put_target(task_id, node_id, Some(&old), &new)
+            let mut out = Vec::with_capacity(nodes.len());
+            for node_id in nodes {
+                let old = match t.target(task_id, node_id) {
+                    Ok(old) => old,
+                    Err(e @ StoreError::NotATarget { .. }) => {
+                        out.push(Err(e));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if let Err(e) = check(task_id, node_id, old.state, TargetState::Dispatched) {
+                    out.push(Err(e));
+                    continue;
+                }
+                let new = TargetStatus {
+                    state: TargetState::Dispatched,
+                    attempts: old.attempts.saturating_add(1),
+                    dispatched_at_ms: Some(at_ms),
+                    deadline_ms: Some(at_ms.saturating_add(row.spec.timeout_ms)),
+                    updated_at_ms: at_ms,
+                    result: None,
+                };
+                t.put_target(task_id, node_id, Some(&old), &new)?;
+                out.push(Ok(new.attempts));
+            }
+            let changed = out.iter().any(Result::is_ok);
+            Ok((out, changed))
         })
     }
 
@@ -865,17 +932,46 @@ impl Store {
         node_id: &UserId,
         at_ms: u64,
     ) -> Result<(), StoreError> {
-        self.write(|txn| {
+        self.mark_running_many(&[(task_id, node_id, at_ms)])?
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// [`Store::mark_running`] for many targets in one transaction (agents report
+    /// `started` in the same burst as their results). One outcome per input, in order: an
+    /// unknown task, a non-target or a refused transition (a late `started` after the
+    /// result) is that input's error and changes nothing. Aborted, without an fsync, when
+    /// nothing changed.
+    pub fn mark_running_many(
+        &self,
+        started: &[(TaskId, &UserId, u64)],
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        self.write_if_changed(|txn| {
+            let mut out = Vec::with_capacity(started.len());
             let mut t = TaskTables::open(txn)?;
-            t.task_row(task_id)?;
-            let old = t.target(task_id, node_id)?;
-            check(task_id, node_id, old.state, TargetState::Running)?;
-            let new = TargetStatus {
-                state: TargetState::Running,
-                updated_at_ms: at_ms,
-                ..old.clone()
-            };
-            t.put_target(task_id, node_id, Some(&old), &new)
+            for &(task_id, node_id, at_ms) in started {
+                let old = match t.task_row(task_id).and_then(|_| t.target(task_id, node_id)) {
+                    Ok(old) => old,
+                    Err(e @ (StoreError::UnknownTask(_) | StoreError::NotATarget { .. })) => {
+                        out.push(Err(e));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if let Err(e) = check(task_id, node_id, old.state, TargetState::Running) {
+                    out.push(Err(e));
+                    continue;
+                }
+                let new = TargetStatus {
+                    state: TargetState::Running,
+                    updated_at_ms: at_ms,
+                    ..old.clone()
+                };
+                t.put_target(task_id, node_id, Some(&old), &new)?;
+                out.push(Ok(()));
+            }
+            let changed = out.iter().any(Result::is_ok);
+            Ok((out, changed))
         })
     }
 
@@ -1063,49 +1159,40 @@ impl Store {
         node_id: &UserId,
         body: &ResultBody,
     ) -> Result<Ingest, StoreError> {
-        validate_message_id(message_id)?;
-        let txn = begin_durable_write(&self.db)?;
-        let node = node_id.as_str();
-        {
+        let one = NewResult {
+            message_id,
+            task_id,
+            node_id,
+            body,
+        };
+        self.record_results(std::slice::from_ref(&one))?
+            .pop()
+            .unwrap_or(Ok(Ingest::Duplicate))
+    }
+
+    /// [`Store::record_result`] for many results in one transaction: one fsync for a burst
+    /// of results (a task fanned out to thousands of agents finishes in a burst). Returns
+    /// one outcome per input, in order; an input that can never be stored (bad message id,
+    /// unknown task, not a target, a transition the state machine refuses) gets its error
+    /// and changes nothing, the others are stored. A storage error fails the whole call and
+    /// changes nothing. When nothing is new the transaction is aborted (no fsync).
+    pub fn record_results(
+        &self,
+        batch: &[NewResult<'_>],
+    ) -> Result<Vec<Result<Ingest, StoreError>>, StoreError> {
+        self.write_if_changed(|txn| {
+            let mut out = Vec::with_capacity(batch.len());
+            let mut changed = false;
             let mut results = txn.open_table(RESULTS)?;
-            if results.get((node, message_id))?.is_some() {
-                drop(results);
-                // Nothing changed: skip the fsync a commit would cost.
-                txn.abort()?;
-                return Ok(Ingest::Duplicate);
-            }
-            let mut t = TaskTables::open(&txn)?;
-            t.task_row(task_id)?;
-            let old = t.target(task_id, node_id)?;
-            let applied = old.state.is_in_flight();
-            if applied {
-                let to = if body.is_success() {
-                    TargetState::Succeeded
-                } else {
-                    TargetState::Failed
-                };
-                check(task_id, node_id, old.state, to)?;
-                let new = TargetStatus {
-                    state: to,
-                    updated_at_ms: body.finished_at_ms,
-                    result: Some(body.clone()),
-                    ..old.clone()
-                };
-                t.put_target(task_id, node_id, Some(&old), &new)?;
-            }
-            let stored = StoredResult {
-                message_id: message_id.to_owned(),
-                task_id,
-                node_id: node_id.clone(),
-                body: body.clone(),
-                applied,
-            };
-            results.insert((node, message_id), encode(&stored, "result")?.as_slice())?;
             let mut by_task = txn.open_table(TASK_RESULTS)?;
-            by_task.insert((task_id, node, message_id), ())?;
-        }
-        txn.commit()?;
-        Ok(Ingest::New)
+            let mut t = TaskTables::open(txn)?;
+            for r in batch {
+                let outcome = ingest_one(&mut t, &mut results, &mut by_task, r)?;
+                changed |= matches!(outcome, Ok(Ingest::New));
+                out.push(outcome);
+            }
+            Ok((out, changed))
+        })
     }
 
     /// Every stored result of a task (applied or not), ordered by node, then finish time.
@@ -1343,6 +1430,61 @@ fn read_targets(
         out.push((parse_node(node)?, decode(v.value(), "target")?));
     }
     Ok(out)
+}
+
+/// Stores one result inside a batch. The outer error is the storage failing (the batch is
+/// lost); the inner one is this result being unusable, decided before anything is written.
+fn ingest_one(
+    t: &mut TaskTables<'_>,
+    results: &mut Table<'_, (&'static str, &'static str), &'static [u8]>,
+    by_task: &mut Table<'_, (u64, &'static str, &'static str), ()>,
+    r: &NewResult<'_>,
+) -> Result<Result<Ingest, StoreError>, StoreError> {
+    if let Err(e) = validate_message_id(r.message_id) {
+        return Ok(Err(e));
+    }
+    let node = r.node_id.as_str();
+    if results.get((node, r.message_id))?.is_some() {
+        return Ok(Ok(Ingest::Duplicate));
+    }
+    match t.task_row(r.task_id) {
+        Ok(_) => {}
+        Err(e @ StoreError::UnknownTask(_)) => return Ok(Err(e)),
+        Err(e) => return Err(e),
+    }
+    let old = match t.target(r.task_id, r.node_id) {
+        Ok(old) => old,
+        Err(e @ StoreError::NotATarget { .. }) => return Ok(Err(e)),
+        Err(e) => return Err(e),
+    };
+    let applied = old.state.is_in_flight();
+    if applied {
+        let to = if r.body.is_success() {
+            TargetState::Succeeded
+        } else {
+            TargetState::Failed
+        };
+        if let Err(e) = check(r.task_id, r.node_id, old.state, to) {
+            return Ok(Err(e));
+        }
+        let new = TargetStatus {
+            state: to,
+            updated_at_ms: r.body.finished_at_ms,
+            result: Some(r.body.clone()),
+            ..old.clone()
+        };
+        t.put_target(r.task_id, r.node_id, Some(&old), &new)?;
+    }
+    let stored = StoredResult {
+        message_id: r.message_id.to_owned(),
+        task_id: r.task_id,
+        node_id: r.node_id.clone(),
+        body: r.body.clone(),
+        applied,
+    };
+    results.insert((node, r.message_id), encode(&stored, "result")?.as_slice())?;
+    by_task.insert((r.task_id, node, r.message_id), ())?;
+    Ok(Ok(Ingest::New))
 }
 
 fn check(

@@ -23,21 +23,6 @@ const TTL: Duration = Duration::from_secs(2);
 /// Upper bound for any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(15);
 
-/// Builds the scheduler binary (only that target, so a sibling binary being written in
-/// parallel does not get in the way) and returns its path.
-fn scheduler_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| testkit::workspace_root().join("target"));
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "scheduler", "--bin", "scheduler"])
-        .current_dir(testkit::workspace_root())
-        .status()
-        .unwrap();
-    assert!(status.success(), "building scheduler failed");
-    target.join("debug/scheduler")
-}
-
 /// A scheduler process, killed with SIGKILL when dropped so a failing test leaves none.
 struct Process {
     child: Child,
@@ -52,7 +37,7 @@ impl Process {
             .local_addr()
             .unwrap();
         let log = db.with_extension(format!("{instance}.log"));
-        let child = Command::new(scheduler_binary())
+        let child = Command::new(testkit::process::binary("scheduler", "scheduler"))
             .env("SCHEDULER_LISTEN", addr.to_string())
             .env("SCHEDULER_NATS_URL", nats)
             .env("SCHEDULER_API_KEYS", KEY)

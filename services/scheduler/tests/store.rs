@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use messages::UserId;
 use scheduler::store::{
-    AgentRecord, AgentState, Expired, Heartbeat, Ingest, LabelSelector, ResultBody, Store,
-    StoreError, StoreOptions, TargetState, Targets, TaskKind, TaskSpec,
+    AgentRecord, AgentState, Expired, Heartbeat, Ingest, LabelSelector, NewResult, ResultBody,
+    Store, StoreError, StoreOptions, TargetState, Targets, TaskKind, TaskSpec,
 };
 use serde_json::json;
 
@@ -46,6 +46,7 @@ fn command_spec(targets: Targets, timeout_ms: u64, max_attempts: u32) -> TaskSpe
         targets,
         timeout_ms,
         max_attempts,
+        traceparent: None,
     }
 }
 
@@ -708,4 +709,145 @@ fn a_second_open_of_the_same_file_is_refused() {
     let f = fixture();
     assert!(matches!(Store::open(&f.path), Err(StoreError::Open { .. })));
     assert_eq!(f.store.path(), f.path.as_path());
+}
+
+#[test]
+fn a_burst_of_results_is_stored_in_one_call_with_per_result_outcomes() {
+    let f = fixture();
+    let s = &f.store;
+    with_fleet(s);
+    let (n1, n2, n3) = (node("n1"), node("n2"), node("n3"));
+    let t = s
+        .create_task(
+            &command_spec(Targets::Nodes(vec![n1.clone(), n2.clone()]), 1_000, 1),
+            0,
+        )
+        .unwrap();
+    let sent = s
+        .mark_dispatched_many(t, &[n1.clone(), n2.clone(), n3.clone(), n1.clone()], 10)
+        .unwrap();
+    assert_eq!(sent[0].as_ref().ok(), Some(&1));
+    assert_eq!(sent[1].as_ref().ok(), Some(&1));
+    assert!(
+        matches!(sent[2], Err(StoreError::NotATarget { .. })),
+        "{sent:?}"
+    );
+    // Listed twice: the second is no longer Pending.
+    assert!(
+        matches!(sent[3], Err(StoreError::InvalidTransition { .. })),
+        "{sent:?}"
+    );
+    assert!(
+        s.mark_dispatched_many(999, std::slice::from_ref(&n1), 10)
+            .is_err()
+    );
+
+    let (ok, bad) = (ok_result(20), ok_result(21));
+    let batch = [
+        NewResult {
+            message_id: "m-1",
+            task_id: t,
+            node_id: &n1,
+            body: &ok,
+        },
+        // The same message again inside the burst: a duplicate, stored once.
+        NewResult {
+            message_id: "m-1",
+            task_id: t,
+            node_id: &n1,
+            body: &bad,
+        },
+        NewResult {
+            message_id: "m-2",
+            task_id: t,
+            node_id: &n2,
+            body: &ok,
+        },
+        NewResult {
+            message_id: "m-3",
+            task_id: 999,
+            node_id: &n2,
+            body: &ok,
+        },
+        NewResult {
+            message_id: "m-4",
+            task_id: t,
+            node_id: &n3,
+            body: &ok,
+        },
+        NewResult {
+            message_id: "",
+            task_id: t,
+            node_id: &n2,
+            body: &ok,
+        },
+    ];
+    let out = s.record_results(&batch).unwrap();
+    assert_eq!(out[0].as_ref().ok(), Some(&Ingest::New));
+    assert_eq!(out[1].as_ref().ok(), Some(&Ingest::Duplicate));
+    assert_eq!(out[2].as_ref().ok(), Some(&Ingest::New));
+    assert!(
+        matches!(out[3], Err(StoreError::UnknownTask(999))),
+        "{out:?}"
+    );
+    assert!(
+        matches!(out[4], Err(StoreError::NotATarget { .. })),
+        "{out:?}"
+    );
+    assert!(
+        matches!(out[5], Err(StoreError::InvalidMessageId)),
+        "{out:?}"
+    );
+    let task = s.task(t).unwrap().unwrap();
+    assert!(
+        task.targets
+            .values()
+            .all(|t| t.state == TargetState::Succeeded)
+    );
+    assert_eq!(s.counts().unwrap().results, 2);
+
+    // A replayed burst changes nothing.
+    let before = s.counts().unwrap();
+    let again = s.record_results(&batch[..3]).unwrap();
+    assert!(again.iter().all(|o| matches!(o, Ok(Ingest::Duplicate))));
+    assert_eq!(s.counts().unwrap(), before);
+}
+
+#[test]
+fn many_started_in_one_call_with_per_target_outcomes() {
+    let f = fixture();
+    let s = &f.store;
+    with_fleet(s);
+    let (n1, n2, n3) = (node("n1"), node("n2"), node("n3"));
+    let t = s
+        .create_task(
+            &command_spec(Targets::Nodes(vec![n1.clone(), n2.clone()]), 1_000, 1),
+            0,
+        )
+        .unwrap();
+    s.mark_dispatched(t, &n1, 10).unwrap();
+    let out = s
+        .mark_running_many(&[(t, &n1, 11), (t, &n2, 11), (t, &n3, 11), (999, &n1, 11)])
+        .unwrap();
+    assert!(out[0].is_ok(), "{out:?}");
+    // n2 was never dispatched: Pending cannot go to Running.
+    assert!(
+        matches!(out[1], Err(StoreError::InvalidTransition { .. })),
+        "{out:?}"
+    );
+    assert!(
+        matches!(out[2], Err(StoreError::NotATarget { .. })),
+        "{out:?}"
+    );
+    assert!(
+        matches!(out[3], Err(StoreError::UnknownTask(999))),
+        "{out:?}"
+    );
+    let task = s.task(t).unwrap().unwrap();
+    assert_eq!(task.targets[&n1].state, TargetState::Running);
+    assert_eq!(task.targets[&n2].state, TargetState::Pending);
+    // A repeat changes nothing (Running to Running is refused, nothing is written).
+    let again = s.mark_running_many(&[(t, &n1, 12)]).unwrap();
+    assert!(again[0].is_err());
+    assert_eq!(s.task(t).unwrap().unwrap(), task);
 }

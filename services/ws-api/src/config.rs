@@ -40,6 +40,9 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "WS_API_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Trace export (standard `OTEL_*` variables).
+    #[command(flatten)]
+    pub telemetry: servicekit::telemetry::TelemetryArgs,
 }
 
 /// Who may join which room.

@@ -10,7 +10,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use messages::payload::{self, GatewayControl, HeartbeatBatch, RoomRequest, SessionEvent};
 use messages::subject::{self, Event, Subject};
-use messages::{ClientKind, ErrorCode, Route, headers};
+use messages::{ClientKind, ErrorCode, Route, TraceContext, headers};
+use servicekit::telemetry::{MessageSpan, Operation};
 
 use crate::Shared;
 use crate::config::RoomPolicy;
@@ -41,6 +42,9 @@ async fn handle_event(shared: &Shared, msg: Message) {
         return;
     };
     shared.metrics.events.inc();
+    // Only events that belong to a message's trace (acks, joins a client asked for) get a
+    // span; presence traffic such as heartbeat batches would only add noise.
+    let hop = servicekit::telemetry::on_receive(&msg, &shared.metrics.hops);
     let result = match event {
         Event::Connect => match payload::from_bus::<SessionEvent>(&msg.payload) {
             Ok(e) => shared
@@ -70,15 +74,19 @@ async fn handle_event(shared: &Shared, msg: Message) {
             Ok(r) => room_request(shared, event == Event::Join, r).await,
             Err(e) => Err(e.to_string()),
         },
-        Event::Ack | Event::Delivered => receipt(shared, event, &msg).await,
+        Event::Ack | Event::Delivered => receipt(shared, event, &msg),
     };
     if let Err(e) = result {
         shared.metrics.event_errors.inc();
-        tracing::warn!(subject = %msg.subject, error = %e, "Handling a gateway event failed.");
+        let trace_id = hop.as_ref().map(MessageSpan::trace_id).unwrap_or_default();
+        if let Some(hop) = &hop {
+            hop.fail(&e);
+        }
+        tracing::warn!(subject = %msg.subject, error = %e, %trace_id, "Handling a gateway event failed.");
     }
 }
 
-async fn receipt(shared: &Shared, event: Event, msg: &Message) -> Result<(), String> {
+fn receipt(shared: &Shared, event: Event, msg: &Message) -> Result<(), String> {
     let Some(map) = msg.headers.as_ref() else {
         return Ok(());
     };
@@ -94,11 +102,8 @@ async fn receipt(shared: &Shared, event: Event, msg: &Message) -> Result<(), Str
         ),
         _ => (0, 1),
     };
-    shared
-        .receipts
-        .add(id, delivered, acked)
-        .await
-        .map_err(|e| e.to_string())
+    shared.receipts.add(id, delivered, acked);
+    Ok(())
 }
 
 /// Whether `record` may join `room` under the configured policy.
@@ -208,7 +213,26 @@ async fn forward(shared: &Shared, route: &Route, msg: Message) {
         return;
     };
     let mut map = msg.headers.unwrap_or_default();
-    headers::stamp_hop(&mut map, headers::hop::SERVICE_IN, headers::now_micros());
+    let now = headers::now_micros();
+    shared
+        .metrics
+        .hops
+        .record(&map, headers::hop::SERVICE_IN, now);
+    let msg_id = headers::get(&map, headers::MSG_ID)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let incoming = TraceContext::extract(&map);
+    let process = MessageSpan::start(Operation::Process, &msg.subject, msg_id, incoming.as_ref());
+    let publish = MessageSpan::start(
+        Operation::Publish,
+        &target,
+        msg_id,
+        process.context().as_ref(),
+    );
+    if let Some(context) = publish.context() {
+        context.inject(&mut map);
+    }
+    headers::stamp_hop(&mut map, headers::hop::SERVICE_IN, now);
     headers::stamp_hop(&mut map, headers::hop::SERVICE_PUB, headers::now_micros());
     match shared
         .client
@@ -220,7 +244,8 @@ async fn forward(shared: &Shared, route: &Route, msg: Message) {
         }
         Err(e) => {
             shared.metrics.event_errors.inc();
-            tracing::warn!(error = %e, "Forwarding an upstream frame failed.");
+            publish.fail(&e.to_string());
+            tracing::warn!(error = %e, trace_id = %publish.trace_id(), "Forwarding an upstream frame failed.");
         }
     }
 }

@@ -10,12 +10,14 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use async_nats::HeaderMap;
 use base64::Engine as _;
 use bytes::Bytes;
+use messages::TraceContext;
 use messages::payload::GatewayControl;
 use messages::{
     BodyCodec, ClientKind, GatewayId, RoomId, Route, SocketId, UserId, headers, subject,
 };
 use serde::Deserialize;
 use serde_json::json;
+use servicekit::telemetry::{MessageSpan, Operation, server_span};
 
 use servicekit::http::ApiError;
 
@@ -216,7 +218,11 @@ fn resolve(req: PushRequest, max: usize) -> Result<Resolved, ApiError> {
 }
 
 /// Publishes a resolved push; returns its id and how many sockets it targeted.
-async fn publish(shared: &Shared, push: Resolved) -> Result<(u64, u64), ApiError> {
+async fn publish(
+    shared: &Shared,
+    push: Resolved,
+    trace: Option<&TraceContext>,
+) -> Result<(u64, u64), ApiError> {
     let id = loop {
         let id = rand::random::<u64>() >> 1;
         if id != 0 {
@@ -303,7 +309,12 @@ async fn publish(shared: &Shared, push: Resolved) -> Result<(u64, u64), ApiError
                 )
             })?;
     }
-    for (subject, headers) in messages {
+    for (subject, mut headers) in messages {
+        // One producer span per bus message, the child of the request's span.
+        let hop = MessageSpan::start(Operation::Publish, &subject, id, trace);
+        if let Some(context) = hop.context() {
+            context.inject(&mut headers);
+        }
         shared
             .client
             .publish_with_headers(subject, headers, push.body.clone())
@@ -325,6 +336,7 @@ async fn push(
     body: web::Bytes,
     shared: web::Data<Arc<Shared>>,
 ) -> Result<HttpResponse, ApiError> {
+    let request = server_span(&req, "/v1/push");
     authorize(&req, &shared)?;
     let max = shared.config.max_body_bytes;
     let content_type = req
@@ -347,8 +359,14 @@ async fn push(
             "use application/json (envelope), application/msgpack or application/octet-stream (raw body, target in the query)",
         ));
     };
-    let (id, targeted) = publish(&shared, resolved).await?;
-    Ok(HttpResponse::Accepted().json(json!({ "push_id": id.to_string(), "targeted": targeted })))
+    let trace = request.context();
+    let (id, targeted) = publish(&shared, resolved, trace.as_ref()).await?;
+    let mut body = json!({ "push_id": id.to_string(), "targeted": targeted });
+    if let Some(trace) = trace {
+        // So a caller can look the push up in the trace backend.
+        body["trace_id"] = json!(trace.trace_id_hex());
+    }
+    Ok(HttpResponse::Accepted().json(body))
 }
 
 /// A raw body (forwarded untouched) with its target in the query string:
@@ -435,6 +453,8 @@ async fn push_batch(
     batch: web::Json<BatchRequest>,
     shared: web::Data<Arc<Shared>>,
 ) -> Result<HttpResponse, ApiError> {
+    let request = server_span(&req, "/v1/push/batch");
+    let trace = request.context();
     authorize(&req, &shared)?;
     if batch.pushes.len() > 1000 {
         return Err(ApiError::bad(
@@ -445,7 +465,7 @@ async fn push_batch(
     let mut results = Vec::with_capacity(batch.pushes.len());
     for push in batch.into_inner().pushes {
         let outcome = match resolve(push, shared.config.max_body_bytes) {
-            Ok(resolved) => publish(&shared, resolved).await,
+            Ok(resolved) => publish(&shared, resolved, trace.as_ref()).await,
             Err(e) => Err(e),
         };
         results.push(match outcome {

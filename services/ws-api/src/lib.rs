@@ -54,6 +54,8 @@ pub struct Metrics {
     pub event_errors: Counter,
     /// Publish frames forwarded to product services.
     pub forwarded: Counter,
+    /// Per-hop latency from the messages' `ws-hop` stamps.
+    pub hops: servicekit::hops::HopLatency,
 }
 
 impl Metrics {
@@ -75,12 +77,14 @@ impl Metrics {
             "Client frames forwarded to product services",
             forwarded.clone(),
         );
+        let hops = servicekit::hops::HopLatency::register(&mut registry);
         Metrics {
             registry,
             pushes,
             events,
             event_errors,
             forwarded,
+            hops,
         }
     }
 
@@ -131,14 +135,24 @@ pub async fn run(
         .enable_all()
         .build()?;
     let setup_config = config.clone();
-    let shared = runtime
+    let shared = match runtime
         .spawn(async move { setup(setup_config).await })
         .await
-        .map_err(|e| Error::Nats(e.to_string()))??;
+        .map_err(|e| Error::Nats(e.to_string()))
+        .and_then(|r| r)
+    {
+        Ok(shared) => shared,
+        Err(e) => {
+            // Dropping a runtime inside this async context would panic; let it go quietly.
+            runtime.shutdown_background();
+            return Err(e);
+        }
+    };
     runtime.spawn(events::consume_events(Arc::clone(&shared)));
     runtime.spawn(events::forward_upstream(Arc::clone(&shared)));
     runtime.spawn(sweep(Arc::downgrade(&shared)));
     runtime.spawn(sample_rate(Arc::downgrade(&shared)));
+    runtime.spawn(flush_receipts(Arc::downgrade(&shared)));
 
     let data = web::Data::new(Arc::clone(&shared));
     let max = config.max_body_bytes;
@@ -164,6 +178,13 @@ pub async fn run(
     shutdown.await;
     handle.stop(true).await;
     let _ = task.await;
+    // Counted acks go to the bucket before the replica leaves.
+    let last = Arc::clone(&shared);
+    let _ = runtime
+        .spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(3), last.receipts.flush()).await;
+        })
+        .await;
     let _ = tokio::time::timeout(Duration::from_secs(3), shared.client.flush()).await;
     drop(shared);
     runtime.shutdown_background();
@@ -172,11 +193,14 @@ pub async fn run(
 }
 
 async fn setup(config: Config) -> Result<Arc<Shared>, Error> {
-    let client = async_nats::ConnectOptions::new()
+    let target = servicekit::nats::NatsTarget::parse(&config.nats_url)
+        .map_err(|e| Error::Nats(e.to_string()))?;
+    let client = target
+        .options()
         .name("ws-api")
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .connect(config.nats_url.as_str())
+        .connect(target.servers())
         .await
         .map_err(|e| Error::Nats(e.to_string()))?;
     let js = async_nats::jetstream::new(client.clone());
@@ -230,6 +254,25 @@ async fn sweep(shared: std::sync::Weak<Shared>) {
         let swept = shared.presence.sweep().await;
         if swept > 0 {
             tracing::info!(swept, "Expired stale sessions.");
+        }
+    }
+}
+
+async fn flush_receipts(shared: std::sync::Weak<Shared>) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(receipts::FLUSH_EVERY).await;
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
+        match shared.receipts.flush().await {
+            Ok(_) => failing = false,
+            // Once per outage, not every 100 ms; the counts stay pending meanwhile.
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "Writing receipt counts failed; will retry.");
+            }
+            Err(_) => {}
         }
     }
 }

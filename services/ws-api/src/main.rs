@@ -8,7 +8,11 @@ use ws_api::{Args, Config};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    servicekit::init_tracing(&args.log_format);
+    let _telemetry =
+        match servicekit::telemetry::init_main("ws-api", &args.log_format, &args.telemetry) {
+            Ok(t) => t,
+            Err(code) => return code,
+        };
     let config = match Config::from_args(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -23,7 +27,7 @@ fn main() -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    tracing::info!(listen = %args.listen, nats = %config.nats_url, "Starting.");
+    tracing::info!(listen = %args.listen, nats = %servicekit::nats::NatsTarget::parse(&config.nats_url).map(|t| t.redacted()).unwrap_or_default(), "Starting.");
     match actix_web::rt::System::new().block_on(ws_api::run(
         config,
         listener,

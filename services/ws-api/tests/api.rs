@@ -294,6 +294,48 @@ async fn receipts_count_targeted_delivered_and_acked() {
     gw.shutdown().await.unwrap();
 }
 
+/// A broadcast is acked by every client within a second, all for one push id: two
+/// replicas sharing the events must count every ack (this once lost most of them to
+/// compare-and-set contention on the push's key).
+#[tokio::test]
+async fn a_burst_of_acks_for_one_push_is_counted_exactly_across_replicas() {
+    let nats = NatsServer::start().unwrap();
+    let a = api(api_config(&nats.url())).await;
+    let b = api(api_config(&nats.url())).await;
+    let r = push(
+        a.addr(),
+        json!({"target": {"all": true}, "body": "to everyone", "receipt": true}),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let id = r.json()["push_id"].as_str().unwrap().to_owned();
+    let bus = async_nats::connect(nats.url()).await.unwrap();
+    const ACKS: u64 = 2_000;
+    for _ in 0..ACKS {
+        let mut map = async_nats::HeaderMap::new();
+        map.insert(messages::headers::MSG_ID, id.as_str());
+        bus.publish_with_headers("ws.evt.app.ack", map, bytes::Bytes::new())
+            .await
+            .unwrap();
+    }
+    let mut map = async_nats::HeaderMap::new();
+    map.insert(messages::headers::MSG_ID, id.as_str());
+    map.insert(messages::headers::COUNT, "1500");
+    bus.publish_with_headers("ws.evt.app.delivered", map, bytes::Bytes::new())
+        .await
+        .unwrap();
+    bus.flush().await.unwrap();
+    // Either replica answers with the total once both have flushed.
+    for replica in [&a, &b] {
+        eventually(replica.addr(), &format!("/v1/pushes/{id}"), |v| {
+            v["acked"] == ACKS && v["delivered"] == 1500
+        })
+        .await;
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn client_frames_reach_product_services_untouched() {
     let nats = NatsServer::start().unwrap();
@@ -457,20 +499,6 @@ async fn bad_requests_get_clear_json_errors() {
     api.shutdown().await.unwrap();
 }
 
-/// The `ws-gateway` binary, built if needed, so a test can run and kill a real process.
-fn gateway_binary() -> std::path::PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| testkit::workspace_root().join("target"));
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "ws-gateway", "--bin", "ws-gateway"])
-        .current_dir(testkit::workspace_root())
-        .status()
-        .unwrap();
-    assert!(status.success(), "building ws-gateway failed");
-    target.join("debug/ws-gateway")
-}
-
 #[tokio::test]
 async fn presence_follows_connects_disconnects_and_a_killed_gateway() {
     let nats = NatsServer::start().unwrap();
@@ -487,18 +515,19 @@ async fn presence_follows_connects_disconnects_and_a_killed_gateway() {
         .local_addr()
         .unwrap()
         .port();
-    let mut doomed = std::process::Command::new(gateway_binary())
-        .env("WS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
-        .env("WS_GATEWAY_NATS_URL", &url)
-        .env("WS_GATEWAY_INSTANCE", "gw-doomed")
-        .env("WS_GATEWAY_JWT_HS256_SECRET", TEST_SECRET)
-        .env("WS_GATEWAY_PRESENCE_SYNC_MS", "300")
-        .env("WS_GATEWAY_WORKERS", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut doomed =
+        std::process::Command::new(testkit::process::binary("ws-gateway", "ws-gateway"))
+            .env("WS_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("WS_GATEWAY_NATS_URL", &url)
+            .env("WS_GATEWAY_INSTANCE", "gw-doomed")
+            .env("WS_GATEWAY_JWT_HS256_SECRET", TEST_SECRET)
+            .env("WS_GATEWAY_PRESENCE_SYNC_MS", "300")
+            .env("WS_GATEWAY_WORKERS", "1")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
     let doomed_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_status(doomed_addr, "/readyz", 200).await;
 

@@ -24,6 +24,7 @@ use messages::{
     BodyCodec, ClientKind, ErrorCode, Flags, FrameKind, RoomId, Route, SocketId, TraceContext,
     UserId, headers,
 };
+use servicekit::telemetry::{MessageSpan, Operation};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::Shared;
@@ -260,12 +261,23 @@ fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<Push> {
     let flags = Flags::new(codec)
         .with_compressed(get(headers::COMPRESSED) == Some("1"))
         .with_receipt(get(headers::RECEIPT) == Some("1"));
-    let trace = map.and_then(TraceContext::extract);
+    // One span per bus message (not per socket): the delivery hop of the trace, whose
+    // context travels on to the clients in the frame header.
+    let hop = MessageSpan::start(
+        Operation::Process,
+        msg.subject.as_str(),
+        msg_id,
+        map.and_then(TraceContext::extract).as_ref(),
+    );
+    let trace = hop.context();
     let exclude = get(headers::EXCLUDE)
         .map(parse_socket_list)
         .unwrap_or_default();
     if let Some(map) = map {
-        record_hops(shared, map, recv_us);
+        shared
+            .metrics
+            .hops
+            .record(map, headers::hop::GATEWAY_RECV, recv_us);
     }
     let mut buf = BytesMut::new();
     encode_parts(
@@ -283,20 +295,6 @@ fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<Push> {
         exclude,
         receipt,
     })
-}
-
-fn record_hops(shared: &Shared, map: &HeaderMap, recv_us: u64) {
-    let hops = headers::hops(map);
-    for pair in hops.windows(2) {
-        shared
-            .metrics
-            .hop(&pair[0].0, &pair[1].0, pair[0].1, pair[1].1);
-    }
-    if let Some((last, at)) = hops.last() {
-        shared
-            .metrics
-            .hop(last, headers::hop::GATEWAY_RECV, *at, recv_us);
-    }
 }
 
 fn parse_socket_list(value: &str) -> Vec<SocketId> {

@@ -121,6 +121,9 @@ pub struct Args {
     /// Log format: `text` or `json`.
     #[arg(long, env = "WS_GATEWAY_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Trace export (standard `OTEL_*` variables).
+    #[command(flatten)]
+    pub telemetry: servicekit::telemetry::TelemetryArgs,
 }
 
 /// A configuration problem, reported before anything starts (exit code 64).

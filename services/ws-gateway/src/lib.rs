@@ -155,22 +155,35 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     config.validate()?;
+    let target = servicekit::nats::NatsTarget::parse(&config.nats_url)
+        .map_err(|e| Error::Nats(e.to_string()))?;
     let nats_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("ws-gateway-nats")
         .enable_all()
         .build()?;
-    let options = async_nats::ConnectOptions::new()
+    let options = target
+        .options()
         .name(format!("ws-gateway/{}", config.instance))
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(5));
-    let urls = config.nats_url.clone();
-    let client = nats_runtime
-        .spawn(async move { options.connect(urls.as_str()).await })
+    let servers = target.servers();
+    let client = match nats_runtime
+        .spawn(async move { options.connect(servers).await })
         .await
-        .map_err(|e| Error::Nats(e.to_string()))?
-        .map_err(|e| Error::Nats(e.to_string()))?;
+    {
+        Ok(Ok(client)) => client,
+        // Dropping a runtime inside this async context would panic; let it go quietly.
+        Ok(Err(e)) => {
+            nats_runtime.shutdown_background();
+            return Err(Error::Nats(e.to_string()));
+        }
+        Err(e) => {
+            nats_runtime.shutdown_background();
+            return Err(Error::Nats(e.to_string()));
+        }
+    };
 
     let metrics = Arc::new(Metrics::new());
     let bus = Bus::start(

@@ -11,7 +11,11 @@ fn main() -> ExitCode {
     if let Some(user) = &args.mint_token {
         return mint_token(&args, user);
     }
-    servicekit::init_tracing(&args.log_format);
+    let _telemetry =
+        match servicekit::telemetry::init_main("ws-gateway", &args.log_format, &args.telemetry) {
+            Ok(t) => t,
+            Err(code) => return code,
+        };
     let config = match Config::from_args(&args) {
         Ok(config) => config,
         Err(e) => {
@@ -26,7 +30,7 @@ fn main() -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    tracing::info!(listen = %args.listen, nats = %config.nats_url, "Starting.");
+    tracing::info!(listen = %args.listen, nats = %servicekit::nats::NatsTarget::parse(&config.nats_url).map(|t| t.redacted()).unwrap_or_default(), "Starting.");
     let result = actix_web::rt::System::new().block_on(ws_gateway::run(
         config,
         listener,

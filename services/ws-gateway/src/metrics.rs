@@ -6,7 +6,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Label set with one `reason`-like label.
@@ -19,13 +18,6 @@ struct Reason {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Kind {
     kind: String,
-}
-
-/// Label set for hop latency.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct Hop {
-    from: String,
-    to: String,
 }
 
 /// Why an upgrade was refused.
@@ -76,14 +68,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Leased worker id (-1 without a lease).
     pub worker_id: Gauge,
-    hop_latency: Family<Hop, Histogram>,
-}
-
-fn hop_histogram() -> Histogram {
-    // 50 µs .. ~13 s
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.000_05, 2.0, 18,
-    ))
+    /// Per-hop latency from the messages' `ws-hop` stamps.
+    pub hops: servicekit::hops::HopLatency,
 }
 
 impl Metrics {
@@ -211,13 +197,7 @@ impl Metrics {
             "Leased Snowflake worker id (-1 without a lease)",
             worker_id.clone(),
         );
-        let hop_latency =
-            Family::<Hop, Histogram>::new_with_constructor(hop_histogram as fn() -> Histogram);
-        registry.register(
-            "hop_latency_seconds",
-            "Latency between consecutive hops of a message, from ws-hop header stamps",
-            hop_latency.clone(),
-        );
+        let hops = servicekit::hops::HopLatency::register(&mut registry);
         Metrics {
             registry,
             connections,
@@ -238,7 +218,7 @@ impl Metrics {
             published,
             ready,
             worker_id,
-            hop_latency,
+            hops,
         }
     }
 
@@ -259,17 +239,6 @@ impl Metrics {
         if let Some((_, c)) = self.closes.iter().find(|(k, _)| *k == code) {
             c.inc();
         }
-    }
-
-    /// Records the latency between two hop stamps (Unix micros).
-    pub fn hop(&self, from: &str, to: &str, from_us: u64, to_us: u64) {
-        let seconds = to_us.saturating_sub(from_us) as f64 / 1e6;
-        self.hop_latency
-            .get_or_create(&Hop {
-                from: from.into(),
-                to: to.into(),
-            })
-            .observe(seconds);
     }
 
     /// Prometheus text exposition.

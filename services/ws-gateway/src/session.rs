@@ -26,6 +26,7 @@ use messages::{
     BodyCodec, ClientKind, CloseCode, ErrorCode, Frame, FrameError, FrameKind, RoomId, SocketId,
     UserId, headers,
 };
+use servicekit::telemetry::{MessageSpan, Operation};
 
 use crate::Shared;
 use crate::bus::Outbound;
@@ -452,7 +453,9 @@ impl Conn {
             FrameKind::Publish => self.on_publish(frame, ctx),
             FrameKind::Ack => {
                 let headers = self.headers(FrameKind::Ack.as_str(), frame.msg_id);
-                let out = self.event(Event::Ack, with_trace(headers, &frame), Vec::new());
+                let subject = subject::event(self.kind, Event::Ack);
+                let headers = with_trace(headers, &frame, &subject);
+                let out = self.event(Event::Ack, headers, Vec::new());
                 self.publish(out, 0, ctx);
             }
             FrameKind::Join | FrameKind::Leave => self.on_room_request(&frame, ctx),
@@ -494,7 +497,7 @@ impl Conn {
         if frame.flags.compressed() {
             let _ = headers::set(&mut map, headers::COMPRESSED, "1");
         }
-        let map = with_trace(map, &frame);
+        let map = with_trace(map, &frame, &subject);
         let reply = (frame.msg_id != 0).then(|| (ctx.address(), frame.msg_id));
         let out = Outbound::Publish {
             subject,
@@ -525,7 +528,11 @@ impl Conn {
         } else {
             Event::Leave
         };
-        let headers = with_trace(self.headers(frame.kind.as_str(), frame.msg_id), frame);
+        let headers = with_trace(
+            self.headers(frame.kind.as_str(), frame.msg_id),
+            frame,
+            &subject::event(self.kind, event),
+        );
         match payload::to_bus(&request) {
             Ok(body) => {
                 let out = self.event(event, headers, body);
@@ -780,8 +787,17 @@ impl Handler<ToConn> for Conn {
     }
 }
 
-fn with_trace(mut map: HeaderMap, frame: &Frame) -> HeaderMap {
-    if let Some(trace) = &frame.trace {
+/// Stamps the gateway's hop and the trace context for a client frame going to `subject`:
+/// the publish span's when exporting (a child of the client's context if the frame carried
+/// one, else a new trace sampled here), otherwise the client's context unchanged.
+fn with_trace(mut map: HeaderMap, frame: &Frame, subject: &str) -> HeaderMap {
+    let hop = MessageSpan::start(
+        Operation::Publish,
+        subject,
+        frame.msg_id,
+        frame.trace.as_ref(),
+    );
+    if let Some(trace) = hop.context() {
         trace.inject(&mut map);
     }
     headers::stamp_hop(&mut map, headers::hop::GATEWAY_IN, headers::now_micros());

@@ -277,6 +277,9 @@ fn create(api: &Api, as_json: bool, target: &Target, spec: &Value) -> Result<(),
             "task {id} created, dispatched to {} agent(s)",
             text(&created["dispatched"])
         );
+        if let Some(trace) = created["trace_id"].as_str() {
+            println!("trace {trace}");
+        }
         return Ok(());
     }
     let deadline = Instant::now() + Duration::from_secs(target.wait_secs);

@@ -1,0 +1,186 @@
+//! How every service reads its NATS setting: a comma-separated list of server URLs
+//! (`nats://n1:4222,nats://n2:4222`; the client fails over between them) with optional
+//! credentials in the userinfo (`nats://user:pass@host:4222`, or `nats://token@host` for
+//! token auth). async-nats takes neither from one string, so this module splits the list,
+//! moves the credentials into the connect options, and gives a form safe to log.
+
+use async_nats::{ConnectOptions, ServerAddr};
+
+/// Why a NATS setting is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsUrlError {
+    /// Nothing but separators.
+    #[error("no NATS server URL given")]
+    Empty,
+    /// One entry does not parse.
+    #[error("NATS server URL {index} is invalid: {reason}")]
+    Invalid {
+        /// 1-based position in the list.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Entries name different credentials; the client has one identity.
+    #[error("all NATS server URLs must carry the same credentials")]
+    MixedCredentials,
+}
+
+/// Credentials from a URL's userinfo.
+#[derive(Clone, PartialEq, Eq)]
+enum Credentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::UserPassword(user, _) => write!(f, "UserPassword({user}, ***)"),
+            Credentials::Token(_) => f.write_str("Token(***)"),
+        }
+    }
+}
+
+/// A parsed NATS setting.
+#[derive(Clone)]
+pub struct NatsTarget {
+    servers: Vec<ServerAddr>,
+    credentials: Option<Credentials>,
+}
+
+impl std::fmt::Debug for NatsTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl NatsTarget {
+    /// Parses `urls`: comma-separated, each a URL or `host:port` (`nats://` and port 4222
+    /// are assumed when missing).
+    pub fn parse(urls: &str) -> Result<Self, NatsUrlError> {
+        let mut servers = Vec::new();
+        let mut credentials: Option<Option<Credentials>> = None;
+        for (i, raw) in urls
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .enumerate()
+        {
+            let addr: ServerAddr =
+                raw.parse()
+                    .map_err(|e: std::io::Error| NatsUrlError::Invalid {
+                        index: i + 1,
+                        reason: e.to_string(),
+                    })?;
+            let these = match (addr.username(), addr.password()) {
+                (Some(user), Some(pass)) => {
+                    Some(Credentials::UserPassword(decode(user), decode(pass)))
+                }
+                (Some(token), None) => Some(Credentials::Token(decode(token))),
+                _ => None,
+            };
+            match &credentials {
+                None => credentials = Some(these),
+                Some(first) if *first == these => {}
+                Some(_) => return Err(NatsUrlError::MixedCredentials),
+            }
+            servers.push(addr);
+        }
+        if servers.is_empty() {
+            return Err(NatsUrlError::Empty);
+        }
+        Ok(NatsTarget {
+            servers,
+            credentials: credentials.flatten(),
+        })
+    }
+
+    /// Connect options carrying the credentials, to add the service's own settings to.
+    pub fn options(&self) -> ConnectOptions {
+        let options = ConnectOptions::new();
+        match &self.credentials {
+            Some(Credentials::UserPassword(user, pass)) => {
+                options.user_and_password(user.clone(), pass.clone())
+            }
+            Some(Credentials::Token(token)) => options.token(token.clone()),
+            None => options,
+        }
+    }
+
+    /// The servers to connect to (credentials are in [`NatsTarget::options`]).
+    pub fn servers(&self) -> Vec<ServerAddr> {
+        self.servers.clone()
+    }
+
+    /// The list for logs: hosts and ports, the user name if any, never a password or token.
+    pub fn redacted(&self) -> String {
+        let user = match &self.credentials {
+            Some(Credentials::UserPassword(user, _)) => format!("{user}:***@"),
+            Some(Credentials::Token(_)) => "***@".to_owned(),
+            None => String::new(),
+        };
+        self.servers
+            .iter()
+            .map(|s| format!("nats://{user}{}:{}", s.host(), s.port()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Percent-decodes userinfo (a password may contain `@` or `:` written as `%40`, `%3A`).
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(v) = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_with_credentials_is_split_and_redacted() {
+        let t =
+            NatsTarget::parse("nats://gw:s%40cret@n1:4222, nats://gw:s%40cret@n2:4333").unwrap();
+        assert_eq!(t.servers().len(), 2);
+        assert_eq!(
+            t.credentials,
+            Some(Credentials::UserPassword("gw".into(), "s@cret".into()))
+        );
+        assert_eq!(t.redacted(), "nats://gw:***@n1:4222,nats://gw:***@n2:4333");
+        assert!(!format!("{t:?}").contains("cret"));
+    }
+
+    #[test]
+    fn plain_hosts_tokens_and_bad_input() {
+        let t = NatsTarget::parse("127.0.0.1:4222").unwrap();
+        assert_eq!(t.credentials, None);
+        assert_eq!(t.redacted(), "nats://127.0.0.1:4222");
+        let t = NatsTarget::parse("nats://tok@h").unwrap();
+        assert_eq!(t.credentials, Some(Credentials::Token("tok".into())));
+        assert!(matches!(NatsTarget::parse(" , "), Err(NatsUrlError::Empty)));
+        assert!(matches!(
+            NatsTarget::parse("nats://a:4222,http://b"),
+            Err(NatsUrlError::Invalid { index: 2, .. })
+        ));
+        assert!(matches!(
+            NatsTarget::parse("nats://a:x@h1,nats://b:y@h2"),
+            Err(NatsUrlError::MixedCredentials)
+        ));
+    }
+}

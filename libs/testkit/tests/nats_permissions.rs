@@ -1,0 +1,210 @@
+//! The per-service NATS users of `nats/auth.conf` (the file compose uses too) hold on a real
+//! nats-server: a gateway credential may publish its upstream subjects and use its own KV
+//! bucket, and is refused a scheduler subject, another service's bucket and others' traffic.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_nats::{Client, ConnectOptions, Event, ServerError};
+use futures_util::StreamExt;
+use testkit::{NatsServer, workspace_root};
+use tokio::sync::mpsc;
+
+const PASSWORDS: [(&str, &str); 5] = [
+    ("RT_NATS_GATEWAY_PASSWORD", "gw-secret"),
+    ("RT_NATS_API_PASSWORD", "api-secret"),
+    ("RT_NATS_SCHEDULER_PASSWORD", "sched-secret"),
+    ("RT_NATS_LOADTEST_PASSWORD", "load-secret"),
+    ("RT_NATS_DEV_PASSWORD", "dev-secret"),
+];
+
+fn server() -> NatsServer {
+    NatsServer::start_with_config(workspace_root().join("nats/single-auth.conf"), &PASSWORDS)
+        .unwrap()
+}
+
+/// Connects as `user`; server errors (permission violations) arrive on the receiver.
+async fn login(
+    nats: &NatsServer,
+    user: &str,
+    password: &str,
+) -> (Client, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = ConnectOptions::with_user_and_password(user.into(), password.into())
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let Event::ServerError(e) = event {
+                    let text = match e {
+                        ServerError::Other(s) => s,
+                        other => format!("{other:?}"),
+                    };
+                    let _ = tx.send(text);
+                }
+            }
+        })
+        .connect(nats.url())
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// The next server error within a second, if any.
+async fn next_error(rx: &mut mpsc::UnboundedReceiver<String>) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(1), rx.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn received(sub: &mut async_nats::Subscriber, within: Duration) -> Option<String> {
+    tokio::time::timeout(within, sub.next())
+        .await
+        .ok()
+        .flatten()
+        .map(|m| m.subject.to_string())
+}
+
+#[tokio::test]
+async fn a_gateway_credential_cannot_publish_on_a_scheduler_subject() {
+    let nats = server();
+    let (dev, _) = login(&nats, "dev", "dev-secret").await;
+    let mut watch = dev.subscribe(">").await.unwrap();
+    dev.flush().await.unwrap();
+
+    let (gw, mut gw_errors) = login(&nats, "ws-gateway", "gw-secret").await;
+
+    // Its own upstream subject: allowed, delivered, no error.
+    gw.publish("ws.msg.app.chat.send", "hi".into())
+        .await
+        .unwrap();
+    gw.flush().await.unwrap();
+    assert_eq!(
+        received(&mut watch, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("ws.msg.app.chat.send")
+    );
+    assert_eq!(next_error(&mut gw_errors).await, None);
+
+    // The scheduler's agent-state subject and a push to an agent: refused by the server.
+    for subject in ["fleet.agent.state.edge-1", "ws.user.edge-1", "ws.ctl"] {
+        gw.publish(subject, "forged".into()).await.unwrap();
+        gw.flush().await.unwrap();
+        let error = next_error(&mut gw_errors)
+            .await
+            .unwrap_or_else(|| panic!("no permission violation for {subject}"));
+        assert!(
+            error.contains("Permissions Violation for Publish") && error.contains(subject),
+            "{subject}: {error}"
+        );
+        assert_eq!(
+            received(&mut watch, Duration::from_millis(300)).await,
+            None,
+            "{subject} got through"
+        );
+    }
+
+    // The scheduler's own credential may publish there.
+    let (sched, mut sched_errors) = login(&nats, "scheduler", "sched-secret").await;
+    sched
+        .publish("fleet.agent.state.edge-1", "online".into())
+        .await
+        .unwrap();
+    sched.flush().await.unwrap();
+    assert_eq!(
+        received(&mut watch, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("fleet.agent.state.edge-1")
+    );
+    assert_eq!(next_error(&mut sched_errors).await, None);
+}
+
+#[tokio::test]
+async fn a_gateway_credential_cannot_read_other_services_traffic() {
+    let nats = server();
+    let (gw, mut gw_errors) = login(&nats, "ws-gateway", "gw-secret").await;
+    // Upstream traffic of other gateways is for ws-api and the scheduler only.
+    let _sub = gw.subscribe("ws.msg.>").await.unwrap();
+    gw.flush().await.unwrap();
+    let error = next_error(&mut gw_errors).await.expect("no violation");
+    assert!(
+        error.contains("Permissions Violation for Subscription"),
+        "{error}"
+    );
+    // Its downstream subjects are fine.
+    let _ok = gw.subscribe("ws.user.alice").await.unwrap();
+    gw.flush().await.unwrap();
+    assert_eq!(next_error(&mut gw_errors).await, None);
+}
+
+#[tokio::test]
+async fn each_service_reaches_its_own_kv_bucket_and_no_other() {
+    let nats = server();
+    let buckets = [
+        ("ws-gateway", "gw-secret", "ws_gateway_workers"),
+        ("ws-api", "api-secret", "ws_sessions"),
+        ("ws-api", "api-secret", "ws_push_receipts"),
+        ("scheduler", "sched-secret", "scheduler_leader"),
+    ];
+    for (user, password, bucket) in buckets {
+        let (client, _) = login(&nats, user, password).await;
+        let js = jetstream::new(client);
+        let store = js
+            .create_key_value(kv::Config {
+                bucket: bucket.into(),
+                history: 1,
+                max_age: Duration::from_secs(60),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{user} creating {bucket}: {e}"));
+        store.put("k", "v".into()).await.unwrap();
+        assert_eq!(store.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+        let rev = store.update("k", "w".into(), 0).await;
+        assert!(rev.is_err(), "update with a wrong revision must fail");
+        let mut watch = store.watch_all().await.unwrap();
+        store.put("k2", "x".into()).await.unwrap();
+        let entry = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .expect("watch saw nothing")
+            .unwrap()
+            .unwrap();
+        assert_eq!(entry.key, "k2", "{user} {bucket}");
+        let mut keys: Vec<String> = store
+            .keys()
+            .await
+            .unwrap()
+            .map(|k| k.unwrap())
+            .collect()
+            .await;
+        keys.sort();
+        assert_eq!(keys, ["k", "k2"], "{user} {bucket}");
+        store.delete("k2").await.unwrap();
+        // The same client opening the bucket again (what a restart does) works too.
+        js.get_key_value(bucket).await.unwrap();
+    }
+    // A gateway may not open ws-api's sessions or the scheduler's lease.
+    let (gw, _) = login(&nats, "ws-gateway", "gw-secret").await;
+    let js = jetstream::new(gw);
+    for bucket in ["ws_sessions", "scheduler_leader"] {
+        let opened = tokio::time::timeout(Duration::from_secs(3), js.get_key_value(bucket)).await;
+        assert!(
+            !matches!(opened, Ok(Ok(_))),
+            "the gateway credential opened {bucket}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_credentials_nobody_gets_in() {
+    let nats = server();
+    let anonymous = ConnectOptions::new().connect(nats.url()).await;
+    assert!(anonymous.is_err(), "an anonymous client was let in");
+    let wrong = ConnectOptions::with_user_and_password("ws-gateway".into(), "nope".into())
+        .connect(nats.url())
+        .await;
+    assert!(wrong.is_err(), "a wrong password was accepted");
+}

@@ -1,0 +1,118 @@
+//! One client connection: token signing, TCP connect from a chosen 127.0.0.x source
+//! address, WebSocket handshake with small buffers, and waiting for the welcome. Shared by
+//! every scenario; what a connection does after the welcome lives in the scenario modules.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use messages::payload::{self, Welcome};
+use messages::{Frame, FrameKind, Limits};
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Error type of the generator's fallible paths.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A client WebSocket over plain TCP.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Longest wait for the welcome after the handshake.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Frame limits for what gateways send us.
+pub fn limits() -> Limits {
+    Limits {
+        max_route_len: 255,
+        max_body_len: 16 << 20,
+    }
+}
+
+/// Signs an HS256 token for `user`; `kind` is the client kind claim (`app`, `agent`).
+pub fn sign(secret: &str, user: &str, kind: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 86_400;
+    let claims = serde_json::json!({"sub": user, "exp": exp, "kind": kind});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap_or_default()
+}
+
+/// The source address for connection number `i` when spreading over `sources` addresses
+/// starting at 127.0.0.`first`.
+pub fn source_for(i: usize, first: u8, sources: u8) -> Ipv4Addr {
+    let n = usize::from(sources.max(1));
+    let last = (usize::from(first) + (i % n)).min(254) as u8;
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+/// Opens a WebSocket to `url` from `source` (when the target is loopback) with the token
+/// in the `Authorization` header, and reads until the welcome.
+pub async fn connect(url: &str, token: &str, source: Ipv4Addr) -> Result<(Ws, Welcome), BoxError> {
+    let mut request = url.into_client_request()?;
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let host = request.uri().host().ok_or("url without host")?.to_owned();
+    let port = request.uri().port_u16().unwrap_or(80);
+    let target: SocketAddr = match host.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port),
+        Err(_) => tokio::net::lookup_host((host.as_str(), port))
+            .await?
+            .next()
+            .ok_or("no address")?,
+    };
+    let socket = TcpSocket::new_v4()?;
+    if target.ip().is_loopback() {
+        socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+    }
+    let stream = socket.connect(target).await?;
+    stream.set_nodelay(true)?;
+    // Small buffers: the client's memory is not what is being measured (deps.md, trap 9).
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+    loop {
+        match tokio::time::timeout(WELCOME_TIMEOUT, ws.next()).await? {
+            Some(Ok(Message::Binary(bytes))) => {
+                let frame = Frame::decode(&bytes, &limits())?;
+                if frame.kind == FrameKind::Welcome {
+                    let welcome: Welcome = payload::decode_body(frame.flags.codec(), &frame.body)?;
+                    return Ok((ws, welcome));
+                }
+            }
+            Some(Ok(Message::Close(c))) => {
+                return Err(format!("closed before welcome: {c:?}").into());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err("closed before welcome".into()),
+        }
+    }
+}
+
+/// Body layout of a measured push: send time (Unix µs, u64 BE), then sequence (u64 BE),
+/// then padding.
+pub fn stamped_body(seq: u64, size: usize) -> Vec<u8> {
+    let mut body = vec![b'x'; size.max(16)];
+    body[..8].copy_from_slice(&messages::headers::now_micros().to_be_bytes());
+    body[8..16].copy_from_slice(&seq.to_be_bytes());
+    body
+}
+
+/// Reads a measured push's send time and sequence.
+pub fn read_stamp(body: &[u8]) -> Option<(u64, u64)> {
+    let sent = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+    let seq = u64::from_be_bytes(body.get(8..16)?.try_into().ok()?);
+    Some((sent, seq))
+}
