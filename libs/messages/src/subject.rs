@@ -9,6 +9,7 @@
 //! ws.room.<room...>            services -> gateways holding a member of the room
 //! ws.gw.<gateway>.push         services -> one gateway, addressed to socket ids in a header
 //! ws.gw.<gateway>.ctl          services -> one gateway: join/leave a room, kick, replies
+//! ws.gw.<gateway>.probe        a gateway -> itself: proves its server processed its SUBs
 //! ws.all                       services -> every gateway, every socket (broadcast)
 //! ws.ctl                       services -> every gateway: control (resync)
 //! app.<route...>               ws-api -> product services: clients' publish frames, body
@@ -109,6 +110,8 @@ pub enum Subject {
     GatewayPush(GatewayId),
     /// `ws.gw.<gateway>.ctl`
     GatewayControl(GatewayId),
+    /// `ws.gw.<gateway>.probe`
+    GatewayProbe(GatewayId),
     /// `ws.all`
     Broadcast,
     /// `ws.ctl`
@@ -173,6 +176,7 @@ impl Subject {
                 match op {
                     "push" => Ok(Subject::GatewayPush(gw)),
                     "ctl" => Ok(Subject::GatewayControl(gw)),
+                    "probe" => Ok(Subject::GatewayProbe(gw)),
                     _ => Err(SubjectError::Malformed),
                 }
             }
@@ -190,6 +194,7 @@ impl fmt::Display for Subject {
             Subject::Room(room) => write!(f, "{ROOT}.room.{room}"),
             Subject::GatewayPush(gw) => write!(f, "{ROOT}.gw.{gw}.push"),
             Subject::GatewayControl(gw) => write!(f, "{ROOT}.gw.{gw}.ctl"),
+            Subject::GatewayProbe(gw) => write!(f, "{ROOT}.gw.{gw}.probe"),
             Subject::Broadcast => write!(f, "{ROOT}.all"),
             Subject::ControlAll => write!(f, "{ROOT}.ctl"),
             Subject::Application(route) => write!(f, "{APP_ROOT}.{route}"),
@@ -257,6 +262,12 @@ pub fn gateway_control(gateway: &GatewayId) -> String {
     format!("{ROOT}.gw.{gateway}.ctl")
 }
 
+/// `ws.gw.<gateway>.probe`: a gateway publishes here and reads its own messages back; the
+/// echo proves its server has processed every subscription it sent before the probe.
+pub fn gateway_probe(gateway: &GatewayId) -> String {
+    format!("{ROOT}.gw.{gateway}.probe")
+}
+
 /// `app.<route>`: where ws-api forwards a client's publish for product services.
 pub fn application(route: &Route) -> Option<String> {
     (!route.is_empty()).then(|| format!("{APP_ROOT}.{route}"))
@@ -291,6 +302,7 @@ mod tests {
         out.push(Subject::Room(RoomId::new("chat.lobby").unwrap()));
         out.push(Subject::GatewayPush(GatewayId::new("gw-1").unwrap()));
         out.push(Subject::GatewayControl(GatewayId::new("gw-1").unwrap()));
+        out.push(Subject::GatewayProbe(GatewayId::new("gw-1").unwrap()));
         out.push(Subject::Broadcast);
         out.push(Subject::ControlAll);
         out.push(Subject::Application(Route::new("orders.create").unwrap()));
@@ -346,6 +358,7 @@ mod tests {
         assert_eq!(room(&lobby), "ws.room.lobby");
         assert_eq!(gateway_push(&gw), "ws.gw.gw-2.push");
         assert_eq!(gateway_control(&gw), "ws.gw.gw-2.ctl");
+        assert_eq!(gateway_probe(&gw), "ws.gw.gw-2.probe");
         assert_eq!(Subject::parse(broadcast()).unwrap(), Subject::Broadcast);
         assert_eq!(Subject::parse(control_all()).unwrap(), Subject::ControlAll);
         assert_eq!(upstream_wildcard(ClientKind::Agent), "ws.msg.agent.>");

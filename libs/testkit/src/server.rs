@@ -216,6 +216,26 @@ impl NatsServer {
         self.child.is_some()
     }
 
+    /// Freezes the process (SIGSTOP): its sockets stay open but nothing is answered, like a
+    /// server stalled by a long pause. [`NatsServer::resume`] undoes it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        if let Some(child) = self.child.as_ref() {
+            let _ = Command::new("kill")
+                .arg(which)
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
     /// Kills the process (SIGKILL, like a crash) and waits for it. Storage is kept.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -9,8 +9,15 @@
 //!
 //! Downstream, a bus message becomes one push frame, encoded once; every local recipient
 //! gets a reference-counted clone of the same buffer.
+//!
+//! A subscription counts as live only once the server has processed it. async-nats'
+//! `flush` only writes the socket, so liveness is proved with a [`Probe`]: a message to the
+//! gateway's own probe subject, published after the SUB on the same connection, comes back
+//! only after the server has handled the SUB (a server processes one client's protocol
+//! operations in order). Concurrent subscriptions share one probe round trip.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::Addr;
@@ -21,11 +28,11 @@ use messages::frame::encode_parts;
 use messages::payload::{self, GatewayControl, HeartbeatBatch};
 use messages::subject::{self, Event};
 use messages::{
-    BodyCodec, ClientKind, ErrorCode, Flags, FrameKind, RoomId, Route, SocketId, TraceContext,
-    UserId, headers,
+    BodyCodec, ClientKind, ErrorCode, Flags, FrameKind, GatewayId, RoomId, Route, SocketId,
+    TraceContext, UserId, headers,
 };
 use servicekit::telemetry::{MessageSpan, Operation};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::Shared;
 use crate::registry::Subscription;
@@ -60,6 +67,87 @@ pub struct Bus {
     client: Client,
     runtime: tokio::runtime::Handle,
     outbound: mpsc::Sender<Outbound>,
+    probe: Arc<Probe>,
+}
+
+/// Round trips through this gateway's own NATS server, proving that every SUB sent before a
+/// [`Probe::confirm`] call has been processed. Probe bodies carry this process's nonce and a
+/// sequence number; bodies with another nonce (another replica of the same name, a stray
+/// publisher) are ignored.
+#[derive(Debug)]
+pub struct Probe {
+    subject: String,
+    nonce: u64,
+    /// Highest sequence number any caller asked to have confirmed.
+    requested: AtomicU64,
+    /// Highest sequence number that came back.
+    confirmed: watch::Sender<u64>,
+    wake: Notify,
+}
+
+impl Probe {
+    fn new(subject: String) -> Self {
+        Probe {
+            subject,
+            nonce: rand::random(),
+            requested: AtomicU64::new(0),
+            confirmed: watch::channel(0).0,
+            wake: Notify::new(),
+        }
+    }
+
+    /// Resolves once a probe published after this call has come back, i.e. once the server
+    /// has processed every subscription this client sent before the call. Never resolves
+    /// while the server does not answer; callers bound it with a timeout.
+    pub async fn confirm(&self) {
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut confirmed = self.confirmed.subscribe();
+        self.wake.notify_one();
+        let _ = confirmed.wait_for(|seq| *seq >= ticket).await;
+    }
+
+    fn received(&self, body: &[u8]) {
+        let (Some(nonce), Some(seq)) = (
+            body.get(..8).and_then(|b| b.try_into().ok()),
+            body.get(8..16).and_then(|b| b.try_into().ok()),
+        ) else {
+            return;
+        };
+        if u64::from_be_bytes(nonce) != self.nonce {
+            return;
+        }
+        let seq = u64::from_be_bytes(seq);
+        self.confirmed.send_if_modified(|c| {
+            let newer = seq > *c;
+            if newer {
+                *c = seq;
+            }
+            newer
+        });
+    }
+}
+
+/// Publishes one probe per wake-up, covering every request made before it: under a connect
+/// storm, thousands of subscriptions share a handful of round trips.
+async fn prober(client: Client, probe: Arc<Probe>) {
+    loop {
+        probe.wake.notified().await;
+        let wanted = probe.requested.load(Ordering::SeqCst);
+        if wanted <= *probe.confirmed.borrow() {
+            continue;
+        }
+        let mut body = [0u8; 16];
+        body[..8].copy_from_slice(&probe.nonce.to_be_bytes());
+        body[8..].copy_from_slice(&wanted.to_be_bytes());
+        // A probe lost to a disconnect leaves its waiters to their timeouts; the next request
+        // publishes a newer one.
+        if let Err(e) = client
+            .publish(probe.subject.clone(), Bytes::copy_from_slice(&body))
+            .await
+        {
+            tracing::debug!(error = %e, "Subscription probe not published.");
+        }
+    }
 }
 
 impl Bus {
@@ -68,13 +156,17 @@ impl Bus {
         client: Client,
         runtime: tokio::runtime::Handle,
         shared_metrics: Arc<crate::metrics::Metrics>,
+        instance: &GatewayId,
     ) -> Self {
         let (outbound, rx) = mpsc::channel(OUTBOUND_CAPACITY);
         runtime.spawn(publisher(client.clone(), rx, shared_metrics));
+        let probe = Arc::new(Probe::new(subject::gateway_probe(instance)));
+        runtime.spawn(prober(client.clone(), Arc::clone(&probe)));
         Bus {
             client,
             runtime,
             outbound,
+            probe,
         }
     }
 
@@ -179,6 +271,8 @@ enum Target {
     Broadcast,
     /// `ws.gw.<me>.ctl` and `ws.ctl`.
     Control,
+    /// `ws.gw.<me>.probe`: our own liveness probes coming back.
+    Probe,
 }
 
 /// Subscribes to a user's subject for as long as the returned handle lives.
@@ -199,6 +293,7 @@ pub fn subscribe_fixed(shared: &Arc<Shared>) -> Vec<Subscription> {
         spawn_subscription(shared, subject::broadcast().to_owned(), Target::Broadcast),
         spawn_subscription(shared, subject::gateway_control(me), Target::Control),
         spawn_subscription(shared, subject::control_all().to_owned(), Target::Control),
+        spawn_subscription(shared, shared.bus.probe.subject.clone(), Target::Probe),
     ]
 }
 
@@ -206,6 +301,7 @@ fn spawn_subscription(shared: &Arc<Shared>, subject: String, target: Target) -> 
     // A weak reference: a subscription must not keep the gateway's state alive.
     let weak = Arc::downgrade(shared);
     let client = shared.bus.client.clone();
+    let probe = Arc::clone(&shared.bus.probe);
     let (live_tx, live) = watch::channel(false);
     let task = shared.bus.runtime.spawn(async move {
         let mut sub = match client.subscribe(subject.clone()).await {
@@ -215,14 +311,30 @@ fn spawn_subscription(shared: &Arc<Shared>, subject: String, target: Target) -> 
                 return;
             }
         };
-        // The server answers a flush after it has processed our SUB: from then on nothing
-        // published to the subject is missed.
-        if client.flush().await.is_ok() {
+        if let Target::Probe = target {
+            // The probe subscription carries its own proof; nobody waits on it.
             let _ = live_tx.send(true);
+            while let Some(msg) = sub.next().await {
+                probe.received(&msg.payload);
+            }
+            return;
         }
-        while let Some(msg) = sub.next().await {
-            let Some(shared) = weak.upgrade() else { break };
-            dispatch(&shared, &target, &msg);
+        // Messages are read while the confirmation is pending (they queue otherwise).
+        let confirm = probe.confirm();
+        tokio::pin!(confirm);
+        let mut confirmed = false;
+        loop {
+            tokio::select! {
+                () = &mut confirm, if !confirmed => {
+                    confirmed = true;
+                    let _ = live_tx.send(true);
+                }
+                msg = sub.next() => {
+                    let Some(msg) = msg else { break };
+                    let Some(shared) = weak.upgrade() else { break };
+                    dispatch(&shared, &target, &msg);
+                }
+            }
         }
     });
     Subscription::new(task.abort_handle(), live)
@@ -305,8 +417,10 @@ fn parse_socket_list(value: &str) -> Vec<SocketId> {
 }
 
 fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
-    if let Target::Control = target {
-        return control(shared, msg);
+    match target {
+        Target::Control => return control(shared, msg),
+        Target::Probe => return shared.bus.probe.received(&msg.payload),
+        _ => {}
     }
     let Some(push) = build_push(shared, msg) else {
         return;
@@ -341,7 +455,7 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
                 }
             }
         }
-        Target::Control => {}
+        Target::Control | Target::Probe => {}
     }
     if let (Some(push_id), true) = (push.receipt, delivered > 0) {
         report_delivered(shared, push_id, delivered);

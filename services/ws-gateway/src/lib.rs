@@ -190,6 +190,7 @@ pub async fn run(
         client.clone(),
         nats_runtime.handle().clone(),
         Arc::clone(&metrics),
+        &config.instance,
     );
     let shared = Arc::new(Shared {
         config: config.clone(),

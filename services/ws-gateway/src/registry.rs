@@ -59,7 +59,8 @@ impl Drop for Subscription {
     }
 }
 
-/// Waits until a subscription is live, or `timeout` passes (then delivery is best effort).
+/// Waits until a subscription is live. False when `timeout` passed first or the
+/// subscription failed: the caller must not promise delivery then.
 pub async fn wait_live(mut live: watch::Receiver<bool>, timeout: std::time::Duration) -> bool {
     matches!(
         tokio::time::timeout(timeout, live.wait_for(|v| *v)).await,

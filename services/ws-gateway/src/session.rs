@@ -581,10 +581,20 @@ impl Conn {
                 }
                 if msg_id != 0 {
                     // Ack once the room subscription is live: after the ack, no room push is missed.
+                    // Not confirmed in time: say so, so the client retries the join.
                     ctx.spawn(wait_live(live, LIVE_TIMEOUT).into_actor(self).map(
-                        move |_, act, ctx| {
-                            let frame = act.control_frame(FrameKind::Ack, msg_id, &());
-                            act.enqueue(frame, ctx);
+                        move |live, act, ctx| {
+                            if live {
+                                let frame = act.control_frame(FrameKind::Ack, msg_id, &());
+                                act.enqueue(frame, ctx);
+                            } else {
+                                act.send_error(
+                                    msg_id,
+                                    ErrorCode::Unavailable,
+                                    "room subscription not confirmed by the bus; retry".into(),
+                                    ctx,
+                                );
+                            }
                         },
                     ));
                 }
@@ -650,11 +660,23 @@ impl actix::Actor for Conn {
             ctx.run_later(left, |act, ctx| act.close(CloseCode::Unauthorized, ctx));
         }
         // Hold the mailbox and the read side until the user subscription is live, so that
-        // the welcome promises: every push to this user from now on arrives.
+        // the welcome promises: every push to this user from now on arrives. A subscription
+        // NATS did not confirm in time cannot keep that promise: the client is told to come
+        // back (4003, retryable) rather than welcomed into a session that misses pushes.
         ctx.wait(
             wait_live(live, LIVE_TIMEOUT)
                 .into_actor(self)
-                .map(|_, act, ctx| act.welcome(ctx)),
+                .map(|live, act, ctx| {
+                    if live {
+                        act.welcome(ctx);
+                    } else {
+                        tracing::warn!(
+                            socket_id = %act.id,
+                            "User subscription not confirmed by NATS in time; closing."
+                        );
+                        act.close(CloseCode::NotReady, ctx);
+                    }
+                }),
         );
     }
 

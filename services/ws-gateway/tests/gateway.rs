@@ -471,6 +471,32 @@ async fn a_slow_consumer_is_closed_while_others_keep_receiving() {
 }
 
 #[tokio::test]
+async fn a_session_the_bus_does_not_confirm_is_refused_with_a_retryable_close() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-stall")).await;
+    // A stalled server: the connection looks up, but the user subscription is never
+    // confirmed. A welcome now would promise pushes that cannot arrive.
+    nats.pause();
+    let refused = TestClient::connect(gw.addr(), &token("stalled", None, &[])).await;
+    nats.resume();
+    match refused {
+        Err(ConnectError::Other(why)) => assert!(
+            why.contains(&format!("Close(Some({}))", CloseCode::NotReady.code())),
+            "{why}"
+        ),
+        other => panic!("expected a 4003 close instead of a welcome, got {other:?}"),
+    }
+    // Once the bus answers again the same user is served, and pushes reach it.
+    let bus = bus_client(&nats.url()).await;
+    let mut c = TestClient::connect(gw.addr(), &token("stalled", None, &[]))
+        .await
+        .unwrap();
+    push(&bus, "ws.user.stalled", 1, b"after", &[]).await;
+    assert_eq!(c.frame().await.msg_id, 1);
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn bad_and_oversized_frames_get_errors_and_the_right_close() {
     let nats = NatsServer::start().unwrap();
     let mut cfg = config(&nats.url(), "gw-bad");
