@@ -15,8 +15,8 @@ use messages::{
     BodyCodec, CloseCode, ErrorCode, Frame, FrameKind, RoomId, Route, SocketId, TraceContext,
     headers,
 };
-use testkit::NatsServer;
 use testkit::ws::{ConnectError, Received, TestClient, token, token_with};
+use testkit::{NatsCluster, NatsServer};
 
 fn error_of(frame: &Frame) -> ErrorBody {
     assert_eq!(frame.kind, FrameKind::Error, "{frame:?}");
@@ -515,6 +515,62 @@ async fn a_session_the_bus_does_not_confirm_is_refused_with_a_retryable_close() 
         .unwrap();
     push(&bus, "ws.user.stalled", 1, b"after", &[]).await;
     assert_eq!(c.frame().await.msg_id, 1);
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_service_that_saw_the_connect_event_reaches_the_user_from_any_cluster_node() {
+    // The gateway on node 1, the service on node 3. The connect event leaves node 1 after
+    // the user subscription's interest (same route, in order), so a push the service sends
+    // once it has seen the event cannot miss, however loaded the machine is. (A push sent
+    // merely after the client's welcome may, by up to a route hop: protocol.md, 7.1.)
+    let cluster = NatsCluster::start(3).unwrap();
+    let gw = start(config(&cluster.node(0).unwrap().url(), "gw-cluster")).await;
+    let bus = bus_client(&cluster.node(2).unwrap().url()).await;
+    let connect_subject = "ws.evt.app.connect";
+    let mut connects = bus.subscribe(connect_subject).await.unwrap();
+    // Our own subscription is subject to the same propagation: wait until node 1 routes
+    // the subject here before the first client connects.
+    let node1 = bus_client(&cluster.node(0).unwrap().url()).await;
+    loop {
+        node1.publish(connect_subject, "".into()).await.unwrap();
+        node1.flush().await.unwrap();
+        if tokio::time::timeout(
+            Duration::from_millis(100),
+            futures_util::StreamExt::next(&mut connects),
+        )
+        .await
+        .is_ok()
+        {
+            break;
+        }
+    }
+    let mut missed = Vec::new();
+    for i in 0..100u64 {
+        let user = format!("early-{i}");
+        let mut c = TestClient::connect(gw.addr(), &token(&user, None, &[]))
+            .await
+            .unwrap();
+        // Skip stray warm-up messages until this user's event.
+        loop {
+            let event = next(&mut connects).await;
+            if payload::from_bus::<SessionEvent>(&event.payload)
+                .is_ok_and(|e| e.user_id.as_str() == user)
+            {
+                break;
+            }
+        }
+        push(&bus, &format!("ws.user.{user}"), i + 1, b"right away", &[]).await;
+        match c.recv_within(Duration::from_secs(2)).await {
+            Received::Frame(f) if f.msg_id == i + 1 => {}
+            other => missed.push((i, format!("{other:?}"))),
+        }
+        c.close().await;
+    }
+    assert!(
+        missed.is_empty(),
+        "pushes missed after the connect event: {missed:?}"
+    );
     gw.shutdown().await.unwrap();
 }
 

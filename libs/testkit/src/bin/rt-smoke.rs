@@ -376,7 +376,50 @@ impl Smoke {
         ))
     }
 
-    /// Pushes `marker` to every user through ws-api and waits until each client got it.
+    /// Waits until ws-api has seen every client's session on the gateway it is now on.
+    /// Interest in a user's subject reaches the other NATS nodes with (ahead of) the
+    /// gateway's connect event, so from then on a push from ws-api cannot miss; a push sent
+    /// merely after the welcome may, by a route hop (protocol.md, 7.1).
+    async fn wait_known(
+        &self,
+        step: &'static str,
+        users: &[String],
+        placement: &BTreeMap<usize, Option<usize>>,
+        instances: &BTreeMap<usize, String>,
+    ) -> Result<(), BoxError> {
+        for (client, user) in users.iter().enumerate() {
+            let instance = placement
+                .get(&client)
+                .copied()
+                .flatten()
+                .and_then(|g| instances.get(&g))
+                .ok_or_else(|| fail(step, format!("client {client} is not connected")))?;
+            loop {
+                let r = http::get(self.api, &format!("/v1/users/{user}"), &self.opts.api_key)
+                    .await
+                    .map_err(|e| fail(step, format!("GET /v1/users/{user}: {e}")))?;
+                let known = serde_json::from_slice::<serde_json::Value>(&r.body)
+                    .ok()
+                    .and_then(|v| v.get("gateways").cloned())
+                    .and_then(|g| g.as_array().cloned())
+                    .is_some_and(|g| g.iter().any(|g| g.as_str() == Some(instance)));
+                if known {
+                    break;
+                }
+                if self.out_of_time() {
+                    return Err(fail(
+                        step,
+                        format!("ws-api never saw {user}'s session on {instance}"),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes `marker` to every user through ws-api (once it knows their sessions) and
+    /// waits until each client got it.
     async fn push_to_all(
         &self,
         step: &'static str,
@@ -384,7 +427,9 @@ impl Smoke {
         marker: &str,
         events: &mut mpsc::UnboundedReceiver<ClientEvent>,
         placement: &mut BTreeMap<usize, Option<usize>>,
+        instances: &BTreeMap<usize, String>,
     ) -> Result<(), BoxError> {
+        self.wait_known(step, users, placement, instances).await?;
         let body = json!({"target": {"users": users}, "body": marker});
         let started = Instant::now();
         let r = http::post_json(self.api, "/v1/push", &self.opts.api_key, &body)
@@ -544,6 +589,7 @@ impl Smoke {
             &format!("{}-push-1", self.run),
             &mut events,
             &mut placement,
+            &instances,
         )
         .await?;
 
@@ -622,6 +668,7 @@ impl Smoke {
                 &format!("{}-push-2", self.run),
                 &mut events,
                 &mut placement,
+                &instances,
             )
             .await?;
             let agents_again = self.agents_online("agents-after-failover").await?;
