@@ -1,28 +1,41 @@
-//! Service binaries run as real processes: built on demand (only the named target, so a
-//! sibling binary being edited does not get in the way) and killed with SIGKILL when their
-//! guard drops, so a failing test leaves nothing running. Output goes to a log file the
-//! test can print when it fails.
+//! Service binaries run as real processes: built on demand and killed with SIGKILL when
+//! their guard drops, so a failing test leaves nothing running. Output goes to a log file
+//! the test can print when it fails.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 
 use crate::server::workspace_root;
 
-/// Builds `bin` of `package` in the debug profile (a no-op when up to date) and returns
-/// its path.
+/// The path of workspace binary `bin` of `package`, built in the debug profile first.
+///
+/// Every binary of the workspace is built with one `cargo build --workspace --bins`, once
+/// per test process: that is exactly what the test runner already built (integration
+/// tests bring their packages' binaries, with workspace-wide feature unification), so it
+/// is a no-op in the suite. Building one package alone (`-p`) would resolve features
+/// differently and relink every binary, some 25 s each on the CI machine, enough to push
+/// the end-to-end tests past their time limit.
 pub fn binary(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "-p", package, "--bin", bin])
-        .current_dir(workspace_root())
-        .status();
-    match status {
-        Ok(s) if s.success() => target.join("debug").join(bin),
-        other => panic!("building {bin} failed: {other:?}"),
+    let built = BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        match Command::new(cargo)
+            .args(["build", "-q", "--workspace", "--bins"])
+            .current_dir(workspace_root())
+            .status()
+        {
+            Ok(s) if s.success() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    match built {
+        Ok(()) => target.join("debug").join(bin),
+        Err(e) => panic!("building the workspace binaries (for {package}/{bin}) failed: {e}"),
     }
 }
 
