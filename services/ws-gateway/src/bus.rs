@@ -42,6 +42,8 @@ use crate::session::{Conn, ToConn, unix_ms};
 const OUTBOUND_CAPACITY: usize = 16 * 1024;
 /// Entries per presence batch message (keeps each well under NATS' max payload).
 const PRESENCE_CHUNK: usize = 2_000;
+/// How long the prober waits for one probe before sending the next regardless.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// Something for the publisher task.
 #[derive(Debug)]
@@ -127,13 +129,16 @@ impl Probe {
     }
 }
 
-/// Publishes one probe per wake-up, covering every request made before it: under a connect
-/// storm, thousands of subscriptions share a handful of round trips.
+/// Publishes probes one at a time, each covering every request made before it: the next
+/// probe goes out only once the previous one came back (or a second passed), so under a
+/// connect storm thousands of subscriptions share one round trip instead of each paying a
+/// publish and a delivery.
 async fn prober(client: Client, probe: Arc<Probe>) {
+    let mut confirmed = probe.confirmed.subscribe();
     loop {
         probe.wake.notified().await;
         let wanted = probe.requested.load(Ordering::SeqCst);
-        if wanted <= *probe.confirmed.borrow() {
+        if wanted <= *confirmed.borrow_and_update() {
             continue;
         }
         let mut body = [0u8; 16];
@@ -146,7 +151,10 @@ async fn prober(client: Client, probe: Arc<Probe>) {
             .await
         {
             tracing::debug!(error = %e, "Subscription probe not published.");
+            continue;
         }
+        let _ = tokio::time::timeout(PROBE_WAIT, confirmed.wait_for(|seq| *seq >= wanted)).await;
+        // Requests that arrived meanwhile left a permit on `wake`: the loop goes round again.
     }
 }
 
