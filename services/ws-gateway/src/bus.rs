@@ -44,6 +44,8 @@ const OUTBOUND_CAPACITY: usize = 16 * 1024;
 const PRESENCE_CHUNK: usize = 2_000;
 /// How long the prober waits for one probe before sending the next regardless.
 const PROBE_WAIT: Duration = Duration::from_secs(1);
+/// How long the first probe may take before the gateway reports the problem (again).
+const FIRST_PROBE_WAIT: Duration = Duration::from_secs(5);
 
 /// Something for the publisher task.
 #[derive(Debug)]
@@ -129,6 +131,23 @@ impl Probe {
     }
 }
 
+/// Probes until the first answer, saying loudly why sessions are refused meanwhile: a
+/// probe that never returns is nearly always a NATS user without permission for the probe
+/// subject (an `auth.conf` from before the probe existed).
+async fn first_probe(probe: Arc<Probe>) {
+    while tokio::time::timeout(FIRST_PROBE_WAIT, probe.confirm())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            subject = %probe.subject,
+            "Subscription probe unanswered; not ready, no session can be confirmed. Check that \
+             this gateway's NATS user may publish and subscribe to the probe subject \
+             (nats/auth.conf)."
+        );
+    }
+}
+
 /// Publishes probes one at a time, each covering every request made before it: the next
 /// probe goes out only once the previous one came back (or a second passed), so under a
 /// connect storm thousands of subscriptions share one round trip instead of each paying a
@@ -176,6 +195,12 @@ impl Bus {
             outbound,
             probe,
         }
+    }
+
+    /// Whether a subscription probe has ever come back: until then no session can be
+    /// confirmed, so the replica is not ready.
+    pub fn probe_answered(&self) -> bool {
+        *self.probe.confirmed.borrow() > 0
     }
 
     /// Whether the NATS connection is up.
@@ -320,8 +345,10 @@ fn spawn_subscription(shared: &Arc<Shared>, subject: String, target: Target) -> 
             }
         };
         if let Target::Probe = target {
-            // The probe subscription carries its own proof; nobody waits on it.
+            // The probe subscription carries its own proof; nobody waits on it. The first
+            // probe goes out only now, after this SUB.
             let _ = live_tx.send(true);
+            tokio::spawn(first_probe(Arc::clone(&probe)));
             while let Some(msg) = sub.next().await {
                 probe.received(&msg.payload);
             }

@@ -115,6 +115,7 @@ async fn healthz(shared: web::Data<Arc<Shared>>) -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "status": "ok",
         "nats_connected": r.nats,
+        "probe_answered": r.probe,
         "worker_id": r.worker_id,
         "draining": r.draining,
         "connections": shared.connections(),

@@ -46,7 +46,10 @@ const KEY_PREFIX: &str = "worker.";
 /// lease it is meant to extend.
 const MAX_OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`acquire`] keeps retrying transient failures.
-pub const ACQUIRE_RETRY_FOR: Duration = Duration::from_secs(5);
+// Three JetStream request timeouts (5 s each). It was 5 s, one request timeout, so a
+// single slow request used the whole budget; the lease test failed once on a loaded
+// machine (error not captured), which this may explain.
+pub const ACQUIRE_RETRY_FOR: Duration = Duration::from_secs(15);
 const MIN_RETRY: Duration = Duration::from_millis(50);
 const MAX_RETRY: Duration = Duration::from_secs(1);
 

@@ -74,6 +74,8 @@ pub struct Shared {
 pub struct Readiness {
     /// NATS connection is up.
     pub nats: bool,
+    /// A subscription probe came back (sessions can be confirmed).
+    pub probe: bool,
     /// Leased worker id, if any.
     pub worker_id: Option<u16>,
     /// Shutdown has started.
@@ -83,7 +85,7 @@ pub struct Readiness {
 impl Readiness {
     /// Ready to accept connections.
     pub fn ready(&self) -> bool {
-        self.nats && self.worker_id.is_some() && !self.draining
+        self.nats && self.probe && self.worker_id.is_some() && !self.draining
     }
 
     /// One line saying what is missing.
@@ -91,6 +93,9 @@ impl Readiness {
         let mut missing = vec![];
         if !self.nats {
             missing.push("NATS disconnected");
+        }
+        if !self.probe {
+            missing.push("subscription probe unanswered (NATS permissions?)");
         }
         if self.worker_id.is_none() {
             missing.push("no worker-id lease");
@@ -116,6 +121,7 @@ impl Shared {
             .and_then(|ids| ids.as_ref().map(|g| g.worker()));
         Readiness {
             nats: self.bus.connected(),
+            probe: self.bus.probe_answered(),
             worker_id,
             draining: self.draining.load(Ordering::Relaxed),
         }

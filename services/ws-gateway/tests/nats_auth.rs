@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use messages::GatewayId;
-use testkit::ws::TEST_SECRET;
+use testkit::ws::{TEST_SECRET, TestClient, token};
 use testkit::{NatsServer, http, workspace_root};
 
 fn config(nats: &str) -> ws_gateway::Config {
@@ -44,6 +44,22 @@ async fn credentials_in_the_url_and_a_server_list_with_a_dead_first_entry() {
     let gw = ws_gateway::spawn(config(&url), TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
     // Ready means connected, authorised and holding its worker-id lease in its KV bucket.
     http::wait_status(gw.addr(), "/readyz", 200).await;
+    // Under these permissions a session is confirmed (the gateway may publish its own
+    // subscription probe) and a push from ws-api's credential reaches it.
+    let mut client = TestClient::connect(gw.addr(), &token("ada", None, &[]))
+        .await
+        .expect("welcomed under the gateway's NATS permissions");
+    let api = async_nats::ConnectOptions::with_user_and_password("ws-api".into(), "x".into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let mut map = async_nats::HeaderMap::new();
+    messages::headers::set(&mut map, messages::headers::MSG_ID, "7").unwrap();
+    api.publish_with_headers("ws.user.ada", map, "hi".into())
+        .await
+        .unwrap();
+    api.flush().await.unwrap();
+    assert_eq!(client.frame().await.msg_id, 7);
     gw.shutdown().await.unwrap();
 
     // A wrong password never gets ready (and does not crash).
@@ -54,6 +70,63 @@ async fn credentials_in_the_url_and_a_server_list_with_a_dead_first_entry() {
         .await
         .unwrap();
     assert_eq!(r.status, 503);
+    let _ = gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_permission_for_its_probe_a_gateway_is_not_ready_and_says_why() {
+    // auth.conf as it was before the probe subject existed.
+    let dir = tempfile::tempdir().unwrap();
+    let auth = std::fs::read_to_string(workspace_root().join("nats/auth.conf"))
+        .unwrap()
+        .replace("\"ws.gw.*.probe\",", "");
+    assert!(
+        !auth.contains("probe\""),
+        "the probe permission was removed"
+    );
+    std::fs::write(dir.path().join("auth.conf"), auth).unwrap();
+    std::fs::copy(
+        workspace_root().join("nats/single.conf"),
+        dir.path().join("single.conf"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("server.conf"),
+        "include ./single.conf\ninclude ./auth.conf\n",
+    )
+    .unwrap();
+    let nats = NatsServer::start_with_config(
+        dir.path().join("server.conf"),
+        &[
+            ("RT_NATS_GATEWAY_PASSWORD", "gw"),
+            ("RT_NATS_API_PASSWORD", "x"),
+            ("RT_NATS_SCHEDULER_PASSWORD", "x"),
+            ("RT_NATS_LOADTEST_PASSWORD", "x"),
+            ("RT_NATS_DEV_PASSWORD", "x"),
+        ],
+    )
+    .unwrap();
+    let port = nats.url().rsplit(':').next().unwrap().to_owned();
+    let url = format!("nats://ws-gateway:gw@127.0.0.1:{port}");
+    let gw = ws_gateway::spawn(config(&url), TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    // Connected and leased, but it cannot confirm sessions: not ready, refusing upgrades
+    // up front (503) rather than closing every client after the welcome wait.
+    let body = http::eventually(gw.addr(), "/readyz", "", |v| {
+        v["nats_connected"] == true && v["worker_id"].is_u64()
+    })
+    .await;
+    assert_eq!(body["ready"], false, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("subscription probe unanswered")),
+        "{body}"
+    );
+    let refused = TestClient::connect(gw.addr(), &token("ada", None, &[])).await;
+    assert!(
+        matches!(refused, Err(testkit::ws::ConnectError::Status(503))),
+        "{refused:?}"
+    );
     let _ = gw.shutdown().await;
 }
 
