@@ -344,20 +344,17 @@ fn spawn_subscription(shared: &Arc<Shared>, subject: String, target: Target) -> 
                 return;
             }
         };
-        if let Target::Probe = target {
-            // The probe subscription carries its own proof; nobody waits on it. The first
-            // probe goes out only now, after this SUB.
-            let _ = live_tx.send(true);
-            tokio::spawn(first_probe(Arc::clone(&probe)));
-            while let Some(msg) = sub.next().await {
-                probe.received(&msg.payload);
-            }
-            return;
-        }
         // Messages are read while the confirmation is pending (they queue otherwise).
         let confirm = probe.confirm();
         tokio::pin!(confirm);
         let mut confirmed = false;
+        if let Target::Probe = target {
+            // The probe subscription carries its own proof; nobody waits on it. The first
+            // probe goes out only now, after this SUB.
+            confirmed = true;
+            let _ = live_tx.send(true);
+            tokio::spawn(first_probe(Arc::clone(&probe)));
+        }
         loop {
             tokio::select! {
                 () = &mut confirm, if !confirmed => {
