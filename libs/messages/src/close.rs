@@ -35,11 +35,14 @@ pub enum CloseCode {
     Kicked = 4503,
     /// The client speaks a protocol version this gateway does not.
     UnsupportedVersion = 4504,
+    /// The operator revoked this identity (an agent node); it will be refused until it is
+    /// enrolled again.
+    Revoked = 4505,
 }
 
 impl CloseCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [CloseCode; 11] = [
+    pub const ALL: [CloseCode; 12] = [
         CloseCode::Shutdown,
         CloseCode::HeartbeatTimeout,
         CloseCode::SlowConsumer,
@@ -51,6 +54,7 @@ impl CloseCode {
         CloseCode::Unauthorized,
         CloseCode::Kicked,
         CloseCode::UnsupportedVersion,
+        CloseCode::Revoked,
     ];
 
     /// The wire value.
@@ -82,6 +86,7 @@ impl CloseCode {
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::Kicked => "closed by server",
             CloseCode::UnsupportedVersion => "unsupported protocol version",
+            CloseCode::Revoked => "credential revoked",
         }
     }
 
@@ -99,6 +104,7 @@ impl CloseCode {
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::Kicked => "kicked",
             CloseCode::UnsupportedVersion => "unsupported_version",
+            CloseCode::Revoked => "revoked",
         }
     }
 }

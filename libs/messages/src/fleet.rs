@@ -1,12 +1,14 @@
 //! The fleet contract: what edge agents and the scheduler say to each other through the
 //! gateways.
 //!
-//! Agents are ordinary clients whose token has `kind: agent` and whose user id is the node
-//! id. Upstream they send publish frames on the routes below; the gateway puts them on
-//! `ws.msg.agent.<route>` (queue group `scheduler`). Downstream the scheduler pushes to the
-//! node's user subject (`ws.user.<node>`), with the route naming the message. Every body is
-//! MessagePack with named fields ([`crate::payload::to_bus`] / [`crate::payload::from_bus`]);
-//! agent liveness itself comes from the gateways' presence batches on `ws.evt.agent.*`.
+//! Agents are clients whose token has `kind: agent`, signed with the agent-token key (not
+//! the app key), and whose user id is the node id. Upstream they send publish frames on the
+//! routes below; the gateway puts them on `ws.msg.agent.<route>` (queue group `scheduler`).
+//! Downstream the scheduler pushes on the node's own channel (`ws.agent.<node>`), with the
+//! route naming the message; every downstream body is a signed envelope
+//! ([`crate::command`]) around the typed message. Every body is MessagePack with named
+//! fields ([`crate::payload::to_bus`] / [`crate::payload::from_bus`]); agent liveness itself
+//! comes from the gateways' presence batches on `ws.evt.agent.*`.
 //!
 //! Delivery: reports and results carry a `message_id` that the agent keeps in its durable
 //! outbox until an [`Ack`] names it; the scheduler ingests by message id, so a replay is
@@ -30,6 +32,9 @@ pub mod up {
     pub const OUTPUT: &str = "agent.task.output";
     /// [`super::TaskResult`]: a task finished (outboxed).
     pub const RESULT: &str = "agent.task.result";
+    /// [`super::Refused`]: the agent refused a command (bad signature, expired, replayed,
+    /// another node's); outboxed.
+    pub const REFUSED: &str = "agent.refused";
 }
 
 /// Routes of scheduler -> agent pushes.
@@ -40,6 +45,11 @@ pub mod down {
     pub const TASK: &str = "agent.task";
     /// [`super::Cancel`]: stop this.
     pub const CANCEL: &str = "agent.cancel";
+    /// [`super::Credential`]: a renewed token for this node.
+    pub const CREDENTIAL: &str = "agent.credential";
+
+    /// Every downstream route, all of them signed.
+    pub const ALL: [&str; 4] = [ACK, TASK, CANCEL, CREDENTIAL];
 }
 
 /// Subject on which the scheduler announces agent state changes ([`StateChange`]).
@@ -240,6 +250,37 @@ pub struct TaskResult {
 pub struct Ack {
     /// Message ids.
     pub message_ids: Vec<String>,
+}
+
+/// A renewed agent credential (pushed before the current one expires).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    /// The token (a JWT signed with the agent-token key).
+    pub token: String,
+    /// Unix seconds when it expires.
+    pub expires_at: u64,
+}
+
+/// A command the agent refused to act on, reported so operators see forgeries, clock
+/// skew and key mix-ups. What it says about the command is its unverified claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// Outbox message id (idempotent ingestion).
+    pub message_id: String,
+    /// Route it arrived on.
+    pub route: String,
+    /// Why ([`crate::command::Refusal::as_str`]).
+    pub reason: String,
+    /// Human-readable detail.
+    pub detail: String,
+    /// The command id it claimed, if readable.
+    #[serde(default)]
+    pub command_id: Option<String>,
+    /// The task id it claimed, if it was a readable task or cancel.
+    #[serde(default)]
+    pub task_id: Option<u64>,
+    /// Unix ms.
+    pub at_ms: u64,
 }
 
 /// An agent's state changed (`fleet.agent.state.<node>`).

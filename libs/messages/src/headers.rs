@@ -42,9 +42,12 @@ pub const ROOM: &str = "ws-room";
 pub const EXCLUDE: &str = "ws-exclude";
 /// A count (sockets a push was delivered to, in a `delivered` event).
 pub const COUNT: &str = "ws-count";
+/// On `ws.agent.<node>`: close the node's agent sockets with this close code instead of
+/// delivering a push (the scheduler revoking a node).
+pub const CLOSE: &str = "ws-close";
 
 /// Every header name, for tests and documentation.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     TRACEPARENT,
     TRACESTATE,
     HOP,
@@ -62,6 +65,7 @@ pub const ALL: [&str; 17] = [
     ROOM,
     EXCLUDE,
     COUNT,
+    CLOSE,
 ];
 
 /// Names of the hops that stamp `ws-hop`, in the order a push or publish meets them.

@@ -1,6 +1,7 @@
 //! The wire contract of the system, in one crate that every service and client shares.
 //!
 //! - [`frame`]: the binary client frame codec (client <-> gateway).
+//! - [`command`]: Ed25519-signed envelopes for scheduler -> agent commands.
 //! - [`close`]: WebSocket close codes and error-frame codes.
 //! - [`compress`]: end-to-end body compression (raw DEFLATE) with bounded inflation.
 //! - [`fleet`]: agent <-> scheduler messages and routes.
@@ -14,6 +15,7 @@
 //! `docs/protocol.md` describes the same contract for implementers in other languages.
 
 pub mod close;
+pub mod command;
 pub mod compress;
 pub mod fleet;
 pub mod frame;

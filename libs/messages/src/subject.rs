@@ -5,7 +5,9 @@
 //! ws.msg.<kind>.<route...>     gateway -> services: a client's publish frame (queue groups)
 //! ws.evt.<kind>.<event>        gateway -> services: connect, disconnect, heartbeat batch,
 //!                              join/leave requests, push receipts (queue groups)
-//! ws.user.<user>               services -> gateways holding one of the user's sockets
+//! ws.user.<user>               services -> gateways holding one of the user's app sockets
+//! ws.agent.<node>              scheduler -> gateways holding the node's agent socket (only
+//!                              the scheduler's credential may publish here)
 //! ws.room.<room...>            services -> gateways holding a member of the room
 //! ws.gw.<gateway>.push         services -> one gateway, addressed to socket ids in a header
 //! ws.gw.<gateway>.ctl          services -> one gateway: join/leave a room, kick, replies
@@ -17,7 +19,9 @@
 //! ```
 //!
 //! `<kind>` is `app` or `agent`: app traffic is consumed by ws-api, agent traffic by the
-//! scheduler. Gateways subscribe to user and room subjects only while they hold a
+//! scheduler. Agents never receive user, room, broadcast or socket-addressed pushes: their
+//! one downstream subject is `ws.agent.<node>`, a separate channel that NATS permissions
+//! reserve for the scheduler (see `docs/security.md`). Gateways subscribe to user and room subjects only while they hold a
 //! recipient, so NATS interest routing delivers each push only where it is needed.
 
 use std::fmt;
@@ -104,6 +108,8 @@ pub enum Subject {
     },
     /// `ws.user.<user>`
     User(UserId),
+    /// `ws.agent.<node>`
+    Agent(UserId),
     /// `ws.room.<room>`
     Room(RoomId),
     /// `ws.gw.<gateway>.push`
@@ -169,6 +175,7 @@ impl Subject {
                 Ok(Subject::Event { kind, event })
             }
             "user" => Ok(Subject::User(UserId::new(tail)?)),
+            "agent" => Ok(Subject::Agent(UserId::new(tail)?)),
             "room" => Ok(Subject::Room(RoomId::new(tail)?)),
             "gw" => {
                 let (gw, op) = tail.split_once('.').ok_or(SubjectError::Malformed)?;
@@ -191,6 +198,7 @@ impl fmt::Display for Subject {
             Subject::Upstream { kind, route } => write!(f, "{ROOT}.msg.{kind}.{route}"),
             Subject::Event { kind, event } => write!(f, "{ROOT}.evt.{kind}.{}", event.as_str()),
             Subject::User(user) => write!(f, "{ROOT}.user.{user}"),
+            Subject::Agent(node) => write!(f, "{ROOT}.agent.{node}"),
             Subject::Room(room) => write!(f, "{ROOT}.room.{room}"),
             Subject::GatewayPush(gw) => write!(f, "{ROOT}.gw.{gw}.push"),
             Subject::GatewayControl(gw) => write!(f, "{ROOT}.gw.{gw}.ctl"),
@@ -208,6 +216,8 @@ impl fmt::Display for Subject {
 pub fn family(subject: &str) -> &str {
     if subject.starts_with("ws.user.") {
         "ws.user"
+    } else if subject.starts_with("ws.agent.") {
+        "ws.agent"
     } else if subject.starts_with("ws.room.") {
         "ws.room"
     } else if subject.starts_with("ws.gw.") {
@@ -245,6 +255,11 @@ pub fn event_wildcard(kind: ClientKind) -> String {
 /// `ws.user.<user>`
 pub fn user(user: &UserId) -> String {
     format!("{ROOT}.user.{user}")
+}
+
+/// `ws.agent.<node>`: the scheduler's channel to one agent.
+pub fn agent(node: &UserId) -> String {
+    format!("{ROOT}.agent.{node}")
 }
 
 /// `ws.room.<room>`
