@@ -314,6 +314,7 @@ mod tests {
             }
         }
         out.push(Subject::User(UserId::new("user:42@tenant").unwrap()));
+        out.push(Subject::Agent(UserId::new("edge-1").unwrap()));
         out.push(Subject::Room(RoomId::new("chat.lobby").unwrap()));
         out.push(Subject::GatewayPush(GatewayId::new("gw-1").unwrap()));
         out.push(Subject::GatewayControl(GatewayId::new("gw-1").unwrap()));
@@ -370,6 +371,7 @@ mod tests {
             "ws.evt.agent.connect"
         );
         assert_eq!(user(&alice), Subject::User(alice.clone()).to_string());
+        assert_eq!(agent(&alice), Subject::Agent(alice.clone()).to_string());
         assert_eq!(room(&lobby), "ws.room.lobby");
         assert_eq!(gateway_push(&gw), "ws.gw.gw-2.push");
         assert_eq!(gateway_control(&gw), "ws.gw.gw-2.ctl");

@@ -2,6 +2,11 @@
 //! secret, or EdDSA with an Ed25519 public key) and turns its claims into the identity the
 //! gateway stamps on everything the connection does.
 //!
+//! Agent tokens are a separate trust domain: they verify only against the agent-token
+//! public keys (EdDSA, issued by the scheduler), never against the app keys, so whoever
+//! can mint app tokens (a product's identity provider, anyone with the HS256 secret) cannot
+//! mint an agent identity; and a token signed with an agent-token key is always an agent.
+//!
 //! The token comes from `Authorization: Bearer <jwt>` or, because browsers cannot set
 //! headers on a WebSocket, from the `token` query parameter. Verification happens before
 //! the upgrade: a bad token gets a 401 and never a socket.
@@ -15,6 +20,8 @@ use serde::Deserialize;
 pub struct Keys {
     hs256: Option<DecodingKey>,
     eddsa: Option<DecodingKey>,
+    /// Agent-token public keys (several while a key is rotated).
+    agent: Vec<DecodingKey>,
     /// Allowed clock skew for `exp` and `nbf`, seconds.
     leeway_secs: u64,
 }
@@ -25,6 +32,7 @@ impl std::fmt::Debug for Keys {
         f.debug_struct("Keys")
             .field("hs256", &self.hs256.is_some())
             .field("eddsa", &self.eddsa.is_some())
+            .field("agent_keys", &self.agent.len())
             .field("leeway_secs", &self.leeway_secs)
             .finish()
     }
@@ -42,6 +50,9 @@ pub enum KeyError {
     /// The PEM did not parse as an Ed25519 public key.
     #[error("Ed25519 public key: {0}")]
     BadPublicKey(jsonwebtoken::errors::Error),
+    /// The agent-token key file held no PEM public key.
+    #[error("no PEM public key in the agent-token key file")]
+    NoAgentKey,
 }
 
 impl Keys {
@@ -66,9 +77,39 @@ impl Keys {
         Ok(Keys {
             hs256,
             eddsa,
+            agent: Vec::new(),
             leeway_secs,
         })
     }
+
+    /// Adds the agent-token public keys: every `PUBLIC KEY` PEM block in `pem` (Ed25519
+    /// SPKI). Without them no agent can connect.
+    pub fn with_agent_keys(mut self, pem: &[u8]) -> Result<Self, KeyError> {
+        const BEGIN: &[u8] = b"-----BEGIN PUBLIC KEY-----";
+        const END: &[u8] = b"-----END PUBLIC KEY-----";
+        let mut rest = pem;
+        while let Some(start) = find(rest, BEGIN) {
+            let after = &rest[start..];
+            let Some(end) = find(after, END) else { break };
+            let block = &after[..end + END.len()];
+            self.agent
+                .push(DecodingKey::from_ed_pem(block).map_err(KeyError::BadPublicKey)?);
+            rest = &after[end + END.len()..];
+        }
+        if self.agent.is_empty() {
+            return Err(KeyError::NoAgentKey);
+        }
+        Ok(self)
+    }
+
+    /// Whether agent tokens can be verified.
+    pub fn accepts_agents(&self) -> bool {
+        !self.agent.is_empty()
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Why a token was refused. Each is a 401 with this text in the body.
@@ -121,40 +162,99 @@ pub struct Identity {
 }
 
 /// Verifies `token` against `keys`. `exp` is required.
+///
+/// An EdDSA token is tried against the agent-token keys first: if one verifies it, the
+/// token is an agent's (a `kind` other than `agent` is refused). Otherwise the app keys
+/// decide, and an app-signed token claiming `kind: agent` is refused.
 pub fn verify(token: &str, keys: &Keys) -> Result<Identity, AuthError> {
     let header = decode_header(token).map_err(|_| AuthError::Malformed)?;
+    if header.alg == Algorithm::EdDSA {
+        for key in &keys.agent {
+            match decode_claims(token, key, header.alg, keys.leeway_secs) {
+                Ok(claims) => return identity(claims, Signer::Agent),
+                Err(AuthError::Signature) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
     let key = match header.alg {
         Algorithm::HS256 => keys.hs256.as_ref(),
         Algorithm::EdDSA => keys.eddsa.as_ref(),
         _ => None,
-    }
-    .ok_or(AuthError::Algorithm)?;
-    let mut validation = Validation::new(header.alg);
-    validation.leeway = keys.leeway_secs;
+    };
+    let key = match key {
+        Some(key) => key,
+        // An EdDSA token that no agent key verified and no app key exists for.
+        None if header.alg == Algorithm::EdDSA && !keys.agent.is_empty() => {
+            return Err(AuthError::Signature);
+        }
+        None => return Err(AuthError::Algorithm),
+    };
+    let claims = decode_claims(token, key, header.alg, keys.leeway_secs)?;
+    identity(claims, Signer::App)
+}
+
+/// Which trust domain verified a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signer {
+    App,
+    Agent,
+}
+
+fn decode_claims(
+    token: &str,
+    key: &DecodingKey,
+    alg: Algorithm,
+    leeway_secs: u64,
+) -> Result<serde_json::Value, AuthError> {
+    let mut validation = Validation::new(alg);
+    validation.leeway = leeway_secs;
     validation.validate_nbf = true;
     validation.validate_aud = false;
     validation.set_required_spec_claims(&["exp", "sub"]);
-    let data = decode::<serde_json::Value>(token, key, &validation).map_err(|e| map_error(&e))?;
-    let expires_at = data
-        .claims
+    decode::<serde_json::Value>(token, key, &validation)
+        .map(|data| data.claims)
+        .map_err(|e| map_error(&e))
+}
+
+fn identity(claims: serde_json::Value, signer: Signer) -> Result<Identity, AuthError> {
+    let expires_at = claims
         .get("exp")
         .and_then(serde_json::Value::as_u64)
         .unwrap_or(0);
     let claims: Claims =
-        serde_json::from_value(data.claims).map_err(|e| AuthError::Claims(e.to_string()))?;
+        serde_json::from_value(claims).map_err(|e| AuthError::Claims(e.to_string()))?;
     let user_id = UserId::new(claims.sub).map_err(|e| AuthError::Claims(format!("sub: {e}")))?;
-    let kind = match claims.kind.as_deref() {
-        None => ClientKind::App,
-        Some(kind) => kind
+    let kind = match (claims.kind.as_deref(), signer) {
+        (None, Signer::App) => ClientKind::App,
+        (None, Signer::Agent) => ClientKind::Agent,
+        (Some(kind), _) => kind
             .parse()
             .map_err(|e| AuthError::Claims(format!("kind: {e}")))?,
     };
-    let allowed_rooms = claims
-        .rooms
-        .into_iter()
-        .map(RoomId::new)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| AuthError::Claims(format!("rooms: {e}")))?;
+    match (kind, signer) {
+        (ClientKind::Agent, Signer::App) => {
+            return Err(AuthError::Claims(
+                "agent tokens must be signed with the agent-token key".into(),
+            ));
+        }
+        (ClientKind::App, Signer::Agent) => {
+            return Err(AuthError::Claims(
+                "a token signed with the agent-token key must be an agent token".into(),
+            ));
+        }
+        _ => {}
+    }
+    let allowed_rooms = match kind {
+        // Agents never join rooms.
+        ClientKind::Agent => Vec::new(),
+        ClientKind::App => claims
+            .rooms
+            .into_iter()
+            .map(RoomId::new)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AuthError::Claims(format!("rooms: {e}")))?,
+    };
     Ok(Identity {
         user_id,
         kind,
@@ -303,12 +403,66 @@ pub(crate) mod tests {
         assert_eq!(id.kind, ClientKind::App);
         assert_eq!(id.allowed_rooms, vec![RoomId::new("lobby").unwrap()]);
         assert_eq!(id.expires_at, exp);
-        let id = verify(
-            &ed(&json!({"sub": "node-1", "exp": exp, "kind": "agent"})),
-            &keys(),
-        )
-        .unwrap();
-        assert_eq!(id.kind, ClientKind::Agent);
+        let id = verify(&ed(&json!({"sub": "bob", "exp": exp})), &keys()).unwrap();
+        assert_eq!(id.kind, ClientKind::App);
+    }
+
+    #[test]
+    fn agent_tokens_verify_only_against_the_agent_keys() {
+        let exp = now() + 60;
+        let agent_key = messages::command::CommandSigner::generate();
+        let next_key = messages::command::CommandSigner::generate();
+        let pem = format!(
+            "{}{}",
+            agent_key.public_pem().unwrap(),
+            next_key.public_pem().unwrap()
+        );
+        let k = keys().with_agent_keys(pem.as_bytes()).unwrap();
+        let sign = |signer: &messages::command::CommandSigner, claims: &serde_json::Value| {
+            let key = EncodingKey::from_ed_pem(signer.to_pem().unwrap().as_bytes()).unwrap();
+            encode(&Header::new(Algorithm::EdDSA), claims, &key).unwrap()
+        };
+        // Either pinned key (rotation); `kind` may be left out.
+        for signer in [&agent_key, &next_key] {
+            let id = verify(&sign(signer, &json!({"sub": "edge-1", "exp": exp})), &k).unwrap();
+            assert_eq!(id.kind, ClientKind::Agent);
+            assert_eq!(id.user_id.as_str(), "edge-1");
+        }
+        // Whoever holds an app key cannot mint an agent.
+        for forged in [
+            hs(&json!({"sub": "edge-1", "exp": exp, "kind": "agent"})),
+            ed(&json!({"sub": "edge-1", "exp": exp, "kind": "agent"})),
+        ] {
+            assert!(
+                matches!(verify(&forged, &k), Err(AuthError::Claims(ref m)) if m.contains("agent-token key")),
+                "{:?}",
+                verify(&forged, &k)
+            );
+        }
+        // An agent key does not make app identities.
+        assert!(matches!(
+            verify(&sign(&agent_key, &json!({"sub": "u", "exp": exp, "kind": "app"})), &k),
+            Err(AuthError::Claims(_))
+        ));
+        // Expiry still counts for agents.
+        assert_eq!(
+            verify(&sign(&agent_key, &json!({"sub": "edge-1", "exp": now() - 120})), &k),
+            Err(AuthError::Expired)
+        );
+        // A third key is nobody.
+        let stranger = messages::command::CommandSigner::generate();
+        let only_agents = Keys::new(Some(SECRET), None, 0)
+            .unwrap()
+            .with_agent_keys(pem.as_bytes())
+            .unwrap();
+        assert_eq!(
+            verify(&sign(&stranger, &json!({"sub": "edge-1", "exp": exp})), &only_agents),
+            Err(AuthError::Signature)
+        );
+        assert!(matches!(
+            keys().with_agent_keys(b"no key here"),
+            Err(KeyError::NoAgentKey)
+        ));
     }
 
     #[test]
@@ -373,7 +527,7 @@ pub(crate) mod tests {
         let token = mint(
             SECRET,
             &user,
-            ClientKind::Agent,
+            ClientKind::App,
             &rooms,
             std::time::Duration::from_secs(60),
         )
@@ -381,7 +535,7 @@ pub(crate) mod tests {
         let id = verify(&token, &keys()).unwrap();
         assert_eq!(
             (id.user_id, id.kind, id.allowed_rooms),
-            (user, ClientKind::Agent, rooms.to_vec())
+            (user, ClientKind::App, rooms.to_vec())
         );
     }
 

@@ -28,7 +28,7 @@ use messages::frame::encode_parts;
 use messages::payload::{self, GatewayControl, HeartbeatBatch};
 use messages::subject::{self, Event};
 use messages::{
-    BodyCodec, ClientKind, ErrorCode, Flags, FrameKind, GatewayId, RoomId, Route, SocketId,
+    BodyCodec, CloseCode, ClientKind, ErrorCode, Flags, FrameKind, GatewayId, RoomId, Route, SocketId,
     TraceContext, UserId, headers,
 };
 use servicekit::telemetry::{MessageSpan, Operation};
@@ -297,6 +297,8 @@ async fn publisher(
 #[derive(Debug, Clone)]
 enum Target {
     User(UserId),
+    /// `ws.agent.<node>`: the scheduler's channel to the node's agent sockets.
+    Agent(UserId),
     Room(RoomId),
     /// `ws.gw.<me>.push`: socket ids in the `ws-socket` header.
     Sockets,
@@ -308,9 +310,19 @@ enum Target {
     Probe,
 }
 
-/// Subscribes to a user's subject for as long as the returned handle lives.
-pub fn subscribe_user(shared: &Arc<Shared>, subject: String, user: UserId) -> Subscription {
-    spawn_subscription(shared, subject, Target::User(user))
+/// Subscribes to a user's subject (`ws.user.<user>` for an app socket, `ws.agent.<node>`
+/// for an agent) for as long as the returned handle lives.
+pub fn subscribe_user(
+    shared: &Arc<Shared>,
+    subject: String,
+    user: UserId,
+    kind: ClientKind,
+) -> Subscription {
+    let target = match kind {
+        ClientKind::App => Target::User(user),
+        ClientKind::Agent => Target::Agent(user),
+    };
+    spawn_subscription(shared, subject, target)
 }
 
 /// Subscribes to a room's subject for as long as the returned handle lives.
@@ -452,6 +464,11 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
     match target {
         Target::Control => return control(shared, msg),
         Target::Probe => return shared.bus.probe.received(&msg.payload),
+        Target::Agent(node) => {
+            if let Some(code) = agent_close(msg) {
+                return close_agent(shared, node, code);
+            }
+        }
         _ => {}
     }
     let Some(push) = build_push(shared, msg) else {
@@ -467,6 +484,9 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
     match target {
         Target::User(user) => {
             shared.registry.for_user(user, deliver);
+        }
+        Target::Agent(node) => {
+            shared.registry.for_agent(node, deliver);
         }
         Target::Room(room) => {
             shared.registry.for_room(room, deliver);
@@ -492,6 +512,31 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
     if let (Some(push_id), true) = (push.receipt, delivered > 0) {
         report_delivered(shared, push_id, delivered);
     }
+}
+
+/// The close code a message on `ws.agent.<node>` asks for, if it is a close rather than a
+/// push (only the scheduler can publish there: NATS permissions).
+fn agent_close(msg: &async_nats::Message) -> Option<CloseCode> {
+    let value = headers::get(msg.headers.as_ref()?, headers::CLOSE)?;
+    Some(
+        value
+            .parse()
+            .ok()
+            .and_then(CloseCode::from_code)
+            .unwrap_or(CloseCode::Kicked),
+    )
+}
+
+/// Closes every local agent socket of `node` (a revoked node).
+fn close_agent(shared: &Shared, node: &UserId, code: CloseCode) {
+    let closed = shared.registry.for_agent(node, |id, addr| {
+        addr.do_send(ToConn::Control(GatewayControl::Close {
+            socket_id: id,
+            code: code.code(),
+            reason: code.reason().to_owned(),
+        }));
+    });
+    tracing::info!(%node, closed, code = code.code(), "Agent sockets closed by the scheduler.");
 }
 
 /// Tells the services how many local sockets a receipt-requesting push was handed to.

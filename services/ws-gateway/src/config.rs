@@ -41,6 +41,11 @@ pub struct Args {
     /// File with the Ed25519 public key (PEM) for EdDSA client tokens.
     #[arg(long, env = "WS_GATEWAY_JWT_ED25519_PUBLIC_KEY_FILE")]
     pub jwt_ed25519_public_key_file: Option<PathBuf>,
+    /// File with the agent-token public key(s) (Ed25519, PEM; several during a rotation).
+    /// Agent tokens verify only against these, never against the app keys; without the
+    /// file no agent can connect.
+    #[arg(long, env = "WS_GATEWAY_AGENT_TOKEN_PUBLIC_KEY_FILE")]
+    pub agent_token_public_key_file: Option<PathBuf>,
     /// Allowed clock skew when checking token expiry, seconds.
     #[arg(long, env = "WS_GATEWAY_JWT_LEEWAY_SECS", default_value_t = 30)]
     pub jwt_leeway_secs: u64,
@@ -234,6 +239,15 @@ impl Config {
             public_pem.as_deref(),
             args.jwt_leeway_secs,
         )?;
+        let keys = match &args.agent_token_public_key_file {
+            Some(path) => keys.with_agent_keys(&std::fs::read(path).map_err(|source| {
+                ConfigError::KeyFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?)?,
+            None => keys,
+        };
         let instance = match &args.instance {
             Some(name) => name.clone(),
             None => hostname(),

@@ -1,5 +1,11 @@
 //! The replica's view of who is connected: socket id -> connection handle, user -> local
-//! sockets, room -> local members.
+//! app sockets, node -> local agent sockets, room -> local members.
+//!
+//! App users and agent nodes are kept apart on purpose: an app token whose `sub` equals a
+//! node id must never share the node's subscription (`ws.agent.<node>`), and an agent
+//! socket must never be reached through a user, room, broadcast or socket-addressed push,
+//! which any product service may send. [`Registry::handle`] therefore only finds app
+//! sockets; agents are reached only through [`Registry::for_agent`].
 //!
 //! Every map is split into 64 shards behind their own mutex (as centrifuge's hub does), so
 //! pushes fanning in from many NATS subscriptions never queue on one lock. A user's or
@@ -87,6 +93,7 @@ pub struct Registry<A> {
     hasher: RandomState,
     sockets: Vec<Mutex<HashMap<SocketId, SocketEntry<A>>>>,
     users: Vec<Mutex<HashMap<UserId, Group<A>>>>,
+    agents: Vec<Mutex<HashMap<UserId, Group<A>>>>,
     rooms: Vec<Mutex<HashMap<RoomId, Group<A>>>>,
 }
 
@@ -113,6 +120,7 @@ impl<A: Clone> Registry<A> {
             hasher: RandomState::new(),
             sockets: shards(),
             users: shards(),
+            agents: shards(),
             rooms: shards(),
         }
     }
@@ -124,8 +132,9 @@ impl<A: Clone> Registry<A> {
     }
 
     /// Registers a connection. `subscribe` is called (under the user's shard lock) when this
-    /// is the user's first local socket, with the subject to subscribe to. Returns the user
-    /// subscription's liveness.
+    /// is the user's (or, for an agent, the node's) first local socket, with the subject to
+    /// subscribe to: `ws.user.<user>` for an app socket, `ws.agent.<node>` for an agent.
+    /// Returns that subscription's liveness.
     pub fn add(
         &self,
         id: SocketId,
@@ -141,14 +150,18 @@ impl<A: Clone> Registry<A> {
                 kind,
             },
         );
-        let mut users = lock(self.shard(&self.users, user));
+        let (maps, subject) = match kind {
+            ClientKind::App => (&self.users, messages::subject::user(user)),
+            ClientKind::Agent => (&self.agents, messages::subject::agent(user)),
+        };
+        let mut users = lock(self.shard(maps, user));
         match users.entry(user.clone()) {
             Entry::Occupied(mut e) => {
                 e.get_mut().members.insert(id, handle);
                 e.get().subscription.live()
             }
             Entry::Vacant(e) => {
-                let subscription = subscribe(messages::subject::user(user));
+                let subscription = subscribe(subject);
                 let live = subscription.live();
                 e.insert(Group {
                     members: HashMap::from([(id, handle)]),
@@ -161,8 +174,14 @@ impl<A: Clone> Registry<A> {
 
     /// Removes a connection and its room memberships; drops subscriptions nobody local needs.
     pub fn remove(&self, id: SocketId, user: &UserId, rooms: &[RoomId]) {
-        lock(self.shard(&self.sockets, &id)).remove(&id);
-        remove_member(&mut lock(self.shard(&self.users, user)), user, id);
+        let kind = lock(self.shard(&self.sockets, &id))
+            .remove(&id)
+            .map(|e| e.kind);
+        let maps = match kind {
+            Some(ClientKind::Agent) => &self.agents,
+            _ => &self.users,
+        };
+        remove_member(&mut lock(self.shard(maps, user)), user, id);
         for room in rooms {
             remove_member(&mut lock(self.shard(&self.rooms, room)), room, id);
         }
@@ -201,11 +220,27 @@ impl<A: Clone> Registry<A> {
         remove_member(&mut lock(self.shard(&self.rooms, room)), room, id)
     }
 
-    /// The handle of a connected socket.
+    /// The handle of a connected app socket (agents are never addressed by socket id:
+    /// any product service can name a socket id).
     pub fn handle(&self, id: SocketId) -> Option<A> {
         lock(self.shard(&self.sockets, &id))
             .get(&id)
+            .filter(|e| e.kind == ClientKind::App)
             .map(|e| e.handle.clone())
+    }
+
+    /// Calls `f` for each local agent socket of `node`; returns how many.
+    pub fn for_agent(&self, node: &UserId, mut f: impl FnMut(SocketId, &A)) -> usize {
+        let agents = lock(self.shard(&self.agents, node));
+        agents.get(node).map_or(0, |g| {
+            g.members.iter().for_each(|(id, h)| f(*id, h));
+            g.members.len()
+        })
+    }
+
+    /// Whether this replica currently holds a subscription for agent `node`.
+    pub fn has_agent(&self, node: &UserId) -> bool {
+        lock(self.shard(&self.agents, node)).contains_key(node)
     }
 
     /// Calls `f` for each local socket of `user`; returns how many.
@@ -394,6 +429,32 @@ mod tests {
             reg.remove(SocketId(1), &user("a"), &[]);
             assert!(task.await.unwrap_err().is_cancelled());
         });
+    }
+
+    #[test]
+    fn agents_and_app_users_with_the_same_id_never_share_a_group() {
+        let reg = Registry::<u32>::new();
+        let mut subjects = vec![];
+        reg.add(SocketId(1), &user("edge-1"), ClientKind::Agent, 1, |s| {
+            subjects.push(s);
+            Subscription::none()
+        });
+        reg.add(SocketId(2), &user("edge-1"), ClientKind::App, 2, |s| {
+            subjects.push(s);
+            Subscription::none()
+        });
+        assert_eq!(subjects, ["ws.agent.edge-1", "ws.user.edge-1"]);
+        let mut seen = vec![];
+        reg.for_user(&user("edge-1"), |id, _| seen.push(id));
+        assert_eq!(seen, [SocketId(2)], "a user push reaches only the app socket");
+        seen.clear();
+        reg.for_agent(&user("edge-1"), |id, _| seen.push(id));
+        assert_eq!(seen, [SocketId(1)]);
+        assert!(reg.handle(SocketId(1)).is_none(), "agents are not addressable by id");
+        assert_eq!(reg.handle(SocketId(2)), Some(2));
+        reg.remove(SocketId(1), &user("edge-1"), &[]);
+        assert!(!reg.has_agent(&user("edge-1")));
+        assert!(reg.has_user(&user("edge-1")));
     }
 
     #[test]

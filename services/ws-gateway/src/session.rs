@@ -646,11 +646,12 @@ impl actix::Actor for Conn {
     fn started(&mut self, ctx: &mut Ctx) {
         let shared = Arc::clone(&self.shared);
         let user = self.user.clone();
+        let kind = self.kind;
         let live =
             self.shared
                 .registry
                 .add(self.id, &self.user, self.kind, ctx.address(), |subject| {
-                    crate::bus::subscribe_user(&shared, subject, user)
+                    crate::bus::subscribe_user(&shared, subject, user, kind)
                 });
         self.shared.metrics.connections.inc();
         // A credential is only good until it expires; the client reconnects with a new one.
