@@ -18,10 +18,37 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, client_async_with_confi
 /// The HS256 secret tests sign tokens with.
 pub const TEST_SECRET: &str = "testkit-secret-testkit-secret-0123456789";
 
+/// The agent-token signing key tests use (Ed25519, PKCS#8 PEM): what the scheduler
+/// signs agent tokens with. Never use it outside tests.
+pub const TEST_AGENT_TOKEN_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIEBykobnOVH5foZ2jOAFvLLYgOgH8cjnSSH0VSATDLjo
+-----END PRIVATE KEY-----
+";
+
+/// The public half of [`TEST_AGENT_TOKEN_KEY`]: what test gateways verify agent tokens with.
+pub const TEST_AGENT_TOKEN_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAV8WP3HUnPcY139PyyCWSITJJRV/dDiD9Shu7eTVTqJk=
+-----END PUBLIC KEY-----
+";
+
+/// The command-signing key tests use: what the scheduler signs agent commands with.
+pub const TEST_COMMAND_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIA1ea86/cNztCpLY+QocOm+cJYrwdK82LnXhcoLeBfJF
+-----END PRIVATE KEY-----
+";
+
+/// The public half of [`TEST_COMMAND_KEY`]: what test agents pin.
+pub const TEST_COMMAND_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEALTHYjnKlw7ZNdriaHg3X2s7dv4STBmcwKlO9MOAPCRg=
+-----END PUBLIC KEY-----
+";
+
 /// How long any single wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// Signs an HS256 token for `user` with optional `kind` and `rooms`, valid for an hour.
+/// A token for `user` with optional `kind` and `rooms`, valid for an hour: HS256 with
+/// [`TEST_SECRET`] for app clients, EdDSA with [`TEST_AGENT_TOKEN_KEY`] for `kind: agent`
+/// (agent tokens verify only against the agent-token key).
 pub fn token(user: &str, kind: Option<&str>, rooms: &[&str]) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -33,14 +60,31 @@ pub fn token(user: &str, kind: Option<&str>, rooms: &[&str]) -> String {
     )
 }
 
-/// Signs arbitrary claims with [`TEST_SECRET`].
+/// Signs arbitrary claims: with [`TEST_AGENT_TOKEN_KEY`] when `kind` is `agent`, with
+/// [`TEST_SECRET`] otherwise.
 pub fn token_with(claims: &serde_json::Value) -> String {
+    if claims.get("kind").and_then(|k| k.as_str()) == Some("agent") {
+        return agent_token_with(claims);
+    }
+    app_token_with(claims)
+}
+
+/// Signs claims with the app secret whatever they say (to forge an agent token, say).
+pub fn app_token_with(claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         claims,
         &EncodingKey::from_secret(TEST_SECRET.as_bytes()),
     )
     .unwrap_or_default()
+}
+
+/// Signs claims with the test agent-token key.
+pub fn agent_token_with(claims: &serde_json::Value) -> String {
+    let Ok(key) = EncodingKey::from_ed_pem(TEST_AGENT_TOKEN_KEY.as_bytes()) else {
+        return String::new();
+    };
+    jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &key).unwrap_or_default()
 }
 
 /// What came back instead of the expected frame.

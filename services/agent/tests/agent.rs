@@ -26,7 +26,9 @@ use tokio::sync::mpsc;
 const WAIT: Duration = Duration::from_secs(15);
 
 fn gateway_config(nats: &str, name: &str) -> ws_gateway::Config {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
+        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
+        .unwrap();
     let mut config = ws_gateway::Config::new(nats, GatewayId::new(name).unwrap(), keys);
     config.workers = 1;
     config.lease_ttl = Duration::from_secs(5);

@@ -21,7 +21,9 @@ use tokio::net::TcpStream;
 const WAIT: Duration = Duration::from_secs(15);
 
 async fn gateway(nats: &str) -> ws_gateway::Handle {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
+        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
+        .unwrap();
     let mut config = ws_gateway::Config::new(nats, GatewayId::new("gw-m").unwrap(), keys);
     config.workers = 1;
     config.lease_ttl = Duration::from_secs(5);

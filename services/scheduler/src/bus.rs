@@ -16,7 +16,7 @@ use messages::TraceContext;
 use messages::fleet::{self, AgentState as WireState};
 use messages::payload::{self, GatewayControl, HeartbeatBatch, PayloadError, SessionEvent};
 use messages::subject::{self, Event, Subject};
-use messages::{BodyCodec, ClientKind, UserId, headers};
+use messages::{BodyCodec, ClientKind, CloseCode, UserId, headers};
 use serde::Serialize;
 use servicekit::telemetry::{MessageSpan, Operation};
 
@@ -175,6 +175,13 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
         for msg in burst {
             let hop = servicekit::telemetry::on_receive(&msg, &shared.metrics.hops);
             match as_progress(&msg) {
+                // Kept in the node's outbox until it is enrolled again (not acknowledged).
+                Some(Ok(
+                    Report::Started(ref node, _) | Report::Result(ref node, _),
+                )) if shared.trust.is_revoked(node) => {
+                    Metrics::inc(&shared.metrics.revoked_dropped);
+                    continue;
+                }
                 Some(Ok(Report::Started(node, started))) => {
                     progress.started.push((node, started, hop));
                     continue;
@@ -237,6 +244,7 @@ async fn handle_event(shared: &Shared, event: Event, msg: &Message) -> Result<()
             if shared.forget_socket(e.socket_id, &e.user_id) {
                 return Ok(());
             }
+            shared.trust.forget(&e.user_id);
             set_offline(shared, e.user_id, e.at_ms).await
         }
         Event::Heartbeat => {
@@ -410,6 +418,12 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
         codec,
     } = upstream(route, msg)?;
     let body = &body[..];
+    // A revoked node is heard only to be closed again: nothing it sends is stored or
+    // acknowledged, so its outbox keeps every result until it is enrolled again.
+    if route != fleet::up::REGISTER && shared.trust.is_revoked(&node) {
+        Metrics::inc(&shared.metrics.revoked_dropped);
+        return Ok(());
+    }
     match route {
         fleet::up::REGISTER => {
             let socket = headers::get(map, headers::SOCKET_ID).and_then(|s| s.parse().ok());
@@ -419,6 +433,7 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
             register(shared, node, payload::decode_body(codec, body)?).await
         }
         fleet::up::STATUS => status(shared, node, payload::decode_body(codec, body)?).await,
+        fleet::up::REFUSED => refused(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REPORT => reports(shared, node, payload::decode_body(codec, body)?).await,
         // `started` and results are taken out earlier and stored in bursts (see `consume`).
         fleet::up::OUTPUT => {
@@ -432,6 +447,10 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
 
 async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result<(), BusError> {
     Metrics::inc(&shared.metrics.registers);
+    if shared.trust.is_revoked(&node) {
+        tracing::warn!(%node, "A revoked node connected; closing it.");
+        return close_agent(shared, &node, CloseCode::Revoked).await;
+    }
     if reg.node_id != node.as_str() {
         tracing::warn!(%node, claimed = %reg.node_id, "Register names another node; using the token's.");
     }
@@ -456,7 +475,40 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
     if old != Some(AgentState::Online) {
         announce(shared, &node, old, AgentState::Online, now).await?;
     }
+    // A fresh credential on every (re)connect: the one it came with may be a long-lived
+    // enrolment token or close to expiry.
+    if let Err(e) = renew_credential(shared, &node).await {
+        Metrics::inc(&shared.metrics.bus_errors);
+        tracing::warn!(%node, error = %e, "Credential renewal failed.");
+    }
     dispatch_pending(shared, &node).await
+}
+
+/// Stores a refusal an agent reported and acknowledges it.
+async fn refused(shared: &Shared, node: UserId, refused: fleet::Refused) -> Result<(), BusError> {
+    Metrics::inc(&shared.metrics.commands_refused);
+    tracing::warn!(
+        %node,
+        route = %refused.route,
+        reason = %refused.reason,
+        detail = %refused.detail,
+        command_id = refused.command_id.as_deref().unwrap_or(""),
+        task_id = refused.task_id.unwrap_or(0),
+        "An agent refused a command."
+    );
+    let n = node.clone();
+    let message_id = refused.message_id.clone();
+    blocking(shared, move |store| store.record_refusal(&n, &refused, now_ms())).await?;
+    push(
+        shared,
+        &node,
+        fleet::down::ACK,
+        &fleet::Ack {
+            message_ids: vec![message_id],
+        },
+        None,
+    )
+    .await
 }
 
 async fn status(shared: &Shared, node: UserId, s: fleet::Status) -> Result<(), BusError> {
@@ -644,7 +696,10 @@ async fn announce(
         .map_err(|e| BusError::Publish(e.to_string()))
 }
 
-/// Pushes a typed message to every socket of `node` (MessagePack, `route` names it).
+/// Pushes a typed message to `node`'s agent sockets on its own channel (`ws.agent.<node>`),
+/// signed with the command key: the MessagePack body goes inside a signed envelope that
+/// names the node, the route and an expiry ([`messages::command`]), so the agent can check
+/// that the control plane sent it whatever carried it.
 pub async fn push<T: Serialize>(
     shared: &Shared,
     node: &UserId,
@@ -653,13 +708,19 @@ pub async fn push<T: Serialize>(
     trace: Option<&TraceContext>,
 ) -> Result<(), BusError> {
     let bytes = payload::to_bus(body)?;
-    // Any non-zero id: agents deduplicate by content (task ids, message ids), not by this.
+    let lifetime = u64::try_from(shared.config.command_ttl.as_millis()).unwrap_or(u64::MAX);
+    let (bytes, _command_id) =
+        shared
+            .config
+            .command_key
+            .sign(node.as_str(), route, bytes, now_ms(), lifetime)?;
+    // Any non-zero id: agents deduplicate by the envelope's command id, not by this.
     let id = (rand::random::<u64>() >> 1).max(1);
     let mut map = HeaderMap::new();
     headers::set(&mut map, headers::MSG_ID, &id.to_string())?;
     headers::set(&mut map, headers::ROUTE, route)?;
     headers::set(&mut map, headers::CODEC, BodyCodec::MsgPack.as_str())?;
-    let subject = subject::user(node);
+    let subject = subject::agent(node);
     // Only messages that belong to a trace (a task from a traced request) get a span; acks
     // and other control traffic would each start a trace of their own.
     let hop = trace.map(|t| MessageSpan::start(Operation::Publish, &subject, id, Some(t)));
@@ -674,6 +735,56 @@ pub async fn push<T: Serialize>(
         .map_err(|e| BusError::Publish(e.to_string()))?;
     Metrics::inc(&shared.metrics.pushes);
     Ok(())
+}
+
+/// Closes `node`'s agent sockets on every gateway with `code` (a revoked node).
+pub async fn close_agent(shared: &Shared, node: &UserId, code: CloseCode) -> Result<(), BusError> {
+    let mut map = HeaderMap::new();
+    headers::set(&mut map, headers::CLOSE, &code.code().to_string())?;
+    shared
+        .client
+        .publish_with_headers(subject::agent(node), map, Bytes::new())
+        .await
+        .map_err(|e| BusError::Publish(e.to_string()))
+}
+
+/// Issues `node` a fresh agent token and pushes it (signed) over its live connection, if
+/// the scheduler holds the agent-token key.
+pub async fn renew_credential(shared: &Shared, node: &UserId) -> Result<(), BusError> {
+    let Some(tokens) = shared.config.agent_tokens.as_ref() else {
+        return Ok(());
+    };
+    let now_s = now_ms() / 1000;
+    let (token, expires_at) = tokens
+        .mint(node, now_s, tokens.ttl)
+        .map_err(|e| BusError::BadMessage(format!("cannot mint an agent token: {e}")))?;
+    push(
+        shared,
+        node,
+        fleet::down::CREDENTIAL,
+        &fleet::Credential { token, expires_at },
+        None,
+    )
+    .await?;
+    shared.trust.issued(node, now_s);
+    Metrics::inc(&shared.metrics.credentials_issued);
+    tracing::debug!(%node, expires_at, "Agent credential renewed.");
+    Ok(())
+}
+
+/// Renews the credentials of connected agents whose token is past half its life.
+async fn renew_due(shared: &Shared) {
+    let Some(tokens) = shared.config.agent_tokens.as_ref() else {
+        return;
+    };
+    let half = tokens.ttl.as_secs() / 2;
+    let before = (now_ms() / 1000).saturating_sub(half.max(1));
+    for node in shared.trust.due(before) {
+        if let Err(e) = renew_credential(shared, &node).await {
+            Metrics::inc(&shared.metrics.bus_errors);
+            tracing::warn!(%node, error = %e, "Credential renewal failed.");
+        }
+    }
 }
 
 /// Marks one target dispatched and pushes the task to the agent.
@@ -781,6 +892,7 @@ async fn sweep(shared: std::sync::Weak<Shared>) {
 
 /// One liveness and deadline pass (public so tests and tools can force one).
 pub async fn sweep_once(shared: &Shared) -> Result<(), BusError> {
+    renew_due(shared).await;
     let now = now_ms();
     let offline_after =
         u64::try_from(shared.config.offline_after().as_millis()).unwrap_or(u64::MAX);

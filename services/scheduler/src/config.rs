@@ -4,7 +4,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::Parser;
+use messages::command::CommandSigner;
+
+use crate::trust::{AgentTokens, read_pem};
 
 /// Command-line flags and environment variables.
 #[derive(Debug, Parser)]
@@ -26,7 +31,7 @@ pub struct Args {
     pub nats_url: String,
     /// API keys accepted as `Authorization: Bearer <key>`, comma-separated (at least one,
     /// 16+ characters each).
-    #[arg(long, env = "SCHEDULER_API_KEYS", hide_env_values = true)]
+    #[arg(long, env = "SCHEDULER_API_KEYS", hide_env_values = true, default_value = "")]
     pub api_keys: String,
     /// The redb file holding the registry, tasks and results.
     #[arg(long, env = "SCHEDULER_DB", default_value = "scheduler.redb")]
@@ -45,6 +50,34 @@ pub struct Args {
     /// stopped refreshing; the active one refreshes every third of it.
     #[arg(long, env = "SCHEDULER_LEASE_TTL_MS", default_value_t = 15_000)]
     pub lease_ttl_ms: u64,
+    /// The command-signing key (Ed25519, PKCS#8 PEM): signs every message to agents, whose
+    /// pinned public keys must include its public half. Required to serve; generate one
+    /// with `scheduler --keygen DIR`.
+    #[arg(long, env = "SCHEDULER_COMMAND_KEY_FILE")]
+    pub command_key_file: Option<PathBuf>,
+    /// How long a signed command stays valid, seconds (agents refuse it afterwards).
+    #[arg(long, env = "SCHEDULER_COMMAND_TTL_SECS", default_value_t = 600)]
+    pub command_ttl_secs: u64,
+    /// The agent-token key (Ed25519, PKCS#8 PEM): signs agent tokens; gateways verify agents
+    /// against its public half. Without it the scheduler cannot renew or issue agent
+    /// credentials.
+    #[arg(long, env = "SCHEDULER_AGENT_TOKEN_KEY_FILE")]
+    pub agent_token_key_file: Option<PathBuf>,
+    /// Lifetime of the agent tokens the scheduler issues and renews, seconds. A connected
+    /// agent gets a new one when half of it has passed.
+    #[arg(long, env = "SCHEDULER_AGENT_TOKEN_TTL_SECS", default_value_t = 3600)]
+    pub agent_token_ttl_secs: u64,
+    /// Generate a command key and an agent-token key (with their public halves) in this
+    /// directory and exit.
+    #[arg(long, value_name = "DIR")]
+    pub keygen: Option<PathBuf>,
+    /// Print an agent token for this node (signed with the agent-token key, valid for
+    /// `--token-ttl-secs`) and exit: how an agent is enrolled.
+    #[arg(long, value_name = "NODE")]
+    pub mint_agent_token: Option<String>,
+    /// Lifetime of `--mint-agent-token`, seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub token_ttl_secs: u64,
     /// Log format: `text` or `json`.
     #[arg(long, env = "SCHEDULER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -100,6 +133,12 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// JetStream key-value bucket of the leader lease.
     pub lease_bucket: String,
+    /// Signs every message to agents.
+    pub command_key: Arc<CommandSigner>,
+    /// How long a signed command stays valid.
+    pub command_ttl: Duration,
+    /// Issues and renews agent tokens, when configured.
+    pub agent_tokens: Option<Arc<AgentTokens>>,
 }
 
 impl Config {
@@ -121,6 +160,10 @@ impl Config {
             instance: host_name(),
             lease_ttl: crate::lease::DEFAULT_TTL,
             lease_bucket: crate::lease::DEFAULT_BUCKET.to_owned(),
+            // A throwaway key: tests that run agents set the key those agents pin.
+            command_key: Arc::new(CommandSigner::generate()),
+            command_ttl: Duration::from_secs(600),
+            agent_tokens: None,
         }
     }
 
@@ -137,6 +180,26 @@ impl Config {
         config.heartbeat = Duration::from_millis(args.heartbeat_ms);
         config.dispatch_timeout = Duration::from_millis(args.dispatch_timeout_ms);
         config.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
+        let Some(command_key_file) = &args.command_key_file else {
+            return Err(ConfigError::Invalid(
+                "SCHEDULER_COMMAND_KEY_FILE is required: agents act only on signed commands \
+                 (generate keys with `scheduler --keygen DIR`, see docs/security.md)"
+                    .into(),
+            ));
+        };
+        let pem = read_pem(command_key_file).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.command_key = Arc::new(CommandSigner::from_pem(&pem).map_err(|e| {
+            ConfigError::Invalid(format!("{}: {e}", command_key_file.display()))
+        })?);
+        config.command_ttl = Duration::from_secs(args.command_ttl_secs);
+        if let Some(path) = &args.agent_token_key_file {
+            let pem = read_pem(path).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            let ttl = Duration::from_secs(args.agent_token_ttl_secs);
+            config.agent_tokens = Some(Arc::new(
+                AgentTokens::from_pem(&pem, ttl)
+                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?,
+            ));
+        }
         if let Some(instance) = &args.instance {
             config.instance = instance.trim().to_owned();
         }
@@ -180,6 +243,22 @@ impl Config {
         }
         if self.db_path.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("database path is empty".into()));
+        }
+        let command_ttl_ms = u64::try_from(self.command_ttl.as_millis()).unwrap_or(u64::MAX);
+        if self.command_ttl < Duration::from_secs(5)
+            || command_ttl_ms > messages::command::MAX_LIFETIME_MS
+        {
+            return Err(ConfigError::Invalid(format!(
+                "command ttl must be between 5 s and {} s",
+                messages::command::MAX_LIFETIME_MS / 1000
+            )));
+        }
+        if let Some(tokens) = &self.agent_tokens
+            && tokens.ttl < Duration::from_secs(2)
+        {
+            return Err(ConfigError::Invalid(
+                "agent token ttl must be at least 2 s".into(),
+            ));
         }
         Ok(())
     }

@@ -37,7 +37,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/tasks", web::post().to(create_task))
         .route("/v1/tasks", web::get().to(list_tasks))
         .route("/v1/tasks/{id}", web::get().to(get_task))
-        .route("/v1/tasks/{id}/cancel", web::post().to(cancel_task));
+        .route("/v1/tasks/{id}/cancel", web::post().to(cancel_task))
+        .route("/v1/agents/{id}/revoke", web::post().to(revoke_agent))
+        .route("/v1/agents/{id}/revoke", web::delete().to(unrevoke_agent))
+        .route("/v1/agents/{id}/token", web::post().to(enrol_agent))
+        .route("/v1/agents/{id}/refusals", web::get().to(agent_refusals));
 }
 
 /// The routes of a standby (an instance waiting for the leader lease, with no store open):
@@ -426,6 +430,107 @@ async fn cancel_task(
     Ok(HttpResponse::Ok().json(json!({
         "task_id": id,
         "cancelled": cancelled.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+    })))
+}
+
+/// `POST /v1/agents/{id}/revoke`: the node is disconnected everywhere, refused when it
+/// comes back, gets no more credentials, and nothing it sends is stored or acknowledged.
+async fn revoke_agent(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let node = node_id(&path)?;
+    let n = node.clone();
+    let newly = blocking(&shared, move |store| store.revoke(&n, now_ms())).await?;
+    shared.trust.set_revoked(&node, true);
+    tracing::warn!(%node, newly, "Agent revoked.");
+    bus::close_agent(&shared, &node, messages::CloseCode::Revoked).await?;
+    Ok(HttpResponse::Ok().json(json!({"node_id": node.as_str(), "revoked": true, "newly": newly})))
+}
+
+/// `DELETE /v1/agents/{id}/revoke`: lifts a revocation; the node still needs a valid
+/// credential (`POST /v1/agents/{id}/token`) to come back.
+async fn unrevoke_agent(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let node = node_id(&path)?;
+    let n = node.clone();
+    let was = blocking(&shared, move |store| store.unrevoke(&n)).await?;
+    shared.trust.set_revoked(&node, false);
+    tracing::warn!(%node, was, "Agent revocation lifted.");
+    Ok(HttpResponse::Ok().json(json!({"node_id": node.as_str(), "revoked": false, "was_revoked": was})))
+}
+
+/// Body of `POST /v1/agents/{id}/token`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrolRequest {
+    /// Lifetime of the enrolment token, seconds (default 1 day, at most 30 days).
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+/// `POST /v1/agents/{id}/token`: an enrolment token for a new (or re-enrolled) node. The
+/// agent trades it for short-lived renewed tokens as soon as it registers.
+async fn enrol_agent(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: Option<web::Json<EnrolRequest>>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let node = node_id(&path)?;
+    if shared.trust.is_revoked(&node) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "revoked",
+            format!("{node} is revoked; lift it first (DELETE /v1/agents/{node}/revoke)"),
+        ));
+    }
+    let Some(tokens) = shared.config.agent_tokens.as_ref() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_agent_token_key",
+            "this scheduler has no agent-token key (SCHEDULER_AGENT_TOKEN_KEY_FILE)",
+        ));
+    };
+    let ttl = body
+        .and_then(|b| b.ttl_secs)
+        .unwrap_or(86_400)
+        .clamp(1, 30 * 86_400);
+    let (token, expires_at) = tokens
+        .mint(&node, now_ms() / 1000, std::time::Duration::from_secs(ttl))
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "mint_failed", e.to_string())
+        })?;
+    tracing::info!(%node, expires_at, "Enrolment token issued.");
+    Ok(HttpResponse::Ok().json(json!({
+        "node_id": node.as_str(),
+        "token": token,
+        "expires_at": expires_at,
+        "kid": tokens.kid(),
+    })))
+}
+
+/// `GET /v1/agents/{id}/refusals`: commands the node refused, oldest first.
+async fn agent_refusals(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let node = node_id(&path)?;
+    let n = node.clone();
+    let refusals = blocking(&shared, move |store| store.refusals(&n)).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "node_id": node.as_str(),
+        "revoked": shared.trust.is_revoked(&node),
+        "refusals": refusals,
     })))
 }
 

@@ -8,6 +8,7 @@
 //! - [`config`]: flags and environment variables.
 //! - [`output`]: the recent output of running commands, in memory.
 //! - [`lease`]: the leader lease; only the instance holding it is active.
+//! - [`trust`]: command and agent-token keys, credential renewal, revocation, refusals.
 //!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
@@ -17,6 +18,7 @@ mod http;
 pub mod lease;
 pub mod output;
 pub mod store;
+pub mod trust;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -76,6 +78,12 @@ pub struct Metrics {
     pub pushes: AtomicU64,
     /// Bus messages that could not be handled.
     pub bus_errors: AtomicU64,
+    /// Commands agents reported refusing (forged, expired, replayed, another node's).
+    pub commands_refused: AtomicU64,
+    /// Agent credentials issued or renewed.
+    pub credentials_issued: AtomicU64,
+    /// Messages dropped because their node is revoked.
+    pub revoked_dropped: AtomicU64,
     /// Per-hop latency of agent traffic, from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
 }
@@ -88,7 +96,7 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 9] = [
+        let rows: [(&str, &str, &AtomicU64); 12] = [
             ("registers", "Register messages handled", &self.registers),
             (
                 "state_changes",
@@ -106,6 +114,21 @@ impl Metrics {
             ("reports", "Reports ingested", &self.reports),
             ("pushes", "Pushes published to agents", &self.pushes),
             ("bus_errors", "Bus messages that failed", &self.bus_errors),
+            (
+                "commands_refused",
+                "Commands agents reported refusing",
+                &self.commands_refused,
+            ),
+            (
+                "credentials_issued",
+                "Agent credentials issued or renewed",
+                &self.credentials_issued,
+            ),
+            (
+                "revoked_dropped",
+                "Messages from revoked nodes dropped",
+                &self.revoked_dropped,
+            ),
         ];
         let mut out = String::new();
         for (name, help, value) in rows {
@@ -139,6 +162,8 @@ pub struct Shared {
     pub sockets: Mutex<HashMap<SocketId, UserId>>,
     /// Streamed command output (best effort, memory only).
     pub output: output::OutputLog,
+    /// Revoked nodes (mirrors the store) and when each node's credential was last renewed.
+    pub trust: trust::Live,
 }
 
 impl Shared {
@@ -414,10 +439,11 @@ async fn connect(config: Config, store: Arc<Store>) -> Result<Arc<Shared>, Error
     Ok(Arc::new(Shared {
         config,
         client,
-        store,
+        store: Arc::clone(&store),
         metrics: Metrics::default(),
         sockets: Mutex::new(HashMap::new()),
         output: output::OutputLog::default(),
+        trust: trust::Live::load(&store)?,
     }))
 }
 

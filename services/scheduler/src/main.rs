@@ -22,6 +22,12 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    if let Some(dir) = &args.keygen {
+        return keygen(dir);
+    }
+    if let Some(node) = &args.mint_agent_token {
+        return mint_agent_token(&args, node);
+    }
     let _telemetry =
         match servicekit::telemetry::init_main("scheduler", &args.log_format, &args.telemetry) {
             Ok(t) => t,
@@ -51,6 +57,49 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("scheduler: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--keygen DIR`: a command key and an agent-token key, private halves readable by the
+/// owner only.
+fn keygen(dir: &std::path::Path) -> ExitCode {
+    match scheduler::trust::keygen(dir) {
+        Ok(written) => {
+            for path in written {
+                println!("{}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("scheduler: keygen: {e}");
+            ExitCode::from(73)
+        }
+    }
+}
+
+/// `--mint-agent-token NODE`: enrols an agent.
+fn mint_agent_token(args: &Args, node: &str) -> ExitCode {
+    let result = (|| -> Result<String, Box<dyn std::error::Error>> {
+        let path = args
+            .agent_token_key_file
+            .as_ref()
+            .ok_or("--mint-agent-token needs SCHEDULER_AGENT_TOKEN_KEY_FILE")?;
+        let ttl = std::time::Duration::from_secs(args.token_ttl_secs);
+        let tokens =
+            scheduler::trust::AgentTokens::from_pem(&scheduler::trust::read_pem(path)?, ttl)?;
+        let node = messages::UserId::new(node)?;
+        let now = scheduler::bus::now_ms() / 1000;
+        Ok(tokens.mint(&node, now, ttl)?.0)
+    })();
+    match result {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("scheduler: {e}");
+            ExitCode::from(64)
         }
     }
 }

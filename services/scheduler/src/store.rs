@@ -562,6 +562,12 @@ pub struct Store {
 }
 
 impl Store {
+    /// The database, for modules that keep tables of their own in the same file
+    /// ([`crate::trust`]).
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+
     /// Opens (or creates) the store at `path` with default options.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
         Store::open_with(path, StoreOptions::default())
@@ -1545,17 +1551,17 @@ fn parse_node(s: &str) -> Result<UserId, StoreError> {
     UserId::new(s).map_err(|e| StoreError::Corrupt(format!("stored node id {s:?}: {e}")))
 }
 
-fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>, StoreError> {
     rmp_serde::to_vec_named(value).map_err(|source| StoreError::Encode { what, source })
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
 /// A write transaction with durability set explicitly, so a change of redb's default can
 /// never silently weaken the guarantee in the module docs.
-fn begin_durable_write(db: &Database) -> Result<WriteTransaction, StoreError> {
+pub(crate) fn begin_durable_write(db: &Database) -> Result<WriteTransaction, StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)?;
     Ok(txn)

@@ -66,7 +66,9 @@ impl Fleet {
     async fn start(gateway_name: &str) -> Fleet {
         let nats = NatsServer::start().unwrap();
         let url = nats.url();
-        let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+        let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
+        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
+        .unwrap();
         let mut gw_config =
             ws_gateway::Config::new(&url, GatewayId::new(gateway_name).unwrap(), keys);
         gw_config.workers = 1;

@@ -24,7 +24,9 @@ const KEY: &str = "test-api-key-0123456789";
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn gateway(nats: &str) -> ws_gateway::Handle {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
+        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
+        .unwrap();
     let mut config = ws_gateway::Config::new(nats, GatewayId::new("gw-a").unwrap(), keys);
     config.workers = 1;
     config.lease_ttl = Duration::from_secs(5);

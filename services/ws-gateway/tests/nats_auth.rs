@@ -11,7 +11,9 @@ use testkit::ws::{TEST_SECRET, TestClient, token};
 use testkit::{NatsServer, http, workspace_root};
 
 fn config(nats: &str) -> ws_gateway::Config {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
+        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
+        .unwrap();
     let mut config = ws_gateway::Config::new(nats, GatewayId::new("gw-auth").unwrap(), keys);
     config.workers = 1;
     config.lease_ttl = Duration::from_secs(5);

@@ -16,7 +16,9 @@ use ws_gateway::auth::Keys;
 
 /// A gateway config for tests: one worker, the test secret, a short lease TTL.
 pub fn config(nats_url: &str, instance: &str) -> Config {
-    let keys = Keys::new(Some(TEST_SECRET.as_bytes()), None, 0).unwrap();
+    let keys = Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
+        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
+        .unwrap();
     let mut config = Config::new(nats_url, GatewayId::new(instance).unwrap(), keys);
     config.workers = 1;
     config.lease_ttl = Duration::from_secs(5);
