@@ -20,6 +20,9 @@
 //! heartbeat_secs = 10                   # optional: overrides the gateway's interval
 //! allowed_commands = ["/usr/bin/uptime", "df"]   # default: none
 //! metrics_listen = "127.0.0.1:9464"     # optional: serve Prometheus /metrics here
+//! command_keys_file = "command.pub"     # required to run: the control plane's public
+//!                                       # command key(s), PEM; unsigned commands are refused
+//! credential_path = "credential.jwt"    # default: credential.jwt beside the outbox
 //!
 //! [labels]
 //! region = "eu-central"
@@ -34,7 +37,14 @@
 //! are `key=value,key=value`): `AGENT_NODE_ID`, `AGENT_TOKEN`, `AGENT_TOKEN_FILE`,
 //! `AGENT_GATEWAYS`, `AGENT_LABELS`, `AGENT_OUTBOX_PATH`, `AGENT_HEARTBEAT_SECS`,
 //! `AGENT_REPORT_PERIOD_SECS`, `AGENT_BACKOFF_BASE_MS`, `AGENT_BACKOFF_CAP_MS`,
-//! `AGENT_BACKOFF_JITTER`, `AGENT_ALLOWED_COMMANDS`, `AGENT_METRICS_LISTEN`.
+//! `AGENT_BACKOFF_JITTER`, `AGENT_ALLOWED_COMMANDS`, `AGENT_METRICS_LISTEN`,
+//! `AGENT_COMMAND_KEYS_FILE`, `AGENT_CREDENTIAL_PATH`.
+//!
+//! `token`/`token_file` is the enrolment credential (an agent token the operator got from
+//! the scheduler). Once connected, the control plane renews the credential over the live
+//! connection; the agent keeps the newest at `credential_path` and connects with whichever
+//! valid token expires last (the token file is re-read at every connect, so an operator can
+//! drop in a new one without a restart).
 //!
 //! `metrics_listen` is an `IP:port` socket address (`127.0.0.1:9464`, `[::1]:9464`,
 //! `0.0.0.0:9464`; host names are not resolved). When set, the agent serves Prometheus
@@ -44,7 +54,8 @@
 //! free port (see [`crate::AgentHandle::metrics_addr`]); an empty value turns the endpoint
 //! off, so `AGENT_METRICS_LISTEN=` can disable a file's setting.
 //!
-//! Relative paths in the file (`token_file`, `outbox_path`) are resolved against the file's
+//! Relative paths in the file (`token_file`, `outbox_path`, `command_keys_file`,
+//! `credential_path`) are resolved against the file's
 //! directory, so the agent does not depend on the directory it was started from; relative
 //! paths from the environment are used as given.
 
@@ -54,6 +65,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use messages::command::CommandVerifier;
 use messages::{IdError, UserId};
 use serde::Deserialize;
 
@@ -70,6 +82,11 @@ pub const MAX_LABEL_LEN: usize = 128;
 pub struct Token(String);
 
 impl Token {
+    /// Wraps a token's text.
+    pub fn new(text: String) -> Self {
+        Token(text)
+    }
+
     /// The secret text, for the `Authorization` header.
     pub fn expose(&self) -> &str {
         &self.0
@@ -109,6 +126,13 @@ pub struct AgentConfig {
     pub allowed_commands: Vec<String>,
     /// Where to serve the Prometheus `/metrics` endpoint; `None` (the default) serves none.
     pub metrics_listen: Option<SocketAddr>,
+    /// Public keys of the control plane's command key (several during a rotation):
+    /// the agent acts only on commands signed by one of them. `None` when not configured;
+    /// the agent then refuses to start.
+    pub command_keys: Option<CommandVerifier>,
+    /// Where the newest credential the control plane issued is kept (written atomically),
+    /// so a restart reconnects with it rather than with an expired enrolment token.
+    pub credential_path: PathBuf,
     /// The file this was loaded from, if any.
     pub file: Option<PathBuf>,
 }
@@ -140,6 +164,9 @@ pub enum Problem {
     /// Not a valid node id.
     #[error("not a valid node id: {0}")]
     NodeId(IdError),
+    /// The command keys file is unreadable or holds no Ed25519 public key.
+    #[error("command keys: {0}")]
+    CommandKeys(String),
     /// Both `token` and `token_file` are set.
     #[error("both token and token_file are set; use one")]
     TokenAndTokenFile,
@@ -294,6 +321,8 @@ struct FileConfig {
     backoff: Option<FileBackoff>,
     allowed_commands: Option<Vec<String>>,
     metrics_listen: Option<String>,
+    command_keys_file: Option<PathBuf>,
+    credential_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -553,6 +582,42 @@ impl AgentConfig {
             None => None,
         };
 
+        let command_keys = match l.pick(
+            "command_keys_file",
+            "AGENT_COMMAND_KEYS_FILE",
+            f.command_keys_file,
+            parse_path,
+        )? {
+            Some(Sourced { value, origin }) => {
+                let path = l.resolve(value, &origin);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(
+                        "command_keys_file",
+                        origin.clone(),
+                        Problem::CommandKeys(format!("{}: {e}", path.display())),
+                    )
+                })?;
+                Some(CommandVerifier::from_pem(&text).map_err(|e| {
+                    invalid(
+                        "command_keys_file",
+                        origin,
+                        Problem::CommandKeys(format!("{}: {e}", path.display())),
+                    )
+                })?)
+            }
+            None => None,
+        };
+
+        let credential_path = match l.pick(
+            "credential_path",
+            "AGENT_CREDENTIAL_PATH",
+            f.credential_path,
+            parse_path,
+        )? {
+            Some(Sourced { value, origin }) => l.resolve(value, &origin),
+            None => outbox_path.with_file_name("credential.jwt"),
+        };
+
         Ok(AgentConfig {
             node_id: node_id_value,
             token,
@@ -565,6 +630,8 @@ impl AgentConfig {
             backoff,
             allowed_commands,
             metrics_listen,
+            command_keys,
+            credential_path,
             file: path.map(Path::to_path_buf),
         })
     }

@@ -11,11 +11,19 @@
 //! - Between attempts the configured [`ExponentialBackoff`] applies; the attempt counter
 //!   resets once a session got its welcome.
 //! - A reconnect frame (gateway drain) replaces the backoff with its `delay_ms`.
-//! - Close codes 4500-4999 (protocol error, unauthorized, kicked, ...) and an HTTP 401/403
-//!   at the handshake **stop the agent for good** after logging: the documented meaning is
-//!   "do not reconnect until something changes", and for a daemon that change is an
-//!   operator fixing the token or upgrading the agent. The process exits non-zero, so a
-//!   supervisor (systemd) decides whether and when to start it again.
+//! - 4502 (credential expired) reconnects at once with the newest credential (the control
+//!   plane renews it over the live connection, see [`crate::trust`]); it never stops the
+//!   agent. 4505 (revoked) and an HTTP 401/403 at the handshake are retried at the backoff
+//!   cap, loudly: the change that fixes them (re-enrolment, a new token file) happens
+//!   elsewhere, and a daemon that exits cannot notice it.
+//! - Other codes in 4500-4999 (protocol error, frame too large, unsupported version, kicked)
+//!   **stop the agent for good** after logging: they mean this agent and the gateway
+//!   disagree on the protocol, which only an upgrade fixes. The process exits non-zero, so
+//!   a supervisor (systemd) decides whether and when to start it again.
+//!
+//! Every push is a signed command; [`crate::trust::Gate`] admits it or the agent reports a
+//! refusal (outboxed, at most [`REFUSAL_REPORTS_PER_MINUTE`] a minute so forged traffic
+//! cannot fill the disk; the metric counts all).
 //!
 //! Only `ws://` gateways can be reached for now: the workspace builds tokio-tungstenite
 //! without a TLS backend, so a `wss://` URL fails to connect (and is retried like any
@@ -49,10 +57,15 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::ExponentialBackoff;
 use crate::config::{AgentConfig, Token};
+use crate::trust::{Credentials, Gate, GateError, REFUSED_KIND, refusal_report};
+use messages::command::Refusal;
 use crate::executor::{ExecEvent, Executor, RESULT_KIND};
 use crate::metrics_http::MetricsServer;
 use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
 use crate::prom::AgentMetrics;
+
+/// Most refusal reports written per minute; further refusals are only counted and logged.
+pub const REFUSAL_REPORTS_PER_MINUTE: u32 = 30;
 
 /// Outbox entry kind of a status report (a msgpack [`Report`]).
 pub const REPORT_KIND: &str = "report";
@@ -104,6 +117,12 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// No command keys are pinned: the agent could act on nothing, so it does not start.
+    #[error(
+        "no command keys pinned (command_keys_file / AGENT_COMMAND_KEYS_FILE): \
+         every command would be refused"
+    )]
+    NoCommandKeys,
     /// A gateway rejected the token at the handshake.
     #[error("gateway {url} rejected the token (HTTP {status}); not reconnecting")]
     Unauthorized {
@@ -125,6 +144,7 @@ impl RunError {
             RunError::Unauthorized { .. } => 77, // EX_NOPERM
             // The remedy is another `metrics_listen` (the address is taken or not local).
             RunError::MetricsListen { .. } => 78, // EX_CONFIG
+            RunError::NoCommandKeys => 78,
         }
     }
 }
@@ -138,8 +158,28 @@ enum SessionEnd {
     Reconnect { delay: Duration },
     /// Do not reconnect.
     Fatal(RunError),
+    /// The control plane refuses this node (revoked, credential rejected): retry at the
+    /// backoff cap, since the fix happens elsewhere.
+    Locked { reason: String },
     /// The agent is shutting down.
     Shutdown,
+}
+
+/// Why a refusal report could not be written.
+#[derive(Debug, thiserror::Error)]
+enum RefuseError {
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error("encode: {0}")]
+    Encode(payload::PayloadError),
+}
+
+/// Unix time in ms.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// A running agent (connection loop and executor) on the current tokio runtime.
@@ -185,6 +225,9 @@ impl AgentHandle {
 /// Dropping the handle stops the agent too. The metrics endpoint stops with the agent
 /// (however it stops), before [`AgentHandle::join`] returns.
 pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
+    if config.command_keys.as_ref().is_none_or(|k| k.is_empty()) {
+        return Err(RunError::NoCommandKeys);
+    }
     let path = config.outbox_path.clone();
     let outbox = Arc::new(tokio::task::spawn_blocking(move || Outbox::open(path)).await??);
     let metrics = Arc::new(AgentMetrics::new());
@@ -231,6 +274,12 @@ struct Ctx {
     status: Option<fleet::Status>,
     /// Each recent task's trace, continued by its started and result frames.
     traces: TaskTraces,
+    /// Admits signed commands.
+    gate: Arc<Gate>,
+    /// What to connect with.
+    credentials: Arc<Credentials>,
+    /// Refusal reports left in this minute, and when the minute started.
+    refusal_budget: (u32, Instant),
 }
 
 /// Most tasks whose trace context is remembered (for results replayed after a reconnect).
@@ -317,7 +366,21 @@ async fn run_sessions(
         Arc::clone(&metrics),
     );
     let backoff: ExponentialBackoff = config.backoff;
+    let node = config.node_id.to_string();
+    let gate = Arc::new(Gate::new(
+        &node,
+        config.command_keys.clone().unwrap_or_default(),
+    ));
+    let credentials = Arc::new(Credentials::new(
+        &node,
+        config.token.clone(),
+        config.token_file.clone(),
+        config.credential_path.clone(),
+    ));
     let mut ctx = Ctx {
+        gate,
+        credentials,
+        refusal_budget: (REFUSAL_REPORTS_PER_MINUTE, Instant::now()),
         config,
         outbox,
         executor,
@@ -350,6 +413,15 @@ async fn run_sessions(
                 attempt = 0;
                 last_failed = Some(index);
                 ctx.metrics.reconnect();
+                delay
+            }
+            SessionEnd::Locked { reason } => {
+                // Retrying fast would not help: wait as long as the backoff ever does.
+                let delay = backoff.delay(u32::MAX);
+                attempt = 0;
+                last_failed = Some(index);
+                ctx.metrics.reconnect();
+                tracing::error!(gateway = %url, %reason, retry_in = ?delay, "Refused by the control plane; will retry.");
                 delay
             }
             SessionEnd::Lost { welcomed, reason } => {
@@ -552,8 +624,9 @@ enum Next {
 impl Ctx {
     /// Connects to `url`, runs the session to its end and says how it ended.
     async fn session(&mut self, url: &str) -> SessionEnd {
+        let token = self.credentials.current(now_ms() / 1000);
         let ws = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connect(url, &self.config.token)) => match r {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect(url, &token)) => match r {
                 Err(_) => return lost(false, "connect timed out"),
                 Ok(Err(end)) => return end,
                 Ok(Ok(ws)) => ws,
@@ -731,6 +804,11 @@ impl Ctx {
                         self.metrics.result_sent();
                     }
                 }
+                REFUSED_KIND => {
+                    if conn.sent.insert(entry.seq) {
+                        conn.publish(fleet::up::REFUSED, entry.payload).await?;
+                    }
+                }
                 REPORT_KIND => match payload::from_bus::<Report>(&entry.payload) {
                     Ok(report) => {
                         conn.sent.insert(entry.seq);
@@ -755,7 +833,7 @@ impl Ctx {
     async fn on_frame(&mut self, conn: &mut Conn, frame: Frame) -> Result<Next, SessionError> {
         match frame.kind {
             FrameKind::Push => {
-                self.on_push(&frame);
+                self.on_push(conn, &frame).await?;
                 if frame.flags.receipt() && frame.msg_id != 0 {
                     conn.send(Frame::new(FrameKind::Ack).with_msg_id(frame.msg_id))
                         .await?;
@@ -779,44 +857,128 @@ impl Ctx {
         }
     }
 
-    /// Dispatches a push by its route.
-    fn on_push(&mut self, frame: &Frame) {
+    /// Admits a push (signature, node, route, lifetime, replay) and dispatches it by its
+    /// route, or reports the refusal.
+    async fn on_push(&mut self, conn: &mut Conn, frame: &Frame) -> Result<(), SessionError> {
         if frame.flags.compressed() {
             tracing::warn!(route = %frame.route, "Compressed pushes are not supported; ignored.");
-            return;
+            return Ok(());
         }
-        let codec = frame.flags.codec();
-        match frame.route.as_str() {
-            fleet::down::TASK => match payload::decode_body::<Task>(codec, &frame.body) {
+        let route = frame.route.as_str().to_owned();
+        let now = now_ms();
+        let admitted = {
+            let (gate, outbox) = (Arc::clone(&self.gate), Arc::clone(&self.outbox));
+            let (route, body) = (route.clone(), frame.body.clone());
+            tokio::task::spawn_blocking(move || gate.admit(&outbox, &route, &body, now)).await?
+        };
+        let envelope = match admitted {
+            Ok(envelope) => envelope,
+            Err(GateError::Refused(refusal)) => {
+                return self.refuse(conn, &route, &frame.body, &refusal, now).await;
+            }
+            // Not acted on and not remembered: the scheduler retries once the attempt expires.
+            Err(GateError::Outbox(e)) => {
+                tracing::error!(%route, error = %e, "Cannot record a command id; not acting on it.");
+                return Ok(());
+            }
+        };
+        let body = &envelope.body[..];
+        match route.as_str() {
+            fleet::down::TASK => match payload::from_bus::<Task>(body) {
                 Ok(task) => {
                     self.traces
                         .start(task.task_id, frame.trace.as_ref(), frame.msg_id);
                     tracing::info!(
                         task_id = task.task_id,
                         attempt = task.attempt,
+                        command_id = %envelope.id,
                         trace_id = %self.traces.trace_id(task.task_id),
                         "Task received."
                     );
                     self.executor.start(task);
                 }
-                Err(e) => tracing::warn!(error = %e, "Undecodable task."),
+                Err(e) => {
+                    let refusal = Refusal::Body(e.to_string());
+                    return self.refuse(conn, &route, &frame.body, &refusal, now).await;
+                }
             },
-            fleet::down::CANCEL => match payload::decode_body::<Cancel>(codec, &frame.body) {
+            fleet::down::CANCEL => match payload::from_bus::<Cancel>(body) {
                 Ok(cancel) => {
                     let found = self.executor.cancel(cancel.task_id);
                     tracing::info!(task_id = cancel.task_id, found, "Cancel received.");
                 }
                 Err(e) => tracing::warn!(error = %e, "Undecodable cancel."),
             },
-            fleet::down::ACK => match payload::decode_body::<Ack>(codec, &frame.body) {
+            fleet::down::ACK => match payload::from_bus::<Ack>(body) {
                 Ok(ack) => {
                     self.metrics.ack_received();
                     self.on_ack(&ack);
                 }
                 Err(e) => tracing::warn!(error = %e, "Undecodable ack."),
             },
+            fleet::down::CREDENTIAL => match payload::from_bus::<fleet::Credential>(body) {
+                Ok(credential) => {
+                    let credentials = Arc::clone(&self.credentials);
+                    let renewed = tokio::task::spawn_blocking(move || {
+                        credentials.renew(&credential.token)
+                    })
+                    .await?;
+                    match renewed {
+                        Ok(expires_at) => {
+                            self.metrics.credential_renewed();
+                            tracing::info!(expires_at, "Credential renewed.");
+                        }
+                        Err(e) => tracing::error!(error = %e, "Renewed credential refused."),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "Undecodable credential."),
+            },
             other => tracing::debug!(route = other, "Push on an unknown route ignored."),
         }
+        Ok(())
+    }
+
+    /// Counts, logs and (within the budget) reports a refused command.
+    async fn refuse(
+        &mut self,
+        conn: &mut Conn,
+        route: &str,
+        body: &[u8],
+        refusal: &Refusal,
+        now: u64,
+    ) -> Result<(), SessionError> {
+        self.metrics.command_refused();
+        tracing::warn!(%route, reason = refusal.as_str(), detail = %refusal, "Command refused.");
+        let (left, since) = &mut self.refusal_budget;
+        if since.elapsed() >= Duration::from_secs(60) {
+            *left = REFUSAL_REPORTS_PER_MINUTE;
+            *since = Instant::now();
+        }
+        if *left == 0 {
+            return Ok(());
+        }
+        *left -= 1;
+        let report = refusal_report(route, body, refusal, now);
+        let outbox = Arc::clone(&self.outbox);
+        let (seq, bytes) = tokio::task::spawn_blocking(move || {
+            let mut written = Vec::new();
+            let seq = outbox.append_with(REFUSED_KIND, |id| {
+                let mut report = report;
+                report.message_id = id.to_string();
+                written = payload::to_bus(&report).map_err(RefuseError::Encode)?;
+                Ok::<_, RefuseError>(written.clone())
+            })?;
+            Ok::<_, RefuseError>((seq, written))
+        })
+        .await?
+        .map_err(|e| match e {
+            RefuseError::Outbox(e) => SessionError::Outbox(e),
+            RefuseError::Encode(e) => SessionError::Encode(e),
+        })?;
+        if conn.sent.insert(seq) {
+            conn.publish(fleet::up::REFUSED, bytes).await?;
+        }
+        Ok(())
     }
 
     /// Deletes the acknowledged entries, off the loop: each delete is an fsync, and a large
@@ -877,12 +1039,22 @@ fn lost(welcomed: bool, reason: impl Into<String>) -> SessionEnd {
     }
 }
 
-/// Maps a close frame to how the session ends: 4500-4999 is fatal, the rest reconnects.
+/// Maps a close frame to how the session ends: 4502 reconnects with the newest credential,
+/// 4505 (revoked) waits at the backoff cap, the rest of 4500-4999 is fatal, anything else
+/// reconnects.
 fn closed(url: &str, close: Option<CloseFrame>) -> SessionEnd {
     let Some(close) = close else {
         return lost(true, "closed without a code");
     };
     let code = u16::from(close.code);
+    if code == CloseCode::Unauthorized.code() {
+        return lost(true, "credential expired; reconnecting with the newest");
+    }
+    if code == CloseCode::Revoked.code() {
+        return SessionEnd::Locked {
+            reason: format!("gateway {url}: this node is revoked ({code})"),
+        };
+    }
     if (4500..5000).contains(&code) {
         SessionEnd::Fatal(RunError::Refused {
             url: url.to_owned(),
@@ -927,10 +1099,18 @@ async fn connect(url: &str, token: &Token) -> Result<Ws, SessionEnd> {
         Err(tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();
             if status == 401 || status == 403 {
-                Err(SessionEnd::Fatal(RunError::Unauthorized {
-                    url: url.to_owned(),
-                    status,
-                }))
+                let why = response
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+                    .into_owned();
+                Err(SessionEnd::Locked {
+                    reason: format!(
+                        "gateway {url} rejected the credential (HTTP {status}: {why}); \
+                         enrol the node again or check its token"
+                    ),
+                })
             } else {
                 Err(lost(false, format!("handshake refused with HTTP {status}")))
             }

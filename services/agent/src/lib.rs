@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod metrics_http;
 pub mod outbox;
 pub mod prom;
+pub mod trust;
 
 pub use backoff::{BackoffError, ExponentialBackoff};
 pub use config::{AgentConfig, ConfigError, Origin, Problem, Token};

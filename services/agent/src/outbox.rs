@@ -33,6 +33,9 @@ const ENTRIES: TableDefinition<'_, u64, (u64, &str, &[u8])> =
 
 /// Small bookkeeping values. `u128` so the instance id fits; the others are widened `u64`s.
 const META: TableDefinition<'_, &str, u128> = TableDefinition::new("outbox_meta");
+/// Ids of signed commands acted on: command id -> its expiry (unix ms). An id is kept until
+/// its command could no longer verify anyway, so a replay is refused across restarts.
+const SEEN_COMMANDS: TableDefinition<'_, &str, u64> = TableDefinition::new("seen_commands");
 
 /// The random id of this outbox file, written once on first open.
 const META_INSTANCE_ID: &str = "instance_id";
@@ -370,6 +373,37 @@ impl Outbox {
             txn.abort()?;
         }
         Ok(removed)
+    }
+
+    /// Records that the signed command `id` (valid until `expires_ms`) is being acted on,
+    /// durably, before the agent acts. Returns `false` if it was seen before: a replay.
+    /// Ids whose command expired before `prune_before_ms` are dropped in the same
+    /// transaction, which bounds the table by what can still verify.
+    pub fn remember_command(
+        &self,
+        id: &str,
+        expires_ms: u64,
+        prune_before_ms: u64,
+    ) -> Result<bool, OutboxError> {
+        let txn = begin_durable_write(&self.db)?;
+        let new = {
+            let mut seen = txn.open_table(SEEN_COMMANDS)?;
+            if seen.get(id)?.is_some() {
+                false
+            } else {
+                seen.insert(id, expires_ms)?;
+                for item in seen.extract_if(|_, exp| exp < prune_before_ms)? {
+                    item?;
+                }
+                true
+            }
+        };
+        if new {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
+        Ok(new)
     }
 
     /// Number of pending entries.

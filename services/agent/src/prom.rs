@@ -51,6 +51,8 @@ pub struct AgentMetrics {
     results_sent: AtomicU64,
     acks_received: AtomicU64,
     heartbeats_sent: AtomicU64,
+    commands_refused: AtomicU64,
+    credentials_renewed: AtomicU64,
 }
 
 impl AgentMetrics {
@@ -115,6 +117,26 @@ impl AgentMetrics {
     /// The metrics as Prometheus text exposition format (version 0.0.4). `outbox_entries`
     /// is the outbox's current length, or `None` to leave that gauge out (when the outbox
     /// could not be read).
+    /// A command was refused (bad or missing signature, expired, replayed, another node's).
+    pub fn command_refused(&self) {
+        self.commands_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A renewed credential was stored.
+    pub fn credential_renewed(&self) {
+        self.credentials_renewed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Commands refused so far.
+    pub fn commands_refused(&self) -> u64 {
+        self.commands_refused.load(Ordering::Relaxed)
+    }
+
+    /// Credentials renewed so far.
+    pub fn credentials_renewed(&self) -> u64 {
+        self.credentials_renewed.load(Ordering::Relaxed)
+    }
+
     pub fn render(&self, outbox_entries: Option<u64>) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::with_capacity(2048);
@@ -139,6 +161,18 @@ impl AgentMetrics {
             "counter",
             "Sessions or connection attempts that ended and were followed by a retry.",
             get(&self.reconnects),
+        );
+        metric(
+            "agent_commands_refused_total",
+            "counter",
+            "Pushes refused: unsigned, mis-signed, expired, replayed or for another node.",
+            get(&self.commands_refused),
+        );
+        metric(
+            "agent_credentials_renewed_total",
+            "counter",
+            "Renewed credentials received and stored.",
+            get(&self.credentials_renewed),
         );
         metric(
             "agent_tasks_started_total",
