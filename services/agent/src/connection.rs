@@ -1175,10 +1175,9 @@ mod tests {
         assert!(matches!(closed("u", frame(4000)), SessionEnd::Lost { .. }));
         assert!(matches!(closed("u", frame(1006)), SessionEnd::Lost { .. }));
         assert!(matches!(closed("u", None), SessionEnd::Lost { .. }));
-        match closed("u", frame(4502)) {
-            SessionEnd::Fatal(e) => assert_eq!(e.exit_code(), 77),
-            other => panic!("{other:?}"),
-        }
+        // An expired credential reconnects (with the newest one); a revoked node waits.
+        assert!(matches!(closed("u", frame(4502)), SessionEnd::Lost { .. }));
+        assert!(matches!(closed("u", frame(4505)), SessionEnd::Locked { .. }));
         match closed("u", frame(4503)) {
             SessionEnd::Fatal(e) => assert_eq!(e.exit_code(), 76),
             other => panic!("{other:?}"),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use agent::{AgentConfig, AgentHandle, RunError};
+use agent::{AgentConfig, AgentHandle};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use messages::fleet::{
@@ -19,6 +19,7 @@ use messages::payload::{GatewayControl, HeartbeatParams, SessionEvent, from_bus,
 use messages::subject::{self, Event};
 use messages::{ClientKind, CloseCode, GatewayId, headers};
 use testkit::NatsServer;
+use messages::command::CommandSigner;
 use testkit::ws::{TEST_SECRET, token};
 use tokio::sync::mpsc;
 
@@ -79,6 +80,7 @@ token = "{token}"
 gateways = [{gateways}]
 outbox_path = "outbox.redb"
 allowed_commands = ["echo", "sleep", "sh"]
+command_keys_file = "command.pub"
 
 [labels]
 role = "test"
@@ -90,6 +92,7 @@ jitter = 0.3
 "#,
         token = token("node-1", Some("agent"), &[]),
     );
+    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
     AgentConfig::from_toml(&text, &dir.join("agent.toml"), |_| None).unwrap()
 }
 
@@ -211,15 +214,33 @@ impl Scheduler {
     }
 }
 
+/// Pushes `body` to node-1 as the scheduler does: signed with the test command key, on
+/// the node's agent channel.
 async fn push_to(nats: &async_nats::Client, msg_id: u64, route: &str, body: Vec<u8>) {
+    let signer = CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap();
+    let (signed, _) = signer
+        .sign("node-1", route, body, unix_ms(), 60_000)
+        .unwrap();
+    push_raw(nats, msg_id, route, signed).await;
+}
+
+/// Publishes `body` on node-1's agent channel as it is (forgeries, replays).
+async fn push_raw(nats: &async_nats::Client, msg_id: u64, route: &str, body: Vec<u8>) {
     let mut map = async_nats::HeaderMap::new();
     headers::set(&mut map, headers::ROUTE, route).unwrap();
     headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
     headers::set(&mut map, headers::MSG_ID, &msg_id.to_string()).unwrap();
-    nats.publish_with_headers("ws.user.node-1", map, body.into())
+    nats.publish_with_headers("ws.agent.node-1", map, body.into())
         .await
         .unwrap();
     nats.flush().await.unwrap();
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 fn command(argv: &[&str]) -> TaskKind {
@@ -446,8 +467,23 @@ async fn next_connect(connects: &mut async_nats::Subscriber) -> SessionEvent {
     from_bus(&msg.payload).unwrap()
 }
 
+/// The next refusal report (skipping other messages).
+async fn next_refusal(scheduler: &mut Scheduler) -> fleet::Refused {
+    from_bus(&scheduler.expect(fleet::up::REFUSED).await).unwrap()
+}
+
+fn task_body(task_id: u64) -> Vec<u8> {
+    to_bus(&Task {
+        task_id,
+        attempt: 1,
+        spec: command(&["echo", "hi"]),
+        timeout_ms: 5_000,
+    })
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kick_stops_the_agent_for_good() {
+async fn only_signed_commands_on_the_agent_channel_make_the_agent_act() {
     let nats = NatsServer::start().unwrap();
     let mut scheduler = Scheduler::start(&nats.url()).await;
     let mut connects = scheduler
@@ -467,13 +503,28 @@ async fn a_kick_stops_the_agent_for_good() {
         .await
         .unwrap();
     scheduler.expect(fleet::up::REGISTER).await;
-    let connect = tokio::time::timeout(WAIT, connects.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let session: SessionEvent = from_bus(&connect.payload).unwrap();
+    let session = next_connect(&mut connects).await;
 
-    // 4503 is in the "do not reconnect" range: the agent logs and stops with an error.
+    // What any product service can send never reaches the agent: a push to the user
+    // subject of the node id, a socket-addressed push, a kick through gateway control.
+    let signer = CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap();
+    let (signed, _) = signer
+        .sign("node-1", fleet::down::TASK, task_body(900), unix_ms(), 60_000)
+        .unwrap();
+    let mut map = async_nats::HeaderMap::new();
+    headers::set(&mut map, headers::ROUTE, fleet::down::TASK).unwrap();
+    headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
+    headers::set(&mut map, headers::SOCKET_ID, &session.socket_id.to_string()).unwrap();
+    for subject in [
+        "ws.user.node-1".to_owned(),
+        subject::gateway_push(&session.gateway),
+    ] {
+        scheduler
+            .nats
+            .publish_with_headers(subject, map.clone(), signed.clone().into())
+            .await
+            .unwrap();
+    }
     let kick = GatewayControl::Close {
         socket_id: session.socket_id,
         code: CloseCode::Kicked.code(),
@@ -487,11 +538,72 @@ async fn a_kick_stops_the_agent_for_good() {
         )
         .await
         .unwrap();
-    let stopped = tokio::time::timeout(WAIT, agent.join()).await.unwrap();
-    match stopped {
-        Err(RunError::Refused { code, .. }) => assert_eq!(code, 4503),
-        other => panic!("expected a refusal, got {other:?}"),
+    scheduler.nats.flush().await.unwrap();
+
+    // Forgeries on the agent channel itself are refused and reported, each for its reason.
+    push_raw(&scheduler.nats, 2, fleet::down::TASK, task_body(901)).await;
+    assert_eq!(next_refusal(&mut scheduler).await.reason, "unsigned");
+    let stranger = CommandSigner::generate();
+    let (foreign, _) = stranger
+        .sign("node-1", fleet::down::TASK, task_body(902), unix_ms(), 60_000)
+        .unwrap();
+    push_raw(&scheduler.nats, 3, fleet::down::TASK, foreign).await;
+    let refused = next_refusal(&mut scheduler).await;
+    assert_eq!(refused.reason, "unknown_key");
+    assert_eq!(refused.task_id, Some(902));
+    let (other_node, _) = signer
+        .sign("node-2", fleet::down::TASK, task_body(903), unix_ms(), 60_000)
+        .unwrap();
+    push_raw(&scheduler.nats, 4, fleet::down::TASK, other_node).await;
+    assert_eq!(next_refusal(&mut scheduler).await.reason, "other_node");
+    let (expired, _) = signer
+        .sign("node-1", fleet::down::TASK, task_body(904), unix_ms() - 600_000, 1_000)
+        .unwrap();
+    push_raw(&scheduler.nats, 5, fleet::down::TASK, expired).await;
+    assert_eq!(next_refusal(&mut scheduler).await.reason, "expired");
+    let (as_cancel, _) = signer
+        .sign("node-1", fleet::down::CANCEL, task_body(905), unix_ms(), 60_000)
+        .unwrap();
+    push_raw(&scheduler.nats, 6, fleet::down::TASK, as_cancel).await;
+    assert_eq!(next_refusal(&mut scheduler).await.reason, "other_route");
+
+    // The genuine command runs once; the same bytes again are a replay.
+    let (genuine, _) = signer
+        .sign("node-1", fleet::down::TASK, task_body(906), unix_ms(), 60_000)
+        .unwrap();
+    push_raw(&scheduler.nats, 7, fleet::down::TASK, genuine.clone()).await;
+    let result = scheduler.result(906).await;
+    assert_eq!(result.stdout_tail.trim(), "hi");
+    push_raw(&scheduler.nats, 8, fleet::down::TASK, genuine).await;
+    let refused = next_refusal(&mut scheduler).await;
+    assert_eq!(refused.reason, "replayed");
+    assert_eq!(refused.task_id, Some(906));
+    // Nothing but 906 ever ran: not the user-subject, socket-addressed or forged tasks.
+    for (route, payload) in scheduler.drain() {
+        if route == fleet::up::STARTED {
+            let started: TaskStarted = from_bus(&payload).unwrap();
+            assert_eq!(started.task_id, 906);
+        }
     }
+    assert_eq!(agent.metrics().commands_refused(), 6);
+    assert!(agent.metrics().connected(), "the kick did not reach the agent");
+
+    // A revocation close (only the scheduler can publish on the agent channel) does not
+    // stop the agent: it retries at the backoff cap and comes back once allowed.
+    let mut map = async_nats::HeaderMap::new();
+    headers::set(&mut map, headers::CLOSE, &CloseCode::Revoked.code().to_string()).unwrap();
+    scheduler
+        .nats
+        .publish_with_headers("ws.agent.node-1", map, Bytes::new())
+        .await
+        .unwrap();
+    next_connect(&mut connects).await;
+    scheduler.expect(fleet::up::REGISTER).await;
+    agent.stop();
+    assert!(matches!(
+        tokio::time::timeout(WAIT, agent.join()).await.unwrap(),
+        Ok(())
+    ));
     gw.shutdown().await.unwrap();
 }
 
@@ -670,12 +782,13 @@ async fn a_result_survives_kill_9_of_the_agent_process_and_is_delivered_once() {
     std::fs::write(
         &config_path,
         format!(
-            "node_id = \"node-1\"\ntoken = \"{}\"\ngateways = [\"ws://{}/ws\"]\noutbox_path = \"outbox.redb\"\nallowed_commands = [\"echo\"]\n",
+            "node_id = \"node-1\"\ntoken = \"{}\"\ngateways = [\"ws://{}/ws\"]\noutbox_path = \"outbox.redb\"\nallowed_commands = [\"echo\"]\ncommand_keys_file = \"command.pub\"\n",
             token("node-1", Some("agent"), &[]),
             gw.addr()
         ),
     )
     .unwrap();
+    std::fs::write(dir.path().join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
     let spawn_agent = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
             .arg(&config_path)

@@ -44,6 +44,7 @@ outbox_path = "outbox.redb"
 allowed_commands = ["echo"]
 heartbeat_secs = 1
 metrics_listen = "127.0.0.1:0"
+command_keys_file = "command.pub"
 
 [backoff]
 base_ms = 50
@@ -52,6 +53,7 @@ jitter = 0.3
 "#,
         token = token("node-1", Some("agent"), &[]),
     );
+    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
     AgentConfig::from_toml(&text, &dir.join("agent.toml"), |_| None).unwrap()
 }
 
@@ -104,11 +106,18 @@ async fn eventually(addr: SocketAddr, what: &str, check: impl Fn(&str) -> bool) 
 
 /// Pushes to node-1 the way the scheduler does.
 async fn push(nats: &async_nats::Client, msg_id: u64, route: &str, body: Vec<u8>) {
+    let signer =
+        messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (body, _) = signer.sign("node-1", route, body, now, 60_000).unwrap();
     let mut map = async_nats::HeaderMap::new();
     headers::set(&mut map, headers::ROUTE, route).unwrap();
     headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
     headers::set(&mut map, headers::MSG_ID, &msg_id.to_string()).unwrap();
-    nats.publish_with_headers("ws.user.node-1", map, body.into())
+    nats.publish_with_headers("ws.agent.node-1", map, body.into())
         .await
         .unwrap();
     nats.flush().await.unwrap();
