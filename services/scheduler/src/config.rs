@@ -274,8 +274,43 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// A command key file for the lifetime of the test process.
+    fn key_file() -> String {
+        static FILE: std::sync::OnceLock<tempfile::NamedTempFile> = std::sync::OnceLock::new();
+        let file = FILE.get_or_init(|| {
+            let f = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(f.path(), CommandSigner::generate().to_pem().unwrap()).unwrap();
+            f
+        });
+        file.path().display().to_string()
+    }
+
     fn args(keys: &str) -> Args {
-        Args::parse_from(["scheduler", "--api-keys", keys])
+        Args::parse_from([
+            "scheduler",
+            "--api-keys",
+            keys,
+            "--command-key-file",
+            &key_file(),
+        ])
+    }
+
+    #[test]
+    fn the_command_key_is_required_and_checked() {
+        let none = Args::parse_from(["scheduler", "--api-keys", "0123456789abcdef"]);
+        let err = Config::from_args(&none).unwrap_err().to_string();
+        assert!(err.contains("SCHEDULER_COMMAND_KEY_FILE"), "{err}");
+        let bad = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(bad.path(), "not a key").unwrap();
+        let path = bad.path().display().to_string();
+        let args = Args::parse_from([
+            "scheduler",
+            "--api-keys",
+            "0123456789abcdef",
+            "--command-key-file",
+            &path,
+        ]);
+        assert!(Config::from_args(&args).is_err());
     }
 
     #[test]
@@ -303,6 +338,8 @@ mod tests {
             "sched-a",
             "--lease-ttl-ms",
             "2000",
+            "--command-key-file",
+            &key_file(),
         ]);
         let c = Config::from_args(&ok).unwrap();
         assert_eq!(
@@ -315,6 +352,8 @@ mod tests {
             "0123456789abcdef",
             "--lease-ttl-ms",
             "10",
+            "--command-key-file",
+            &key_file(),
         ]);
         assert!(Config::from_args(&short).is_err());
     }

@@ -40,6 +40,7 @@ token = "{token}"
 gateways = ["ws://{gateway}/ws"]
 outbox_path = "{node}.redb"
 allowed_commands = ["echo", "sh"]
+command_keys_file = "command.pub"
 
 [labels]
 region = "{region}"
@@ -51,6 +52,7 @@ jitter = 0.3
 "#,
         token = token(node, Some("agent"), &[]),
     );
+    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
     agent::AgentConfig::from_toml(&text, &dir.join(format!("{node}.toml")), |_| None).unwrap()
 }
 
@@ -78,10 +80,13 @@ impl Fleet {
             ws_gateway::spawn(gw_config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
         ready(gateway.addr()).await;
         let dir = tempfile::tempdir().unwrap();
-        let config = scheduler::Config::new(
+        let mut config = scheduler::Config::new(
             &url,
             vec![KEY.to_owned()],
             dir.path().join("scheduler.redb"),
+        );
+        config.command_key = std::sync::Arc::new(
+            messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
         );
         let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
         ready(sched.addr()).await;

@@ -37,11 +37,14 @@ impl Process {
             .local_addr()
             .unwrap();
         let log = db.with_extension(format!("{instance}.log"));
+        let key_file = db.with_extension("command.key");
+        std::fs::write(&key_file, testkit::ws::TEST_COMMAND_KEY).unwrap();
         let child = Command::new(testkit::process::binary("scheduler", "scheduler"))
             .env("SCHEDULER_LISTEN", addr.to_string())
             .env("SCHEDULER_NATS_URL", nats)
             .env("SCHEDULER_API_KEYS", KEY)
             .env("SCHEDULER_DB", db)
+            .env("SCHEDULER_COMMAND_KEY_FILE", &key_file)
             .env("SCHEDULER_INSTANCE", instance)
             .env("SCHEDULER_LEASE_TTL_MS", TTL.as_millis().to_string())
             .env(
@@ -75,6 +78,9 @@ impl Drop for Process {
 
 fn config(nats: &str, db: &Path, instance: &str) -> scheduler::Config {
     let mut config = scheduler::Config::new(nats, vec![KEY.to_owned()], db);
+    config.command_key = std::sync::Arc::new(
+        messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
+    );
     config.instance = instance.to_owned();
     config.lease_ttl = TTL;
     config.sweep = Duration::from_millis(100);
@@ -161,7 +167,8 @@ async fn bus_push<T: serde::de::DeserializeOwned>(
             .unwrap();
         let map = msg.headers.as_ref().unwrap();
         if headers::get(map, headers::ROUTE) == Some(route) {
-            return payload::from_bus(&msg.payload).unwrap();
+            let envelope = messages::command::peek(&msg.payload).expect("a signed command");
+            return payload::from_bus(&envelope.body).unwrap();
         }
     }
 }
@@ -290,7 +297,7 @@ async fn kill_9_mid_task_then_restart_keeps_registry_tasks_and_results() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("s.redb");
     let bus = async_nats::connect(url.as_str()).await.unwrap();
-    let mut pushes = bus.subscribe("ws.user.node-8").await.unwrap();
+    let mut pushes = bus.subscribe("ws.agent.node-8").await.unwrap();
     bus.flush().await.unwrap();
 
     // Slack of 3 s on top of each task's own timeout before an attempt expires.

@@ -39,6 +39,9 @@ async fn gateway(nats: &str) -> ws_gateway::Handle {
 
 fn scheduler_config(nats: &str, db: &std::path::Path) -> scheduler::Config {
     let mut config = scheduler::Config::new(nats, vec![KEY.to_owned()], db.join("s.redb"));
+    config.command_key = std::sync::Arc::new(
+        messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
+    );
     config.heartbeat = Duration::from_secs(1);
     config.sweep = Duration::from_millis(100);
     config.dispatch_timeout = Duration::from_secs(5);
@@ -86,7 +89,15 @@ async fn next_push<T: serde::de::DeserializeOwned>(agent: &mut TestClient, route
     assert_eq!(f.route.as_str(), route, "{f:?}");
     assert_eq!(f.flags.codec(), BodyCodec::MsgPack);
     assert_ne!(f.msg_id, 0);
-    payload::from_bus(&f.body).unwrap()
+    // Every push to an agent is a signed command for this node and route.
+    let verifier =
+        messages::command::CommandVerifier::from_pem(testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let envelope = verifier.verify(&f.body, "node-1", route, now).unwrap();
+    payload::from_bus(&envelope.body).unwrap()
 }
 
 fn register(labels: &[(&str, &str)]) -> fleet::Register {
@@ -477,7 +488,10 @@ async fn bus_push<T: serde::de::DeserializeOwned>(
     let map = msg.headers.as_ref().unwrap();
     assert_eq!(headers::get(map, headers::ROUTE), Some(route));
     assert_eq!(headers::get(map, headers::CODEC), Some("msgpack"));
-    payload::from_bus(&msg.payload).unwrap()
+    // A signed command: the message is the envelope's body.
+    let envelope = messages::command::peek(&msg.payload).expect("a signed command");
+    assert_eq!(envelope.route, route);
+    payload::from_bus(&envelope.body).unwrap()
 }
 
 #[tokio::test]
@@ -492,7 +506,7 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
     let sched = start_scheduler(config).await;
     let api = sched.addr();
     let bus = async_nats::connect(url.as_str()).await.unwrap();
-    let mut pushes = bus.subscribe("ws.user.node-2").await.unwrap();
+    let mut pushes = bus.subscribe("ws.agent.node-2").await.unwrap();
     bus.flush().await.unwrap();
 
     // The gateway announces the socket, the agent registers.
