@@ -208,3 +208,48 @@ async fn without_credentials_nobody_gets_in() {
         .await;
     assert!(wrong.is_err(), "a wrong password was accepted");
 }
+
+#[tokio::test]
+async fn only_the_scheduler_may_publish_on_the_agent_channel() {
+    let nats = server();
+    let (dev, _) = login(&nats, "dev", "dev-secret").await;
+    let mut watch = dev.subscribe("ws.agent.>").await.unwrap();
+    dev.flush().await.unwrap();
+    // Product services (ws-api), the load generator and gateways hold credentials that
+    // can push to users, rooms and everyone, never to an agent.
+    for (user, password) in [
+        ("ws-api", "api-secret"),
+        ("loadtest", "load-secret"),
+        ("ws-gateway", "gw-secret"),
+    ] {
+        let (client, mut errors) = login(&nats, user, password).await;
+        client
+            .publish("ws.agent.edge-1", "forged task".into())
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let error = next_error(&mut errors)
+            .await
+            .unwrap_or_else(|| panic!("{user}: no permission violation"));
+        assert!(
+            error.contains("Permissions Violation for Publish") && error.contains("ws.agent"),
+            "{user}: {error}"
+        );
+        assert_eq!(
+            received(&mut watch, Duration::from_millis(300)).await,
+            None,
+            "{user} reached an agent"
+        );
+    }
+    let (sched, mut sched_errors) = login(&nats, "scheduler", "sched-secret").await;
+    sched
+        .publish("ws.agent.edge-1", "signed task".into())
+        .await
+        .unwrap();
+    sched.flush().await.unwrap();
+    assert_eq!(
+        received(&mut watch, Duration::from_secs(2)).await.as_deref(),
+        Some("ws.agent.edge-1")
+    );
+    assert_eq!(next_error(&mut sched_errors).await, None);
+}
