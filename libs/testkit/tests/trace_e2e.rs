@@ -60,6 +60,14 @@ async fn start(receiver: &Receiver) -> System {
         all.extend_from_slice(extra);
         all
     };
+    let keys = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let agent_token_pub = keys("agent-token.pub", testkit::ws::TEST_AGENT_TOKEN_PUBLIC);
+    let command_key = keys("command.key", testkit::ws::TEST_COMMAND_KEY);
+    let command_pub = keys("command.pub", testkit::ws::TEST_COMMAND_PUBLIC);
     let mut procs = vec![
         Process::start(
             &binary("ws-gateway", "ws-gateway"),
@@ -69,6 +77,7 @@ async fn start(receiver: &Receiver) -> System {
                 ("WS_GATEWAY_NATS_URL", nats_url.clone()),
                 ("WS_GATEWAY_INSTANCE", "gw-trace".into()),
                 ("WS_GATEWAY_JWT_HS256_SECRET", TEST_SECRET.into()),
+                ("WS_GATEWAY_AGENT_TOKEN_PUBLIC_KEY_FILE", agent_token_pub),
             ]),
             dir.path().join("gateway.log"),
         ),
@@ -93,6 +102,7 @@ async fn start(receiver: &Receiver) -> System {
                     "SCHEDULER_DB",
                     dir.path().join("s.redb").display().to_string(),
                 ),
+                ("SCHEDULER_COMMAND_KEY_FILE", command_key),
             ]),
             dir.path().join("scheduler.log"),
         ),
@@ -104,7 +114,7 @@ async fn start(receiver: &Receiver) -> System {
     std::fs::write(
         &config,
         format!(
-            "node_id = \"edge-1\"\ntoken = \"{}\"\ngateways = [\"ws://{gateway}/ws\"]\noutbox_path = \"{}\"\nallowed_commands = [\"echo\"]\n",
+            "node_id = \"edge-1\"\ntoken = \"{}\"\ngateways = [\"ws://{gateway}/ws\"]\noutbox_path = \"{}\"\nallowed_commands = [\"echo\"]\ncommand_keys_file = \"{command_pub}\"\n",
             token("edge-1", Some("agent"), &[]),
             dir.path().join("outbox.redb").display()
         ),
@@ -337,8 +347,8 @@ async fn a_push_an_upstream_message_and_an_agent_task_each_make_one_whole_trace(
     let trace_id = created.json()["trace_id"].as_str().unwrap().to_owned();
     let want = [
         ("scheduler", "POST /v1/tasks"),
-        ("scheduler", "publish ws.user"),
-        ("ws-gateway", "process ws.user"),
+        ("scheduler", "publish ws.agent"),
+        ("ws-gateway", "process ws.agent"),
         ("agent", "process agent.task"),
         ("ws-gateway", "publish ws.msg.agent.agent.task.result"),
         ("scheduler", "process ws.msg.agent.agent.task.result"),
@@ -353,8 +363,8 @@ async fn a_push_an_upstream_message_and_an_agent_task_each_make_one_whole_trace(
         panic!("incomplete task trace: {trace:#?}\n{}", system.logs());
     }
     let request = find(&trace, "scheduler", "POST /v1/tasks");
-    let dispatch = find(&trace, "scheduler", "publish ws.user");
-    let deliver = find(&trace, "ws-gateway", "process ws.user");
+    let dispatch = find(&trace, "scheduler", "publish ws.agent");
+    let deliver = find(&trace, "ws-gateway", "process ws.agent");
     let execute = find(&trace, "agent", "process agent.task");
     let result = find(
         &trace,
