@@ -30,8 +30,8 @@ async fn start() -> Services {
     let mut gateways = Vec::new();
     for i in 1..=2 {
         let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-        .unwrap();
+            .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
+            .unwrap();
         let mut config =
             ws_gateway::Config::new(&url, GatewayId::new(format!("smoke-gw-{i}")).unwrap(), keys);
         config.workers = 1;

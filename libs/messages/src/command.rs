@@ -353,8 +353,8 @@ impl CommandVerifier {
         let sig = Signature::from_slice(&signed.sig).map_err(|_| Refusal::BadSignature)?;
         key.verify(&signed_bytes(&signed.envelope), &sig)
             .map_err(|_| Refusal::BadSignature)?;
-        let envelope: Envelope = payload::from_bus(&signed.envelope)
-            .map_err(|e| Refusal::Malformed(e.to_string()))?;
+        let envelope: Envelope =
+            payload::from_bus(&signed.envelope).map_err(|e| Refusal::Malformed(e.to_string()))?;
         if envelope.v != VERSION {
             return Err(Refusal::Malformed(format!("version {}", envelope.v)));
         }

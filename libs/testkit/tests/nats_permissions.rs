@@ -248,7 +248,9 @@ async fn only_the_scheduler_may_publish_on_the_agent_channel() {
         .unwrap();
     sched.flush().await.unwrap();
     assert_eq!(
-        received(&mut watch, Duration::from_secs(2)).await.as_deref(),
+        received(&mut watch, Duration::from_secs(2))
+            .await
+            .as_deref(),
         Some("ws.agent.edge-1")
     );
     assert_eq!(next_error(&mut sched_errors).await, None);

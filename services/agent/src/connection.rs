@@ -57,12 +57,12 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::ExponentialBackoff;
 use crate::config::{AgentConfig, Token};
-use crate::trust::{Credentials, Gate, GateError, REFUSED_KIND, refusal_report};
-use messages::command::Refusal;
 use crate::executor::{ExecEvent, Executor, RESULT_KIND};
 use crate::metrics_http::MetricsServer;
 use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
 use crate::prom::AgentMetrics;
+use crate::trust::{Credentials, Gate, GateError, REFUSED_KIND, refusal_report};
+use messages::command::Refusal;
 
 /// Most refusal reports written per minute; further refusals are only counted and logged.
 pub const REFUSAL_REPORTS_PER_MINUTE: u32 = 30;
@@ -919,10 +919,9 @@ impl Ctx {
             fleet::down::CREDENTIAL => match payload::from_bus::<fleet::Credential>(body) {
                 Ok(credential) => {
                     let credentials = Arc::clone(&self.credentials);
-                    let renewed = tokio::task::spawn_blocking(move || {
-                        credentials.renew(&credential.token)
-                    })
-                    .await?;
+                    let renewed =
+                        tokio::task::spawn_blocking(move || credentials.renew(&credential.token))
+                            .await?;
                     match renewed {
                         Ok(expires_at) => {
                             self.metrics.credential_renewed();
@@ -1177,7 +1176,10 @@ mod tests {
         assert!(matches!(closed("u", None), SessionEnd::Lost { .. }));
         // An expired credential reconnects (with the newest one); a revoked node waits.
         assert!(matches!(closed("u", frame(4502)), SessionEnd::Lost { .. }));
-        assert!(matches!(closed("u", frame(4505)), SessionEnd::Locked { .. }));
+        assert!(matches!(
+            closed("u", frame(4505)),
+            SessionEnd::Locked { .. }
+        ));
         match closed("u", frame(4503)) {
             SessionEnd::Fatal(e) => assert_eq!(e.exit_code(), 76),
             other => panic!("{other:?}"),

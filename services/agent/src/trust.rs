@@ -116,7 +116,10 @@ impl Credentials {
         }
         candidates.push(self.enrolment.clone());
         let exp = |t: &Token| expiry(t.expose()).unwrap_or(u64::MAX);
-        let valid = candidates.iter().filter(|t| exp(t) > now_s).max_by_key(|t| exp(t));
+        let valid = candidates
+            .iter()
+            .filter(|t| exp(t) > now_s)
+            .max_by_key(|t| exp(t));
         // Nothing valid: offer the newest anyway; the gateway says why it refuses.
         valid
             .or_else(|| candidates.iter().max_by_key(|t| exp(t)))
@@ -294,7 +297,10 @@ mod tests {
             creds.renew(&other),
             Err(CredentialError::OtherNode(_))
         ));
-        assert!(matches!(creds.renew("garbage"), Err(CredentialError::Unreadable)));
+        assert!(matches!(
+            creds.renew("garbage"),
+            Err(CredentialError::Unreadable)
+        ));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), renewed);
     }
 

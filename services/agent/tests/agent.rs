@@ -12,6 +12,7 @@ use std::time::Duration;
 use agent::{AgentConfig, AgentHandle};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use messages::command::CommandSigner;
 use messages::fleet::{
     self, Ack, Cancel, Outcome, Register, Task, TaskKind, TaskResult, TaskStarted,
 };
@@ -19,7 +20,6 @@ use messages::payload::{GatewayControl, HeartbeatParams, SessionEvent, from_bus,
 use messages::subject::{self, Event};
 use messages::{ClientKind, CloseCode, GatewayId, headers};
 use testkit::NatsServer;
-use messages::command::CommandSigner;
 use testkit::ws::{TEST_SECRET, token};
 use tokio::sync::mpsc;
 
@@ -509,7 +509,13 @@ async fn only_signed_commands_on_the_agent_channel_make_the_agent_act() {
     // subject of the node id, a socket-addressed push, a kick through gateway control.
     let signer = CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap();
     let (signed, _) = signer
-        .sign("node-1", fleet::down::TASK, task_body(900), unix_ms(), 60_000)
+        .sign(
+            "node-1",
+            fleet::down::TASK,
+            task_body(900),
+            unix_ms(),
+            60_000,
+        )
         .unwrap();
     let mut map = async_nats::HeaderMap::new();
     headers::set(&mut map, headers::ROUTE, fleet::down::TASK).unwrap();
@@ -545,31 +551,61 @@ async fn only_signed_commands_on_the_agent_channel_make_the_agent_act() {
     assert_eq!(next_refusal(&mut scheduler).await.reason, "unsigned");
     let stranger = CommandSigner::generate();
     let (foreign, _) = stranger
-        .sign("node-1", fleet::down::TASK, task_body(902), unix_ms(), 60_000)
+        .sign(
+            "node-1",
+            fleet::down::TASK,
+            task_body(902),
+            unix_ms(),
+            60_000,
+        )
         .unwrap();
     push_raw(&scheduler.nats, 3, fleet::down::TASK, foreign).await;
     let refused = next_refusal(&mut scheduler).await;
     assert_eq!(refused.reason, "unknown_key");
     assert_eq!(refused.task_id, Some(902));
     let (other_node, _) = signer
-        .sign("node-2", fleet::down::TASK, task_body(903), unix_ms(), 60_000)
+        .sign(
+            "node-2",
+            fleet::down::TASK,
+            task_body(903),
+            unix_ms(),
+            60_000,
+        )
         .unwrap();
     push_raw(&scheduler.nats, 4, fleet::down::TASK, other_node).await;
     assert_eq!(next_refusal(&mut scheduler).await.reason, "other_node");
     let (expired, _) = signer
-        .sign("node-1", fleet::down::TASK, task_body(904), unix_ms() - 600_000, 1_000)
+        .sign(
+            "node-1",
+            fleet::down::TASK,
+            task_body(904),
+            unix_ms() - 600_000,
+            1_000,
+        )
         .unwrap();
     push_raw(&scheduler.nats, 5, fleet::down::TASK, expired).await;
     assert_eq!(next_refusal(&mut scheduler).await.reason, "expired");
     let (as_cancel, _) = signer
-        .sign("node-1", fleet::down::CANCEL, task_body(905), unix_ms(), 60_000)
+        .sign(
+            "node-1",
+            fleet::down::CANCEL,
+            task_body(905),
+            unix_ms(),
+            60_000,
+        )
         .unwrap();
     push_raw(&scheduler.nats, 6, fleet::down::TASK, as_cancel).await;
     assert_eq!(next_refusal(&mut scheduler).await.reason, "other_route");
 
     // The genuine command runs once; the same bytes again are a replay.
     let (genuine, _) = signer
-        .sign("node-1", fleet::down::TASK, task_body(906), unix_ms(), 60_000)
+        .sign(
+            "node-1",
+            fleet::down::TASK,
+            task_body(906),
+            unix_ms(),
+            60_000,
+        )
         .unwrap();
     push_raw(&scheduler.nats, 7, fleet::down::TASK, genuine.clone()).await;
     let result = scheduler.result(906).await;
@@ -586,12 +622,20 @@ async fn only_signed_commands_on_the_agent_channel_make_the_agent_act() {
         }
     }
     assert_eq!(agent.metrics().commands_refused(), 6);
-    assert!(agent.metrics().connected(), "the kick did not reach the agent");
+    assert!(
+        agent.metrics().connected(),
+        "the kick did not reach the agent"
+    );
 
     // A revocation close (only the scheduler can publish on the agent channel) does not
     // stop the agent: it retries at the backoff cap and comes back once allowed.
     let mut map = async_nats::HeaderMap::new();
-    headers::set(&mut map, headers::CLOSE, &CloseCode::Revoked.code().to_string()).unwrap();
+    headers::set(
+        &mut map,
+        headers::CLOSE,
+        &CloseCode::Revoked.code().to_string(),
+    )
+    .unwrap();
     scheduler
         .nats
         .publish_with_headers("ws.agent.node-1", map, Bytes::new())
@@ -788,7 +832,11 @@ async fn a_result_survives_kill_9_of_the_agent_process_and_is_delivered_once() {
         ),
     )
     .unwrap();
-    std::fs::write(dir.path().join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+    std::fs::write(
+        dir.path().join("command.pub"),
+        testkit::ws::TEST_COMMAND_PUBLIC,
+    )
+    .unwrap();
     let spawn_agent = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_agent"))
             .arg(&config_path)

@@ -106,8 +106,7 @@ async fn eventually(addr: SocketAddr, what: &str, check: impl Fn(&str) -> bool) 
 
 /// Pushes to node-1 the way the scheduler does.
 async fn push(nats: &async_nats::Client, msg_id: u64, route: &str, body: Vec<u8>) {
-    let signer =
-        messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap();
+    let signer = messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -176,9 +176,9 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
             let hop = servicekit::telemetry::on_receive(&msg, &shared.metrics.hops);
             match as_progress(&msg) {
                 // Kept in the node's outbox until it is enrolled again (not acknowledged).
-                Some(Ok(
-                    Report::Started(ref node, _) | Report::Result(ref node, _),
-                )) if shared.trust.is_revoked(node) => {
+                Some(Ok(Report::Started(ref node, _) | Report::Result(ref node, _)))
+                    if shared.trust.is_revoked(node) =>
+                {
                     Metrics::inc(&shared.metrics.revoked_dropped);
                     continue;
                 }
@@ -498,7 +498,10 @@ async fn refused(shared: &Shared, node: UserId, refused: fleet::Refused) -> Resu
     );
     let n = node.clone();
     let message_id = refused.message_id.clone();
-    blocking(shared, move |store| store.record_refusal(&n, &refused, now_ms())).await?;
+    blocking(shared, move |store| {
+        store.record_refusal(&n, &refused, now_ms())
+    })
+    .await?;
     push(
         shared,
         &node,

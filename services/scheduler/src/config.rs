@@ -31,7 +31,12 @@ pub struct Args {
     pub nats_url: String,
     /// API keys accepted as `Authorization: Bearer <key>`, comma-separated (at least one,
     /// 16+ characters each).
-    #[arg(long, env = "SCHEDULER_API_KEYS", hide_env_values = true, default_value = "")]
+    #[arg(
+        long,
+        env = "SCHEDULER_API_KEYS",
+        hide_env_values = true,
+        default_value = ""
+    )]
     pub api_keys: String,
     /// The redb file holding the registry, tasks and results.
     #[arg(long, env = "SCHEDULER_DB", default_value = "scheduler.redb")]
@@ -188,17 +193,18 @@ impl Config {
             ));
         };
         let pem = read_pem(command_key_file).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        config.command_key = Arc::new(CommandSigner::from_pem(&pem).map_err(|e| {
-            ConfigError::Invalid(format!("{}: {e}", command_key_file.display()))
-        })?);
+        config.command_key =
+            Arc::new(CommandSigner::from_pem(&pem).map_err(|e| {
+                ConfigError::Invalid(format!("{}: {e}", command_key_file.display()))
+            })?);
         config.command_ttl = Duration::from_secs(args.command_ttl_secs);
         if let Some(path) = &args.agent_token_key_file {
             let pem = read_pem(path).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             let ttl = Duration::from_secs(args.agent_token_ttl_secs);
-            config.agent_tokens = Some(Arc::new(
-                AgentTokens::from_pem(&pem, ttl)
-                    .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?,
-            ));
+            config.agent_tokens =
+                Some(Arc::new(AgentTokens::from_pem(&pem, ttl).map_err(|e| {
+                    ConfigError::Invalid(format!("{}: {e}", path.display()))
+                })?));
         }
         if let Some(instance) = &args.instance {
             config.instance = instance.trim().to_owned();

@@ -463,7 +463,8 @@ async fn unrevoke_agent(
     let was = blocking(&shared, move |store| store.unrevoke(&n)).await?;
     shared.trust.set_revoked(&node, false);
     tracing::warn!(%node, was, "Agent revocation lifted.");
-    Ok(HttpResponse::Ok().json(json!({"node_id": node.as_str(), "revoked": false, "was_revoked": was})))
+    Ok(HttpResponse::Ok()
+        .json(json!({"node_id": node.as_str(), "revoked": false, "was_revoked": was})))
 }
 
 /// Body of `POST /v1/agents/{id}/token`.
@@ -506,7 +507,11 @@ async fn enrol_agent(
     let (token, expires_at) = tokens
         .mint(&node, now_ms() / 1000, std::time::Duration::from_secs(ttl))
         .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "mint_failed", e.to_string())
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "mint_failed",
+                e.to_string(),
+            )
         })?;
     tracing::info!(%node, expires_at, "Enrolment token issued.");
     Ok(HttpResponse::Ok().json(json!({

@@ -14,8 +14,8 @@
 //! rest of the store.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
 use std::fmt;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -87,8 +87,7 @@ impl AgentTokens {
     /// From a PKCS#8 PEM Ed25519 private key.
     pub fn from_pem(pem: &str, ttl: Duration) -> Result<Self, String> {
         // Parsed once by dalek too, for the key id operators see in logs.
-        let signer =
-            messages::command::CommandSigner::from_pem(pem).map_err(|e| e.to_string())?;
+        let signer = messages::command::CommandSigner::from_pem(pem).map_err(|e| e.to_string())?;
         let key = EncodingKey::from_ed_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
         Ok(AgentTokens {
             key,
@@ -146,8 +145,16 @@ pub fn keygen(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>, String> 
     for name in ["command", "agent-token"] {
         let signer = messages::command::CommandSigner::generate();
         let files = [
-            (format!("{name}.key"), signer.to_pem().map_err(|e| e.to_string())?, 0o600),
-            (format!("{name}.pub"), signer.public_pem().map_err(|e| e.to_string())?, 0o644),
+            (
+                format!("{name}.key"),
+                signer.to_pem().map_err(|e| e.to_string())?,
+                0o600,
+            ),
+            (
+                format!("{name}.pub"),
+                signer.public_pem().map_err(|e| e.to_string())?,
+                0o644,
+            ),
         ];
         for (file, text, mode) in files {
             let path = dir.join(file);
@@ -396,14 +403,13 @@ mod tests {
     #[test]
     fn minted_agent_tokens_carry_the_node_and_expiry() {
         let signer = messages::command::CommandSigner::generate();
-        let tokens = AgentTokens::from_pem(&signer.to_pem().unwrap(), Duration::from_secs(60))
-            .unwrap();
+        let tokens =
+            AgentTokens::from_pem(&signer.to_pem().unwrap(), Duration::from_secs(60)).unwrap();
         let node = UserId::new("edge-1").unwrap();
         let (token, exp) = tokens.mint(&node, 1_000, Duration::from_secs(60)).unwrap();
         assert_eq!(exp, 1_060);
-        let key =
-            jsonwebtoken::DecodingKey::from_ed_pem(signer.public_pem().unwrap().as_bytes())
-                .unwrap();
+        let key = jsonwebtoken::DecodingKey::from_ed_pem(signer.public_pem().unwrap().as_bytes())
+            .unwrap();
         let mut validation = jsonwebtoken::Validation::new(Algorithm::EdDSA);
         validation.validate_exp = false;
         let data = jsonwebtoken::decode::<AgentClaims>(&token, &key, &validation).unwrap();

@@ -69,8 +69,8 @@ impl Fleet {
         let nats = NatsServer::start().unwrap();
         let url = nats.url();
         let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-        .unwrap();
+            .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
+            .unwrap();
         let mut gw_config =
             ws_gateway::Config::new(&url, GatewayId::new(gateway_name).unwrap(), keys);
         gw_config.workers = 1;

@@ -441,12 +441,18 @@ pub(crate) mod tests {
         }
         // An agent key does not make app identities.
         assert!(matches!(
-            verify(&sign(&agent_key, &json!({"sub": "u", "exp": exp, "kind": "app"})), &k),
+            verify(
+                &sign(&agent_key, &json!({"sub": "u", "exp": exp, "kind": "app"})),
+                &k
+            ),
             Err(AuthError::Claims(_))
         ));
         // Expiry still counts for agents.
         assert_eq!(
-            verify(&sign(&agent_key, &json!({"sub": "edge-1", "exp": now() - 120})), &k),
+            verify(
+                &sign(&agent_key, &json!({"sub": "edge-1", "exp": now() - 120})),
+                &k
+            ),
             Err(AuthError::Expired)
         );
         // A third key is nobody.
@@ -456,7 +462,10 @@ pub(crate) mod tests {
             .with_agent_keys(pem.as_bytes())
             .unwrap();
         assert_eq!(
-            verify(&sign(&stranger, &json!({"sub": "edge-1", "exp": exp})), &only_agents),
+            verify(
+                &sign(&stranger, &json!({"sub": "edge-1", "exp": exp})),
+                &only_agents
+            ),
             Err(AuthError::Signature)
         );
         assert!(matches!(

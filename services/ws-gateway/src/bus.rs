@@ -28,8 +28,8 @@ use messages::frame::encode_parts;
 use messages::payload::{self, GatewayControl, HeartbeatBatch};
 use messages::subject::{self, Event};
 use messages::{
-    BodyCodec, CloseCode, ClientKind, ErrorCode, Flags, FrameKind, GatewayId, RoomId, Route, SocketId,
-    TraceContext, UserId, headers,
+    BodyCodec, ClientKind, CloseCode, ErrorCode, Flags, FrameKind, GatewayId, RoomId, Route,
+    SocketId, TraceContext, UserId, headers,
 };
 use servicekit::telemetry::{MessageSpan, Operation};
 use tokio::sync::{Notify, mpsc, oneshot, watch};

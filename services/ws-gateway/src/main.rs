@@ -55,9 +55,11 @@ fn mint_token(args: &Args, user: &str) -> ExitCode {
         let user = messages::UserId::new(user)?;
         let kind: messages::ClientKind = args.mint_kind.parse()?;
         if kind == messages::ClientKind::Agent {
-            return Err("agent tokens are signed with the agent-token key, not the app secret: \
+            return Err(
+                "agent tokens are signed with the agent-token key, not the app secret: \
                         use `scheduler agent-token` (see docs/security.md)"
-                .into());
+                    .into(),
+            );
         }
         let rooms = args
             .mint_rooms

@@ -446,11 +446,18 @@ mod tests {
         assert_eq!(subjects, ["ws.agent.edge-1", "ws.user.edge-1"]);
         let mut seen = vec![];
         reg.for_user(&user("edge-1"), |id, _| seen.push(id));
-        assert_eq!(seen, [SocketId(2)], "a user push reaches only the app socket");
+        assert_eq!(
+            seen,
+            [SocketId(2)],
+            "a user push reaches only the app socket"
+        );
         seen.clear();
         reg.for_agent(&user("edge-1"), |id, _| seen.push(id));
         assert_eq!(seen, [SocketId(1)]);
-        assert!(reg.handle(SocketId(1)).is_none(), "agents are not addressable by id");
+        assert!(
+            reg.handle(SocketId(1)).is_none(),
+            "agents are not addressable by id"
+        );
         assert_eq!(reg.handle(SocketId(2)), Some(2));
         reg.remove(SocketId(1), &user("edge-1"), &[]);
         assert!(!reg.has_agent(&user("edge-1")));
