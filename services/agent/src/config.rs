@@ -24,6 +24,15 @@
 //!                                       # command key(s), PEM; unsigned commands are refused
 //! credential_path = "credential.jwt"    # default: credential.jwt beside the outbox
 //!
+//! # What tasks may do (see the policy module); the values shown are the defaults.
+//! command_search_path = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+//! allowed_env = []                      # names a task's env may set
+//! allowed_cwd_roots = []                # a task's cwd must lie under one of these
+//! max_concurrent_tasks = 16
+//! max_timeout_ms = 3600000              # 1 hour
+//! probe_allow = []                      # CIDRs, e.g. ["169.254.169.254/32"]
+//! probe_deny = []                       # CIDRs, e.g. ["10.0.0.0/8"]
+//!
 //! [labels]
 //! region = "eu-central"
 //!
@@ -38,13 +47,28 @@
 //! `AGENT_GATEWAYS`, `AGENT_LABELS`, `AGENT_OUTBOX_PATH`, `AGENT_HEARTBEAT_SECS`,
 //! `AGENT_REPORT_PERIOD_SECS`, `AGENT_BACKOFF_BASE_MS`, `AGENT_BACKOFF_CAP_MS`,
 //! `AGENT_BACKOFF_JITTER`, `AGENT_ALLOWED_COMMANDS`, `AGENT_METRICS_LISTEN`,
-//! `AGENT_COMMAND_KEYS_FILE`, `AGENT_CREDENTIAL_PATH`.
+//! `AGENT_COMMAND_KEYS_FILE`, `AGENT_CREDENTIAL_PATH`,
+//! `AGENT_COMMAND_SEARCH_PATH` (separated by `,` or `:`), `AGENT_ALLOWED_ENV`,
+//! `AGENT_ALLOWED_CWD_ROOTS`, `AGENT_MAX_CONCURRENT_TASKS`, `AGENT_MAX_TIMEOUT_MS`,
+//! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`.
 //!
 //! `token`/`token_file` is the enrolment credential (an agent token the operator got from
 //! the scheduler). Once connected, the control plane renews the credential over the live
 //! connection; the agent keeps the newest at `credential_path` and connects with whichever
 //! valid token expires last (the token file is re-read at every connect, so an operator can
 //! drop in a new one without a restart).
+//!
+//! The execution policy ([`crate::policy`] explains each rule): a bare name on
+//! `allowed_commands` runs the first executable of that name on `command_search_path`
+//! (absolute directories; never the agent's or the task's `PATH`), which is also the only
+//! `PATH` a command sees. Commands start from an empty environment (plus `PATH` and
+//! `LANG=C.UTF-8`); a task may set only variables named on `allowed_env`, and loader or
+//! shell variables (`LD_*`, `DYLD_*`, `PATH`, `IFS`, `BASH_ENV`, ...) are rejected here
+//! even if listed. With `allowed_cwd_roots` empty a task may not choose its directory (it
+//! runs in `/`). Beyond `max_concurrent_tasks` running tasks, and above `max_timeout_ms`,
+//! tasks are refused. Probes never reach link-local or cloud metadata addresses
+//! (169.254.0.0/16, fe80::/10, fd00:ec2::254, 100.100.100.200) unless `probe_allow` names
+//! them; `probe_deny` adds ranges; the most specific range decides.
 //!
 //! `metrics_listen` is an `IP:port` socket address (`127.0.0.1:9464`, `[::1]:9464`,
 //! `0.0.0.0:9464`; host names are not resolved). When set, the agent serves Prometheus
@@ -70,6 +94,7 @@ use messages::{IdError, UserId};
 use serde::Deserialize;
 
 use crate::backoff::{BackoffError, ExponentialBackoff};
+use crate::policy::{self, Cidr, CidrError, ExecPolicy};
 
 /// Default period between status reports.
 pub const DEFAULT_REPORT_PERIOD_SECS: u64 = 30;
@@ -121,8 +146,9 @@ pub struct AgentConfig {
     pub report_period: Duration,
     /// Reconnect backoff.
     pub backoff: ExponentialBackoff,
-    /// Programs a command task may run: bare names or absolute paths, matched against the
-    /// task's program exactly. Empty means no command may run.
+    /// Programs a command task may run: bare names (matching a bare `argv[0]`, looked up on
+    /// `command_search_path`) or absolute paths (matching that `argv[0]` exactly). Empty
+    /// means no command may run.
     pub allowed_commands: Vec<String>,
     /// Where to serve the Prometheus `/metrics` endpoint; `None` (the default) serves none.
     pub metrics_listen: Option<SocketAddr>,
@@ -133,6 +159,21 @@ pub struct AgentConfig {
     /// Where the newest credential the control plane issued is kept (written atomically),
     /// so a restart reconnects with it rather than with an expired enrolment token.
     pub credential_path: PathBuf,
+    /// Absolute directories searched, in order, for bare program names; also the only
+    /// `PATH` a command sees.
+    pub command_search_path: Vec<PathBuf>,
+    /// Environment variable names a task may set (never loader or shell ones).
+    pub allowed_env: Vec<String>,
+    /// Directories a task's `cwd` must resolve under; empty means a task may not set one.
+    pub allowed_cwd_roots: Vec<PathBuf>,
+    /// Most tasks running at once; more are refused.
+    pub max_concurrent_tasks: usize,
+    /// Longest timeout a task may ask for; longer ones are refused.
+    pub max_timeout: Duration,
+    /// Probe destinations allowed even though the built-in list denies them.
+    pub probe_allow: Vec<Cidr>,
+    /// Probe destinations denied.
+    pub probe_deny: Vec<Cidr>,
     /// The file this was loaded from, if any.
     pub file: Option<PathBuf>,
 }
@@ -245,6 +286,28 @@ pub enum Problem {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// An invalid search path directory or cwd root.
+    #[error("directory {entry:?}: {reason}")]
+    Directory {
+        /// The offending entry.
+        entry: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The command search path is empty.
+    #[error("at least one directory is required")]
+    EmptySearchPath,
+    /// An invalid or forbidden environment variable name.
+    #[error("environment variable {name:?}: {reason}")]
+    EnvName {
+        /// The offending name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Not a CIDR range.
+    #[error("{0}")]
+    Cidr(CidrError),
 }
 
 /// Why the configuration could not be loaded.
@@ -323,6 +386,13 @@ struct FileConfig {
     metrics_listen: Option<String>,
     command_keys_file: Option<PathBuf>,
     credential_path: Option<PathBuf>,
+    command_search_path: Option<Vec<String>>,
+    allowed_env: Option<Vec<String>>,
+    allowed_cwd_roots: Option<Vec<String>>,
+    max_concurrent_tasks: Option<u64>,
+    max_timeout_ms: Option<u64>,
+    probe_allow: Option<Vec<String>>,
+    probe_deny: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -433,6 +503,11 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, Problem> {
         labels.insert(k.trim().to_owned(), v.trim().to_owned());
     }
     Ok(labels)
+}
+
+/// A `PATH`-like list: `:` is accepted as a separator besides `,`.
+fn parse_search_path(s: &str) -> Result<Vec<String>, Problem> {
+    parse_list(&s.replace(':', ","))
 }
 
 fn parse_path(s: &str) -> Result<PathBuf, Problem> {
@@ -618,6 +693,92 @@ impl AgentConfig {
             None => outbox_path.with_file_name("credential.jwt"),
         };
 
+        let command_search_path = match l.pick(
+            "command_search_path",
+            "AGENT_COMMAND_SEARCH_PATH",
+            f.command_search_path,
+            parse_search_path,
+        )? {
+            Some(Sourced { value, origin }) => {
+                if value.is_empty() {
+                    return Err(invalid(
+                        "command_search_path",
+                        origin,
+                        Problem::EmptySearchPath,
+                    ));
+                }
+                for dir in &value {
+                    check_directory(dir, true)
+                        .map_err(|p| invalid("command_search_path", origin.clone(), p))?;
+                }
+                value.into_iter().map(PathBuf::from).collect()
+            }
+            None => policy::DEFAULT_SEARCH_PATH
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
+        };
+
+        let allowed_env = match l.pick(
+            "allowed_env",
+            "AGENT_ALLOWED_ENV",
+            f.allowed_env,
+            parse_list,
+        )? {
+            Some(Sourced { value, origin }) => {
+                for name in &value {
+                    check_env_name(name).map_err(|p| invalid("allowed_env", origin.clone(), p))?;
+                }
+                value
+            }
+            None => Vec::new(),
+        };
+
+        let allowed_cwd_roots = match l.pick(
+            "allowed_cwd_roots",
+            "AGENT_ALLOWED_CWD_ROOTS",
+            f.allowed_cwd_roots,
+            parse_list,
+        )? {
+            Some(Sourced { value, origin }) => {
+                for dir in &value {
+                    check_directory(dir, false)
+                        .map_err(|p| invalid("allowed_cwd_roots", origin.clone(), p))?;
+                }
+                value.into_iter().map(PathBuf::from).collect()
+            }
+            None => Vec::new(),
+        };
+
+        let max_concurrent_tasks = match l.pick(
+            "max_concurrent_tasks",
+            "AGENT_MAX_CONCURRENT_TASKS",
+            f.max_concurrent_tasks,
+            parse_u64,
+        )? {
+            Some(Sourced { value: 0, origin }) => {
+                return Err(invalid("max_concurrent_tasks", origin, Problem::Zero));
+            }
+            Some(Sourced { value, .. }) => usize::try_from(value).unwrap_or(usize::MAX),
+            None => policy::DEFAULT_MAX_CONCURRENT_TASKS,
+        };
+
+        let max_timeout = match l.pick(
+            "max_timeout_ms",
+            "AGENT_MAX_TIMEOUT_MS",
+            f.max_timeout_ms,
+            parse_u64,
+        )? {
+            Some(Sourced { value: 0, origin }) => {
+                return Err(invalid("max_timeout_ms", origin, Problem::Zero));
+            }
+            Some(Sourced { value, .. }) => Duration::from_millis(value),
+            None => policy::DEFAULT_MAX_TIMEOUT,
+        };
+
+        let probe_allow = resolve_cidrs(&l, "probe_allow", "AGENT_PROBE_ALLOW", f.probe_allow)?;
+        let probe_deny = resolve_cidrs(&l, "probe_deny", "AGENT_PROBE_DENY", f.probe_deny)?;
+
         Ok(AgentConfig {
             node_id: node_id_value,
             token,
@@ -632,8 +793,48 @@ impl AgentConfig {
             metrics_listen,
             command_keys,
             credential_path,
+            command_search_path,
+            allowed_env,
+            allowed_cwd_roots,
+            max_concurrent_tasks,
+            max_timeout,
+            probe_allow,
+            probe_deny,
             file: path.map(Path::to_path_buf),
         })
+    }
+
+    /// The rules the executor checks tasks against.
+    pub fn exec_policy(&self) -> ExecPolicy {
+        ExecPolicy {
+            allowed_commands: self.allowed_commands.clone(),
+            search_path: self.command_search_path.clone(),
+            allowed_env: self.allowed_env.iter().cloned().collect(),
+            allowed_cwd_roots: self.allowed_cwd_roots.clone(),
+            max_concurrent_tasks: self.max_concurrent_tasks,
+            max_timeout: self.max_timeout,
+            probe_allow: self.probe_allow.clone(),
+            probe_deny: self.probe_deny.clone(),
+        }
+    }
+}
+
+fn resolve_cidrs<E: Fn(&str) -> Option<String>>(
+    l: &Layers<'_, E>,
+    field: &'static str,
+    var: &'static str,
+    from_file: Option<Vec<String>>,
+) -> Result<Vec<Cidr>, ConfigError> {
+    match l.pick(field, var, from_file, parse_list)? {
+        Some(Sourced { value, origin }) => value
+            .iter()
+            .map(|c| {
+                c.trim()
+                    .parse::<Cidr>()
+                    .map_err(|e| invalid(field, origin.clone(), Problem::Cidr(e)))
+            })
+            .collect(),
+        None => Ok(Vec::new()),
     }
 }
 
@@ -869,7 +1070,8 @@ fn check_label(key: &str, value: &str) -> Result<(), Problem> {
     Ok(())
 }
 
-/// An allowed command is a bare program name (looked up on PATH when run) or an absolute
+/// An allowed command is a bare program name (looked up on `command_search_path` when run)
+/// or an absolute
 /// path. Relative paths with a slash are refused: what they name depends on the task's
 /// working directory, which the task chooses.
 fn check_command(entry: &str) -> Result<(), Problem> {
@@ -885,6 +1087,42 @@ fn check_command(entry: &str) -> Result<(), Problem> {
     }
     if entry.contains('/') && !entry.starts_with('/') {
         return Err(bad("must be a program name or an absolute path"));
+    }
+    Ok(())
+}
+
+/// A search path directory or cwd root must be absolute (a relative one would depend on
+/// the agent's working directory). A search path entry becomes part of the child's `PATH`,
+/// so it cannot contain the `:` separator.
+fn check_directory(entry: &str, in_path_var: bool) -> Result<(), Problem> {
+    let bad = |reason| Problem::Directory {
+        entry: entry.to_owned(),
+        reason,
+    };
+    if entry.contains('\0') {
+        return Err(bad("contains a NUL byte"));
+    }
+    if !entry.starts_with('/') {
+        return Err(bad("must be an absolute path"));
+    }
+    if in_path_var && entry.contains(':') {
+        return Err(bad("must not contain ':' (it becomes the commands' PATH)"));
+    }
+    Ok(())
+}
+
+fn check_env_name(name: &str) -> Result<(), Problem> {
+    let bad = |reason| Problem::EnvName {
+        name: name.to_owned(),
+        reason,
+    };
+    if !policy::is_env_name(name) {
+        return Err(bad("is not a variable name (letters, digits and _)"));
+    }
+    if policy::is_forbidden_env(name) {
+        return Err(bad(
+            "may never be set by a task: it changes what programs load or what shells run",
+        ));
     }
     Ok(())
 }

@@ -360,7 +360,7 @@ async fn run_sessions(
     metrics: Arc<AgentMetrics>,
 ) -> Result<(), RunError> {
     let executor = Executor::new(
-        config.allowed_commands.clone(),
+        config.exec_policy(),
         Arc::clone(&outbox),
         events_tx,
         Arc::clone(&metrics),

@@ -6,12 +6,22 @@
 //! send. The order matters: a result that was sent but not yet written could be lost by a
 //! crash after the scheduler missed it, while a written result is replayed until acked.
 //!
-//! Commands run only if their program is on the configured allowlist, in their own process
-//! group, so a timeout or cancel kills everything the command started (shell pipelines,
-//! grandchildren), not just the direct child. Because `unsafe` is forbidden in this
-//! repository (so no `libc::killpg`), the group is killed by running `kill -KILL -- -<pgid>`.
+//! Every task is first checked against the [`ExecPolicy`] (program, environment, working
+//! directory, timeout and concurrency caps, probe destinations; see [`crate::policy`]); a
+//! refusal is reported as a failed result whose error starts with `refused:`, without
+//! running anything. Commands run from a cleared environment, by the absolute path the
+//! policy resolved, in their own process group, so a timeout or cancel kills everything the
+//! command started (shell pipelines, grandchildren), not just the direct child. The group
+//! is killed with the `kill(2)` system call through `rustix` (safe code; no `kill` program
+//! is needed, which minimal images such as the compose one do not have).
+//!
+//! Probes resolve their target once, check every resolved address against the policy and
+//! connect to a checked address, so a name cannot be re-resolved to a denied one between
+//! the check and the connection (DNS rebinding). The HTTP probe refuses URLs with
+//! whitespace, control or non-ASCII characters, so nothing in a URL can add a header.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::outbox::{Outbox, OutboxError};
+use crate::policy::{ExecPolicy, Prepared, Refusal, check_probe_text, is_probe_host};
 use crate::prom::AgentMetrics;
 
 /// How much of each output stream a result keeps (the end of it, where errors usually are).
@@ -31,15 +42,13 @@ pub const TAIL_BYTES: usize = 4 * 1024;
 /// The outbox entry kind of a task result.
 pub const RESULT_KIND: &str = "result";
 
-/// A task with a zero timeout gets this one instead: "no timeout" is not something an edge
-/// machine should accept from the network.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub use crate::policy::DEFAULT_TIMEOUT;
 
 /// After a command exits, how long to wait for its output pipes to close before killing
 /// whatever else in its process group still holds them.
 const PIPE_DRAIN: Duration = Duration::from_secs(1);
 
-/// Longest wait for the `kill` helper and for reaping a killed child.
+/// Longest wait for reaping a killed child.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Largest HTTP response head the HTTP probe reads to find the status line.
@@ -127,6 +136,11 @@ impl Execution {
         }
     }
 
+    /// A task the policy does not allow: failed, with the reason after `refused: `.
+    pub fn refused(why: &Refusal) -> Self {
+        Execution::failed(Outcome::Failed, format!("refused: {why}"))
+    }
+
     /// The wire result for `task`, with an empty message id (the outbox fills it in).
     pub fn into_result(self, task: &Task) -> TaskResult {
         TaskResult {
@@ -153,7 +167,7 @@ pub struct Executor {
 
 #[derive(Debug)]
 struct Inner {
-    allowed: Vec<String>,
+    policy: ExecPolicy,
     outbox: Arc<Outbox>,
     events: mpsc::UnboundedSender<ExecEvent>,
     /// Counts started and finished tasks.
@@ -163,17 +177,17 @@ struct Inner {
 }
 
 impl Executor {
-    /// An executor allowing the programs in `allowed`, storing results in `outbox`,
-    /// reporting on `events` and counting tasks in `metrics`.
+    /// An executor running what `policy` allows, storing results in `outbox`, reporting
+    /// on `events` and counting tasks in `metrics`.
     pub fn new(
-        allowed: Vec<String>,
+        policy: ExecPolicy,
         outbox: Arc<Outbox>,
         events: mpsc::UnboundedSender<ExecEvent>,
         metrics: Arc<AgentMetrics>,
     ) -> Self {
         Executor {
             inner: Arc::new(Inner {
-                allowed,
+                policy,
                 outbox,
                 events,
                 metrics,
@@ -184,7 +198,8 @@ impl Executor {
 
     /// Starts `task` in the background. A task id that is already running is ignored: the
     /// scheduler may redeliver a task after a reconnect, and running it twice would be worse
-    /// than reporting it once.
+    /// than reporting it once. With `max_concurrent_tasks` tasks already running, the task
+    /// is refused (a result, not a queue entry).
     pub fn start(&self, task: Task) {
         let (cancel_tx, cancel_rx) = oneshot::channel();
         {
@@ -194,6 +209,13 @@ impl Executor {
             };
             if running.contains_key(&task.task_id) {
                 tracing::info!(task_id = task.task_id, "Task already running; ignored.");
+                return;
+            }
+            if running.len() >= self.inner.policy.max_concurrent_tasks {
+                let why = Refusal::Busy(running.len());
+                drop(running);
+                let this = self.clone();
+                tokio::spawn(async move { this.finish(&task, Execution::refused(&why)).await });
                 return;
             }
             running.insert(task.task_id, cancel_tx);
@@ -226,20 +248,34 @@ impl Executor {
     }
 
     async fn run(&self, task: Task, cancel: oneshot::Receiver<()>) {
-        self.inner.metrics.task_started();
-        let _ = self.inner.events.send(ExecEvent::Started(TaskStarted {
-            task_id: task.task_id,
-            attempt: task.attempt,
-            at_ms: now_ms(),
-        }));
-        let timeout = match task.timeout_ms {
-            0 => DEFAULT_TIMEOUT,
-            ms => Duration::from_millis(ms),
+        let execution = match self.inner.policy.timeout_for(task.timeout_ms) {
+            // Refused before it began: no "started" for it.
+            Err(why) => Execution::refused(&why),
+            Ok(timeout) => {
+                self.inner.metrics.task_started();
+                let _ = self.inner.events.send(ExecEvent::Started(TaskStarted {
+                    task_id: task.task_id,
+                    attempt: task.attempt,
+                    at_ms: now_ms(),
+                }));
+                execute(&task.spec, &self.inner.policy, timeout, cancel).await
+            }
         };
-        let execution = execute(&task.spec, &self.inner.allowed, timeout, cancel).await;
-        self.inner.metrics.task_finished(execution.outcome);
         if let Ok(mut running) = self.inner.running.lock() {
             running.remove(&task.task_id);
+        }
+        self.finish(&task, execution).await;
+    }
+
+    /// Counts, logs and stores the result of `task`, then hands it to the connection loop.
+    async fn finish(&self, task: &Task, execution: Execution) {
+        self.inner.metrics.task_finished(execution.outcome);
+        if let Some(why) = execution
+            .error
+            .as_deref()
+            .filter(|e| e.starts_with("refused: "))
+        {
+            tracing::warn!(task_id = task.task_id, reason = why, "Task refused.");
         }
         tracing::info!(
             task_id = task.task_id,
@@ -247,7 +283,7 @@ impl Executor {
             exit_code = ?execution.exit_code,
             "Task finished."
         );
-        let result = execution.into_result(&task);
+        let result = execution.into_result(task);
         match store(&self.inner.outbox, result).await {
             Ok((seq, payload)) => {
                 let _ = self.inner.events.send(ExecEvent::Finished {
@@ -280,32 +316,110 @@ pub async fn store(outbox: &Arc<Outbox>, result: TaskResult) -> Result<(u64, Vec
     .await?
 }
 
-/// Runs one task spec to completion, timeout or cancel.
+/// Runs one task spec to completion, timeout or cancel, if `policy` allows it.
 pub async fn execute(
     spec: &TaskKind,
-    allowed: &[String],
+    policy: &ExecPolicy,
     timeout: Duration,
     cancel: oneshot::Receiver<()>,
 ) -> Execution {
     match spec {
         TaskKind::Command { argv, env, cwd } => {
-            run_command(argv, env, cwd.as_deref(), allowed, timeout, cancel).await
+            run_command(argv, env, cwd.as_deref(), policy, timeout, cancel).await
         }
         TaskKind::TcpProbe { target } => {
             let started = Instant::now();
-            let probe = async {
-                TcpStream::connect(target.as_str())
-                    .await
-                    .map(|_| Execution::new(Outcome::Succeeded))
-                    .unwrap_or_else(|e| Execution::failed(Outcome::Failed, e.to_string()))
-            };
-            with_deadline(probe, started, timeout, cancel).await
+            with_deadline(tcp_probe(target, policy), started, timeout, cancel).await
         }
         TaskKind::HttpProbe { url } => {
             let started = Instant::now();
-            with_deadline(http_probe(url), started, timeout, cancel).await
+            with_deadline(http_probe(url, policy), started, timeout, cancel).await
         }
     }
+}
+
+/// Resolves `host`, checks every address against the policy and connects to the first
+/// one that answers. Connecting to the checked [`SocketAddr`] (never to the name again)
+/// is what keeps a second DNS answer from sending the probe elsewhere.
+async fn connect_checked(
+    host: &str,
+    port: u16,
+    policy: &ExecPolicy,
+) -> Result<TcpStream, Execution> {
+    if !is_probe_host(host) {
+        return Err(Execution::failed(
+            Outcome::Failed,
+            format!("bad host {host:?}"),
+        ));
+    }
+    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host, port)).await {
+        Ok(addrs) => addrs.collect(),
+        Err(e) => {
+            return Err(Execution::failed(
+                Outcome::Failed,
+                format!("resolve {host}: {e}"),
+            ));
+        }
+    };
+    // One denied address refuses the whole name: a name that also leads to a metadata
+    // service is not one to probe.
+    for addr in &addrs {
+        policy
+            .check_probe_addr(addr.ip())
+            .map_err(|why| Execution::refused(&why))?;
+    }
+    let mut last = format!("{host} resolved to no address");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = format!("connect {addr}: {e}"),
+        }
+    }
+    Err(Execution::failed(Outcome::Failed, last))
+}
+
+/// Connects to `host:port` (`[v6]:port` for IPv6 literals).
+async fn tcp_probe(target: &str, policy: &ExecPolicy) -> Execution {
+    if let Err(why) = check_probe_text(target) {
+        return Execution::refused(&why);
+    }
+    let (host, port) = match split_host_port(target, None) {
+        Ok(parts) => parts,
+        Err(e) => return Execution::failed(Outcome::Failed, format!("{e} in {target}")),
+    };
+    match connect_checked(host, port, policy).await {
+        Ok(_) => Execution::new(Outcome::Succeeded),
+        Err(e) => e,
+    }
+}
+
+/// Splits `host[:port]` or `[v6][:port]` into the host (without brackets) and the port
+/// (`default` when absent; required when `default` is `None`).
+fn split_host_port(authority: &str, default: Option<u16>) -> Result<(&str, u16), &'static str> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or("unterminated [IPv6] host")?;
+        match after {
+            "" => (host, None),
+            p => (
+                host,
+                Some(p.strip_prefix(':').ok_or("junk after the [IPv6] host")?),
+            ),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("no host");
+    }
+    let port = match (port, default) {
+        (Some(p), _) => p.parse::<u16>().map_err(|_| "bad port")?,
+        (None, Some(d)) => d,
+        (None, None) => return Err("no port"),
+    };
+    Ok((host, port))
 }
 
 /// Runs a probe under the task's timeout and cancel, and stamps its latency.
@@ -328,14 +442,17 @@ async fn with_deadline(
 ///
 /// 2xx and 3xx count as succeeded, anything else as failed (with the status recorded):
 /// a probe asks "does the service answer sanely", and a 500 is not sane.
-async fn http_probe(url: &str) -> Execution {
+async fn http_probe(url: &str, policy: &ExecPolicy) -> Execution {
+    if let Err(why) = check_probe_text(url) {
+        return Execution::refused(&why);
+    }
     let (host, port, authority, path) = match parse_http_url(url) {
         Ok(parts) => parts,
         Err(e) => return Execution::failed(Outcome::Failed, e),
     };
-    let mut stream = match TcpStream::connect((host.as_str(), port)).await {
+    let mut stream = match connect_checked(&host, port, policy).await {
         Ok(s) => s,
-        Err(e) => return Execution::failed(Outcome::Failed, format!("connect: {e}")),
+        Err(e) => return e,
     };
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: rt-agent/{}\r\nConnection: close\r\n\r\n",
@@ -375,10 +492,13 @@ async fn http_probe(url: &str) -> Execution {
 }
 
 /// Splits `http://authority/path` into (host to connect to, port, Host header, path).
+/// The caller has already refused whitespace and control characters; the fragment is
+/// dropped (it is never sent).
 fn parse_http_url(url: &str) -> Result<(String, u16, String, String), String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("only http:// URLs are supported: {url}"))?;
+    let rest = rest.split('#').next().unwrap_or_default();
     let split = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(split);
     let path = if path.is_empty() {
@@ -391,18 +511,9 @@ fn parse_http_url(url: &str) -> Result<(String, u16, String, String), String> {
     if authority.is_empty() || authority.contains('@') {
         return Err(format!("bad authority in {url}"));
     }
-    // An IPv6 literal is bracketed and contains colons itself.
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !port.contains(']') => (
-            host,
-            port.parse::<u16>()
-                .map_err(|_| format!("bad port in {url}"))?,
-        ),
-        _ => (authority, 80),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(format!("no host in {url}"));
+    let (host, port) = split_host_port(authority, Some(80)).map_err(|e| format!("{e} in {url}"))?;
+    if !is_probe_host(host) {
+        return Err(format!("bad host in {url}"));
     }
     Ok((host.to_owned(), port, authority.to_owned(), path))
 }
@@ -425,27 +536,51 @@ enum End {
     Cancelled,
 }
 
+/// Checks a command against the policy off the async threads (it reads the file system).
+async fn prepare(
+    policy: &ExecPolicy,
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    cwd: Option<&str>,
+) -> Result<Prepared, Execution> {
+    let (policy, argv, env, cwd) = (
+        policy.clone(),
+        argv.to_vec(),
+        env.clone(),
+        cwd.map(str::to_owned),
+    );
+    match tokio::task::spawn_blocking(move || policy.prepare(&argv, &env, cwd.as_deref())).await {
+        Ok(Ok(prepared)) => Ok(prepared),
+        Ok(Err(why)) => Err(Execution::refused(&why)),
+        Err(e) => Err(Execution::failed(
+            Outcome::Failed,
+            format!("policy check did not complete: {e}"),
+        )),
+    }
+}
+
 async fn run_command(
     argv: &[String],
     env: &BTreeMap<String, String>,
     cwd: Option<&str>,
-    allowed: &[String],
+    policy: &ExecPolicy,
     timeout: Duration,
     mut cancel: oneshot::Receiver<()>,
 ) -> Execution {
-    let Some(program) = argv.first() else {
-        return Execution::failed(Outcome::Failed, "empty argv");
+    let prepared = match prepare(policy, argv, env, cwd).await {
+        Ok(prepared) => prepared,
+        Err(refused) => return refused,
     };
-    // Exact match only: "echo" allows a PATH lookup of echo, "/bin/echo" allows that file;
-    // neither allows the other, so an operator's allowlist means exactly what it says.
-    if !allowed.iter().any(|a| a == program) {
-        return Execution::failed(Outcome::Failed, "not allowed");
-    }
     let started = Instant::now();
-    let mut command = tokio::process::Command::new(program);
+    // The resolved absolute path is executed (no lookup by the spawn), with the task's
+    // argv[0] as given, like a shell would pass it.
+    let mut command = tokio::process::Command::new(&prepared.program);
     command
-        .args(&argv[1..])
-        .envs(env)
+        .arg0(&prepared.arg0)
+        .args(argv.iter().skip(1))
+        .env_clear()
+        .envs(prepared.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&prepared.cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -453,12 +588,14 @@ async fn run_command(
         .process_group(0)
         // If the agent itself goes away mid-task, at least the direct child dies with it.
         .kill_on_drop(true);
-    if let Some(cwd) = cwd {
-        command.current_dir(cwd);
-    }
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(e) => return Execution::failed(Outcome::Failed, format!("spawn {program}: {e}")),
+        Err(e) => {
+            return Execution::failed(
+                Outcome::Failed,
+                format!("spawn {}: {e}", prepared.program.display()),
+            );
+        }
     };
     let pgid = child.id();
     let mut stdout = child.stdout.take().map(|s| tokio::spawn(read_tail(s)));
@@ -473,7 +610,7 @@ async fn run_command(
         End::Exited(Ok(status)) => exited(status),
         End::Exited(Err(e)) => Execution::failed(Outcome::Failed, format!("wait: {e}")),
         End::TimedOut | End::Cancelled => {
-            kill_group(pgid).await;
+            kill_group(pgid);
             // Reap the child; if the group kill failed, fall back to killing it directly.
             if tokio::time::timeout(KILL_WAIT, child.wait()).await.is_err() {
                 let _ = child.start_kill();
@@ -492,7 +629,7 @@ async fn run_command(
     let (out, err) = match drained {
         Ok(tails) => tails,
         Err(_) => {
-            kill_group(pgid).await;
+            kill_group(pgid);
             tokio::time::timeout(KILL_WAIT, join_tails(&mut stdout, &mut stderr))
                 .await
                 .unwrap_or_default()
@@ -555,25 +692,22 @@ async fn read_tail(mut reader: impl AsyncRead + Unpin) -> Vec<u8> {
     tail
 }
 
-/// Sends SIGKILL to the process group `pgid` with the `kill` program.
-async fn kill_group(pgid: Option<u32>) {
-    let Some(pgid) = pgid else { return };
-    let status = tokio::time::timeout(
-        KILL_WAIT,
-        tokio::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pgid}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status(),
-    )
-    .await;
-    match status {
-        Ok(Ok(s)) if s.success() => {}
+/// Sends SIGKILL to the process group `pgid` (`kill(-pgid, SIGKILL)`).
+fn kill_group(pgid: Option<u32>) {
+    use rustix::process::{Pid, Signal, kill_process_group};
+    // Pid 0 or 1 would signal this agent's own group or every process: never a task's.
+    let Some(pid) = pgid
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|&p| p > 1)
+        .and_then(Pid::from_raw)
+    else {
+        return;
+    };
+    match kill_process_group(pid, Signal::KILL) {
+        Ok(()) => {}
         // A group that is already gone is the normal case after an exit.
-        Ok(Ok(s)) => tracing::debug!(pgid, status = %s, "kill found no process group."),
-        Ok(Err(e)) => tracing::warn!(pgid, error = %e, "Cannot run kill."),
-        Err(_) => tracing::warn!(pgid, "kill did not finish."),
+        Err(rustix::io::Errno::SRCH) => tracing::debug!(pgid = ?pgid, "No such process group."),
+        Err(e) => tracing::warn!(pgid = ?pgid, error = %e, "Cannot kill the process group."),
     }
 }
 
@@ -601,13 +735,13 @@ mod tests {
         }
     }
 
-    fn allowed() -> Vec<String> {
-        vec!["echo".into(), "sh".into(), "false".into()]
+    fn policy() -> ExecPolicy {
+        ExecPolicy::with_commands(["echo", "sh", "false"])
     }
 
     async fn run(spec: TaskKind, timeout: Duration) -> Execution {
         let (_tx, rx) = oneshot::channel();
-        execute(&spec, &allowed(), timeout, rx).await
+        execute(&spec, &policy(), timeout, rx).await
     }
 
     #[tokio::test]
@@ -641,7 +775,10 @@ mod tests {
             assert!(e.error.is_some(), "{argv:?}");
         }
         let e = run(command(&["rm"]), Duration::from_secs(10)).await;
-        assert_eq!(e.error.as_deref(), Some("not allowed"));
+        assert_eq!(
+            e.error.as_deref(),
+            Some("refused: program \"rm\" is not on allowed_commands")
+        );
     }
 
     #[tokio::test]
@@ -657,11 +794,9 @@ mod tests {
 
         let (tx, rx) = oneshot::channel();
         let spec = command(&["sh", "-c", "sleep 30"]);
-        let allowed = allowed();
+        let policy = policy();
         let handle =
-            tokio::spawn(
-                async move { execute(&spec, &allowed, Duration::from_secs(30), rx).await },
-            );
+            tokio::spawn(async move { execute(&spec, &policy, Duration::from_secs(30), rx).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         tx.send(()).unwrap();
         let e = tokio::time::timeout(Duration::from_secs(10), handle)
@@ -743,6 +878,13 @@ mod tests {
         assert_eq!(parse_http_url("http://h").unwrap().3, "/");
         assert!(parse_http_url("http://h:x/").is_err());
         assert!(parse_http_url("http:///").is_err());
+        assert!(parse_http_url("http://a:b@h/").is_err());
+        assert!(parse_http_url("http://h%0d/").is_err());
+        assert_eq!(parse_http_url("http://h/p#frag").unwrap().3, "/p");
+        assert_eq!(split_host_port("h:1", None), Ok(("h", 1)));
+        assert_eq!(split_host_port("[::1]:2", None), Ok(("::1", 2)));
+        assert!(split_host_port("h", None).is_err());
+        assert!(split_host_port("[::1", Some(80)).is_err());
         assert_eq!(parse_status_line(b"HTTP/1.1 503 Busy\r\n"), Some(503));
         assert_eq!(parse_status_line(b"SSH-2.0\r\n"), None);
     }

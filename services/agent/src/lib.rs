@@ -6,6 +6,8 @@
 //!   heartbeats, pushes, reconnect policy) and [`start`], which runs an agent.
 //! - [`executor`]: runs tasks (allowlisted commands in their own process group, TCP and
 //!   HTTP probes) and writes each result to the outbox before it is sent.
+//! - [`policy`]: what a task may do (program lookup, environment, working directory,
+//!   caps, probe destinations), checked before anything runs.
 //! - [`outbox`]: the durable redb queue every report and result passes through, so nothing
 //!   is lost across disconnects or a kill -9.
 //! - [`backoff`]: reconnect delays (capped exponential with jitter).
@@ -21,6 +23,7 @@ pub mod executor;
 pub mod metrics;
 pub mod metrics_http;
 pub mod outbox;
+pub mod policy;
 pub mod prom;
 pub mod trust;
 
@@ -30,4 +33,5 @@ pub use connection::{AgentHandle, RunError, start};
 pub use executor::{ExecEvent, Execution, Executor};
 pub use metrics_http::MetricsServer;
 pub use outbox::{Entry, MessageId, Outbox, OutboxError};
+pub use policy::{Cidr, ExecPolicy, Refusal};
 pub use prom::AgentMetrics;

@@ -312,7 +312,10 @@ async fn registers_runs_tasks_and_clears_acked_results() {
         .await;
     let result = scheduler.result(2).await;
     assert_eq!(result.outcome, Outcome::Failed);
-    assert_eq!(result.error.as_deref(), Some("not allowed"));
+    assert_eq!(
+        result.error.as_deref(),
+        Some("refused: program \"rm\" is not on allowed_commands")
+    );
 
     // Past its timeout: killed and reported as timed out.
     scheduler.push_task(3, command(&["sleep", "30"]), 300).await;

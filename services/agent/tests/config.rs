@@ -522,3 +522,176 @@ fn metrics_listen_errors_name_the_setting_and_the_value() {
         "{err:?}"
     );
 }
+
+// ---- execution policy -------------------------------------------------------------------
+
+#[test]
+fn execution_policy_defaults() {
+    let c = load(MINIMAL, no_env).unwrap();
+    assert_eq!(
+        c.command_search_path,
+        [
+            "/usr/local/sbin",
+            "/usr/local/bin",
+            "/usr/sbin",
+            "/usr/bin",
+            "/sbin",
+            "/bin"
+        ]
+        .map(PathBuf::from)
+    );
+    assert!(c.allowed_env.is_empty(), "no task env by default");
+    assert!(c.allowed_cwd_roots.is_empty(), "no task cwd by default");
+    assert_eq!(c.max_concurrent_tasks, 16);
+    assert_eq!(c.max_timeout, Duration::from_secs(3600));
+    assert!(c.probe_allow.is_empty() && c.probe_deny.is_empty());
+    assert_eq!(c.exec_policy(), agent::ExecPolicy::default());
+}
+
+const POLICY: &str = r#"
+command_search_path = ["/opt/tools/bin", "/usr/bin"]
+allowed_env = ["TZ", "MY_SETTING"]
+allowed_cwd_roots = ["/srv/jobs", "/tmp"]
+max_concurrent_tasks = 4
+max_timeout_ms = 600000
+probe_allow = ["169.254.169.254/32"]
+probe_deny = ["10.0.0.0/8", "fd00::/8"]
+"#;
+
+#[test]
+fn execution_policy_from_the_file_and_the_environment() {
+    let text = format!("{MINIMAL}{POLICY}");
+    let c = load(&text, no_env).unwrap();
+    assert_eq!(
+        c.command_search_path,
+        [PathBuf::from("/opt/tools/bin"), PathBuf::from("/usr/bin")]
+    );
+    assert_eq!(c.allowed_env, ["TZ", "MY_SETTING"]);
+    assert_eq!(
+        c.allowed_cwd_roots,
+        [PathBuf::from("/srv/jobs"), PathBuf::from("/tmp")]
+    );
+    assert_eq!(c.max_concurrent_tasks, 4);
+    assert_eq!(c.max_timeout, Duration::from_secs(600));
+    assert_eq!(c.probe_allow, ["169.254.169.254/32".parse().unwrap()]);
+    assert_eq!(
+        c.probe_deny,
+        [
+            "10.0.0.0/8".parse::<agent::Cidr>().unwrap(),
+            "fd00::/8".parse().unwrap()
+        ]
+    );
+    let policy = c.exec_policy();
+    assert_eq!(policy.path_var(), "/opt/tools/bin:/usr/bin");
+    assert_eq!(policy.max_concurrent_tasks, 4);
+
+    // Each variable replaces the file's value; the search path takes `:` like PATH.
+    let e = env(&[
+        ("AGENT_COMMAND_SEARCH_PATH", "/a/bin:/b/bin"),
+        ("AGENT_ALLOWED_ENV", "LANG"),
+        ("AGENT_ALLOWED_CWD_ROOTS", "/data"),
+        ("AGENT_MAX_CONCURRENT_TASKS", "1"),
+        ("AGENT_MAX_TIMEOUT_MS", "1000"),
+        ("AGENT_PROBE_ALLOW", ""),
+        ("AGENT_PROBE_DENY", "192.168.0.0/16, ::1"),
+    ]);
+    let c = load(&text, e).unwrap();
+    assert_eq!(
+        c.command_search_path,
+        [PathBuf::from("/a/bin"), PathBuf::from("/b/bin")]
+    );
+    assert_eq!(c.allowed_env, ["LANG"]);
+    assert_eq!(c.allowed_cwd_roots, [PathBuf::from("/data")]);
+    assert_eq!(c.max_concurrent_tasks, 1);
+    assert_eq!(c.max_timeout, Duration::from_secs(1));
+    assert!(
+        c.probe_allow.is_empty(),
+        "an empty variable clears the list"
+    );
+    assert_eq!(
+        c.probe_deny,
+        [
+            "192.168.0.0/16".parse::<agent::Cidr>().unwrap(),
+            "::1/128".parse().unwrap()
+        ]
+    );
+    let c = load(MINIMAL, env(&[("AGENT_COMMAND_SEARCH_PATH", "/x,/y")])).unwrap();
+    assert_eq!(c.command_search_path.len(), 2);
+}
+
+#[test]
+fn loader_and_shell_variables_cannot_be_allowed() {
+    for name in [
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "PATH",
+        "DYLD_INSERT_LIBRARIES",
+        "BASH_ENV",
+    ] {
+        let text = format!("{MINIMAL}allowed_env = [\"TZ\", \"{name}\"]\n");
+        let (_dir, path) = write_config(&text);
+        let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+        let msg = err.to_string();
+        let p = invalid(err, "allowed_env", &Origin::File(path));
+        assert!(
+            matches!(&p, Problem::EnvName { name: n, .. } if n == name),
+            "{p:?}"
+        );
+        assert!(msg.contains("may never be set"), "{msg}");
+
+        let err = load(MINIMAL, env(&[("AGENT_ALLOWED_ENV", name)])).unwrap_err();
+        invalid(err, "allowed_env", &Origin::Env("AGENT_ALLOWED_ENV"));
+    }
+    let err = load(MINIMAL, env(&[("AGENT_ALLOWED_ENV", "A-B")])).unwrap_err();
+    let p = invalid(err, "allowed_env", &Origin::Env("AGENT_ALLOWED_ENV"));
+    assert!(matches!(p, Problem::EnvName { .. }));
+}
+
+#[test]
+fn execution_policy_errors_name_the_setting() {
+    let cases: [(&str, &str, &str); 10] = [
+        ("command_search_path", "AGENT_COMMAND_SEARCH_PATH", "bin"),
+        ("command_search_path", "AGENT_COMMAND_SEARCH_PATH", ""),
+        ("allowed_cwd_roots", "AGENT_ALLOWED_CWD_ROOTS", "srv/jobs"),
+        ("max_concurrent_tasks", "AGENT_MAX_CONCURRENT_TASKS", "0"),
+        ("max_concurrent_tasks", "AGENT_MAX_CONCURRENT_TASKS", "many"),
+        ("max_timeout_ms", "AGENT_MAX_TIMEOUT_MS", "0"),
+        ("probe_allow", "AGENT_PROBE_ALLOW", "169.254.169.254/33"),
+        ("probe_allow", "AGENT_PROBE_ALLOW", "metadata"),
+        ("probe_deny", "AGENT_PROBE_DENY", "10.0.0.1/8"),
+        ("probe_deny", "AGENT_PROBE_DENY", "10.0.0.0/8,x"),
+    ];
+    for (field, var, value) in cases {
+        let err = load(MINIMAL, env(&[(var, value)])).unwrap_err();
+        let msg = err.to_string();
+        invalid(err, field, &Origin::Env(var));
+        assert!(msg.contains(var), "{msg}");
+    }
+    // A host address where a network belongs is probably a typo: the error suggests one.
+    let err = load(MINIMAL, env(&[("AGENT_PROBE_DENY", "10.0.0.1/8")])).unwrap_err();
+    assert!(err.to_string().contains("10.0.0.0/8"), "{err}");
+
+    let text = format!("{MINIMAL}command_search_path = [\"/usr/bin\", \"tools\"]\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "command_search_path", &Origin::File(path));
+    assert!(matches!(&p, Problem::Directory { entry, .. } if entry == "tools"));
+
+    let text = format!("{MINIMAL}command_search_path = []\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "command_search_path", &Origin::File(path));
+    assert!(matches!(p, Problem::EmptySearchPath));
+
+    let text = format!("{MINIMAL}probe_deny = [\"10.0.0.0/8\", \"nope\"]\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "probe_deny", &Origin::File(path));
+    assert!(matches!(p, Problem::Cidr(_)));
+
+    let text = format!("{MINIMAL}max_timeout_ms = 0\n");
+    let (_dir, path) = write_config(&text);
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    let p = invalid(err, "max_timeout_ms", &Origin::File(path));
+    assert!(matches!(p, Problem::Zero));
+}
