@@ -357,6 +357,8 @@ pub struct Common {
     pub urls: Vec<String>,
     /// Token secret.
     pub secret: String,
+    /// Agent-token key (PEM) for simulated agents; empty when not given.
+    pub agent_key: String,
     /// Connections over all workers.
     pub connections: usize,
     /// Source addresses per worker.
@@ -447,6 +449,7 @@ pub async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError> {
             index: w,
             urls: common.urls.clone(),
             secret: common.secret.clone(),
+            agent_key: common.agent_key.clone(),
             first,
             count,
             rate: if args.rate > 0.0 {

@@ -43,6 +43,11 @@ pub struct Cli {
         default_value = ""
     )]
     secret: String,
+    /// The agent-token private key (Ed25519 PEM, the scheduler's
+    /// `SCHEDULER_AGENT_TOKEN_KEY_FILE`): simulated agents sign their tokens with it, since
+    /// gateways accept agents only with agent-token-signed credentials.
+    #[arg(long, env = "LOADTEST_AGENT_TOKEN_KEY_FILE")]
+    agent_token_key_file: Option<std::path::PathBuf>,
     /// Connections to open (over all workers).
     #[arg(long, default_value_t = 1000)]
     connections: usize,
@@ -146,9 +151,15 @@ fn main() -> ExitCode {
                 if cli.secret.is_empty() {
                     return Err("LOADTEST_SECRET / --secret is required".into());
                 }
+                let agent_key = match &cli.agent_token_key_file {
+                    Some(path) => std::fs::read_to_string(path)
+                        .map_err(|e| format!("{}: {e}", path.display()))?,
+                    None => String::new(),
+                };
                 let common = coordinator::Common {
                     urls: split_urls(&cli.urls),
                     secret: cli.secret.clone(),
+                    agent_key,
                     connections: cli.connections,
                     sources: cli.sources,
                     concurrency: cli.concurrency,

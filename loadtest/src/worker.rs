@@ -52,6 +52,9 @@ pub struct WorkerSpec {
     pub urls: Vec<String>,
     /// HS256 secret for tokens.
     pub secret: String,
+    /// Agent-token key (PEM) for simulated agents' tokens; empty when not given.
+    #[serde(default)]
+    pub agent_key: String,
     /// Global index of this worker's first connection.
     pub first: usize,
     /// Connections this worker holds.
@@ -346,7 +349,11 @@ async fn connection(
         Role::Agent => (format!("{}-{global}", spec.user_prefix), "agent"),
         Role::NatsWs => (String::new(), ""),
     };
-    let token = client::sign(&spec.secret, &user, kind);
+    let token = if kind == "agent" {
+        client::sign_agent(&spec.agent_key, &user)
+    } else {
+        client::sign(&spec.secret, &user, kind)
+    };
     let source = client::source_for(slot, spec.source_first, spec.sources);
     // Identifies this agent's "outbox" in result message ids.
     let instance: u128 = (u128::from(std::process::id()) << 64) | global as u128;

@@ -91,7 +91,10 @@ async fn run(
     args: &[String],
 ) -> serde_json::Value {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loadtest"));
+    let agent_key = out.with_extension("agent-token.key");
+    std::fs::write(&agent_key, testkit::ws::TEST_AGENT_TOKEN_KEY).unwrap();
     cmd.env("LOADTEST_SECRET", TEST_SECRET)
+        .env("LOADTEST_AGENT_TOKEN_KEY_FILE", &agent_key)
         .env("LOADTEST_API_KEY", KEY)
         .args(["--urls", urls, "--sources", "2", "--user-prefix", prefix])
         .args(["--connections", &connections.to_string()])
