@@ -212,9 +212,10 @@ async fn without_credentials_nobody_gets_in() {
 #[tokio::test]
 async fn only_the_scheduler_may_publish_on_the_agent_channel() {
     let nats = server();
-    let (dev, _) = login(&nats, "dev", "dev-secret").await;
-    let mut watch = dev.subscribe("ws.agent.>").await.unwrap();
-    dev.flush().await.unwrap();
+    // The gateway user may subscribe to the agent channel (it delivers to agents).
+    let (watcher, _) = login(&nats, "ws-gateway", "gw-secret").await;
+    let mut watch = watcher.subscribe("ws.agent.>").await.unwrap();
+    watcher.flush().await.unwrap();
     // Product services (ws-api), the load generator and gateways hold credentials that
     // can push to users, rooms and everyone, never to an agent.
     for (user, password) in [
@@ -254,4 +255,69 @@ async fn only_the_scheduler_may_publish_on_the_agent_channel() {
         Some("ws.agent.edge-1")
     );
     assert_eq!(next_error(&mut sched_errors).await, None);
+}
+
+#[tokio::test]
+async fn the_dev_user_only_watches_and_never_sees_agent_traffic() {
+    let nats = server();
+    let (dev, mut dev_errors) = login(&nats, "dev", "dev-secret").await;
+    let mut watch = dev.subscribe(">").await.unwrap();
+    dev.flush().await.unwrap();
+    assert_eq!(next_error(&mut dev_errors).await, None);
+
+    let (gw, _) = login(&nats, "ws-gateway", "gw-secret").await;
+    let (sched, _) = login(&nats, "scheduler", "sched-secret").await;
+    let mut agent_traffic = sched.subscribe("ws.msg.agent.>").await.unwrap();
+    sched.flush().await.unwrap();
+
+    // App traffic: watched.
+    gw.publish("ws.msg.app.chat.send", "hi".into())
+        .await
+        .unwrap();
+    gw.flush().await.unwrap();
+    assert_eq!(
+        received(&mut watch, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("ws.msg.app.chat.send")
+    );
+    // Agent traffic reaches the scheduler but not the watcher.
+    gw.publish("ws.msg.agent.task.result", "secret output".into())
+        .await
+        .unwrap();
+    gw.flush().await.unwrap();
+    assert_eq!(
+        received(&mut agent_traffic, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("ws.msg.agent.task.result")
+    );
+    assert_eq!(received(&mut watch, Duration::from_millis(300)).await, None);
+    // Nor by asking for it directly.
+    let _direct = dev.subscribe("ws.msg.agent.>").await.unwrap();
+    dev.flush().await.unwrap();
+    let error = next_error(&mut dev_errors).await.expect("no violation");
+    assert!(
+        error.contains("Permissions Violation for Subscription"),
+        "{error}"
+    );
+
+    // It publishes nothing: not a push to a node, not a control message.
+    let mut pushes = gw.subscribe("ws.user.>").await.unwrap();
+    gw.flush().await.unwrap();
+    for subject in ["ws.user.edge-1", "ws.ctl"] {
+        dev.publish(subject, "forged".into()).await.unwrap();
+        dev.flush().await.unwrap();
+        let error = next_error(&mut dev_errors)
+            .await
+            .unwrap_or_else(|| panic!("no permission violation for {subject}"));
+        assert!(
+            error.contains("Permissions Violation for Publish") && error.contains(subject),
+            "{subject}: {error}"
+        );
+    }
+    assert_eq!(
+        received(&mut pushes, Duration::from_millis(300)).await,
+        None
+    );
 }

@@ -109,8 +109,11 @@ fn scripts_up_passes_the_smoke_scenario_and_stops_cleanly_on_ctrl_c() {
 
     let secret = read(&run.join("dev-hs256-secret"));
     let key = read(&run.join("dev-api-key"));
+    // The scheduler has its own keys; rt-smoke creates tasks, so it needs the operator one.
+    let scheduler_key = read(&run.join("scheduler-operator-key"));
     let victim = read(&run.join("pids/ws-gateway-1.pid")).trim().to_owned();
     assert!(!secret.is_empty() && !key.is_empty() && !victim.is_empty());
+    assert!(!scheduler_key.is_empty() && scheduler_key != key);
     let gateway_urls = gateways
         .iter()
         .map(|p| format!("ws://127.0.0.1:{p}/ws"))
@@ -123,6 +126,7 @@ fn scripts_up_passes_the_smoke_scenario_and_stops_cleanly_on_ctrl_c() {
         .args(["--agents", "3", "--clients", "9", "--timeout-secs", "180"])
         .args(["--stop-cmd", &format!("kill -TERM {victim}")])
         .env("RT_SMOKE_API_KEY", &key)
+        .env("RT_SMOKE_SCHEDULER_KEY", &scheduler_key)
         .env("RT_SMOKE_SECRET", &secret)
         .output()
         .unwrap();

@@ -11,6 +11,8 @@ use messages::command::CommandSigner;
 
 use crate::trust::{AgentTokens, read_pem};
 
+use crate::auth::{self, ApiKey};
+
 /// Command-line flags and environment variables.
 #[derive(Debug, Parser)]
 #[command(
@@ -29,8 +31,10 @@ pub struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: String,
-    /// API keys accepted as `Authorization: Bearer <key>`, comma-separated (at least one,
-    /// 16+ characters each).
+    /// API keys accepted as `Authorization: Bearer <secret>`: comma-separated
+    /// `name:scope:secret` entries, scope `read` (GET endpoints only) or `operator`
+    /// (everything), secrets of 16+ characters; e.g. `ops:operator:<secret>,dash:read:<secret>`.
+    /// A bare secret (no `:`) is still accepted as an operator key named `key<position>`.
     #[arg(
         long,
         env = "SCHEDULER_API_KEYS",
@@ -38,6 +42,9 @@ pub struct Args {
         default_value = ""
     )]
     pub api_keys: String,
+    /// How long an `Idempotency-Key` of `POST /v1/tasks` is remembered, seconds.
+    #[arg(long, env = "SCHEDULER_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
+    pub idempotency_ttl_secs: u64,
     /// The redb file holding the registry, tasks and results.
     #[arg(long, env = "SCHEDULER_DB", default_value = "scheduler.redb")]
     pub db: PathBuf,
@@ -91,6 +98,9 @@ pub struct Args {
     pub telemetry: servicekit::telemetry::TelemetryArgs,
 }
 
+/// How long an `Idempotency-Key` is remembered by default (as long as Stripe keeps them).
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// Shortest leader lease TTL accepted.
 pub const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
 
@@ -118,8 +128,10 @@ pub enum ConfigError {
 pub struct Config {
     /// NATS URLs.
     pub nats_url: String,
-    /// Accepted API keys.
-    pub api_keys: Vec<String>,
+    /// Accepted API keys, with their names and scopes ([`crate::auth`]).
+    pub api_keys: Vec<ApiKey>,
+    /// How long an `Idempotency-Key` is remembered after the task it created.
+    pub idempotency_ttl: Duration,
     /// The redb file.
     pub db_path: PathBuf,
     /// Agent heartbeat period; offline after [`Config::missed_heartbeats`] of them.
@@ -147,7 +159,9 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for everything but the bus, the keys and the database file.
+    /// Defaults for everything but the bus, the keys and the database file. `api_keys` are
+    /// plain secrets, each an operator key named `key1`, `key2`, … (set
+    /// [`Config::api_keys`] for named and read-only keys).
     pub fn new(
         nats_url: impl Into<String>,
         api_keys: Vec<String>,
@@ -155,7 +169,8 @@ impl Config {
     ) -> Self {
         Config {
             nats_url: nats_url.into(),
-            api_keys,
+            api_keys: ApiKey::legacy(api_keys),
+            idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
             db_path: db_path.into(),
             heartbeat: Duration::from_secs(10),
             missed_heartbeats: 3,
@@ -174,14 +189,10 @@ impl Config {
 
     /// Validates flags.
     pub fn from_args(args: &Args) -> Result<Self, ConfigError> {
-        let keys = args
-            .api_keys
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect();
-        let mut config = Config::new(args.nats_url.clone(), keys, args.db.clone());
+        let mut config = Config::new(args.nats_url.clone(), Vec::new(), args.db.clone());
+        config.api_keys =
+            auth::parse_keys(&args.api_keys).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_secs);
         config.heartbeat = Duration::from_millis(args.heartbeat_ms);
         config.dispatch_timeout = Duration::from_millis(args.dispatch_timeout_ms);
         config.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
@@ -221,9 +232,10 @@ impl Config {
 
     /// Checks values that would make the service misbehave.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.api_keys.is_empty() || self.api_keys.iter().any(|k| k.len() < 16) {
+        auth::validate(&self.api_keys).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.idempotency_ttl.is_zero() {
             return Err(ConfigError::Invalid(
-                "at least one API key of 16+ characters is required".into(),
+                "the idempotency key retention must be positive".into(),
             ));
         }
         if self.heartbeat < Duration::from_millis(10) || self.missed_heartbeats == 0 {
@@ -332,6 +344,30 @@ mod tests {
     fn short_or_missing_keys_are_refused() {
         assert!(Config::from_args(&args("short")).is_err());
         assert!(Config::from_args(&args(" , ")).is_err());
+    }
+
+    #[test]
+    fn named_keys_and_the_idempotency_retention_are_read() {
+        let c = Config::from_args(&Args::parse_from([
+            "scheduler",
+            "--api-keys",
+            "ops:operator:0123456789abcdef,dash:read:fedcba9876543210",
+            "--idempotency-ttl-secs",
+            "60",
+            "--command-key-file",
+            &key_file(),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.api_keys,
+            vec![
+                ApiKey::operator("ops", "0123456789abcdef"),
+                ApiKey::read("dash", "fedcba9876543210")
+            ]
+        );
+        assert_eq!(c.idempotency_ttl, Duration::from_secs(60));
+        let err = Config::from_args(&args("ops:admin:0123456789abcdef")).unwrap_err();
+        assert!(err.to_string().contains("unknown scope"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The operators' HTTP API: agents (list with label/state filters, get one), tasks (create,
-//! list, get with per-target states and results, cancel), plus `/healthz`, `/readyz` and
-//! `/metrics`. Every `/v1` route needs `Authorization: Bearer <api key>`; every error is a
-//! 4xx/5xx with a JSON body `{"error", "detail"}`.
+//! list, get with per-target states and results, cancel), the audit log, plus `/healthz`,
+//! `/readyz` and `/metrics`. Every `/v1` route needs `Authorization: Bearer <api key>`: any
+//! key may `GET`, only operator keys may change anything ([`crate::auth`]); every change is
+//! audited ([`crate::audit`]). Every error is a 4xx/5xx with a JSON body `{"error", "detail"}`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,9 +15,12 @@ use serde_json::json;
 use servicekit::http::ApiError;
 use servicekit::telemetry::server_span;
 
+use crate::audit;
+use crate::auth::Actor;
 use crate::bus::{self, BusError, blocking, is_up, now_ms, store_kind, wire_kind};
 use crate::store::{
-    AgentRecord, AgentState, LabelSelector, StoreError, TargetState, Targets, TaskSpec,
+    AgentRecord, AgentState, Created, IdempotencyClaim, LabelSelector, MAX_AUDIT_LIST,
+    MAX_IDEMPOTENCY_KEY_LEN, StoreError, TargetState, Targets, TaskSpec,
 };
 use crate::{Metrics, Shared};
 
@@ -41,7 +45,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/agents/{id}/revoke", web::post().to(revoke_agent))
         .route("/v1/agents/{id}/revoke", web::delete().to(unrevoke_agent))
         .route("/v1/agents/{id}/token", web::post().to(enrol_agent))
-        .route("/v1/agents/{id}/refusals", web::get().to(agent_refusals));
+        .route("/v1/agents/{id}/refusals", web::get().to(agent_refusals))
+        .route("/v1/audit", web::get().to(list_audit));
 }
 
 /// The routes of a standby (an instance waiting for the leader lease, with no store open):
@@ -84,6 +89,11 @@ impl From<BusError> for ApiError {
             BusError::Store(StoreError::UnknownTask(id)) => {
                 ApiError::not_found(format!("no task {id}"))
             }
+            BusError::Store(e @ StoreError::IdempotencyConflict { .. }) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                format!("{e}; use a new key for a new request"),
+            ),
             other => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -93,8 +103,54 @@ impl From<BusError> for ApiError {
     }
 }
 
-fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
-    servicekit::http::authorize(req, &shared.config.api_keys)
+/// The caller's key, checked against the scope the request's method needs (`GET`: any key;
+/// anything else: operator). The returned actor names the key for the audit log.
+fn authorize(req: &HttpRequest, shared: &Shared) -> Result<Actor, ApiError> {
+    crate::auth::authorize(req, &shared.config.api_keys)
+}
+
+/// The header that makes `POST /v1/tasks` safe to retry.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The request's `Idempotency-Key`, if it sent one: 1 to 255 visible ASCII characters.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.headers().get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value.to_str().map(str::trim).unwrap_or_default();
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(ApiError::bad(
+            "bad_idempotency_key",
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+            ),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// JSON with every object's keys sorted: two requests that differ only in key order or
+/// white space are the same request.
+fn canonical(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            serde_json::Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), canonical(v)))
+                    .collect(),
+            )
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(canonical).collect())
+        }
+        other => other.clone(),
+    }
 }
 
 /// Decodes `%XX` escapes and `+` in a query component; `None` if malformed.
@@ -262,12 +318,15 @@ const DEFAULT_TASK_TIMEOUT_MS: u64 = 60_000;
 
 async fn create_task(
     req: HttpRequest,
-    body: web::Json<CreateTask>,
+    body: web::Json<serde_json::Value>,
     shared: web::Data<Arc<Shared>>,
 ) -> Result<HttpResponse, ApiError> {
     let request = server_span(&req, "/v1/tasks");
-    authorize(&req, &shared)?;
-    let body = body.into_inner();
+    let actor = authorize(&req, &shared)?.traced(&request);
+    let raw = body.into_inner();
+    let key = idempotency_key(&req)?;
+    let body: CreateTask = serde_json::from_value(raw.clone())
+        .map_err(|e| ApiError::bad("malformed_json", e.to_string()))?;
     let targets = match body.targets {
         TargetsRequest::Nodes(ids) => {
             Targets::Nodes(ids.iter().map(|s| node_id(s)).collect::<Result<_, _>>()?)
@@ -292,19 +351,55 @@ async fn create_task(
         traceparent: request.context().map(|t| t.to_traceparent()),
     };
     let created = spec.clone();
-    let (task_id, up) = blocking(&shared, move |store| {
-        let id = store.create_task(&created, now_ms())?;
+    let now = now_ms();
+    let retention = u64::try_from(shared.config.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
+    let claim = key.map(|key| IdempotencyClaim {
+        actor: actor.name.clone(),
+        key,
+        fingerprint: canonical(&raw).to_string(),
+        not_before_ms: now.saturating_sub(retention),
+    });
+    let audit_actor = actor.clone();
+    let audit_detail = json!({
+        "request": raw,
+        "idempotency_key": claim.as_ref().map(|c| c.key.as_str()),
+    });
+    let claimed = claim.clone();
+    let (outcome, entry, up) = blocking(&shared, move |store| {
+        let (outcome, entry) = store.create_task_once(&created, now, claimed.as_ref(), |id| {
+            audit::entry(
+                &audit_actor,
+                audit::TASK_CREATE,
+                format!("task/{id}"),
+                audit_detail,
+            )
+        })?;
         let mut up = Vec::new();
-        if let Some(task) = store.task(id)? {
+        if let Created::New(id) = outcome
+            && let Some(task) = store.task(id)?
+        {
             for node in task.targets.keys() {
                 if store.agent(node)?.is_some_and(|a| is_up(a.state)) {
                     up.push(node.clone());
                 }
             }
         }
-        Ok((id, up))
+        Ok((outcome, entry, up))
     })
     .await?;
+    let task_id = match outcome {
+        Created::New(id) => id,
+        Created::Replayed(id) => {
+            // A retry: nothing new happened, so nothing is audited or dispatched.
+            tracing::info!(task_id = id, actor = %actor.name, "Idempotent retry; returning the task it created.");
+            return Ok(HttpResponse::Ok()
+                .insert_header(("idempotent-replayed", "true"))
+                .json(json!({ "task_id": id, "replayed": true })));
+        }
+    };
+    if let Some(entry) = &entry {
+        audit::log(entry);
+    }
     Metrics::inc(&shared.metrics.tasks_created);
     // Targets that are up get it now; the others when they register again.
     // Not fatal for the request when this fails: targets still Pending go out on the next
@@ -319,6 +414,7 @@ async fn create_task(
     let mut created = json!({
         "task_id": task_id,
         "dispatched": dispatched,
+        "replayed": false,
     });
     if let Some(trace) = request.context() {
         created["trace_id"] = json!(trace.trace_id_hex());
@@ -409,9 +505,21 @@ async fn cancel_task(
     path: web::Path<String>,
     shared: web::Data<Arc<Shared>>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &shared)?;
+    let actor = authorize(&req, &shared)?;
     let id = task_id(&path)?;
-    let cancelled = blocking(&shared, move |store| store.cancel(id, now_ms())).await?;
+    let (cancelled, entry) = blocking(&shared, move |store| {
+        store.cancel_audited(id, now_ms(), |cancelled| {
+            let nodes: Vec<&str> = cancelled.iter().map(|(n, _)| n.as_str()).collect();
+            audit::entry(
+                &actor,
+                audit::TASK_CANCEL,
+                format!("task/{id}"),
+                json!({ "cancelled": nodes }),
+            )
+        })
+    })
+    .await?;
+    audit::log(&entry);
     // Only agents that had the task need telling; pending targets never left the store.
     for (node, old) in &cancelled {
         if old.is_in_flight()
@@ -440,12 +548,20 @@ async fn revoke_agent(
     path: web::Path<String>,
     shared: web::Data<Arc<Shared>>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &shared)?;
+    let actor = authorize(&req, &shared)?;
     let node = node_id(&path)?;
     let n = node.clone();
     let newly = blocking(&shared, move |store| store.revoke(&n, now_ms())).await?;
     shared.trust.set_revoked(&node, true);
     tracing::warn!(%node, newly, "Agent revoked.");
+    audit::record(
+        &shared,
+        &actor,
+        audit::AGENT_REVOKE,
+        format!("agent/{node}"),
+        json!({"newly": newly}),
+    )
+    .await?;
     bus::close_agent(&shared, &node, messages::CloseCode::Revoked).await?;
     Ok(HttpResponse::Ok().json(json!({"node_id": node.as_str(), "revoked": true, "newly": newly})))
 }
@@ -457,12 +573,20 @@ async fn unrevoke_agent(
     path: web::Path<String>,
     shared: web::Data<Arc<Shared>>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &shared)?;
+    let actor = authorize(&req, &shared)?;
     let node = node_id(&path)?;
     let n = node.clone();
     let was = blocking(&shared, move |store| store.unrevoke(&n)).await?;
     shared.trust.set_revoked(&node, false);
     tracing::warn!(%node, was, "Agent revocation lifted.");
+    audit::record(
+        &shared,
+        &actor,
+        audit::AGENT_UNREVOKE,
+        format!("agent/{node}"),
+        json!({"was_revoked": was}),
+    )
+    .await?;
     Ok(HttpResponse::Ok()
         .json(json!({"node_id": node.as_str(), "revoked": false, "was_revoked": was})))
 }
@@ -484,7 +608,7 @@ async fn enrol_agent(
     body: Option<web::Json<EnrolRequest>>,
     shared: web::Data<Arc<Shared>>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&req, &shared)?;
+    let actor = authorize(&req, &shared)?;
     let node = node_id(&path)?;
     if shared.trust.is_revoked(&node) {
         return Err(ApiError::new(
@@ -514,6 +638,15 @@ async fn enrol_agent(
             )
         })?;
     tracing::info!(%node, expires_at, "Enrolment token issued.");
+    // The token itself is a credential: never in the log.
+    audit::record(
+        &shared,
+        &actor,
+        audit::AGENT_ENROL,
+        format!("agent/{node}"),
+        json!({"expires_at": expires_at, "kid": tokens.kid()}),
+    )
+    .await?;
     Ok(HttpResponse::Ok().json(json!({
         "node_id": node.as_str(),
         "token": token,
@@ -537,6 +670,42 @@ async fn agent_refusals(
         "revoked": shared.trust.is_revoked(&node),
         "refusals": refusals,
     })))
+}
+
+/// `GET /v1/audit?since=<seq>&limit=<n>`: entries after sequence number `since` (default
+/// 0), oldest first, at most `limit` (default 100, at most 1000); `next` is the `since` for
+/// the following page.
+async fn list_audit(
+    req: HttpRequest,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let mut since = 0u64;
+    let mut limit = 100usize;
+    for (k, v) in query_pairs(&req)? {
+        match k.as_str() {
+            "since" => {
+                since = v
+                    .parse()
+                    .map_err(|_| ApiError::bad("bad_query", "since must be a sequence number"))?;
+            }
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .map_err(|_| ApiError::bad("bad_query", "limit must be a number"))?
+                    .min(MAX_AUDIT_LIST);
+            }
+            other => {
+                return Err(ApiError::bad(
+                    "bad_query",
+                    format!("unknown parameter {other:?}"),
+                ));
+            }
+        }
+    }
+    let entries = blocking(&shared, move |store| store.audit(since, limit)).await?;
+    let next = entries.last().map_or(since, |e| e.seq);
+    Ok(HttpResponse::Ok().json(json!({ "entries": entries, "next": next })))
 }
 
 async fn openapi() -> HttpResponse {
@@ -577,12 +746,44 @@ mod tests {
             "/v1/tasks",
             "/v1/tasks/{id}",
             "/v1/tasks/{id}/cancel",
+            "/v1/audit",
             "/healthz",
             "/readyz",
             "/metrics",
         ] {
             assert!(doc["paths"][path].is_object(), "{path}");
         }
+    }
+
+    #[test]
+    fn canonical_json_ignores_key_order_only() {
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b":{"y":1,"x":[{"q":1,"p":2}]},"a":2}"#).unwrap_or_default();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{ "a": 2, "b": {"x": [{"p": 2, "q": 1}], "y": 1} }"#)
+                .unwrap_or_default();
+        assert_eq!(canonical(&a).to_string(), canonical(&b).to_string());
+        let c: serde_json::Value =
+            serde_json::from_str(r#"{"a":2,"b":{"x":[{"p":2,"q":1}],"y":2}}"#).unwrap_or_default();
+        assert_ne!(canonical(&a).to_string(), canonical(&c).to_string());
+    }
+
+    #[test]
+    fn idempotency_keys_are_checked() {
+        let with = |v: &str| {
+            actix_web::test::TestRequest::default()
+                .insert_header((IDEMPOTENCY_KEY, v))
+                .to_http_request()
+        };
+        assert_eq!(
+            idempotency_key(&with("retry-1")).ok().flatten().as_deref(),
+            Some("retry-1")
+        );
+        assert!(idempotency_key(&with("")).is_err());
+        assert!(idempotency_key(&with("a b")).is_err());
+        assert!(idempotency_key(&with(&"k".repeat(256))).is_err());
+        let none = actix_web::test::TestRequest::default().to_http_request();
+        assert!(matches!(idempotency_key(&none), Ok(None)));
     }
 
     #[test]

@@ -9,9 +9,12 @@
 //! - [`output`]: the recent output of running commands, in memory.
 //! - [`lease`]: the leader lease; only the instance holding it is active.
 //! - [`trust`]: command and agent-token keys, credential renewal, revocation, refusals.
+//! - [`auth`]: named, scoped API keys; [`audit`]: the append-only log of who changed what.
 //!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
+pub mod audit;
+pub mod auth;
 pub mod bus;
 pub mod config;
 mod http;

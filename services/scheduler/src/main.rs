@@ -40,6 +40,19 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    if scheduler::auth::has_unnamed(&args.api_keys) {
+        tracing::warn!(
+            "SCHEDULER_API_KEYS has bare secrets: they are operator keys named key1, key2, ... \
+             by position; name them (name:operator:secret or name:read:secret) so the audit \
+             log says who acted."
+        );
+    }
+    let keys: Vec<String> = config
+        .api_keys
+        .iter()
+        .map(|k| format!("{}({})", k.name(), k.scope().as_str()))
+        .collect();
+    tracing::info!(keys = %keys.join(","), "API keys loaded.");
     let listener = match TcpListener::bind(&args.listen) {
         Ok(l) => l,
         Err(e) => {

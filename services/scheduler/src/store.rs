@@ -33,6 +33,11 @@ use redb::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+mod operator;
+pub use operator::{
+    AuditEntry, Created, IdempotencyClaim, MAX_AUDIT_LIST, MAX_IDEMPOTENCY_KEY_LEN, NewAuditEntry,
+};
+
 /// Small counters: format version and the next task id.
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("scheduler_meta");
 /// Agents: node id -> [`AgentRecord`].
@@ -164,6 +169,14 @@ pub enum StoreError {
     /// 2^64 - 1 tasks have been created in this file.
     #[error("task ids exhausted")]
     TaskIdsExhausted,
+    /// An idempotency key was used again with a different request; nothing was stored.
+    #[error("idempotency key {key:?} was already used with a different request (task {task_id})")]
+    IdempotencyConflict {
+        /// The key.
+        key: String,
+        /// The task the key created first.
+        task_id: TaskId,
+    },
 }
 
 // redb's error types are large; boxing keeps `Result<_, StoreError>` small (clippy's
@@ -628,6 +641,7 @@ impl Store {
         txn.open_table(REPORTS)?;
         txn.open_table(REPORT_IDS)?;
         txn.open_table(REPORT_ID_ORDER)?;
+        operator::create_tables(&txn)?;
         txn.commit()?;
         Ok(Store { db, path, options })
     }
@@ -813,64 +827,7 @@ impl Store {
     /// that is not registered, [`StoreError::NoTargets`] when a selector matches nobody.
     pub fn create_task(&self, spec: &TaskSpec, created_at_ms: u64) -> Result<TaskId, StoreError> {
         validate_spec(spec)?;
-        self.write(|txn| {
-            let nodes: BTreeSet<UserId> = {
-                let agents = txn.open_table(AGENTS)?;
-                match &spec.targets {
-                    Targets::Nodes(ids) => {
-                        for id in ids {
-                            if agents.get(id.as_str())?.is_none() {
-                                return Err(StoreError::UnknownAgent(id.clone()));
-                            }
-                        }
-                        ids.iter().cloned().collect()
-                    }
-                    Targets::Selector(selector) => {
-                        let mut nodes = BTreeSet::new();
-                        for item in agents.iter()? {
-                            let (_, v) = item?;
-                            let rec: AgentRecord = decode(v.value(), "agent")?;
-                            if rec.matches(selector) {
-                                nodes.insert(rec.node_id);
-                            }
-                        }
-                        nodes
-                    }
-                }
-            };
-            if nodes.is_empty() {
-                return Err(StoreError::NoTargets);
-            }
-
-            let id = {
-                let mut meta = txn.open_table(META)?;
-                let id = meta
-                    .get(META_NEXT_TASK_ID)?
-                    .map(|v| v.value())
-                    .ok_or_else(|| StoreError::Corrupt("next_task_id is missing".to_owned()))?;
-                let next = id.checked_add(1).ok_or(StoreError::TaskIdsExhausted)?;
-                meta.insert(META_NEXT_TASK_ID, next)?;
-                id
-            };
-            let mut t = TaskTables::open(txn)?;
-            let row = TaskRow {
-                spec: spec.clone(),
-                created_at_ms,
-            };
-            t.tasks.insert(id, encode(&row, "task")?.as_slice())?;
-            let status = TargetStatus {
-                state: TargetState::Pending,
-                attempts: 0,
-                dispatched_at_ms: None,
-                deadline_ms: None,
-                updated_at_ms: created_at_ms,
-                result: None,
-            };
-            for node in &nodes {
-                t.put_target(id, node, None, &status)?;
-            }
-            Ok(id)
-        })
+        self.write(|txn| create_task_in(txn, spec, created_at_ms))
     }
 
     /// Pending → Dispatched: the task was sent to `node_id` at `at_ms`. Counts an attempt and
@@ -1012,26 +969,7 @@ impl Store {
         task_id: TaskId,
         at_ms: u64,
     ) -> Result<Vec<(UserId, TargetState)>, StoreError> {
-        self.write(|txn| {
-            let mut t = TaskTables::open(txn)?;
-            t.task_row(task_id)?;
-            let live: Vec<(UserId, TargetStatus)> = t
-                .targets_of(task_id)?
-                .into_iter()
-                .filter(|(_, s)| !s.state.is_terminal())
-                .collect();
-            let mut out = Vec::with_capacity(live.len());
-            for (node, old) in live {
-                let new = TargetStatus {
-                    state: TargetState::Cancelled,
-                    updated_at_ms: at_ms,
-                    ..old.clone()
-                };
-                t.put_target(task_id, &node, Some(&old), &new)?;
-                out.push((node, old.state));
-            }
-            Ok(out)
-        })
+        self.write(|txn| cancel_in(txn, task_id, at_ms))
     }
 
     /// Expires every in-flight attempt (Dispatched or Running) whose deadline is before
@@ -1383,6 +1321,96 @@ impl<'txn> TaskTables<'txn> {
             .insert((task_id, node), encode(new, "target")?.as_slice())?;
         Ok(())
     }
+}
+
+/// [`Store::create_task`] inside a transaction (the spec already validated).
+fn create_task_in(
+    txn: &WriteTransaction,
+    spec: &TaskSpec,
+    created_at_ms: u64,
+) -> Result<TaskId, StoreError> {
+    let nodes: BTreeSet<UserId> = {
+        let agents = txn.open_table(AGENTS)?;
+        match &spec.targets {
+            Targets::Nodes(ids) => {
+                for id in ids {
+                    if agents.get(id.as_str())?.is_none() {
+                        return Err(StoreError::UnknownAgent(id.clone()));
+                    }
+                }
+                ids.iter().cloned().collect()
+            }
+            Targets::Selector(selector) => {
+                let mut nodes = BTreeSet::new();
+                for item in agents.iter()? {
+                    let (_, v) = item?;
+                    let rec: AgentRecord = decode(v.value(), "agent")?;
+                    if rec.matches(selector) {
+                        nodes.insert(rec.node_id);
+                    }
+                }
+                nodes
+            }
+        }
+    };
+    if nodes.is_empty() {
+        return Err(StoreError::NoTargets);
+    }
+
+    let id = {
+        let mut meta = txn.open_table(META)?;
+        let id = meta
+            .get(META_NEXT_TASK_ID)?
+            .map(|v| v.value())
+            .ok_or_else(|| StoreError::Corrupt("next_task_id is missing".to_owned()))?;
+        let next = id.checked_add(1).ok_or(StoreError::TaskIdsExhausted)?;
+        meta.insert(META_NEXT_TASK_ID, next)?;
+        id
+    };
+    let mut t = TaskTables::open(txn)?;
+    let row = TaskRow {
+        spec: spec.clone(),
+        created_at_ms,
+    };
+    t.tasks.insert(id, encode(&row, "task")?.as_slice())?;
+    let status = TargetStatus {
+        state: TargetState::Pending,
+        attempts: 0,
+        dispatched_at_ms: None,
+        deadline_ms: None,
+        updated_at_ms: created_at_ms,
+        result: None,
+    };
+    for node in &nodes {
+        t.put_target(id, node, None, &status)?;
+    }
+    Ok(id)
+}
+
+/// [`Store::cancel`] inside a transaction.
+fn cancel_in(
+    txn: &WriteTransaction,
+    task_id: TaskId,
+    at_ms: u64,
+) -> Result<Vec<(UserId, TargetState)>, StoreError> {
+    let mut t = TaskTables::open(txn)?;
+    t.task_row(task_id)?;
+    let live: Vec<(UserId, TargetStatus)> = t
+        .targets_of(task_id)?
+        .into_iter()
+        .filter(|(_, s)| !s.state.is_terminal())
+        .collect();
+    let mut out = Vec::with_capacity(live.len());
+    for (node, old) in live {
+        let new = TargetStatus {
+            state: TargetState::Cancelled,
+            updated_at_ms: at_ms,
+            ..old.clone()
+        };
+        t.put_target(task_id, &node, Some(&old), &new)?;
+        out.push((node, old.state));
+    }
+    Ok(out)
 }
 
 /// Applies a heartbeat inside a transaction. `None`: unknown agent; `Some(None)`: seen, no

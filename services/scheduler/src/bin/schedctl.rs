@@ -7,7 +7,10 @@
 //! schedctl run --label region=eu --wait -- uname -a
 //! schedctl probe tcp 10.0.0.1:443 --nodes edge-1,edge-2 --wait
 //! schedctl task 42
+//! schedctl audit --since 120
 //! ```
+//! The key (`SCHEDULER_API_KEY`) is one secret of the scheduler's `SCHEDULER_API_KEYS`: a
+//! read-scope key can list and show, creating and cancelling need an operator key.
 //! Exit codes: 0 success, 1 the API refused the request, 2 a task finished with failures
 //! (with `--wait`), 64 bad usage, 69 the scheduler is unreachable.
 
@@ -87,6 +90,15 @@ enum Command {
     Cancel {
         /// Task id.
         id: u64,
+    },
+    /// Show the audit log: who created, cancelled or revoked what, oldest first.
+    Audit {
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// How many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
     },
 }
 
@@ -243,6 +255,35 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             println!("cancelled on: {}", text(&v["cancelled"]));
             Ok(())
         }
+        Command::Audit { since, limit } => {
+            let v = api.get(&format!("/v1/audit?since={since}&limit={limit}"))?;
+            if cli.json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["entries"]
+                .as_array()
+                .map(|entries| {
+                    entries
+                        .iter()
+                        .map(|e| {
+                            vec![
+                                text(&e["seq"]),
+                                e["at_ms"].as_u64().map(ago).unwrap_or_default(),
+                                text(&e["actor"]),
+                                text(&e["action"]),
+                                text(&e["target"]),
+                                audit_detail(&e["detail"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(
+                &["SEQ", "WHEN", "ACTOR", "ACTION", "TARGET", "DETAIL"],
+                &rows,
+            );
+            Ok(())
+        }
     }
 }
 
@@ -301,6 +342,24 @@ fn create(api: &Api, as_json: bool, target: &Target, spec: &Value) -> Result<(),
             };
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// An audit entry's detail on one line: the fields of a task request, or the JSON.
+fn audit_detail(detail: &Value) -> String {
+    if let Some(spec) = detail["request"]["spec"].as_object() {
+        let what = spec
+            .get("argv")
+            .map(text)
+            .or_else(|| spec.get("target").map(text))
+            .or_else(|| spec.get("url").map(text))
+            .unwrap_or_default();
+        return format!("{} {what}", text(&detail["request"]["spec"]["kind"]));
+    }
+    match detail {
+        Value::Object(m) if m.is_empty() => String::new(),
+        Value::Null => String::new(),
+        other => other.to_string(),
     }
 }
 

@@ -1,0 +1,79 @@
+//! The audit log as handlers use it: who (the API key's name) did what to which target,
+//! when, with which trace. Every state-changing API call records one entry after its change
+//! commits (in the same transaction where the store offers one: task create and cancel), and
+//! each entry is also logged at info level with the target `audit`, so a log pipeline
+//! keeps a copy outside the scheduler's file. Entries are read with `GET /v1/audit`.
+//!
+//! The store only ever appends ([`crate::store`]'s `scheduler_audit` table); nothing in the
+//! service deletes or rewrites an entry.
+
+use serde_json::Value;
+
+use crate::Shared;
+use crate::auth::Actor;
+use crate::bus::{BusError, blocking, now_ms};
+pub use crate::store::{AuditEntry, NewAuditEntry};
+
+/// A task was created.
+pub const TASK_CREATE: &str = "task.create";
+/// A task was cancelled.
+pub const TASK_CANCEL: &str = "task.cancel";
+/// An agent was revoked.
+pub const AGENT_REVOKE: &str = "agent.revoke";
+/// An agent's labels were pinned by an operator.
+pub const AGENT_LABELS: &str = "agent.labels";
+/// An operator lifted a node's revocation.
+pub const AGENT_UNREVOKE: &str = "agent.unrevoke";
+/// An operator issued an enrolment token for a node.
+pub const AGENT_ENROL: &str = "agent.enrol";
+
+/// The entry `actor` doing `action` to `target` makes.
+pub fn entry(
+    actor: &Actor,
+    action: &str,
+    target: impl Into<String>,
+    detail: Value,
+) -> NewAuditEntry {
+    NewAuditEntry {
+        actor: actor.name.clone(),
+        action: action.to_owned(),
+        target: target.into(),
+        detail,
+        trace_id: actor.trace_id.clone(),
+    }
+}
+
+/// Logs a recorded entry at info level (target `audit`).
+pub fn log(entry: &AuditEntry) {
+    tracing::info!(
+        target: "audit",
+        seq = entry.seq,
+        actor = %entry.actor,
+        action = %entry.action,
+        target_id = %entry.target,
+        detail = %entry.detail,
+        trace_id = entry.trace_id.as_deref().unwrap_or(""),
+        "Audit."
+    );
+}
+
+/// Appends an entry for a change that was stored on its own (its own durable transaction),
+/// logs it, and returns it. Call it after the change succeeded; for changes that can share a
+/// transaction with their entry, prefer the store's `audited` form.
+///
+/// ```ignore
+/// let actor = authorize(&req, &shared)?; // in the handler
+/// audit::record(&shared, &actor, audit::AGENT_REVOKE, format!("agent/{node}"), json!({})).await?;
+/// ```
+pub async fn record(
+    shared: &Shared,
+    actor: &Actor,
+    action: &str,
+    target: impl Into<String>,
+    detail: Value,
+) -> Result<AuditEntry, BusError> {
+    let new = entry(actor, action, target, detail);
+    let recorded = blocking(shared, move |store| store.append_audit(now_ms(), new)).await?;
+    log(&recorded);
+    Ok(recorded)
+}
