@@ -90,6 +90,12 @@ pub async fn get(addr: SocketAddr, path: &str, key: &str) -> std::io::Result<Res
     request(addr, "GET", path, &[("authorization", &auth)], b"").await
 }
 
+/// DELETEs with a bearer token.
+pub async fn delete(addr: SocketAddr, path: &str, key: &str) -> std::io::Result<Response> {
+    let auth = format!("Bearer {key}");
+    request(addr, "DELETE", path, &[("authorization", &auth)], b"").await
+}
+
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
