@@ -90,6 +90,29 @@ pub async fn get(addr: SocketAddr, path: &str, key: &str) -> std::io::Result<Res
     request(addr, "GET", path, &[("authorization", &auth)], b"").await
 }
 
+/// Sends JSON with `method` (PUT, PATCH, ...) and a bearer token.
+pub async fn request_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    json: &serde_json::Value,
+) -> std::io::Result<Response> {
+    let auth = format!("Bearer {key}");
+    let body = serde_json::to_vec(json).unwrap_or_default();
+    request(
+        addr,
+        method,
+        path,
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        &body,
+    )
+    .await
+}
+
 /// DELETEs with a bearer token.
 pub async fn delete(addr: SocketAddr, path: &str, key: &str) -> std::io::Result<Response> {
     let auth = format!("Bearer {key}");

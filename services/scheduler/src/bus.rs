@@ -460,11 +460,14 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
         let registered_at_ms = store
             .agent(&n)?
             .map_or(now, |existing| existing.registered_at_ms);
+        // What the operator pinned wins over what the agent says about itself.
+        let mut labels = reg.labels;
+        labels.extend(store.pinned_labels(&n)?);
         store.upsert_agent(&AgentRecord {
             node_id: n,
             hostname: reg.hostname,
             version: reg.version,
-            labels: reg.labels,
+            labels,
             addresses: reg.addresses,
             registered_at_ms,
             last_seen_ms: now,

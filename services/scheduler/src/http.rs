@@ -46,6 +46,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/agents/{id}/revoke", web::delete().to(unrevoke_agent))
         .route("/v1/agents/{id}/token", web::post().to(enrol_agent))
         .route("/v1/agents/{id}/refusals", web::get().to(agent_refusals))
+        .route("/v1/agents/{id}/labels", web::put().to(pin_labels))
         .route("/v1/audit", web::get().to(list_audit));
 }
 
@@ -283,10 +284,15 @@ async fn get_agent(
     authorize(&req, &shared)?;
     let node = node_id(&path)?;
     let n = node.clone();
-    let agent = blocking(&shared, move |store| store.agent(&n))
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no agent {node}")))?;
-    Ok(HttpResponse::Ok().json(agent_json(&agent)))
+    let (agent, pinned) = blocking(&shared, move |store| {
+        Ok((store.agent(&n)?, store.pinned_labels(&n)?))
+    })
+    .await?;
+    let agent = agent.ok_or_else(|| ApiError::not_found(format!("no agent {node}")))?;
+    let mut v = agent_json(&agent);
+    v["pinned_labels"] = json!(pinned);
+    v["revoked"] = json!(shared.trust.is_revoked(&node));
+    Ok(HttpResponse::Ok().json(v))
 }
 
 /// Which agents a new task runs on.
@@ -652,6 +658,56 @@ async fn enrol_agent(
         "token": token,
         "expires_at": expires_at,
         "kid": tokens.kid(),
+    })))
+}
+
+/// Body of `PUT /v1/agents/{id}/labels`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinLabels {
+    labels: BTreeMap<String, String>,
+}
+
+/// `PUT /v1/agents/{id}/labels`: replaces the labels pinned for a node. Pinned labels
+/// override what the agent reports at every register; `{}` unpins all.
+async fn pin_labels(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<PinLabels>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = authorize(&req, &shared)?;
+    let node = node_id(&path)?;
+    let labels = body.into_inner().labels;
+    for (k, v) in &labels {
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'=' && b != b',')
+        };
+        if !ok(k) || !ok(v) {
+            return Err(ApiError::bad(
+                "bad_label",
+                format!("label {k:?}={v:?}: 1-128 visible ASCII characters, no '=' or ','"),
+            ));
+        }
+    }
+    let n = node.clone();
+    let pinned = labels.clone();
+    let effective = blocking(&shared, move |store| store.pin_labels(&n, &pinned)).await?;
+    audit::record(
+        &shared,
+        &actor,
+        audit::AGENT_LABELS,
+        format!("agent/{node}"),
+        json!({"pinned": labels}),
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "node_id": node.as_str(),
+        "pinned": labels,
+        "labels": effective,
     })))
 }
 

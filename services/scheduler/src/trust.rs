@@ -32,6 +32,10 @@ const REVOKED: TableDefinition<'_, &str, u64> = TableDefinition::new("scheduler_
 const REFUSALS: TableDefinition<'_, (&str, &str), &[u8]> =
     TableDefinition::new("scheduler_refusals");
 
+/// Operator-pinned labels: node id -> msgpack map. Pinned labels override what the agent
+/// reports, so targeting by them cannot be steered by a compromised or misconfigured node.
+const PINNED: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("scheduler_pinned_labels");
+
 /// Refusals kept per node (the newest; older ones are trimmed).
 pub const REFUSALS_PER_NODE: usize = 200;
 
@@ -288,6 +292,53 @@ impl Store {
             out.insert(k.value().to_owned(), v.value());
         }
         Ok(out)
+    }
+
+    /// Replaces the labels pinned for `node` and applies them to its registry record (if it
+    /// has registered): labels pinned before but not now are dropped from the record until
+    /// the agent reports them again. Returns the record's labels afterwards.
+    pub fn pin_labels(
+        &self,
+        node: &UserId,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+        let old = self.pinned_labels(node)?;
+        let bytes = encode(labels, "pinned labels")?;
+        let txn = begin_durable_write(self.db())?;
+        {
+            let mut table = txn.open_table(PINNED)?;
+            if labels.is_empty() {
+                table.remove(node.as_str())?;
+            } else {
+                table.insert(node.as_str(), bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        let Some(mut record) = self.agent(node)? else {
+            return Ok(None);
+        };
+        for key in old.keys() {
+            record.labels.remove(key);
+        }
+        record
+            .labels
+            .extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.upsert_agent(&record)?;
+        Ok(Some(record.labels))
+    }
+
+    /// The labels pinned for `node` (empty when none).
+    pub fn pinned_labels(&self, node: &UserId) -> Result<BTreeMap<String, String>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let table = match txn.open_table(PINNED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+            Err(e) => return Err(e.into()),
+        };
+        match table.get(node.as_str())? {
+            Some(v) => decode(v.value(), "pinned labels"),
+            None => Ok(BTreeMap::new()),
+        }
     }
 
     /// Stores a refusal report (idempotent by message id); returns whether it was new.

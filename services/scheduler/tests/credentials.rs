@@ -313,3 +313,80 @@ async fn a_revoked_node_is_cut_off_refused_and_loses_no_result() {
     ));
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_labels_override_what_the_agent_reports() {
+    let fleet = Fleet::start().await;
+    let api = fleet.sched.addr();
+    // Pinned before the node ever registered.
+    let r = http::request_json(
+        api,
+        "PUT",
+        "/v1/agents/edge-3/labels",
+        KEY,
+        &json!({"labels": {"region": "us", "tier": "gold"}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let mut config = agent_config(fleet.dir.path(), "edge-3", fleet.gateway_addr);
+    config.labels.insert("region".into(), "eu".into());
+    config.labels.insert("rack".into(), "r7".into());
+    let mut agent = agent::start(config).await.unwrap();
+    let v = eventually(api, "/v1/agents/edge-3", |v| v["state"] == "online").await;
+    assert_eq!(v["labels"]["region"], "us", "{v}");
+    assert_eq!(v["labels"]["tier"], "gold", "{v}");
+    assert_eq!(
+        v["labels"]["rack"], "r7",
+        "self-reported labels still count: {v}"
+    );
+    assert_eq!(v["pinned_labels"]["region"], "us", "{v}");
+    // Selecting by the self-reported value finds nobody; the pinned one finds the node.
+    let r = http::post_json(
+        api,
+        "/v1/tasks",
+        KEY,
+        &json!({"targets": {"labels": {"region": "eu"}}, "spec": {"kind": "command", "argv": ["echo", "x"]}}),
+    )
+    .await
+    .unwrap();
+    assert_ne!(
+        r.status,
+        201,
+        "region=eu must not select edge-3: {:?}",
+        r.json()
+    );
+    let r = http::post_json(
+        api,
+        "/v1/tasks",
+        KEY,
+        &json!({"targets": {"labels": {"region": "us"}}, "spec": {"kind": "command", "argv": ["echo", "pinned"]}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let id = r.json()["task_id"].to_string();
+    eventually(api, &format!("/v1/tasks/{id}"), |v| {
+        v["targets"]["edge-3"]["state"] == "succeeded"
+    })
+    .await;
+    // Unpinning drops the pins from the record at once.
+    let r = http::request_json(
+        api,
+        "PUT",
+        "/v1/agents/edge-3/labels",
+        KEY,
+        &json!({"labels": {}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let v = http::get(api, "/v1/agents/edge-3", KEY)
+        .await
+        .unwrap()
+        .json();
+    assert!(v["labels"].get("tier").is_none(), "{v}");
+    agent.stop();
+    let _ = agent.join().await;
+    fleet.stop().await;
+}
