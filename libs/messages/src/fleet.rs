@@ -279,6 +279,9 @@ pub struct Refused {
     /// The task id it claimed, if it was a readable task or cancel.
     #[serde(default)]
     pub task_id: Option<u64>,
+    /// The attempt it claimed, if it was a readable task.
+    #[serde(default)]
+    pub attempt: Option<u32>,
     /// Unix ms.
     pub at_ms: u64,
 }

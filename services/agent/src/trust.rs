@@ -232,15 +232,18 @@ impl Gate {
 /// The refusal report for a push, with what the (unverified) envelope claimed.
 pub fn refusal_report(route: &str, body: &[u8], refusal: &Refusal, now_ms: u64) -> Refused {
     let claimed = messages::command::peek(body);
-    let task_id = claimed.as_ref().and_then(|e| match route {
-        fleet::down::TASK => messages::payload::from_bus::<fleet::Task>(&e.body)
-            .ok()
-            .map(|t| t.task_id),
-        fleet::down::CANCEL => messages::payload::from_bus::<fleet::Cancel>(&e.body)
-            .ok()
-            .map(|c| c.task_id),
-        _ => None,
-    });
+    let (task_id, attempt) = claimed
+        .as_ref()
+        .and_then(|e| match route {
+            fleet::down::TASK => messages::payload::from_bus::<fleet::Task>(&e.body)
+                .ok()
+                .map(|t| (Some(t.task_id), Some(t.attempt))),
+            fleet::down::CANCEL => messages::payload::from_bus::<fleet::Cancel>(&e.body)
+                .ok()
+                .map(|c| (Some(c.task_id), None)),
+            _ => None,
+        })
+        .unwrap_or((None, None));
     Refused {
         // Filled in from the outbox sequence by the caller.
         message_id: String::new(),
@@ -249,6 +252,7 @@ pub fn refusal_report(route: &str, body: &[u8], refusal: &Refusal, now_ms: u64) 
         detail: refusal.to_string(),
         command_id: claimed.map(|e| e.id),
         task_id,
+        attempt,
         at_ms: now_ms,
     }
 }

@@ -499,6 +499,34 @@ async fn refused(shared: &Shared, node: UserId, refused: fleet::Refused) -> Resu
         task_id = refused.task_id.unwrap_or(0),
         "An agent refused a command."
     );
+    // A refusal that only a genuine command can cause (the signature verified, it named
+    // this node and route, but it expired or would not decode) fails that attempt now
+    // instead of leaving it to time out; forged commands change no task.
+    let genuine = matches!(refused.reason.as_str(), "expired" | "lifetime" | "body");
+    if let (true, Some(task_id), Some(attempt)) = (genuine, refused.task_id, refused.attempt) {
+        let result = fleet::TaskResult {
+            message_id: refused.message_id.clone(),
+            task_id,
+            attempt,
+            outcome: fleet::Outcome::Failed,
+            exit_code: None,
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
+            error: Some(format!("refused by the agent: {}", refused.detail)),
+            latency_ms: None,
+            http_status: None,
+            finished_at_ms: refused.at_ms,
+        };
+        store_results(
+            shared,
+            vec![Incoming {
+                node: node.clone(),
+                result,
+                _hop: None,
+            }],
+        )
+        .await;
+    }
     let n = node.clone();
     let message_id = refused.message_id.clone();
     blocking(shared, move |store| {

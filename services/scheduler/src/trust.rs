@@ -421,6 +421,7 @@ mod tests {
             detail: "bad signature".into(),
             command_id: None,
             task_id: Some(7),
+            attempt: Some(1),
             at_ms: at,
         }
     }

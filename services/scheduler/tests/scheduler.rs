@@ -638,3 +638,90 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
     assert_eq!(v["hostname"], "edge-1");
     sched.shutdown().await.unwrap();
 }
+
+fn refusal(message_id: &str, reason: &str, task_id: u64) -> fleet::Refused {
+    fleet::Refused {
+        message_id: message_id.into(),
+        route: fleet::down::TASK.into(),
+        reason: reason.into(),
+        detail: format!("{reason} (test)"),
+        command_id: Some("00".repeat(16)),
+        task_id: Some(task_id),
+        attempt: Some(1),
+        at_ms: scheduler::bus::now_ms(),
+    }
+}
+
+#[tokio::test]
+async fn refusals_are_stored_acked_and_fail_only_genuine_commands() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let sched = scheduler(&url, dir.path()).await;
+    let api = sched.addr();
+    let bus = async_nats::connect(url.as_str()).await.unwrap();
+    let mut pushes = bus.subscribe("ws.agent.node-3").await.unwrap();
+    bus.flush().await.unwrap();
+    gateway_publish(&bus, "node-3", 43, fleet::up::REGISTER, &register(&[])).await;
+    eventually(api, "/v1/agents/node-3", |v| v["state"] == "online").await;
+    let r = http::post_json(
+        api,
+        "/v1/tasks",
+        KEY,
+        &json!({"targets": {"nodes": ["node-3"]}, "spec": {"kind": "command", "argv": ["echo"]}}),
+    )
+    .await
+    .unwrap();
+    let id = r.json()["task_id"].as_u64().unwrap();
+    let task: fleet::Task = bus_push(&mut pushes, fleet::down::TASK).await;
+    assert_eq!(task.task_id, id);
+
+    // A forgery the agent refused names our task: stored and acked, the task untouched.
+    let id_a = format!("{:032x}-1", 7u128);
+    gateway_publish(
+        &bus,
+        "node-3",
+        43,
+        fleet::up::REFUSED,
+        &refusal(&id_a, "bad_signature", id),
+    )
+    .await;
+    let ack: fleet::Ack = bus_push(&mut pushes, fleet::down::ACK).await;
+    assert_eq!(ack.message_ids, vec![id_a]);
+    let v = http::get(api, &format!("/v1/tasks/{id}"), KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["targets"]["node-3"]["state"], "dispatched", "{v}");
+
+    // Our own command arriving expired (clock skew): that attempt fails at once.
+    let id_b = format!("{:032x}-2", 7u128);
+    gateway_publish(
+        &bus,
+        "node-3",
+        43,
+        fleet::up::REFUSED,
+        &refusal(&id_b, "expired", id),
+    )
+    .await;
+    let v = eventually(api, &format!("/v1/tasks/{id}"), |v| {
+        v["targets"]["node-3"]["state"] == "failed"
+    })
+    .await;
+    assert!(v.to_string().contains("refused by the agent"), "{v}");
+    let refusals = http::get(api, "/v1/agents/node-3/refusals", KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(
+        refusals["refusals"].as_array().unwrap().len(),
+        2,
+        "{refusals}"
+    );
+    let metrics = http::get(api, "/metrics", KEY).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&metrics.body).contains("scheduler_commands_refused_total 2"),
+        "metrics"
+    );
+    sched.shutdown().await.unwrap();
+}
