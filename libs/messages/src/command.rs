@@ -247,14 +247,19 @@ impl CommandSigner {
             expires_ms: now_ms.saturating_add(lifetime_ms),
             body,
         };
-        let envelope = payload::to_bus(&envelope)?;
+        Ok((self.sign_envelope(&envelope)?, id))
+    }
+
+    /// The push body for an envelope built by the caller (test vectors, tools).
+    pub fn sign_envelope(&self, envelope: &Envelope) -> Result<Vec<u8>, PayloadError> {
+        let envelope = payload::to_bus(envelope)?;
         let sig = self.key.sign(&signed_bytes(&envelope)).to_bytes().to_vec();
         let signed = Signed {
             kid: self.kid.clone(),
             envelope,
             sig,
         };
-        Ok((payload::to_bus(&signed)?, id))
+        payload::to_bus(&signed)
     }
 }
 
@@ -482,6 +487,56 @@ mod tests {
             Err(KeyError::Empty)
         ));
         assert!(CommandSigner::from_pem("garbage").is_err());
+    }
+
+    /// The test vector of docs/protocol.md (14.2): RFC 8032's first test key signs a fixed
+    /// envelope; the document must show exactly these bytes.
+    #[test]
+    fn the_protocol_documents_test_vector_holds() {
+        let secret: [u8; 32] =
+            hex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+                .try_into()
+                .unwrap();
+        let signer = CommandSigner::from_key(SigningKey::from_bytes(&secret));
+        let envelope = Envelope {
+            v: 1,
+            id: "000102030405060708090a0b0c0d0e0f".into(),
+            node: "edge-1".into(),
+            route: "agent.cancel".into(),
+            issued_ms: 1_800_000_000_000,
+            expires_ms: 1_800_000_600_000,
+            // fleet::Cancel {task_id: 42}
+            body: vec![0x81, 0xa7, b't', b'a', b's', b'k', b'_', b'i', b'd', 0x2a],
+        };
+        let body = signer.sign_envelope(&envelope).unwrap();
+        let verifier = CommandVerifier::new([signer.verifying_key()]);
+        let got = verifier
+            .verify(&body, "edge-1", "agent.cancel", 1_800_000_000_000)
+            .unwrap();
+        assert_eq!(got, envelope);
+        let text: String = body.iter().map(|b| format!("{b:02x} ")).collect();
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/protocol.md"
+        ))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+        assert!(
+            doc.contains(text.trim()),
+            "docs/protocol.md 14.2 must show the signed command:\n{}\nkid {}",
+            text.trim(),
+            signer.kid()
+        );
+        assert!(doc.contains(signer.kid()), "kid {}", signer.kid());
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
