@@ -1,4 +1,5 @@
-//! Hot paths of the wire contract: frame decode (header only) and encode, and Snowflake ids.
+//! Hot paths of the wire contract: frame decode (header only) and encode, Snowflake ids, and
+//! signing and verifying agent commands.
 //! Figures go in docs/benchmarks.md with the command that produced them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -75,5 +76,35 @@ fn ids(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, codec, ids);
+/// What signing costs the scheduler per push and verifying costs an agent: a task body of
+/// about 100 bytes, as a fan-out sends it.
+fn commands(c: &mut Criterion) {
+    use messages::command::{CommandSigner, CommandVerifier};
+    let signer = CommandSigner::generate();
+    let verifier = CommandVerifier::new([signer.verifying_key()]);
+    let task = vec![0x42u8; 100];
+    let now = 1_800_000_000_000;
+    let mut group = c.benchmark_group("command");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("sign", |b| {
+        b.iter(|| {
+            signer
+                .sign("edge-1", "agent.task", black_box(task.clone()), now, 600_000)
+                .unwrap()
+        });
+    });
+    let (body, _) = signer
+        .sign("edge-1", "agent.task", task.clone(), now, 600_000)
+        .unwrap();
+    group.bench_function("verify", |b| {
+        b.iter(|| {
+            verifier
+                .verify(black_box(&body), "edge-1", "agent.task", now)
+                .unwrap()
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, codec, ids, commands);
 criterion_main!(benches);
