@@ -89,7 +89,13 @@ fn commands(c: &mut Criterion) {
     group.bench_function("sign", |b| {
         b.iter(|| {
             signer
-                .sign("edge-1", "agent.task", black_box(task.clone()), now, 600_000)
+                .sign(
+                    "edge-1",
+                    "agent.task",
+                    black_box(task.clone()),
+                    now,
+                    600_000,
+                )
                 .unwrap()
         });
     });
