@@ -51,11 +51,14 @@ pub enum FrameKind {
     Error = 10,
     /// Gateway -> client: reconnect after the delay in the body (drain, rebalancing).
     Reconnect = 11,
+    /// Client -> gateway: a new token (raw body) for the same identity; the session then
+    /// lasts until it expires. Answered with an ack or an error with the same message id.
+    Refresh = 12,
 }
 
 impl FrameKind {
     /// Every kind, in wire order; tests and tools iterate over it.
-    pub const ALL: [FrameKind; 11] = [
+    pub const ALL: [FrameKind; 12] = [
         FrameKind::Hello,
         FrameKind::Welcome,
         FrameKind::Heartbeat,
@@ -67,6 +70,7 @@ impl FrameKind {
         FrameKind::Leave,
         FrameKind::Error,
         FrameKind::Reconnect,
+        FrameKind::Refresh,
     ];
 
     /// The kind for a wire value, if there is one.
@@ -88,6 +92,7 @@ impl FrameKind {
             FrameKind::Leave => "leave",
             FrameKind::Error => "error",
             FrameKind::Reconnect => "reconnect",
+            FrameKind::Refresh => "refresh",
         }
     }
 }

@@ -919,6 +919,7 @@ impl Ctx {
             fleet::down::CREDENTIAL => match payload::from_bus::<fleet::Credential>(body) {
                 Ok(credential) => {
                     let credentials = Arc::clone(&self.credentials);
+                    let token = credential.token.clone();
                     let renewed =
                         tokio::task::spawn_blocking(move || credentials.renew(&credential.token))
                             .await?;
@@ -926,6 +927,16 @@ impl Ctx {
                         Ok(expires_at) => {
                             self.metrics.credential_renewed();
                             tracing::info!(expires_at, "Credential renewed.");
+                            // The session lives on with the new token instead of being
+                            // closed (4502) when the one it was opened with expires.
+                            let id = conn.next_id;
+                            conn.next_id += 1;
+                            conn.send(
+                                Frame::new(FrameKind::Refresh)
+                                    .with_msg_id(id)
+                                    .with_body(BodyCodec::Raw, token.into_bytes()),
+                            )
+                            .await?;
                         }
                         Err(e) => tracing::error!(error = %e, "Renewed credential refused."),
                     }

@@ -459,6 +459,7 @@ impl Conn {
                 self.publish(out, 0, ctx);
             }
             FrameKind::Join | FrameKind::Leave => self.on_room_request(&frame, ctx),
+            FrameKind::Refresh => self.on_refresh(&frame, ctx),
             FrameKind::Welcome
             | FrameKind::HeartbeatAck
             | FrameKind::Push
@@ -468,6 +469,58 @@ impl Conn {
                 self.send_error(frame.msg_id, ErrorCode::UnexpectedFrame, message, ctx);
             }
         }
+    }
+
+    /// A new token for the same identity extends the session to its expiry: a client (an
+    /// agent whose control plane renews its credential, a browser whose app refreshes its
+    /// login) keeps its socket, subscriptions and rooms instead of reconnecting. Anything
+    /// else is an error frame and the session keeps its old expiry.
+    fn on_refresh(&mut self, frame: &Frame, ctx: &mut Ctx) {
+        let refused = |msg: String| (ErrorCode::Forbidden, msg);
+        let outcome = std::str::from_utf8(&frame.body)
+            .map_err(|_| refused("refresh body must be the token (UTF-8)".into()))
+            .and_then(|token| {
+                crate::auth::verify(token.trim(), &self.shared.config.keys)
+                    .map_err(|e| refused(format!("refresh refused: {e}")))
+            })
+            .and_then(|id| {
+                if id.user_id != self.user || id.kind != self.kind {
+                    Err(refused(format!(
+                        "refresh refused: the token is for {} {}, this session is {} {}",
+                        id.kind, id.user_id, self.kind, self.user
+                    )))
+                } else {
+                    Ok(id.expires_at)
+                }
+            });
+        match outcome {
+            Ok(expires_at) => {
+                if expires_at > self.expires_at {
+                    self.expires_at = expires_at;
+                }
+                tracing::debug!(socket_id = %self.id, expires_at, "Session refreshed.");
+                let ack = self.control_frame(FrameKind::Ack, frame.msg_id, &());
+                self.enqueue(ack, ctx);
+            }
+            Err((code, message)) => self.send_error(frame.msg_id, code, message, ctx),
+        }
+    }
+
+    /// Closes the session with 4502 once its credential has expired; a refresh may have
+    /// moved the expiry since this check was scheduled, then it is scheduled again.
+    fn schedule_expiry(&self, ctx: &mut Ctx) {
+        let now_s = unix_ms() / 1000;
+        if self.expires_at <= now_s {
+            return;
+        }
+        let left = Duration::from_secs(self.expires_at - now_s);
+        ctx.run_later(left, |act, ctx| {
+            if unix_ms() / 1000 >= act.expires_at {
+                act.close(CloseCode::Unauthorized, ctx);
+            } else {
+                act.schedule_expiry(ctx);
+            }
+        });
     }
 
     fn on_bad_frame(&mut self, bytes: &[u8], err: &FrameError, ctx: &mut Ctx) {
@@ -654,12 +707,8 @@ impl actix::Actor for Conn {
                     crate::bus::subscribe_user(&shared, subject, user, kind)
                 });
         self.shared.metrics.connections.inc();
-        // A credential is only good until it expires; the client reconnects with a new one.
-        let now_s = unix_ms() / 1000;
-        if self.expires_at > now_s {
-            let left = Duration::from_secs(self.expires_at - now_s);
-            ctx.run_later(left, |act, ctx| act.close(CloseCode::Unauthorized, ctx));
-        }
+        // A credential is only good until it expires (or a refresh extends it).
+        self.schedule_expiry(ctx);
         // Hold the mailbox and the read side until the user subscription is live, so that
         // the welcome promises: every push to this user from now on arrives. A subscription
         // NATS did not confirm in time cannot keep that promise: the client is told to come

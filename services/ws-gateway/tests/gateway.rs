@@ -901,6 +901,44 @@ async fn a_connection_is_closed_when_its_token_expires() {
 }
 
 #[tokio::test]
+async fn a_refresh_with_a_new_token_for_the_same_identity_extends_the_session() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-refresh")).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let short = token_with(&serde_json::json!({"sub": "ivy", "exp": now + 2}));
+    let mut c = TestClient::connect(gw.addr(), &short).await.unwrap();
+    let refresh = |id: u64, token: String| {
+        Frame::new(FrameKind::Refresh)
+            .with_msg_id(id)
+            .with_body(BodyCodec::Raw, token.into_bytes())
+    };
+    // Another user's token, an expired one and garbage: refused, nothing changes.
+    let refusals = [
+        token_with(&serde_json::json!({"sub": "mallory", "exp": now + 600})),
+        token_with(&serde_json::json!({"sub": "ivy", "exp": now - 600})),
+        "not a token".to_owned(),
+    ];
+    for (i, token) in refusals.into_iter().enumerate() {
+        let id = 10 + i as u64;
+        c.send(&refresh(id, token)).await;
+        let f = c.frame().await;
+        assert_eq!((f.kind, f.msg_id), (FrameKind::Error, id), "{f:?}");
+        let body: ErrorBody = payload::decode_body(f.flags.codec(), &f.body).unwrap();
+        assert_eq!(body.code, ErrorCode::Forbidden.code(), "{body:?}");
+    }
+    // The same identity with a later expiry: acked, and the session outlives the old one.
+    let long = token_with(&serde_json::json!({"sub": "ivy", "exp": now + 600}));
+    c.send(&refresh(20, long)).await;
+    let f = c.frame().await;
+    assert_eq!((f.kind, f.msg_id), (FrameKind::Ack, 20), "{f:?}");
+    c.expect_silence(Duration::from_secs(3)).await;
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn presence_batches_vouch_for_every_held_socket_even_idle_ones() {
     let nats = NatsServer::start().unwrap();
     let bus = bus_client(&nats.url()).await;
