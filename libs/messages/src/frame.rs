@@ -684,7 +684,7 @@ mod tests {
             assert_eq!(decoded, frame, "{kind}");
         }
         assert_eq!(FrameKind::from_u8(0), None);
-        assert_eq!(FrameKind::from_u8(12), None);
+        assert_eq!(FrameKind::from_u8(13), None);
     }
 
     #[test]
