@@ -401,3 +401,69 @@ async fn pinned_labels_override_what_the_agent_reports() {
     let _ = agent.join().await;
     fleet.stop().await;
 }
+
+/// Runs the real `schedctl`; returns exit code and stdout.
+fn schedctl(api: SocketAddr, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_schedctl"))
+        .env("SCHEDULER_URL", format!("http://{api}"))
+        .env("SCHEDULER_API_KEY", KEY)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_enrol_pin_and_revoke_with_schedctl() {
+    let fleet = Fleet::start().await;
+    let api = fleet.sched.addr();
+    // An enrolment token for the node, alone on stdout.
+    let (code, out) = tokio::task::spawn_blocking(move || schedctl(api, &["enrol", "edge-9"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.trim().split('.').count(), 3, "{out}");
+    let (code, _) =
+        tokio::task::spawn_blocking(move || schedctl(api, &["pin", "edge-9", "tier=gold"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0);
+    let (code, _) = tokio::task::spawn_blocking(move || schedctl(api, &["pin", "edge-9", "oops"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 64, "a label without '=' is a usage error");
+    let (code, out) = tokio::task::spawn_blocking(move || schedctl(api, &["revoke", "edge-9"]))
+        .await
+        .unwrap();
+    assert_eq!((code, out.trim()), (0, "edge-9: revoked=true"));
+    // Revoked: no enrolment; lifted: enrolment again.
+    let (code, _) = tokio::task::spawn_blocking(move || schedctl(api, &["enrol", "edge-9"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 1);
+    let (code, out) =
+        tokio::task::spawn_blocking(move || schedctl(api, &["revoke", "--lift", "edge-9"]))
+            .await
+            .unwrap();
+    assert_eq!((code, out.trim()), (0, "edge-9: revoked=false"));
+    let audit = http::get(api, "/v1/audit", KEY).await.unwrap().json();
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "agent.enrol",
+            "agent.labels",
+            "agent.revoke",
+            "agent.unrevoke"
+        ]
+    );
+    fleet.stop().await;
+}

@@ -58,6 +58,31 @@ enum Command {
         /// Node id.
         id: String,
     },
+    /// Revoke a node: disconnected everywhere and refused until enrolled again
+    /// (`--lift` lifts the revocation).
+    Revoke {
+        /// Node id.
+        id: String,
+        /// Lift the revocation instead.
+        #[arg(long)]
+        lift: bool,
+    },
+    /// Print an enrolment token for a node (put it in the agent's `token_file`).
+    Enrol {
+        /// Node id.
+        id: String,
+        /// Token lifetime, seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+    },
+    /// Pin labels on a node (`key=value`, repeatable; none unpins all): pinned labels
+    /// override what the agent reports.
+    Pin {
+        /// Node id.
+        id: String,
+        /// Labels to pin.
+        labels: Vec<String>,
+    },
     /// Run a command on agents: `schedctl run --label role=edge -- df -h`.
     Run {
         #[command(flatten)]
@@ -245,6 +270,50 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 return print_json(&v);
             }
             print_task(&v);
+            Ok(())
+        }
+        Command::Revoke { id, lift } => {
+            let path = format!("/v1/agents/{id}/revoke");
+            let v = if *lift {
+                api.request("DELETE", &path, None)?
+            } else {
+                api.post(&path, &json!({}))?
+            };
+            if cli.json {
+                return print_json(&v);
+            }
+            println!("{id}: revoked={}", text(&v["revoked"]));
+            Ok(())
+        }
+        Command::Enrol { id, ttl_secs } => {
+            let v = api.post(
+                &format!("/v1/agents/{id}/token"),
+                &json!({"ttl_secs": ttl_secs}),
+            )?;
+            if cli.json {
+                return print_json(&v);
+            }
+            // Only the token on stdout, so it can be redirected into a file.
+            println!("{}", text(&v["token"]));
+            Ok(())
+        }
+        Command::Pin { id, labels } => {
+            let mut pinned = serde_json::Map::new();
+            for label in labels {
+                let Some((k, v)) = label.split_once('=') else {
+                    return Err(Failure::Usage(format!("label {label:?}: use key=value")));
+                };
+                pinned.insert(k.to_owned(), json!(v));
+            }
+            let v = api.request(
+                "PUT",
+                &format!("/v1/agents/{id}/labels"),
+                Some(&json!({"labels": pinned})),
+            )?;
+            if cli.json {
+                return print_json(&v);
+            }
+            println!("{id}: pinned {}", v["pinned"]);
             Ok(())
         }
         Command::Cancel { id } => {
