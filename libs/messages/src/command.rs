@@ -306,22 +306,14 @@ impl CommandVerifier {
 
     /// Every SPKI PEM public key in `text` (one file may hold the current and the next key).
     pub fn from_pem(text: &str) -> Result<Self, KeyError> {
-        let mut keys = Vec::new();
-        let mut rest = text;
-        const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
-        const END: &str = "-----END PUBLIC KEY-----";
-        while let Some(start) = rest.find(BEGIN) {
-            let after = &rest[start..];
-            let end = after
-                .find(END)
-                .ok_or_else(|| KeyError::Public("unterminated PEM block".into()))?;
-            let block = &after[..end + END.len()];
-            keys.push(
-                VerifyingKey::from_public_key_pem(block)
-                    .map_err(|e| KeyError::Public(e.to_string()))?,
-            );
-            rest = &after[end + END.len()..];
-        }
+        let keys = public_key_blocks(text)
+            .map(|block| {
+                block.and_then(|b| {
+                    VerifyingKey::from_public_key_pem(b)
+                        .map_err(|e| KeyError::Public(e.to_string()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if keys.is_empty() {
             return Err(KeyError::Empty);
         }
@@ -380,6 +372,24 @@ impl CommandVerifier {
         }
         Ok(envelope)
     }
+}
+
+/// The `PUBLIC KEY` PEM blocks in `text`, each with its armour, in order: a key file may
+/// hold several keys (rotation). An unterminated block is an error.
+pub fn public_key_blocks(text: &str) -> impl Iterator<Item = Result<&str, KeyError>> {
+    const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+    const END: &str = "-----END PUBLIC KEY-----";
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        let start = rest.find(BEGIN)?;
+        let after = &rest[start..];
+        let Some(end) = after.find(END) else {
+            rest = "";
+            return Some(Err(KeyError::Public("unterminated PEM block".into())));
+        };
+        rest = &after[end + END.len()..];
+        Some(Ok(&after[..end + END.len()]))
+    })
 }
 
 /// Peeks at an envelope without verifying it: only to say in a refusal report what a

@@ -69,19 +69,7 @@ pub async fn post_json(
     key: &str,
     json: &serde_json::Value,
 ) -> std::io::Result<Response> {
-    let auth = format!("Bearer {key}");
-    let body = serde_json::to_vec(json).unwrap_or_default();
-    request(
-        addr,
-        "POST",
-        path,
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-        ],
-        &body,
-    )
-    .await
+    request_json(addr, "POST", path, key, json).await
 }
 
 /// GETs with a bearer token.

@@ -57,7 +57,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::ExponentialBackoff;
 use crate::config::{AgentConfig, Token};
-use crate::executor::{ExecEvent, Executor, RESULT_KIND};
+use crate::executor::{ExecEvent, Executor, RESULT_KIND, now_ms};
 use crate::metrics_http::MetricsServer;
 use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
 use crate::prom::AgentMetrics;
@@ -172,14 +172,6 @@ enum RefuseError {
     Outbox(#[from] OutboxError),
     #[error("encode: {0}")]
     Encode(payload::PayloadError),
-}
-
-/// Unix time in ms.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// A running agent (connection loop and executor) on the current tokio runtime.

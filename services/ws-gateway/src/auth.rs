@@ -85,16 +85,12 @@ impl Keys {
     /// Adds the agent-token public keys: every `PUBLIC KEY` PEM block in `pem` (Ed25519
     /// SPKI). Without them no agent can connect.
     pub fn with_agent_keys(mut self, pem: &[u8]) -> Result<Self, KeyError> {
-        const BEGIN: &[u8] = b"-----BEGIN PUBLIC KEY-----";
-        const END: &[u8] = b"-----END PUBLIC KEY-----";
-        let mut rest = pem;
-        while let Some(start) = find(rest, BEGIN) {
-            let after = &rest[start..];
-            let Some(end) = find(after, END) else { break };
-            let block = &after[..end + END.len()];
+        let text = String::from_utf8_lossy(pem);
+        for block in messages::command::public_key_blocks(&text) {
+            // An unterminated block is no key; the emptiness check below reports it.
+            let Ok(block) = block else { break };
             self.agent
-                .push(DecodingKey::from_ed_pem(block).map_err(KeyError::BadPublicKey)?);
-            rest = &after[end + END.len()..];
+                .push(DecodingKey::from_ed_pem(block.as_bytes()).map_err(KeyError::BadPublicKey)?);
         }
         if self.agent.is_empty() {
             return Err(KeyError::NoAgentKey);
@@ -106,10 +102,6 @@ impl Keys {
     pub fn accepts_agents(&self) -> bool {
         !self.agent.is_empty()
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Why a token was refused. Each is a 401 with this text in the body.
