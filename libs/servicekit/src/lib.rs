@@ -1,13 +1,15 @@
 //! Plumbing shared by the service binaries, kept in one place so every service behaves the
 //! same way: SIGTERM/SIGINT handling, log set-up, running a service on its own thread with
 //! its own actix system (how tests drive services in-process), and the JSON error shape and
-//! API-key check of the HTTP APIs. It holds no business logic and no wire contract (that is
+//! API-key check of the HTTP APIs, and TLS set-up ([`tls`]: rustls with ring, PEM files,
+//! key pins). It holds no business logic and no wire contract (that is
 //! `libs/messages`).
 
 pub mod hops;
 pub mod http;
 pub mod nats;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};

@@ -16,10 +16,14 @@
 //! Configuration uses the standard OpenTelemetry variables, each also a flag:
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (base URL, `/v1/traces` appended) or
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as is), `OTEL_SERVICE_NAME`,
-//! `OTEL_TRACES_SAMPLER_ARG` (head-sampling ratio 0..=1, default 1), `OTEL_SDK_DISABLED`.
+//! `OTEL_TRACES_SAMPLER_ARG` (head-sampling ratio 0..=1, default 1), `OTEL_SDK_DISABLED`,
+//! and for an `https` collector `OTEL_EXPORTER_OTLP_CERTIFICATE` (or
+//! `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE`): a PEM bundle of the CAs trusted instead of the
+//! system's store. The exporter's HTTP client is reqwest with rustls ([`crate::tls`]).
 //! The sampler is always parent-based: a hop that receives a context honours its sampled
 //! flag, so the decision is made once, at the edge.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use messages::{TraceContext, subject};
@@ -59,6 +63,16 @@ pub struct TelemetryArgs {
     /// `true` turns exporting off whatever else is set.
     #[arg(long = "otel-sdk-disabled", env = "OTEL_SDK_DISABLED")]
     pub sdk_disabled: Option<bool>,
+    /// PEM bundle of the CAs trusted for an `https` collector, instead of the system's
+    /// store.
+    #[arg(long = "otlp-certificate", env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    pub otlp_certificate: Option<PathBuf>,
+    /// The same for the traces endpoint; wins over `--otlp-certificate`.
+    #[arg(
+        long = "otlp-traces-certificate",
+        env = "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE"
+    )]
+    pub otlp_traces_certificate: Option<PathBuf>,
 }
 
 fn nonempty(s: &Option<String>) -> Option<&str> {
@@ -94,6 +108,15 @@ impl TelemetryArgs {
             .map(|base| format!("{}/v1/traces", base.trim_end_matches('/')))
     }
 
+    /// The CA bundle trusted for the collector, if one is configured.
+    pub fn certificate(&self) -> Option<&Path> {
+        [&self.otlp_traces_certificate, &self.otlp_certificate]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .find(|p| !p.as_os_str().is_empty())
+    }
+
     /// The head-sampling ratio, checked.
     pub fn ratio(&self) -> Result<f64, TelemetryError> {
         let ratio = self.sampling_ratio.unwrap_or(1.0);
@@ -116,6 +139,9 @@ pub enum TelemetryError {
     /// The OTLP exporter could not be built.
     #[error("OTLP exporter: {0}")]
     Exporter(String),
+    /// The collector's TLS settings cannot be used (CA file, system store).
+    #[error("OTLP exporter TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A global subscriber was already installed.
     #[error("logging was already initialised: {0}")]
     AlreadyInitialised(String),
@@ -178,6 +204,7 @@ pub fn init(
             &endpoint,
             args.service_name.as_deref().unwrap_or(default_service),
             ratio,
+            args.certificate(),
         )?),
         None => None,
     };
@@ -230,13 +257,47 @@ pub fn init_main(
     })
 }
 
+/// The exporter's HTTP client: reqwest with rustls (ring), trusting `ca_file` or else the
+/// system's store when the endpoint is `https`. Built here rather than by the exporter so
+/// the crypto provider is ours and never a process-level guess.
+fn http_client(
+    endpoint: &str,
+    ca_file: Option<&Path>,
+) -> Result<reqwest::blocking::Client, TelemetryError> {
+    let https = endpoint
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    let roots = match ca_file {
+        Some(path) => crate::tls::roots_from_file(path)?,
+        None if https => crate::tls::platform_roots()?,
+        None => crate::tls::RootCertStore::empty(),
+    };
+    let tls = crate::tls::client_config(roots, &[])?;
+    // The blocking client starts its own runtime, which must not happen on an async thread
+    // (init may be called inside one): build it on a plain thread, as the exporter would.
+    std::thread::Builder::new()
+        .name("otlp-http-client".into())
+        .spawn(move || {
+            reqwest::blocking::Client::builder()
+                .tls_backend_preconfigured(tls)
+                .timeout(Duration::from_secs(5))
+                .build()
+        })
+        .map_err(|e| TelemetryError::Exporter(format!("cannot start a thread: {e}")))?
+        .join()
+        .map_err(|_| TelemetryError::Exporter("building the HTTP client panicked".into()))?
+        .map_err(|e| TelemetryError::Exporter(format!("cannot build the HTTP client: {e}")))
+}
+
 fn provider(
     endpoint: &str,
     service: &str,
     ratio: f64,
+    ca_file: Option<&Path>,
 ) -> Result<SdkTracerProvider, TelemetryError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
+        .with_http_client(http_client(endpoint, ca_file)?)
         .with_endpoint(endpoint)
         .with_timeout(Duration::from_secs(5))
         .with_headers(Default::default())

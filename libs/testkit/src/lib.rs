@@ -1,6 +1,7 @@
 //! Real infrastructure for tests: `nats-server` processes started on free loopback ports in
 //! temporary directories, killed and cleaned up on drop, and a WebSocket client that speaks
-//! the frame protocol over a real socket.
+//! the frame protocol over a real socket; [`tls`] adds a test CA and a TLS-terminating
+//! proxy for testing clients over real TLS.
 //!
 //! [`NatsServer`] is one node with JetStream that can be killed and started again on the
 //! same port with the same storage (for reconnect and outage tests). [`NatsCluster`] is
@@ -18,6 +19,7 @@ pub mod http;
 pub mod otlp;
 pub mod process;
 mod server;
+pub mod tls;
 pub mod ws;
 
 pub use server::{Error, NatsCluster, NatsServer, nats_server_binary, workspace_root};

@@ -32,6 +32,8 @@
 //! max_timeout_ms = 3600000              # 1 hour
 //! probe_allow = []                      # CIDRs, e.g. ["169.254.169.254/32"]
 //! probe_deny = []                       # CIDRs, e.g. ["10.0.0.0/8"]
+//! tls_ca_file = "ca.pem"                # optional: CAs trusted for wss:// gateways
+//! tls_pin_sha256 = ["sha256/AbC...="]   # optional: pins of the gateways' public keys
 //!
 //! [labels]
 //! region = "eu-central"
@@ -50,7 +52,7 @@
 //! `AGENT_COMMAND_KEYS_FILE`, `AGENT_CREDENTIAL_PATH`,
 //! `AGENT_COMMAND_SEARCH_PATH` (separated by `,` or `:`), `AGENT_ALLOWED_ENV`,
 //! `AGENT_ALLOWED_CWD_ROOTS`, `AGENT_MAX_CONCURRENT_TASKS`, `AGENT_MAX_TIMEOUT_MS`,
-//! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`.
+//! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`, `AGENT_TLS_CA_FILE`, `AGENT_TLS_PIN_SHA256`.
 //!
 //! `token`/`token_file` is the enrolment credential (an agent token the operator got from
 //! the scheduler). Once connected, the control plane renews the credential over the live
@@ -78,8 +80,23 @@
 //! free port (see [`crate::AgentHandle::metrics_addr`]); an empty value turns the endpoint
 //! off, so `AGENT_METRICS_LISTEN=` can disable a file's setting.
 //!
+//! TLS (`wss://` gateways; rustls, no OpenSSL): `tls_ca_file` is a PEM bundle of the CAs
+//! trusted to sign gateway certificates. When it is unset, the system's trust store is used
+//! (`/etc/ssl/certs` via the `ca-certificates` package, honouring `SSL_CERT_FILE` and
+//! `SSL_CERT_DIR`), so a gateway with a public certificate needs no setting while a private
+//! CA is one file, managed like the token; the store is read at start and an empty one is
+//! a configuration error when a `wss://` gateway is configured. `tls_pin_sha256` adds a
+//! check on top of normal chain, validity and name validation: the gateway's public key
+//! (the SHA-256 of its DER SubjectPublicKeyInfo, 64 hex digits or base64, optionally
+//! prefixed `sha256/`) must be one of the pins; list the current and the next key while
+//! rotating. Compute a pin with `openssl x509 -in cert.pem -pubkey -noout | openssl pkey
+//! -pubin -outform der | openssl dgst -sha256 -binary | base64`. A missing or unparsable
+//! CA file, a bad pin, or pins with no `wss://` gateway (nothing would be checked) stop the
+//! agent at start; a handshake that fails (unknown CA, wrong name, pin mismatch) is logged
+//! with its cause and retried with backoff like any other connection failure.
+//!
 //! Relative paths in the file (`token_file`, `outbox_path`, `command_keys_file`,
-//! `credential_path`) are resolved against the file's
+//! `credential_path`, `tls_ca_file`) are resolved against the file's
 //! directory, so the agent does not depend on the directory it was started from; relative
 //! paths from the environment are used as given.
 
@@ -87,11 +104,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use messages::command::CommandVerifier;
 use messages::{IdError, UserId};
 use serde::Deserialize;
+use servicekit::tls::{ClientConfig, SpkiPin};
 
 use crate::backoff::{BackoffError, ExponentialBackoff};
 use crate::policy::{self, Cidr, CidrError, ExecPolicy};
@@ -121,6 +140,43 @@ impl Token {
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Token(<redacted>)")
+    }
+}
+
+/// TLS settings for `wss://` gateways, loaded and checked when the configuration is.
+#[derive(Clone, Default)]
+pub struct TlsSettings {
+    /// The PEM bundle of trusted CAs, if configured; otherwise the system's store is used.
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 pins of acceptable gateway public keys; empty means no pinning.
+    pub pins: Vec<SpkiPin>,
+    client: Option<Arc<ClientConfig>>,
+}
+
+impl TlsSettings {
+    /// The rustls client configuration for `wss://` gateways (trust anchors and pins
+    /// loaded); `None` when no gateway uses `wss://`.
+    pub fn client_config(&self) -> Option<&Arc<ClientConfig>> {
+        self.client.as_ref()
+    }
+}
+
+/// Equal when configured the same; the loaded trust anchors follow from the settings.
+impl PartialEq for TlsSettings {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca_file == other.ca_file
+            && self.pins == other.pins
+            && self.client.is_some() == other.client.is_some()
+    }
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca_file", &self.ca_file)
+            .field("pins", &self.pins)
+            .field("loaded", &self.client.is_some())
+            .finish()
     }
 }
 
@@ -174,6 +230,8 @@ pub struct AgentConfig {
     pub probe_allow: Vec<Cidr>,
     /// Probe destinations denied.
     pub probe_deny: Vec<Cidr>,
+    /// TLS settings for `wss://` gateways.
+    pub tls: TlsSettings,
     /// The file this was loaded from, if any.
     pub file: Option<PathBuf>,
 }
@@ -278,6 +336,15 @@ pub enum Problem {
         /// The text given.
         value: String,
     },
+    /// The CA file cannot be used.
+    #[error("{0}")]
+    Tls(servicekit::tls::TlsError),
+    /// Not a SHA-256 pin.
+    #[error("{0}")]
+    Pin(servicekit::tls::PinParseError),
+    /// Pins are set but no gateway uses `wss://`, so nothing would be checked.
+    #[error("pins are set but no gateway URL uses wss://")]
+    PinsWithoutTls,
     /// An invalid allowed-command entry.
     #[error("allowed command {entry:?}: {reason}")]
     Command {
@@ -393,6 +460,8 @@ struct FileConfig {
     max_timeout_ms: Option<u64>,
     probe_allow: Option<Vec<String>>,
     probe_deny: Option<Vec<String>>,
+    tls_ca_file: Option<PathBuf>,
+    tls_pin_sha256: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -778,6 +847,7 @@ impl AgentConfig {
 
         let probe_allow = resolve_cidrs(&l, "probe_allow", "AGENT_PROBE_ALLOW", f.probe_allow)?;
         let probe_deny = resolve_cidrs(&l, "probe_deny", "AGENT_PROBE_DENY", f.probe_deny)?;
+        let tls = resolve_tls(&l, f.tls_ca_file, f.tls_pin_sha256, &gateways)?;
 
         Ok(AgentConfig {
             node_id: node_id_value,
@@ -800,6 +870,7 @@ impl AgentConfig {
             max_timeout,
             probe_allow,
             probe_deny,
+            tls,
             file: path.map(Path::to_path_buf),
         })
     }
@@ -836,6 +907,79 @@ fn resolve_cidrs<E: Fn(&str) -> Option<String>>(
             .collect(),
         None => Ok(Vec::new()),
     }
+}
+
+/// Loads the trust anchors (the CA file, or the system store when a `wss://` gateway needs
+/// one) and the pins, so a broken TLS setting stops the agent at start instead of failing
+/// every connection attempt later.
+fn resolve_tls<E: Fn(&str) -> Option<String>>(
+    l: &Layers<'_, E>,
+    file_ca: Option<PathBuf>,
+    file_pins: Option<Vec<String>>,
+    gateways: &Sourced<Vec<String>>,
+) -> Result<TlsSettings, ConfigError> {
+    let uses_tls = gateways
+        .value
+        .iter()
+        .any(|u| u.to_ascii_lowercase().starts_with("wss://"));
+    // Empty means unset, so `AGENT_TLS_CA_FILE=` falls back to the system store.
+    let ca = match l.pick("tls_ca_file", "AGENT_TLS_CA_FILE", file_ca, parse_path)? {
+        Some(s) if s.value.as_os_str().is_empty() => None,
+        Some(s) => Some((l.resolve(s.value, &s.origin), s.origin)),
+        None => None,
+    };
+    let (pins, pins_origin) = match l.pick(
+        "tls_pin_sha256",
+        "AGENT_TLS_PIN_SHA256",
+        file_pins,
+        parse_list,
+    )? {
+        Some(Sourced { value, origin }) => {
+            let pins = value
+                .iter()
+                .map(|p| p.parse::<SpkiPin>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("tls_pin_sha256", origin.clone(), Problem::Pin(e)))?;
+            (pins, origin)
+        }
+        None => (Vec::new(), Origin::Default),
+    };
+    if !pins.is_empty() && !uses_tls {
+        return Err(invalid(
+            "tls_pin_sha256",
+            pins_origin,
+            Problem::PinsWithoutTls,
+        ));
+    }
+    let roots = match &ca {
+        // Read even when no gateway uses wss:// yet: a broken file is reported now.
+        Some((path, origin)) => Some(
+            servicekit::tls::roots_from_file(path)
+                .map_err(|e| invalid("tls_ca_file", origin.clone(), Problem::Tls(e)))?,
+        ),
+        None if uses_tls => Some(
+            servicekit::tls::platform_roots()
+                .map_err(|e| invalid("tls_ca_file", Origin::Default, Problem::Tls(e)))?,
+        ),
+        None => None,
+    };
+    let client = match roots {
+        Some(roots) if uses_tls => {
+            let origin = ca
+                .as_ref()
+                .map_or(Origin::Default, |(_, origin)| origin.clone());
+            Some(Arc::new(
+                servicekit::tls::client_config(roots, &pins)
+                    .map_err(|e| invalid("tls_ca_file", origin, Problem::Tls(e)))?,
+            ))
+        }
+        _ => None,
+    };
+    Ok(TlsSettings {
+        ca_file: ca.map(|(path, _)| path),
+        pins,
+        client,
+    })
 }
 
 fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {

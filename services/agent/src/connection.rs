@@ -25,9 +25,12 @@
 //! refusal (outboxed, at most [`REFUSAL_REPORTS_PER_MINUTE`] a minute so forged traffic
 //! cannot fill the disk; the metric counts all).
 //!
-//! Only `ws://` gateways can be reached for now: the workspace builds tokio-tungstenite
-//! without a TLS backend, so a `wss://` URL fails to connect (and is retried like any
-//! other failure).
+//! `wss://` gateways are reached with rustls, trusting the configured CA file or the
+//! system store and checking the optional key pins ([`crate::config::TlsSettings`]). A
+//! failed handshake (unknown CA, wrong name, pin mismatch) is a problem of one gateway or
+//! of its certificate, not of this agent: it is logged with its cause and retried with
+//! backoff like any other connection failure, so a fixed certificate is picked up without
+//! a restart.
 //!
 //! Delivery: every result is in the outbox before it reaches this loop. After each
 //! register the loop sends every pending entry again; an `agent.ack` push deletes the named
@@ -618,7 +621,7 @@ impl Ctx {
     async fn session(&mut self, url: &str) -> SessionEnd {
         let token = self.credentials.current(now_ms() / 1000);
         let ws = tokio::select! {
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connect(url, &token)) => match r {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect(url, &token, self.config.tls.client_config())) => match r {
                 Err(_) => return lost(false, "connect timed out"),
                 Ok(Err(end)) => return end,
                 Ok(Ok(ws)) => ws,
@@ -1084,7 +1087,11 @@ fn local_address(ws: &Ws) -> Option<String> {
 }
 
 /// Opens the WebSocket with the token in the `Authorization` header.
-async fn connect(url: &str, token: &Token) -> Result<Ws, SessionEnd> {
+async fn connect(
+    url: &str,
+    token: &Token,
+    tls: Option<&Arc<servicekit::tls::ClientConfig>>,
+) -> Result<Ws, SessionEnd> {
     let mut request = url
         .into_client_request()
         .map_err(|e| lost(false, format!("bad gateway URL {url}: {e}")))?;
@@ -1096,7 +1103,10 @@ async fn connect(url: &str, token: &Token) -> Result<Ws, SessionEnd> {
         .read_buffer_size(4096)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE + 1024));
-    match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
+    let connector = tls.map(|c| tokio_tungstenite::Connector::Rustls(Arc::clone(c)));
+    match tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector)
+        .await
+    {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();
@@ -1117,8 +1127,24 @@ async fn connect(url: &str, token: &Token) -> Result<Ws, SessionEnd> {
                 Err(lost(false, format!("handshake refused with HTTP {status}")))
             }
         }
-        Err(e) => Err(lost(false, e.to_string())),
+        Err(e) => Err(lost(false, connect_error(&e))),
     }
+}
+
+/// A connect failure in words, naming the cause and the setting to check when the TLS
+/// handshake failed.
+fn connect_error(e: &tungstenite::Error) -> String {
+    use servicekit::tls::TlsFailure;
+    let Some(failure) = TlsFailure::find(e) else {
+        return e.to_string();
+    };
+    let hint = match failure {
+        TlsFailure::UnknownIssuer => "; check tls_ca_file",
+        TlsFailure::PinMismatch { .. } => "; check tls_pin_sha256",
+        TlsFailure::NameMismatch { .. } => "; the gateway URL's host must be in the certificate",
+        _ => "",
+    };
+    format!("TLS handshake failed: {failure}{hint}")
 }
 
 /// Reads until the welcome (the first frame a gateway sends).

@@ -28,7 +28,7 @@ pub mod prom;
 pub mod trust;
 
 pub use backoff::{BackoffError, ExponentialBackoff};
-pub use config::{AgentConfig, ConfigError, Origin, Problem, Token};
+pub use config::{AgentConfig, ConfigError, Origin, Problem, TlsSettings, Token};
 pub use connection::{AgentHandle, RunError, start};
 pub use executor::{ExecEvent, Execution, Executor};
 pub use metrics_http::MetricsServer;

@@ -1,10 +1,14 @@
 //! Scheduler configuration: flags with `SCHEDULER_*` environment variables, validated into
 //! a [`Config`]. Tests build a [`Config`] directly with [`Config::new`].
+//!
+//! With `SCHEDULER_TLS_CERT` and `SCHEDULER_TLS_KEY` (PEM files: the certificate chain, leaf
+//! first, and its private key) the HTTP API, `/healthz` and `/readyz` included, is served
+//! over HTTPS only (rustls with ring); both are read at start and a problem with either is
+//! a configuration error.
 
 use std::path::PathBuf;
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use messages::command::CommandSigner;
@@ -90,6 +94,12 @@ pub struct Args {
     /// Lifetime of `--mint-agent-token`, seconds.
     #[arg(long, default_value_t = 86_400)]
     pub token_ttl_secs: u64,
+    /// PEM certificate chain (leaf first) for serving the API over HTTPS; needs `--tls-key`.
+    #[arg(long, env = "SCHEDULER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "SCHEDULER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "SCHEDULER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -156,6 +166,8 @@ pub struct Config {
     pub command_ttl: Duration,
     /// Issues and renews agent tokens, when configured.
     pub agent_tokens: Option<Arc<AgentTokens>>,
+    /// Serve the HTTP API over HTTPS with this configuration; `None` serves plain HTTP.
+    pub tls: Option<Arc<servicekit::tls::ServerConfig>>,
 }
 
 impl Config {
@@ -184,6 +196,7 @@ impl Config {
             command_key: Arc::new(CommandSigner::generate()),
             command_ttl: Duration::from_secs(600),
             agent_tokens: None,
+            tls: None,
         }
     }
 
@@ -220,6 +233,19 @@ impl Config {
         if let Some(instance) = &args.instance {
             config.instance = instance.trim().to_owned();
         }
+        let given = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        config.tls = match (given(&args.tls_cert), given(&args.tls_key)) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                servicekit::tls::server_config(&cert, &key)
+                    .map_err(|e| ConfigError::Invalid(format!("TLS certificate or key: {e}")))?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "SCHEDULER_TLS_CERT (--tls-cert) and SCHEDULER_TLS_KEY (--tls-key) go together: set both or neither".into(),
+                ));
+            }
+        };
         if !matches!(args.log_format.as_str(), "text" | "json") {
             return Err(ConfigError::Invalid(format!(
                 "log format {:?}: use text or json",
@@ -398,5 +424,35 @@ mod tests {
             &key_file(),
         ]);
         assert!(Config::from_args(&short).is_err());
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_readable_ones() {
+        let half = Args::parse_from([
+            "scheduler",
+            "--api-keys",
+            "0123456789abcdef",
+            "--tls-cert",
+            "cert.pem",
+        ]);
+        let e = Config::from_args(&half).unwrap_err().to_string();
+        assert!(e.contains("SCHEDULER_TLS_KEY"), "{e}");
+        let missing = Args::parse_from([
+            "scheduler",
+            "--api-keys",
+            "0123456789abcdef",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ]);
+        let e = Config::from_args(&missing).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/cert.pem"), "{e}");
+        assert!(
+            Config::from_args(&args("0123456789abcdef"))
+                .unwrap()
+                .tls
+                .is_none()
+        );
     }
 }

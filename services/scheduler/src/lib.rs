@@ -237,7 +237,11 @@ async fn lead(
         .spawn(async move { connect_nats(&url, "scheduler-lease").await })
         .await
         .map_err(join_error)??;
-    let mut standby = Some(serve_standby(listener.try_clone()?, &config.instance)?);
+    let mut standby = Some(serve_standby(
+        listener.try_clone()?,
+        &config.instance,
+        config.tls.as_deref(),
+    )?);
     tracing::info!(instance = %config.instance, "scheduler standing by for the leader lease.");
     let lease_cfg = lease::LeaseConfig {
         bucket: config.lease_bucket.clone(),
@@ -325,8 +329,11 @@ async fn active(
     })
     .workers(2)
     .disable_signals()
-    .shutdown_timeout(5)
-    .listen(listener)?
+    .shutdown_timeout(5);
+    let server = match &config.tls {
+        Some(tls) => server.listen_rustls_0_23(listener, (**tls).clone())?,
+        None => server.listen(listener)?,
+    }
     .run();
     let server = Running::start(server);
     tracing::info!(instance = %config.instance, "scheduler active.");
@@ -364,8 +371,13 @@ impl Running {
 }
 
 /// The standby's HTTP server, on a duplicate of the listening socket: when it stops, the
-/// socket stays open and connections wait in its backlog for the active server.
-fn serve_standby(listener: TcpListener, instance: &str) -> Result<Running, Error> {
+/// socket stays open and connections wait in its backlog for the active server. It speaks
+/// TLS when the active server will, since clients cannot tell the two apart.
+fn serve_standby(
+    listener: TcpListener,
+    instance: &str,
+    tls: Option<&servicekit::tls::ServerConfig>,
+) -> Result<Running, Error> {
     let instance = web::Data::new(instance.to_owned());
     let server = HttpServer::new(move || {
         App::new()
@@ -374,8 +386,11 @@ fn serve_standby(listener: TcpListener, instance: &str) -> Result<Running, Error
     })
     .workers(1)
     .disable_signals()
-    .shutdown_timeout(1)
-    .listen(listener)?
+    .shutdown_timeout(1);
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_23(listener, tls.clone())?,
+        None => server.listen(listener)?,
+    }
     .run();
     Ok(Running::start(server))
 }

@@ -11,11 +11,16 @@
 //! ```
 //! The key (`SCHEDULER_API_KEY`) is one secret of the scheduler's `SCHEDULER_API_KEYS`: a
 //! read-scope key can list and show, creating and cancelling need an operator key.
+//! `--url` takes `http://` or `https://`. Over HTTPS the scheduler's certificate must chain
+//! to the system's trust store, or to the CAs in the PEM file given with `--cacert`
+//! (`SCHEDULER_CACERT`), which then replace the system store. The client is reqwest with
+//! rustls (servicekit::tls); a certificate problem is reported as such (exit 69).
+//!
 //! Exit codes: 0 success, 1 the API refused the request, 2 a task finished with failures
-//! (with `--wait`), 64 bad usage, 69 the scheduler is unreachable.
+//! (with `--wait`), 64 bad usage (including an unreadable `--cacert`), 69 the scheduler is
+//! unreachable or its certificate is not trusted.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -35,6 +40,9 @@ struct Cli {
     /// API key.
     #[arg(long, env = "SCHEDULER_API_KEY", hide_env_values = true)]
     key: String,
+    /// PEM file of the CAs to trust for an https:// URL, instead of the system's store.
+    #[arg(long, env = "SCHEDULER_CACERT")]
+    cacert: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -183,7 +191,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<(), Failure> {
-    let api = Api::new(&cli.url, &cli.key)?;
+    let api = Api::new(&cli.url, &cli.key, cli.cacert.as_deref())?;
     match &cli.command {
         Command::Agents { labels, state } => {
             let mut query: Vec<String> = labels.iter().map(|l| format!("label={l}")).collect();
@@ -275,7 +283,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Revoke { id, lift } => {
             let path = format!("/v1/agents/{id}/revoke");
             let v = if *lift {
-                api.request("DELETE", &path, None)?
+                api.request(reqwest::Method::DELETE, &path, None)?
             } else {
                 api.post(&path, &json!({}))?
             };
@@ -306,7 +314,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 pinned.insert(k.to_owned(), json!(v));
             }
             let v = api.request(
-                "PUT",
+                reqwest::Method::PUT,
                 &format!("/v1/agents/{id}/labels"),
                 Some(&json!({"labels": pinned})),
             )?;
@@ -563,68 +571,77 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// A tiny blocking HTTP/1.1 client: one request per connection, JSON in and out.
+/// The scheduler's API over HTTP or HTTPS: JSON in and out, the key as a bearer token.
 struct Api {
-    host: String,
+    base: String,
     key: String,
+    client: reqwest::blocking::Client,
 }
 
 impl Api {
-    fn new(url: &str, key: &str) -> Result<Self, Failure> {
-        let host = url
-            .strip_prefix("http://")
-            .ok_or_else(|| Failure::Usage(format!("{url}: only http:// URLs are supported")))?
-            .trim_end_matches('/')
-            .to_owned();
+    fn new(url: &str, key: &str, cacert: Option<&Path>) -> Result<Self, Failure> {
+        use servicekit::tls;
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        let https = match scheme.as_deref() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(Failure::Usage(format!(
+                    "{url}: use an http:// or https:// URL"
+                )));
+            }
+        };
+        let roots =
+            match cacert {
+                Some(path) => tls::roots_from_file(path)
+                    .map_err(|e| Failure::Usage(format!("--cacert: {e}")))?,
+                None if https => tls::platform_roots()
+                    .map_err(|e| Failure::Usage(format!("{e} (use --cacert)")))?,
+                None => tls::RootCertStore::empty(),
+            };
+        let config = tls::client_config(roots, &[]).map_err(|e| Failure::Usage(e.to_string()))?;
+        let client = reqwest::blocking::Client::builder()
+            .tls_backend_preconfigured(config)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| Failure::Usage(format!("cannot set up the HTTP client: {e}")))?;
         Ok(Api {
-            host,
+            base: url.trim_end_matches('/').to_owned(),
             key: key.to_owned(),
+            client,
         })
     }
 
     fn get(&self, path: &str) -> Result<Value, Failure> {
-        self.request("GET", path, None)
+        self.request(reqwest::Method::GET, path, None)
     }
 
     fn post(&self, path: &str, body: &Value) -> Result<Value, Failure> {
-        self.request("POST", path, Some(body))
+        self.request(reqwest::Method::POST, path, Some(body))
     }
 
-    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, Failure> {
-        let mut stream = TcpStream::connect(&self.host)
-            .map_err(|e| Failure::Unreachable(format!("{}: {e}", self.host)))?;
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-        let payload = body.map(Value::to_string).unwrap_or_default();
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-            self.host,
-            self.key,
-            payload.len()
-        );
-        stream
-            .write_all(request.as_bytes())
-            .map_err(|e| Failure::Unreachable(e.to_string()))?;
-        let mut raw = Vec::new();
-        stream
-            .read_to_end(&mut raw)
-            .map_err(|e| Failure::Unreachable(e.to_string()))?;
-        let split = raw
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .unwrap_or(raw.len());
-        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let mut body = raw.get(split + 4..).unwrap_or_default().to_vec();
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            body = dechunk(&body);
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Failure> {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
         }
+        let response = request
+            .send()
+            .map_err(|e| Failure::Unreachable(describe(&self.base, &e)))?;
+        let status = response.status().as_u16();
+        let body = response
+            .bytes()
+            .map_err(|e| Failure::Unreachable(describe(&self.base, &e)))?;
         let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if (200..300).contains(&status) {
             Ok(value)
@@ -638,18 +655,26 @@ impl Api {
     }
 }
 
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(String::from_utf8_lossy(&data[..end]).trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = end + 2;
-        let stop = (start + size).min(data.len());
-        out.extend_from_slice(&data[start..stop]);
-        data = data.get(stop + 2..).unwrap_or_default();
+/// A transport failure in words: the certificate problem when the TLS handshake failed,
+/// otherwise the error with its causes (reqwest's own message alone says only "error
+/// sending request").
+fn describe(base: &str, e: &reqwest::Error) -> String {
+    use servicekit::tls::TlsFailure;
+    if let Some(failure) = TlsFailure::find(e) {
+        let hint = match failure {
+            TlsFailure::UnknownIssuer => {
+                "; pass the CA that signed the scheduler's certificate with --cacert (SCHEDULER_CACERT)"
+            }
+            _ => "",
+        };
+        return format!("{base}: TLS handshake failed: {failure}{hint}");
     }
-    out
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

@@ -1,0 +1,211 @@
+//! The scheduler's API over HTTPS and `schedctl` speaking it: the real scheduler binary
+//! with `SCHEDULER_TLS_CERT`/`SCHEDULER_TLS_KEY` from a test CA (on a real nats-server),
+//! and the real `schedctl` binary trusting that CA with `--cacert`/`SCHEDULER_CACERT`, or
+//! refusing the certificate with a clear error when it does not. The task runs on a real
+//! agent that reaches a real gateway over `wss://` (a TLS-terminating test proxy in front
+//! of it), so every hop of an operator's command outside the bus is TLS.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use messages::GatewayId;
+use testkit::NatsServer;
+use testkit::process::{Process, free_addr};
+use testkit::tls::{TestCa, TlsProxy};
+use testkit::ws::{TEST_SECRET, token};
+
+const KEY: &str = "https-api-key-0123456789";
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the real `schedctl` (off the async threads) against `url`, trusting `cacert` if
+/// given.
+async fn schedctl(url: &str, cacert: Option<&Path>, args: &[&str]) -> Out {
+    let (url, cacert) = (url.to_owned(), cacert.map(Path::to_path_buf));
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || schedctl_blocking(&url, cacert, &args))
+        .await
+        .unwrap()
+}
+
+fn schedctl_blocking(url: &str, cacert: Option<PathBuf>, args: &[String]) -> Out {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_schedctl"));
+    command
+        .env("SCHEDULER_URL", url)
+        .env("SCHEDULER_API_KEY", KEY)
+        .env_remove("SCHEDULER_CACERT")
+        .args(args);
+    if let Some(ca) = cacert {
+        command.env("SCHEDULER_CACERT", ca);
+    }
+    let out = command.output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A gateway behind a TLS proxy presenting a certificate of `ca`, and an agent (labelled
+/// `region=tls`) that trusts `ca_file` and reaches the gateway over `wss://`.
+struct TlsAgent {
+    gateway: ws_gateway::Handle,
+    _proxy: TlsProxy,
+    node: agent::AgentHandle,
+}
+
+async fn tls_agent(nats_url: &str, ca: &TestCa, dir: &Path) -> TlsAgent {
+    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
+        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
+        .unwrap();
+    let mut config = ws_gateway::Config::new(nats_url, GatewayId::new("gw-https").unwrap(), keys);
+    config.workers = 1;
+    let gateway = ws_gateway::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    testkit::http::wait_status(gateway.addr(), "/readyz", 200).await;
+    let proxy = TlsProxy::start(&ca.server_cert(), gateway.addr())
+        .await
+        .unwrap();
+    let text = format!(
+        r#"
+node_id = "edge-tls"
+token = "{token}"
+gateways = ["wss://localhost:{port}/ws"]
+tls_ca_file = "ca.pem"
+outbox_path = "edge-tls.redb"
+allowed_commands = ["echo"]
+command_keys_file = "command.pub"
+
+[labels]
+region = "tls"
+
+[backoff]
+base_ms = 50
+cap_ms = 500
+jitter = 0.3
+"#,
+        token = token("edge-tls", Some("agent"), &[]),
+        port = proxy.addr().port(),
+    );
+    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+    let config = agent::AgentConfig::from_toml(&text, &dir.join("agent.toml"), |_| None).unwrap();
+    TlsAgent {
+        gateway,
+        _proxy: proxy,
+        node: agent::start(config).await.unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedctl_lists_agents_and_runs_tasks_over_https_with_the_private_ca() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("scheduler-test-ca");
+    let ca_file = ca.write(&dir.path().join("ca.pem"));
+    let (cert, key) = ca.server_cert().write(dir.path(), "scheduler");
+    let command_key = dir.path().join("command.key");
+    std::fs::write(&command_key, testkit::ws::TEST_COMMAND_KEY).unwrap();
+    let addr = free_addr();
+    let scheduler = Process::start(
+        Path::new(env!("CARGO_BIN_EXE_scheduler")),
+        &[],
+        &[
+            ("SCHEDULER_LISTEN", addr.to_string()),
+            ("SCHEDULER_NATS_URL", nats.url()),
+            ("SCHEDULER_API_KEYS", KEY.into()),
+            (
+                "SCHEDULER_DB",
+                dir.path().join("s.redb").display().to_string(),
+            ),
+            (
+                "SCHEDULER_COMMAND_KEY_FILE",
+                command_key.display().to_string(),
+            ),
+            ("SCHEDULER_TLS_CERT", cert.display().to_string()),
+            ("SCHEDULER_TLS_KEY", key.display().to_string()),
+            ("RUST_LOG", "warn".into()),
+        ],
+        dir.path().join("scheduler.log"),
+    );
+    // The certificate names localhost and 127.0.0.1; use the DNS name.
+    let url = format!("https://localhost:{}", addr.port());
+    let mut edge = tls_agent(&nats.url(), &ca, dir.path()).await;
+
+    // Until the scheduler is active (it stands by for the lease first) and the agent has
+    // registered, retry.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let agents = loop {
+        let out = schedctl(&url, Some(&ca_file), &["agents"]).await;
+        if (out.code == 0 && out.stdout.contains("online")) || Instant::now() >= deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        agents.code,
+        0,
+        "{}{}\n{}",
+        agents.stdout,
+        agents.stderr,
+        scheduler.log()
+    );
+    assert!(agents.stdout.starts_with("NODE"), "{}", agents.stdout);
+    assert!(
+        agents.stdout.contains("edge-tls") && agents.stdout.contains("region=tls"),
+        "{}",
+        agents.stdout
+    );
+
+    let run = schedctl(
+        &url,
+        Some(&ca_file),
+        &[
+            "run",
+            "--label",
+            "region=tls",
+            "--wait",
+            "--",
+            "echo",
+            "over-tls",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("succeeded") && run.stdout.contains("over-tls"),
+        "{}",
+        run.stdout
+    );
+
+    // Without the private CA (the system's store) and with another CA: refused, with the
+    // certificate problem and the remedy named, exit 69.
+    let other = dir.path().join("other-ca.pem");
+    TestCa::new("other-ca").write(&other);
+    for cacert in [None, Some(other.as_path())] {
+        let out = schedctl(&url, cacert, &["agents"]).await;
+        assert_eq!(out.code, 69, "{cacert:?}: {}{}", out.stdout, out.stderr);
+        assert!(
+            out.stderr.contains("TLS handshake failed")
+                && out.stderr.contains("not signed by a trusted CA")
+                && out.stderr.contains("--cacert"),
+            "{cacert:?}: {}",
+            out.stderr
+        );
+    }
+
+    // A CA file that cannot be read is a usage error, named as such.
+    let out = schedctl(&url, Some(Path::new("/nonexistent/ca.pem")), &["agents"]).await;
+    assert_eq!(out.code, 64, "{}", out.stderr);
+    assert!(out.stderr.contains("/nonexistent/ca.pem"), "{}", out.stderr);
+
+    edge.node.stop();
+    let _ = edge.node.join().await;
+    drop(scheduler);
+    edge.gateway.shutdown().await.unwrap();
+}
