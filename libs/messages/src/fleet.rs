@@ -185,16 +185,29 @@ pub enum Stream {
     Stderr,
 }
 
-/// A chunk of output, streamed while a command runs.
+/// A chunk of output, streamed while a command runs (best effort: not outboxed).
+///
+/// `seq` counts the chunks of one attempt across both streams, from 0, including chunks
+/// the agent cut but did not send (its queue was full or the link too slow): a jump in
+/// `seq` is a gap the receiver can report, and `offset` says where in its stream a chunk
+/// starts, so the size of a gap is known too. The durable result's tails never depend on
+/// these chunks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskOutput {
     /// Task id.
     pub task_id: u64,
-    /// Chunk number, from 0.
+    /// The attempt that produced it (0 from agents that predate the field).
+    #[serde(default)]
+    pub attempt: u32,
+    /// Chunk number within the attempt, from 0, shared by both streams.
     pub seq: u64,
     /// Stream.
     pub stream: Stream,
-    /// Bytes (lossy UTF-8).
+    /// Bytes of this stream produced before this chunk.
+    #[serde(default)]
+    pub offset: u64,
+    /// The bytes, as UTF-8 (a character split by a cut is carried to the next chunk;
+    /// invalid bytes become U+FFFD).
     pub data: String,
 }
 
@@ -303,6 +316,35 @@ pub struct StateChange {
 mod tests {
     use super::*;
     use crate::payload::{from_bus, to_bus};
+
+    #[test]
+    fn output_chunks_from_agents_without_attempt_and_offset_still_decode() {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            task_id: u64,
+            seq: u64,
+            stream: Stream,
+            data: &'a str,
+        }
+        let old = to_bus(&Old {
+            task_id: 9,
+            seq: 2,
+            stream: Stream::Stderr,
+            data: "x",
+        })
+        .unwrap();
+        let chunk: TaskOutput = from_bus(&old).unwrap();
+        assert_eq!((chunk.attempt, chunk.offset, chunk.seq), (0, 0, 2));
+        let new = TaskOutput {
+            task_id: 9,
+            attempt: 3,
+            seq: 4,
+            stream: Stream::Stdout,
+            offset: 17,
+            data: "é".into(),
+        };
+        assert_eq!(from_bus::<TaskOutput>(&to_bus(&new).unwrap()).unwrap(), new);
+    }
 
     #[test]
     fn every_message_round_trips_as_named_msgpack() {

@@ -275,6 +275,8 @@ struct Ctx {
     credentials: Arc<Credentials>,
     /// Refusal reports left in this minute, and when the minute started.
     refusal_budget: (u32, Instant),
+    /// Paces live output frames.
+    output_pace: crate::output::Pace,
 }
 
 /// Most tasks whose trace context is remembered (for results replayed after a reconnect).
@@ -376,6 +378,7 @@ async fn run_sessions(
         gate,
         credentials,
         refusal_budget: (REFUSAL_REPORTS_PER_MINUTE, Instant::now()),
+        output_pace: crate::output::Pace::default(),
         config,
         outbox,
         executor,
@@ -765,6 +768,18 @@ impl Ctx {
                         ExecEvent::Status(status) => {
                             conn.publish(fleet::up::STATUS, payload::to_bus(&status)?).await?;
                             self.status = Some(status);
+                        }
+                        ExecEvent::Output(chunk) => {
+                            let output = self.executor.output();
+                            output.taken();
+                            if self.output_pace.allow() {
+                                let trace = self.traces.context(chunk.task_id);
+                                let body = payload::to_bus(&chunk)?;
+                                conn.publish_traced(fleet::up::OUTPUT, body, trace).await?;
+                            } else {
+                                // Its sequence number stays unused: the receiver sees a gap.
+                                output.not_sent();
+                            }
                         }
                     }
                     Next::Continue

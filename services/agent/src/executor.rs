@@ -26,13 +26,14 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use messages::fleet::{Outcome, Task, TaskKind, TaskResult, TaskStarted};
+use messages::fleet::{Outcome, Stream, Task, TaskKind, TaskOutput, TaskResult, TaskStarted};
 use messages::payload::{self, PayloadError};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::outbox::{Outbox, OutboxError};
+use crate::output::{AttemptOutput, OutputQueue, read_stream};
 use crate::policy::{ExecPolicy, Prepared, Refusal, check_probe_text, is_probe_host};
 use crate::prom::AgentMetrics;
 
@@ -81,6 +82,9 @@ pub enum ExecEvent {
     /// The agent's health changed (online <-> degraded); sent best effort and again after
     /// every reconnect.
     Status(messages::fleet::Status),
+    /// A chunk of a running command's output (best effort; see [`crate::output`]). The
+    /// loop calls [`OutputQueue::taken`] for each.
+    Output(TaskOutput),
 }
 
 /// Why a result could not be stored.
@@ -170,6 +174,8 @@ struct Inner {
     policy: ExecPolicy,
     outbox: Arc<Outbox>,
     events: mpsc::UnboundedSender<ExecEvent>,
+    /// Live output chunks, into `events`.
+    output: OutputQueue,
     /// Counts started and finished tasks.
     metrics: Arc<AgentMetrics>,
     /// Running tasks by id, with the sender that cancels each.
@@ -189,6 +195,7 @@ impl Executor {
             inner: Arc::new(Inner {
                 policy,
                 outbox,
+                output: OutputQueue::new(events.clone()),
                 events,
                 metrics,
                 running: Mutex::new(HashMap::new()),
@@ -238,6 +245,11 @@ impl Executor {
         }
     }
 
+    /// The queue live output goes through (the connection loop reports what it takes).
+    pub fn output(&self) -> &OutputQueue {
+        &self.inner.output
+    }
+
     /// Ids of the tasks currently running.
     pub fn running(&self) -> Vec<u64> {
         self.inner
@@ -258,7 +270,8 @@ impl Executor {
                     attempt: task.attempt,
                     at_ms: now_ms(),
                 }));
-                execute(&task.spec, &self.inner.policy, timeout, cancel).await
+                let live = self.inner.output.attempt(task.task_id, task.attempt);
+                execute_streaming(&task.spec, &self.inner.policy, timeout, cancel, Some(live)).await
             }
         };
         if let Ok(mut running) = self.inner.running.lock() {
@@ -323,9 +336,20 @@ pub async fn execute(
     timeout: Duration,
     cancel: oneshot::Receiver<()>,
 ) -> Execution {
+    execute_streaming(spec, policy, timeout, cancel, None).await
+}
+
+/// [`execute`], streaming a command's output through `live` as it is produced.
+pub async fn execute_streaming(
+    spec: &TaskKind,
+    policy: &ExecPolicy,
+    timeout: Duration,
+    cancel: oneshot::Receiver<()>,
+    live: Option<AttemptOutput>,
+) -> Execution {
     match spec {
         TaskKind::Command { argv, env, cwd } => {
-            run_command(argv, env, cwd.as_deref(), policy, timeout, cancel).await
+            run_command(argv, env, cwd.as_deref(), policy, timeout, cancel, live).await
         }
         TaskKind::TcpProbe { target } => {
             let started = Instant::now();
@@ -566,6 +590,7 @@ async fn run_command(
     policy: &ExecPolicy,
     timeout: Duration,
     mut cancel: oneshot::Receiver<()>,
+    live: Option<AttemptOutput>,
 ) -> Execution {
     let prepared = match prepare(policy, argv, env, cwd).await {
         Ok(prepared) => prepared,
@@ -598,8 +623,14 @@ async fn run_command(
         }
     };
     let pgid = child.id();
-    let mut stdout = child.stdout.take().map(|s| tokio::spawn(read_tail(s)));
-    let mut stderr = child.stderr.take().map(|s| tokio::spawn(read_tail(s)));
+    let mut stdout = child
+        .stdout
+        .take()
+        .map(|s| tokio::spawn(read_stream(s, Stream::Stdout, live.clone(), TAIL_BYTES)));
+    let mut stderr = child
+        .stderr
+        .take()
+        .map(|s| tokio::spawn(read_stream(s, Stream::Stderr, live, TAIL_BYTES)));
 
     let end = tokio::select! {
         status = child.wait() => End::Exited(status),
@@ -671,25 +702,6 @@ async fn join_tails(
         *stderr = None;
     }
     (out, err)
-}
-
-/// Reads a stream to its end, keeping only the last [`TAIL_BYTES`].
-async fn read_tail(mut reader: impl AsyncRead + Unpin) -> Vec<u8> {
-    let mut tail = Vec::with_capacity(TAIL_BYTES);
-    let mut buf = [0u8; 4096];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                tail.extend_from_slice(&buf[..n]);
-                if tail.len() > TAIL_BYTES {
-                    let cut = tail.len() - TAIL_BYTES;
-                    tail.drain(..cut);
-                }
-            }
-        }
-    }
-    tail
 }
 
 /// Sends SIGKILL to the process group `pgid` (`kill(-pgid, SIGKILL)`).

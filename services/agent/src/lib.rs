@@ -23,6 +23,7 @@ pub mod executor;
 pub mod metrics;
 pub mod metrics_http;
 pub mod outbox;
+pub mod output;
 pub mod policy;
 pub mod prom;
 pub mod trust;

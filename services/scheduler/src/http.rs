@@ -41,6 +41,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/tasks", web::post().to(create_task))
         .route("/v1/tasks", web::get().to(list_tasks))
         .route("/v1/tasks/{id}", web::get().to(get_task))
+        .route("/v1/tasks/{id}/output", web::get().to(task_output))
         .route("/v1/tasks/{id}/cancel", web::post().to(cancel_task))
         .route("/v1/agents/{id}/revoke", web::post().to(revoke_agent))
         .route("/v1/agents/{id}/revoke", web::delete().to(unrevoke_agent))
@@ -504,6 +505,59 @@ async fn get_task(
             .collect::<serde_json::Map<_, _>>()
     );
     Ok(HttpResponse::Ok().json(v))
+}
+
+/// The kept output of a task as JSON, or with `follow=1` live as Server-Sent Events
+/// ([`crate::follow`]).
+async fn task_output(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let id = task_id(&path)?;
+    let follow = query_pairs(&req)?
+        .iter()
+        .any(|(k, v)| k == "follow" && matches!(v.as_str(), "1" | "true"));
+    let exists = blocking(&shared, move |store| Ok(store.task(id)?.is_some())).await?;
+    if !exists {
+        return Err(ApiError::not_found(format!("no task {id}")));
+    }
+    if !follow {
+        return Ok(HttpResponse::Ok().json(json!({
+            "task_id": id,
+            "output": shared
+                .output
+                .for_task(id)
+                .into_iter()
+                .map(|(node, chunks)| (node.as_str().to_owned(), json!(chunks)))
+                .collect::<serde_json::Map<_, _>>(),
+        })));
+    }
+    let shared = Arc::clone(shared.get_ref());
+    let slot = crate::follow::Slot::take(&shared).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_followers",
+            format!(
+                "{} clients are following output already; try again later",
+                crate::follow::MAX_FOLLOWERS
+            ),
+        )
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+    actix_web::rt::spawn(crate::follow::run(shared, id, tx, slot));
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        // Reverse proxies (nginx) would otherwise buffer the stream.
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
 }
 
 async fn cancel_task(

@@ -7,6 +7,7 @@
 //! - [`bus`]: the NATS consumers, the pushes to agents and the liveness/deadline sweep.
 //! - [`config`]: flags and environment variables.
 //! - [`output`]: the recent output of running commands, in memory.
+//! - [`follow`]: the live output stream (Server-Sent Events) of one task.
 //! - [`lease`]: the leader lease; only the instance holding it is active.
 //! - [`trust`]: command and agent-token keys, credential renewal, revocation, refusals.
 //! - [`auth`]: named, scoped API keys; [`audit`]: the append-only log of who changed what.
@@ -17,6 +18,7 @@ pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod follow;
 mod http;
 pub mod lease;
 pub mod output;
@@ -165,6 +167,8 @@ pub struct Shared {
     pub sockets: Mutex<HashMap<SocketId, UserId>>,
     /// Streamed command output (best effort, memory only).
     pub output: output::OutputLog,
+    /// Clients following output right now (see [`follow`]).
+    pub followers: std::sync::atomic::AtomicUsize,
     /// Revoked nodes (mirrors the store) and when each node's credential was last renewed.
     pub trust: trust::Live,
 }
@@ -461,6 +465,7 @@ async fn connect(config: Config, store: Arc<Store>) -> Result<Arc<Shared>, Error
         metrics: Metrics::default(),
         sockets: Mutex::new(HashMap::new()),
         output: output::OutputLog::default(),
+        followers: std::sync::atomic::AtomicUsize::new(0),
         trust: trust::Live::load(&store)?,
     }))
 }

@@ -317,3 +317,175 @@ async fn operators_drive_the_fleet_with_schedctl() {
     let _ = node.join().await;
     fleet.stop().await;
 }
+
+/// `schedctl run --follow` prints a command's lines while it runs: the command below
+/// prints one line and then waits for a file the test creates only after that line came
+/// through, so without live output the test could not finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_follow_prints_output_while_the_command_runs() {
+    use std::io::{BufRead, BufReader};
+    let fleet = Fleet::start("gw-follow").await;
+    let (api, dir, gateway) = (fleet.sched.addr(), fleet.dir.path(), &fleet.gateway);
+    let mut node = agent::start(agent_config(dir, "edge-f", "eu", gateway.addr()))
+        .await
+        .unwrap();
+    eventually(api, "/v1/agents/edge-f", |v| v["state"] == "online").await;
+
+    let release = dir.join("release");
+    let script = format!(
+        "echo first; echo to-stderr >&2; while [ ! -e {} ]; do sleep 0.05; done; printf 'second\\nno-newline'",
+        release.display()
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_schedctl"))
+        .env("SCHEDULER_URL", format!("http://{api}"))
+        .env("SCHEDULER_API_KEY", KEY)
+        .args([
+            "run", "--nodes", "edge-f", "--follow", "--", "sh", "-c", &script,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if line == "[edge-f] first" {
+                let _ = first_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    tokio::task::spawn_blocking(move || first_rx.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the first line did not arrive while the command was waiting");
+    // The command is still running: the line came live, not from the result.
+    let tasks = http::get(api, "/v1/tasks", KEY).await.unwrap();
+    let task = &tasks.json()["tasks"][0];
+    assert_eq!(task["finished"], false, "{task}");
+    assert_eq!(task["states"]["running"], 1, "{task}");
+    std::fs::write(&release, b"").unwrap();
+
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let lines = reader.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{lines:?} {stderr}");
+    assert_eq!(
+        lines,
+        ["[edge-f] first", "[edge-f] second", "[edge-f] no-newline"],
+        "{stderr}"
+    );
+    assert!(stderr.contains("[edge-f] to-stderr"), "{stderr}");
+    assert!(stderr.contains("[edge-f] succeeded (exit 0)"), "{stderr}");
+
+    // The kept output is also there as JSON, in order, with offsets.
+    let id = task["task_id"].as_u64().unwrap();
+    let v = http::get(api, &format!("/v1/tasks/{id}/output"), KEY)
+        .await
+        .unwrap()
+        .json();
+    let chunks = v["output"]["edge-f"].as_array().unwrap();
+    let stdout: String = chunks
+        .iter()
+        .filter(|c| c["stream"] == "stdout")
+        .map(|c| c["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(stdout, "first\nsecond\nno-newline");
+    // Following a finished task replays what is kept and ends at once.
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(
+            api,
+            KEY,
+            &[
+                "--json", "run", "--nodes", "edge-f", "--follow", "--", "echo", "again",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.last(), Some(&"end"), "{out}");
+    assert!(names.contains(&"result"), "{out}");
+    node.stop();
+    let _ = node.join().await;
+    fleet.stop().await;
+}
+
+/// A command printing 30 MB: the agent streams a bounded part of it, paced so the
+/// gateway never closes its connection for flooding; the follower is told where chunks
+/// are missing, and the result still carries the true end of the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_command_streams_a_bounded_paced_part_and_reports_gaps() {
+    let fleet = Fleet::start("gw-chatty").await;
+    let (api, dir, gateway) = (fleet.sched.addr(), fleet.dir.path(), &fleet.gateway);
+    let mut node = agent::start(agent_config(dir, "edge-c", "eu", gateway.addr()))
+        .await
+        .unwrap();
+    eventually(api, "/v1/agents/edge-c", |v| v["state"] == "online").await;
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(
+            api,
+            KEY,
+            &[
+                "--json",
+                "run",
+                "--nodes",
+                "edge-c",
+                "--follow",
+                "--",
+                "sh",
+                "-c",
+                "i=0; while [ $i -lt 2000 ]; do head -c 15000 /dev/zero | tr '\\0' x; i=$((i+1)); done; echo; echo the-end",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let streamed: usize = events
+        .iter()
+        .filter(|e| e["event"] == "output")
+        .map(|e| e["data"]["data"].as_str().unwrap().len())
+        .sum();
+    assert!(streamed > 0);
+    assert!(
+        streamed as u64 <= agent::output::MAX_STREAMED_BYTES,
+        "{streamed}"
+    );
+    assert!(
+        events.iter().any(|e| e["event"] == "gap"),
+        "30 MB cannot be streamed whole"
+    );
+    let result = events.iter().find(|e| e["event"] == "result").unwrap();
+    assert!(
+        result["data"]["stdout_tail"]
+            .as_str()
+            .unwrap()
+            .ends_with("x\nthe-end\n"),
+        "{result}"
+    );
+    // One session throughout: the gateway never cut the agent off for its frame rate.
+    assert_eq!(node.metrics().sessions(), 1);
+    assert!(node.metrics().connected());
+    node.stop();
+    let _ = node.join().await;
+    fleet.stop().await;
+}

@@ -223,14 +223,16 @@ async fn register_task_result_ack_replay_and_offline_delivery() {
     )
     .await;
     eventually(api, &path, |v| v["targets"]["node-1"]["state"] == "running").await;
-    for (seq, data) in [(0, "up "), (1, "3 days")] {
+    for (seq, offset, data) in [(0, 0, "up "), (1, 3, "3 days")] {
         send_up(
             &mut agent,
             fleet::up::OUTPUT,
             &fleet::TaskOutput {
                 task_id,
+                attempt: 1,
                 seq,
                 stream: fleet::Stream::Stdout,
+                offset,
                 data: data.into(),
             },
         )

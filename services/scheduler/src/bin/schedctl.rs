@@ -5,6 +5,7 @@
 //! ```text
 //! schedctl agents --label region=eu
 //! schedctl run --label region=eu --wait -- uname -a
+//! schedctl run --nodes edge-1 --follow -- sh -c 'for i in 1 2 3; do echo $i; sleep 1; done'
 //! schedctl probe tcp 10.0.0.1:443 --nodes edge-1,edge-2 --wait
 //! schedctl task 42
 //! schedctl audit --since 120
@@ -149,6 +150,10 @@ struct Target {
     /// Wait for every target to finish and print the results.
     #[arg(long)]
     wait: bool,
+    /// Print each target's output as it is produced (lines prefixed by node; the
+    /// command's stderr goes to stderr), then each target's outcome; exits like `--wait`.
+    #[arg(long, conflicts_with = "wait")]
+    follow: bool,
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 120)]
     wait_secs: u64,
@@ -387,6 +392,9 @@ fn create(api: &Api, as_json: bool, target: &Target, spec: &Value) -> Result<(),
     let id = created["task_id"]
         .as_u64()
         .ok_or_else(|| Failure::Api(0, format!("no task id in {created}")))?;
+    if target.follow {
+        return follow(api, as_json, id, Duration::from_secs(target.wait_secs));
+    }
     if !target.wait {
         if as_json {
             return print_json(&created);
@@ -419,6 +427,124 @@ fn create(api: &Api, as_json: bool, target: &Target, spec: &Value) -> Result<(),
             };
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Reads the task's live output stream (`GET /v1/tasks/{id}/output?follow=1`, Server-Sent
+/// Events) to its `end` event. With `--json`, each event is printed as one JSON line.
+fn follow(api: &Api, as_json: bool, id: u64, limit: Duration) -> Result<(), Failure> {
+    use std::io::BufRead;
+    let response = api.stream(&format!("/v1/tasks/{id}/output?follow=1"), limit)?;
+    let mut lines = LinePrinter::default();
+    let mut name = String::new();
+    let mut all_ok = true;
+    let mut ended = false;
+    for line in std::io::BufReader::new(response).lines() {
+        let Ok(line) = line else {
+            // The time limit (or the scheduler going away) cut the stream.
+            break;
+        };
+        if let Some(n) = line.strip_prefix("event: ") {
+            n.clone_into(&mut name);
+            continue;
+        }
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+        if as_json {
+            println!("{}", json!({"event": name, "data": v}));
+        }
+        match name.as_str() {
+            "output" if !as_json => lines.output(&v),
+            "gap" if !as_json => eprintln!(
+                "[{}] (output chunks {}-{} were not streamed; the result keeps the end)",
+                text(&v["node"]),
+                text(&v["from_seq"]),
+                text(&v["to_seq"])
+            ),
+            "result" => {
+                all_ok &= v["state"] == "succeeded";
+                if !as_json {
+                    lines.result(&v);
+                }
+            }
+            "end" => {
+                ended = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    if !ended {
+        eprintln!("schedctl: stopped following task {id} after {limit:?} (it may still run)");
+        return Err(Failure::TasksFailed);
+    }
+    if all_ok {
+        Ok(())
+    } else {
+        Err(Failure::TasksFailed)
+    }
+}
+
+/// Prints streamed output as whole lines, each prefixed by its node; a line still open
+/// when its target finishes is printed then.
+#[derive(Debug, Default)]
+struct LinePrinter {
+    /// Unfinished line per (node, stream).
+    open: std::collections::BTreeMap<(String, String), String>,
+    /// Nodes that printed anything.
+    printed: std::collections::BTreeSet<String>,
+}
+
+impl LinePrinter {
+    fn output(&mut self, v: &Value) {
+        let node = text(&v["node"]);
+        let stream = text(&v["stream"]);
+        let buf = self.open.entry((node.clone(), stream.clone())).or_default();
+        buf.push_str(v["data"].as_str().unwrap_or_default());
+        while let Some(at) = buf.find('\n') {
+            let line: String = buf.drain(..=at).collect();
+            emit(&node, &stream, line.trim_end_matches(['\n', '\r']));
+        }
+        self.printed.insert(node);
+    }
+
+    fn result(&mut self, v: &Value) {
+        let node = text(&v["node"]);
+        for stream in ["stdout", "stderr"] {
+            if let Some(rest) = self.open.remove(&(node.clone(), stream.to_owned()))
+                && !rest.is_empty()
+            {
+                emit(&node, stream, &rest);
+            }
+        }
+        // Nothing streamed (an older agent, or the output was no longer kept): the
+        // result's tails are what there is.
+        if !self.printed.contains(&node) {
+            for stream in ["stdout", "stderr"] {
+                let tail = v[format!("{stream}_tail")].as_str().unwrap_or_default();
+                for line in tail.lines() {
+                    emit(&node, stream, line);
+                }
+            }
+        }
+        let mut outcome = text(&v["state"]);
+        if let Some(code) = v["exit_code"].as_i64() {
+            outcome.push_str(&format!(" (exit {code})"));
+        }
+        if let Some(error) = v["error"].as_str() {
+            outcome.push_str(&format!(": {error}"));
+        }
+        eprintln!("[{node}] {outcome}");
+    }
+}
+
+fn emit(node: &str, stream: &str, line: &str) {
+    if stream == "stderr" {
+        eprintln!("[{node}] {line}");
+    } else {
+        println!("[{node}] {line}");
     }
 }
 
@@ -614,6 +740,28 @@ impl Api {
 
     fn get(&self, path: &str) -> Result<Value, Failure> {
         self.request(reqwest::Method::GET, path, None)
+    }
+
+    /// Opens a streaming GET (Server-Sent Events) that may last up to `limit`.
+    fn stream(&self, path: &str, limit: Duration) -> Result<reqwest::blocking::Response, Failure> {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .timeout(limit)
+            .send()
+            .map_err(|e| Failure::Unreachable(describe(&self.base, &e)))?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(response);
+        }
+        let body = response.bytes().unwrap_or_default();
+        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let message = match (&value["error"], &value["detail"]) {
+            (Value::String(e), Value::String(d)) => format!("{e}: {d}"),
+            _ => String::from_utf8_lossy(&body).into_owned(),
+        };
+        Err(Failure::Api(status, message))
     }
 
     fn post(&self, path: &str, body: &Value) -> Result<Value, Failure> {
