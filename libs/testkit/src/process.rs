@@ -24,7 +24,18 @@ pub fn binary(package: &str, bin: &str) -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"));
     let built = BUILT.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        match Command::new(cargo)
+        // The test runner sets CARGO_MANIFEST_DIR (and the other package variables) to the
+        // test's package; ring's build script reruns when CARGO_MANIFEST_DIR changes, so
+        // inheriting it would rebuild the TLS stack on every run (docs/dependencies.md,
+        // trap 12).
+        let mut command = Command::new(cargo);
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_MANIFEST_") || name.starts_with("CARGO_PKG_") {
+                command.env_remove(name.as_ref());
+            }
+        }
+        match command
             .args(["build", "-q", "--workspace", "--bins"])
             .current_dir(workspace_root())
             .status()

@@ -432,6 +432,8 @@ mod tests {
             "scheduler",
             "--api-keys",
             "0123456789abcdef",
+            "--command-key-file",
+            &key_file(),
             "--tls-cert",
             "cert.pem",
         ]);
@@ -441,6 +443,8 @@ mod tests {
             "scheduler",
             "--api-keys",
             "0123456789abcdef",
+            "--command-key-file",
+            &key_file(),
             "--tls-cert",
             "/nonexistent/cert.pem",
             "--tls-key",
