@@ -855,6 +855,7 @@ mod tests {
             "/v1/agents/{id}",
             "/v1/tasks",
             "/v1/tasks/{id}",
+            "/v1/tasks/{id}/output",
             "/v1/tasks/{id}/cancel",
             "/v1/audit",
             "/healthz",
