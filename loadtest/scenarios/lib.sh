@@ -31,6 +31,11 @@ if [ "$(nproc)" -ge 2 ]; then SVC_CORE=(taskset -c 0); GEN_CORE=(taskset -c 1); 
 else SVC_CORE=(); GEN_CORE=(); PINNING="none (1 core)"; fi
 
 TMP="$(mktemp -d)"
+# Fleet keys (docs/security.md): the scheduler signs commands and agent tokens, gateways
+# verify agent tokens, simulated agents sign their own tokens with the agent-token key.
+KEYS="$TMP/keys"
+"$BIN/scheduler" --keygen "$KEYS" >/dev/null
+export LOADTEST_AGENT_TOKEN_KEY_FILE="$KEYS/agent-token.key"
 PIDS=()
 GW_PIDS=()
 GW_URLS=()
@@ -71,7 +76,7 @@ start_gateway() { # INDEX
   local i="$1" port="$((BASE_PORT + 80 + $1))"
   env WS_GATEWAY_LISTEN="127.0.0.1:$port" WS_GATEWAY_NATS_URL="nats://127.0.0.1:$NATS_PORT" \
     WS_GATEWAY_INSTANCE="bench-gw-$i" WS_GATEWAY_WORKERS=1 WS_GATEWAY_JWT_HS256_SECRET="$SECRET" \
-    WS_GATEWAY_MAX_CONNECTIONS=20000 WS_GATEWAY_HEARTBEAT_BASE_MS="${HEARTBEAT_MS:-30000}" WS_GATEWAY_DRAIN_WINDOW_MS=1000 \
+    WS_GATEWAY_AGENT_TOKEN_PUBLIC_KEY_FILE="$KEYS/agent-token.pub" WS_GATEWAY_MAX_CONNECTIONS=20000 WS_GATEWAY_HEARTBEAT_BASE_MS="${HEARTBEAT_MS:-30000}" WS_GATEWAY_DRAIN_WINDOW_MS=1000 \
     RUST_LOG=warn "${SVC_CORE[@]}" "$BIN/ws-gateway" >"$TMP/gw$i.log" 2>&1 &
   local pid=$!
   PIDS+=("$pid"); GW_PIDS+=("$pid"); GW_URLS+=("ws://127.0.0.1:$port/ws")
@@ -91,6 +96,7 @@ start_scheduler() {
   SCHED_PORT="$((BASE_PORT + 100))"
   env SCHEDULER_LISTEN="127.0.0.1:$SCHED_PORT" SCHEDULER_NATS_URL="nats://127.0.0.1:$NATS_PORT" \
     SCHEDULER_API_KEYS="$KEY" SCHEDULER_DB="$TMP/scheduler.redb" RUST_LOG=warn \
+    SCHEDULER_COMMAND_KEY_FILE="$KEYS/command.key" SCHEDULER_AGENT_TOKEN_KEY_FILE="$KEYS/agent-token.key" \
     "${SVC_CORE[@]}" "$BIN/scheduler" >"$TMP/scheduler.log" 2>&1 &
   SCHED_PID=$!
   PIDS+=("$SCHED_PID")

@@ -689,6 +689,7 @@ async fn agent_push(
                 latency_ms: Some(0),
                 http_status: None,
                 finished_at_ms: now_ms,
+                output_chunks: 0,
             };
             *next_result_seq += 1;
             publish(ws, next_id, fleet::up::RESULT, &result).await?;

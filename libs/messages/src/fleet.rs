@@ -256,6 +256,11 @@ pub struct TaskResult {
     pub http_status: Option<u16>,
     /// Unix ms.
     pub finished_at_ms: u64,
+    /// Live output chunks the attempt cut ([`TaskOutput::seq`] ran from 0 to this, less
+    /// one), sent or not: a receiver that saw fewer knows the end of the stream is missing
+    /// (absent from older agents: 0).
+    #[serde(default)]
+    pub output_chunks: u64,
 }
 
 /// Outbox entries the scheduler has ingested; the agent deletes them.
@@ -381,6 +386,7 @@ mod tests {
             latency_ms: Some(3),
             http_status: None,
             finished_at_ms: 9,
+            output_chunks: 0,
         };
         assert_eq!(
             from_bus::<TaskResult>(&to_bus(&result).unwrap()).unwrap(),

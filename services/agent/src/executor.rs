@@ -118,6 +118,8 @@ pub struct Execution {
     pub latency_ms: Option<u64>,
     /// Status of an HTTP probe.
     pub http_status: Option<u16>,
+    /// Live output chunks cut (sent or not).
+    pub output_chunks: u64,
 }
 
 impl Execution {
@@ -130,6 +132,7 @@ impl Execution {
             error: None,
             latency_ms: None,
             http_status: None,
+            output_chunks: 0,
         }
     }
 
@@ -159,6 +162,7 @@ impl Execution {
             latency_ms: self.latency_ms,
             http_status: self.http_status,
             finished_at_ms: now_ms(),
+            output_chunks: self.output_chunks,
         }
     }
 }
@@ -271,7 +275,12 @@ impl Executor {
                     at_ms: now_ms(),
                 }));
                 let live = self.inner.output.attempt(task.task_id, task.attempt);
-                execute_streaming(&task.spec, &self.inner.policy, timeout, cancel, Some(live)).await
+                let policy = &self.inner.policy;
+                let mut execution =
+                    execute_streaming(&task.spec, policy, timeout, cancel, Some(live.clone()))
+                        .await;
+                execution.output_chunks = live.chunks();
+                execution
             }
         };
         if let Ok(mut running) = self.inner.running.lock() {

@@ -120,6 +120,11 @@ pub struct AttemptOutput {
 }
 
 impl AttemptOutput {
+    /// Chunks cut so far (sent or not); the next chunk's number.
+    pub fn chunks(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
     /// Cuts `data` (which starts at `offset` in `stream`) into a chunk and offers it.
     fn emit(&self, stream: Stream, offset: u64, data: &[u8]) {
         let len = data.len() as u64;

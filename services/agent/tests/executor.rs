@@ -382,7 +382,10 @@ impl Harness {
                 .await
                 .expect("an executor event")
                 .expect("the executor is alive");
-            if !matches!(event, ExecEvent::Status(_) | ExecEvent::Report { .. }) {
+            if !matches!(
+                event,
+                ExecEvent::Status(_) | ExecEvent::Report { .. } | ExecEvent::Output(_)
+            ) {
                 return event;
             }
         }

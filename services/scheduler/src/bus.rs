@@ -516,6 +516,7 @@ async fn refused(shared: &Shared, node: UserId, refused: fleet::Refused) -> Resu
             latency_ms: None,
             http_status: None,
             finished_at_ms: refused.at_ms,
+            output_chunks: 0,
         };
         store_results(
             shared,
@@ -631,6 +632,7 @@ fn result_body(r: &fleet::TaskResult) -> ResultBody {
         error,
         latency_ms: r.latency_ms,
         finished_at_ms: r.finished_at_ms,
+        output_chunks: r.output_chunks,
     }
 }
 

@@ -11,7 +11,9 @@
 //! Events (`data` is one line of JSON):
 //! - `output`: `{node, attempt, seq, stream, offset, data}`
 //! - `gap`: `{node, attempt, from_seq, to_seq}` (inclusive)
-//! - `result`: `{node, state, attempts, exit_code, error, stdout_tail, stderr_tail}`
+//! - `result`: `{node, state, attempts, exit_code, error, stdout_tail, stderr_tail,
+//!   output_chunks}`,
+//!   preceded by a `gap` when the result says the attempt cut more chunks than arrived
 //! - `lagged`: `{missed}`: this follower fell behind; kept chunks are sent again (repeats
 //!   are filtered, so only chunks no longer kept are lost)
 //! - `end`: `{task_id}`; the stream then closes.
@@ -115,6 +117,31 @@ impl Cursor {
     }
 }
 
+impl Cursor {
+    /// A gap for the chunks at the end of the last attempt that never arrived: only the
+    /// result says how many there were.
+    fn missing_end(&self, node: &UserId, status: &TargetStatus) -> Option<Bytes> {
+        let total = status.result.as_ref()?.output_chunks;
+        let attempt = status.attempts;
+        let seen = self
+            .next
+            .get(&(node.clone(), attempt))
+            .copied()
+            .unwrap_or(0);
+        (total > seen).then(|| {
+            event(
+                "gap",
+                &json!({
+                    "node": node.as_str(),
+                    "attempt": attempt,
+                    "from_seq": seen,
+                    "to_seq": total - 1,
+                }),
+            )
+        })
+    }
+}
+
 fn result_event(node: &UserId, status: &TargetStatus) -> Bytes {
     let result = status.result.as_ref();
     event(
@@ -127,6 +154,7 @@ fn result_event(node: &UserId, status: &TargetStatus) -> Bytes {
             "error": result.and_then(|r| r.error.clone()),
             "stdout_tail": result.map(|r| r.stdout_tail.as_str()),
             "stderr_tail": result.map(|r| r.stderr_tail.as_str()),
+            "output_chunks": result.map(|r| r.output_chunks),
         }),
     )
 }
@@ -224,6 +252,7 @@ async fn finished(
     let mut events = Vec::new();
     for (node, status) in &task.targets {
         if status.state.is_terminal() && cursor.done.insert(node.clone()) {
+            events.extend(cursor.missing_end(node, status));
             events.push(result_event(node, status));
         }
     }

@@ -374,6 +374,9 @@ pub struct ResultBody {
     pub latency_ms: Option<u64>,
     /// When the attempt finished on the agent, unix ms.
     pub finished_at_ms: u64,
+    /// Live output chunks the attempt cut (see `fleet::TaskResult::output_chunks`).
+    #[serde(default)]
+    pub output_chunks: u64,
 }
 
 impl ResultBody {
@@ -1640,6 +1643,7 @@ mod tests {
             error: None,
             latency_ms: None,
             finished_at_ms: 0,
+            output_chunks: 0,
         };
         assert!(b.is_success());
         b.exit_code = None;

@@ -470,10 +470,24 @@ async fn a_chatty_command_streams_a_bounded_paced_part_and_reports_gaps() {
         streamed as u64 <= agent::output::MAX_STREAMED_BYTES,
         "{streamed}"
     );
-    assert!(
-        events.iter().any(|e| e["event"] == "gap"),
-        "30 MB cannot be streamed whole"
-    );
+    // 30 MB cannot be streamed whole: gaps are reported, and together with the chunks
+    // that arrived they cover every chunk the attempt cut, end included (the result says
+    // how many, so a missing end is reported even with no chunk after it).
+    assert!(events.iter().any(|e| e["event"] == "gap"), "{out}");
+    let mut covered = Vec::new();
+    for e in &events {
+        match e["event"].as_str() {
+            Some("output") => covered.push(e["data"]["seq"].as_u64().unwrap()),
+            Some("gap") => covered.extend(
+                e["data"]["from_seq"].as_u64().unwrap()..=e["data"]["to_seq"].as_u64().unwrap(),
+            ),
+            _ => {}
+        }
+    }
+    let cut = events.iter().find(|e| e["event"] == "result").unwrap()["data"]["output_chunks"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(covered, (0..cut).collect::<Vec<_>>());
     let result = events.iter().find(|e| e["event"] == "result").unwrap();
     assert!(
         result["data"]["stdout_tail"]

@@ -186,6 +186,7 @@ fn result(message_id: &str, task_id: u64, stdout: &str) -> fleet::TaskResult {
         latency_ms: Some(4),
         http_status: None,
         finished_at_ms: 1_800_000_000_000,
+        output_chunks: 0,
     }
 }
 

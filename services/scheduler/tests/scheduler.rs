@@ -126,6 +126,7 @@ fn result(message_id: &str, task_id: u64) -> fleet::TaskResult {
         latency_ms: Some(4),
         http_status: None,
         finished_at_ms: 1_800_000_000_000,
+        output_chunks: 0,
     }
 }
 
@@ -252,8 +253,8 @@ async fn register_task_result_ack_replay_and_offline_delivery() {
     assert_eq!(
         v["output"]["node-1"],
         json!([
-            {"task_id": task_id, "seq": 0, "stream": "stdout", "data": "up "},
-            {"task_id": task_id, "seq": 1, "stream": "stdout", "data": "3 days"}
+            {"task_id": task_id, "attempt": 1, "seq": 0, "stream": "stdout", "offset": 0, "data": "up "},
+            {"task_id": task_id, "attempt": 1, "seq": 1, "stream": "stdout", "offset": 3, "data": "3 days"}
         ])
     );
 

@@ -58,6 +58,7 @@ fn ok_result(at: u64) -> ResultBody {
         error: None,
         latency_ms: None,
         finished_at_ms: at,
+        output_chunks: 0,
     }
 }
 
