@@ -5,9 +5,14 @@
 //! key pins). It holds no business logic and no wire contract (that is
 //! `libs/messages`).
 
+pub mod clock;
 pub mod hops;
 pub mod http;
+pub mod http_client;
+pub mod lease;
+pub mod metrics_server;
 pub mod nats;
+pub mod query;
 pub mod telemetry;
 pub mod tls;
 

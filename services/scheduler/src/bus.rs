@@ -5,9 +5,9 @@
 //! Every store call runs on a blocking thread. Each subscription is consumed in order by
 //! one task, so one agent's messages are applied in the order the bus delivered them.
 
+use servicekit::clock::now_ms;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::{HeaderMap, Message, Subscriber};
 use bytes::Bytes;
@@ -50,14 +50,6 @@ pub enum BusError {
     /// The message lacks something the contract requires.
     #[error("bad message: {0}")]
     BadMessage(String),
-}
-
-/// Unix time in ms.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Runs a store call on a blocking thread.
