@@ -3,8 +3,17 @@
 //! credentials in the userinfo (`nats://user:pass@host:4222`, or `nats://token@host` for
 //! token auth). async-nats takes neither from one string, so this module splits the list,
 //! moves the credentials into the connect options, and gives a form safe to log.
+//!
+//! It also owns how a service connects ([`connect`]: named client, reconnect forever) and
+//! the runtime the client lives on ([`runtime`]): a tokio runtime of its own, apart from
+//! the actix workers, so a busy HTTP worker never starves the NATS connection.
 
-use async_nats::{ConnectOptions, ServerAddr};
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, ServerAddr};
+
+/// How long one connection attempt may take.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a NATS setting is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +134,58 @@ impl NatsTarget {
             .collect::<Vec<_>>()
             .join(",")
     }
+}
+
+/// Why no NATS client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The NATS setting is unusable.
+    #[error(transparent)]
+    Url(#[from] NatsUrlError),
+    /// The client refused its options.
+    #[error("connecting to {servers}: {source}")]
+    Connect {
+        /// The servers, redacted.
+        servers: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Connects to `urls` (see [`NatsTarget::parse`]) as every service does: the client is
+/// named `name` (visible in the server's connection list), the first connection is
+/// retried in the background rather than failing start-up, and reconnects never stop.
+/// Call it on the runtime the client should live on ([`runtime`]).
+pub async fn connect(urls: &str, name: &str) -> Result<Client, ConnectError> {
+    let target = NatsTarget::parse(urls)?;
+    target
+        .options()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(CONNECTION_TIMEOUT)
+        .connect(target.servers())
+        .await
+        .map_err(|source| ConnectError::Connect {
+            servers: target.redacted(),
+            source,
+        })
+}
+
+/// A runtime for the NATS client and its consumers: one worker thread named `name`.
+pub fn runtime(name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()
+}
+
+/// Shuts a runtime down from async code (where dropping one would panic): on a blocking
+/// thread, giving its tasks up to `grace`.
+pub async fn shutdown_runtime(runtime: tokio::runtime::Runtime, grace: Duration) {
+    let _ = tokio::task::spawn_blocking(move || runtime.shutdown_timeout(grace)).await;
 }
 
 /// Percent-decodes userinfo (a password may contain `@` or `:` written as `%40`, `%3A`).

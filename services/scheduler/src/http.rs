@@ -15,6 +15,7 @@ use serde_json::json;
 use servicekit::http::ApiError;
 use servicekit::telemetry::server_span;
 
+use crate::Shared;
 use crate::audit;
 use crate::auth::Actor;
 use crate::bus::{self, BusError, blocking, is_up, store_kind, wire_kind};
@@ -22,7 +23,6 @@ use crate::store::{
     AgentRecord, AgentState, Created, IdempotencyClaim, LabelSelector, MAX_AUDIT_LIST,
     MAX_IDEMPOTENCY_KEY_LEN, StoreError, TargetState, Targets, TaskSpec,
 };
-use crate::{Metrics, Shared};
 use servicekit::clock::now_ms;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
@@ -373,7 +373,7 @@ async fn create_task(
     if let Some(entry) = &entry {
         audit::log(entry);
     }
-    Metrics::inc(&shared.metrics.tasks_created);
+    shared.metrics.tasks_created.inc();
     // Targets that are up get it now; the others when they register again.
     // Not fatal for the request when this fails: targets still Pending go out on the next
     // register, ones left Dispatched expire and are retried by the sweep.
