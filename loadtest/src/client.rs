@@ -34,11 +34,7 @@ pub fn limits() -> Limits {
 /// Signs an agent token with the agent-token key (Ed25519 PKCS#8 PEM), as the scheduler
 /// does: gateways accept agents only with such tokens. Empty if the key does not parse.
 pub fn sign_agent(agent_key_pem: &str, node: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        + 86_400;
+    let exp = servicekit::clock::now_secs() + 86_400;
     let claims = serde_json::json!({"sub": node, "exp": exp, "kind": "agent"});
     let Ok(key) = jsonwebtoken::EncodingKey::from_ed_pem(agent_key_pem.as_bytes()) else {
         return String::new();
@@ -53,11 +49,7 @@ pub fn sign_agent(agent_key_pem: &str, node: &str) -> String {
 
 /// Signs an app token with the HS256 secret.
 pub fn sign(secret: &str, user: &str, kind: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        + 86_400;
+    let exp = servicekit::clock::now_secs() + 86_400;
     let claims = serde_json::json!({"sub": user, "exp": exp, "kind": kind});
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),

@@ -819,7 +819,7 @@ async fn broadcast(run: &Run) -> Driven {
             });
             match http::request(
                 addr,
-                "POST",
+                reqwest::Method::POST,
                 "/v1/push",
                 &args.api_key,
                 Some(&req),
@@ -891,7 +891,7 @@ async fn broadcast(run: &Run) -> Driven {
             let Some(id) = &p.push_id else { continue };
             if let Ok(r) = http::request(
                 addr,
-                "GET",
+                reqwest::Method::GET,
                 &format!("/v1/pushes/{id}"),
                 &args.api_key,
                 None,
@@ -1090,7 +1090,7 @@ async fn fleet(run: &Run) -> Driven {
     while run.remaining() > Duration::from_secs(5) {
         if let Ok(r) = http::request(
             addr,
-            "GET",
+            reqwest::Method::GET,
             "/v1/agents?label=fleet%3Dloadtest&state=online",
             &key,
             None,
@@ -1140,7 +1140,7 @@ async fn fleet(run: &Run) -> Driven {
     let created = Instant::now();
     let resp = http::request(
         addr,
-        "POST",
+        reqwest::Method::POST,
         "/v1/tasks",
         &key,
         Some(&req),
@@ -1168,7 +1168,7 @@ async fn fleet(run: &Run) -> Driven {
     while run.remaining() > Duration::ZERO {
         match http::request(
             addr,
-            "GET",
+            reqwest::Method::GET,
             "/v1/tasks?limit=5",
             &key,
             None,

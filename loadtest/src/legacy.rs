@@ -346,7 +346,6 @@ async fn api_push(
     stats: &Stats,
 ) -> Result<serde_json::Value, BoxError> {
     use base64::Engine as _;
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     if users == 0 {
         return Err("no connected clients".into());
     }
@@ -360,12 +359,13 @@ async fn api_push(
         let (next, errors) = (Arc::clone(&next), Arc::clone(&errors));
         let (key, prefix) = (key.to_owned(), prefix.to_owned());
         workers.push(tokio::spawn(async move {
-            let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+            // One client per worker: its pooled keep-alive connection carries the worker's
+            // requests one after another, as a real API client would.
+            let Ok(client) = servicekit::http_client::client(Default::default()) else {
                 errors.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            let _ = stream.set_nodelay(true);
-            let mut stream = BufReader::new(stream);
+            let url = format!("http://{addr}/v1/push");
             let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (w as u64 + 1);
             loop {
                 if next.fetch_add(1, Ordering::Relaxed) >= pushes {
@@ -379,40 +379,25 @@ async fn api_push(
                 let mut body = vec![0u8; size.max(8)];
                 body[..8].copy_from_slice(&headers::now_micros().to_be_bytes());
                 let b64 = base64::engine::general_purpose::STANDARD.encode(&body);
-                let json = format!(r#"{{"target":{{"users":["{user}"]}},"body_base64":"{b64}","codec":"raw"}}"#);
-                let request = format!(
-                    "POST /v1/push HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
-                    json.len()
+                let json = format!(
+                    r#"{{"target":{{"users":["{user}"]}},"body_base64":"{b64}","codec":"raw"}}"#
                 );
-                if stream.get_mut().write_all(request.as_bytes()).await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                // Status line, headers (Content-Length), body.
-                let mut line = String::new();
-                let mut ok = false;
-                let mut length = 0usize;
-                let mut first = true;
-                loop {
-                    line.clear();
-                    match stream.read_line(&mut line).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                    if first {
-                        ok = line.split_whitespace().nth(1) == Some("202");
-                        first = false;
-                    }
-                    let lower = line.to_ascii_lowercase();
-                    if let Some(v) = lower.strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                    if line == "\r\n" {
+                let sent = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(json)
+                    .send()
+                    .await;
+                let accepted = match sent {
+                    // The body is read so the connection can carry the next request.
+                    Ok(r) => r.status() == reqwest::StatusCode::ACCEPTED && r.bytes().await.is_ok(),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                }
-                let mut rest = vec![0u8; length];
-                if stream.read_exact(&mut rest).await.is_err() || !ok {
+                };
+                if !accepted {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
             }

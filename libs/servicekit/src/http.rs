@@ -116,10 +116,14 @@ pub fn ready_response(nats_connected: bool) -> HttpResponse {
     }
 }
 
+/// The content type of OpenMetrics text, what `prometheus-client` encodes.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// `/metrics`: OpenMetrics text as `prometheus-client` encodes it.
 pub fn metrics_response(text: String) -> HttpResponse {
     HttpResponse::Ok()
-        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .content_type(OPENMETRICS_CONTENT_TYPE)
         .body(text)
 }
 

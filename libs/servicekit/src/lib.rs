@@ -1,13 +1,22 @@
 //! Plumbing shared by the service binaries, kept in one place so every service behaves the
-//! same way: SIGTERM/SIGINT handling, log set-up, running a service on its own thread with
-//! its own actix system (how tests drive services in-process), and the JSON error shape and
-//! API-key check of the HTTP APIs, and TLS set-up ([`tls`]: rustls with ring, PEM files,
-//! key pins). It holds no business logic and no wire contract (that is
-//! `libs/messages`).
+//! same way: SIGTERM/SIGINT handling ([`shutdown_signal`], the agent's too), log set-up
+//! ([`telemetry`]), running a service on its own thread with its own actix system (how
+//! tests drive services in-process), the wall clock ([`clock`]), NATS connection and
+//! runtime set-up ([`nats`]), the KV lease both the gateway's worker ids and the
+//! scheduler's leadership use ([`lease`]), the HTTP APIs' JSON error shape and API-key
+//! check ([`http`]), query strings ([`query`]), the one HTTP client ([`http_client`]), a
+//! stand-alone `/metrics` endpoint ([`metrics_server`]) and TLS set-up ([`tls`]: rustls
+//! with ring, PEM files, key pins). It holds no business logic and no wire contract (that
+//! is `libs/messages`).
 
+pub mod clock;
 pub mod hops;
 pub mod http;
+pub mod http_client;
+pub mod lease;
+pub mod metrics_server;
 pub mod nats;
+pub mod query;
 pub mod telemetry;
 pub mod tls;
 

@@ -3,8 +3,17 @@
 //! credentials in the userinfo (`nats://user:pass@host:4222`, or `nats://token@host` for
 //! token auth). async-nats takes neither from one string, so this module splits the list,
 //! moves the credentials into the connect options, and gives a form safe to log.
+//!
+//! It also owns how a service connects ([`connect`]: named client, reconnect forever) and
+//! the runtime the client lives on ([`runtime`]): a tokio runtime of its own, apart from
+//! the actix workers, so a busy HTTP worker never starves the NATS connection.
 
-use async_nats::{ConnectOptions, ServerAddr};
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, ServerAddr};
+
+/// How long one connection attempt may take.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a NATS setting is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -127,26 +136,63 @@ impl NatsTarget {
     }
 }
 
+/// Why no NATS client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The NATS setting is unusable.
+    #[error(transparent)]
+    Url(#[from] NatsUrlError),
+    /// The client refused its options.
+    #[error("connecting to {servers}: {source}")]
+    Connect {
+        /// The servers, redacted.
+        servers: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Connects to `urls` (see [`NatsTarget::parse`]) as every service does: the client is
+/// named `name` (visible in the server's connection list), the first connection is
+/// retried in the background rather than failing start-up, and reconnects never stop.
+/// Call it on the runtime the client should live on ([`runtime`]).
+pub async fn connect(urls: &str, name: &str) -> Result<Client, ConnectError> {
+    let target = NatsTarget::parse(urls)?;
+    target
+        .options()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(CONNECTION_TIMEOUT)
+        .connect(target.servers())
+        .await
+        .map_err(|source| ConnectError::Connect {
+            servers: target.redacted(),
+            source,
+        })
+}
+
+/// A runtime for the NATS client and its consumers: one worker thread named `name`.
+pub fn runtime(name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()
+}
+
+/// Shuts a runtime down from async code (where dropping one would panic): on a blocking
+/// thread, giving its tasks up to `grace`.
+pub async fn shutdown_runtime(runtime: tokio::runtime::Runtime, grace: Duration) {
+    let _ = tokio::task::spawn_blocking(move || runtime.shutdown_timeout(grace)).await;
+}
+
 /// Percent-decodes userinfo (a password may contain `@` or `:` written as `%40`, `%3A`).
 fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(v) = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

@@ -1,9 +1,8 @@
-//! A minimal HTTP/1.1 client for tests (one request per connection, `Connection: close`),
-//! so service tests can call real HTTP APIs without pulling in a full client.
+//! HTTP helpers for tests: one-call requests to the services' real HTTP APIs (bearer keys,
+//! JSON bodies) and polling until an endpoint reaches a state, over the workspace's one
+//! HTTP client (`servicekit::http_client`).
 
 use std::net::SocketAddr;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A response: status code and body.
 #[derive(Debug, Clone)]
@@ -29,36 +28,20 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<Response> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
+    // A client per request: tests each run their own runtime, and a pooled connection
+    // must not outlive the runtime that opened it.
+    let client =
+        servicekit::http_client::client(Default::default()).map_err(std::io::Error::other)?;
+    let mut req = client
+        .request(method, format!("http://{addr}{path}"))
+        .body(body.to_vec());
     for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
+        req = req.header(*name, *value);
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(raw.len());
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut body = raw.get(split + 4..).unwrap_or_default().to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
+    let resp = req.send().await.map_err(std::io::Error::other)?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.map_err(std::io::Error::other)?.to_vec();
     Ok(Response { status, body })
 }
 
@@ -105,22 +88,6 @@ pub async fn request_json(
 pub async fn delete(addr: SocketAddr, path: &str, key: &str) -> std::io::Result<Response> {
     let auth = format!("Bearer {key}");
     request(addr, "DELETE", path, &[("authorization", &auth)], b"").await
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16)
-            .unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = line_end + 2;
-        let end = (start + size).min(data.len());
-        out.extend_from_slice(&data[start..end]);
-        data = data.get(end + 2..).unwrap_or_default();
-    }
-    out
 }
 
 /// How long the polling helpers below wait before failing the test.

@@ -1,8 +1,7 @@
 //! `nats-server` process management: find the binary, start it on loopback, wait until it
 //! is healthy (JetStream included), kill it, start it again on the same port.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -367,13 +366,26 @@ impl NatsCluster {
     }
 }
 
-/// A minimal HTTP/1.0 GET against loopback; returns the status code. Enough to poll
-/// `/healthz` without pulling an HTTP client into every test binary.
+/// `GET` against loopback; returns the status code.
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let url = format!("http://127.0.0.1:{port}{path}");
+    // reqwest's blocking client runs a runtime of its own, which must not be created or
+    // dropped on a thread inside one, and the callers here are often async tests: it gets a
+    // thread of its own.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let client = servicekit::http_client::blocking_client(
+                    servicekit::http_client::ClientOptions {
+                        timeout: Some(Duration::from_secs(2)),
+                        ..Default::default()
+                    },
+                )
+                .ok()?;
+                Some(client.get(&url).send().ok()?.status().as_u16())
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
 }

@@ -50,11 +50,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// [`TEST_SECRET`] for app clients, EdDSA with [`TEST_AGENT_TOKEN_KEY`] for `kind: agent`
 /// (agent tokens verify only against the agent-token key).
 pub fn token(user: &str, kind: Option<&str>, rooms: &[&str]) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        + 3600;
+    let exp = servicekit::clock::now_secs() + 3600;
     token_with(
         &serde_json::json!({"sub": user, "exp": exp, "kind": kind.unwrap_or("app"), "rooms": rooms}),
     )

@@ -74,8 +74,8 @@
 //!
 //! `metrics_listen` is an `IP:port` socket address (`127.0.0.1:9464`, `[::1]:9464`,
 //! `0.0.0.0:9464`; host names are not resolved). When set, the agent serves Prometheus
-//! text on `GET /metrics` and `"ok"` on `GET /healthz` there (see
-//! [`crate::metrics_http`]); when unset (the default) it opens no listening socket. The
+//! OpenMetrics text on `GET /metrics` and `"ok"` on `GET /healthz` there (see
+//! `servicekit::metrics_server`); when unset (the default) it opens no listening socket. The
 //! endpoint has no authentication, so prefer a loopback or private address. Port 0 binds a
 //! free port (see [`crate::AgentHandle::metrics_addr`]); an empty value turns the endpoint
 //! off, so `AGENT_METRICS_LISTEN=` can disable a file's setting.

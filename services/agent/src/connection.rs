@@ -39,14 +39,17 @@
 //! scheduler ingests by message id.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use messages::fleet::{self, Ack, Cancel, Register, Report, ReportBatch, Task, TaskResult};
 use messages::payload::{self, ErrorBody, HeartbeatAck, Reconnect, Welcome};
 use messages::{BodyCodec, CloseCode, Frame, FrameKind, Limits, Route, TraceContext};
+use servicekit::metrics_server::MetricsServer;
 use servicekit::telemetry::{MessageSpan, Operation};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -58,14 +61,14 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::agent_metrics::AgentMetrics;
 use crate::backoff::ExponentialBackoff;
 use crate::config::{AgentConfig, Token};
-use crate::executor::{ExecEvent, Executor, RESULT_KIND, now_ms};
-use crate::metrics_http::MetricsServer;
+use crate::executor::{ExecEvent, Executor, RESULT_KIND};
 use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
-use crate::prom::AgentMetrics;
 use crate::trust::{Credentials, Gate, GateError, REFUSED_KIND, refusal_report};
 use messages::command::Refusal;
+use servicekit::clock::now_ms;
 
 /// Most refusal reports written per minute; further refusals are only counted and logged.
 pub const REFUSAL_REPORTS_PER_MINUTE: u32 = 30;
@@ -228,7 +231,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
     let metrics = Arc::new(AgentMetrics::new());
     let server = match config.metrics_listen {
         Some(addr) => Some(
-            MetricsServer::bind(addr, Arc::clone(&metrics), Arc::downgrade(&outbox))
+            MetricsServer::bind(addr, scrape(Arc::clone(&metrics), Arc::downgrade(&outbox)))
                 .await
                 .map_err(|source| RunError::MetricsListen { addr, source })?,
         ),
@@ -254,6 +257,33 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
         stop,
         task,
     })
+}
+
+/// What a scrape of `/metrics` answers: the metrics plus the outbox length, read on a
+/// blocking thread. The outbox is held weakly, so a scrape in flight never keeps the
+/// database open after the agent stopped.
+fn scrape(
+    metrics: Arc<AgentMetrics>,
+    outbox: Weak<Outbox>,
+) -> impl Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync + 'static {
+    move || {
+        let metrics = Arc::clone(&metrics);
+        let outbox = outbox.upgrade();
+        Box::pin(async move {
+            let entries = match outbox {
+                Some(outbox) => match tokio::task::spawn_blocking(move || outbox.len()).await {
+                    Ok(Ok(n)) => Some(n),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "Cannot read the outbox length for metrics.");
+                        None
+                    }
+                    Err(_) => None,
+                },
+                None => None,
+            };
+            metrics.encode(entries)
+        })
+    }
 }
 
 /// Shared state of the connection loop.
@@ -499,7 +529,7 @@ async fn report_loop(
             degraded = reason;
         }
         let outbox = Arc::clone(&outbox);
-        let at_ms = messages::headers::now_micros() / 1000;
+        let at_ms = now_ms();
         let appended = tokio::task::spawn_blocking(move || {
             let mut encoded = Vec::new();
             let seq = outbox.append_with(REPORT_KIND, |id| {

@@ -24,7 +24,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use servicekit::clock::now_ms;
 
 use messages::fleet::{Outcome, Stream, Task, TaskKind, TaskOutput, TaskResult, TaskStarted};
 use messages::payload::{self, PayloadError};
@@ -32,10 +34,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::agent_metrics::AgentMetrics;
 use crate::outbox::{Outbox, OutboxError};
 use crate::output::{AttemptOutput, OutputQueue, read_stream};
 use crate::policy::{ExecPolicy, Prepared, Refusal, check_probe_text, is_probe_host};
-use crate::prom::AgentMetrics;
 
 /// How much of each output stream a result keeps (the end of it, where errors usually are).
 pub const TAIL_BYTES: usize = 4 * 1024;
@@ -734,14 +736,6 @@ fn kill_group(pgid: Option<u32>) {
 
 fn elapsed_ms(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Wall-clock Unix milliseconds (0 if the clock is before 1970).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

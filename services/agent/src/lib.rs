@@ -12,27 +12,25 @@
 //!   is lost across disconnects or a kill -9.
 //! - [`backoff`]: reconnect delays (capped exponential with jitter).
 //! - [`metrics`]: host CPU, memory and disk samples for status reports.
-//! - [`prom`]: the agent's own Prometheus counters and gauges ([`AgentMetrics`]) and their
-//!   text rendering.
-//! - [`metrics_http`]: the optional `/metrics` + `/healthz` endpoint (`metrics_listen`).
+//! - [`agent_metrics`]: the agent's own Prometheus counters and gauges ([`AgentMetrics`]),
+//!   served on the optional `/metrics` + `/healthz` endpoint (`metrics_listen`) by
+//!   `servicekit::metrics_server`.
 
+pub mod agent_metrics;
 pub mod backoff;
 pub mod config;
 pub mod connection;
 pub mod executor;
 pub mod metrics;
-pub mod metrics_http;
 pub mod outbox;
 pub mod output;
 pub mod policy;
-pub mod prom;
 pub mod trust;
 
+pub use agent_metrics::AgentMetrics;
 pub use backoff::{BackoffError, ExponentialBackoff};
 pub use config::{AgentConfig, ConfigError, Origin, Problem, TlsSettings, Token};
 pub use connection::{AgentHandle, RunError, start};
 pub use executor::{ExecEvent, Execution, Executor};
-pub use metrics_http::MetricsServer;
 pub use outbox::{Entry, MessageId, Outbox, OutboxError};
 pub use policy::{Cidr, ExecPolicy, Refusal};
-pub use prom::AgentMetrics;

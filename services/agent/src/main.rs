@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         };
         let result = tokio::select! {
             r = handle.join() => r,
-            () = shutdown_signal() => {
+            () = servicekit::shutdown_signal() => {
                 tracing::info!("Shutting down.");
                 handle.stop();
                 handle.join().await
@@ -91,21 +91,4 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-/// Resolves on SIGINT or SIGTERM (whichever comes first).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        // Without a SIGTERM handler, Ctrl-C still works.
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

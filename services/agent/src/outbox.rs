@@ -21,7 +21,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -262,7 +261,7 @@ impl Outbox {
     /// When this returns `Ok` the entry has been committed with immediate durability: it
     /// survives a kill -9 of the process from then on.
     pub fn append(&self, kind: &str, payload: &[u8]) -> Result<u64, OutboxError> {
-        let appended_at_ms = now_unix_ms();
+        let appended_at_ms = servicekit::clock::now_ms();
         let txn = begin_durable_write(&self.db)?;
         let seq = {
             let mut meta = txn.open_table(META)?;
@@ -294,7 +293,7 @@ impl Outbox {
     where
         E: From<OutboxError>,
     {
-        let appended_at_ms = now_unix_ms();
+        let appended_at_ms = servicekit::clock::now_ms();
         let txn = begin_durable_write(&self.db)?;
         let seq = {
             let mut meta = txn.open_table(META).map_err(OutboxError::from)?;
@@ -440,13 +439,6 @@ fn read_next_seq(meta: &impl ReadableTable<&'static str, u128>) -> Result<u64, O
         .map(|v| v.value())
         .ok_or_else(|| OutboxError::Corrupt("next_seq is missing".to_owned()))?;
     u64::try_from(raw).map_err(|_| OutboxError::Corrupt(format!("next_seq {raw} is out of range")))
-}
-
-fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

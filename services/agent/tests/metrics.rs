@@ -75,7 +75,7 @@ async fn scrape(addr: SocketAddr) -> String {
     let (head, body) = r.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
     assert!(
-        head.contains("\r\nContent-Type: text/plain; version=0.0.4"),
+        head.contains("\r\nContent-Type: application/openmetrics-text; version=1.0.0"),
         "{head}"
     );
     body.to_owned()
@@ -145,7 +145,7 @@ async fn metrics_follow_the_session_and_survive_bad_requests() {
     assert!(sample(&text, "agent_outbox_entries").is_some(), "{text}");
     assert!(text.contains("# TYPE agent_connected gauge\n"), "{text}");
     assert!(
-        text.contains("# TYPE agent_tasks_finished_total counter\n"),
+        text.contains("# TYPE agent_tasks_finished counter\n"),
         "{text}"
     );
     assert!(agent.metrics().connected());

@@ -11,8 +11,9 @@ use serde_json::Value;
 
 use crate::Shared;
 use crate::auth::Actor;
-use crate::bus::{BusError, blocking, now_ms};
+use crate::bus::{BusError, blocking};
 pub use crate::store::{AuditEntry, NewAuditEntry};
+use servicekit::clock::now_ms;
 
 /// A task was created.
 pub const TASK_CREATE: &str = "task.create";

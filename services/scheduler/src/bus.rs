@@ -5,9 +5,9 @@
 //! Every store call runs on a blocking thread. Each subscription is consumed in order by
 //! one task, so one agent's messages are applied in the order the bus delivered them.
 
+use servicekit::clock::now_ms;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_nats::{HeaderMap, Message, Subscriber};
 use bytes::Bytes;
@@ -20,11 +20,11 @@ use messages::{BodyCodec, ClientKind, CloseCode, UserId, headers};
 use serde::Serialize;
 use servicekit::telemetry::{MessageSpan, Operation};
 
+use crate::Shared;
 use crate::store::{
     AgentRecord, AgentState, Heartbeat, Ingest, NewResult, ResultBody, StoreError, TargetState,
     TaskId, TaskKind, TaskSpec,
 };
-use crate::{Metrics, Shared};
 
 /// Why handling one bus message or one push failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,14 +50,6 @@ pub enum BusError {
     /// The message lacks something the contract requires.
     #[error("bad message: {0}")]
     BadMessage(String),
-}
-
-/// Unix time in ms.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Runs a store call on a blocking thread.
@@ -179,7 +171,7 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
                 Some(Ok(Report::Started(ref node, _) | Report::Result(ref node, _)))
                     if shared.trust.is_revoked(node) =>
                 {
-                    Metrics::inc(&shared.metrics.revoked_dropped);
+                    shared.metrics.revoked_dropped.inc();
                     continue;
                 }
                 Some(Ok(Report::Started(node, started))) => {
@@ -211,7 +203,7 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
 }
 
 fn failed(shared: &Shared, msg: &Message, e: &BusError) {
-    Metrics::inc(&shared.metrics.bus_errors);
+    shared.metrics.bus_errors.inc();
     let trace_id = msg
         .headers
         .as_ref()
@@ -402,7 +394,7 @@ async fn store_progress(shared: &Shared, progress: Progress) {
                 }
             }
             Err(e) => {
-                Metrics::inc(&shared.metrics.bus_errors);
+                shared.metrics.bus_errors.inc();
                 tracing::warn!(error = %e, "Storing task.started failed.");
             }
         }
@@ -421,7 +413,7 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
     // A revoked node is heard only to be closed again: nothing it sends is stored or
     // acknowledged, so its outbox keeps every result until it is enrolled again.
     if route != fleet::up::REGISTER && shared.trust.is_revoked(&node) {
-        Metrics::inc(&shared.metrics.revoked_dropped);
+        shared.metrics.revoked_dropped.inc();
         return Ok(());
     }
     match route {
@@ -446,7 +438,7 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
 }
 
 async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result<(), BusError> {
-    Metrics::inc(&shared.metrics.registers);
+    shared.metrics.registers.inc();
     if shared.trust.is_revoked(&node) {
         tracing::warn!(%node, "A revoked node connected; closing it.");
         return close_agent(shared, &node, CloseCode::Revoked).await;
@@ -481,7 +473,7 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
     // A fresh credential on every (re)connect: the one it came with may be a long-lived
     // enrolment token or close to expiry.
     if let Err(e) = renew_credential(shared, &node).await {
-        Metrics::inc(&shared.metrics.bus_errors);
+        shared.metrics.bus_errors.inc();
         tracing::warn!(%node, error = %e, "Credential renewal failed.");
     }
     dispatch_pending(shared, &node).await
@@ -489,7 +481,7 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
 
 /// Stores a refusal an agent reported and acknowledges it.
 async fn refused(shared: &Shared, node: UserId, refused: fleet::Refused) -> Result<(), BusError> {
-    Metrics::inc(&shared.metrics.commands_refused);
+    shared.metrics.commands_refused.inc();
     tracing::warn!(
         %node,
         route = %refused.route,
@@ -587,10 +579,7 @@ async fn reports(shared: &Shared, node: UserId, batch: fleet::ReportBatch) -> Re
         Ok(acked)
     })
     .await?;
-    shared
-        .metrics
-        .reports
-        .fetch_add(acked.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    shared.metrics.reports.inc_by(acked.len() as u64);
     if acked.is_empty() {
         return Ok(());
     }
@@ -670,7 +659,7 @@ async fn store_results(shared: &Shared, batch: Vec<Incoming>) {
     let outcomes = match outcomes {
         Ok(outcomes) => outcomes,
         Err(e) => {
-            Metrics::inc(&shared.metrics.bus_errors);
+            shared.metrics.bus_errors.inc();
             tracing::warn!(results = batch.len(), error = %e, "Storing results failed; the agents will replay them.");
             return;
         }
@@ -679,8 +668,12 @@ async fn store_results(shared: &Shared, batch: Vec<Incoming>) {
     for (incoming, outcome) in batch.into_iter().zip(outcomes) {
         let (node, task_id) = (&incoming.node, incoming.result.task_id);
         match outcome {
-            Ok(Ingest::New) => Metrics::inc(&shared.metrics.results),
-            Ok(Ingest::Duplicate) => Metrics::inc(&shared.metrics.duplicate_results),
+            Ok(Ingest::New) => {
+                shared.metrics.results.inc();
+            }
+            Ok(Ingest::Duplicate) => {
+                shared.metrics.duplicate_results.inc();
+            }
             // These can never succeed on a replay; acknowledging clears the agent's outbox.
             Err(
                 e @ (StoreError::UnknownTask(_)
@@ -690,7 +683,7 @@ async fn store_results(shared: &Shared, batch: Vec<Incoming>) {
                 tracing::warn!(%node, task_id, error = %e, "Dropped an unusable result.");
             }
             Err(e) => {
-                Metrics::inc(&shared.metrics.bus_errors);
+                shared.metrics.bus_errors.inc();
                 tracing::warn!(%node, task_id, error = %e, "A result was refused.");
                 continue;
             }
@@ -702,7 +695,7 @@ async fn store_results(shared: &Shared, batch: Vec<Incoming>) {
     for (node, message_ids) in acks {
         let ack = fleet::Ack { message_ids };
         if let Err(e) = push(shared, &node, fleet::down::ACK, &ack, None).await {
-            Metrics::inc(&shared.metrics.bus_errors);
+            shared.metrics.bus_errors.inc();
             tracing::warn!(%node, error = %e, "Acknowledging results failed.");
         }
     }
@@ -716,7 +709,7 @@ async fn announce(
     to: AgentState,
     at_ms: u64,
 ) -> Result<(), BusError> {
-    Metrics::inc(&shared.metrics.state_changes);
+    shared.metrics.state_changes.inc();
     tracing::info!(%node, ?from, ?to, "Agent state changed.");
     let change = fleet::StateChange {
         node_id: node.as_str().to_owned(),
@@ -769,7 +762,7 @@ pub async fn push<T: Serialize>(
         .publish_with_headers(subject, map, Bytes::from(bytes))
         .await
         .map_err(|e| BusError::Publish(e.to_string()))?;
-    Metrics::inc(&shared.metrics.pushes);
+    shared.metrics.pushes.inc();
     Ok(())
 }
 
@@ -803,7 +796,7 @@ pub async fn renew_credential(shared: &Shared, node: &UserId) -> Result<(), BusE
     )
     .await?;
     shared.trust.issued(node, now_s);
-    Metrics::inc(&shared.metrics.credentials_issued);
+    shared.metrics.credentials_issued.inc();
     tracing::debug!(%node, expires_at, "Agent credential renewed.");
     Ok(())
 }
@@ -817,7 +810,7 @@ async fn renew_due(shared: &Shared) {
     let before = (now_ms() / 1000).saturating_sub(half.max(1));
     for node in shared.trust.due(before) {
         if let Err(e) = renew_credential(shared, &node).await {
-            Metrics::inc(&shared.metrics.bus_errors);
+            shared.metrics.bus_errors.inc();
             tracing::warn!(%node, error = %e, "Credential renewal failed.");
         }
     }
@@ -880,7 +873,7 @@ pub async fn dispatch_many(
         match push(shared, &node, fleet::down::TASK, &task, trace.as_ref()).await {
             Ok(()) => {
                 sent += 1;
-                Metrics::inc(&shared.metrics.dispatches);
+                shared.metrics.dispatches.inc();
             }
             Err(e) => tracing::warn!(%node, task_id, error = %e, "Dispatch failed."),
         }
@@ -920,7 +913,7 @@ async fn sweep(shared: std::sync::Weak<Shared>) {
             break;
         };
         if let Err(e) = sweep_once(&shared).await {
-            Metrics::inc(&shared.metrics.bus_errors);
+            shared.metrics.bus_errors.inc();
             tracing::warn!(error = %e, "Sweep failed.");
         }
     }

@@ -15,14 +15,15 @@ use serde_json::json;
 use servicekit::http::ApiError;
 use servicekit::telemetry::server_span;
 
+use crate::Shared;
 use crate::audit;
 use crate::auth::Actor;
-use crate::bus::{self, BusError, blocking, is_up, now_ms, store_kind, wire_kind};
+use crate::bus::{self, BusError, blocking, is_up, store_kind, wire_kind};
 use crate::store::{
     AgentRecord, AgentState, Created, IdempotencyClaim, LabelSelector, MAX_AUDIT_LIST,
     MAX_IDEMPOTENCY_KEY_LEN, StoreError, TargetState, Targets, TaskSpec,
 };
-use crate::{Metrics, Shared};
+use servicekit::clock::now_ms;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
 const OPENAPI: &str = include_str!("openapi.json");
@@ -155,44 +156,10 @@ fn canonical(v: &serde_json::Value) -> serde_json::Value {
     }
 }
 
-/// Decodes `%XX` escapes and `+` in a query component; `None` if malformed.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// The query string as (key, value) pairs, keeping repeated keys.
 fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, ApiError> {
-    req.query_string()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            match (percent_decode(k), percent_decode(v)) {
-                (Some(k), Some(v)) => Ok((k, v)),
-                _ => Err(ApiError::bad("bad_query", format!("cannot decode {p:?}"))),
-            }
-        })
-        .collect()
+    servicekit::query::pairs(req.query_string())
+        .map_err(|e| ApiError::bad("bad_query", format!("cannot decode: {e}")))
 }
 
 fn parse_agent_state(s: &str) -> Result<AgentState, ApiError> {
@@ -407,7 +374,7 @@ async fn create_task(
     if let Some(entry) = &entry {
         audit::log(entry);
     }
-    Metrics::inc(&shared.metrics.tasks_created);
+    shared.metrics.tasks_created.inc();
     // Targets that are up get it now; the others when they register again.
     // Not fatal for the request when this fails: targets still Pending go out on the next
     // register, ones left Dispatched expire and are retried by the sweep.
@@ -895,14 +862,6 @@ mod tests {
         assert!(idempotency_key(&with(&"k".repeat(256))).is_err());
         let none = actix_web::test::TestRequest::default().to_http_request();
         assert!(matches!(idempotency_key(&none), Ok(None)));
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("region%3Deu").as_deref(), Some("region=eu"));
-        assert_eq!(percent_decode("a+b").as_deref(), Some("a b"));
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("%4"), None);
     }
 
     #[test]

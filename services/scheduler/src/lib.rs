@@ -30,16 +30,20 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
 use messages::{SocketId, UserId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 
 pub use config::{Args, Config, ConfigError};
 
 use crate::store::{Store, StoreError};
+
+/// How long a runtime's tasks get to finish when it shuts down.
+const RUNTIME_GRACE: Duration = Duration::from_secs(5);
 
 /// Why the service could not run.
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +54,12 @@ pub enum Error {
     /// Binding, runtime creation, serving.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-    /// NATS could not be set up.
+    /// No NATS client could be made.
     #[error("nats: {0}")]
-    Nats(String),
+    Nats(#[from] servicekit::nats::ConnectError),
+    /// The bus consumers could not be started.
+    #[error("nats: {0}")]
+    Bus(#[from] bus::BusError),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -62,90 +69,92 @@ pub enum Error {
     LeaseLost,
 }
 
-/// Counters of the service, exposed at `/metrics` in the Prometheus text format.
-#[derive(Debug, Default)]
+/// Counters of the service, exposed at `/metrics` (OpenMetrics, `prometheus-client`, under
+/// the `scheduler` prefix).
+#[derive(Debug)]
 pub struct Metrics {
+    registry: Registry,
     /// Register messages handled.
-    pub registers: AtomicU64,
+    pub registers: Counter,
     /// Agent state changes announced.
-    pub state_changes: AtomicU64,
+    pub state_changes: Counter,
     /// Tasks created over the API.
-    pub tasks_created: AtomicU64,
+    pub tasks_created: Counter,
     /// Task attempts dispatched to agents.
-    pub dispatches: AtomicU64,
+    pub dispatches: Counter,
     /// Results ingested for the first time.
-    pub results: AtomicU64,
+    pub results: Counter,
     /// Results that were replays (acknowledged again, not counted).
-    pub duplicate_results: AtomicU64,
+    pub duplicate_results: Counter,
     /// Reports ingested.
-    pub reports: AtomicU64,
+    pub reports: Counter,
     /// Pushes published to agents (tasks, cancels, acks).
-    pub pushes: AtomicU64,
+    pub pushes: Counter,
     /// Bus messages that could not be handled.
-    pub bus_errors: AtomicU64,
+    pub bus_errors: Counter,
     /// Commands agents reported refusing (forged, expired, replayed, another node's).
-    pub commands_refused: AtomicU64,
+    pub commands_refused: Counter,
     /// Agent credentials issued or renewed.
-    pub credentials_issued: AtomicU64,
+    pub credentials_issued: Counter,
     /// Messages dropped because their node is revoked.
-    pub revoked_dropped: AtomicU64,
+    pub revoked_dropped: Counter,
     /// Per-hop latency of agent traffic, from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
-    /// Adds one to a counter.
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Registers everything under the `scheduler` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("scheduler");
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let registers = counter("registers", "Register messages handled.");
+        let state_changes = counter("state_changes", "Agent state changes announced.");
+        let tasks_created = counter("tasks_created", "Tasks created.");
+        let dispatches = counter("dispatches", "Task attempts dispatched.");
+        let results = counter("results", "Results ingested.");
+        let duplicate_results =
+            counter("duplicate_results", "Replayed results acknowledged again.");
+        let reports = counter("reports", "Reports ingested.");
+        let pushes = counter("pushes", "Pushes published to agents.");
+        let bus_errors = counter("bus_errors", "Bus messages that failed.");
+        let commands_refused = counter("commands_refused", "Commands agents reported refusing.");
+        let credentials_issued =
+            counter("credentials_issued", "Agent credentials issued or renewed.");
+        let revoked_dropped = counter("revoked_dropped", "Messages from revoked nodes dropped.");
+        let hops = servicekit::hops::HopLatency::register(&mut registry);
+        Metrics {
+            registry,
+            registers,
+            state_changes,
+            tasks_created,
+            dispatches,
+            results,
+            duplicate_results,
+            reports,
+            pushes,
+            bus_errors,
+            commands_refused,
+            credentials_issued,
+            revoked_dropped,
+            hops,
+        }
     }
 
-    /// Prometheus text exposition.
+    /// OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 12] = [
-            ("registers", "Register messages handled", &self.registers),
-            (
-                "state_changes",
-                "Agent state changes announced",
-                &self.state_changes,
-            ),
-            ("tasks_created", "Tasks created", &self.tasks_created),
-            ("dispatches", "Task attempts dispatched", &self.dispatches),
-            ("results", "Results ingested", &self.results),
-            (
-                "duplicate_results",
-                "Replayed results acknowledged again",
-                &self.duplicate_results,
-            ),
-            ("reports", "Reports ingested", &self.reports),
-            ("pushes", "Pushes published to agents", &self.pushes),
-            ("bus_errors", "Bus messages that failed", &self.bus_errors),
-            (
-                "commands_refused",
-                "Commands agents reported refusing",
-                &self.commands_refused,
-            ),
-            (
-                "credentials_issued",
-                "Agent credentials issued or renewed",
-                &self.credentials_issued,
-            ),
-            (
-                "revoked_dropped",
-                "Messages from revoked nodes dropped",
-                &self.revoked_dropped,
-            ),
-        ];
         let mut out = String::new();
-        for (name, help, value) in rows {
-            let v = value.load(Ordering::Relaxed);
-            out.push_str(&format!(
-                "# HELP scheduler_{name} {help}.\n# TYPE scheduler_{name} counter\nscheduler_{name}_total {v}\n"
-            ));
-        }
-        let mut registry = prometheus_client::registry::Registry::with_prefix("scheduler");
-        self.hops.register_in(&mut registry);
-        // Appends the histogram and the closing `# EOF`; writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -221,9 +230,9 @@ pub async fn run(
     // The lease has its own runtime and NATS connection: it is released after the bus
     // runtime (whose tasks hold the store) has shut down, and its refreshes never queue
     // behind bus traffic.
-    let lease_rt = build_runtime("scheduler-lease")?;
+    let lease_rt = servicekit::nats::runtime("scheduler-lease")?;
     let result = lead(&config, &lease_rt, listener, std::pin::pin!(shutdown)).await;
-    shutdown_runtime(lease_rt).await;
+    servicekit::nats::shutdown_runtime(lease_rt, RUNTIME_GRACE).await;
     tracing::info!("scheduler stopped.");
     result
 }
@@ -238,7 +247,7 @@ async fn lead(
 ) -> Result<(), Error> {
     let url = config.nats_url.clone();
     let client = lease_rt
-        .spawn(async move { connect_nats(&url, "scheduler-lease").await })
+        .spawn(async move { servicekit::nats::connect(&url, "scheduler-lease").await })
         .await
         .map_err(join_error)??;
     let mut standby = Some(serve_standby(
@@ -267,7 +276,7 @@ async fn lead(
         lease = &mut acquiring => lease.map_err(join_error)?,
     };
     let mut keeper = lease::Keeper::spawn(lease_rt.handle(), lease);
-    let bus_rt = build_runtime("scheduler-nats")?;
+    let bus_rt = servicekit::nats::runtime("scheduler-nats")?;
     let result = active(
         config,
         listener,
@@ -283,7 +292,7 @@ async fn lead(
     // The consumers hold the store; wait (off the async threads, where a runtime may not
     // block) until they are dropped, so the redb file is closed before the lease is
     // released and the next active instance can open it at once.
-    shutdown_runtime(bus_rt).await;
+    servicekit::nats::shutdown_runtime(bus_rt, RUNTIME_GRACE).await;
     if !matches!(result, Err(Error::LeaseLost)) {
         keeper.release().await;
     }
@@ -312,9 +321,7 @@ async fn active(
         .spawn(async move { connect(setup_config, store).await })
         .await
         .map_err(join_error)??;
-    bus::start(runtime, &shared)
-        .await
-        .map_err(|e| Error::Nats(e.to_string()))?;
+    bus::start(runtime, &shared).await?;
     if let Some(s) = standby.take() {
         s.stop(false).await;
     }
@@ -424,40 +431,12 @@ async fn open_store(path: PathBuf, patience: Duration) -> Result<Store, Error> {
     }
 }
 
-fn build_runtime(name: &str) -> Result<tokio::runtime::Runtime, Error> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name(name)
-        .enable_all()
-        .build()?)
-}
-
-/// Shuts a runtime down off the async threads (where dropping one would panic), giving its
-/// tasks a few seconds.
-async fn shutdown_runtime(runtime: tokio::runtime::Runtime) {
-    let _ =
-        tokio::task::spawn_blocking(move || runtime.shutdown_timeout(Duration::from_secs(5))).await;
-}
-
 fn join_error(e: tokio::task::JoinError) -> Error {
     Error::Io(std::io::Error::other(e))
 }
 
-async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, Error> {
-    let target =
-        servicekit::nats::NatsTarget::parse(url).map_err(|e| Error::Nats(e.to_string()))?;
-    target
-        .options()
-        .name(name)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connect(target.servers())
-        .await
-        .map_err(|e| Error::Nats(e.to_string()))
-}
-
 async fn connect(config: Config, store: Arc<Store>) -> Result<Arc<Shared>, Error> {
-    let client = connect_nats(&config.nats_url, "scheduler").await?;
+    let client = servicekit::nats::connect(&config.nats_url, "scheduler").await?;
     Ok(Arc::new(Shared {
         config,
         client,

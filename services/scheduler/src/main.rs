@@ -102,7 +102,7 @@ fn mint_agent_token(args: &Args, node: &str) -> ExitCode {
         let tokens =
             scheduler::trust::AgentTokens::from_pem(&scheduler::trust::read_pem(path)?, ttl)?;
         let node = messages::UserId::new(node)?;
-        let now = scheduler::bus::now_ms() / 1000;
+        let now = servicekit::clock::now_secs();
         Ok(tokens.mint(&node, now, ttl)?.0)
     })();
     match result {

@@ -537,8 +537,8 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
     for _ in 0..16 {
         let batch = HeartbeatBatch {
             gateway: gw.clone(),
-            at_ms: scheduler::bus::now_ms(),
-            seen: vec![(SocketId(42), scheduler::bus::now_ms())],
+            at_ms: servicekit::clock::now_ms(),
+            seen: vec![(SocketId(42), servicekit::clock::now_ms())],
         };
         bus.publish(
             "ws.evt.agent.heartbeat",
@@ -558,8 +558,8 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
     // A batch brings it back.
     let batch = HeartbeatBatch {
         gateway: gw.clone(),
-        at_ms: scheduler::bus::now_ms(),
-        seen: vec![(SocketId(42), scheduler::bus::now_ms())],
+        at_ms: servicekit::clock::now_ms(),
+        seen: vec![(SocketId(42), servicekit::clock::now_ms())],
     };
     bus.publish(
         "ws.evt.agent.heartbeat",
@@ -610,8 +610,8 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
     eventually(api, "/v1/agents/node-2", |v| v["state"] == "degraded").await;
     let batch = HeartbeatBatch {
         gateway: gw.clone(),
-        at_ms: scheduler::bus::now_ms(),
-        seen: vec![(SocketId(42), scheduler::bus::now_ms())],
+        at_ms: servicekit::clock::now_ms(),
+        seen: vec![(SocketId(42), servicekit::clock::now_ms())],
     };
     bus.publish(
         "ws.evt.agent.heartbeat",
@@ -651,7 +651,7 @@ fn refusal(message_id: &str, reason: &str, task_id: u64) -> fleet::Refused {
         command_id: Some("00".repeat(16)),
         task_id: Some(task_id),
         attempt: Some(1),
-        at_ms: scheduler::bus::now_ms(),
+        at_ms: servicekit::clock::now_ms(),
     }
 }
 

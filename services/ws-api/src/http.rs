@@ -23,7 +23,7 @@ use servicekit::http::ApiError;
 
 use crate::Shared;
 use crate::events::send_control;
-use crate::presence::now_ms;
+use servicekit::clock::now_ms;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
 const OPENAPI: &str = include_str!("openapi.json");
@@ -399,9 +399,11 @@ fn raw_push(
     let mut route = None;
     let mut receipt = false;
     let mut ttl_ms = None;
-    for pair in req.query_string().split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
+    let query = servicekit::query::pairs(req.query_string())
+        .map_err(|e| ApiError::bad("bad_query", format!("cannot decode: {e}")))?;
+    for (k, v) in &query {
+        let v = v.as_str();
+        match k.as_str() {
             "user" => target.users.push(v.to_owned()),
             "socket" => target.sockets.push(serde_json::Value::String(v.to_owned())),
             "room" => target.room = Some(v.to_owned()),

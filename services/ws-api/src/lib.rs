@@ -37,9 +37,15 @@ pub enum Error {
     /// Binding, runtime creation, serving.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-    /// NATS, JetStream or a bucket could not be set up.
+    /// No NATS client could be made.
     #[error("nats: {0}")]
-    Nats(String),
+    Nats(#[from] servicekit::nats::ConnectError),
+    /// The session bucket could not be opened.
+    #[error("nats: {0}")]
+    Presence(#[from] presence::PresenceError),
+    /// The receipt bucket could not be opened.
+    #[error("nats: {0}")]
+    Receipts(#[from] receipts::ReceiptError),
 }
 
 /// Counters of one replica.
@@ -129,16 +135,12 @@ pub async fn run(
 ) -> Result<(), Error> {
     config.validate()?;
     // The NATS connection and the consumers live on their own runtime (deps.md, trap 5).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("ws-api-nats")
-        .enable_all()
-        .build()?;
+    let runtime = servicekit::nats::runtime("ws-api-nats")?;
     let setup_config = config.clone();
     let shared = match runtime
         .spawn(async move { setup(setup_config).await })
         .await
-        .map_err(|e| Error::Nats(e.to_string()))
+        .map_err(|e| Error::Io(std::io::Error::other(e)))
         .and_then(|r| r)
     {
         Ok(shared) => shared,
@@ -193,16 +195,7 @@ pub async fn run(
 }
 
 async fn setup(config: Config) -> Result<Arc<Shared>, Error> {
-    let target = servicekit::nats::NatsTarget::parse(&config.nats_url)
-        .map_err(|e| Error::Nats(e.to_string()))?;
-    let client = target
-        .options()
-        .name("ws-api")
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connect(target.servers())
-        .await
-        .map_err(|e| Error::Nats(e.to_string()))?;
+    let client = servicekit::nats::connect(&config.nats_url, "ws-api").await?;
     let js = async_nats::jetstream::new(client.clone());
     // JetStream may take a moment after the server starts (or a cluster elects a leader).
     let mut attempt = 0;
@@ -214,12 +207,9 @@ async fn setup(config: Config) -> Result<Arc<Shared>, Error> {
                 config.presence_ttl,
                 config.kv_replicas,
             )
-            .await
-            .map_err(|e| e.to_string())?;
-            let receipts = Receipts::open(&js, &config.receipts_bucket, config.kv_replicas)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((presence, receipts))
+            .await?;
+            let receipts = Receipts::open(&js, &config.receipts_bucket, config.kv_replicas).await?;
+            Ok::<_, Error>((presence, receipts))
         };
         match opened.await {
             Ok(pair) => break pair,
@@ -228,7 +218,7 @@ async fn setup(config: Config) -> Result<Arc<Shared>, Error> {
                 tracing::warn!(error = %e, "Opening the KV buckets failed; retrying.");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(Error::Nats(e)),
+            Err(e) => return Err(e),
         }
     };
     Ok(Arc::new(Shared {

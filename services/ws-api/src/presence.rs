@@ -23,6 +23,7 @@ use futures_util::StreamExt;
 use messages::payload::{self, SessionEvent};
 use messages::{ClientKind, GatewayId, RoomId, SocketId, UserId};
 use serde::{Deserialize, Serialize};
+use servicekit::clock::now_ms;
 
 /// One socket as the system knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,9 +356,4 @@ async fn feed(presence: std::sync::Weak<Presence>, mut watch: kv::Watch) {
             }
         }
     }
-}
-
-/// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    messages::headers::now_micros() / 1000
 }

@@ -280,10 +280,7 @@ pub fn mint(
     rooms: &[RoomId],
     ttl: std::time::Duration,
 ) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = servicekit::clock::now_secs();
     let claims = serde_json::json!({
         "sub": user.as_str(),
         "kind": kind.as_str(),
@@ -312,39 +309,7 @@ pub fn token_from(authorization: Option<&str>, query: &str) -> Option<String> {
             }
         }
     }
-    query_param(query, "token")
-}
-
-/// The first value of `name` in a query string (tokens are base64url, so no decoding is
-/// needed beyond `%`-escapes some clients add anyway).
-pub fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name && !v.is_empty()).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = (bytes[i] == b'%')
-            .then(|| value.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match decoded {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    servicekit::query::first(query, "token")
 }
 
 #[cfg(test)]
@@ -564,6 +529,9 @@ pub(crate) mod tests {
         assert_eq!(token_from(Some("Basic zzz"), "token=q"), Some("q".into()));
         assert_eq!(token_from(None, "token="), None);
         assert_eq!(token_from(None, ""), None);
-        assert_eq!(query_param("a=1&b=%zz", "b"), Some("%zz".into()));
+        assert_eq!(
+            servicekit::query::first("a=1&b=%zz", "b"),
+            Some("%zz".into())
+        );
     }
 }

@@ -36,7 +36,8 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::Shared;
 use crate::registry::Subscription;
-use crate::session::{Conn, ToConn, unix_ms};
+use crate::session::{Conn, ToConn};
+use servicekit::clock::now_ms;
 
 /// Capacity of the queue between actors and the publisher task.
 const OUTBOUND_CAPACITY: usize = 16 * 1024;
@@ -614,7 +615,7 @@ pub fn spawn_presence_sync(shared: &Arc<Shared>, period: Duration) -> tokio::tas
 /// socket is included, not only those that sent something: a quiet client is still
 /// connected (its heartbeat deadline is enforced here), and presence must not expire it.
 pub fn sync_presence(shared: &Shared) {
-    let now = unix_ms();
+    let now = now_ms();
     for kind in ClientKind::ALL {
         let mut held = Vec::new();
         shared

@@ -82,7 +82,7 @@ async fn upgrade(
             "no socket id available (worker-id lease or clock); try again",
         ));
     };
-    let codec = match auth::query_param(req.query_string(), "codec").as_deref() {
+    let codec = match servicekit::query::first(req.query_string(), "codec").as_deref() {
         Some("json") => BodyCodec::Json,
         _ => BodyCodec::MsgPack,
     };

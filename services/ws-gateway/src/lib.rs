@@ -26,6 +26,7 @@ use actix::Addr;
 use actix_web::{App, HttpServer, web};
 use messages::{Snowflake, SocketId};
 use rand::Rng;
+use servicekit::nats::ConnectError;
 use tokio::sync::oneshot;
 
 pub use config::{Args, Config, ConfigError};
@@ -49,7 +50,7 @@ pub enum Error {
     Io(#[from] std::io::Error),
     /// The NATS client could not be created.
     #[error("nats: {0}")]
-    Nats(String),
+    Nats(#[from] ConnectError),
 }
 
 /// State every connection and task of a replica shares.
@@ -161,33 +162,26 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     config.validate()?;
-    let target = servicekit::nats::NatsTarget::parse(&config.nats_url)
-        .map_err(|e| Error::Nats(e.to_string()))?;
-    let nats_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("ws-gateway-nats")
-        .enable_all()
-        .build()?;
-    let options = target
-        .options()
-        .name(format!("ws-gateway/{}", config.instance))
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5));
-    let servers = target.servers();
+    // Parsed before the runtime exists, so a bad setting costs no thread.
+    servicekit::nats::NatsTarget::parse(&config.nats_url).map_err(ConnectError::from)?;
+    let nats_runtime = servicekit::nats::runtime("ws-gateway-nats")?;
+    let (url, name) = (
+        config.nats_url.clone(),
+        format!("ws-gateway/{}", config.instance),
+    );
     let client = match nats_runtime
-        .spawn(async move { options.connect(servers).await })
+        .spawn(async move { servicekit::nats::connect(&url, &name).await })
         .await
     {
         Ok(Ok(client)) => client,
         // Dropping a runtime inside this async context would panic; let it go quietly.
         Ok(Err(e)) => {
             nats_runtime.shutdown_background();
-            return Err(Error::Nats(e.to_string()));
+            return Err(e.into());
         }
         Err(e) => {
             nats_runtime.shutdown_background();
-            return Err(Error::Nats(e.to_string()));
+            return Err(Error::Io(std::io::Error::other(e)));
         }
     };
 

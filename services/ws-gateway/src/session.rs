@@ -26,6 +26,7 @@ use messages::{
     BodyCodec, ClientKind, CloseCode, ErrorCode, Frame, FrameError, FrameKind, RoomId, SocketId,
     UserId, headers,
 };
+use servicekit::clock::now_ms;
 use servicekit::telemetry::{MessageSpan, Operation};
 
 use crate::Shared;
@@ -372,7 +373,7 @@ impl Conn {
             user_id: self.user.clone(),
             kind: self.kind,
             gateway: self.shared.config.instance.clone(),
-            at_ms: unix_ms(),
+            at_ms: now_ms(),
             allowed_rooms: self
                 .allowed_rooms
                 .iter()
@@ -391,7 +392,7 @@ impl Conn {
             heartbeat: self.shared.config.heartbeat,
             max_body_bytes: u32::try_from(self.shared.config.limits.max_body_len)
                 .unwrap_or(u32::MAX),
-            server_time_ms: unix_ms(),
+            server_time_ms: now_ms(),
         };
         let frame = self.control_frame(FrameKind::Welcome, 0, &welcome);
         self.enqueue(frame, ctx);
@@ -509,13 +510,13 @@ impl Conn {
     /// Closes the session with 4502 once its credential has expired; a refresh may have
     /// moved the expiry since this check was scheduled, then it is scheduled again.
     fn schedule_expiry(&self, ctx: &mut Ctx) {
-        let now_s = unix_ms() / 1000;
+        let now_s = now_ms() / 1000;
         if self.expires_at <= now_s {
             return;
         }
         let left = Duration::from_secs(self.expires_at - now_s);
         ctx.run_later(left, |act, ctx| {
-            if unix_ms() / 1000 >= act.expires_at {
+            if now_ms() / 1000 >= act.expires_at {
                 act.close(CloseCode::Unauthorized, ctx);
             } else {
                 act.schedule_expiry(ctx);
@@ -883,11 +884,6 @@ fn peek_msg_id(bytes: &[u8]) -> u64 {
         .get(4..12)
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map_or(0, u64::from_be_bytes)
-}
-
-/// Unix milliseconds now.
-pub fn unix_ms() -> u64 {
-    headers::now_micros() / 1000
 }
 
 #[cfg(test)]

@@ -14,17 +14,7 @@ async fn main() -> ExitCode {
         }
     };
     println!("{}", receiver.endpoint());
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("otlp-sink: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    servicekit::shutdown_signal().await;
     println!(
         "requests={} spans={}",
         receiver.requests(),

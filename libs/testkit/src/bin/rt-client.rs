@@ -79,10 +79,7 @@ fn parse_args() -> Result<Options, BoxError> {
 }
 
 fn sign(secret: &str, user: &str) -> Result<String, BoxError> {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 24 * 3600;
+    let exp = servicekit::clock::now_secs() + 24 * 3600;
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &json!({"sub": user, "exp": exp, "kind": "app"}),

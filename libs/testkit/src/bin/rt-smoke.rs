@@ -116,10 +116,7 @@ async fn resolve(url: &str) -> Result<SocketAddr, BoxError> {
 }
 
 fn token(secret: &str, user: &str) -> Result<String, BoxError> {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs()
-        + 3600;
+    let exp = servicekit::clock::now_secs() + 3600;
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &json!({"sub": user, "exp": exp, "kind": "app"}),
@@ -698,13 +695,7 @@ async fn main_async() -> Result<(), BoxError> {
     }
     let api = resolve(&opts.api).await?;
     let scheduler = resolve(&opts.scheduler).await?;
-    let run = format!(
-        "smoke{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-            % 1_000_000_000
-    );
+    let run = format!("smoke{}", servicekit::clock::now_ms() % 1_000_000_000);
     let smoke = Smoke {
         deadline: Instant::now() + opts.timeout,
         opts,

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
+use servicekit::http_client::ClientOptions;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -659,11 +660,7 @@ fn text(v: &Value) -> String {
 }
 
 fn ago(ms: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0);
-    let secs = now.saturating_sub(ms) / 1000;
+    let secs = servicekit::clock::now_ms().saturating_sub(ms) / 1000;
     match secs {
         0..=59 => format!("{secs}s ago"),
         60..=3599 => format!("{}m ago", secs / 60),
@@ -725,12 +722,12 @@ impl Api {
                     .map_err(|e| Failure::Usage(format!("{e} (use --cacert)")))?,
                 None => tls::RootCertStore::empty(),
             };
-        let config = tls::client_config(roots, &[]).map_err(|e| Failure::Usage(e.to_string()))?;
-        let client = reqwest::blocking::Client::builder()
-            .tls_backend_preconfigured(config)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| Failure::Usage(format!("cannot set up the HTTP client: {e}")))?;
+        let client = servicekit::http_client::blocking_client(ClientOptions {
+            roots,
+            timeout: Some(Duration::from_secs(30)),
+            ..Default::default()
+        })
+        .map_err(|e| Failure::Usage(e.to_string()))?;
         Ok(Api {
             base: url.trim_end_matches('/').to_owned(),
             key: key.to_owned(),

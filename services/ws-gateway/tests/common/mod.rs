@@ -37,22 +37,10 @@ pub async fn start(config: Config) -> ws_gateway::Handle {
 
 /// Plain HTTP GET against the replica; returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let r = testkit::http::request(addr, "GET", path, &[], b"")
+        .await
+        .unwrap();
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
 }
 
 /// Waits until `/readyz` reports `ready` (or not).

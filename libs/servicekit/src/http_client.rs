@@ -1,0 +1,65 @@
+//! The workspace's one HTTP client: reqwest over rustls with the ring provider, set up from
+//! [`crate::tls`] so every caller (schedctl, the load generator, test helpers) trusts and
+//! pins the same way and none pulls in a second TLS stack. Redirects are not followed: the
+//! APIs called here never redirect, and a 3xx is reported as such rather than carrying a
+//! request (and its key) somewhere else.
+
+use std::time::Duration;
+
+use crate::tls::{self, RootCertStore, SpkiPin, TlsError};
+
+/// Why no client could be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The TLS configuration is unusable.
+    #[error("TLS set-up: {0}")]
+    Tls(#[from] TlsError),
+    /// reqwest refused the configuration.
+    #[error("HTTP client set-up: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+/// Trust and limits of a client.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// CAs trusted for `https://` (empty: plain HTTP only).
+    pub roots: RootCertStore,
+    /// With pins, the server's key must also match one of them.
+    pub pins: Vec<SpkiPin>,
+    /// Bound on a whole request (connect to last body byte); `None` for no bound.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for ClientOptions {
+    /// Plain HTTP (no trusted CAs), no timeout.
+    fn default() -> Self {
+        ClientOptions {
+            roots: RootCertStore::empty(),
+            pins: Vec::new(),
+            timeout: None,
+        }
+    }
+}
+
+/// An async client.
+pub fn client(options: ClientOptions) -> Result<reqwest::Client, ClientError> {
+    let config = tls::client_config(options.roots, &options.pins)?;
+    let mut builder = reqwest::Client::builder()
+        .tls_backend_preconfigured(config)
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(timeout) = options.timeout {
+        builder = builder.timeout(timeout);
+    }
+    builder.build().map_err(ClientError::Build)
+}
+
+/// A blocking client (command-line tools); do not call it from async code.
+pub fn blocking_client(options: ClientOptions) -> Result<reqwest::blocking::Client, ClientError> {
+    let config = tls::client_config(options.roots, &options.pins)?;
+    let mut builder = reqwest::blocking::Client::builder()
+        .tls_backend_preconfigured(config)
+        .redirect(reqwest::redirect::Policy::none());
+    // Blocking clients default to a 30 s timeout; `None` means none here, as for `client`.
+    builder = builder.timeout(options.timeout);
+    builder.build().map_err(ClientError::Build)
+}
