@@ -21,6 +21,9 @@ impl Response {
 }
 
 /// Sends one request and reads the whole response.
+/// Bound on one test request.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn request(
     addr: SocketAddr,
     method: &str,
@@ -31,8 +34,13 @@ pub async fn request(
     let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
     // A client per request: tests each run their own runtime, and a pooled connection
     // must not outlive the runtime that opened it.
-    let client =
-        servicekit::http_client::client(Default::default()).map_err(std::io::Error::other)?;
+    // Bounded: a server that accepts and never answers fails the request (and the polls
+    // built on it retry) instead of hanging the test until the runner kills it.
+    let client = servicekit::http_client::client(servicekit::http_client::ClientOptions {
+        timeout: Some(REQUEST_TIMEOUT),
+        ..Default::default()
+    })
+    .map_err(std::io::Error::other)?;
     let mut req = client
         .request(method, format!("http://{addr}{path}"))
         .body(body.to_vec());

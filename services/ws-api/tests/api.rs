@@ -550,7 +550,11 @@ async fn presence_follows_connects_disconnects_and_a_killed_gateway() {
     }
 
     // A clean disconnect removes the session at once (no TTL involved).
-    leaver.close().await;
+    // Every step is bounded so a hang names itself instead of eating the runner's timeout.
+    let step = Duration::from_secs(30);
+    tokio::time::timeout(step, leaver.close())
+        .await
+        .expect("closing a client hung");
     eventually(api.addr(), "/v1/users/leaver", |v| v["online"] == false).await;
 
     // A killed gateway's sessions expire within TTL + sweep; live ones stay.
@@ -567,6 +571,12 @@ async fn presence_follows_connects_disconnects_and_a_killed_gateway() {
     );
     drop(ghost);
     drop(keeper);
-    api.shutdown().await.unwrap();
-    live.shutdown().await.unwrap();
+    tokio::time::timeout(step, api.shutdown())
+        .await
+        .expect("ws-api shutdown hung")
+        .unwrap();
+    tokio::time::timeout(step, live.shutdown())
+        .await
+        .expect("gateway shutdown hung")
+        .unwrap();
 }
