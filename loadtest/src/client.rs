@@ -89,7 +89,7 @@ pub async fn connect(url: &str, token: &str, source: Ipv4Addr) -> Result<(Ws, We
     }
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
-    // Small buffers: the client's memory is not what is being measured (deps.md, trap 9).
+    // Small buffers: the client's memory is not what is being measured (docs/dependencies.md, trap 9).
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);

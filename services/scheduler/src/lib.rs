@@ -315,7 +315,7 @@ async fn active(
         store = open_store(config.db_path.clone(), config.lease_ttl) => store?,
     };
     let store = Arc::new(store);
-    // The NATS connection and the consumers live on their own runtime (deps.md, trap 5).
+    // The NATS connection and the consumers live on their own runtime (docs/dependencies.md, trap 5).
     let setup_config = config.clone();
     let shared = runtime
         .spawn(async move { connect(setup_config, store).await })

@@ -6,6 +6,20 @@
 //! Replicas share the bus consumers through a queue group and share state only through
 //! NATS, so any number can run; [`run`] is the whole service, [`spawn`] runs it on its own
 //! thread for tests.
+//!
+//! Modules:
+//! - [`config`]: flags and `WS_API_*` variables, validated into a [`Config`].
+//! - `http`: the HTTP API (`/v1/push`, presence queries, receipts, OpenAPI, health).
+//! - [`events`]: the bus consumers: session events, join/leave requests, receipts and
+//!   clients' publish frames (forwarded to `app.<route>`).
+//! - [`presence`]: sessions and presence in JetStream KV, with the watched in-memory index.
+//! - [`receipts`]: per-push delivery and ack counts in KV.
+//!
+//! A push: `http` validates `POST /v1/push`, resolves its audience from [`presence`], builds
+//! the push envelope (`messages::envelope`) and publishes it once per subject; with a receipt
+//! requested, [`receipts`] opens the record that [`events`] then counts `delivered` and `ack`
+//! events into. A client's publish: [`events`] consumes `ws.msg.app.<route>` and republishes
+//! it on `app.<route>` with its routing headers.
 
 pub mod config;
 pub mod events;
@@ -134,7 +148,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     config.validate()?;
-    // The NATS connection and the consumers live on their own runtime (deps.md, trap 5).
+    // The NATS connection and the consumers live on their own runtime (docs/dependencies.md, trap 5).
     let runtime = servicekit::nats::runtime("ws-api-nats")?;
     let setup_config = config.clone();
     let shared = match runtime

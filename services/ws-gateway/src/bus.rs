@@ -3,7 +3,7 @@
 //! the periodic presence batches.
 //!
 //! Everything here runs on a dedicated multi-thread Tokio runtime that owns the async-nats
-//! connection (deps.md, trap 5): actix workers are single-threaded runtimes, and the NATS
+//! connection (docs/dependencies.md, trap 5): actix workers are single-threaded runtimes, and the NATS
 //! connection must not depend on one of them. Actors reach this side through a bounded
 //! queue (`try_send`, never blocking) and are reached back through their addresses.
 //!

@@ -5,6 +5,26 @@
 //!
 //! [`run`] is the whole service, driven by a listener and a shutdown future so tests run
 //! it in-process; [`spawn`] runs it on its own thread for tests.
+//!
+//! Modules:
+//! - [`config`]: flags and `WS_GATEWAY_*` variables, validated into a [`Config`].
+//! - `http`: the upgrade handler (token check, admission limits, socket id) and the
+//!   health, readiness and metrics endpoints.
+//! - [`auth`]: token verification (app tokens and agent tokens, each with its own keys).
+//! - [`session`]: the actor per connection: frame decoding, heartbeats, rate limits, the
+//!   bounded outbound queue and the slow-consumer rule.
+//! - [`registry`]: which local sockets belong to which user, room and agent node.
+//! - [`bus`]: the NATS side: per-user, per-room and per-agent subscriptions, publishing
+//!   clients' frames and session events, control messages.
+//! - [`heartbeat`]: the batches that vouch for every held socket (presence).
+//! - [`lease`]: the worker id behind socket ids (a KV lease via `servicekit::lease`).
+//! - [`metrics`]: the Prometheus registry.
+//!
+//! A push: a subscription task in [`bus`] receives it, parses its envelope, encodes the
+//! frame once and hands the same buffer to each recipient found in [`registry`]; each
+//! [`session`] actor queues and writes it. A client frame: [`session`] decodes the header and
+//! hands the body to [`bus`], which publishes it on `ws.msg.<kind>.<route>` and acks the
+//! client once NATS has it.
 
 pub mod auth;
 pub mod bus;

@@ -7,7 +7,7 @@
 //! (`ctx.spawn`), so the mailbox keeps flowing while a client is slow. When the queue
 //! passes its limit, or a write stalls past the write timeout, the client is closed as a
 //! slow consumer; nobody else waits for it. Closing uses `ctx.wait` with a deadline, and
-//! the actor stops only after the close frame was handed over (see deps.md, traps 1-3).
+//! the actor stops only after the close frame was handed over (see docs/dependencies.md, traps 1-3).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -742,7 +742,7 @@ impl actix::Actor for Conn {
             .map(|c| c.as_str().to_owned())
             .or_else(|| self.peer_reason.take());
         // Sent through the publisher's queue, not a spawned future: futures spawned on this
-        // actor are dropped with it (deps.md, trap 2).
+        // actor are dropped with it (docs/dependencies.md, trap 2).
         match payload::to_bus(&self.session_event(code, reason)) {
             Ok(body) => {
                 let out = self.event(Event::Disconnect, self.headers("disconnect", 0), body);
