@@ -463,15 +463,20 @@ async fn get_task(
             .collect::<serde_json::Map<_, _>>()
     );
     v["results"] = json!(results);
-    v["output"] = json!(
+    v["output"] = output_json(&shared, id);
+    Ok(HttpResponse::Ok().json(v))
+}
+
+/// The kept output chunks of a task, per node.
+fn output_json(shared: &Shared, id: u64) -> serde_json::Value {
+    json!(
         shared
             .output
             .for_task(id)
             .into_iter()
             .map(|(node, chunks)| (node.as_str().to_owned(), json!(chunks)))
             .collect::<serde_json::Map<_, _>>()
-    );
-    Ok(HttpResponse::Ok().json(v))
+    )
 }
 
 /// The kept output of a task as JSON, or with `follow=1` live as Server-Sent Events
@@ -493,12 +498,7 @@ async fn task_output(
     if !follow {
         return Ok(HttpResponse::Ok().json(json!({
             "task_id": id,
-            "output": shared
-                .output
-                .for_task(id)
-                .into_iter()
-                .map(|(node, chunks)| (node.as_str().to_owned(), json!(chunks)))
-                .collect::<serde_json::Map<_, _>>(),
+            "output": output_json(&shared, id),
         })));
     }
     let shared = Arc::clone(shared.get_ref());

@@ -98,6 +98,17 @@ impl Fleet {
         }
     }
 
+    /// Starts a real agent `node` (label region=`region`) and waits until it is online.
+    async fn agent(&self, node: &str, region: &str) -> agent::AgentHandle {
+        let config = agent_config(self.dir.path(), node, region, self.gateway.addr());
+        let handle = agent::start(config).await.unwrap();
+        eventually(self.sched.addr(), &format!("/v1/agents/{node}"), |v| {
+            v["state"] == "online"
+        })
+        .await;
+        handle
+    }
+
     async fn stop(self) {
         self.sched.shutdown().await.unwrap();
         self.gateway.shutdown().await.unwrap();
@@ -325,11 +336,9 @@ async fn operators_drive_the_fleet_with_schedctl() {
 async fn run_follow_prints_output_while_the_command_runs() {
     use std::io::{BufRead, BufReader};
     let fleet = Fleet::start("gw-follow").await;
-    let (api, dir, gateway) = (fleet.sched.addr(), fleet.dir.path(), &fleet.gateway);
-    let mut node = agent::start(agent_config(dir, "edge-f", "eu", gateway.addr()))
-        .await
-        .unwrap();
-    eventually(api, "/v1/agents/edge-f", |v| v["state"] == "online").await;
+    let api = fleet.sched.addr();
+    let dir = fleet.dir.path();
+    let mut node = fleet.agent("edge-f", "eu").await;
 
     let release = dir.join("release");
     let script = format!(
@@ -431,11 +440,8 @@ async fn run_follow_prints_output_while_the_command_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chatty_command_streams_a_bounded_paced_part_and_reports_gaps() {
     let fleet = Fleet::start("gw-chatty").await;
-    let (api, dir, gateway) = (fleet.sched.addr(), fleet.dir.path(), &fleet.gateway);
-    let mut node = agent::start(agent_config(dir, "edge-c", "eu", gateway.addr()))
-        .await
-        .unwrap();
-    eventually(api, "/v1/agents/edge-c", |v| v["state"] == "online").await;
+    let api = fleet.sched.addr();
+    let mut node = fleet.agent("edge-c", "eu").await;
     let (code, out) = tokio::task::spawn_blocking(move || {
         schedctl(
             api,
