@@ -766,6 +766,9 @@ struct Pushed {
 }
 
 /// Scenarios 2-4: periodic broadcast, with or without receipts, with or without churn.
+/// Route of the broadcast pushes (a valid route: `Route::new` cannot refuse it).
+const BROADCAST_ROUTE: &str = "bench.broadcast";
+
 async fn broadcast(run: &Run) -> Driven {
     let args = &run.args;
     if !run.wait_opened(run.remaining()).await {
@@ -790,6 +793,7 @@ async fn broadcast(run: &Run) -> Driven {
     let mut pushed = Vec::new();
     let t0 = tokio::time::Instant::now();
     let broadcast_start = Instant::now();
+    let route = messages::Route::new(BROADCAST_ROUTE).unwrap_or_default();
     for seq in 1..=args.pushes {
         if run.remaining() < interval {
             eprintln!("\nbroadcast: stopping early, --max-secs reached");
@@ -814,7 +818,7 @@ async fn broadcast(run: &Run) -> Driven {
                 "target": {"all": true},
                 "body_base64": base64::engine::general_purpose::STANDARD.encode(&body),
                 "codec": "raw",
-                "route": "bench.broadcast",
+                "route": BROADCAST_ROUTE,
                 "receipt": args.receipts,
             });
             match http::request(
@@ -848,20 +852,20 @@ async fn broadcast(run: &Run) -> Driven {
                 let _ = nc.flush().await;
             }
         } else if let Some(nc) = &nats {
-            let mut map = async_nats::HeaderMap::new();
-            let r = (|| -> Result<(), BoxError> {
-                messages::headers::set(&mut map, messages::headers::MSG_ID, &seq.to_string())?;
-                messages::headers::set(&mut map, messages::headers::CODEC, "raw")?;
-                messages::headers::set(&mut map, messages::headers::ROUTE, "bench.broadcast")?;
-                if args.receipts {
-                    messages::headers::set(&mut map, messages::headers::RECEIPT, "1")?;
-                }
-                Ok(())
-            })();
-            if let Err(e) = r {
-                p.error = Some(e.to_string());
-            } else if let Err(e) = nc
-                .publish_with_headers(messages::subject::broadcast(), map, Bytes::from(body))
+            let push = messages::envelope::PushEnvelope {
+                receipt: args.receipts,
+                ..messages::envelope::PushEnvelope::new(
+                    seq,
+                    route.clone(),
+                    messages::BodyCodec::Raw,
+                )
+            };
+            if let Err(e) = nc
+                .publish_with_headers(
+                    messages::subject::broadcast(),
+                    push.to_headers(),
+                    Bytes::from(body),
+                )
                 .await
             {
                 p.error = Some(e.to_string());

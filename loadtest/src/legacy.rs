@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use messages::envelope::PushEnvelope;
 use messages::payload::{HeartbeatAck, Welcome};
-use messages::{Frame, FrameKind, headers, payload};
+use messages::{BodyCodec, Frame, FrameKind, headers, payload};
 use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -289,9 +290,8 @@ async fn fanout(
     for i in 0..messages {
         let mut body = vec![0u8; size];
         body[..8].copy_from_slice(&headers::now_micros().to_be_bytes());
-        let mut map = async_nats::HeaderMap::new();
-        headers::set(&mut map, headers::MSG_ID, &(i as u64 + 1).to_string())?;
-        headers::set(&mut map, headers::CODEC, "raw")?;
+        let mut map =
+            PushEnvelope::new(i as u64 + 1, messages::Route::empty(), BodyCodec::Raw).to_headers();
         headers::stamp_hop(&mut map, headers::hop::SERVICE_PUB, headers::now_micros());
         client
             .publish_with_headers(messages::subject::broadcast(), map, Bytes::from(body))

@@ -7,6 +7,7 @@
 //! - [`fleet`]: agent <-> scheduler messages and routes.
 //! - [`subject`]: NATS subjects, built and parsed.
 //! - [`headers`]: NATS header names and per-hop timestamps.
+//! - [`envelope`]: typed header sets of every bus message kind (`nats` feature).
 //! - [`ids`]: socket, user, room and gateway ids, validated once.
 //! - [`snowflake`]: the socket-id generator.
 //! - [`payload`]: typed bodies for control frames and bus payloads.
@@ -17,6 +18,8 @@
 pub mod close;
 pub mod command;
 pub mod compress;
+#[cfg(feature = "nats")]
+pub mod envelope;
 pub mod fleet;
 pub mod frame;
 pub mod headers;

@@ -13,12 +13,13 @@ use agent::{AgentConfig, AgentHandle};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use messages::command::CommandSigner;
+use messages::envelope::{AgentClose, PushEnvelope};
 use messages::fleet::{
     self, Ack, Cancel, Outcome, Register, Task, TaskKind, TaskResult, TaskStarted,
 };
 use messages::payload::{GatewayControl, HeartbeatParams, SessionEvent, from_bus, to_bus};
 use messages::subject::{self, Event};
-use messages::{ClientKind, CloseCode, GatewayId, headers};
+use messages::{BodyCodec, ClientKind, CloseCode, GatewayId, Route};
 use testkit::NatsServer;
 use testkit::ws::{TEST_SECRET, token};
 use tokio::sync::mpsc;
@@ -226,11 +227,8 @@ async fn push_to(nats: &async_nats::Client, msg_id: u64, route: &str, body: Vec<
 
 /// Publishes `body` on node-1's agent channel as it is (forgeries, replays).
 async fn push_raw(nats: &async_nats::Client, msg_id: u64, route: &str, body: Vec<u8>) {
-    let mut map = async_nats::HeaderMap::new();
-    headers::set(&mut map, headers::ROUTE, route).unwrap();
-    headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
-    headers::set(&mut map, headers::MSG_ID, &msg_id.to_string()).unwrap();
-    nats.publish_with_headers("ws.agent.node-1", map, body.into())
+    let push = PushEnvelope::new(msg_id, Route::new(route).unwrap(), BodyCodec::MsgPack);
+    nats.publish_with_headers("ws.agent.node-1", push.to_headers(), body.into())
         .await
         .unwrap();
     nats.flush().await.unwrap();
@@ -520,17 +518,21 @@ async fn only_signed_commands_on_the_agent_channel_make_the_agent_act() {
             60_000,
         )
         .unwrap();
-    let mut map = async_nats::HeaderMap::new();
-    headers::set(&mut map, headers::ROUTE, fleet::down::TASK).unwrap();
-    headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
-    headers::set(&mut map, headers::SOCKET_ID, &session.socket_id.to_string()).unwrap();
+    let push = PushEnvelope {
+        sockets: vec![session.socket_id],
+        ..PushEnvelope::new(
+            0,
+            Route::new(fleet::down::TASK).unwrap(),
+            BodyCodec::MsgPack,
+        )
+    };
     for subject in [
         "ws.user.node-1".to_owned(),
         subject::gateway_push(&session.gateway),
     ] {
         scheduler
             .nats
-            .publish_with_headers(subject, map.clone(), signed.clone().into())
+            .publish_with_headers(subject, push.to_headers(), signed.clone().into())
             .await
             .unwrap();
     }
@@ -632,13 +634,10 @@ async fn only_signed_commands_on_the_agent_channel_make_the_agent_act() {
 
     // A revocation close (only the scheduler can publish on the agent channel) does not
     // stop the agent: it retries at the backoff cap and comes back once allowed.
-    let mut map = async_nats::HeaderMap::new();
-    headers::set(
-        &mut map,
-        headers::CLOSE,
-        &CloseCode::Revoked.code().to_string(),
-    )
-    .unwrap();
+    let map = AgentClose {
+        code: CloseCode::Revoked,
+    }
+    .to_headers();
     scheduler
         .nats
         .publish_with_headers("ws.agent.node-1", map, Bytes::new())

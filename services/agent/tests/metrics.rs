@@ -9,9 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use agent::AgentConfig;
+use messages::envelope::PushEnvelope;
 use messages::fleet::{self, Ack, Task, TaskKind};
 use messages::payload::to_bus;
-use messages::{GatewayId, headers};
+use messages::{BodyCodec, GatewayId, Route};
 use testkit::NatsServer;
 use testkit::ws::{TEST_SECRET, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -112,11 +113,8 @@ async fn push(nats: &async_nats::Client, msg_id: u64, route: &str, body: Vec<u8>
         .unwrap()
         .as_millis() as u64;
     let (body, _) = signer.sign("node-1", route, body, now, 60_000).unwrap();
-    let mut map = async_nats::HeaderMap::new();
-    headers::set(&mut map, headers::ROUTE, route).unwrap();
-    headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
-    headers::set(&mut map, headers::MSG_ID, &msg_id.to_string()).unwrap();
-    nats.publish_with_headers("ws.agent.node-1", map, body.into())
+    let push = PushEnvelope::new(msg_id, Route::new(route).unwrap(), BodyCodec::MsgPack);
+    nats.publish_with_headers("ws.agent.node-1", push.to_headers(), body.into())
         .await
         .unwrap();
     nats.flush().await.unwrap();

@@ -9,14 +9,16 @@ use servicekit::clock::now_ms;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use async_nats::{HeaderMap, Message, Subscriber};
+use async_nats::{Message, Subscriber};
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
-use messages::TraceContext;
+use messages::envelope::{AgentClose, EnvelopeError, PushEnvelope, UpstreamEnvelope};
 use messages::fleet::{self, AgentState as WireState};
+use messages::frame::RouteError;
 use messages::payload::{self, GatewayControl, HeartbeatBatch, PayloadError, SessionEvent};
 use messages::subject::{self, Event, Subject};
 use messages::{BodyCodec, ClientKind, CloseCode, UserId, headers};
+use messages::{Route, SocketId, TraceContext};
 use serde::Serialize;
 use servicekit::telemetry::{MessageSpan, Operation};
 
@@ -35,9 +37,12 @@ pub enum BusError {
     /// A body could not be encoded or decoded.
     #[error("payload: {0}")]
     Payload(#[from] PayloadError),
-    /// A header value was unusable.
-    #[error("header: {0}")]
-    Header(#[from] headers::HeaderError),
+    /// The message's headers are not the envelope its subject calls for.
+    #[error("headers: {0}")]
+    Envelope(#[from] EnvelopeError),
+    /// A push route is not a valid route.
+    #[error("route: {0}")]
+    Route(#[from] RouteError),
     /// Publishing failed.
     #[error("publish: {0}")]
     Publish(String),
@@ -298,10 +303,10 @@ async fn heartbeats(shared: &Shared, batch: &HeartbeatBatch) -> Result<(), BusEr
 const MAX_INFLATED_BODY: usize = 16 << 20;
 
 /// An agent's frame as the gateway forwarded it: the node (from the verified token), the
-/// body (inflated if the agent compressed it) and its codec.
+/// socket it came from, the body (inflated if the agent compressed it) and its codec.
 struct Upstream<'a> {
-    map: &'a HeaderMap,
     node: UserId,
+    socket: SocketId,
     body: std::borrow::Cow<'a, [u8]>,
     codec: BodyCodec,
 }
@@ -312,12 +317,11 @@ fn upstream<'a>(route: &str, msg: &'a Message) -> Result<Upstream<'a>, BusError>
         .as_ref()
         .ok_or_else(|| BusError::BadMessage("no headers".into()))?;
     // The gateway sets ws-user from the verified token: it is the node id.
-    let node = headers::get(map, headers::USER_ID)
-        .and_then(|u| UserId::new(u).ok())
-        .ok_or_else(|| BusError::BadMessage("no valid ws-user header".into()))?;
+    let envelope = UpstreamEnvelope::from_headers(map)?;
+    let node = envelope.origin.user_id;
     // Agents compress large bodies end to end; inflate with a bound so a small frame cannot
     // expand without limit.
-    let body = if headers::get(map, headers::COMPRESSED) == Some("1") {
+    let body = if envelope.compressed {
         std::borrow::Cow::Owned(
             messages::compress::inflate(&msg.payload, MAX_INFLATED_BODY).map_err(|e| {
                 BusError::BadMessage(format!("compressed {route} from {node}: {e}"))
@@ -326,14 +330,11 @@ fn upstream<'a>(route: &str, msg: &'a Message) -> Result<Upstream<'a>, BusError>
     } else {
         std::borrow::Cow::Borrowed(&msg.payload[..])
     };
-    let codec = headers::get(map, headers::CODEC)
-        .and_then(BodyCodec::parse)
-        .unwrap_or(BodyCodec::MsgPack);
     Ok(Upstream {
-        map,
         node,
+        socket: envelope.origin.socket_id,
         body,
-        codec,
+        codec: envelope.codec,
     })
 }
 
@@ -404,8 +405,8 @@ async fn store_progress(shared: &Shared, progress: Progress) {
 
 async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<(), BusError> {
     let Upstream {
-        map,
         node,
+        socket,
         body,
         codec,
     } = upstream(route, msg)?;
@@ -418,10 +419,7 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
     }
     match route {
         fleet::up::REGISTER => {
-            let socket = headers::get(map, headers::SOCKET_ID).and_then(|s| s.parse().ok());
-            if let Some(socket) = socket {
-                shared.remember_socket(socket, node.clone());
-            }
+            shared.remember_socket(socket, node.clone());
             register(shared, node, payload::decode_body(codec, body)?).await
         }
         fleet::up::STATUS => status(shared, node, payload::decode_body(codec, body)?).await,
@@ -745,17 +743,13 @@ pub async fn push<T: Serialize>(
             .sign(node.as_str(), route, bytes, now_ms(), lifetime)?;
     // Any non-zero id: agents deduplicate by the envelope's command id, not by this.
     let id = (rand::random::<u64>() >> 1).max(1);
-    let mut map = HeaderMap::new();
-    headers::set(&mut map, headers::MSG_ID, &id.to_string())?;
-    headers::set(&mut map, headers::ROUTE, route)?;
-    headers::set(&mut map, headers::CODEC, BodyCodec::MsgPack.as_str())?;
+    let mut envelope = PushEnvelope::new(id, Route::new(route)?, BodyCodec::MsgPack);
     let subject = subject::agent(node);
     // Only messages that belong to a trace (a task from a traced request) get a span; acks
     // and other control traffic would each start a trace of their own.
     let hop = trace.map(|t| MessageSpan::start(Operation::Publish, &subject, id, Some(t)));
-    if let Some(context) = hop.as_ref().and_then(MessageSpan::context) {
-        context.inject(&mut map);
-    }
+    envelope.trace = hop.as_ref().and_then(MessageSpan::context);
+    let mut map = envelope.to_headers();
     headers::stamp_hop(&mut map, headers::hop::SERVICE_PUB, headers::now_micros());
     shared
         .client
@@ -768,11 +762,13 @@ pub async fn push<T: Serialize>(
 
 /// Closes `node`'s agent sockets on every gateway with `code` (a revoked node).
 pub async fn close_agent(shared: &Shared, node: &UserId, code: CloseCode) -> Result<(), BusError> {
-    let mut map = HeaderMap::new();
-    headers::set(&mut map, headers::CLOSE, &code.code().to_string())?;
     shared
         .client
-        .publish_with_headers(subject::agent(node), map, Bytes::new())
+        .publish_with_headers(
+            subject::agent(node),
+            AgentClose { code }.to_headers(),
+            Bytes::new(),
+        )
         .await
         .map_err(|e| BusError::Publish(e.to_string()))
 }

@@ -9,9 +9,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
+use messages::envelope::{Origin, UpstreamEnvelope};
 use messages::fleet;
 use messages::payload::{self, SessionEvent};
-use messages::{ClientKind, GatewayId, SocketId, UserId, headers};
+use messages::{BodyCodec, ClientKind, GatewayId, Route, SocketId, UserId};
 use scheduler::auth::ApiKey;
 use serde_json::{Value, json};
 use testkit::NatsServer;
@@ -65,14 +66,22 @@ async fn register(bus: &async_nats::Client, node: &str, socket: u64) {
         labels: [("region".to_owned(), "eu".to_owned())].into(),
         addresses: vec![],
     };
-    let mut map = async_nats::HeaderMap::new();
-    headers::set(&mut map, headers::USER_ID, node).unwrap();
-    headers::set(&mut map, headers::SOCKET_ID, &socket.to_string()).unwrap();
-    headers::set(&mut map, headers::ROUTE, fleet::up::REGISTER).unwrap();
-    headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
+    let envelope = UpstreamEnvelope {
+        origin: Origin {
+            socket_id: SocketId(socket),
+            user_id: UserId::new(node).unwrap(),
+            gateway: GatewayId::new("gw-x").unwrap(),
+            kind: ClientKind::Agent,
+        },
+        msg_id: 0,
+        route: Route::new(fleet::up::REGISTER).unwrap(),
+        codec: BodyCodec::MsgPack,
+        compressed: false,
+        trace: None,
+    };
     bus.publish_with_headers(
         format!("ws.msg.agent.{}", fleet::up::REGISTER),
-        map,
+        envelope.to_headers(),
         payload::to_bus(&reg).unwrap().into(),
     )
     .await

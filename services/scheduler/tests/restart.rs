@@ -10,9 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use messages::envelope::{Origin, PushEnvelope, UpstreamEnvelope};
 use messages::fleet;
 use messages::payload::{self, SessionEvent};
-use messages::{ClientKind, GatewayId, SocketId, UserId, headers};
+use messages::{BodyCodec, ClientKind, GatewayId, Route, SocketId, UserId};
 use serde::Serialize;
 use serde_json::json;
 use testkit::NatsServer;
@@ -115,15 +116,27 @@ async fn gateway_publish<T: Serialize>(
     route: &str,
     body: &T,
 ) {
-    let mut map = async_nats::HeaderMap::new();
-    headers::set(&mut map, headers::USER_ID, node).unwrap();
-    headers::set(&mut map, headers::SOCKET_ID, &socket.to_string()).unwrap();
-    headers::set(&mut map, headers::ROUTE, route).unwrap();
-    headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
+    let envelope = UpstreamEnvelope {
+        origin: Origin {
+            socket_id: SocketId(socket),
+            user_id: UserId::new(node).unwrap(),
+            gateway: GatewayId::new("gw-x").unwrap(),
+            kind: ClientKind::Agent,
+        },
+        msg_id: 0,
+        route: Route::new(route).unwrap(),
+        codec: BodyCodec::MsgPack,
+        compressed: false,
+        trace: None,
+    };
     let subject = format!("ws.msg.agent.{route}");
-    bus.publish_with_headers(subject, map, payload::to_bus(body).unwrap().into())
-        .await
-        .unwrap();
+    bus.publish_with_headers(
+        subject,
+        envelope.to_headers(),
+        payload::to_bus(body).unwrap().into(),
+    )
+    .await
+    .unwrap();
     bus.flush().await.unwrap();
 }
 
@@ -165,8 +178,8 @@ async fn bus_push<T: serde::de::DeserializeOwned>(
             .await
             .expect("no push in time")
             .unwrap();
-        let map = msg.headers.as_ref().unwrap();
-        if headers::get(map, headers::ROUTE) == Some(route) {
+        let push = PushEnvelope::from_headers(msg.headers.as_ref().unwrap()).unwrap();
+        if push.route.as_str() == route {
             let envelope = messages::command::peek(&msg.payload).expect("a signed command");
             return payload::from_bus(&envelope.body).unwrap();
         }

@@ -8,11 +8,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use messages::envelope::{Origin, PushEnvelope, UpstreamEnvelope};
 use messages::fleet::{self, AgentState};
 use messages::payload::{self, HeartbeatBatch, SessionEvent};
-use messages::{
-    BodyCodec, ClientKind, Frame, FrameKind, GatewayId, Route, SocketId, UserId, headers,
-};
+use messages::{BodyCodec, ClientKind, Frame, FrameKind, GatewayId, Route, SocketId, UserId};
 use serde::Serialize;
 use serde_json::json;
 use testkit::NatsServer;
@@ -468,15 +467,27 @@ async fn gateway_publish<T: Serialize>(
     route: &str,
     body: &T,
 ) {
-    let mut map = async_nats::HeaderMap::new();
-    headers::set(&mut map, headers::USER_ID, node).unwrap();
-    headers::set(&mut map, headers::SOCKET_ID, &socket.to_string()).unwrap();
-    headers::set(&mut map, headers::ROUTE, route).unwrap();
-    headers::set(&mut map, headers::CODEC, "msgpack").unwrap();
+    let envelope = UpstreamEnvelope {
+        origin: Origin {
+            socket_id: SocketId(socket),
+            user_id: UserId::new(node).unwrap(),
+            gateway: GatewayId::new("gw-x").unwrap(),
+            kind: ClientKind::Agent,
+        },
+        msg_id: 0,
+        route: Route::new(route).unwrap(),
+        codec: BodyCodec::MsgPack,
+        compressed: false,
+        trace: None,
+    };
     let subject = format!("ws.msg.agent.{route}");
-    bus.publish_with_headers(subject, map, payload::to_bus(body).unwrap().into())
-        .await
-        .unwrap();
+    bus.publish_with_headers(
+        subject,
+        envelope.to_headers(),
+        payload::to_bus(body).unwrap().into(),
+    )
+    .await
+    .unwrap();
 }
 
 /// The next push to `node` on its user subject, with `route`.
@@ -488,9 +499,9 @@ async fn bus_push<T: serde::de::DeserializeOwned>(
         .await
         .unwrap()
         .unwrap();
-    let map = msg.headers.as_ref().unwrap();
-    assert_eq!(headers::get(map, headers::ROUTE), Some(route));
-    assert_eq!(headers::get(map, headers::CODEC), Some("msgpack"));
+    let push = PushEnvelope::from_headers(msg.headers.as_ref().unwrap()).unwrap();
+    assert_eq!(push.route.as_str(), route);
+    assert_eq!(push.codec, BodyCodec::MsgPack);
     // A signed command: the message is the envelope's body.
     let envelope = messages::command::peek(&msg.payload).expect("a signed command");
     assert_eq!(envelope.route, route);

@@ -8,13 +8,34 @@ use std::sync::Arc;
 use async_nats::Message;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use messages::payload::{self, GatewayControl, HeartbeatBatch, RoomRequest, SessionEvent};
+use messages::envelope::{AckEnvelope, DeliveredEnvelope, EnvelopeError};
+use messages::payload::{
+    self, GatewayControl, HeartbeatBatch, PayloadError, RoomRequest, SessionEvent,
+};
 use messages::subject::{self, Event, Subject};
 use messages::{ClientKind, ErrorCode, Route, TraceContext, headers};
 use servicekit::telemetry::{MessageSpan, Operation};
 
 use crate::Shared;
 use crate::config::RoomPolicy;
+use crate::presence::PresenceError;
+
+/// Why handling one gateway event, or sending one control message, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// A bus payload could not be decoded or encoded.
+    #[error("payload: {0}")]
+    Payload(#[from] PayloadError),
+    /// The event's headers are not the envelope its subject calls for.
+    #[error("headers: {0}")]
+    Envelope(#[from] EnvelopeError),
+    /// The presence registry refused or failed.
+    #[error("presence: {0}")]
+    Presence(#[from] PresenceError),
+    /// Publishing to the bus failed.
+    #[error("publish: {0}")]
+    Publish(#[from] async_nats::PublishError),
+}
 
 /// Runs the event consumer until the subscription ends.
 pub async fn consume_events(shared: Arc<Shared>) {
@@ -51,28 +72,28 @@ async fn handle_event(shared: &Shared, msg: Message) {
                 .presence
                 .connected(&e)
                 .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+                .map_err(EventError::from),
+            Err(e) => Err(e.into()),
         },
         Event::Disconnect => match payload::from_bus::<SessionEvent>(&msg.payload) {
             Ok(e) => shared
                 .presence
                 .disconnected(e.socket_id)
                 .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+                .map_err(EventError::from),
+            Err(e) => Err(e.into()),
         },
         Event::Heartbeat => match payload::from_bus::<HeartbeatBatch>(&msg.payload) {
             Ok(b) => shared
                 .presence
                 .seen(&b.seen)
                 .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+                .map_err(EventError::from),
+            Err(e) => Err(e.into()),
         },
         Event::Join | Event::Leave => match payload::from_bus::<RoomRequest>(&msg.payload) {
             Ok(r) => room_request(shared, event == Event::Join, r).await,
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         },
         Event::Ack | Event::Delivered => receipt(shared, event, &msg),
     };
@@ -80,29 +101,27 @@ async fn handle_event(shared: &Shared, msg: Message) {
         shared.metrics.event_errors.inc();
         let trace_id = hop.as_ref().map(MessageSpan::trace_id).unwrap_or_default();
         if let Some(hop) = &hop {
-            hop.fail(&e);
+            hop.fail(&e.to_string());
         }
         tracing::warn!(subject = %msg.subject, error = %e, %trace_id, "Handling a gateway event failed.");
     }
 }
 
-fn receipt(shared: &Shared, event: Event, msg: &Message) -> Result<(), String> {
+fn receipt(shared: &Shared, event: Event, msg: &Message) -> Result<(), EventError> {
     let Some(map) = msg.headers.as_ref() else {
         return Ok(());
     };
-    let Some(id) = headers::get(map, headers::MSG_ID).and_then(|v| v.parse::<u64>().ok()) else {
-        return Ok(());
+    let (id, delivered, acked) = match event {
+        Event::Delivered => {
+            let report = DeliveredEnvelope::from_headers(map)?;
+            (report.push_id, report.count, 0)
+        }
+        _ => (AckEnvelope::from_headers(map)?.push_id, 0, 1),
     };
-    let (delivered, acked) = match event {
-        Event::Delivered => (
-            headers::get(map, headers::COUNT)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-            0,
-        ),
-        _ => (0, 1),
-    };
-    shared.receipts.add(id, delivered, acked);
+    // An ack that names no push (a client acknowledging id 0) counts towards nothing.
+    if id != 0 {
+        shared.receipts.add(id, delivered, acked);
+    }
     Ok(())
 }
 
@@ -117,7 +136,7 @@ fn may_join(shared: &Shared, allowed: &[String], room: &messages::RoomId) -> boo
             .any(|p| room.as_str().starts_with(p.as_str()))
 }
 
-async fn room_request(shared: &Shared, join: bool, req: RoomRequest) -> Result<(), String> {
+async fn room_request(shared: &Shared, join: bool, req: RoomRequest) -> Result<(), EventError> {
     let control = if join {
         match shared
             .presence
@@ -147,8 +166,7 @@ async fn room_request(shared: &Shared, join: bool, req: RoomRequest) -> Result<(
                             r.rooms.push(room.clone());
                         }
                     })
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 GatewayControl::Join {
                     socket_id: req.socket_id,
                     room: req.room.clone(),
@@ -161,8 +179,7 @@ async fn room_request(shared: &Shared, join: bool, req: RoomRequest) -> Result<(
         shared
             .presence
             .modify(req.socket_id, |r| r.rooms.retain(|x| x != &room))
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         GatewayControl::Leave {
             socket_id: req.socket_id,
             room: req.room.clone(),
@@ -177,13 +194,13 @@ pub async fn send_control(
     shared: &Shared,
     gateway: &messages::GatewayId,
     control: &GatewayControl,
-) -> Result<(), String> {
-    let body = payload::to_bus(control).map_err(|e| e.to_string())?;
+) -> Result<(), EventError> {
+    let body = payload::to_bus(control)?;
     shared
         .client
         .publish(subject::gateway_control(gateway), Bytes::from(body))
-        .await
-        .map_err(|e| e.to_string())
+        .await?;
+    Ok(())
 }
 
 /// Forwards clients' publish frames to `app.<route>` until the subscription ends.

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use actix_web::http::StatusCode;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use async_nats::HeaderMap;
 use base64::Engine as _;
 use bytes::Bytes;
 use messages::TraceContext;
+use messages::envelope::PushEnvelope;
 use messages::payload::GatewayControl;
 use messages::{
     BodyCodec, ClientKind, GatewayId, RoomId, Route, SocketId, UserId, headers, subject,
@@ -229,40 +229,30 @@ async fn publish(
             break id;
         }
     };
-    let mut map = HeaderMap::new();
-    let set = |map: &mut HeaderMap, name: &'static str, value: &str| {
-        headers::set(map, name, value).map_err(|e| ApiError::bad("bad_header", e.to_string()))
+    let envelope = PushEnvelope {
+        receipt: push.receipt,
+        expires_at_ms: push.ttl_ms.map(|ttl| now_ms() + ttl),
+        exclude: push.exclude.clone(),
+        ..PushEnvelope::new(id, push.route.clone(), push.codec)
     };
-    set(&mut map, headers::MSG_ID, &id.to_string())?;
-    set(&mut map, headers::CODEC, push.codec.as_str())?;
-    if !push.route.is_empty() {
-        set(&mut map, headers::ROUTE, push.route.as_str())?;
-    }
-    if push.receipt {
-        set(&mut map, headers::RECEIPT, "1")?;
-    }
-    if let Some(ttl) = push.ttl_ms {
-        set(&mut map, headers::EXPIRES, &(now_ms() + ttl).to_string())?;
-    }
-    if !push.exclude.is_empty() {
-        let list: Vec<String> = push.exclude.iter().map(ToString::to_string).collect();
-        set(&mut map, headers::EXCLUDE, &list.join(","))?;
-    }
-    headers::stamp_hop(&mut map, headers::hop::SERVICE_PUB, headers::now_micros());
 
     let presence = &shared.presence;
-    let mut messages: Vec<(String, HeaderMap)> = Vec::new();
+    let mut messages: Vec<(String, PushEnvelope)> = Vec::new();
     let targeted: u64 = match &push.kind {
         TargetKind::Users(users) => {
             let mut n = 0;
             for user in users {
                 n += presence.user(user).len() as u64;
-                messages.push((subject::user(user), map.clone()));
+                messages.push((subject::user(user), envelope.clone()));
             }
             n
         }
         TargetKind::Room(room) => {
-            messages.push((subject::room(room), map.clone()));
+            let room_push = PushEnvelope {
+                room: Some(room.clone()),
+                ..envelope.clone()
+            };
+            messages.push((subject::room(room), room_push));
             presence
                 .room(room)
                 .iter()
@@ -270,27 +260,26 @@ async fn publish(
                 .count() as u64
         }
         TargetKind::All => {
-            messages.push((subject::broadcast().to_owned(), map.clone()));
+            messages.push((subject::broadcast().to_owned(), envelope.clone()));
             presence.count(Some(ClientKind::App)) as u64
         }
         TargetKind::Sockets(ids) => {
             // Group by holding gateway: one message per gateway, socket ids in a header.
-            let mut by_gateway: std::collections::BTreeMap<GatewayId, Vec<String>> =
+            let mut by_gateway: std::collections::BTreeMap<GatewayId, Vec<SocketId>> =
                 Default::default();
             for id in ids {
                 if let Some(record) = presence.get(*id) {
-                    by_gateway
-                        .entry(record.gateway)
-                        .or_default()
-                        .push(id.to_string());
+                    by_gateway.entry(record.gateway).or_default().push(*id);
                 }
             }
             let mut n = 0;
             for (gateway, sockets) in by_gateway {
                 n += sockets.len() as u64;
-                let mut m = map.clone();
-                set(&mut m, headers::SOCKET_ID, &sockets.join(","))?;
-                messages.push((subject::gateway_push(&gateway), m));
+                let socket_push = PushEnvelope {
+                    sockets,
+                    ..envelope.clone()
+                };
+                messages.push((subject::gateway_push(&gateway), socket_push));
             }
             n
         }
@@ -309,12 +298,16 @@ async fn publish(
                 )
             })?;
     }
-    for (subject, mut headers) in messages {
+    for (subject, mut envelope) in messages {
         // One producer span per bus message, the child of the request's span.
         let hop = MessageSpan::start(Operation::Publish, &subject, id, trace);
-        if let Some(context) = hop.context() {
-            context.inject(&mut headers);
-        }
+        envelope.trace = hop.context();
+        let mut headers = envelope.to_headers();
+        headers::stamp_hop(
+            &mut headers,
+            headers::hop::SERVICE_PUB,
+            headers::now_micros(),
+        );
         shared
             .client
             .publish_with_headers(subject, headers, push.body.clone())
@@ -633,7 +626,7 @@ async fn change_membership(
         };
         send_control(shared, &record.gateway, &control)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| unavailable(e.to_string()))?;
     }
     Ok(sockets.len())
 }

@@ -7,8 +7,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use messages::envelope::{AckEnvelope, DeliveredEnvelope, Origin};
 use messages::payload::{self, ErrorBody};
-use messages::{BodyCodec, ErrorCode, Frame, FrameKind, GatewayId, Route, headers};
+use messages::{
+    BodyCodec, ClientKind, ErrorCode, Frame, FrameKind, GatewayId, Route, SocketId, UserId, headers,
+};
 use serde_json::json;
 use testkit::NatsServer;
 use testkit::http::{self, Response};
@@ -313,19 +316,35 @@ async fn a_burst_of_acks_for_one_push_is_counted_exactly_across_replicas() {
     let id = r.json()["push_id"].as_str().unwrap().to_owned();
     let bus = async_nats::connect(nats.url()).await.unwrap();
     const ACKS: u64 = 2_000;
-    for _ in 0..ACKS {
-        let mut map = async_nats::HeaderMap::new();
-        map.insert(messages::headers::MSG_ID, id.as_str());
-        bus.publish_with_headers("ws.evt.app.ack", map, bytes::Bytes::new())
+    let push_id: u64 = id.parse().unwrap();
+    let gateway = GatewayId::new("gw-x").unwrap();
+    for i in 0..ACKS {
+        let ack = AckEnvelope {
+            origin: Origin {
+                socket_id: SocketId(i + 1),
+                user_id: UserId::new("acker").unwrap(),
+                gateway: gateway.clone(),
+                kind: ClientKind::App,
+            },
+            push_id,
+            trace: None,
+        };
+        bus.publish_with_headers("ws.evt.app.ack", ack.to_headers(), bytes::Bytes::new())
             .await
             .unwrap();
     }
-    let mut map = async_nats::HeaderMap::new();
-    map.insert(messages::headers::MSG_ID, id.as_str());
-    map.insert(messages::headers::COUNT, "1500");
-    bus.publish_with_headers("ws.evt.app.delivered", map, bytes::Bytes::new())
-        .await
-        .unwrap();
+    let delivered = DeliveredEnvelope {
+        push_id,
+        count: 1500,
+        gateway,
+    };
+    bus.publish_with_headers(
+        "ws.evt.app.delivered",
+        delivered.to_headers(),
+        bytes::Bytes::new(),
+    )
+    .await
+    .unwrap();
     bus.flush().await.unwrap();
     // Either replica answers with the total once both have flushed.
     for replica in [&a, &b] {

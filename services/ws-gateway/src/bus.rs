@@ -24,12 +24,12 @@ use actix::Addr;
 use async_nats::{Client, HeaderMap};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use messages::envelope::{AgentClose, DeliveredEnvelope, HeartbeatEnvelope, PushEnvelope};
 use messages::frame::encode_parts;
 use messages::payload::{self, GatewayControl, HeartbeatBatch};
 use messages::subject::{self, Event};
 use messages::{
-    BodyCodec, ClientKind, CloseCode, ErrorCode, Flags, FrameKind, GatewayId, RoomId, Route,
-    SocketId, TraceContext, UserId, headers,
+    ClientKind, CloseCode, ErrorCode, FrameKind, GatewayId, RoomId, SocketId, UserId, headers,
 };
 use servicekit::telemetry::{MessageSpan, Operation};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -393,43 +393,34 @@ struct Push {
     receipt: Option<u64>,
 }
 
-fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<Push> {
+/// The push a bus message carries, with its recipients on `ws.gw.<gateway>.push`; `None`
+/// (and counted) when it has expired or its headers are malformed.
+fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<(Push, Vec<SocketId>)> {
     let recv_us = headers::now_micros();
     let map = msg.headers.as_ref();
-    let get = |name: &str| map.and_then(|m| headers::get(m, name));
-    let expires = get(headers::EXPIRES).and_then(|v| v.parse::<u64>().ok());
-    if expires.is_some_and(|at| at < recv_us / 1000) {
-        shared.metrics.pushes_expired.inc();
-        return None;
-    }
-    let route = match get(headers::ROUTE).map(Route::new).transpose() {
-        Ok(route) => route.unwrap_or_default(),
-        Err(_) => {
+    let envelope = match map.map(PushEnvelope::from_headers).transpose() {
+        Ok(envelope) => envelope.unwrap_or_default(),
+        Err(e) => {
             shared.metrics.pushes_invalid.inc();
+            tracing::debug!(subject = %msg.subject, error = %e, "Dropped a malformed push.");
             return None;
         }
     };
-    let msg_id = get(headers::MSG_ID)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let codec = get(headers::CODEC)
-        .and_then(BodyCodec::parse)
-        .unwrap_or(BodyCodec::Raw);
-    let flags = Flags::new(codec)
-        .with_compressed(get(headers::COMPRESSED) == Some("1"))
-        .with_receipt(get(headers::RECEIPT) == Some("1"));
+    if envelope.expires_at_ms.is_some_and(|at| at < recv_us / 1000) {
+        shared.metrics.pushes_expired.inc();
+        return None;
+    }
+    let msg_id = envelope.msg_id;
+    let flags = envelope.flags();
     // One span per bus message (not per socket): the delivery hop of the trace, whose
     // context travels on to the clients in the frame header.
     let hop = MessageSpan::start(
         Operation::Process,
         msg.subject.as_str(),
         msg_id,
-        map.and_then(TraceContext::extract).as_ref(),
+        envelope.trace.as_ref(),
     );
     let trace = hop.context();
-    let exclude = get(headers::EXCLUDE)
-        .map(parse_socket_list)
-        .unwrap_or_default();
     if let Some(map) = map {
         shared
             .metrics
@@ -443,22 +434,16 @@ fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<Push> {
         flags,
         msg_id,
         trace.as_ref(),
-        &route,
+        &envelope.route,
         &msg.payload,
     );
     let receipt = (flags.receipt() && msg_id != 0).then_some(msg_id);
-    Some(Push {
+    let push = Push {
         frame: buf.freeze(),
-        exclude,
+        exclude: envelope.exclude,
         receipt,
-    })
-}
-
-fn parse_socket_list(value: &str) -> Vec<SocketId> {
-    value
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect()
+    };
+    Some((push, envelope.sockets))
 }
 
 fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
@@ -472,7 +457,7 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
         }
         _ => {}
     }
-    let Some(push) = build_push(shared, msg) else {
+    let Some((push, sockets)) = build_push(shared, msg) else {
         return;
     };
     let mut delivered = 0u64;
@@ -496,13 +481,7 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
             shared.registry.for_all(Some(ClientKind::App), deliver);
         }
         Target::Sockets => {
-            let ids = msg
-                .headers
-                .as_ref()
-                .and_then(|m| headers::get(m, headers::SOCKET_ID))
-                .map(parse_socket_list)
-                .unwrap_or_default();
-            for id in ids {
+            for id in sockets {
                 if let Some(addr) = shared.registry.handle(id) {
                     deliver(id, &addr);
                 }
@@ -518,14 +497,12 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
 /// The close code a message on `ws.agent.<node>` asks for, if it is a close rather than a
 /// push (only the scheduler can publish there: NATS permissions).
 fn agent_close(msg: &async_nats::Message) -> Option<CloseCode> {
-    let value = headers::get(msg.headers.as_ref()?, headers::CLOSE)?;
-    Some(
-        value
-            .parse()
-            .ok()
-            .and_then(CloseCode::from_code)
-            .unwrap_or(CloseCode::Kicked),
-    )
+    let map = msg.headers.as_ref()?;
+    if !AgentClose::is_close(map) {
+        return None;
+    }
+    // An instruction to close is obeyed even with a code this gateway does not know.
+    Some(AgentClose::from_headers(map).map_or(CloseCode::Kicked, |close| close.code))
 }
 
 /// Closes every local agent socket of `node` (a revoked node).
@@ -542,17 +519,14 @@ fn close_agent(shared: &Shared, node: &UserId, code: CloseCode) {
 
 /// Tells the services how many local sockets a receipt-requesting push was handed to.
 fn report_delivered(shared: &Shared, push_id: u64, count: u64) {
-    let mut map = HeaderMap::new();
-    let _ = headers::set(&mut map, headers::MSG_ID, &push_id.to_string());
-    let _ = headers::set(&mut map, headers::COUNT, &count.to_string());
-    let _ = headers::set(
-        &mut map,
-        headers::GATEWAY_ID,
-        shared.config.instance.as_str(),
-    );
+    let report = DeliveredEnvelope {
+        push_id,
+        count,
+        gateway: shared.config.instance.clone(),
+    };
     let out = Outbound::Publish {
         subject: subject::event(ClientKind::App, Event::Delivered),
-        headers: map,
+        headers: report.to_headers(),
         payload: Bytes::new(),
         reply: None,
     };
@@ -630,15 +604,12 @@ pub fn sync_presence(shared: &Shared) {
             let Ok(body) = payload::to_bus(&batch) else {
                 continue;
             };
-            let mut map = HeaderMap::new();
-            let _ = headers::set(
-                &mut map,
-                headers::GATEWAY_ID,
-                shared.config.instance.as_str(),
-            );
+            let envelope = HeartbeatEnvelope {
+                gateway: shared.config.instance.clone(),
+            };
             let out = Outbound::Publish {
                 subject: subject::event(kind, Event::Heartbeat),
-                headers: map,
+                headers: envelope.to_headers(),
                 payload: Bytes::from(body),
                 reply: None,
             };

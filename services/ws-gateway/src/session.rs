@@ -20,11 +20,12 @@ use actix::{
 use actix_ws::{AggregatedMessage, CloseReason, ProtocolError};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use messages::envelope::{AckEnvelope, ClientOp, Origin, SessionEnvelope, UpstreamEnvelope};
 use messages::payload::{self, ErrorBody, GatewayControl, HeartbeatAck, Reconnect, RoomRequest};
 use messages::subject::{self, Event};
 use messages::{
     BodyCodec, ClientKind, CloseCode, ErrorCode, Frame, FrameError, FrameKind, RoomId, SocketId,
-    UserId, headers,
+    TraceContext, UserId, headers,
 };
 use servicekit::clock::now_ms;
 use servicekit::telemetry::{MessageSpan, Operation};
@@ -326,22 +327,25 @@ impl Conn {
         );
     }
 
-    fn headers(&self, op: &str, msg_id: u64) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        // Every value here is built from validated ids and numbers, so `set` cannot fail.
-        let _ = headers::set(&mut map, headers::SOCKET_ID, &self.id.to_string());
-        let _ = headers::set(&mut map, headers::USER_ID, self.user.as_str());
-        let _ = headers::set(
-            &mut map,
-            headers::GATEWAY_ID,
-            self.shared.config.instance.as_str(),
-        );
-        let _ = headers::set(&mut map, headers::CLIENT_KIND, self.kind.as_str());
-        let _ = headers::set(&mut map, headers::OPERATION, op);
-        if msg_id != 0 {
-            let _ = headers::set(&mut map, headers::MSG_ID, &msg_id.to_string());
+    /// Who this session's messages come from, as the bus headers name it.
+    fn origin(&self) -> Origin {
+        Origin {
+            socket_id: self.id,
+            user_id: self.user.clone(),
+            gateway: self.shared.config.instance.clone(),
+            kind: self.kind,
         }
-        map
+    }
+
+    /// Headers of a session event that no client frame caused (connect, disconnect).
+    fn session_headers(&self, op: ClientOp) -> HeaderMap {
+        SessionEnvelope {
+            origin: self.origin(),
+            op,
+            msg_id: 0,
+            trace: None,
+        }
+        .to_headers()
     }
 
     /// Hands a message to the bus publisher; reports failure to the client (never silent).
@@ -405,7 +409,11 @@ impl Conn {
     fn announce(&mut self, ctx: &mut Ctx) {
         match payload::to_bus(&self.session_event(None, None)) {
             Ok(body) => {
-                let out = self.event(Event::Connect, self.headers("connect", 0), body);
+                let out = self.event(
+                    Event::Connect,
+                    self.session_headers(ClientOp::Connect),
+                    body,
+                );
                 self.publish(out, 0, ctx);
             }
             Err(e) => tracing::error!(error = %e, "Encoding a connect event failed."),
@@ -453,10 +461,13 @@ impl Conn {
             FrameKind::Hello => {}
             FrameKind::Publish => self.on_publish(frame, ctx),
             FrameKind::Ack => {
-                let headers = self.headers(FrameKind::Ack.as_str(), frame.msg_id);
                 let subject = subject::event(self.kind, Event::Ack);
-                let headers = with_trace(headers, &frame, &subject);
-                let out = self.event(Event::Ack, headers, Vec::new());
+                let receipt = AckEnvelope {
+                    origin: self.origin(),
+                    push_id: frame.msg_id,
+                    trace: publish_trace(&frame, &subject),
+                };
+                let out = self.event(Event::Ack, stamped_in(receipt.to_headers()), Vec::new());
                 self.publish(out, 0, ctx);
             }
             FrameKind::Join | FrameKind::Leave => self.on_room_request(&frame, ctx),
@@ -545,13 +556,15 @@ impl Conn {
             let message = "publish needs a route".to_owned();
             return self.send_error(frame.msg_id, ErrorCode::BadRoute, message, ctx);
         };
-        let mut map = self.headers(FrameKind::Publish.as_str(), frame.msg_id);
-        let _ = headers::set(&mut map, headers::ROUTE, frame.route.as_str());
-        let _ = headers::set(&mut map, headers::CODEC, frame.flags.codec().as_str());
-        if frame.flags.compressed() {
-            let _ = headers::set(&mut map, headers::COMPRESSED, "1");
-        }
-        let map = with_trace(map, &frame, &subject);
+        let envelope = UpstreamEnvelope {
+            origin: self.origin(),
+            msg_id: frame.msg_id,
+            route: frame.route.clone(),
+            codec: frame.flags.codec(),
+            compressed: frame.flags.compressed(),
+            trace: publish_trace(&frame, &subject),
+        };
+        let map = stamped_in(envelope.to_headers());
         let reply = (frame.msg_id != 0).then(|| (ctx.address(), frame.msg_id));
         let out = Outbound::Publish {
             subject,
@@ -577,16 +590,18 @@ impl Conn {
             room,
             msg_id: frame.msg_id,
         };
-        let event = if frame.kind == FrameKind::Join {
-            Event::Join
+        let (event, op) = if frame.kind == FrameKind::Join {
+            (Event::Join, ClientOp::Join)
         } else {
-            Event::Leave
+            (Event::Leave, ClientOp::Leave)
         };
-        let headers = with_trace(
-            self.headers(frame.kind.as_str(), frame.msg_id),
-            frame,
-            &subject::event(self.kind, event),
-        );
+        let envelope = SessionEnvelope {
+            origin: self.origin(),
+            op,
+            msg_id: frame.msg_id,
+            trace: publish_trace(frame, &subject::event(self.kind, event)),
+        };
+        let headers = stamped_in(envelope.to_headers());
         match payload::to_bus(&request) {
             Ok(body) => {
                 let out = self.event(event, headers, body);
@@ -745,7 +760,11 @@ impl actix::Actor for Conn {
         // actor are dropped with it (docs/dependencies.md, trap 2).
         match payload::to_bus(&self.session_event(code, reason)) {
             Ok(body) => {
-                let out = self.event(Event::Disconnect, self.headers("disconnect", 0), body);
+                let out = self.event(
+                    Event::Disconnect,
+                    self.session_headers(ClientOp::Disconnect),
+                    body,
+                );
                 if self.shared.bus.send(out).is_err() {
                     self.shared.metrics.publish_errors.inc();
                 }
@@ -860,19 +879,21 @@ impl Handler<ToConn> for Conn {
     }
 }
 
-/// Stamps the gateway's hop and the trace context for a client frame going to `subject`:
-/// the publish span's when exporting (a child of the client's context if the frame carried
-/// one, else a new trace sampled here), otherwise the client's context unchanged.
-fn with_trace(mut map: HeaderMap, frame: &Frame, subject: &str) -> HeaderMap {
-    let hop = MessageSpan::start(
+/// The trace context for a client frame going to `subject`: the publish span's when
+/// exporting (a child of the client's context if the frame carried one, else a new trace
+/// sampled here), otherwise the client's context unchanged.
+fn publish_trace(frame: &Frame, subject: &str) -> Option<TraceContext> {
+    MessageSpan::start(
         Operation::Publish,
         subject,
         frame.msg_id,
         frame.trace.as_ref(),
-    );
-    if let Some(trace) = hop.context() {
-        trace.inject(&mut map);
-    }
+    )
+    .context()
+}
+
+/// Stamps the gateway's receiving hop on the headers of a client frame.
+fn stamped_in(mut map: HeaderMap) -> HeaderMap {
     headers::stamp_hop(&mut map, headers::hop::GATEWAY_IN, headers::now_micros());
     map
 }

@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use messages::envelope::PushEnvelope;
 use messages::payload::{
     self, ErrorBody, GatewayControl, HeartbeatAck, Reconnect, RoomRequest, SessionEvent,
 };
@@ -237,29 +238,22 @@ async fn pushes_reach_exactly_the_right_sockets_across_two_replicas() {
     );
 
     // To a user: both of alice's sockets, on both replicas, nobody else.
-    push(
-        &bus,
-        "ws.user.alice",
-        1,
-        b"to-alice",
-        &[("ws-receipt", "1")],
-    )
-    .await;
+    let receipt = PushEnvelope {
+        receipt: true,
+        ..test_push(1)
+    };
+    push_envelope(&bus, "ws.user.alice", &receipt, b"to-alice").await;
     let f = expect_push(&mut alice_a, b"to-alice").await;
     assert_eq!((f.msg_id, f.route.as_str()), (1, "test.push"));
     assert!(f.flags.receipt());
     expect_push(&mut alice_b, b"to-alice").await;
 
     // To one socket through its gateway's subject.
-    let bob_id = bob_b.welcome.socket_id.to_string();
-    push(
-        &bus,
-        "ws.gw.gw-b.push",
-        2,
-        b"to-bob",
-        &[("ws-socket", &bob_id)],
-    )
-    .await;
+    let to_bob = PushEnvelope {
+        sockets: vec![bob_b.welcome.socket_id],
+        ..test_push(2)
+    };
+    push_envelope(&bus, "ws.gw.gw-b.push", &to_bob, b"to-bob").await;
     expect_push(&mut bob_b, b"to-bob").await;
 
     // To a room: membership comes from control messages (ws-api decides), on both replicas.
@@ -275,25 +269,21 @@ async fn pushes_reach_exactly_the_right_sockets_across_two_replicas() {
         let ack = client.frame().await;
         assert_eq!((ack.kind, ack.msg_id), (FrameKind::Ack, 50));
     }
-    push(&bus, "ws.room.lobby", 51, b"to-lobby", &[]).await;
+    push(&bus, "ws.room.lobby", 51, b"to-lobby").await;
     expect_push(&mut bob_b, b"to-lobby").await;
     expect_push(&mut carol_a, b"to-lobby").await;
 
     // Broadcast: every app socket; agents are not app users.
-    push(&bus, "ws.all", 100, b"to-all", &[]).await;
+    push(&bus, "ws.all", 100, b"to-all").await;
     for c in [&mut alice_a, &mut alice_b, &mut bob_b, &mut carol_a] {
         expect_push(c, b"to-all").await;
     }
     // Exclusion header (e.g. the sender of a chat message).
-    let carol_id = carol_a.welcome.socket_id.to_string();
-    push(
-        &bus,
-        "ws.room.lobby",
-        101,
-        b"not-carol",
-        &[("ws-exclude", &carol_id)],
-    )
-    .await;
+    let not_carol = PushEnvelope {
+        exclude: vec![carol_a.welcome.socket_id],
+        ..test_push(101)
+    };
+    push_envelope(&bus, "ws.room.lobby", &not_carol, b"not-carol").await;
     expect_push(&mut bob_b, b"not-carol").await;
 
     // Nobody got anything else: a final user push is each client's very next frame.
@@ -304,14 +294,7 @@ async fn pushes_reach_exactly_the_right_sockets_across_two_replicas() {
         ("carol", &mut carol_a),
     ] {
         let sentinel = format!("end-{user}");
-        push(
-            &bus,
-            &format!("ws.user.{user}"),
-            999,
-            sentinel.as_bytes(),
-            &[],
-        )
-        .await;
+        push(&bus, &format!("ws.user.{user}"), 999, sentinel.as_bytes()).await;
         let f = c.frame().await;
         assert_eq!(
             &f.body[..],
@@ -377,7 +360,7 @@ async fn join_and_leave_go_to_the_services_and_take_effect_by_control_message() 
     }
     let ack = c.frame().await;
     assert_eq!((ack.kind, ack.msg_id), (FrameKind::Ack, 6));
-    push(&bus, "ws.room.games", 7, b"in-room", &[]).await;
+    push(&bus, "ws.room.games", 7, b"in-room").await;
     expect_push(&mut c, b"in-room").await;
     expect_push(&mut other, b"in-room").await;
 
@@ -398,9 +381,9 @@ async fn join_and_leave_go_to_the_services_and_take_effect_by_control_message() 
     control(&bus, "gw-rooms", &leave).await;
     let ack = c.frame().await;
     assert_eq!((ack.kind, ack.msg_id), (FrameKind::Ack, 8));
-    push(&bus, "ws.room.games", 9, b"after-leave", &[]).await;
+    push(&bus, "ws.room.games", 9, b"after-leave").await;
     expect_push(&mut other, b"after-leave").await;
-    push(&bus, "ws.user.dave", 10, b"sentinel", &[]).await;
+    push(&bus, "ws.user.dave", 10, b"sentinel").await;
     expect_push(&mut c, b"sentinel").await;
 
     // A join without a valid room is refused locally.
@@ -454,8 +437,8 @@ async fn a_slow_consumer_is_closed_while_others_keep_receiving() {
     let body = vec![b'x'; 16 * 1024];
     let mut received = 0;
     for i in 0..400u64 {
-        push(&bus, "ws.user.slow", i, &body, &[]).await;
-        push(&bus, "ws.user.fast", i, b"tick", &[]).await;
+        push(&bus, "ws.user.slow", i, &body).await;
+        push(&bus, "ws.user.fast", i, b"tick").await;
         let f = frame_or_explain(&mut fast, gw.addr(), i).await;
         assert_eq!(f.msg_id, i);
         received += 1;
@@ -479,7 +462,7 @@ async fn a_slow_consumer_is_closed_while_others_keep_receiving() {
     );
     // The fast client kept getting everything while the slow one was being cut off.
     for i in 1000..1010u64 {
-        push(&bus, "ws.user.fast", i, b"after", &[]).await;
+        push(&bus, "ws.user.fast", i, b"after").await;
         assert_eq!(frame_or_explain(&mut fast, gw.addr(), i).await.msg_id, i);
     }
     assert!(received > 0);
@@ -513,7 +496,7 @@ async fn a_session_the_bus_does_not_confirm_is_refused_with_a_retryable_close() 
     let mut c = TestClient::connect(gw.addr(), &token("stalled", None, &[]))
         .await
         .unwrap();
-    push(&bus, "ws.user.stalled", 1, b"after", &[]).await;
+    push(&bus, "ws.user.stalled", 1, b"after").await;
     assert_eq!(c.frame().await.msg_id, 1);
     gw.shutdown().await.unwrap();
 }
@@ -560,7 +543,7 @@ async fn a_service_that_saw_the_connect_event_reaches_the_user_from_any_cluster_
                 break;
             }
         }
-        push(&bus, &format!("ws.user.{user}"), i + 1, b"right away", &[]).await;
+        push(&bus, &format!("ws.user.{user}"), i + 1, b"right away").await;
         match c.recv_within(Duration::from_secs(2)).await {
             Received::Frame(f) if f.msg_id == i + 1 => {}
             other => missed.push((i, format!("{other:?}"))),
@@ -756,7 +739,7 @@ async fn clients_stay_connected_through_a_nats_restart() {
     let mut n = 0;
     loop {
         n += 1;
-        push(&bus, "ws.user.frank", n, b"back", &[]).await;
+        push(&bus, "ws.user.frank", n, b"back").await;
         if let Received::Frame(f) = c.recv_within(Duration::from_millis(300)).await {
             assert_eq!(&f.body[..], b"back");
             break;
@@ -838,14 +821,11 @@ async fn client_acks_go_upstream_as_receipts_for_the_push_id() {
     let mut c = TestClient::connect(gw.addr(), &token("gina", None, &[]))
         .await
         .unwrap();
-    push(
-        &bus,
-        "ws.user.gina",
-        4242,
-        b"please-ack",
-        &[("ws-receipt", "1")],
-    )
-    .await;
+    let please_ack = PushEnvelope {
+        receipt: true,
+        ..test_push(4242)
+    };
+    push_envelope(&bus, "ws.user.gina", &please_ack, b"please-ack").await;
     let f = expect_push(&mut c, b"please-ack").await;
     assert!(f.flags.receipt());
     c.send(&Frame::new(FrameKind::Ack).with_msg_id(f.msg_id))

@@ -55,9 +55,12 @@ async fn credentials_in_the_url_and_a_server_list_with_a_dead_first_entry() {
         .connect(nats.url())
         .await
         .unwrap();
-    let mut map = async_nats::HeaderMap::new();
-    messages::headers::set(&mut map, messages::headers::MSG_ID, "7").unwrap();
-    api.publish_with_headers("ws.user.ada", map, "hi".into())
+    let push = messages::envelope::PushEnvelope::new(
+        7,
+        messages::Route::empty(),
+        messages::BodyCodec::Raw,
+    );
+    api.publish_with_headers("ws.user.ada", push.to_headers(), "hi".into())
         .await
         .unwrap();
     api.flush().await.unwrap();

@@ -6,10 +6,10 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use futures_util::StreamExt;
+use messages::envelope::PushEnvelope;
 use messages::payload::{self, GatewayControl};
-use messages::{GatewayId, headers};
+use messages::{BodyCodec, GatewayId, Route};
 use testkit::ws::TEST_SECRET;
 use ws_gateway::Config;
 use ws_gateway::auth::Keys;
@@ -67,23 +67,29 @@ pub async fn bus_client(url: &str) -> async_nats::Client {
         .unwrap()
 }
 
-/// Publishes a push on `subject` with the given extra headers.
-pub async fn push(
+/// The push tests send unless they say otherwise: this id, route `test.push`, raw body.
+pub fn test_push(msg_id: u64) -> PushEnvelope {
+    PushEnvelope::new(msg_id, Route::new("test.push").unwrap(), BodyCodec::Raw)
+}
+
+/// Publishes [`test_push`] on `subject`.
+pub async fn push(client: &async_nats::Client, subject: &str, msg_id: u64, body: &[u8]) {
+    push_envelope(client, subject, &test_push(msg_id), body).await;
+}
+
+/// Publishes a push with the given envelope on `subject`.
+pub async fn push_envelope(
     client: &async_nats::Client,
     subject: &str,
-    msg_id: u64,
+    envelope: &PushEnvelope,
     body: &[u8],
-    extra: &[(&'static str, &str)],
 ) {
-    let mut map = HeaderMap::new();
-    headers::set(&mut map, headers::MSG_ID, &msg_id.to_string()).unwrap();
-    headers::set(&mut map, headers::ROUTE, "test.push").unwrap();
-    headers::set(&mut map, headers::CODEC, "raw").unwrap();
-    for (name, value) in extra {
-        headers::set(&mut map, name, value).unwrap();
-    }
     client
-        .publish_with_headers(subject.to_owned(), map, body.to_vec().into())
+        .publish_with_headers(
+            subject.to_owned(),
+            envelope.to_headers(),
+            body.to_vec().into(),
+        )
         .await
         .unwrap();
     client.flush().await.unwrap();
