@@ -6,6 +6,7 @@
 //! [`run`] is the whole service, driven by a listener and a shutdown future so tests run
 //! it in-process; [`spawn`] runs it on its own thread for tests.
 
+pub mod admission;
 pub mod auth;
 pub mod bus;
 pub mod config;
@@ -59,6 +60,8 @@ pub struct Shared {
     pub config: Config,
     /// Who is connected here.
     pub registry: Registry<Addr<Conn>>,
+    /// Connection counts against the replica, per-user and per-address limits.
+    pub admission: admission::Admission,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The bus side.
@@ -201,6 +204,11 @@ pub async fn run(
     let shared = Arc::new(Shared {
         config: config.clone(),
         registry: Registry::new(),
+        admission: admission::Admission::new(admission::Caps {
+            total: config.max_connections,
+            per_user: config.max_connections_per_user,
+            per_ip: config.max_connections_per_ip,
+        }),
         metrics,
         bus,
         ids: RwLock::new(None),
@@ -231,6 +239,9 @@ pub async fn run(
         .disable_signals()
         .shutdown_timeout(2)
         .backlog(4096)
+        // Actix's own per-worker cap (25,600 by default) must not be the one that bites:
+        // beyond it clients wait in the backlog instead of getting our 503.
+        .max_connections(config.accept_limit_per_worker())
         .max_connection_rate(4096)
         .listen(listener)?
         .run();
