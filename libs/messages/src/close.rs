@@ -8,6 +8,10 @@
 
 use std::fmt;
 
+/// The longest close reason a WebSocket close frame can carry, in bytes (125 bytes of
+/// control-frame payload minus the 2-byte code). Longer reasons are cut to this.
+pub const MAX_REASON_LEN: usize = 123;
+
 /// A close code this system sends, with its wire value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u16)]

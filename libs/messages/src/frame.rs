@@ -324,7 +324,8 @@ impl FrameError {
         }
     }
 
-    /// The close code to use when the connection can no longer be trusted after this error.
+    /// The close code a gateway closes the connection with after this error: every decoder
+    /// error ends the session (docs/protocol.md, section 8).
     pub fn close_code(&self) -> crate::close::CloseCode {
         use crate::close::CloseCode;
         match self {
@@ -767,6 +768,45 @@ mod tests {
         assert_eq!(with(2, 0b0010_0000), FrameError::ReservedFlags(0b0010_0000));
         assert_eq!(with(2, 0b1000_0000), FrameError::ReservedFlags(0b1000_0000));
         assert_eq!(with(2, 0b0000_0011), FrameError::UnknownCodec(3));
+    }
+
+    /// docs/protocol.md, appendix 14.2: the frames the decoder must refuse, each derived
+    /// from the 12-byte ack frame, exactly as the table lists them.
+    #[test]
+    fn the_appendix_refusal_vectors_decode_to_their_errors() {
+        let ack = [1u8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let with = |i: usize, v: u8, tail: &[u8]| {
+            let mut b = ack.to_vec();
+            b[i] = v;
+            b.extend_from_slice(tail);
+            Frame::decode(&Bytes::from(b), &limits())
+        };
+        assert_eq!(with(0, 0x02, &[]), Err(FrameError::UnsupportedVersion(2)));
+        assert_eq!(with(0, 0x00, &[]), Err(FrameError::UnsupportedVersion(0)));
+        assert_eq!(with(1, 0x00, &[]), Err(FrameError::UnknownKind(0)));
+        assert_eq!(with(1, 0xc8, &[]), Err(FrameError::UnknownKind(0xc8)));
+        assert_eq!(with(2, 0x20, &[]), Err(FrameError::ReservedFlags(0x20)));
+        assert_eq!(with(2, 0x03, &[]), Err(FrameError::UnknownCodec(3)));
+        assert_eq!(
+            with(2, 0x08, &[0; 25]),
+            Err(FrameError::InvalidTraceContext)
+        );
+        assert_eq!(
+            with(3, 0x03, b"a*b"),
+            Err(FrameError::InvalidRoute(RouteError::BadByte {
+                byte: 0x2a,
+                at: 1
+            }))
+        );
+        assert_eq!(
+            Frame::decode(&Bytes::copy_from_slice(&ack[..11]), &limits()),
+            Err(FrameError::Truncated {
+                needed: 12,
+                got: 11
+            })
+        );
+        // 0x10 is the receipt bit (section 3), not a reserved one.
+        assert!(with(2, 0x10, &[]).is_ok_and(|f| f.flags.receipt()));
     }
 
     #[test]

@@ -129,6 +129,26 @@ impl TestClient {
         query: &str,
         recv_buffer: Option<u32>,
     ) -> Result<Self, ConnectError> {
+        Self::connect_inner(addr, token, query, recv_buffer, None).await
+    }
+
+    /// Connects from the local address `source` (a loopback alias such as 127.0.0.2), to
+    /// look like another client host.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        token: &str,
+        source: std::net::IpAddr,
+    ) -> Result<Self, ConnectError> {
+        Self::connect_inner(addr, Some(token), "", None, Some(source)).await
+    }
+
+    async fn connect_inner(
+        addr: SocketAddr,
+        token: Option<&str>,
+        query: &str,
+        recv_buffer: Option<u32>,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Self, ConnectError> {
         let url = format!(
             "ws://{addr}/ws{}{query}",
             if query.is_empty() { "" } else { "?" }
@@ -147,6 +167,11 @@ impl TestClient {
         if let Some(size) = recv_buffer {
             socket
                 .set_recv_buffer_size(size)
+                .map_err(|e| ConnectError::Other(e.to_string()))?;
+        }
+        if let Some(source) = source {
+            socket
+                .bind(SocketAddr::new(source, 0))
                 .map_err(|e| ConnectError::Other(e.to_string()))?;
         }
         let stream = socket
@@ -196,6 +221,77 @@ impl TestClient {
     /// Sends raw bytes as one binary message.
     pub async fn send_raw(&mut self, bytes: Vec<u8>) {
         let _ = self.ws.send(Message::Binary(Bytes::from(bytes))).await;
+    }
+
+    /// Sends a WebSocket ping (a control frame, not a protocol frame).
+    pub async fn send_ping(&mut self, payload: &[u8]) {
+        let _ = self
+            .ws
+            .send(Message::Ping(Bytes::copy_from_slice(payload)))
+            .await;
+    }
+
+    /// Sends a WebSocket pong nobody asked for.
+    pub async fn send_pong(&mut self, payload: &[u8]) {
+        let _ = self
+            .ws
+            .send(Message::Pong(Bytes::copy_from_slice(payload)))
+            .await;
+    }
+
+    /// Reads until something other than a pong arrives (within [`WAIT`]) and returns the
+    /// payloads of the pongs read on the way, with what ended the wait.
+    pub async fn pongs_until_frame(&mut self) -> (Vec<Bytes>, Received) {
+        self.pongs_until_frame_within(WAIT).await
+    }
+
+    /// [`TestClient::pongs_until_frame`], waiting at most `wait` in all.
+    pub async fn pongs_until_frame_within(&mut self, wait: Duration) -> (Vec<Bytes>, Received) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let limits = Limits {
+            max_route_len: 255,
+            max_body_len: 16 << 20,
+        };
+        let mut pongs = Vec::new();
+        loop {
+            let next = match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return (pongs, Received::Timeout),
+                Ok(None) => return (pongs, Received::Ended("stream ended".into())),
+                Ok(Some(Err(e))) => return (pongs, Received::Ended(e.to_string())),
+                Ok(Some(Ok(m))) => m,
+            };
+            match next {
+                Message::Pong(payload) => pongs.push(payload),
+                Message::Binary(bytes) => {
+                    let got = match Frame::decode(&bytes, &limits) {
+                        Ok(frame) => Received::Frame(frame),
+                        Err(e) => Received::Ended(format!("undecodable frame from server: {e}")),
+                    };
+                    return (pongs, got);
+                }
+                Message::Close(close) => {
+                    return (pongs, Received::Close(close.map(|c| u16::from(c.code))));
+                }
+                Message::Ping(_) | Message::Frame(_) => {}
+                Message::Text(t) => {
+                    return (pongs, Received::Ended(format!("unexpected text: {t}")));
+                }
+            }
+        }
+    }
+
+    /// Reads until a close arrives and returns its code and reason.
+    pub async fn close_frame(&mut self) -> Option<(u16, String)> {
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next()).await.ok()??;
+            match next {
+                Ok(Message::Close(close)) => {
+                    return close.map(|c| (u16::from(c.code), c.reason.to_string()));
+                }
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
     }
 
     /// Sends a text message.

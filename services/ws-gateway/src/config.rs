@@ -1,5 +1,11 @@
 //! Gateway configuration: command-line flags, each with a `WS_GATEWAY_*` environment
 //! variable, turned into a validated [`Config`]. Tests build a [`Config`] directly.
+//!
+//! Limits that hold under attack (docs/operations.md, "Limits", lists them all): the
+//! replica's connection maximum (HTTP 503 beyond it; actix's own per-worker accept limit is
+//! derived from it, see [`Config::accept_limit_per_worker`], so that ours is the one that
+//! answers), connections per user and per source address (HTTP 429 beyond them), rooms per
+//! socket (error 429 on the join), and the frame rate, which WebSocket pings count against.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -82,6 +88,26 @@ pub struct Args {
     /// Connections this replica accepts before answering 503.
     #[arg(long, env = "WS_GATEWAY_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
+    /// Connections one user id (of one client kind) may hold on this replica before further
+    /// upgrades are answered 429; 0 disables the cap.
+    #[arg(
+        long,
+        env = "WS_GATEWAY_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 32
+    )]
+    pub max_connections_per_user: usize,
+    /// Connections one source address (IPv6: one /64) may hold on this replica before
+    /// further upgrades are answered 429; 0 disables the cap (behind a proxy that hides
+    /// client addresses, every client has the proxy's address).
+    #[arg(
+        long,
+        env = "WS_GATEWAY_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 1_000
+    )]
+    pub max_connections_per_ip: usize,
+    /// Rooms one socket may be in (joined or asked for); a join beyond is refused with 429.
+    #[arg(long, env = "WS_GATEWAY_MAX_ROOMS_PER_SOCKET", default_value_t = 100)]
+    pub max_rooms_per_socket: usize,
     /// Frames queued for one client before it is closed as a slow consumer.
     #[arg(long, env = "WS_GATEWAY_OUTBOUND_QUEUE", default_value_t = 512)]
     pub outbound_queue: usize,
@@ -176,6 +202,12 @@ pub struct Config {
     pub rate_burst: u32,
     /// Connections accepted before 503.
     pub max_connections: usize,
+    /// Connections per user id and client kind before 429 (0: unlimited).
+    pub max_connections_per_user: usize,
+    /// Connections per source address (IPv6 /64) before 429 (0: unlimited).
+    pub max_connections_per_ip: usize,
+    /// Rooms per socket, joined or pending; joins beyond are refused with 429.
+    pub max_rooms_per_socket: usize,
     /// Outbound frames queued per connection before a slow-consumer close.
     pub outbound_queue: usize,
     /// Stalled-write limit before a slow-consumer close.
@@ -214,6 +246,9 @@ impl Config {
             rate_per_sec: 50,
             rate_burst: 100,
             max_connections: 100_000,
+            max_connections_per_user: 32,
+            max_connections_per_ip: 1_000,
+            max_rooms_per_socket: 100,
             outbound_queue: 512,
             write_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
@@ -271,6 +306,9 @@ impl Config {
         config.rate_per_sec = args.rate_per_sec;
         config.rate_burst = args.rate_burst;
         config.max_connections = args.max_connections;
+        config.max_connections_per_user = args.max_connections_per_user;
+        config.max_connections_per_ip = args.max_connections_per_ip;
+        config.max_rooms_per_socket = args.max_rooms_per_socket;
         config.outbound_queue = args.outbound_queue;
         config.write_timeout = Duration::from_millis(args.write_timeout_ms);
         config.request_timeout = Duration::from_millis(args.request_timeout_ms);
@@ -297,10 +335,31 @@ impl Config {
                 "rate and outbound queue must be positive",
             ));
         }
+        if self.max_connections == 0 || self.max_rooms_per_socket == 0 {
+            return Err(ConfigError::Invalid(
+                "max connections and max rooms per socket must be positive",
+            ));
+        }
         if self.lease_ttl < Duration::from_secs(3) {
             return Err(ConfigError::Invalid("lease TTL must be at least 3 s"));
         }
         Ok(())
+    }
+}
+
+/// Connections above the maximum that one actix worker still accepts, so that clients
+/// beyond our limit are answered 503 by our own check rather than left in the listen
+/// backlog; also room for `/healthz`, `/readyz` and `/metrics` while the replica is full.
+pub const ACCEPT_HEADROOM: usize = 1_024;
+
+impl Config {
+    /// The `max_connections` to give each actix worker. Actix counts per worker (default
+    /// 25,600) and stops accepting at its limit, leaving further clients hanging in the
+    /// backlog; our limit is replica-wide and answers 503. Any one worker may end up holding
+    /// every connection of the replica, so each may accept the whole maximum plus headroom
+    /// for the refusals (which close their connection at once).
+    pub fn accept_limit_per_worker(&self) -> usize {
+        self.max_connections.saturating_add(ACCEPT_HEADROOM)
     }
 }
 
@@ -316,4 +375,55 @@ fn hostname() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "ws-gateway".to_owned())
         .replace('.', "-")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn config(max_connections: usize) -> Config {
+        let keys = Keys::new(Some(&[7u8; 32]), None, 0).unwrap();
+        let mut config = Config::new("nats://x", GatewayId::new("gw").unwrap(), keys);
+        config.max_connections = max_connections;
+        config
+    }
+
+    #[test]
+    fn each_worker_accepts_more_than_the_whole_replica_maximum() {
+        // The default maximum is above actix's 25,600 per worker: with actix's default, a
+        // 2-worker replica stopped accepting near 51k and never answered 503.
+        for max in [1, 2, 25_600, 100_000, 1_000_000] {
+            let limit = config(max).accept_limit_per_worker();
+            assert!(limit > max, "{max}: {limit}");
+        }
+        assert!(config(100_000).accept_limit_per_worker() > 25_600 * 2);
+        assert_eq!(
+            config(usize::MAX).accept_limit_per_worker(),
+            usize::MAX,
+            "no overflow"
+        );
+    }
+
+    #[test]
+    fn limits_have_defaults_and_zero_maximums_are_refused() {
+        let args = Args::parse_from(["ws-gateway", "--jwt-hs256-secret", &"s".repeat(32)]);
+        let config = Config::from_args(&args).unwrap();
+        assert_eq!(
+            (
+                config.max_connections,
+                config.max_connections_per_user,
+                config.max_connections_per_ip,
+                config.max_rooms_per_socket
+            ),
+            (100_000, 32, 1_000, 100)
+        );
+        let mut bad = config.clone();
+        bad.max_rooms_per_socket = 0;
+        assert!(bad.validate().is_err());
+        let mut bad = config;
+        bad.max_connections = 0;
+        assert!(bad.validate().is_err());
+    }
 }

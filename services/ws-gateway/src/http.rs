@@ -1,6 +1,9 @@
-//! HTTP surface of a replica: the WebSocket upgrade (admission: readiness, capacity,
-//! authentication, socket id) and the operational endpoints `/healthz`, `/readyz` and
-//! `/metrics`.
+//! HTTP surface of a replica: the WebSocket upgrade on `/ws` (admission: readiness,
+//! capacity, authentication, per-user and per-address caps, socket id) and the operational
+//! endpoints `/healthz`, `/readyz` and `/metrics`.
+//!
+//! Every refusal closes its HTTP connection: a refused client must not keep a slot of the
+//! accept limit busy on a keep-alive connection while it backs off.
 
 use std::sync::Arc;
 
@@ -11,6 +14,7 @@ use messages::BodyCodec;
 use serde_json::json;
 
 use crate::Shared;
+use crate::admission::Refusal;
 use crate::auth::{self, AuthError};
 use crate::metrics::Reject;
 use crate::session::{Conn, ConnInit};
@@ -24,7 +28,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 fn refuse(status: actix_web::http::StatusCode, error: &str, detail: &str) -> HttpResponse {
-    HttpResponse::build(status).json(json!({ "error": error, "detail": detail }))
+    HttpResponse::build(status)
+        .force_close()
+        .json(json!({ "error": error, "detail": detail }))
 }
 
 async fn upgrade(
@@ -42,7 +48,9 @@ async fn upgrade(
             &readiness.describe(),
         ));
     }
-    if shared.connections() >= shared.config.max_connections {
+    // Checked again when the slot is taken; this early look spares a full replica the
+    // token verification.
+    if shared.admission.full() {
         shared.metrics.rejected(Reject::Capacity);
         return Ok(refuse(
             actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -74,6 +82,35 @@ async fn upgrade(
             return Ok(response);
         }
     };
+    let ticket = match shared.admission.admit(
+        identity.kind,
+        &identity.user_id,
+        req.peer_addr().map(|a| a.ip()),
+    ) {
+        Ok(ticket) => ticket,
+        Err(refusal) => {
+            let (reject, status, error) = match refusal {
+                Refusal::Capacity => (
+                    Reject::Capacity,
+                    actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "capacity",
+                ),
+                Refusal::User => (
+                    Reject::UserLimit,
+                    actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections_for_user",
+                ),
+                Refusal::Ip => (
+                    Reject::IpLimit,
+                    actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections_from_address",
+                ),
+            };
+            shared.metrics.rejected(reject);
+            tracing::debug!(user_id = %identity.user_id, %refusal, "Upgrade refused: limit.");
+            return Ok(refuse(status, error, &refusal.to_string()));
+        }
+    };
     let Some(id) = shared.mint() else {
         shared.metrics.rejected(Reject::NotReady);
         return Ok(refuse(
@@ -102,6 +139,7 @@ async fn upgrade(
         codec,
         session,
         shared: Arc::clone(shared),
+        ticket,
     };
     Conn::create(|ctx| {
         ctx.add_stream(stream);

@@ -26,6 +26,7 @@
 //! hands the body to [`bus`], which publishes it on `ws.msg.<kind>.<route>` and acks the
 //! client once NATS has it.
 
+pub mod admission;
 pub mod auth;
 pub mod bus;
 pub mod config;
@@ -80,6 +81,8 @@ pub struct Shared {
     pub config: Config,
     /// Who is connected here.
     pub registry: Registry<Addr<Conn>>,
+    /// Connection counts against the replica, per-user and per-address limits.
+    pub admission: admission::Admission,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The bus side.
@@ -215,6 +218,11 @@ pub async fn run(
     let shared = Arc::new(Shared {
         config: config.clone(),
         registry: Registry::new(),
+        admission: admission::Admission::new(admission::Caps {
+            total: config.max_connections,
+            per_user: config.max_connections_per_user,
+            per_ip: config.max_connections_per_ip,
+        }),
         metrics,
         bus,
         ids: RwLock::new(None),
@@ -245,6 +253,9 @@ pub async fn run(
         .disable_signals()
         .shutdown_timeout(2)
         .backlog(4096)
+        // Actix's own per-worker cap (25,600 by default) must not be the one that bites:
+        // beyond it clients wait in the backlog instead of getting our 503.
+        .max_connections(config.accept_limit_per_worker())
         .max_connection_rate(4096)
         .listen(listener)?
         .run();

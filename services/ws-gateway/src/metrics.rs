@@ -29,6 +29,10 @@ pub enum Reject {
     Capacity,
     /// No NATS, no lease, or draining.
     NotReady,
+    /// The user already holds its maximum number of connections.
+    UserLimit,
+    /// The source address already holds its maximum number of connections.
+    IpLimit,
 }
 
 /// Every metric of the gateway.
@@ -39,7 +43,7 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Upgrades accepted.
     pub accepted: Counter,
-    rejected: [Counter; 3],
+    rejected: [Counter; 5],
     frames_in: Vec<Counter>,
     /// Bytes received in binary frames.
     pub bytes_in: Counter,
@@ -90,7 +94,14 @@ impl Metrics {
             "WebSocket upgrades refused, by reason",
             rejected_family.clone(),
         );
-        let rejected = ["unauthorized", "capacity", "not_ready"].map(|r| {
+        let rejected = [
+            "unauthorized",
+            "capacity",
+            "not_ready",
+            "user_limit",
+            "ip_limit",
+        ]
+        .map(|r| {
             rejected_family
                 .get_or_create(&Reason { reason: r.into() })
                 .clone()

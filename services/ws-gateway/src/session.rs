@@ -8,6 +8,12 @@
 //! passes its limit, or a write stalls past the write timeout, the client is closed as a
 //! slow consumer; nobody else waits for it. Closing uses `ctx.wait` with a deadline, and
 //! the actor stops only after the close frame was handed over (see docs/dependencies.md, traps 1-3).
+//!
+//! The session rules docs/protocol.md states live here: every decoder error (and every
+//! text message) is answered with an error frame carrying message id 0 and closes the
+//! connection with the error's close code; message id 0 asks for no ack; WebSocket pings
+//! take a token from the frame rate limit, do not count as session activity, and are
+//! answered by one pong for the latest ping, so a ping flood cannot queue pongs.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,6 +37,7 @@ use servicekit::clock::now_ms;
 use servicekit::telemetry::{MessageSpan, Operation};
 
 use crate::Shared;
+use crate::admission::Ticket;
 use crate::bus::Outbound;
 use crate::heartbeat::{Beat, Heartbeat};
 use crate::registry::wait_live;
@@ -118,6 +125,8 @@ pub struct ConnInit {
     pub session: actix_ws::Session,
     /// Replica-wide state.
     pub shared: Arc<Shared>,
+    /// The admission slot this connection holds until it ends.
+    pub ticket: Ticket,
 }
 
 /// One WebSocket connection.
@@ -138,20 +147,28 @@ pub struct Conn {
     strikes: u32,
     /// Rooms this socket is in here (to clean up on disconnect).
     rooms: Vec<RoomId>,
-    /// Join/leave requests forwarded to the services and not answered yet (message ids).
-    pending: Vec<u64>,
+    /// Join/leave requests forwarded to the services and not answered yet: message id and
+    /// whether it is a join (pending joins count against the room cap).
+    pending: Vec<(u64, bool)>,
     /// Frames waiting for the writer.
     queue: VecDeque<Bytes>,
+    /// Payload of the latest WebSocket ping not answered yet. RFC 6455 (5.5.3) lets an
+    /// endpoint answer only the most recent ping, which bounds what a ping flood can queue.
+    pong: Option<Bytes>,
     /// Frames the writer future currently holds.
     in_flight: usize,
     /// The writer future, if one runs.
     writer: Option<SpawnHandle>,
     /// Set once a close has started; the code goes into the disconnect event.
     closing: Option<CloseCode>,
+    /// The close frame's reason when it is not the code's own (a service's close).
+    close_reason: Option<String>,
     /// The close frame has been handed to the session.
     close_sent: bool,
     /// Why the peer went away, when it closed first.
     peer_reason: Option<String>,
+    /// Held for the connection's lifetime; dropping it frees the admission slot.
+    _ticket: Ticket,
 }
 
 impl std::fmt::Debug for ConnInit {
@@ -195,11 +212,14 @@ impl Conn {
             rooms: Vec::new(),
             pending: Vec::new(),
             queue: VecDeque::new(),
+            pong: None,
             in_flight: 0,
             writer: None,
             closing: None,
+            close_reason: None,
             close_sent: false,
             peer_reason: None,
+            _ticket: init.ticket,
         }
     }
 
@@ -214,6 +234,15 @@ impl Conn {
             .with_msg_id(msg_id)
             .with_body(codec, body)
             .encode()
+    }
+
+    /// Acknowledges the client's frame `msg_id`: an empty body (codec raw), as the protocol
+    /// says. Id 0 asks for no acknowledgement, so none is sent.
+    fn send_ack(&mut self, msg_id: u64, ctx: &mut Ctx) {
+        if msg_id != 0 {
+            let frame = Frame::new(FrameKind::Ack).with_msg_id(msg_id).encode();
+            self.enqueue(frame, ctx);
+        }
     }
 
     fn send_error(&mut self, msg_id: u64, code: ErrorCode, message: String, ctx: &mut Ctx) {
@@ -248,12 +277,17 @@ impl Conn {
         if self.writer.is_some() {
             return;
         }
-        if self.queue.is_empty() {
+        if self.closing.is_some() {
+            // A closing connection answers no more pings.
+            self.pong = None;
+        }
+        if self.queue.is_empty() && self.pong.is_none() {
             if self.closing.is_some() {
                 self.send_close(ctx);
             }
             return;
         }
+        let pong = self.pong.take();
         let batch: Vec<Bytes> = self.queue.drain(..).collect();
         self.in_flight = batch.len();
         let mut session = self.session.clone();
@@ -261,6 +295,9 @@ impl Conn {
         let shared = Arc::clone(&self.shared);
         let write = async move {
             tokio::time::timeout(timeout, async move {
+                if let Some(payload) = pong {
+                    session.pong(&payload).await?;
+                }
                 for frame in batch {
                     let len = frame.len();
                     session.binary(frame).await?;
@@ -288,10 +325,16 @@ impl Conn {
     /// the close, say) are written first, within one second; a slow consumer's queue is
     /// dropped instead, since it is the reason for the close.
     fn close(&mut self, code: CloseCode, ctx: &mut Ctx) {
+        self.close_with(code, None, ctx);
+    }
+
+    /// Like [`Conn::close`], with a reason other than the code's own in the close frame.
+    fn close_with(&mut self, code: CloseCode, reason: Option<String>, ctx: &mut Ctx) {
         if self.closing.is_some() {
             return;
         }
         self.closing = Some(code);
+        self.close_reason = reason;
         self.shared.metrics.closed(code);
         if code == CloseCode::SlowConsumer {
             self.queue.clear();
@@ -315,7 +358,11 @@ impl Conn {
         let session = self.session.clone();
         let reason = CloseReason {
             code: actix_ws::CloseCode::Other(code.code()),
-            description: Some(code.reason().to_owned()),
+            description: Some(
+                self.close_reason
+                    .take()
+                    .unwrap_or_else(|| code.reason().to_owned()),
+            ),
         };
         ctx.wait(
             async move {
@@ -348,11 +395,13 @@ impl Conn {
         .to_headers()
     }
 
-    /// Hands a message to the bus publisher; reports failure to the client (never silent).
-    fn publish(&mut self, out: Outbound, msg_id: u64, ctx: &mut Ctx) {
+    /// Hands a message to the bus publisher. A failure is reported to the client when the
+    /// message carries a client request (`request` is its message id, which may be 0);
+    /// events of the gateway's own (connect, receipts) have no one to tell.
+    fn publish(&mut self, out: Outbound, request: Option<u64>, ctx: &mut Ctx) {
         if let Err(reason) = self.shared.bus.send(out) {
             self.shared.metrics.publish_errors.inc();
-            if msg_id != 0 {
+            if let Some(msg_id) = request {
                 self.send_error(msg_id, ErrorCode::Unavailable, reason.to_owned(), ctx);
             }
         }
@@ -414,36 +463,49 @@ impl Conn {
                     self.session_headers(ClientOp::Connect),
                     body,
                 );
-                self.publish(out, 0, ctx);
+                self.publish(out, None, ctx);
             }
             Err(e) => tracing::error!(error = %e, "Encoding a connect event failed."),
         }
     }
 
+    /// Takes a token from the rate limit for a message from the client (a frame or a
+    /// WebSocket ping). Without one, the message is dropped: a strike, and after more than
+    /// `rate_burst` strikes in a row the connection is closed with 4004. Returns whether the
+    /// message may be processed; a dropped one is answered by the caller (or not at all).
+    fn admit_message(&mut self, now: Instant, ctx: &mut Ctx) -> Admit {
+        if self.bucket.take(now) {
+            self.strikes = 0;
+            return Admit::Go;
+        }
+        self.shared.metrics.rate_limited.inc();
+        self.strikes = self.strikes.saturating_add(1);
+        if self.strikes > self.shared.config.rate_burst {
+            self.close(CloseCode::RateLimited, ctx);
+            Admit::Closed
+        } else {
+            Admit::Dropped
+        }
+    }
+
     fn on_binary(&mut self, bytes: &Bytes, ctx: &mut Ctx) {
         let now = Instant::now();
-        let metrics = &self.shared.metrics;
-        metrics.bytes_in.inc_by(bytes.len() as u64);
-        if !self.bucket.take(now) {
-            metrics.rate_limited.inc();
-            self.strikes += 1;
-            if self.strikes > self.shared.config.rate_burst {
-                self.close(CloseCode::RateLimited, ctx);
-            } else {
+        self.shared.metrics.bytes_in.inc_by(bytes.len() as u64);
+        match self.admit_message(now, ctx) {
+            Admit::Go => {}
+            Admit::Closed => return,
+            Admit::Dropped => {
+                // The frame was not decoded; its id, where the fixed header has one, lets
+                // the client tell which request to send again.
                 let msg_id = peek_msg_id(bytes);
-                self.send_error(
-                    msg_id,
-                    ErrorCode::RateLimited,
-                    "rate limit exceeded".into(),
-                    ctx,
-                );
+                let message = "rate limit exceeded".to_owned();
+                return self.send_error(msg_id, ErrorCode::RateLimited, message, ctx);
             }
-            return;
         }
-        self.strikes = 0;
+        let metrics = &self.shared.metrics;
         let frame = match Frame::decode(bytes, &self.shared.config.limits) {
             Ok(frame) => frame,
-            Err(err) => return self.on_bad_frame(bytes, &err, ctx),
+            Err(err) => return self.on_bad_frame(&err, ctx),
         };
         metrics.frame_in(frame.kind);
         self.hb.on_activity(now);
@@ -468,7 +530,7 @@ impl Conn {
                     trace: publish_trace(&frame, &subject),
                 };
                 let out = self.event(Event::Ack, stamped_in(receipt.to_headers()), Vec::new());
-                self.publish(out, 0, ctx);
+                self.publish(out, None, ctx);
             }
             FrameKind::Join | FrameKind::Leave => self.on_room_request(&frame, ctx),
             FrameKind::Refresh => self.on_refresh(&frame, ctx),
@@ -511,8 +573,7 @@ impl Conn {
                     self.expires_at = expires_at;
                 }
                 tracing::debug!(socket_id = %self.id, expires_at, "Session refreshed.");
-                let ack = self.control_frame(FrameKind::Ack, frame.msg_id, &());
-                self.enqueue(ack, ctx);
+                self.send_ack(frame.msg_id, ctx);
             }
             Err((code, message)) => self.send_error(frame.msg_id, code, message, ctx),
         }
@@ -535,20 +596,15 @@ impl Conn {
         });
     }
 
-    fn on_bad_frame(&mut self, bytes: &[u8], err: &FrameError, ctx: &mut Ctx) {
+    /// Every decoder error ends the session: a client that sends an undecodable frame has a
+    /// bug (or is probing), and everything it sent after would be a guess. The error frame
+    /// says what was wrong; it carries message id 0 because nothing in a frame that failed
+    /// to decode is trusted, and no other answer will follow anyway.
+    fn on_bad_frame(&mut self, err: &FrameError, ctx: &mut Ctx) {
         self.shared.metrics.frame_errors.inc();
         tracing::debug!(socket_id = %self.id, error = %err, "Bad frame.");
-        self.send_error(peek_msg_id(bytes), err.error_code(), err.to_string(), ctx);
-        // A frame is one WebSocket message, so a bad one does not desynchronise the stream;
-        // close only where the client is broken or abusive.
-        if matches!(
-            err,
-            FrameError::BodyTooLarge { .. }
-                | FrameError::UnsupportedVersion(_)
-                | FrameError::Truncated { .. }
-        ) {
-            self.close(err.close_code(), ctx);
-        }
+        self.send_error(0, err.error_code(), err.to_string(), ctx);
+        self.close(err.close_code(), ctx);
     }
 
     fn on_publish(&mut self, frame: Frame, ctx: &mut Ctx) {
@@ -565,14 +621,15 @@ impl Conn {
             trace: publish_trace(&frame, &subject),
         };
         let map = stamped_in(envelope.to_headers());
-        let reply = (frame.msg_id != 0).then(|| (ctx.address(), frame.msg_id));
+        // Id 0 gets no ack but still hears of a failure, so the outcome is always reported.
+        let reply = Some((ctx.address(), frame.msg_id));
         let out = Outbound::Publish {
             subject,
             headers: map,
             payload: frame.body,
             reply,
         };
-        self.publish(out, frame.msg_id, ctx);
+        self.publish(out, Some(frame.msg_id), ctx);
     }
 
     fn on_room_request(&mut self, frame: &Frame, ctx: &mut Ctx) {
@@ -583,6 +640,13 @@ impl Conn {
                 return self.send_error(frame.msg_id, ErrorCode::BadRoute, message, ctx);
             }
         };
+        if frame.kind == FrameKind::Join && !self.room_available(&room) {
+            let message = format!(
+                "this socket is in (or asked for) {} rooms, the maximum",
+                self.shared.config.max_rooms_per_socket
+            );
+            return self.send_error(frame.msg_id, ErrorCode::RateLimited, message, ctx);
+        }
         let request = RoomRequest {
             socket_id: self.id,
             user_id: self.user.clone(),
@@ -601,14 +665,18 @@ impl Conn {
             msg_id: frame.msg_id,
             trace: publish_trace(frame, &subject::event(self.kind, event)),
         };
-        let headers = stamped_in(envelope.to_headers());
+        let mut map = envelope.to_headers();
+        // The room, for services that route on headers (docs/protocol.md 12.3); the value is a
+        // validated room id, so `set` cannot fail.
+        let _ = headers::set(&mut map, headers::ROOM, request.room.as_str());
+        let headers = stamped_in(map);
         match payload::to_bus(&request) {
             Ok(body) => {
                 let out = self.event(event, headers, body);
                 let msg_id = frame.msg_id;
                 if msg_id != 0 && self.shared.bus.send_ok() {
                     // The services answer with a control message; if none comes, say so.
-                    self.pending.push(msg_id);
+                    self.pending.push((msg_id, event == Event::Join));
                     ctx.run_later(self.shared.config.request_timeout, move |act, ctx| {
                         if act.answered(msg_id) {
                             let message = "the services did not answer in time".to_owned();
@@ -616,16 +684,27 @@ impl Conn {
                         }
                     });
                 }
-                self.publish(out, msg_id, ctx);
+                self.publish(out, Some(msg_id), ctx);
             }
             Err(e) => self.send_error(frame.msg_id, ErrorCode::Internal, e.to_string(), ctx),
         }
     }
 
+    /// Whether this socket may join `room` without passing the room cap: rooms it is in
+    /// and joins still waiting for the services both count, so a burst of join requests
+    /// cannot overshoot.
+    fn room_available(&self, room: &RoomId) -> bool {
+        if self.rooms.contains(room) {
+            return true;
+        }
+        let pending_joins = self.pending.iter().filter(|(_, join)| *join).count();
+        self.rooms.len() + pending_joins < self.shared.config.max_rooms_per_socket
+    }
+
     /// Marks a forwarded request as answered; returns whether it was still pending.
     fn answered(&mut self, msg_id: u64) -> bool {
         let before = self.pending.len();
-        self.pending.retain(|id| *id != msg_id);
+        self.pending.retain(|(id, _)| *id != msg_id);
         self.pending.len() != before
     }
 
@@ -640,6 +719,19 @@ impl Conn {
         }
         match control {
             GatewayControl::Join { room, msg_id, .. } => {
+                if !self.room_available(&room) {
+                    // Also for memberships a service adds: the cap bounds what one socket
+                    // costs this replica, whoever asked.
+                    tracing::warn!(socket_id = %self.id, %room, "Join refused: room cap reached.");
+                    if msg_id != 0 {
+                        let message = format!(
+                            "this socket is in {} rooms, the maximum",
+                            self.shared.config.max_rooms_per_socket
+                        );
+                        self.send_error(msg_id, ErrorCode::RateLimited, message, ctx);
+                    }
+                    return;
+                }
                 let shared = Arc::clone(&self.shared);
                 let joined = self.shared.registry.join(self.id, &room, |subject| {
                     crate::bus::subscribe_room(&shared, subject, room.clone())
@@ -654,8 +746,7 @@ impl Conn {
                     ctx.spawn(wait_live(live, LIVE_TIMEOUT).into_actor(self).map(
                         move |live, act, ctx| {
                             if live {
-                                let frame = act.control_frame(FrameKind::Ack, msg_id, &());
-                                act.enqueue(frame, ctx);
+                                act.send_ack(msg_id, ctx);
                             } else {
                                 act.send_error(
                                     msg_id,
@@ -671,10 +762,7 @@ impl Conn {
             GatewayControl::Leave { room, msg_id, .. } => {
                 self.shared.registry.leave(self.id, &room);
                 self.rooms.retain(|r| r != &room);
-                if msg_id != 0 {
-                    let frame = self.control_frame(FrameKind::Ack, msg_id, &());
-                    self.enqueue(frame, ctx);
-                }
+                self.send_ack(msg_id, ctx);
             }
             GatewayControl::Refuse {
                 msg_id,
@@ -685,8 +773,12 @@ impl Conn {
                 let code = ErrorCode::from_code(code).unwrap_or(ErrorCode::Forbidden);
                 self.send_error(msg_id, code, reason, ctx);
             }
-            GatewayControl::Close { code, .. } => {
-                self.close(CloseCode::from_code(code).unwrap_or(CloseCode::Kicked), ctx);
+            GatewayControl::Close { code, reason, .. } => {
+                // The service's reason reaches the client (it is what the client can show);
+                // a code this gateway does not know becomes 4503, which means the same.
+                let code = CloseCode::from_code(code).unwrap_or(CloseCode::Kicked);
+                let reason = (!reason.is_empty()).then(|| close_reason(&reason).to_owned());
+                self.close_with(code, reason, ctx);
             }
             GatewayControl::Resync => {}
         }
@@ -783,22 +875,25 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Conn {
         match item {
             Ok(AggregatedMessage::Binary(bytes)) => self.on_binary(&bytes, ctx),
             Ok(AggregatedMessage::Text(_)) => {
+                // A protocol violation like an undecodable frame, with the same outcome.
                 self.shared.metrics.frame_errors.inc();
                 let message =
                     "text messages are not part of the protocol; send binary frames".into();
                 self.send_error(0, ErrorCode::BadFrame, message, ctx);
+                self.close(CloseCode::ProtocolError, ctx);
             }
             Ok(AggregatedMessage::Ping(payload)) => {
-                self.hb.on_activity(Instant::now());
-                let mut session = self.session.clone();
-                ctx.spawn(
-                    async move {
-                        let _ = session.pong(&payload).await;
-                    }
-                    .into_actor(self),
-                );
+                // Not session activity: only protocol frames keep a session open, so a
+                // client's WebSocket library pinging on its own cannot hide a dead client.
+                // A ping over the rate limit gets no pong (and no error frame: pings are
+                // not frames of the protocol).
+                if self.admit_message(Instant::now(), ctx) == Admit::Go {
+                    self.pong = Some(payload);
+                    self.pump(ctx);
+                }
             }
-            Ok(AggregatedMessage::Pong(_)) => self.hb.on_activity(Instant::now()),
+            // Unsolicited (the gateway sends no pings): ignored, and not activity either.
+            Ok(AggregatedMessage::Pong(_)) => {}
             Ok(AggregatedMessage::Close(reason)) => {
                 self.peer_reason = Some(match reason {
                     Some(r) => format!("peer closed: {}", u16::from(r.code)),
@@ -855,10 +950,7 @@ impl Handler<ToConn> for Conn {
                 self.shared.metrics.pushes_delivered.inc();
                 self.enqueue(frame, ctx);
             }
-            ToConn::Published(msg_id) => {
-                let frame = self.control_frame(FrameKind::Ack, msg_id, &());
-                self.enqueue(frame, ctx);
-            }
+            ToConn::Published(msg_id) => self.send_ack(msg_id, ctx),
             ToConn::Failed {
                 msg_id,
                 code,
@@ -898,8 +990,29 @@ fn stamped_in(mut map: HeaderMap) -> HeaderMap {
     map
 }
 
-/// The message id of a frame that failed to decode, if its fixed header is there, so the
-/// error frame can name it.
+/// What the rate limit says about a message from the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Process it.
+    Go,
+    /// Drop it; the connection stays.
+    Dropped,
+    /// Drop it; the connection is closing (4004).
+    Closed,
+}
+
+/// The longest prefix of `reason` that fits a close frame (123 bytes), cut at a character
+/// boundary.
+fn close_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(messages::close::MAX_REASON_LEN);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+/// The message id in bytes 4-11 of a frame that was dropped undecoded (rate limit), so the
+/// error frame can name it; 0 when the message is shorter.
 fn peek_msg_id(bytes: &[u8]) -> u64 {
     bytes
         .get(4..12)
@@ -922,6 +1035,15 @@ mod tests {
         // Never more than the burst, however long the pause.
         let later = t0 + Duration::from_secs(60);
         assert_eq!((0..10).filter(|_| bucket.take(later)).count(), 5);
+    }
+
+    #[test]
+    fn a_close_reason_is_cut_to_123_bytes_at_a_character_boundary() {
+        assert_eq!(close_reason("bye"), "bye");
+        let long = "é".repeat(100);
+        let cut = close_reason(&long);
+        assert!(cut.len() <= 123 && cut.len() >= 122, "{}", cut.len());
+        assert!(long.starts_with(cut));
     }
 
     #[test]

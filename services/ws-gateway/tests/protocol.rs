@@ -1,0 +1,333 @@
+//! The rules of docs/protocol.md that a client author relies on, checked the way such a
+//! client meets them: a real WebSocket client over TCP against a real gateway on a real
+//! nats-server. Each test names the section it holds the gateway to.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use messages::payload::{self, ErrorBody, GatewayControl, HeartbeatAck};
+use messages::{BodyCodec, CloseCode, ErrorCode, Frame, FrameKind, RoomId, Route, headers};
+use testkit::NatsServer;
+use testkit::ws::{Received, TestClient, token};
+
+fn error_of(frame: &Frame) -> ErrorBody {
+    assert_eq!(frame.kind, FrameKind::Error, "{frame:?}");
+    payload::decode_body(frame.flags.codec(), &frame.body).unwrap()
+}
+
+/// A 12-byte frame of `kind` with message id 3, to be spoiled byte by byte.
+fn base(kind: FrameKind) -> Vec<u8> {
+    Frame::new(kind).with_msg_id(3).encode().to_vec()
+}
+
+/// Section 8: every decoder error, and a text message, is answered with an error frame
+/// (message id 0, the error's code) and the connection is closed with the error's close code.
+#[tokio::test]
+async fn every_decoder_error_closes_with_its_code_after_an_error_frame_with_id_0() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-decode")).await;
+
+    let with = |i: usize, v: u8| {
+        let mut b = base(FrameKind::Heartbeat);
+        b[i] = v;
+        b
+    };
+    let route = |route: &[u8]| {
+        let mut b = base(FrameKind::Publish);
+        b[3] = u8::try_from(route.len()).unwrap();
+        b.extend_from_slice(route);
+        b
+    };
+    let mut zero_trace = with(2, 0x08);
+    zero_trace.extend_from_slice(&[0; 25]);
+    let mut too_big = route(b"x");
+    too_big.extend(std::iter::repeat_n(0u8, 64 * 1024 + 1));
+    let bad_frame = ErrorCode::BadFrame.code();
+    let bad_route = ErrorCode::BadRoute.code();
+    let protocol = CloseCode::ProtocolError.code();
+    let cases: Vec<(&str, Option<Vec<u8>>, u16, u16)> = vec![
+        ("unknown kind", Some(with(1, 99)), bad_frame, protocol),
+        ("kind 0", Some(with(1, 0)), bad_frame, protocol),
+        (
+            "reserved flag 0x20",
+            Some(with(2, 0x20)),
+            bad_frame,
+            protocol,
+        ),
+        (
+            "reserved flag 0x80",
+            Some(with(2, 0x80)),
+            bad_frame,
+            protocol,
+        ),
+        ("codec 3", Some(with(2, 0x03)), bad_frame, protocol),
+        (
+            "all-zero trace context",
+            Some(zero_trace),
+            bad_frame,
+            protocol,
+        ),
+        (
+            "truncated",
+            Some(base(FrameKind::Heartbeat)[..11].to_vec()),
+            bad_frame,
+            protocol,
+        ),
+        (
+            "route over the limit",
+            Some(route(&[b'a'; 200])),
+            bad_route,
+            protocol,
+        ),
+        ("bad route byte", Some(route(b"a*b")), bad_route, protocol),
+        (
+            "empty route token",
+            Some(route(b"a..b")),
+            bad_route,
+            protocol,
+        ),
+        ("leading dot", Some(route(b".a")), bad_route, protocol),
+        (
+            "version 9",
+            Some(with(0, 9)),
+            ErrorCode::UnsupportedVersion.code(),
+            CloseCode::UnsupportedVersion.code(),
+        ),
+        (
+            "body over the limit",
+            Some(too_big),
+            ErrorCode::TooLarge.code(),
+            CloseCode::FrameTooLarge.code(),
+        ),
+        ("text message", None, bad_frame, protocol),
+    ];
+    for (i, (case, bytes, code, close)) in cases.into_iter().enumerate() {
+        let user = format!("buggy-{i}");
+        let mut c = TestClient::connect(gw.addr(), &token(&user, None, &[]))
+            .await
+            .unwrap();
+        match bytes {
+            Some(bytes) => c.send_raw(bytes).await,
+            None => c.send_text("hello?").await,
+        }
+        let f = c.frame().await;
+        assert_eq!(
+            (f.msg_id, error_of(&f).code),
+            (0, code),
+            "{case}: the error frame"
+        );
+        assert_eq!(c.closed().await, Some(close), "{case}: the close code");
+    }
+    gw.shutdown().await.unwrap();
+}
+
+/// Section 3: flag bit 4 (`0x10`) is the receipt bit, not a reserved one; a client frame
+/// with it set decodes (clients should not set it, and the gateway ignores it).
+#[tokio::test]
+async fn the_receipt_bit_is_not_a_reserved_flag() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-receipt-bit")).await;
+    let mut c = TestClient::connect(gw.addr(), &token("rita", None, &[]))
+        .await
+        .unwrap();
+    let mut beat = base(FrameKind::Heartbeat);
+    beat[2] = 0x10;
+    c.send_raw(beat).await;
+    match c.recv().await {
+        Received::Frame(f) if f.kind == FrameKind::HeartbeatAck => {}
+        other => panic!("expected a heartbeat ack, got {other:?}"),
+    }
+    gw.shutdown().await.unwrap();
+}
+
+/// Sections 4 and 7.3: message id 0 asks for no ack; errors about such a frame are still
+/// sent, with id 0, and the connection stays. Acks have an empty body (codec raw).
+#[tokio::test]
+async fn id_0_gets_no_ack_but_its_errors_and_acks_have_empty_bodies() {
+    let nats = NatsServer::start().unwrap();
+    let bus = bus_client(&nats.url()).await;
+    let mut sub = bus.subscribe("ws.msg.app.>").await.unwrap();
+    bus.flush().await.unwrap();
+    let gw = start(config(&nats.url(), "gw-id0")).await;
+    let mut c = TestClient::connect(gw.addr(), &token("zed", None, &[]))
+        .await
+        .unwrap();
+
+    let publish = |id: u64, route: &str| {
+        Frame::new(FrameKind::Publish)
+            .with_msg_id(id)
+            .with_route(Route::new(route).unwrap())
+            .with_body(BodyCodec::Json, b"{}".to_vec())
+    };
+    // Fire and forget: it reaches the bus, and the next frame the client gets is the
+    // answer to its heartbeat, not an ack.
+    c.send(&publish(0, "orders.new")).await;
+    assert_eq!(
+        next(&mut sub).await.subject.as_str(),
+        "ws.msg.app.orders.new"
+    );
+    c.send(&Frame::new(FrameKind::Heartbeat)).await;
+    match c.recv().await {
+        Received::Frame(f) if f.kind == FrameKind::HeartbeatAck => {
+            let _: HeartbeatAck = payload::decode_body(f.flags.codec(), &f.body).unwrap();
+        }
+        other => panic!("expected only a heartbeat ack, got {other:?}"),
+    }
+
+    // A refusal is reported even for id 0 (with id 0), and the connection stays.
+    c.send(&Frame::new(FrameKind::Publish)).await;
+    let f = c.frame().await;
+    assert_eq!(
+        (f.msg_id, error_of(&f).code),
+        (0, ErrorCode::BadRoute.code())
+    );
+
+    // With an id: an ack with that id and an empty body, codec raw.
+    c.send(&publish(5, "orders.new")).await;
+    let ack = c.frame().await;
+    assert_eq!((ack.kind, ack.msg_id), (FrameKind::Ack, 5));
+    assert!(ack.body.is_empty(), "ack body: {:?}", ack.body);
+    assert_eq!(ack.flags.codec(), BodyCodec::Raw);
+    gw.shutdown().await.unwrap();
+}
+
+/// Sections 7.4 and 12.3: a join request on the bus carries the `ws-room` header; the
+/// services' acceptance becomes an ack with an empty body; a service's join with msg_id 0
+/// is not acked.
+#[tokio::test]
+async fn join_requests_carry_ws_room_and_the_join_ack_is_empty() {
+    let nats = NatsServer::start().unwrap();
+    let bus = bus_client(&nats.url()).await;
+    let mut joins = bus.subscribe("ws.evt.app.join").await.unwrap();
+    let mut leaves = bus.subscribe("ws.evt.app.leave").await.unwrap();
+    bus.flush().await.unwrap();
+    let gw = start(config(&nats.url(), "gw-room-hdr")).await;
+    let mut c = TestClient::connect(gw.addr(), &token("ruth", None, &[]))
+        .await
+        .unwrap();
+    c.send(
+        &Frame::new(FrameKind::Join)
+            .with_msg_id(8)
+            .with_route(Route::new("chat.lobby").unwrap()),
+    )
+    .await;
+    let request = next(&mut joins).await;
+    let h = request.headers.as_ref().unwrap();
+    assert_eq!(headers::get(h, headers::ROOM), Some("chat.lobby"));
+    assert_eq!(headers::get(h, headers::OPERATION), Some("join"));
+    let room = RoomId::new("chat.lobby").unwrap();
+    for msg_id in [0, 8] {
+        let join = GatewayControl::Join {
+            socket_id: c.welcome.socket_id,
+            room: room.clone(),
+            msg_id,
+        };
+        control(&bus, "gw-room-hdr", &join).await;
+    }
+    let ack = c.frame().await;
+    assert_eq!(
+        (ack.kind, ack.msg_id),
+        (FrameKind::Ack, 8),
+        "no ack for msg_id 0"
+    );
+    assert!(ack.body.is_empty());
+    assert_eq!(ack.flags.codec(), BodyCodec::Raw);
+
+    c.send(
+        &Frame::new(FrameKind::Leave)
+            .with_msg_id(9)
+            .with_route(Route::new("chat.lobby").unwrap()),
+    )
+    .await;
+    let request = next(&mut leaves).await;
+    let h = request.headers.as_ref().unwrap();
+    assert_eq!(headers::get(h, headers::ROOM), Some("chat.lobby"));
+    gw.shutdown().await.unwrap();
+}
+
+/// Sections 1.1 and 7.2: WebSocket pings (and unsolicited pongs) are answered by the
+/// WebSocket layer but do not keep a session alive; only frames of the protocol do.
+#[tokio::test]
+async fn websocket_pings_do_not_keep_a_session_alive() {
+    let nats = NatsServer::start().unwrap();
+    let mut cfg = config(&nats.url(), "gw-pings");
+    cfg.heartbeat.base_ms = 300;
+    cfg.heartbeat.max_ms = 300;
+    cfg.heartbeat.grace_ms = 300;
+    let gw = start(cfg).await;
+    let mut c = TestClient::connect(gw.addr(), &token("pinger", None, &[]))
+        .await
+        .unwrap();
+    let mut pongs = 0;
+    let code = 'outer: {
+        // Far longer than interval + grace, at a ping every 50 ms.
+        for _ in 0..200 {
+            c.send_ping(b"still here").await;
+            c.send_pong(b"unasked").await;
+            let (got, next) = c.pongs_until_frame_within(Duration::from_millis(50)).await;
+            pongs += got.len();
+            match next {
+                Received::Timeout => {}
+                Received::Close(code) => break 'outer code,
+                other => panic!("expected nothing but pongs and a close, got {other:?}"),
+            }
+        }
+        panic!("pings kept the session alive");
+    };
+    assert_eq!(code, Some(CloseCode::HeartbeatTimeout.code()));
+    assert!(pongs > 0, "pings are answered");
+    gw.shutdown().await.unwrap();
+}
+
+/// Section 9.1: a close a service requests carries the service's code and reason (cut to
+/// 123 bytes); a code the gateway does not know is sent as 4503.
+#[tokio::test]
+async fn a_service_close_keeps_its_reason() {
+    let nats = NatsServer::start().unwrap();
+    let bus = bus_client(&nats.url()).await;
+    let gw = start(config(&nats.url(), "gw-kick")).await;
+    let mut a = TestClient::connect(gw.addr(), &token("kim", None, &[]))
+        .await
+        .unwrap();
+    let mut b = TestClient::connect(gw.addr(), &token("lee", None, &[]))
+        .await
+        .unwrap();
+    let close = |client: &TestClient, code: u16, reason: &str| GatewayControl::Close {
+        socket_id: client.welcome.socket_id,
+        code,
+        reason: reason.to_owned(),
+    };
+    control(
+        &bus,
+        "gw-kick",
+        &close(&a, 4502, "session revoked by admin"),
+    )
+    .await;
+    assert_eq!(
+        a.close_frame().await,
+        Some((4502, "session revoked by admin".to_owned()))
+    );
+    let long = "x".repeat(300);
+    control(&bus, "gw-kick", &close(&b, 4999, &long)).await;
+    assert_eq!(b.close_frame().await, Some((4503, "x".repeat(123))));
+    gw.shutdown().await.unwrap();
+}
+
+/// Section 1.2: the WebSocket endpoint is `/ws`; other paths are not upgraded.
+#[tokio::test]
+async fn the_websocket_endpoint_is_ws() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-path")).await;
+    assert!(
+        TestClient::connect(gw.addr(), &token("pat", None, &[]))
+            .await
+            .is_ok()
+    );
+    let (status, _) = http_get(gw.addr(), "/socket").await;
+    assert_eq!(status, 404);
+    gw.shutdown().await.unwrap();
+}
