@@ -418,6 +418,97 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<ServerConfig, 
         .with_single_cert(certs, key)?)
 }
 
+/// A server certificate that can be replaced while the server runs: new handshakes get
+/// the new chain and key, connections already established keep theirs. A reload that
+/// fails (a half-written file, a key that does not match) keeps the current certificate.
+#[derive(Debug)]
+pub struct ReloadableCert {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+    /// Modification times of the two files when they were last loaded.
+    stamp: std::sync::Mutex<Option<(std::time::SystemTime, std::time::SystemTime)>>,
+}
+
+impl ReloadableCert {
+    /// Loads the chain in `cert_file` (leaf first) and the key in `key_file`.
+    pub fn load(cert_file: &Path, key_file: &Path) -> Result<Arc<Self>, TlsError> {
+        let this = ReloadableCert {
+            cert_file: cert_file.to_owned(),
+            key_file: key_file.to_owned(),
+            current: std::sync::RwLock::new(Arc::new(Self::read(cert_file, key_file)?)),
+            stamp: std::sync::Mutex::new(Self::mtimes(cert_file, key_file)),
+        };
+        Ok(Arc::new(this))
+    }
+
+    fn read(cert_file: &Path, key_file: &Path) -> Result<rustls::sign::CertifiedKey, TlsError> {
+        let certs = load_certs(cert_file)?;
+        let key = load_key(key_file)?;
+        let certified = rustls::sign::CertifiedKey::from_der(certs, key, &provider())?;
+        Ok(certified)
+    }
+
+    fn mtimes(cert: &Path, key: &Path) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        Some((m(cert)?, m(key)?))
+    }
+
+    /// Loads the files again and, if they are good, serves them from the next handshake on.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamp = Self::mtimes(&self.cert_file, &self.key_file);
+        let fresh = Self::read(&self.cert_file, &self.key_file)?;
+        if let Ok(mut current) = self.current.write() {
+            *current = Arc::new(fresh);
+        }
+        if let Ok(mut last) = self.stamp.lock() {
+            *last = stamp;
+        }
+        Ok(())
+    }
+
+    /// Reloads when either file changed since the last load; returns whether it did. The
+    /// error of a failed reload is returned once per change, not on every call.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = Self::mtimes(&self.cert_file, &self.key_file);
+        let changed = match self.stamp.lock() {
+            Ok(mut last) if *last != now => {
+                *last = now;
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.reload()?;
+        }
+        Ok(changed)
+    }
+
+    /// The leaf certificate being served (DER).
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        let current = self.current.read().ok()?;
+        current.cert.first().cloned()
+    }
+
+    /// A server configuration (TLS 1.2 and 1.3, rustls' safe defaults, no client
+    /// certificates) that asks this certificate for every handshake.
+    pub fn server_config(self: &Arc<Self>) -> Result<ServerConfig, TlsError> {
+        Ok(ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(self) as Arc<dyn rustls::server::ResolvesServerCert>))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadableCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.current.read().ok().map(|c| Arc::clone(&c))
+    }
+}
+
 /// A failed TLS handshake, in the terms an operator fixes it by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsFailure {

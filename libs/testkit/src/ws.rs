@@ -110,6 +110,8 @@ pub struct TestClient {
 pub enum ConnectError {
     /// The server answered the upgrade with this HTTP status.
     Status(u16),
+    /// The TLS handshake failed (the message says why).
+    Tls(String),
     /// Something else went wrong.
     Other(String),
 }
@@ -140,6 +142,40 @@ impl TestClient {
         source: std::net::IpAddr,
     ) -> Result<Self, ConnectError> {
         Self::connect_inner(addr, Some(token), "", None, Some(source)).await
+    }
+
+    /// Connects over TLS (`wss://localhost`) with `tls` as the client configuration.
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        token: &str,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<Self, ConnectError> {
+        let other = |e: &dyn std::fmt::Display| ConnectError::Other(e.to_string());
+        let mut request = format!("wss://localhost:{}/ws", addr.port())
+            .into_client_request()
+            .map_err(|e| other(&e))?;
+        let value = format!("Bearer {token}").parse().map_err(|e| other(&e))?;
+        request.headers_mut().insert("authorization", value);
+        let tcp = TcpStream::connect(addr).await.map_err(|e| other(&e))?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| other(&e))?;
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        Self::handshake(request, MaybeTlsStream::Rustls(tls), "").await
+    }
+
+    /// The leaf certificate the server presented (DER), on a TLS connection.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        match self.ws.get_ref() {
+            MaybeTlsStream::Rustls(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
+            _ => None,
+        }
     }
 
     async fn connect_inner(
@@ -178,18 +214,26 @@ impl TestClient {
             .connect(addr)
             .await
             .map_err(|e| ConnectError::Other(e.to_string()))?;
+        Self::handshake(request, MaybeTlsStream::Plain(stream), query).await
+    }
+
+    /// The WebSocket handshake on a connected stream, then the wait for the welcome.
+    async fn handshake(
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+        stream: MaybeTlsStream<TcpStream>,
+        query: &str,
+    ) -> Result<Self, ConnectError> {
         let config = WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(0);
-        let (ws, _) =
-            client_async_with_config(request, MaybeTlsStream::Plain(stream), Some(config))
-                .await
-                .map_err(|e| match e {
-                    tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                        ConnectError::Status(resp.status().as_u16())
-                    }
-                    other => ConnectError::Other(other.to_string()),
-                })?;
+        let (ws, _) = client_async_with_config(request, stream, Some(config))
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    ConnectError::Status(resp.status().as_u16())
+                }
+                other => ConnectError::Other(other.to_string()),
+            })?;
         let codec = if query.contains("codec=json") {
             BodyCodec::Json
         } else {

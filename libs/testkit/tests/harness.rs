@@ -68,7 +68,17 @@ async fn jetstream_key_value_works_and_survives_a_restart() {
             })
             .await
             .unwrap();
-        kv.put("k", "v".into()).await.unwrap();
+        // A replicated stream right after the cluster formed may not take writes yet (its
+        // leader is still being elected): the first puts can fail with "stream not found".
+        let mut attempts = 0;
+        while let Err(e) = kv.put("k", "v".into()).await {
+            attempts += 1;
+            assert!(
+                attempts < 50,
+                "the replicated bucket never took a write: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     server.restart().unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
@@ -109,7 +119,17 @@ async fn three_node_cluster_routes_messages_and_replicates_kv() {
         })
         .await
         .unwrap();
-    kv.put("k", "v".into()).await.unwrap();
+    // A replicated stream right after the cluster formed may not take writes yet (its
+    // leader is still being elected): the first puts can fail with "stream not found".
+    let mut attempts = 0;
+    while let Err(e) = kv.put("k", "v".into()).await {
+        attempts += 1;
+        assert!(
+            attempts < 50,
+            "the replicated bucket never took a write: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let kv_c = async_nats::jetstream::new(c)
         .get_key_value("replicated")
         .await

@@ -7,8 +7,9 @@
 //! connection must not depend on one of them. Actors reach this side through a bounded
 //! queue (`try_send`, never blocking) and are reached back through their addresses.
 //!
-//! Downstream, a bus message becomes one push frame, encoded once; every local recipient
-//! gets a reference-counted clone of the same buffer.
+//! Downstream, a bus message becomes one push, encoded once as a complete WebSocket message
+//! (frame header included); every local recipient gets a reference-counted clone of the
+//! same buffer and writes it as it is.
 //!
 //! A subscription counts as live only once the server has processed it. async-nats'
 //! `flush` only writes the socket, so liveness is proved with a [`Probe`]: a message to the
@@ -25,7 +26,7 @@ use async_nats::{Client, HeaderMap};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use messages::envelope::{AgentClose, DeliveredEnvelope, HeartbeatEnvelope, PushEnvelope};
-use messages::frame::encode_parts;
+use messages::frame::{encode_parts, encoded_len};
 use messages::payload::{self, GatewayControl, HeartbeatBatch};
 use messages::subject::{self, Event};
 use messages::{
@@ -387,6 +388,7 @@ fn spawn_subscription(shared: &Arc<Shared>, subject: String, target: Target) -> 
 
 /// A push ready for local recipients.
 struct Push {
+    /// The WebSocket message: header and push frame.
     frame: Bytes,
     exclude: Vec<SocketId>,
     /// Set when the sender asked for a receipt: the push id to report deliveries for.
@@ -427,7 +429,11 @@ fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<(Push, Vec<S
             .hops
             .record(map, headers::hop::GATEWAY_RECV, recv_us);
     }
-    let mut buf = BytesMut::new();
+    // The whole WebSocket message, built once: server frames are not masked, so every
+    // recipient gets these same bytes.
+    let len = encoded_len(trace.is_some(), envelope.route.len(), msg.payload.len());
+    let mut buf = BytesMut::with_capacity(len + crate::ws::MAX_HEADER);
+    crate::ws::put_binary_header(&mut buf, len);
     encode_parts(
         &mut buf,
         FrameKind::Push,

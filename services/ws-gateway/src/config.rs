@@ -8,11 +8,13 @@
 //! socket (error 429 on the join), and the frame rate, which WebSocket pings count against.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use messages::payload::HeartbeatParams;
 use messages::{GatewayId, Limits};
+use servicekit::tls::ReloadableCert;
 
 use crate::auth::{KeyError, Keys};
 
@@ -140,6 +142,17 @@ pub struct Args {
     /// Replicas of the lease bucket (3 on a 3-node cluster).
     #[arg(long, env = "WS_GATEWAY_LEASE_REPLICAS", default_value_t = 1)]
     pub lease_replicas: usize,
+    /// Certificate chain (PEM, leaf first) for `wss://`: with `--tls-key`, the gateway
+    /// terminates TLS itself. Replaced without dropping connections when the file changes
+    /// or on SIGHUP.
+    #[arg(long, env = "WS_GATEWAY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "WS_GATEWAY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// How often the certificate files are checked for changes, seconds (0: only on SIGHUP).
+    #[arg(long, env = "WS_GATEWAY_TLS_RELOAD_SECS", default_value_t = 10)]
+    pub tls_reload_secs: u64,
     /// Print a development token for this user id (signed with the HS256 secret) and exit.
     #[arg(long, value_name = "USER")]
     pub mint_token: Option<String>,
@@ -174,6 +187,9 @@ pub enum ConfigError {
     /// The instance name is not a valid subject token.
     #[error("instance name {0:?} is not valid: {1}")]
     Instance(String, messages::IdError),
+    /// The TLS certificate or key could not be loaded.
+    #[error("tls: {0}")]
+    Tls(#[from] servicekit::tls::TlsError),
     /// A value out of range.
     #[error("{0}")]
     Invalid(&'static str),
@@ -224,6 +240,10 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Lease bucket replicas.
     pub lease_replicas: usize,
+    /// The certificate `wss://` is served with; plain `ws://` without one.
+    pub tls: Option<Arc<ReloadableCert>>,
+    /// How often the certificate files are checked for changes (`None`: only on SIGHUP).
+    pub tls_reload: Option<Duration>,
 }
 
 impl Config {
@@ -257,6 +277,8 @@ impl Config {
             lease_bucket: "ws_gateway_workers".into(),
             lease_ttl: Duration::from_secs(30),
             lease_replicas: 1,
+            tls: None,
+            tls_reload: Some(Duration::from_secs(10)),
         }
     }
 
@@ -317,6 +339,11 @@ impl Config {
         config.lease_bucket = args.lease_bucket.clone();
         config.lease_ttl = Duration::from_secs(args.lease_ttl_secs);
         config.lease_replicas = args.lease_replicas;
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            config.tls = Some(ReloadableCert::load(cert, key)?);
+        }
+        config.tls_reload =
+            (args.tls_reload_secs > 0).then(|| Duration::from_secs(args.tls_reload_secs));
         config.validate()?;
         Ok(config)
     }

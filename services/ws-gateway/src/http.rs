@@ -2,134 +2,246 @@
 //! capacity, authentication, per-user and per-address caps, socket id) and the operational
 //! endpoints `/healthz`, `/readyz` and `/metrics`.
 //!
+//! actix-web serves the operational endpoints. A request asking for an upgrade never
+//! reaches it: actix-http hands such a request, with its connection, to [`upgrade`], which
+//! answers the handshake and gives the socket to the connection actor. From then on the
+//! HTTP layer holds nothing for that connection (its 16 KiB of buffers are gone).
+//!
 //! Every refusal closes its HTTP connection: a refused client must not keep a slot of the
 //! accept limit busy on a keep-alive connection while it backs off.
 
 use std::sync::Arc;
 
 use actix::{Actor, AsyncContext};
-use actix_web::http::header;
+use actix_codec::Framed;
+use actix_http::body::{BodySize, BoxBody};
+use actix_http::{ConnectionType, Request, RequestHead, Response, h1};
+use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
-use messages::BodyCodec;
+use futures_util::SinkExt;
+use messages::{BodyCodec, SocketId};
 use serde_json::json;
 
 use crate::Shared;
-use crate::admission::Refusal;
+use crate::admission::{Refusal, Ticket};
 use crate::auth::{self, AuthError};
 use crate::metrics::Reject;
 use crate::session::{Conn, ConnInit};
+use crate::transport::{self, Transport};
 
 /// Registers the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ws", web::get().to(upgrade))
+    cfg.route("/ws", web::get().to(plain_ws))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics));
 }
 
-fn refuse(status: actix_web::http::StatusCode, error: &str, detail: &str) -> HttpResponse {
-    HttpResponse::build(status)
-        .force_close()
-        .json(json!({ "error": error, "detail": detail }))
+/// A request turned away before the upgrade, and how to say so.
+#[derive(Debug)]
+struct Refused {
+    status: StatusCode,
+    error: &'static str,
+    detail: String,
+    /// Adds `WWW-Authenticate` (a token problem).
+    bearer: bool,
 }
 
-async fn upgrade(
-    req: HttpRequest,
-    body: web::Payload,
-    shared: web::Data<Arc<Shared>>,
-) -> Result<HttpResponse, actix_web::Error> {
-    let shared = shared.get_ref();
+impl Refused {
+    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
+        Refused {
+            status,
+            error,
+            detail: detail.into(),
+            bearer: false,
+        }
+    }
+
+    fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "error": self.error, "detail": self.detail }))
+            .unwrap_or_default()
+    }
+
+    /// The refusal as actix-web's response (a request without an upgrade).
+    fn to_http(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        response.force_close();
+        if self.bearer {
+            response.insert_header((header::WWW_AUTHENTICATE, BEARER_INVALID));
+        }
+        response.content_type("application/json").body(self.body())
+    }
+}
+
+const BEARER_INVALID: &str = "Bearer error=\"invalid_token\"";
+
+/// Everything a WebSocket session starts with once the checks passed.
+#[derive(Debug)]
+struct Admitted {
+    identity: auth::Identity,
+    ticket: Ticket,
+    id: SocketId,
+    codec: BodyCodec,
+}
+
+/// The checks before an upgrade, cheapest first: readiness, capacity, the token, the
+/// per-user and per-address caps, a socket id.
+fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Refused> {
     let readiness = shared.readiness();
     if !readiness.ready() {
         shared.metrics.rejected(Reject::NotReady);
-        return Ok(refuse(
-            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+        return Err(Refused::new(
+            StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
-            &readiness.describe(),
+            readiness.describe(),
         ));
     }
     // Checked again when the slot is taken; this early look spares a full replica the
     // token verification.
     if shared.admission.full() {
         shared.metrics.rejected(Reject::Capacity);
-        return Ok(refuse(
-            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+        return Err(Refused::new(
+            StatusCode::SERVICE_UNAVAILABLE,
             "capacity",
             "this replica holds its maximum number of connections; try another",
         ));
     }
-    let authorization = req
+    let query = head.uri.query().unwrap_or("");
+    let authorization = head
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let identity = auth::token_from(authorization, req.query_string())
+    let identity = auth::token_from(authorization, query)
         .ok_or(AuthError::Missing)
-        .and_then(|token| auth::verify(&token, &shared.config.keys));
-    let identity = match identity {
-        Ok(identity) => identity,
-        Err(err) => {
+        .and_then(|token| auth::verify(&token, &shared.config.keys))
+        .map_err(|err| {
             shared.metrics.rejected(Reject::Unauthorized);
             tracing::debug!(error = %err, "Upgrade refused: bad token.");
-            let mut response = refuse(
-                actix_web::http::StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                &err.to_string(),
-            );
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer error=\"invalid_token\""),
-            );
-            return Ok(response);
-        }
-    };
-    let ticket = match shared.admission.admit(
-        identity.kind,
-        &identity.user_id,
-        req.peer_addr().map(|a| a.ip()),
-    ) {
-        Ok(ticket) => ticket,
-        Err(refusal) => {
+            Refused {
+                bearer: true,
+                ..Refused::new(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string())
+            }
+        })?;
+    let peer = head.peer_addr.map(|a| a.ip());
+    let ticket = shared
+        .admission
+        .admit(identity.kind, &identity.user_id, peer)
+        .map_err(|refusal| {
             let (reject, status, error) = match refusal {
                 Refusal::Capacity => (
                     Reject::Capacity,
-                    actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                    StatusCode::SERVICE_UNAVAILABLE,
                     "capacity",
                 ),
                 Refusal::User => (
                     Reject::UserLimit,
-                    actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                    StatusCode::TOO_MANY_REQUESTS,
                     "too_many_connections_for_user",
                 ),
                 Refusal::Ip => (
                     Reject::IpLimit,
-                    actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                    StatusCode::TOO_MANY_REQUESTS,
                     "too_many_connections_from_address",
                 ),
             };
             shared.metrics.rejected(reject);
             tracing::debug!(user_id = %identity.user_id, %refusal, "Upgrade refused: limit.");
-            return Ok(refuse(status, error, &refusal.to_string()));
-        }
-    };
+            Refused::new(status, error, refusal.to_string())
+        })?;
     let Some(id) = shared.mint() else {
         shared.metrics.rejected(Reject::NotReady);
-        return Ok(refuse(
-            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+        return Err(Refused::new(
+            StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "no socket id available (worker-id lease or clock); try again",
         ));
     };
-    let codec = match servicekit::query::first(req.query_string(), "codec").as_deref() {
+    let codec = match servicekit::query::first(query, "codec").as_deref() {
         Some("json") => BodyCodec::Json,
         _ => BodyCodec::MsgPack,
     };
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    Ok(Admitted {
+        identity,
+        ticket,
+        id,
+        codec,
+    })
+}
+
+/// `GET /ws` without an upgrade: the same checks (so a client learns about a bad token
+/// the same way), then 426.
+async fn plain_ws(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> HttpResponse {
+    match admit(shared.get_ref(), req.head()) {
+        Err(refused) => refused.to_http(),
+        Ok(_) => {
+            let mut response = Refused::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "upgrade_required",
+                "this endpoint speaks WebSocket only",
+            )
+            .to_http();
+            response.headers_mut().insert(
+                header::UPGRADE,
+                header::HeaderValue::from_static("websocket"),
+            );
+            response
+        }
+    }
+}
+
+/// Why an upgrade request could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// Writing the HTTP response failed (the client went away).
+    #[error("writing the upgrade response: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// actix-http logs an upgrade's error and needs a response for it; the connection is
+/// closed anyway.
+impl From<UpgradeError> for Response<BoxBody> {
+    fn from(_: UpgradeError) -> Self {
+        Response::with_body(StatusCode::INTERNAL_SERVER_ERROR, BoxBody::new(()))
+    }
+}
+
+/// Serves a request that asks for a protocol upgrade; the HTTP layer hands over the
+/// connection with it. `/ws` becomes a WebSocket session driven by this gateway
+/// (`transport`, `ws`); anything else is answered and closed.
+pub async fn upgrade<T: Transport>(
+    shared: Arc<Shared>,
+    req: Request,
+    mut framed: Framed<T, h1::Codec>,
+) -> Result<(), UpgradeError> {
+    if req.path() != "/ws" {
+        let refused = Refused::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+        return send_refusal(&mut framed, &refused).await;
+    }
+    let admitted = match admit(&shared, req.head()) {
+        Ok(admitted) => admitted,
+        Err(refused) => return send_refusal(&mut framed, &refused).await,
+    };
+    let response = match actix_http::ws::handshake(req.head()) {
+        Ok(mut builder) => builder.finish().drop_body(),
+        Err(e) => {
+            let refused = Refused::new(StatusCode::BAD_REQUEST, "bad_handshake", e.to_string());
+            return send_refusal(&mut framed, &refused).await;
+        }
+    };
+    framed
+        .send(h1::Message::Item((response, BodySize::None)))
+        .await?;
+    let parts = framed.into_parts();
     let max_frame = shared.config.limits.max_frame_len();
-    let stream = stream
-        .max_frame_size(max_frame)
-        .aggregate_continuations()
-        .max_continuation_size(max_frame);
+    // The HTTP layer's buffers go with `parts`; only bytes the client sent early are kept.
+    let (reader, sink) = transport::split(Box::new(parts.io), &parts.read_buf, max_frame);
     shared.metrics.accepted.inc();
+    let Admitted {
+        identity,
+        ticket,
+        id,
+        codec,
+    } = admitted;
     let init = ConnInit {
         id,
         user: identity.user_id,
@@ -137,15 +249,42 @@ async fn upgrade(
         allowed_rooms: identity.allowed_rooms,
         expires_at: identity.expires_at,
         codec,
-        session,
-        shared: Arc::clone(shared),
+        sink,
+        shared,
         ticket,
     };
     Conn::create(|ctx| {
-        ctx.add_stream(stream);
+        ctx.add_stream(reader);
         Conn::new(init)
     });
-    Ok(response)
+    Ok(())
+}
+
+async fn send_refusal<T: Transport>(
+    framed: &mut Framed<T, h1::Codec>,
+    refused: &Refused,
+) -> Result<(), UpgradeError> {
+    let body = refused.body();
+    let mut response = Response::with_body(refused.status, ());
+    response
+        .head_mut()
+        .set_connection_type(ConnectionType::Close);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    if refused.bearer {
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static(BEARER_INVALID),
+        );
+    }
+    let size = BodySize::Sized(body.len() as u64);
+    framed.send(h1::Message::Item((response, size))).await?;
+    framed.send(h1::Message::Chunk(Some(body.into()))).await?;
+    framed.send(h1::Message::Chunk(None)).await?;
+    Ok(())
 }
 
 async fn healthz(shared: web::Data<Arc<Shared>>) -> HttpResponse {

@@ -36,6 +36,8 @@ pub mod lease;
 pub mod metrics;
 pub mod registry;
 pub mod session;
+mod transport;
+pub mod ws;
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -44,7 +46,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix::Addr;
-use actix_web::{App, HttpServer, web};
+use actix_web::dev::AppConfig;
+use actix_web::{App, web};
 use messages::{Snowflake, SocketId};
 use rand::Rng;
 use servicekit::nats::ConnectError;
@@ -57,6 +60,8 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::session::{Conn, ToConn};
 
+/// Longest a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a shutdown step that needs NATS (flush, lease release) may take.
 const BUS_STEP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -247,18 +252,8 @@ pub async fn run(
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
     };
-    let data = web::Data::new(Arc::clone(&shared));
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(http::routes))
-        .workers(workers)
-        .disable_signals()
-        .shutdown_timeout(2)
-        .backlog(4096)
-        // Actix's own per-worker cap (25,600 by default) must not be the one that bites:
-        // beyond it clients wait in the backlog instead of getting our 503.
-        .max_connections(config.accept_limit_per_worker())
-        .max_connection_rate(4096)
-        .listen(listener)?
-        .run();
+    let server = serve(&shared, listener, workers)?;
+    let tls_reload = spawn_tls_reload(&shared);
     let server_handle = server.handle();
     let server_task = actix_web::rt::spawn(server);
     tracing::info!(instance = %config.instance, workers, "Gateway started.");
@@ -285,11 +280,99 @@ pub async fn run(
     }
     let _ = server_task.await;
     presence.abort();
+    if let Some(task) = tls_reload {
+        task.abort();
+    }
     drop(fixed_subscriptions);
     drop(shared);
     nats_runtime.shutdown_background();
     tracing::info!("Gateway stopped.");
     Ok(())
+}
+
+/// The HTTP service of one worker: actix-web for the operational endpoints, and
+/// actix-http's upgrade hook handing WebSocket requests, with their connection, to
+/// [`http::upgrade`]. A macro because the plain and TLS variants differ in the IO type.
+macro_rules! http_service {
+    ($shared:expr) => {{
+        let shared: &Arc<Shared> = $shared;
+        let app = App::new()
+            .app_data(web::Data::new(Arc::clone(shared)))
+            .configure(http::routes);
+        let upgrade_shared = Arc::clone(shared);
+        actix_http::HttpService::build()
+            .tcp_nodelay(true)
+            .upgrade(actix_service::fn_service(move |(req, framed)| {
+                http::upgrade(Arc::clone(&upgrade_shared), req, framed)
+            }))
+            .finish(actix_service::map_config(app, |()| AppConfig::default()))
+    }};
+}
+
+/// The HTTP server on `listener`, with TLS when a certificate is configured.
+fn serve(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+    workers: usize,
+) -> std::io::Result<actix_web::dev::Server> {
+    let accept_limit = shared.config.accept_limit_per_worker();
+    let builder = actix_web::dev::Server::build()
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(2)
+        .backlog(4096)
+        // Only HTTP connections count here (a WebSocket leaves the HTTP layer once
+        // upgraded), and actix's own per-worker cap (25,600 by default) must not be the one
+        // that bites: beyond it clients wait in the backlog instead of getting our 503.
+        .max_concurrent_connections(accept_limit);
+    let shared = Arc::clone(shared);
+    let builder = match shared.config.tls.clone() {
+        None => builder.listen("ws-gateway", listener, move || http_service!(&shared).tcp())?,
+        Some(cert) => {
+            let tls = cert.server_config().map_err(std::io::Error::other)?;
+            builder.listen("ws-gateway-tls", listener, move || {
+                let mut acceptor = actix_http::TlsAcceptorConfig::default();
+                acceptor = acceptor.handshake_timeout(TLS_HANDSHAKE_TIMEOUT);
+                http_service!(&shared).rustls_0_23_with_config(tls.clone(), acceptor)
+            })?
+        }
+    };
+    Ok(builder.run())
+}
+
+/// Re-reads the certificate files when they change and on SIGHUP, until the gateway stops.
+/// New handshakes get the new certificate; established connections keep theirs.
+fn spawn_tls_reload(shared: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
+    let cert = shared.config.tls.clone()?;
+    let every = shared.config.tls_reload;
+    let metrics = Arc::clone(&shared.metrics);
+    Some(actix_web::rt::spawn(async move {
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = every.map(tokio::time::interval);
+        loop {
+            let forced = tokio::select! {
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+                _ = async { match tick.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => false,
+            };
+            let outcome = if forced {
+                cert.reload().map(|()| true)
+            } else {
+                cert.reload_if_changed()
+            };
+            match outcome {
+                Ok(false) => {}
+                Ok(true) => {
+                    metrics.tls_reloaded(true);
+                    tracing::info!("TLS certificate reloaded.");
+                }
+                Err(e) => {
+                    metrics.tls_reloaded(false);
+                    tracing::error!(error = %e, "TLS certificate reload failed; still serving the previous one.");
+                }
+            }
+        }
+    }))
 }
 
 /// Acquires a worker-id lease (retrying while NATS is unreachable), keeps it, mirrors its

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub worker_id: Gauge,
     /// Per-hop latency from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
+    /// TLS certificate reloads: `[ok, error]`.
+    tls_reloads: [Counter; 2],
 }
 
 impl Metrics {
@@ -209,6 +211,17 @@ impl Metrics {
             worker_id.clone(),
         );
         let hops = servicekit::hops::HopLatency::register(&mut registry);
+        let tls_family = Family::<Reason, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "TLS certificate reloads, by result (ok, error)",
+            tls_family.clone(),
+        );
+        let tls_reloads = ["ok", "error"].map(|r| {
+            tls_family
+                .get_or_create(&Reason { reason: r.into() })
+                .clone()
+        });
         Metrics {
             registry,
             connections,
@@ -230,7 +243,13 @@ impl Metrics {
             ready,
             worker_id,
             hops,
+            tls_reloads,
         }
+    }
+
+    /// Counts a TLS certificate reload attempt.
+    pub fn tls_reloaded(&self, ok: bool) {
+        self.tls_reloads[usize::from(!ok)].inc();
     }
 
     /// Counts a refused upgrade.

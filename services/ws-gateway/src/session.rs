@@ -1,13 +1,17 @@
 //! The per-connection actor: one `Conn` per WebSocket. It owns the write half
-//! (`actix_ws::Session`), receives the read half as a stream, runs the heartbeat deadline
-//! and the rate limit, turns client frames into bus messages, and writes pushes through a
-//! bounded outbound queue.
+//! ([`Sink`]), receives the read half as a stream of WebSocket messages ([`Reader`]), runs
+//! the heartbeat deadline and the rate limit, turns client frames into bus messages, and
+//! writes pushes through a bounded outbound queue.
 //!
-//! Writes never block the actor: queued frames are handed to one writer future at a time
-//! (`ctx.spawn`), so the mailbox keeps flowing while a client is slow. When the queue
-//! passes its limit, or a write stalls past the write timeout, the client is closed as a
-//! slow consumer; nobody else waits for it. Closing uses `ctx.wait` with a deadline, and
-//! the actor stops only after the close frame was handed over (see docs/dependencies.md, traps 1-3).
+//! The queue holds complete WebSocket messages: a push arrives encoded once for all its
+//! recipients and is written as it is. Writes never block the actor: everything queued is
+//! handed to one writer future at a time (`ctx.spawn`), as one vectored write where the
+//! socket takes it, so the mailbox keeps flowing while a client is slow. The queue is
+//! taken whole by the writer, so an idle connection keeps no queue memory after a burst.
+//! When the queue passes its limit, or a write stalls past the write timeout, the client is
+//! closed as a slow consumer; nobody else waits for it. Closing uses `ctx.wait` with a
+//! deadline, and the actor stops only after the close frame was written (see
+//! docs/dependencies.md, traps 1-3).
 //!
 //! The session rules docs/protocol.md states live here: every decoder error (and every
 //! text message) is answered with an error frame carrying message id 0 and closes the
@@ -16,6 +20,7 @@
 //! answered by one pong for the latest ping, so a ping flood cannot queue pongs.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +28,6 @@ use actix::{
     ActorContext, ActorFutureExt, AsyncContext, Handler, Message, SpawnHandle, StreamHandler,
     WrapFuture,
 };
-use actix_ws::{AggregatedMessage, CloseReason, ProtocolError};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use messages::envelope::{AckEnvelope, ClientOp, Origin, SessionEnvelope, UpstreamEnvelope};
@@ -41,6 +45,8 @@ use crate::admission::Ticket;
 use crate::bus::Outbound;
 use crate::heartbeat::{Beat, Heartbeat};
 use crate::registry::wait_live;
+use crate::transport::Sink;
+use crate::ws::{self, Message as WsMessage, WsError};
 
 /// How long a new session or a join waits for its subscription before going ahead anyway.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -51,7 +57,7 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub enum ToConn {
-    /// An encoded push frame, shared by every recipient.
+    /// A push as a complete WebSocket message, the same bytes for every recipient.
     Push(Bytes),
     /// The client's publish with this id reached the bus.
     Published(u64),
@@ -121,8 +127,8 @@ pub struct ConnInit {
     pub expires_at: u64,
     /// Codec for the gateway's own control bodies.
     pub codec: BodyCodec,
-    /// Write half.
-    pub session: actix_ws::Session,
+    /// Write half of the upgraded socket.
+    pub sink: Sink,
     /// Replica-wide state.
     pub shared: Arc<Shared>,
     /// The admission slot this connection holds until it ends.
@@ -139,7 +145,8 @@ pub struct Conn {
     /// Unix seconds when the credential expires.
     expires_at: u64,
     codec: BodyCodec,
-    session: actix_ws::Session,
+    /// Shared by the writer futures and the close; at most one holds it at a time.
+    sink: Rc<tokio::sync::Mutex<Sink>>,
     shared: Arc<Shared>,
     hb: Heartbeat,
     bucket: TokenBucket,
@@ -150,7 +157,7 @@ pub struct Conn {
     /// Join/leave requests forwarded to the services and not answered yet: message id and
     /// whether it is a join (pending joins count against the room cap).
     pending: Vec<(u64, bool)>,
-    /// Frames waiting for the writer.
+    /// WebSocket messages waiting for the writer.
     queue: VecDeque<Bytes>,
     /// Payload of the latest WebSocket ping not answered yet. RFC 6455 (5.5.3) lets an
     /// endpoint answer only the most recent ping, which bounds what a ping flood can queue.
@@ -206,7 +213,7 @@ impl Conn {
             allowed_rooms: init.allowed_rooms,
             expires_at: init.expires_at,
             codec: init.codec,
-            session: init.session,
+            sink: Rc::new(tokio::sync::Mutex::new(init.sink)),
             shared: init.shared,
             strikes: 0,
             rooms: Vec::new(),
@@ -223,6 +230,7 @@ impl Conn {
         }
     }
 
+    /// A frame of the gateway's own, as a WebSocket message.
     fn control_frame<T: serde::Serialize>(&self, kind: FrameKind, msg_id: u64, body: &T) -> Bytes {
         let codec = match self.codec {
             BodyCodec::Raw => BodyCodec::MsgPack,
@@ -230,10 +238,11 @@ impl Conn {
         };
         // Our own bodies always serialise; an empty body is the fallback if one did not.
         let body = payload::encode_body(codec, body).unwrap_or_default();
-        Frame::new(kind)
+        let frame = Frame::new(kind)
             .with_msg_id(msg_id)
             .with_body(codec, body)
-            .encode()
+            .encode();
+        ws::binary(&frame)
     }
 
     /// Acknowledges the client's frame `msg_id`: an empty body (codec raw), as the protocol
@@ -241,7 +250,7 @@ impl Conn {
     fn send_ack(&mut self, msg_id: u64, ctx: &mut Ctx) {
         if msg_id != 0 {
             let frame = Frame::new(FrameKind::Ack).with_msg_id(msg_id).encode();
-            self.enqueue(frame, ctx);
+            self.enqueue(ws::binary(&frame), ctx);
         }
     }
 
@@ -257,8 +266,8 @@ impl Conn {
         self.enqueue(frame, ctx);
     }
 
-    /// Queues a frame for the client; closes the client as a slow consumer when its queue is
-    /// full.
+    /// Queues a WebSocket message for the client; closes the client as a slow consumer when
+    /// its queue is full.
     fn enqueue(&mut self, frame: Bytes, ctx: &mut Ctx) {
         if self.closing.is_some() {
             return;
@@ -287,34 +296,38 @@ impl Conn {
             }
             return;
         }
-        let pong = self.pong.take();
-        let batch: Vec<Bytes> = self.queue.drain(..).collect();
+        // The writer takes the queue whole: what a burst allocated goes with it.
+        let mut batch = std::mem::take(&mut self.queue);
         self.in_flight = batch.len();
-        let mut session = self.session.clone();
+        let frames = batch.len() as u64;
+        let bytes: u64 = batch.iter().map(|f| f.len() as u64).sum();
+        if let Some(payload) = self.pong.take() {
+            batch.push_front(ws::pong(&payload));
+        }
+        let sink = Rc::clone(&self.sink);
         let timeout = self.shared.config.write_timeout;
-        let shared = Arc::clone(&self.shared);
         let write = async move {
             tokio::time::timeout(timeout, async move {
-                if let Some(payload) = pong {
-                    session.pong(&payload).await?;
-                }
-                for frame in batch {
-                    let len = frame.len();
-                    session.binary(frame).await?;
-                    shared.metrics.frames_out.inc();
-                    shared.metrics.bytes_out.inc_by(len as u64);
-                }
-                Ok::<(), actix_ws::Closed>(())
+                sink.lock().await.write_all(&mut batch).await
             })
             .await
         };
-        let handle = ctx.spawn(write.into_actor(self).map(|result, act, ctx| {
+        let handle = ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
             act.writer = None;
             act.in_flight = 0;
             match result {
-                Ok(Ok(())) => act.pump(ctx),
-                // The peer is gone; the read side will end the actor.
-                Ok(Err(actix_ws::Closed)) => ctx.stop(),
+                Ok(Ok(())) => {
+                    act.shared.metrics.frames_out.inc_by(frames);
+                    act.shared.metrics.bytes_out.inc_by(bytes);
+                    act.pump(ctx);
+                }
+                // The peer is gone; nothing more can reach it.
+                Ok(Err(err)) => {
+                    tracing::debug!(socket_id = %act.id, error = %err, "Write failed.");
+                    act.peer_reason
+                        .get_or_insert_with(|| format!("connection lost: {err}"));
+                    ctx.stop();
+                }
                 Err(_elapsed) => act.close(CloseCode::SlowConsumer, ctx),
             }
         }));
@@ -355,19 +368,21 @@ impl Conn {
             ctx.cancel_future(writer);
         }
         let code = self.closing.unwrap_or(CloseCode::Shutdown);
-        let session = self.session.clone();
-        let reason = CloseReason {
-            code: actix_ws::CloseCode::Other(code.code()),
-            description: Some(
-                self.close_reason
-                    .take()
-                    .unwrap_or_else(|| code.reason().to_owned()),
-            ),
-        };
+        let reason = self
+            .close_reason
+            .take()
+            .unwrap_or_else(|| code.reason().to_owned());
+        self.finish(ws::close(code.code(), &reason), ctx);
+    }
+
+    /// Writes `close` (within [`CLOSE_FLUSH_TIMEOUT`]), ends the write side, then stops the
+    /// actor, which drops the read side and with it the socket.
+    fn finish(&mut self, close: Bytes, ctx: &mut Ctx) {
+        let sink = Rc::clone(&self.sink);
         ctx.wait(
             async move {
-                let _ =
-                    tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, session.close(Some(reason))).await;
+                let close = async move { sink.lock().await.close(close).await };
+                let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, close).await;
             }
             .into_actor(self)
             .map(|(), _, ctx| ctx.stop()),
@@ -867,14 +882,14 @@ impl actix::Actor for Conn {
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Conn {
-    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Ctx) {
+impl StreamHandler<Result<WsMessage, WsError>> for Conn {
+    fn handle(&mut self, item: Result<WsMessage, WsError>, ctx: &mut Ctx) {
         if self.closing.is_some() || self.peer_reason.is_some() {
             return;
         }
         match item {
-            Ok(AggregatedMessage::Binary(bytes)) => self.on_binary(&bytes, ctx),
-            Ok(AggregatedMessage::Text(_)) => {
+            Ok(WsMessage::Binary(bytes)) => self.on_binary(&bytes, ctx),
+            Ok(WsMessage::Text) => {
                 // A protocol violation like an undecodable frame, with the same outcome.
                 self.shared.metrics.frame_errors.inc();
                 let message =
@@ -882,7 +897,7 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Conn {
                 self.send_error(0, ErrorCode::BadFrame, message, ctx);
                 self.close(CloseCode::ProtocolError, ctx);
             }
-            Ok(AggregatedMessage::Ping(payload)) => {
+            Ok(WsMessage::Ping(payload)) => {
                 // Not session activity: only protocol frames keep a session open, so a
                 // client's WebSocket library pinging on its own cannot hide a dead client.
                 // A ping over the rate limit gets no pong (and no error frame: pings are
@@ -893,24 +908,21 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Conn {
                 }
             }
             // Unsolicited (the gateway sends no pings): ignored, and not activity either.
-            Ok(AggregatedMessage::Pong(_)) => {}
-            Ok(AggregatedMessage::Close(reason)) => {
-                self.peer_reason = Some(match reason {
-                    Some(r) => format!("peer closed: {}", u16::from(r.code)),
+            Ok(WsMessage::Pong) => {}
+            Ok(WsMessage::Close(code)) => {
+                self.peer_reason = Some(match code {
+                    Some(code) => format!("peer closed: {code}"),
                     None => "peer closed".to_owned(),
                 });
-                // Echo the close, then stop.
-                let session = self.session.clone();
-                ctx.wait(
-                    async move {
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(1), session.close(None)).await;
-                    }
-                    .into_actor(self)
-                    .map(|(), _, ctx| ctx.stop()),
-                );
+                // Echo the close, then stop. A writer still running is dropped: the peer
+                // said it reads no more.
+                self.close_sent = true;
+                if let Some(writer) = self.writer.take() {
+                    ctx.cancel_future(writer);
+                }
+                self.finish(ws::close_empty(), ctx);
             }
-            Err(ProtocolError::Overflow) => {
+            Err(WsError::Overflow(_)) => {
                 self.shared.metrics.frame_errors.inc();
                 let max = self.shared.config.limits.max_body_len;
                 self.send_error(
@@ -921,13 +933,13 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Conn {
                 );
                 self.close(CloseCode::FrameTooLarge, ctx);
             }
-            Err(ProtocolError::Io(err)) => {
+            Err(WsError::Io(err)) => {
                 // The peer went away (reset, EOF mid-frame): nothing to tell it.
                 tracing::debug!(socket_id = %self.id, error = %err, "Connection lost.");
                 self.peer_reason = Some(format!("connection lost: {err}"));
                 ctx.stop();
             }
-            Err(err) => {
+            Err(err @ WsError::Protocol(_)) => {
                 self.shared.metrics.frame_errors.inc();
                 tracing::debug!(socket_id = %self.id, error = %err, "WebSocket protocol error.");
                 self.close(CloseCode::ProtocolError, ctx);
@@ -936,8 +948,13 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for Conn {
     }
 
     fn finished(&mut self, ctx: &mut Ctx) {
-        // The read side ended: the peer is gone.
-        ctx.stop();
+        // The read side ended: the peer is gone, or it broke the protocol and a close is
+        // already under way (it stops the actor once the close frame is out).
+        if self.closing.is_none() && !self.close_sent {
+            self.peer_reason
+                .get_or_insert_with(|| "connection closed without a close frame".to_owned());
+            ctx.stop();
+        }
     }
 }
 
