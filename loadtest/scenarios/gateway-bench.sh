@@ -117,6 +117,7 @@ jqf() { jq -r "$2 // empty" "$TMP/$1.json" 2>/dev/null || true; } # FILE FILTER
 calc() { awk "BEGIN { v = $1; printf \"%.${2:-1}f\", v }"; }         # EXPR [DECIMALS]
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(uname -r); servers: ${SERVER_LIST[*]}"
+echo "   (the generator's lines say \"gateway\" for whichever server is under test)"
 
 for name in "${SERVER_LIST[@]}"; do
   echo
@@ -186,6 +187,10 @@ cell() { # SERVER KEY RATIO?
 }
 echo
 echo "== summary: IDLE=$IDLE CONNECT=$CONNECT FANOUT=$FANOUT MESSAGES=$MESSAGES SIZE=$SIZE; server on core 0, client and nats-server on core 1; (xR) = server / ref-tokio"
+if [ $((FANOUT * MESSAGES)) -lt 500000 ]; then
+  echo "   note: fewer than 500,000 deliveries; the generator times the fan-out in 0.1 s steps and CPU is read in"
+  echo "   0.01 s ticks, so fan-out rates and CPU per delivery are at their resolution limit here"
+fi
 header="| figure |"; rule="|---|"
 for name in "${SERVER_LIST[@]}"; do header+=" $name |"; rule+="---|"; done
 echo "$header"; echo "$rule"

@@ -3,12 +3,14 @@
 //! every scenario; what a connection does after the welcome lives in the scenario modules.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use messages::payload::{self, Welcome};
 use messages::{Frame, FrameKind, Limits};
 use tokio::net::TcpSocket;
+use tokio_tungstenite::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -16,8 +18,25 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// Error type of the generator's fallible paths.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A client WebSocket over plain TCP.
-pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+/// A client WebSocket over TCP, with TLS for `wss://` URLs.
+pub type Ws = tokio_tungstenite::WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The TLS client configuration for `wss://` targets: the CAs in `LOADTEST_CA_FILE` (the
+/// system store without it), and no session resumption, so every connection pays a full
+/// handshake (the figure measured; a real client resuming pays less).
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, BoxError> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    if let Some(config) = CONFIG.get() {
+        return Ok(Arc::clone(config));
+    }
+    let roots = match std::env::var_os("LOADTEST_CA_FILE") {
+        Some(path) => servicekit::tls::roots_from_file(std::path::Path::new(&path))?,
+        None => servicekit::tls::platform_roots()?,
+    };
+    let mut config = servicekit::tls::client_config(roots, &[])?;
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::clone(CONFIG.get_or_init(|| Arc::new(config))))
+}
 
 /// Longest wait for the welcome after the handshake.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,7 +94,11 @@ pub async fn connect(url: &str, token: &str, source: Ipv4Addr) -> Result<(Ws, We
         .headers_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
     let host = request.uri().host().ok_or("url without host")?.to_owned();
-    let port = request.uri().port_u16().unwrap_or(80);
+    let tls = request.uri().scheme_str() == Some("wss");
+    let port = request
+        .uri()
+        .port_u16()
+        .unwrap_or(if tls { 443 } else { 80 });
     let target: SocketAddr = match host.parse::<IpAddr>() {
         Ok(ip) => SocketAddr::new(ip, port),
         Err(_) => tokio::net::lookup_host((host.as_str(), port))
@@ -89,6 +112,15 @@ pub async fn connect(url: &str, token: &str, source: Ipv4Addr) -> Result<(Ws, We
     }
     let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
+    let stream = if tls {
+        let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+        let tls = tokio_rustls::TlsConnector::from(tls_config()?)
+            .connect(name, stream)
+            .await?;
+        MaybeTlsStream::Rustls(tls)
+    } else {
+        MaybeTlsStream::Plain(stream)
+    };
     // Small buffers: the client's memory is not what is being measured (docs/dependencies.md, trap 9).
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)

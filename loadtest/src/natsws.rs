@@ -106,8 +106,12 @@ pub async fn connect(url: &str, source: Ipv4Addr) -> Result<(Ws, Parser), BoxErr
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        request,
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        Some(config),
+    )
+    .await?;
     let hello = format!(
         "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1,\"name\":\"loadtest\"}}\r\nSUB {SUBJECT} 1\r\nPING\r\n"
     );
