@@ -9,6 +9,7 @@
 #   loadtest/scenarios/gateway-bench.sh            # defaults below
 #   IDLE=15000 FANOUT=10000 MESSAGES=100 loadtest/scenarios/gateway-bench.sh
 #   SERVERS="ref-tokio ref-actix" loadtest/scenarios/gateway-bench.sh   # only the references
+#   (gateway-tls: the gateway terminating wss:// itself, a full TLS handshake per connection)
 #
 # Knobs: IDLE, CONNECT, FANOUT (connections per scenario), MESSAGES and SIZE (the fan-out
 # burst), HOLD (seconds the idle connections are held), SERVERS (which servers, in order),
@@ -28,20 +29,20 @@ FANOUT="${FANOUT:-10000}"
 MESSAGES="${MESSAGES:-100}"
 SIZE="${SIZE:-1024}"
 HOLD="${HOLD:-10}"
-SERVERS="${SERVERS:-gateway ref-tokio ref-actix}"
+SERVERS="${SERVERS:-gateway gateway-tls ref-tokio ref-actix}"
 PORT="${PORT:-18080}"
 NATS_PORT="${NATS_PORT:-14222}"
 HEARTBEAT_MS=30000
 SECRET="bench-secret-bench-secret-bench-secret-0123"
 read -r -a SERVER_LIST <<<"$SERVERS"
 for s in "${SERVER_LIST[@]}"; do
-  case "$s" in gateway | ref-tokio | ref-actix) ;; *) echo "unknown server in SERVERS: $s" >&2; exit 2 ;; esac
+  case "$s" in gateway | gateway-tls | ref-tokio | ref-actix) ;; *) echo "unknown server in SERVERS: $s" >&2; exit 2 ;; esac
 done
 
 ulimit -n "$(ulimit -Hn)"
 NATS_BIN="$("$ROOT/scripts/install-nats" | tail -n 1)"
 if [ -z "${LOADTEST_NO_BUILD:-}" ]; then
-  if [[ " $SERVERS " == *" gateway "* ]]; then
+  if [[ " $SERVERS " == *" gateway"* ]]; then
     cargo build --release -q -p ws-gateway -p loadtest
   else
     cargo build --release -q -p loadtest
@@ -64,15 +65,29 @@ trap cleanup EXIT
 PIDS+=($!)
 sleep 0.5
 
+# gateway-tls: the same gateway terminating wss:// itself with a throwaway CA's certificate
+# (ECDSA P-256); the client verifies it and makes a full handshake per connection.
+if [[ " $SERVERS " == *" gateway-tls "* ]]; then
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+    -subj "/CN=bench CA" -keyout "$TMP/ca.key" -out "$TMP/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" \
+    -keyout "$TMP/gw.key" -out "$TMP/gw.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$TMP/ext"
+  openssl x509 -req -in "$TMP/gw.csr" -CA "$TMP/ca.pem" -CAkey "$TMP/ca.key" -CAcreateserial \
+    -days 1 -extfile "$TMP/ext" -out "$TMP/gw.pem" 2>/dev/null
+  export LOADTEST_CA_FILE="$TMP/ca.pem"
+fi
+TLS_ENV=""
+
 start_gateway() {
-  env ${GW_ENV:-} WS_GATEWAY_LISTEN="127.0.0.1:$PORT" WS_GATEWAY_NATS_URL="nats://127.0.0.1:$NATS_PORT" \
+  env ${GW_ENV:-} $TLS_ENV WS_GATEWAY_LISTEN="127.0.0.1:$PORT" WS_GATEWAY_NATS_URL="nats://127.0.0.1:$NATS_PORT" \
   WS_GATEWAY_INSTANCE="bench-gw" WS_GATEWAY_WORKERS=1 WS_GATEWAY_JWT_HS256_SECRET="$SECRET" \
   WS_GATEWAY_MAX_CONNECTIONS=20000 WS_GATEWAY_MAX_CONNECTIONS_PER_IP=0 WS_GATEWAY_HEARTBEAT_BASE_MS="$HEARTBEAT_MS" RUST_LOG=warn \
     "${CORE0[@]}" "$GW" >"$TMP/gw.log" 2>&1 &
   SRV_PID=$!
   PIDS+=("$SRV_PID")
   for _ in $(seq 1 200); do
-    if curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; then return 0; fi
+    if curl -sf --cacert "$TMP/ca.pem" "$SCHEME://localhost:$PORT/readyz" >/dev/null 2>&1; then return 0; fi
     sleep 0.05
   done
   echo "gateway did not become ready" >&2; cat "$TMP/gw.log" >&2; exit 1
@@ -92,7 +107,15 @@ start_ref() { # NAME
 }
 
 start_server() { # NAME
-  if [ "$1" = gateway ]; then start_gateway; else start_ref "$1"; fi
+  SCHEME=http; WS_URL="ws://127.0.0.1:$PORT/ws"; TLS_ENV=""
+  case "$1" in
+    gateway) start_gateway ;;
+    gateway-tls)
+      SCHEME=https; WS_URL="wss://localhost:$PORT/ws"
+      TLS_ENV="WS_GATEWAY_TLS_CERT=$TMP/gw.pem WS_GATEWAY_TLS_KEY=$TMP/gw.key"
+      start_gateway ;;
+    *) start_ref "$1" ;;
+  esac
   sleep 1
 }
 
@@ -101,7 +124,7 @@ stop_server() { kill "$SRV_PID" 2>/dev/null || true; wait "$SRV_PID" 2>/dev/null
 rss_kib() { awk '/VmRSS/{print $2}' "/proc/$1/status" 2>/dev/null || true; }
 rss_mib() { local k; k="$(rss_kib "$1")"; if [ -n "$k" ]; then calc "$k / 1024" 1; fi; }
 
-lt() { LOADTEST_GATEWAY_PID="$SRV_PID" LOADTEST_SECRET="$SECRET" "${CORE1[@]}" "$LT" --urls "ws://127.0.0.1:$PORT/ws" "$@"; }
+lt() { LOADTEST_GATEWAY_PID="$SRV_PID" LOADTEST_SECRET="$SECRET" "${CORE1[@]}" "$LT" --urls "$WS_URL" "$@"; }
 
 # run_lt NAME SCENARIO ARGS...: runs the generator, shows its output, keeps the JSON report
 # (its last line) in $TMP/NAME-SCENARIO.json (empty when the run failed).
@@ -151,9 +174,9 @@ for name in "${SERVER_LIST[@]}"; do
   [ -n "$cpu" ] && [ "${delivered:-0}" -gt 0 ] && VAL[$name:fan_cpu]="$(calc "$cpu * 1000000 / $delivered" 2)"
   VAL[$name:fan_done]="${delivered:-?}/$(jqf "$name-fanout" .expected)"
   p99="$(jqf "$name-fanout" .latency_p99_ms)"; [ -n "$p99" ] && VAL[$name:fan_p99]="$(calc "$p99" 0)"
-  if [ "$name" = gateway ]; then
+  if [[ "$name" == gateway* ]]; then
     echo "== gateway metrics after fanout"
-    curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^ws_gateway_(pushes_delivered|closes|frames_out|nats_publish_errors)' || true
+    curl -s --cacert "$TMP/ca.pem" "$SCHEME://localhost:$PORT/metrics" | grep -E '^ws_gateway_(pushes_delivered|closes|frames_out|nats_publish_errors)' || true
   fi
   sleep 10
   VAL[$name:rss_10s]="$(rss_mib "$SRV_PID")"
