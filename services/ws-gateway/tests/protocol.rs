@@ -331,3 +331,168 @@ async fn the_websocket_endpoint_is_ws() {
     assert_eq!(status, 404);
     gw.shutdown().await.unwrap();
 }
+
+/// A WebSocket client written by hand over a raw socket, for what library clients never
+/// send: fragments with a ping between them, unmasked frames, reserved bits.
+mod raw {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub struct Raw {
+        stream: TcpStream,
+        buf: Vec<u8>,
+    }
+
+    impl Raw {
+        /// Handshake on `/ws` with `token`; panics unless the answer is 101.
+        pub async fn connect(addr: SocketAddr, token: &str) -> Raw {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                 Authorization: Bearer {token}\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut raw = Raw {
+                stream,
+                buf: Vec::new(),
+            };
+            let end = loop {
+                if let Some(i) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                raw.fill().await;
+            };
+            let head = String::from_utf8_lossy(&raw.buf[..end]).to_string();
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            // RFC 6455's example key has this accept value.
+            assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+            raw.buf.drain(..end);
+            raw
+        }
+
+        async fn fill(&mut self) {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(testkit::ws::WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("the gateway sent nothing")
+                .unwrap();
+            assert!(n > 0, "the connection ended");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+
+        /// Sends one frame: `first` is FIN/RSV/opcode, masked unless `unmasked`.
+        pub async fn send(&mut self, first: u8, payload: &[u8], unmasked: bool) {
+            let mask = [1u8, 2, 3, 4];
+            let mut out = vec![first];
+            let len = payload.len();
+            let bit = if unmasked { 0 } else { 0x80 };
+            if len < 126 {
+                out.push(bit | len as u8);
+            } else {
+                out.push(bit | 126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            if unmasked {
+                out.extend_from_slice(payload);
+            } else {
+                out.extend_from_slice(&mask);
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            }
+            self.stream.write_all(&out).await.unwrap();
+        }
+
+        /// The next frame from the gateway: opcode and payload.
+        pub async fn recv(&mut self) -> (u8, Vec<u8>) {
+            loop {
+                if self.buf.len() >= 2 {
+                    assert_eq!(self.buf[1] & 0x80, 0, "server frames are not masked");
+                    let (len, at) = match self.buf[1] & 0x7f {
+                        126 if self.buf.len() >= 4 => (
+                            usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                            4,
+                        ),
+                        127 if self.buf.len() >= 10 => (
+                            u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
+                            10,
+                        ),
+                        126 | 127 => (usize::MAX, 0),
+                        n => (usize::from(n), 2),
+                    };
+                    if len != usize::MAX && self.buf.len() >= at + len {
+                        let opcode = self.buf[0] & 0x0f;
+                        let payload = self.buf[at..at + len].to_vec();
+                        self.buf.drain(..at + len);
+                        return (opcode, payload);
+                    }
+                }
+                self.fill().await;
+            }
+        }
+
+        /// Skips frames until a close; returns its code.
+        pub async fn close_code(&mut self) -> u16 {
+            loop {
+                let (opcode, payload) = self.recv().await;
+                if opcode == 0x8 {
+                    return u16::from_be_bytes([payload[0], payload[1]]);
+                }
+            }
+        }
+    }
+}
+
+/// Section 1.1: a protocol frame may arrive as a fragmented WebSocket message, with
+/// control frames between the fragments; the gateway reassembles it.
+#[tokio::test]
+async fn a_fragmented_message_is_one_frame_and_pings_between_fragments_are_answered() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-frag")).await;
+    let mut raw = raw::Raw::connect(gw.addr(), &token("frag", None, &[])).await;
+    let (opcode, welcome) = raw.recv().await;
+    assert_eq!(opcode, 0x2);
+    assert_eq!(
+        Frame::decode(&bytes::Bytes::from(welcome), &Default::default())
+            .unwrap()
+            .kind,
+        FrameKind::Welcome
+    );
+
+    let heartbeat = Frame::new(FrameKind::Heartbeat).with_msg_id(5).encode();
+    let (a, b) = heartbeat.split_at(5);
+    raw.send(0x02, a, false).await; // binary, not final
+    raw.send(0x89, b"between", false).await; // ping
+    raw.send(0x80, b, false).await; // final continuation
+    let (opcode, pong) = raw.recv().await;
+    assert_eq!((opcode, pong.as_slice()), (0xA, &b"between"[..]));
+    let (opcode, ack) = raw.recv().await;
+    assert_eq!(opcode, 0x2);
+    let ack = Frame::decode(&bytes::Bytes::from(ack), &Default::default()).unwrap();
+    assert_eq!((ack.kind, ack.msg_id), (FrameKind::HeartbeatAck, 5));
+    gw.shutdown().await.unwrap();
+}
+
+/// Section 1.1: a WebSocket-level violation (here an unmasked client frame, reserved
+/// bits, a stray continuation) closes the connection with 4500.
+#[tokio::test]
+async fn websocket_violations_close_with_4500() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-rfc")).await;
+    let frame = Frame::new(FrameKind::Heartbeat).with_msg_id(1).encode();
+    for (name, first, unmasked) in [
+        ("unmasked", 0x82, true),
+        ("reserved bit", 0xC2, false),
+        ("stray continuation", 0x80, false),
+    ] {
+        let mut raw = raw::Raw::connect(gw.addr(), &token("rfc", None, &[])).await;
+        raw.send(first, &frame, unmasked).await;
+        assert_eq!(
+            raw.close_code().await,
+            CloseCode::ProtocolError.code(),
+            "{name}"
+        );
+    }
+    gw.shutdown().await.unwrap();
+}
