@@ -37,7 +37,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::Shared;
 use crate::registry::Subscription;
-use crate::session::{Conn, ToConn};
+use crate::session::{Conn, ConnHandle, ToConn};
 use servicekit::clock::now_ms;
 
 /// Capacity of the queue between actors and the publisher task.
@@ -467,9 +467,10 @@ fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
         return;
     };
     let mut delivered = 0u64;
-    let mut deliver = |id: SocketId, addr: &Addr<Conn>| {
+    let limit = shared.config.outbound_queue;
+    let mut deliver = |id: SocketId, conn: &ConnHandle| {
         if !push.exclude.contains(&id) {
-            addr.do_send(ToConn::Push(push.frame.clone()));
+            conn.push(push.frame.clone(), limit);
             delivered += 1;
         }
     };

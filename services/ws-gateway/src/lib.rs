@@ -45,7 +45,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use actix::Addr;
 use actix_web::dev::AppConfig;
 use actix_web::{App, web};
 use messages::{Snowflake, SocketId};
@@ -58,7 +57,7 @@ pub use config::{Args, Config, ConfigError};
 use crate::bus::Bus;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::session::{Conn, ToConn};
+use crate::session::{ConnHandle, ToConn};
 
 /// Longest a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -85,7 +84,7 @@ pub struct Shared {
     /// Configuration.
     pub config: Config,
     /// Who is connected here.
-    pub registry: Registry<Addr<Conn>>,
+    pub registry: Registry<ConnHandle>,
     /// Connection counts against the replica, per-user and per-address limits.
     pub admission: admission::Admission,
     /// Metrics.
@@ -430,7 +429,7 @@ async fn drain(shared: &Shared) {
     let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
     let count = shared.registry.for_all(None, |_, addr| {
         let delay = Duration::from_millis(rng.random_range(0..=window_ms));
-        addr.do_send(ToConn::Drain(delay));
+        addr.do_send(ToConn::Reconnect(delay));
     });
     tracing::info!(connections = count, ?window, "Draining.");
     let give_up = tokio::time::Instant::now() + window + Duration::from_secs(2);

@@ -53,12 +53,57 @@ const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a closing connection may spend writing what is queued and the close frame.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How the bus side reaches a connection: its actor's address, and its inbox for pushes.
+///
+/// A push does not travel as an actor message: the fan-out appends the shared bytes to the
+/// connection's inbox and wakes the actor only if it is not already due to drain it, so a
+/// burst of pushes costs one queue slot per delivery instead of one mailbox envelope, and
+/// one wake-up per batch instead of one per push.
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    addr: actix::Addr<Conn>,
+    inbox: Arc<Inbox>,
+}
+
+/// Pushes waiting for the actor; bounded (see [`ConnHandle::push`]).
+#[derive(Debug, Default)]
+pub struct Inbox {
+    queue: std::sync::Mutex<VecDeque<Bytes>>,
+    /// A drain is due (a `Drain` message was sent and not handled yet).
+    due: std::sync::atomic::AtomicBool,
+    /// A push was refused because the inbox was full: the client is a slow consumer.
+    overflow: std::sync::atomic::AtomicBool,
+}
+
+impl ConnHandle {
+    /// Sends an actor message.
+    pub fn do_send(&self, msg: ToConn) {
+        self.addr.do_send(msg);
+    }
+
+    /// Hands a push (a complete WebSocket message) to the connection. At most `limit`
+    /// pushes wait in the inbox; past that the connection is closed as a slow consumer.
+    pub fn push(&self, frame: Bytes, limit: usize) {
+        use std::sync::atomic::Ordering;
+        if let Ok(mut queue) = self.inbox.queue.lock() {
+            if queue.len() >= limit {
+                self.inbox.overflow.store(true, Ordering::Release);
+            } else {
+                queue.push_back(frame);
+            }
+        }
+        if !self.inbox.due.swap(true, Ordering::AcqRel) {
+            self.addr.do_send(ToConn::Drain);
+        }
+    }
+}
+
 /// Something for a connection to do, sent by the bus side or the gateway.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub enum ToConn {
-    /// A push as a complete WebSocket message, the same bytes for every recipient.
-    Push(Bytes),
+    /// Pushes are waiting in the inbox.
+    Drain,
     /// The client's publish with this id reached the bus.
     Published(u64),
     /// The client's message with this id failed.
@@ -73,7 +118,7 @@ pub enum ToConn {
     /// A service's instruction for this socket.
     Control(GatewayControl),
     /// The gateway is draining: tell the client to reconnect after `delay`, close then.
-    Drain(Duration),
+    Reconnect(Duration),
     /// Publish this session's connect event again (a service asked for a resync).
     Announce,
 }
@@ -174,6 +219,8 @@ pub struct Conn {
     close_sent: bool,
     /// Why the peer went away, when it closed first.
     peer_reason: Option<String>,
+    /// Pushes handed over by the fan-out.
+    inbox: Arc<Inbox>,
     /// Held for the connection's lifetime; dropping it frees the admission slot.
     _ticket: Ticket,
 }
@@ -226,8 +273,47 @@ impl Conn {
             close_reason: None,
             close_sent: false,
             peer_reason: None,
+            inbox: Arc::default(),
             _ticket: init.ticket,
         }
+    }
+
+    /// How the bus side reaches this connection.
+    fn conn_handle(&self, ctx: &Ctx) -> ConnHandle {
+        ConnHandle {
+            addr: ctx.address(),
+            inbox: Arc::clone(&self.inbox),
+        }
+    }
+
+    /// Moves the inbox's pushes to the outbound queue (closing a slow consumer).
+    fn drain_inbox(&mut self, ctx: &mut Ctx) {
+        use std::sync::atomic::Ordering;
+        // Cleared before taking, so a push that lands after the take sends a new `Drain`.
+        self.inbox.due.store(false, Ordering::Release);
+        let pushes = match self.inbox.queue.lock() {
+            Ok(mut queue) => std::mem::take(&mut *queue),
+            Err(_) => VecDeque::new(),
+        };
+        if self.inbox.overflow.load(Ordering::Acquire) {
+            return self.close(CloseCode::SlowConsumer, ctx);
+        }
+        if self.closing.is_some() || pushes.is_empty() {
+            return;
+        }
+        self.shared
+            .metrics
+            .pushes_delivered
+            .inc_by(pushes.len() as u64);
+        if self.queue.len() + self.in_flight + pushes.len() > self.shared.config.outbound_queue {
+            return self.close(CloseCode::SlowConsumer, ctx);
+        }
+        if self.queue.is_empty() {
+            self.queue = pushes;
+        } else {
+            self.queue.extend(pushes);
+        }
+        self.pump(ctx);
     }
 
     /// A frame of the gateway's own, as a WebSocket message.
@@ -823,12 +909,13 @@ impl actix::Actor for Conn {
         let shared = Arc::clone(&self.shared);
         let user = self.user.clone();
         let kind = self.kind;
-        let live =
-            self.shared
-                .registry
-                .add(self.id, &self.user, self.kind, ctx.address(), |subject| {
-                    crate::bus::subscribe_user(&shared, subject, user, kind)
-                });
+        let live = self.shared.registry.add(
+            self.id,
+            &self.user,
+            self.kind,
+            self.conn_handle(ctx),
+            |subject| crate::bus::subscribe_user(&shared, subject, user, kind),
+        );
         self.shared.metrics.connections.inc();
         // A credential is only good until it expires (or a refresh extends it).
         self.schedule_expiry(ctx);
@@ -963,10 +1050,7 @@ impl Handler<ToConn> for Conn {
 
     fn handle(&mut self, msg: ToConn, ctx: &mut Ctx) {
         match msg {
-            ToConn::Push(frame) => {
-                self.shared.metrics.pushes_delivered.inc();
-                self.enqueue(frame, ctx);
-            }
+            ToConn::Drain => self.drain_inbox(ctx),
             ToConn::Published(msg_id) => self.send_ack(msg_id, ctx),
             ToConn::Failed {
                 msg_id,
@@ -975,7 +1059,7 @@ impl Handler<ToConn> for Conn {
             } => self.send_error(msg_id, code, message, ctx),
             ToConn::Control(control) => self.on_control(control, ctx),
             ToConn::Announce => self.announce(ctx),
-            ToConn::Drain(delay) => {
+            ToConn::Reconnect(delay) => {
                 let body = Reconnect {
                     delay_ms: u32::try_from(delay.as_millis()).unwrap_or(u32::MAX),
                     reason: "gateway draining".into(),
