@@ -12,7 +12,11 @@
 //!   health, readiness and metrics endpoints.
 //! - [`auth`]: token verification (app tokens and agent tokens, each with its own keys).
 //! - [`session`]: the actor per connection: frame decoding, heartbeats, rate limits, the
-//!   bounded outbound queue and the slow-consumer rule.
+//!   bounded outbound queue and the slow-consumer rule; its inbox for pushes.
+//! - [`ws`]: WebSocket framing (RFC 6455, server side): the incremental decoder and the
+//!   encoders of unmasked server messages.
+//! - `transport`: the upgraded socket split into a message stream (read through a stack
+//!   buffer) and a sink (vectored writes); plain TCP or TLS.
 //! - [`registry`]: which local sockets belong to which user, room and agent node.
 //! - [`bus`]: the NATS side: per-user, per-room and per-agent subscriptions, publishing
 //!   clients' frames and session events, control messages.
@@ -21,10 +25,12 @@
 //! - [`metrics`]: the Prometheus registry.
 //!
 //! A push: a subscription task in [`bus`] receives it, parses its envelope, encodes the
-//! frame once and hands the same buffer to each recipient found in [`registry`]; each
-//! [`session`] actor queues and writes it. A client frame: [`session`] decodes the header and
-//! hands the body to [`bus`], which publishes it on `ws.msg.<kind>.<route>` and acks the
-//! client once NATS has it.
+//! complete WebSocket message once and appends the same buffer to the inbox of each
+//! recipient found in [`registry`], waking the connection once per batch; each [`session`]
+//! actor moves its inbox to its outbound queue and writes it. A client frame: `transport`
+//! and [`ws`] deliver the WebSocket message, [`session`] decodes the header and hands the
+//! body to [`bus`], which publishes it on `ws.msg.<kind>.<route>` and acks the client once
+//! NATS has it.
 
 pub mod admission;
 pub mod auth;
