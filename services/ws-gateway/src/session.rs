@@ -1,7 +1,7 @@
 //! The per-connection actor: one `Conn` per WebSocket. It owns the write half
-//! ([`Sink`]), receives the read half as a stream of WebSocket messages ([`Reader`]), runs
-//! the heartbeat deadline and the rate limit, turns client frames into bus messages, and
-//! writes pushes through a bounded outbound queue.
+//! (`transport::Sink`), receives the read half as a stream of WebSocket messages
+//! (`transport::Reader`), runs the heartbeat deadline and the rate limit, turns client
+//! frames into bus messages, and writes pushes through a bounded outbound queue.
 //!
 //! The queue holds complete WebSocket messages: a push arrives encoded once for all its
 //! recipients and is written as it is. Writes never block the actor: everything queued is
