@@ -27,6 +27,16 @@ pub const AGENT_LABELS: &str = "agent.labels";
 pub const AGENT_UNREVOKE: &str = "agent.unrevoke";
 /// An operator issued an enrolment token for a node.
 pub const AGENT_ENROL: &str = "agent.enrol";
+/// A schedule was created.
+pub const SCHEDULE_CREATE: &str = "schedule.create";
+/// A schedule was deleted.
+pub const SCHEDULE_DELETE: &str = "schedule.delete";
+/// A schedule was paused.
+pub const SCHEDULE_PAUSE: &str = "schedule.pause";
+/// A schedule was resumed.
+pub const SCHEDULE_RESUME: &str = "schedule.resume";
+/// A schedule fired for a period (actor `scheduler`): the task it created, or why none.
+pub const SCHEDULE_FIRE: &str = "schedule.fire";
 
 /// The entry `actor` doing `action` to `target` makes.
 pub fn entry(

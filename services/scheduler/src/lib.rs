@@ -11,6 +11,7 @@
 //! - [`lease`]: the leader lease; only the instance holding it is active.
 //! - [`trust`]: command and agent-token keys, credential renewal, revocation, refusals.
 //! - [`auth`]: named, scoped API keys; [`audit`]: the append-only log of who changed what.
+//! - [`schedule`]: recurring tasks from cron expressions, fired by the active instance.
 //!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
@@ -22,6 +23,7 @@ pub mod follow;
 mod http;
 pub mod lease;
 pub mod output;
+pub mod schedule;
 pub mod store;
 pub mod trust;
 
@@ -322,6 +324,9 @@ async fn active(
         .await
         .map_err(join_error)??;
     bus::start(runtime, &shared).await?;
+    // Schedules fire only here, in the active phase, on the bus runtime: it is shut down
+    // (and the store closed) before the lease is released.
+    runtime.spawn(schedule::run(Arc::downgrade(&shared)));
     if let Some(s) = standby.take() {
         s.stop(false).await;
     }

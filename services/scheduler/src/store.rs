@@ -34,8 +34,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 mod operator;
+mod schedules;
 pub use operator::{
     AuditEntry, Created, IdempotencyClaim, MAX_AUDIT_LIST, MAX_IDEMPOTENCY_KEY_LEN, NewAuditEntry,
+};
+pub use schedules::{
+    Fire, NewSchedule, Overlap, SCHEDULE_ACTOR, ScheduleId, ScheduleRecord, fire_key,
 };
 
 /// Small counters: format version and the next task id.
@@ -169,6 +173,9 @@ pub enum StoreError {
     /// 2^64 - 1 tasks have been created in this file.
     #[error("task ids exhausted")]
     TaskIdsExhausted,
+    /// No schedule with this id exists.
+    #[error("unknown schedule {0}")]
+    UnknownSchedule(u64),
     /// An idempotency key was used again with a different request; nothing was stored.
     #[error("idempotency key {key:?} was already used with a different request (task {task_id})")]
     IdempotencyConflict {
@@ -645,6 +652,7 @@ impl Store {
         txn.open_table(REPORT_IDS)?;
         txn.open_table(REPORT_ID_ORDER)?;
         operator::create_tables(&txn)?;
+        schedules::create_tables(&txn)?;
         txn.commit()?;
         Ok(Store { db, path, options })
     }

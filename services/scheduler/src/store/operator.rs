@@ -142,54 +142,17 @@ impl Store {
     ) -> Result<(Created, Option<AuditEntry>), StoreError> {
         validate_spec(spec)?;
         let txn = begin_durable_write(&self.db)?;
-        let mut expired_at = None;
-        if let Some(claim) = claim {
-            let known = {
-                let table = txn.open_table(IDEMPOTENCY)?;
-                match table.get((claim.actor.as_str(), claim.key.as_str()))? {
-                    Some(v) => Some(decode::<IdempotencyRecord>(v.value(), "idempotency key")?),
-                    None => None,
-                }
-            };
-            if let Some(rec) = known {
-                if rec.created_at_ms >= claim.not_before_ms {
-                    txn.abort()?;
-                    return if rec.fingerprint == claim.fingerprint {
-                        Ok((Created::Replayed(rec.task_id), None))
-                    } else {
-                        Err(StoreError::IdempotencyConflict {
-                            key: claim.key.clone(),
-                            task_id: rec.task_id,
-                        })
-                    };
-                }
-                expired_at = Some(rec.created_at_ms);
+        match create_once_in(&txn, spec, created_at_ms, claim)? {
+            Created::Replayed(id) => {
+                txn.abort()?;
+                Ok((Created::Replayed(id), None))
+            }
+            Created::New(id) => {
+                let entry = append_in(&txn, created_at_ms, audit(id))?;
+                txn.commit()?;
+                Ok((Created::New(id), Some(entry)))
             }
         }
-        let id = create_task_in(&txn, spec, created_at_ms)?;
-        if let Some(claim) = claim {
-            prune_in(&txn, claim.not_before_ms, PRUNE_PER_CREATE)?;
-            let mut order = txn.open_table(IDEMPOTENCY_ORDER)?;
-            if let Some(old) = expired_at {
-                order.remove((old, claim.actor.as_str(), claim.key.as_str()))?;
-            }
-            order.insert(
-                (created_at_ms, claim.actor.as_str(), claim.key.as_str()),
-                (),
-            )?;
-            let record = IdempotencyRecord {
-                fingerprint: claim.fingerprint.clone(),
-                task_id: id,
-                created_at_ms,
-            };
-            txn.open_table(IDEMPOTENCY)?.insert(
-                (claim.actor.as_str(), claim.key.as_str()),
-                encode(&record, "idempotency key")?.as_slice(),
-            )?;
-        }
-        let entry = append_in(&txn, created_at_ms, audit(id))?;
-        txn.commit()?;
-        Ok((Created::New(id), Some(entry)))
     }
 
     /// Forgets every idempotency key remembered before `not_before_ms`; returns how many.
@@ -257,6 +220,61 @@ impl Store {
     }
 }
 
+/// The body of [`Store::create_task_once`] inside a transaction (the spec already
+/// validated): a [`Created::Replayed`] has written nothing, so the caller may abort.
+pub(super) fn create_once_in(
+    txn: &WriteTransaction,
+    spec: &TaskSpec,
+    created_at_ms: u64,
+    claim: Option<&IdempotencyClaim>,
+) -> Result<Created, StoreError> {
+    let mut expired_at = None;
+    if let Some(claim) = claim {
+        let known = {
+            let table = txn.open_table(IDEMPOTENCY)?;
+            match table.get((claim.actor.as_str(), claim.key.as_str()))? {
+                Some(v) => Some(decode::<IdempotencyRecord>(v.value(), "idempotency key")?),
+                None => None,
+            }
+        };
+        if let Some(rec) = known {
+            if rec.created_at_ms >= claim.not_before_ms {
+                return if rec.fingerprint == claim.fingerprint {
+                    Ok(Created::Replayed(rec.task_id))
+                } else {
+                    Err(StoreError::IdempotencyConflict {
+                        key: claim.key.clone(),
+                        task_id: rec.task_id,
+                    })
+                };
+            }
+            expired_at = Some(rec.created_at_ms);
+        }
+    }
+    let id = create_task_in(txn, spec, created_at_ms)?;
+    if let Some(claim) = claim {
+        prune_in(txn, claim.not_before_ms, PRUNE_PER_CREATE)?;
+        let mut order = txn.open_table(IDEMPOTENCY_ORDER)?;
+        if let Some(old) = expired_at {
+            order.remove((old, claim.actor.as_str(), claim.key.as_str()))?;
+        }
+        order.insert(
+            (created_at_ms, claim.actor.as_str(), claim.key.as_str()),
+            (),
+        )?;
+        let record = IdempotencyRecord {
+            fingerprint: claim.fingerprint.clone(),
+            task_id: id,
+            created_at_ms,
+        };
+        txn.open_table(IDEMPOTENCY)?.insert(
+            (claim.actor.as_str(), claim.key.as_str()),
+            encode(&record, "idempotency key")?.as_slice(),
+        )?;
+    }
+    Ok(Created::New(id))
+}
+
 fn entry_of(seq: u64, row: AuditRow) -> AuditEntry {
     AuditEntry {
         seq,
@@ -270,7 +288,7 @@ fn entry_of(seq: u64, row: AuditRow) -> AuditEntry {
 }
 
 /// The only writer of the audit table: inserts at the next sequence number.
-fn append_in(
+pub(super) fn append_in(
     txn: &WriteTransaction,
     at_ms: u64,
     entry: NewAuditEntry,
