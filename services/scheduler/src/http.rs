@@ -1,7 +1,8 @@
 //! The operators' HTTP API: agents (list with label/state filters, get one), tasks (create,
-//! list, get with per-target states and results, cancel), the audit log, plus `/healthz`,
-//! `/readyz` and `/metrics`. Every `/v1` route needs `Authorization: Bearer <api key>`: any
-//! key may `GET`, only operator keys may change anything ([`crate::auth`]); every change is
+//! list, get with per-target states and results, cancel), schedules ([`schedules`]), the
+//! audit log, plus `/healthz`, `/readyz` and `/metrics`. Every `/v1` route needs
+//! `Authorization: Bearer <api key>`: any key may `GET`, only operator keys may change
+//! anything ([`crate::auth`]); every change is
 //! audited ([`crate::audit`]). Every error is a 4xx/5xx with a JSON body `{"error", "detail"}`.
 
 use std::collections::BTreeMap;
@@ -24,6 +25,8 @@ use crate::store::{
     MAX_IDEMPOTENCY_KEY_LEN, StoreError, TargetState, Targets, TaskSpec,
 };
 use servicekit::clock::now_ms;
+
+mod schedules;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
 const OPENAPI: &str = include_str!("openapi.json");
@@ -49,7 +52,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/agents/{id}/token", web::post().to(enrol_agent))
         .route("/v1/agents/{id}/refusals", web::get().to(agent_refusals))
         .route("/v1/agents/{id}/labels", web::put().to(pin_labels))
-        .route("/v1/audit", web::get().to(list_audit));
+        .route("/v1/audit", web::get().to(list_audit))
+        .configure(schedules::routes);
 }
 
 /// The routes of a standby (an instance waiting for the leader lease, with no store open):
@@ -91,6 +95,9 @@ impl From<BusError> for ApiError {
             }
             BusError::Store(StoreError::UnknownTask(id)) => {
                 ApiError::not_found(format!("no task {id}"))
+            }
+            BusError::Store(StoreError::UnknownSchedule(id)) => {
+                ApiError::not_found(format!("no schedule {id}"))
             }
             BusError::Store(e @ StoreError::IdempotencyConflict { .. }) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -290,6 +297,40 @@ struct CreateTask {
 /// Default attempt timeout when a request names none.
 const DEFAULT_TASK_TIMEOUT_MS: u64 = 60_000;
 
+/// The stored spec of a task request (`POST /v1/tasks`, and each fire of a schedule).
+fn task_spec(
+    shared: &Shared,
+    targets: TargetsRequest,
+    kind: &fleet::TaskKind,
+    timeout_ms: Option<u64>,
+    max_attempts: Option<u32>,
+    traceparent: Option<String>,
+) -> Result<TaskSpec, ApiError> {
+    let targets = match targets {
+        TargetsRequest::Nodes(ids) => {
+            Targets::Nodes(ids.iter().map(|s| node_id(s)).collect::<Result<_, _>>()?)
+        }
+        TargetsRequest::Labels(sel) => Targets::Selector(sel),
+    };
+    let timeout_ms = timeout_ms.unwrap_or(DEFAULT_TASK_TIMEOUT_MS);
+    if timeout_ms == 0 {
+        return Err(ApiError::bad(
+            "invalid_task",
+            "timeout_ms must be at least 1",
+        ));
+    }
+    // The scheduler's deadline adds the configured dispatch slack to the agent's own
+    // timeout: delivery, start-up and the result's way back take time too.
+    let slack = u64::try_from(shared.config.dispatch_timeout.as_millis()).unwrap_or(u64::MAX);
+    Ok(TaskSpec {
+        kind: store_kind(kind, timeout_ms),
+        targets,
+        timeout_ms: timeout_ms.saturating_add(slack),
+        max_attempts: max_attempts.unwrap_or(1),
+        traceparent,
+    })
+}
+
 async fn create_task(
     req: HttpRequest,
     body: web::Json<serde_json::Value>,
@@ -301,29 +342,14 @@ async fn create_task(
     let key = idempotency_key(&req)?;
     let body: CreateTask = serde_json::from_value(raw.clone())
         .map_err(|e| ApiError::bad("malformed_json", e.to_string()))?;
-    let targets = match body.targets {
-        TargetsRequest::Nodes(ids) => {
-            Targets::Nodes(ids.iter().map(|s| node_id(s)).collect::<Result<_, _>>()?)
-        }
-        TargetsRequest::Labels(sel) => Targets::Selector(sel),
-    };
-    let timeout_ms = body.timeout_ms.unwrap_or(DEFAULT_TASK_TIMEOUT_MS);
-    if timeout_ms == 0 {
-        return Err(ApiError::bad(
-            "invalid_task",
-            "timeout_ms must be at least 1",
-        ));
-    }
-    // The scheduler's deadline adds the configured dispatch slack to the agent's own
-    // timeout: delivery, start-up and the result's way back take time too.
-    let slack = u64::try_from(shared.config.dispatch_timeout.as_millis()).unwrap_or(u64::MAX);
-    let spec = TaskSpec {
-        kind: store_kind(&body.spec, timeout_ms),
-        targets,
-        timeout_ms: timeout_ms.saturating_add(slack),
-        max_attempts: body.max_attempts.unwrap_or(1),
-        traceparent: request.context().map(|t| t.to_traceparent()),
-    };
+    let spec = task_spec(
+        &shared,
+        body.targets,
+        &body.spec,
+        body.timeout_ms,
+        body.max_attempts,
+        request.context().map(|t| t.to_traceparent()),
+    )?;
     let created = spec.clone();
     let now = now_ms();
     let retention = u64::try_from(shared.config.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
