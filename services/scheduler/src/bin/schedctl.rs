@@ -126,6 +126,11 @@ enum Command {
         /// Task id.
         id: u64,
     },
+    /// Recurring tasks from cron expressions (UTC): create, list, get, delete, pause, resume.
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
     /// Show the audit log: who created, cancelled or revoked what, oldest first.
     Audit {
         /// Only entries after this sequence number.
@@ -134,6 +139,54 @@ enum Command {
         /// How many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScheduleCommand {
+    /// Create a schedule: `schedctl schedule create --cron '*/5 * * * *' --nodes a,b -- uptime`.
+    Create {
+        /// Cron expression, UTC: minute hour day-of-month month day-of-week, or with a
+        /// leading seconds field.
+        #[arg(long)]
+        cron: String,
+        /// Target these node ids (comma-separated), resolved at each fire.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Target agents with these labels (`k=v`, comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        selector: Vec<String>,
+        /// When a period is due while the previous run is unfinished: skip it, or allow it.
+        #[arg(long, default_value = "skip")]
+        overlap: String,
+        /// Per-attempt timeout, ms.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Program and arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// List schedules.
+    List,
+    /// Show one schedule.
+    Get {
+        /// Schedule id.
+        id: u64,
+    },
+    /// Delete a schedule (the tasks it created stay).
+    Delete {
+        /// Schedule id.
+        id: u64,
+    },
+    /// Pause a schedule.
+    Pause {
+        /// Schedule id.
+        id: u64,
+    },
+    /// Resume a paused schedule (periods missed while paused are not fired).
+    Resume {
+        /// Schedule id.
+        id: u64,
     },
 }
 
@@ -338,6 +391,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             println!("cancelled on: {}", text(&v["cancelled"]));
             Ok(())
         }
+        Command::Schedule { command } => schedule(&api, cli.json, command),
         Command::Audit { since, limit } => {
             let v = api.get(&format!("/v1/audit?since={since}&limit={limit}"))?;
             if cli.json {
@@ -368,6 +422,111 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Labels given as `k=v` as a JSON object.
+fn label_map(labels: &[String]) -> Result<serde_json::Map<String, Value>, Failure> {
+    let mut map = serde_json::Map::new();
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| Failure::Usage(format!("label {l:?}: use key=value")))?;
+        map.insert(k.to_owned(), Value::String(v.to_owned()));
+    }
+    Ok(map)
+}
+
+fn schedule(api: &Api, as_json: bool, command: &ScheduleCommand) -> Result<(), Failure> {
+    let v = match command {
+        ScheduleCommand::Create {
+            cron,
+            nodes,
+            selector,
+            overlap,
+            timeout_ms,
+            argv,
+        } => {
+            let targets = match (nodes.is_empty(), selector.is_empty()) {
+                (false, true) => json!({"nodes": nodes}),
+                (true, false) => json!({"labels": label_map(selector)?}),
+                _ => return Err(Failure::Usage("give either --nodes or --selector".into())),
+            };
+            let mut body = json!({
+                "cron": cron,
+                "overlap": overlap,
+                "targets": targets,
+                "spec": {"kind": "command", "argv": argv},
+            });
+            if let Some(t) = timeout_ms {
+                body["timeout_ms"] = json!(t);
+            }
+            api.post("/v1/schedules", &body)?
+        }
+        ScheduleCommand::List => {
+            let v = api.get("/v1/schedules")?;
+            if as_json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["schedules"]
+                .as_array()
+                .map(|a| a.iter().map(schedule_row).collect())
+                .unwrap_or_default();
+            print_table(SCHEDULE_HEADERS, &rows);
+            return Ok(());
+        }
+        ScheduleCommand::Get { id } => api.get(&format!("/v1/schedules/{id}"))?,
+        ScheduleCommand::Delete { id } => {
+            let v = api.request(
+                reqwest::Method::DELETE,
+                &format!("/v1/schedules/{id}"),
+                None,
+            )?;
+            if as_json {
+                return print_json(&v);
+            }
+            println!("schedule {id} deleted");
+            return Ok(());
+        }
+        ScheduleCommand::Pause { id } => {
+            api.post(&format!("/v1/schedules/{id}/pause"), &json!({}))?
+        }
+        ScheduleCommand::Resume { id } => {
+            api.post(&format!("/v1/schedules/{id}/resume"), &json!({}))?
+        }
+    };
+    if as_json {
+        return print_json(&v);
+    }
+    print_table(SCHEDULE_HEADERS, &[schedule_row(&v)]);
+    if let Some(e) = v["last_error"].as_str() {
+        println!("last error: {e}");
+    }
+    Ok(())
+}
+
+const SCHEDULE_HEADERS: &[&str] = &[
+    "SCHEDULE", "CRON (UTC)", "OVERLAP", "STATE", "NEXT FIRE", "LAST FIRE", "LAST TASK", "COMMAND",
+];
+
+fn schedule_row(s: &Value) -> Vec<String> {
+    vec![
+        text(&s["schedule_id"]),
+        text(&s["cron"]),
+        text(&s["overlap"]),
+        if s["paused"] == Value::Bool(true) {
+            "paused".into()
+        } else {
+            "active".into()
+        },
+        text(&s["next_fire_at"]),
+        text(&s["last_fire_at"]),
+        text(&s["last_task_id"]),
+        s["task"]["spec"]["argv"]
+            .as_array()
+            .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| text(&s["task"]["spec"]["kind"])),
+    ]
 }
 
 fn create(api: &Api, as_json: bool, target: &Target, spec: &Value) -> Result<(), Failure> {
