@@ -509,3 +509,90 @@ async fn a_chatty_command_streams_a_bounded_paced_part_and_reports_gaps() {
     let _ = node.join().await;
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_every_second_schedule_fires_once_per_period_and_runs_on_a_real_agent() {
+    let fleet = Fleet::start("gw-sched").await;
+    let api = fleet.sched.addr();
+    let mut eu = fleet.agent("node-eu", "eu").await;
+    let mut us = fleet.agent("node-us", "us").await;
+
+    // Every second, to the eu selector, created with schedctl.
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(
+            api,
+            KEY,
+            &[
+                "--json", "schedule", "create", "--cron", "* * * * * *", "--selector",
+                "region=eu", "--", "echo", "tick",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = created["schedule_id"].as_u64().unwrap();
+    let path = format!("/v1/schedules/{id}");
+
+    // It fires, and the task it created runs on node-eu only.
+    let v = eventually(api, &path, |v| v["fired"].as_u64() >= Some(3)).await;
+    let first_task = v["last_task_id"].as_u64().unwrap();
+    let task = eventually(api, &format!("/v1/tasks/{first_task}"), |t| {
+        t["targets"]["node-eu"]["state"] == "succeeded"
+    })
+    .await;
+    assert!(task["targets"].get("node-us").is_none(), "{task}");
+    assert!(
+        task["results"][0]["body"]["stdout_tail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("tick"),
+        "{task}"
+    );
+
+    // Pause, then count: one audit fire entry per period, in increasing periods, one task
+    // each (skip: a period may be skipped while the previous run is unfinished).
+    let r = http::post_json(api, &format!("{path}/pause"), KEY, &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let audit = http::get(api, "/v1/audit?limit=1000", KEY)
+        .await
+        .unwrap()
+        .json();
+    let fires: Vec<&serde_json::Value> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "schedule.fire")
+        .map(|e| &e["detail"])
+        .collect();
+    let periods: Vec<u64> = fires.iter().map(|d| d["period"].as_u64().unwrap()).collect();
+    assert!(periods.windows(2).all(|w| w[0] < w[1]), "{periods:?}");
+    let with_task = fires.iter().filter(|d| d["task_id"].is_u64()).count();
+    let tasks = http::get(api, "/v1/tasks?limit=1000", KEY)
+        .await
+        .unwrap()
+        .json();
+    let all: Vec<&serde_json::Value> = tasks["tasks"].as_array().unwrap().iter().collect();
+    assert_eq!(all.len(), with_task, "one task per fired period: {fires:?}");
+    // Paused: nothing more fires.
+    let fired = http::get(api, &path, KEY).await.unwrap().json()["fired"].clone();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        http::get(api, &path, KEY).await.unwrap().json()["fired"],
+        fired
+    );
+
+    // Every task it created finishes on the agent.
+    for t in &all {
+        let id = t["task_id"].as_u64().unwrap();
+        eventually(api, &format!("/v1/tasks/{id}"), |t| t["finished"] == true).await;
+    }
+    eu.stop();
+    us.stop();
+    let _ = eu.join().await;
+    let _ = us.join().await;
+    fleet.stop().await;
+}
