@@ -68,7 +68,9 @@ impl CronExpr {
             return Err(invalid(format!("longer than {MAX_CRON_LEN} characters")));
         }
         if expr.trim().starts_with('@') {
-            return Err(invalid("nicknames (@daily, ...) are not accepted".to_owned()));
+            return Err(invalid(
+                "nicknames (@daily, ...) are not accepted".to_owned(),
+            ));
         }
         let cron = CronParser::builder()
             .seconds(Seconds::Optional)
@@ -187,7 +189,12 @@ async fn fire(shared: &Shared, record: &ScheduleRecord, period: u64) -> Result<F
             }
         }
         Fire::Skipped { running } => {
-            tracing::info!(schedule = id, period, running, "Previous run unfinished; period skipped.");
+            tracing::info!(
+                schedule = id,
+                period,
+                running,
+                "Previous run unfinished; period skipped."
+            );
         }
         Fire::Failed(e) => {
             tracing::warn!(schedule = id, period, error = %e, "Schedule fired but created no task.");

@@ -523,8 +523,16 @@ async fn an_every_second_schedule_fires_once_per_period_and_runs_on_a_real_agent
             api,
             KEY,
             &[
-                "--json", "schedule", "create", "--cron", "* * * * * *", "--selector",
-                "region=eu", "--", "echo", "tick",
+                "--json",
+                "schedule",
+                "create",
+                "--cron",
+                "* * * * * *",
+                "--selector",
+                "region=eu",
+                "--",
+                "echo",
+                "tick",
             ],
         )
     })
@@ -568,7 +576,10 @@ async fn an_every_second_schedule_fires_once_per_period_and_runs_on_a_real_agent
         .filter(|e| e["action"] == "schedule.fire")
         .map(|e| &e["detail"])
         .collect();
-    let periods: Vec<u64> = fires.iter().map(|d| d["period"].as_u64().unwrap()).collect();
+    let periods: Vec<u64> = fires
+        .iter()
+        .map(|d| d["period"].as_u64().unwrap())
+        .collect();
     assert!(periods.windows(2).all(|w| w[0] < w[1]), "{periods:?}");
     let with_task = fires.iter().filter(|d| d["task_id"].is_u64()).count();
     let tasks = http::get(api, "/v1/tasks?limit=1000", KEY)

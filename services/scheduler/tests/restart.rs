@@ -555,7 +555,9 @@ async fn a_schedule_fires_each_period_once_across_a_kill_9_failover() {
     // B takes over and keeps firing.
     wait_status(b.addr(), "/readyz", 200).await;
     let v = eventually(b.addr(), &path, |v| {
-        v["last_fire_secs"].as_u64().is_some_and(|l| l >= last_a + 3)
+        v["last_fire_secs"]
+            .as_u64()
+            .is_some_and(|l| l >= last_a + 3)
     })
     .await;
     b.shutdown().await.unwrap();

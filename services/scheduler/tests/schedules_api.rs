@@ -139,9 +139,24 @@ async fn bad_input_is_refused_and_nothing_is_stored() {
     assert_eq!(r.json()["error"], "malformed_id");
     let r = http::get(api, "/v1/schedules/99", DASH).await.unwrap();
     assert_eq!(r.status, 404);
-    assert_eq!(call(api, "DELETE", "/v1/schedules/99", OPS, b"").await.status, 404);
-    assert_eq!(post(api, "/v1/schedules/99/pause", OPS, &json!({})).await.status, 404);
-    assert_eq!(post(api, "/v1/schedules/99/resume", OPS, &json!({})).await.status, 404);
+    assert_eq!(
+        call(api, "DELETE", "/v1/schedules/99", OPS, b"")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        post(api, "/v1/schedules/99/pause", OPS, &json!({}))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        post(api, "/v1/schedules/99/resume", OPS, &json!({}))
+            .await
+            .status,
+        404
+    );
     sched.shutdown().await.unwrap();
 }
 
@@ -180,10 +195,15 @@ async fn scopes_audit_pause_resume_and_schedctl() {
     let now = servicekit::clock::now_secs();
     assert!(next > now && next <= now + 300, "{next} vs {now}");
     assert!(created["next_fire_at"].as_str().unwrap().ends_with('Z'));
-    assert_eq!(created["task"]["targets"], json!({"labels": {"region": "eu"}}));
+    assert_eq!(
+        created["task"]["targets"],
+        json!({"labels": {"region": "eu"}})
+    );
 
     // Read keys read.
-    let r = http::get(api, &format!("/v1/schedules/{id}"), DASH).await.unwrap();
+    let r = http::get(api, &format!("/v1/schedules/{id}"), DASH)
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["schedule_id"], id);
     assert_eq!(
@@ -213,13 +233,25 @@ async fn scopes_audit_pause_resume_and_schedctl() {
         api,
         OPS,
         &[
-            "schedule", "create", "--cron", "0 3 * * MON", "--selector", "region=eu",
-            "--overlap", "allow", "--", "df", "-h",
+            "schedule",
+            "create",
+            "--cron",
+            "0 3 * * MON",
+            "--selector",
+            "region=eu",
+            "--overlap",
+            "allow",
+            "--",
+            "df",
+            "-h",
         ],
     )
     .await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("0 3 * * MON") && out.contains("allow"), "{out}");
+    assert!(
+        out.contains("0 3 * * MON") && out.contains("allow"),
+        "{out}"
+    );
     assert!(out.contains("df -h"), "{out}");
     let (code, out, _) = schedctl(api, DASH, &["--json", "schedule", "list"]).await;
     assert_eq!(code, 0);
@@ -231,7 +263,10 @@ async fn scopes_audit_pause_resume_and_schedctl() {
     assert!(next.ends_with("T03:00:00Z"), "{next}");
     let (code, out, _) = schedctl(api, DASH, &["schedule", "list"]).await;
     assert_eq!(code, 0);
-    assert!(out.contains("NEXT FIRE") && out.contains("*/5 * * * *"), "{out}");
+    assert!(
+        out.contains("NEXT FIRE") && out.contains("*/5 * * * *"),
+        "{out}"
+    );
     let (code, out, _) = schedctl(api, DASH, &["schedule", "get", &second.to_string()]).await;
     assert_eq!(code, 0);
     assert!(out.contains("0 3 * * MON"), "{out}");
@@ -246,7 +281,16 @@ async fn scopes_audit_pause_resume_and_schedctl() {
     let (code, _, err) = schedctl(
         api,
         OPS,
-        &["schedule", "create", "--cron", "99 * * * *", "--nodes", "a", "--", "true"],
+        &[
+            "schedule",
+            "create",
+            "--cron",
+            "99 * * * *",
+            "--nodes",
+            "a",
+            "--",
+            "true",
+        ],
     )
     .await;
     assert_eq!(code, 1);

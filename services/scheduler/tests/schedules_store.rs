@@ -210,7 +210,9 @@ fn pause_resume_and_delete() {
         .unwrap();
     let id = rec.id;
     let (paused, _) = store
-        .set_schedule_paused(id, true, T0_MS + 1000, |_| entry("schedule.pause", json!({})))
+        .set_schedule_paused(id, true, T0_MS + 1000, |_| {
+            entry("schedule.pause", json!({}))
+        })
         .unwrap();
     assert!(paused.paused);
     assert_eq!(fire(&store, id, T0 + 300), Fire::NotDue);

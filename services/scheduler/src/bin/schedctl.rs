@@ -506,7 +506,14 @@ fn schedule(api: &Api, as_json: bool, command: &ScheduleCommand) -> Result<(), F
 }
 
 const SCHEDULE_HEADERS: &[&str] = &[
-    "SCHEDULE", "CRON (UTC)", "OVERLAP", "STATE", "NEXT FIRE", "LAST FIRE", "LAST TASK", "COMMAND",
+    "SCHEDULE",
+    "CRON (UTC)",
+    "OVERLAP",
+    "STATE",
+    "NEXT FIRE",
+    "LAST FIRE",
+    "LAST TASK",
+    "COMMAND",
 ];
 
 fn schedule_row(s: &Value) -> Vec<String> {

@@ -146,10 +146,7 @@ async fn create(
     Ok(HttpResponse::Created().json(schedule_json(&record, now_secs())))
 }
 
-async fn list(
-    req: HttpRequest,
-    shared: web::Data<Arc<Shared>>,
-) -> Result<HttpResponse, ApiError> {
+async fn list(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> Result<HttpResponse, ApiError> {
     authorize(&req, &shared)?;
     let schedules = blocking(&shared, |store| store.schedules()).await?;
     let now = now_secs();
@@ -263,10 +260,7 @@ mod tests {
 
     #[test]
     fn times_are_rfc3339_utc() {
-        assert_eq!(
-            rfc3339(Some(1_767_225_600)),
-            json!("2026-01-01T00:00:00Z")
-        );
+        assert_eq!(rfc3339(Some(1_767_225_600)), json!("2026-01-01T00:00:00Z"));
         assert_eq!(rfc3339(None), serde_json::Value::Null);
     }
 }

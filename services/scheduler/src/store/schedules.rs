@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::operator::{append_in, create_once_in};
 use super::{
-    AuditEntry, Created, IdempotencyClaim, META, NewAuditEntry, Store, StoreError, TARGETS,
-    TaskId, TaskSpec, begin_durable_write, decode, encode, read_targets, validate_spec,
+    AuditEntry, Created, IdempotencyClaim, META, NewAuditEntry, Store, StoreError, TARGETS, TaskId,
+    TaskSpec, begin_durable_write, decode, encode, read_targets, validate_spec,
 };
 use redb::ReadableDatabase;
 
@@ -127,12 +127,10 @@ impl Store {
         self.write(|txn| {
             let id = {
                 let mut meta = txn.open_table(META)?;
-                let id = meta
-                    .get(META_NEXT_SCHEDULE_ID)?
-                    .map_or(1, |v| v.value());
-                let next = id.checked_add(1).ok_or_else(|| {
-                    StoreError::Corrupt("schedule ids exhausted".to_owned())
-                })?;
+                let id = meta.get(META_NEXT_SCHEDULE_ID)?.map_or(1, |v| v.value());
+                let next = id
+                    .checked_add(1)
+                    .ok_or_else(|| StoreError::Corrupt("schedule ids exhausted".to_owned()))?;
                 meta.insert(META_NEXT_SCHEDULE_ID, next)?;
                 id
             };
