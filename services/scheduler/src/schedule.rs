@@ -144,8 +144,9 @@ pub async fn tick(shared: &Shared, now: u64) -> Result<Vec<(u64, Fire)>, BusErro
 /// Fires one schedule for `period` and dispatches its task.
 async fn fire(shared: &Shared, record: &ScheduleRecord, period: u64) -> Result<Fire, BusError> {
     let id = record.id;
+    let retention = u64::try_from(shared.config.idempotency_ttl.as_millis()).unwrap_or(u64::MAX);
     let (outcome, entry, up) = blocking(shared, move |store| {
-        let (outcome, entry) = store.fire_schedule(id, period, now_ms(), |outcome| {
+        let (outcome, entry) = store.fire_schedule(id, period, now_ms(), retention, |outcome| {
             let detail = match outcome {
                 Fire::Created(task) | Fire::Replayed(task) => {
                     json!({"period": period, "task_id": task})

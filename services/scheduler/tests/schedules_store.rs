@@ -69,7 +69,7 @@ fn entry(action: &str, detail: serde_json::Value) -> NewAuditEntry {
 
 fn fire(store: &Store, id: u64, period: u64) -> Fire {
     store
-        .fire_schedule(id, period, period * 1000, |f| {
+        .fire_schedule(id, period, period * 1000, 86_400_000, |f| {
             entry("schedule.fire", json!(format!("{f:?}")))
         })
         .unwrap()
@@ -245,4 +245,35 @@ fn pause_resume_and_delete() {
         )
         .unwrap();
     assert!(next.id > id);
+}
+
+#[test]
+fn a_fire_is_keyed_by_schedule_and_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    store.upsert_agent(&agent("edge-1", "eu")).unwrap();
+    let (rec, _) = store
+        .create_schedule(
+            &new_schedule(Overlap::Allow, Targets::Nodes(vec![node("edge-1")])),
+            T0_MS,
+            |_| entry("schedule.create", json!({})),
+        )
+        .unwrap();
+    let Fire::Created(task) = fire(&store, rec.id, T0 + 300) else {
+        panic!()
+    };
+    // The key an evaluation of the same period would claim is taken, by this task: a
+    // create under it replays instead of making a second task.
+    let claim = scheduler::store::IdempotencyClaim {
+        actor: scheduler::store::SCHEDULE_ACTOR.into(),
+        key: scheduler::store::fire_key(rec.id, T0 + 300),
+        fingerprint: scheduler::store::fire_key(rec.id, T0 + 300),
+        not_before_ms: 0,
+    };
+    assert_eq!(claim.key, format!("schedule:{}:{}", rec.id, T0 + 300));
+    let (created, _) = store
+        .create_task_once(&rec.task, T0_MS, Some(&claim), |_| entry("x", json!({})))
+        .unwrap();
+    assert_eq!(created, scheduler::store::Created::Replayed(task));
+    assert_eq!(store.tasks(10, None).unwrap().len(), 1);
 }

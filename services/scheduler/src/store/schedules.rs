@@ -27,8 +27,10 @@ const SCHEDULES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("schedul
 /// The id the next schedule gets (in the `scheduler_meta` table).
 const META_NEXT_SCHEDULE_ID: &str = "next_schedule_id";
 
-/// The idempotency "API key name" under which schedules create their tasks.
-pub const SCHEDULE_ACTOR: &str = "schedule";
+/// The idempotency "API key name" under which schedules create their tasks. The `:` makes
+/// it a name no API key can have (names are `A-Z a-z 0-9 _ . -`), so no caller's
+/// `Idempotency-Key` can collide with a schedule's.
+pub const SCHEDULE_ACTOR: &str = "scheduler:schedules";
 
 /// A schedule's id: from 1, never reused in one file.
 pub type ScheduleId = u64;
@@ -219,11 +221,16 @@ impl Store {
     /// written), it applies the overlap policy, creates the task under the idempotency key
     /// `schedule:<id>:<period>`, moves `since_secs` to `period` and appends a
     /// `schedule.fire` audit entry made by `audit(outcome)`. See the module docs.
+    ///
+    /// The key is kept, and pruned, like any idempotency key: `retention_ms` is the
+    /// idempotency retention, and each fire prunes a few expired keys so that frequent
+    /// schedules do not grow the table without bound. `since_secs` stays the first guard.
     pub fn fire_schedule(
         &self,
         id: ScheduleId,
         period: u64,
         at_ms: u64,
+        retention_ms: u64,
         audit: impl FnOnce(&Fire) -> NewAuditEntry,
     ) -> Result<(Fire, Option<AuditEntry>), StoreError> {
         let txn = begin_durable_write(&self.db)?;
@@ -252,8 +259,7 @@ impl Store {
                     actor: SCHEDULE_ACTOR.to_owned(),
                     key: fire_key(id, period),
                     fingerprint: fire_key(id, period),
-                    // Schedule keys never expire: a period is fired at most once.
-                    not_before_ms: 0,
+                    not_before_ms: at_ms.saturating_sub(retention_ms),
                 };
                 let mut spec = record.task.clone();
                 spec.traceparent = None;
