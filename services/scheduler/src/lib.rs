@@ -100,6 +100,10 @@ pub struct Metrics {
     pub credentials_issued: Counter,
     /// Messages dropped because their node is revoked.
     pub revoked_dropped: Counter,
+    /// Schedule periods that created a task.
+    pub schedule_fires: Counter,
+    /// Schedule periods skipped because the previous run was unfinished.
+    pub schedule_skips: Counter,
     /// Per-hop latency of agent traffic, from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
 }
@@ -133,6 +137,11 @@ impl Metrics {
         let credentials_issued =
             counter("credentials_issued", "Agent credentials issued or renewed.");
         let revoked_dropped = counter("revoked_dropped", "Messages from revoked nodes dropped.");
+        let schedule_fires = counter("schedule_fires", "Schedule periods that created a task.");
+        let schedule_skips = counter(
+            "schedule_skips",
+            "Schedule periods skipped while the previous run was unfinished.",
+        );
         let hops = servicekit::hops::HopLatency::register(&mut registry);
         Metrics {
             registry,
@@ -148,6 +157,8 @@ impl Metrics {
             commands_refused,
             credentials_issued,
             revoked_dropped,
+            schedule_fires,
+            schedule_skips,
             hops,
         }
     }

@@ -184,12 +184,14 @@ async fn fire(shared: &Shared, record: &ScheduleRecord, period: u64) -> Result<F
     match &outcome {
         Fire::Created(task_id) => {
             shared.metrics.tasks_created.inc();
+            shared.metrics.schedule_fires.inc();
             tracing::info!(schedule = id, period, task_id, "Schedule fired.");
             if let Err(e) = bus::dispatch_many(shared, *task_id, &record.task, up).await {
                 tracing::warn!(task_id, error = %e, "Dispatch failed.");
             }
         }
         Fire::Skipped { running } => {
+            shared.metrics.schedule_skips.inc();
             tracing::info!(
                 schedule = id,
                 period,

@@ -596,6 +596,22 @@ async fn an_every_second_schedule_fires_once_per_period_and_runs_on_a_real_agent
         fired
     );
 
+    // Counted in /metrics.
+    let metrics = String::from_utf8(
+        http::request(api, "GET", "/metrics", &[], b"")
+            .await
+            .unwrap()
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    let fires_metric = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("scheduler_schedule_fires_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(fires_metric, Some(with_task as u64), "{metrics}");
+    assert!(metrics.contains("scheduler_schedule_skips_total"));
+
     // Every task it created finishes on the agent.
     for t in &all {
         let id = t["task_id"].as_u64().unwrap();
