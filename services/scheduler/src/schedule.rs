@@ -124,7 +124,8 @@ pub fn due(cron: &CronExpr, since: u64, now: u64) -> Option<u64> {
 }
 
 /// Fires every due schedule once (see [`due`]) and dispatches the tasks created to the
-/// targets that are up; returns the outcomes. `now` is unix seconds.
+/// targets that are up; returns the outcomes (a schedule whose fire failed is logged and
+/// left out). `now` is unix seconds. Fails only if the schedules cannot be read.
 pub async fn tick(shared: &Shared, now: u64) -> Result<Vec<(u64, Fire)>, BusError> {
     let schedules = blocking(shared, |store| store.schedules()).await?;
     let mut outcomes = Vec::new();
@@ -136,7 +137,15 @@ pub async fn tick(shared: &Shared, now: u64) -> Result<Vec<(u64, Fire)>, BusErro
         let Some(period) = due(&cron, record.since_secs, now) else {
             continue;
         };
-        outcomes.push((record.id, fire(shared, &record, period).await?));
+        // One schedule failing (a full disk, say) does not hold up the others; it is
+        // retried on the next tick.
+        match fire(shared, &record, period).await {
+            Ok(outcome) => outcomes.push((record.id, outcome)),
+            Err(e) => {
+                shared.metrics.bus_errors.inc();
+                tracing::warn!(schedule = record.id, period, error = %e, "Firing a schedule failed.");
+            }
+        }
     }
     Ok(outcomes)
 }

@@ -1,5 +1,6 @@
 //! The scheduler's durable state: the agent registry, tasks with their per-target state
-//! machines, results and status reports, all in one redb file.
+//! machines, results and status reports, and schedules (`schedules.rs`), all in one redb
+//! file.
 //!
 //! This module owns the on-disk layout (the `scheduler_*` tables), task id allocation, the
 //! task state machine and its validation, and idempotent ingestion of agent messages by
