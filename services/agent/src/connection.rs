@@ -64,6 +64,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::agent_metrics::AgentMetrics;
 use crate::backoff::ExponentialBackoff;
 use crate::config::{AgentConfig, Token};
+use crate::configs::{CONFIG_ACK_KIND, Configs};
 use crate::executor::{ExecEvent, Executor, RESULT_KIND};
 use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
 use crate::trust::{Credentials, Gate, GateError, REFUSED_KIND, refusal_report};
@@ -123,6 +124,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// The record of applied config documents is unreadable.
+    #[error(transparent)]
+    ConfigState(#[from] crate::configs::StateError),
     /// No command keys are pinned: the agent could act on nothing, so it does not start.
     #[error(
         "no command keys pinned (command_keys_file / AGENT_COMMAND_KEYS_FILE): \
@@ -144,7 +148,8 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Outbox(_) => 74, // EX_IOERR
-            RunError::Join(_) => 70,   // EX_SOFTWARE
+            RunError::ConfigState(_) => 74,
+            RunError::Join(_) => 70, // EX_SOFTWARE
             RunError::Refused { code, .. } if *code == CloseCode::Unauthorized.code() => 77,
             RunError::Refused { .. } => 76,      // EX_PROTOCOL
             RunError::Unauthorized { .. } => 77, // EX_NOPERM
@@ -228,6 +233,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
     }
     let path = config.outbox_path.clone();
     let outbox = Arc::new(tokio::task::spawn_blocking(move || Outbox::open(path)).await??);
+    let (dir, state) = (config.config_dir.clone(), config.config_state_path.clone());
+    let configs = Arc::new(tokio::task::spawn_blocking(move || Configs::open(dir, state)).await??);
     let metrics = Arc::new(AgentMetrics::new());
     let server = match config.metrics_listen {
         Some(addr) => Some(
@@ -243,7 +250,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
         let outbox = Arc::clone(&outbox);
         let metrics = Arc::clone(&metrics);
         async move {
-            let result = run(config, outbox, stopped, metrics).await;
+            let result = Box::pin(run(config, outbox, configs, stopped, metrics)).await;
             if let Some(server) = server {
                 server.stop().await;
             }
@@ -307,6 +314,10 @@ struct Ctx {
     refusal_budget: (u32, Instant),
     /// Paces live output frames.
     output_pace: crate::output::Pace,
+    /// The config documents applied (reported at every register).
+    configs: Arc<Configs>,
+    /// Verified config pushes, to the worker that applies them in order.
+    config_tx: mpsc::UnboundedSender<fleet::ConfigPush>,
 }
 
 /// Most tasks whose trace context is remembered (for results replayed after a reconnect).
@@ -357,6 +368,7 @@ impl TaskTraces {
 pub async fn run(
     config: AgentConfig,
     outbox: Arc<Outbox>,
+    configs: Arc<Configs>,
     shutdown: watch::Receiver<bool>,
     metrics: Arc<AgentMetrics>,
 ) -> Result<(), RunError> {
@@ -371,7 +383,10 @@ pub async fn run(
         events_tx.clone(),
         reports_stopped,
     ));
-    let result = run_sessions(config, outbox, shutdown, events_tx, events, metrics).await;
+    let result = run_sessions(
+        config, outbox, configs, shutdown, events_tx, events, metrics,
+    )
+    .await;
     let _ = stop_reports.send(true);
     let _ = reporter.await;
     result
@@ -381,11 +396,18 @@ pub async fn run(
 async fn run_sessions(
     config: AgentConfig,
     outbox: Arc<Outbox>,
+    configs: Arc<Configs>,
     shutdown: watch::Receiver<bool>,
     events_tx: mpsc::UnboundedSender<ExecEvent>,
     events: mpsc::UnboundedReceiver<ExecEvent>,
     metrics: Arc<AgentMetrics>,
 ) -> Result<(), RunError> {
+    let config_tx = crate::configs::spawn_worker(
+        Arc::clone(&configs),
+        config.exec_policy(),
+        Arc::clone(&outbox),
+        events_tx.clone(),
+    );
     let executor = Executor::new(
         config.exec_policy(),
         Arc::clone(&outbox),
@@ -405,6 +427,8 @@ async fn run_sessions(
         config.credential_path.clone(),
     ));
     let mut ctx = Ctx {
+        configs,
+        config_tx,
         gate,
         credentials,
         refusal_budget: (REFUSAL_REPORTS_PER_MINUTE, Instant::now()),
@@ -697,12 +721,18 @@ impl Ctx {
         url: &str,
         welcome: &Welcome,
     ) -> Result<SessionEnd, SessionError> {
+        // What is on disk now, so the scheduler pushes what is missing or drifted.
+        let configs = {
+            let configs = Arc::clone(&self.configs);
+            tokio::task::spawn_blocking(move || configs.report()).await?
+        };
         let register = Register {
             node_id: self.config.node_id.to_string(),
             hostname: self.hostname.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             labels: self.config.labels.clone(),
             addresses: local_address(&conn.ws).into_iter().collect(),
+            configs,
         };
         conn.publish(fleet::up::REGISTER, payload::to_bus(&register)?)
             .await?;
@@ -795,6 +825,11 @@ impl Ctx {
                                 conn.publish(fleet::up::REPORT, payload::to_bus(&batch)?).await?;
                             }
                         }
+                        ExecEvent::ConfigAck { seq, payload } => {
+                            if conn.sent.insert(seq) {
+                                conn.publish(fleet::up::CONFIG_ACK, payload).await?;
+                            }
+                        }
                         ExecEvent::Status(status) => {
                             conn.publish(fleet::up::STATUS, payload::to_bus(&status)?).await?;
                             self.status = Some(status);
@@ -847,6 +882,11 @@ impl Ctx {
                 REFUSED_KIND => {
                     if conn.sent.insert(entry.seq) {
                         conn.publish(fleet::up::REFUSED, entry.payload).await?;
+                    }
+                }
+                CONFIG_ACK_KIND => {
+                    if conn.sent.insert(entry.seq) {
+                        conn.publish(fleet::up::CONFIG_ACK, entry.payload).await?;
                     }
                 }
                 REPORT_KIND => match payload::from_bus::<Report>(&entry.payload) {
@@ -936,6 +976,29 @@ impl Ctx {
                         "Task received."
                     );
                     self.executor.start(task);
+                }
+                Err(e) => {
+                    let refusal = Refusal::Body(e.to_string());
+                    return self.refuse(conn, &route, &frame.body, &refusal, now).await;
+                }
+            },
+            fleet::down::CONFIG => match payload::from_bus::<fleet::ConfigPush>(body) {
+                Ok(push) => {
+                    // A name that is not a plain file name could point anywhere on the
+                    // machine: refused and reported like a forgery, never written.
+                    if let Err(e) = fleet::check_config_name(&push.name) {
+                        let refusal = Refusal::Body(format!("unsafe config name: {e}"));
+                        return self.refuse(conn, &route, &frame.body, &refusal, now).await;
+                    }
+                    tracing::info!(
+                        name = %push.name,
+                        version = push.version,
+                        command_id = %envelope.id,
+                        "Config received."
+                    );
+                    if self.config_tx.send(push).is_err() {
+                        tracing::error!("The config worker is gone; config not applied.");
+                    }
                 }
                 Err(e) => {
                     let refusal = Refusal::Body(e.to_string());
