@@ -303,15 +303,19 @@ async fn run(argv: &[String], file: &Path, policy: &ExecPolicy) -> Result<(), St
 
 /// Starts the worker that applies pushes one at a time, writes each ack to the outbox and
 /// hands it to the connection loop ([`ExecEvent::ConfigAck`]). Returns the sender the loop
-/// queues verified pushes on; the worker ends when it is dropped.
+/// queues verified pushes on and the worker's task, which ends once the sender is dropped
+/// (after the push under way, if any).
 pub fn spawn_worker(
     configs: Arc<Configs>,
     policy: ExecPolicy,
     outbox: Arc<Outbox>,
     events: mpsc::UnboundedSender<ExecEvent>,
-) -> mpsc::UnboundedSender<ConfigPush> {
+) -> (
+    mpsc::UnboundedSender<ConfigPush>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<ConfigPush>();
-    tokio::spawn(async move {
+    let worker = tokio::spawn(async move {
         while let Some(push) = rx.recv().await {
             let outcome = configs.apply(&push, &policy).await;
             match &outcome {
@@ -345,7 +349,7 @@ pub fn spawn_worker(
             }
         }
     });
-    tx
+    (tx, worker)
 }
 
 /// Writes `ack` to the outbox with its own message id; returns the sequence and the bytes.

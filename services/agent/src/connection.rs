@@ -383,31 +383,36 @@ pub async fn run(
         events_tx.clone(),
         reports_stopped,
     ));
-    let result = run_sessions(
-        config, outbox, configs, shutdown, events_tx, events, metrics,
-    )
-    .await;
-    let _ = stop_reports.send(true);
-    let _ = reporter.await;
-    result
-}
-
-/// Connects, serves sessions and reconnects until shutdown or a fatal close.
-async fn run_sessions(
-    config: AgentConfig,
-    outbox: Arc<Outbox>,
-    configs: Arc<Configs>,
-    shutdown: watch::Receiver<bool>,
-    events_tx: mpsc::UnboundedSender<ExecEvent>,
-    events: mpsc::UnboundedReceiver<ExecEvent>,
-    metrics: Arc<AgentMetrics>,
-) -> Result<(), RunError> {
-    let config_tx = crate::configs::spawn_worker(
+    // The config worker holds the outbox too: it ends once the session loop (which holds
+    // its sender) is gone, and is awaited like the report loop.
+    let (config_tx, config_worker) = crate::configs::spawn_worker(
         Arc::clone(&configs),
         config.exec_policy(),
         Arc::clone(&outbox),
         events_tx.clone(),
     );
+    let result = run_sessions(
+        config, outbox, configs, config_tx, shutdown, events_tx, events, metrics,
+    )
+    .await;
+    let _ = stop_reports.send(true);
+    let _ = reporter.await;
+    let _ = config_worker.await;
+    result
+}
+
+/// Connects, serves sessions and reconnects until shutdown or a fatal close.
+#[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
+async fn run_sessions(
+    config: AgentConfig,
+    outbox: Arc<Outbox>,
+    configs: Arc<Configs>,
+    config_tx: mpsc::UnboundedSender<fleet::ConfigPush>,
+    shutdown: watch::Receiver<bool>,
+    events_tx: mpsc::UnboundedSender<ExecEvent>,
+    events: mpsc::UnboundedReceiver<ExecEvent>,
+    metrics: Arc<AgentMetrics>,
+) -> Result<(), RunError> {
     let executor = Executor::new(
         config.exec_policy(),
         Arc::clone(&outbox),
