@@ -370,3 +370,122 @@ async fn store_ack(
     })
     .await?
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn push(name: &str, version: u64, content: &str) -> ConfigPush {
+        ConfigPush {
+            name: name.into(),
+            version,
+            sha256: fleet::config_sha256(content.as_bytes()),
+            content: content.as_bytes().to_vec(),
+            validate: None,
+            reload: None,
+        }
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn applies_atomically_remembers_across_a_reopen_and_refuses_what_it_must() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (etc, state) = (tmp.path().join("etc"), tmp.path().join("configs.json"));
+        let policy = ExecPolicy::with_commands(["sh"]);
+        let configs = Arc::new(Configs::open(Some(etc.clone()), state.clone()).unwrap());
+        configs
+            .apply(&push("a.conf", 1, "good 1\n"), &policy)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(etc.join("a.conf")).unwrap(),
+            "good 1\n"
+        );
+
+        // A failing validate: nothing replaced, no temp file left.
+        let validate = |content: &str| ConfigPush {
+            validate: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "grep -q '^good' \"$0\" || { echo not good >&2; exit 3; }".into(),
+                FILE_PLACEHOLDER.into(),
+            ]),
+            ..push("a.conf", 2, content)
+        };
+        let e = configs
+            .apply(&validate("bad\n"), &policy)
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains("validate failed") && e.contains("exit 3") && e.contains("not good"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(etc.join("a.conf")).unwrap(),
+            "good 1\n"
+        );
+        assert_eq!(files(&etc), ["a.conf"]);
+        configs.apply(&validate("good 2\n"), &policy).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(etc.join("a.conf")).unwrap(),
+            "good 2\n"
+        );
+
+        // Refused before anything is written: a hash that does not match, a command off
+        // the allowlist, a path for a name.
+        let mut tampered = push("b.conf", 1, "x");
+        tampered.content = b"y".to_vec();
+        assert!(
+            configs
+                .apply(&tampered, &policy)
+                .await
+                .unwrap_err()
+                .contains("sha256")
+        );
+        let mut off_list = push("b.conf", 1, "x");
+        off_list.reload = Some(vec!["rm".into(), "-rf".into(), "/".into()]);
+        assert!(
+            configs
+                .apply(&off_list, &policy)
+                .await
+                .unwrap_err()
+                .contains("refused")
+        );
+        assert!(
+            configs
+                .apply(&push("../b.conf", 1, "x"), &policy)
+                .await
+                .is_err()
+        );
+        assert_eq!(files(&etc), ["a.conf"]);
+        assert!(!tmp.path().join("b.conf").exists());
+
+        // The state survives a reopen; a local edit shows up as another hash.
+        let again = Configs::open(Some(etc.clone()), state).unwrap();
+        let report = again.report();
+        assert_eq!(report["a.conf"].version, 2);
+        assert_eq!(report["a.conf"].sha256, fleet::config_sha256(b"good 2\n"));
+        std::fs::write(etc.join("a.conf"), "edited").unwrap();
+        assert_eq!(
+            again.report()["a.conf"].sha256,
+            fleet::config_sha256(b"edited")
+        );
+
+        // Without a config_dir nothing can be applied.
+        let none = Arc::new(Configs::open(None, tmp.path().join("other.json")).unwrap());
+        let e = none
+            .apply(&push("a.conf", 1, "x"), &policy)
+            .await
+            .unwrap_err();
+        assert!(e.contains("config_dir"), "{e}");
+    }
+}
