@@ -318,6 +318,8 @@ struct Ctx {
     configs: Arc<Configs>,
     /// Verified config pushes, to the worker that applies them in order.
     config_tx: mpsc::UnboundedSender<fleet::ConfigPush>,
+    /// Outbox deletions of acknowledged entries under way (each an fsync, off the loop).
+    ack_tasks: tokio::task::JoinSet<()>,
 }
 
 /// Most tasks whose trace context is remembered (for results replayed after a reconnect).
@@ -434,6 +436,7 @@ async fn run_sessions(
     let mut ctx = Ctx {
         configs,
         config_tx,
+        ack_tasks: tokio::task::JoinSet::new(),
         gate,
         credentials,
         refusal_budget: (REFUSAL_REPORTS_PER_MINUTE, Instant::now()),
@@ -450,18 +453,18 @@ async fn run_sessions(
     };
     let mut attempt: u32 = 0;
     let mut last_failed: Option<usize> = None;
-    loop {
+    let result = loop {
         let index = pick_gateway(ctx.config.gateways.len(), last_failed);
         let Some(url) = ctx.config.gateways.get(index).cloned() else {
             // Config validation guarantees at least one gateway; stay defensive anyway.
-            return Ok(());
+            break Ok(());
         };
         let end = ctx.session(&url).await;
         let delay = match end {
-            SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Shutdown => break Ok(()),
             SessionEnd::Fatal(e) => {
                 tracing::error!(gateway = %url, error = %e, "Stopping for good.");
-                return Err(e);
+                break Err(e);
             }
             SessionEnd::Reconnect { delay } => {
                 // A drain is not a failure: start the backoff afresh, but go elsewhere,
@@ -495,9 +498,13 @@ async fn run_sessions(
         };
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = wait_shutdown(&mut ctx.shutdown) => return Ok(()),
+            () = wait_shutdown(&mut ctx.shutdown) => break Ok(()),
         }
-    }
+    };
+    // Outbox deletions of acked entries still running hold the outbox: wait for them, so
+    // it is closed when `run` returns.
+    while ctx.ack_tasks.join_next().await.is_some() {}
+    result
 }
 
 /// Samples the host a few times per report period, and once per period writes the averages
@@ -1101,7 +1108,7 @@ impl Ctx {
 
     /// Deletes the acknowledged entries, off the loop: each delete is an fsync, and a large
     /// ack must not delay heartbeats.
-    fn on_ack(&self, ack: &Ack) {
+    fn on_ack(&mut self, ack: &Ack) {
         let instance = self.outbox.instance_id();
         let seqs: Vec<u64> = ack
             .message_ids
@@ -1114,8 +1121,10 @@ impl Ctx {
         if seqs.is_empty() {
             return;
         }
+        // Reap finished deletions; the rest are awaited when the agent stops.
+        while self.ack_tasks.try_join_next().is_some() {}
         let outbox = Arc::clone(&self.outbox);
-        tokio::task::spawn_blocking(move || {
+        self.ack_tasks.spawn_blocking(move || {
             for seq in seqs {
                 if let Err(e) = outbox.ack(seq) {
                     tracing::error!(seq, error = %e, "Cannot delete an acked outbox entry.");
