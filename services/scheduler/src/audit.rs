@@ -27,6 +27,10 @@ pub const AGENT_LABELS: &str = "agent.labels";
 pub const AGENT_UNREVOKE: &str = "agent.unrevoke";
 /// An operator issued an enrolment token for a node.
 pub const AGENT_ENROL: &str = "agent.enrol";
+/// A new version of a config document was stored and made desired.
+pub const CONFIG_SET: &str = "config.set";
+/// A config document's desired version was moved back to an older one.
+pub const CONFIG_ROLLBACK: &str = "config.rollback";
 
 /// The entry `actor` doing `action` to `target` makes.
 pub fn entry(

@@ -6,6 +6,8 @@
 //! - [`store`]: the durable state, as a synchronous API (called on blocking threads).
 //! - [`bus`]: the NATS consumers, the pushes to agents and the liveness/deadline sweep.
 //! - [`config`]: flags and environment variables.
+//! - [`configs`]: versioned config documents on the bus (push, ack, convergence at
+//!   register); not to be confused with [`config`].
 //! - [`output`]: the recent output of running commands, in memory.
 //! - [`follow`]: the live output stream (Server-Sent Events) of one task.
 //! - [`lease`]: the leader lease; only the instance holding it is active.
@@ -18,6 +20,7 @@ pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod configs;
 pub mod follow;
 mod http;
 pub mod lease;
@@ -98,6 +101,10 @@ pub struct Metrics {
     pub credentials_issued: Counter,
     /// Messages dropped because their node is revoked.
     pub revoked_dropped: Counter,
+    /// Config documents pushed to agents.
+    pub config_pushes: Counter,
+    /// Config acks ingested (applied or failed).
+    pub config_acks: Counter,
     /// Per-hop latency of agent traffic, from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
 }
@@ -131,6 +138,8 @@ impl Metrics {
         let credentials_issued =
             counter("credentials_issued", "Agent credentials issued or renewed.");
         let revoked_dropped = counter("revoked_dropped", "Messages from revoked nodes dropped.");
+        let config_pushes = counter("config_pushes", "Config documents pushed to agents.");
+        let config_acks = counter("config_acks", "Config acks from agents ingested.");
         let hops = servicekit::hops::HopLatency::register(&mut registry);
         Metrics {
             registry,
@@ -146,6 +155,8 @@ impl Metrics {
             commands_refused,
             credentials_issued,
             revoked_dropped,
+            config_pushes,
+            config_acks,
             hops,
         }
     }

@@ -270,7 +270,7 @@ fn entry_of(seq: u64, row: AuditRow) -> AuditEntry {
 }
 
 /// The only writer of the audit table: inserts at the next sequence number.
-fn append_in(
+pub(super) fn append_in(
     txn: &WriteTransaction,
     at_ms: u64,
     entry: NewAuditEntry,
