@@ -29,6 +29,8 @@ FANOUT="${FANOUT:-10000}"
 MESSAGES="${MESSAGES:-100}"
 SIZE="${SIZE:-1024}"
 HOLD="${HOLD:-10}"
+LIGHT_RATE="${LIGHT_RATE:-2}"          # pushes/s to FANOUT sockets: 2 x 10,000 = 20k deliveries/s
+LIGHT_MESSAGES="${LIGHT_MESSAGES:-60}" # 30 s at the default rate
 SERVERS="${SERVERS:-gateway gateway-tls ref-tokio ref-actix}"
 PORT="${PORT:-18080}"
 NATS_PORT="${NATS_PORT:-14222}"
@@ -182,6 +184,16 @@ for name in "${SERVER_LIST[@]}"; do
   VAL[$name:rss_10s]="$(rss_mib "$SRV_PID")"
   echo "$name RSS 10 s after the fan-out burst: ${VAL[$name:rss_10s]} MiB"
   stop_server
+
+  echo "== [$name] light load: $LIGHT_MESSAGES pushes at $LIGHT_RATE/s to $FANOUT sockets (fresh server)"
+  start_server "$name"
+  run_lt "$name" light --connections "$FANOUT" --sources 16 fanout --nats-url "nats://127.0.0.1:$NATS_PORT" --messages "$LIGHT_MESSAGES" --size "$SIZE" --rate "$LIGHT_RATE"
+  delivered="$(jqf "$name-light" .delivered)"
+  p99="$(jqf "$name-light" .latency_p99_ms)"; [ -n "$p99" ] && VAL[$name:light_p99]="$(calc "$p99" 1)"
+  cpu="$(jqf "$name-light" .gateway_cpu_secs)"
+  [ -n "$cpu" ] && [ "${delivered:-0}" -gt 0 ] && VAL[$name:light_cpu]="$(calc "$cpu * 1000000 / $delivered" 2)"
+  VAL[$name:light_done]="${delivered:-?}/$(jqf "$name-light" .expected)"
+  stop_server
 done
 
 # Side-by-side table. A ratio is server / ref-tokio for that figure (lower is better for
@@ -198,6 +210,9 @@ FIGURES=(
   "rss_start|RSS at start, MiB|r"
   "rss_end|RSS right after the fan-out (clients gone), MiB|r"
   "rss_10s|RSS 10 s after the fan-out burst, MiB|r"
+  "light_p99|light load ($((LIGHT_RATE * FANOUT)) deliveries/s) latency p99, ms|r"
+  "light_cpu|light load: server CPU-s per million deliveries|r"
+  "light_done|light load delivered/expected|"
 )
 cell() { # SERVER KEY RATIO?
   local v="${VAL[$1:$2]:-}" base="${VAL[ref-tokio:$2]:-}"

@@ -495,6 +495,7 @@ async fn session(
                 ("worker".to_owned(), spec.index.to_string()),
             ]),
             addresses: vec!["127.0.0.1".to_owned()],
+            configs: Default::default(),
         };
         if publish(&mut ws, &mut next_id, fleet::up::REGISTER, &reg)
             .await

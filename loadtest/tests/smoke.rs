@@ -9,7 +9,6 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
-use messages::GatewayId;
 use testkit::NatsServer;
 use testkit::http::wait_status;
 use testkit::ws::TEST_SECRET;
@@ -29,15 +28,9 @@ async fn start() -> Services {
     let url = nats.url();
     let mut gateways = Vec::new();
     for i in 1..=2 {
-        let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-            .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-            .unwrap();
-        let mut config =
-            ws_gateway::Config::new(&url, GatewayId::new(format!("smoke-gw-{i}")).unwrap(), keys);
-        config.workers = 1;
-        config.drain_window = Duration::from_millis(100);
-        let gw = ws_gateway::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-        wait_status(gw.addr(), "/readyz", 200).await;
+        let mut config = testkit::gateway::config(&url, &format!("smoke-gw-{i}"));
+        config.presence_sync = Duration::from_secs(15);
+        let gw = testkit::gateway::start(config).await;
         gateways.push(gw);
     }
     let api = ws_api::spawn(

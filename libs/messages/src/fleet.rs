@@ -35,6 +35,8 @@ pub mod up {
     /// [`super::Refused`]: the agent refused a command (bad signature, expired, replayed,
     /// another node's); outboxed.
     pub const REFUSED: &str = "agent.refused";
+    /// [`super::ConfigAck`]: the agent applied a config document, or failed to (outboxed).
+    pub const CONFIG_ACK: &str = "agent.config.ack";
 }
 
 /// Routes of scheduler -> agent pushes.
@@ -47,9 +49,11 @@ pub mod down {
     pub const CANCEL: &str = "agent.cancel";
     /// [`super::Credential`]: a renewed token for this node.
     pub const CREDENTIAL: &str = "agent.credential";
+    /// [`super::ConfigPush`]: write this version of a config document.
+    pub const CONFIG: &str = "agent.config";
 
     /// Every downstream route, all of them signed.
-    pub const ALL: [&str; 4] = [ACK, TASK, CANCEL, CREDENTIAL];
+    pub const ALL: [&str; 5] = [ACK, TASK, CANCEL, CREDENTIAL, CONFIG];
 }
 
 /// Subject on which the scheduler announces agent state changes ([`StateChange`]).
@@ -87,6 +91,127 @@ pub struct Register {
     /// Addresses the node has.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// The config documents the agent has applied, by name, as it finds them on disk now
+    /// (absent from older agents: none). The scheduler pushes every desired version that
+    /// differs, so an agent that was offline or whose files drifted converges.
+    #[serde(default)]
+    pub configs: BTreeMap<String, AppliedConfig>,
+}
+
+/// A config document as an agent has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedConfig {
+    /// The version it last applied.
+    pub version: u64,
+    /// SHA-256 (64 lowercase hex digits) of the file as it is on disk now; differs from the
+    /// applied version's when the file was changed locally (or is gone: empty).
+    pub sha256: String,
+}
+
+/// Largest config document, bytes: a push must stay far below NATS's 1 MiB payload and
+/// the agent's frame limit once signed and wrapped.
+pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
+
+/// Longest config document name.
+pub const MAX_CONFIG_NAME_LEN: usize = 128;
+
+/// Why a config document name is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigNameError {
+    /// Empty or longer than [`MAX_CONFIG_NAME_LEN`].
+    #[error("config name must be 1 to {MAX_CONFIG_NAME_LEN} characters")]
+    Length,
+    /// A character outside `[A-Za-z0-9._-]` (a slash, a NUL, white space...).
+    #[error("config name {0:?} may only hold A-Z a-z 0-9 . _ - (no path separators)")]
+    Character(String),
+    /// Starts with a dot (`.`, `..`, hidden and temp files).
+    #[error("config name {0:?} must not start with a dot")]
+    Dot(String),
+}
+
+/// Checks that `name` is a safe file name in the agent's config directory: 1 to 128
+/// characters from `[A-Za-z0-9._-]`, not starting with a dot. No separator, no `..`, no
+/// hidden file: a name can only ever be a plain file directly inside that directory.
+pub fn check_config_name(name: &str) -> Result<(), ConfigNameError> {
+    if name.is_empty() || name.len() > MAX_CONFIG_NAME_LEN {
+        return Err(ConfigNameError::Length);
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(ConfigNameError::Character(name.to_owned()));
+    }
+    if name.starts_with('.') {
+        return Err(ConfigNameError::Dot(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// SHA-256 of a config document as 64 lowercase hex digits (what pushes, acks and
+/// registers carry).
+pub fn config_sha256(content: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(content)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One version of a config document for one agent (signed like every push).
+///
+/// The agent writes `content` to `<config_dir>/<name>` atomically: a temp file in that
+/// directory, fsync, `validate` (if any) against the temp file, rename over the old file,
+/// fsync of the directory, then `reload` (if any). It acks with [`ConfigAck`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigPush {
+    /// File name ([`check_config_name`]).
+    pub name: String,
+    /// Version number (from 1 per name).
+    pub version: u64,
+    /// [`config_sha256`] of `content`; the agent refuses to apply content that differs.
+    pub sha256: String,
+    /// The document.
+    #[serde(with = "serde_bytes")]
+    pub content: Vec<u8>,
+    /// Run before the file is replaced; an argument `{file}` is replaced by the path of
+    /// the new content. Must be on the agent's command allowlist. Non-zero: not applied.
+    #[serde(default)]
+    pub validate: Option<Vec<String>>,
+    /// Run after the file was replaced (same rules, `{file}` is the final path).
+    #[serde(default)]
+    pub reload: Option<Vec<String>>,
+}
+
+/// How applying a config version ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigOutcome {
+    /// The file holds this version (and validate and reload succeeded).
+    Applied,
+    /// Not applied (checksum, validate, write error), or applied but reload failed: see
+    /// the error.
+    Failed,
+}
+
+/// The agent's answer to a [`ConfigPush`] (outboxed, acknowledged with [`Ack`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigAck {
+    /// Outbox message id (idempotent ingestion).
+    pub message_id: String,
+    /// Document name.
+    pub name: String,
+    /// The version the push carried.
+    pub version: u64,
+    /// The push's SHA-256.
+    pub sha256: String,
+    /// Applied or failed.
+    pub status: ConfigOutcome,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Unix ms.
+    pub at_ms: u64,
 }
 
 /// A health change reported by the agent.
@@ -398,6 +523,13 @@ mod tests {
             version: "0.1.0".into(),
             labels: BTreeMap::from([("region".into(), "eu".into())]),
             addresses: vec!["10.0.0.1".into()],
+            configs: BTreeMap::from([(
+                "app.conf".into(),
+                AppliedConfig {
+                    version: 3,
+                    sha256: config_sha256(b"x"),
+                },
+            )]),
         };
         assert_eq!(from_bus::<Register>(&to_bus(&reg).unwrap()).unwrap(), reg);
         let ack = Ack {
@@ -418,6 +550,75 @@ mod tests {
     }
 
     #[test]
+    fn config_messages_round_trip_and_old_registers_decode() {
+        let push = ConfigPush {
+            name: "nginx.conf".into(),
+            version: 2,
+            sha256: config_sha256(b"a\0b"),
+            content: b"a\0b".to_vec(),
+            validate: Some(vec!["nginx".into(), "-t".into(), "{file}".into()]),
+            reload: None,
+        };
+        assert_eq!(
+            from_bus::<ConfigPush>(&to_bus(&push).unwrap()).unwrap(),
+            push
+        );
+        let ack = ConfigAck {
+            message_id: "m".into(),
+            name: "nginx.conf".into(),
+            version: 2,
+            sha256: push.sha256.clone(),
+            status: ConfigOutcome::Failed,
+            error: Some("validate".into()),
+            at_ms: 5,
+        };
+        assert_eq!(from_bus::<ConfigAck>(&to_bus(&ack).unwrap()).unwrap(), ack);
+        #[derive(Serialize)]
+        struct OldRegister<'a> {
+            node_id: &'a str,
+            hostname: &'a str,
+            version: &'a str,
+        }
+        let old = to_bus(&OldRegister {
+            node_id: "n",
+            hostname: "h",
+            version: "0.1.0",
+        })
+        .unwrap();
+        assert!(from_bus::<Register>(&old).unwrap().configs.is_empty());
+        assert_eq!(
+            config_sha256(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn config_names_are_plain_file_names() {
+        for ok in ["nginx.conf", "app_1-2.yaml", "a", "x..y"] {
+            assert_eq!(check_config_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "..",
+            ".",
+            ".hidden",
+            "../etc/passwd",
+            "a/b",
+            "/abs",
+            "a\\b",
+            "a b",
+            "a\0b",
+            "é",
+        ] {
+            assert!(check_config_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            check_config_name(&"n".repeat(MAX_CONFIG_NAME_LEN + 1)),
+            Err(ConfigNameError::Length)
+        );
+    }
+
+    #[test]
     fn routes_are_valid_routes_and_distinct() {
         let all = [
             up::REGISTER,
@@ -426,9 +627,13 @@ mod tests {
             up::STARTED,
             up::OUTPUT,
             up::RESULT,
+            up::REFUSED,
+            up::CONFIG_ACK,
             down::ACK,
             down::TASK,
             down::CANCEL,
+            down::CREDENTIAL,
+            down::CONFIG,
         ];
         let mut seen = std::collections::HashSet::new();
         for r in all {

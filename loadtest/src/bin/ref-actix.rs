@@ -11,7 +11,6 @@
 //! connection actor in a registry of addresses. No auth, ids, limits, rooms or presence.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -21,67 +20,26 @@ use actix_ws::{Message as WsMessage, ProtocolError, Session};
 use bytes::Bytes;
 use clap::Parser;
 use futures_util::StreamExt;
-use messages::envelope::PushEnvelope;
-use messages::payload::{self, HeartbeatAck, HeartbeatParams, Welcome};
-use messages::{BodyCodec, Frame, FrameKind, GatewayId, Limits, SocketId, UserId, subject};
+use messages::{Frame, FrameKind, GatewayId, Limits, UserId, subject};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Reference WebSocket server for gateway-bench.sh (bare actix-web + actix-ws).
-#[derive(Debug, Parser)]
-#[command(name = "ref-actix")]
-struct Args {
-    /// Address to listen on.
-    #[arg(long, env = "REF_LISTEN", default_value = "127.0.0.1:18080")]
-    listen: SocketAddr,
-    /// NATS server to take broadcast pushes from.
-    #[arg(long, env = "REF_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// Heartbeat interval announced in the welcome and every ack.
-    #[arg(long, env = "REF_HEARTBEAT_MS", default_value_t = 30_000)]
-    heartbeat_ms: u32,
-}
+#[path = "../refserver.rs"]
+mod refserver;
+
+use refserver::{Args, Hello, push_frame};
 
 /// Shared by the HTTP handler, the actors and the bus task.
 struct State {
     registry: Mutex<HashMap<u64, actix::Addr<Conn>>>,
     next_id: AtomicU64,
-    gateway: GatewayId,
-    user: UserId,
-    heartbeat_ms: u32,
+    hello: Hello,
 }
 
 impl State {
     fn registry(&self) -> MutexGuard<'_, HashMap<u64, actix::Addr<Conn>>> {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// A control frame as the gateway encodes it (MessagePack body).
-fn control<T: serde::Serialize>(kind: FrameKind, msg_id: u64, body: &T) -> Bytes {
-    let body = payload::encode_body(BodyCodec::MsgPack, body).unwrap_or_default();
-    Frame::new(kind)
-        .with_msg_id(msg_id)
-        .with_body(BodyCodec::MsgPack, body)
-        .encode()
-}
-
-/// The push frame for a bus message, as the gateway builds it (`None` if its headers are
-/// malformed): flags, id, route and trace context from the envelope, body untouched.
-fn push_frame(msg: &async_nats::Message) -> Option<Bytes> {
-    let envelope = match msg.headers.as_ref() {
-        Some(map) => PushEnvelope::from_headers(map).ok()?,
-        None => PushEnvelope::default(),
-    };
-    let frame = Frame {
-        kind: FrameKind::Push,
-        flags: envelope.flags(),
-        msg_id: envelope.msg_id,
-        trace: envelope.trace,
-        route: envelope.route,
-        body: msg.payload.clone(),
-    };
-    Some(frame.encode())
 }
 
 /// One connection.
@@ -117,21 +75,7 @@ impl Actor for Conn {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let state = &self.state;
-        let welcome = Welcome {
-            socket_id: SocketId(self.id),
-            user_id: state.user.clone(),
-            gateway: state.gateway.clone(),
-            heartbeat: HeartbeatParams {
-                base_ms: state.heartbeat_ms,
-                step_ms: 10_000,
-                max_ms: state.heartbeat_ms.max(60_000),
-                grow_after: 3,
-                grace_ms: 20_000,
-            },
-            max_body_bytes: u32::try_from(Limits::default().max_body_len).unwrap_or(u32::MAX),
-            server_time_ms: servicekit::clock::now_ms(),
-        };
-        self.send(control(FrameKind::Welcome, 0, &welcome), ctx);
+        self.send(state.hello.welcome(self.id), ctx);
         state.registry().insert(self.id, ctx.address());
     }
 
@@ -155,10 +99,8 @@ impl StreamHandler<Result<WsMessage, ProtocolError>> for Conn {
                 if let Ok(frame) = Frame::decode(&bytes, &Limits::default())
                     && frame.kind == FrameKind::Heartbeat
                 {
-                    let ack = HeartbeatAck {
-                        next_interval_ms: self.state.heartbeat_ms,
-                    };
-                    self.send(control(FrameKind::HeartbeatAck, frame.msg_id, &ack), ctx);
+                    let ack = self.state.hello.ack(frame.msg_id);
+                    self.send(ack, ctx);
                 }
             }
             Ok(WsMessage::Ping(data)) => {
@@ -204,9 +146,11 @@ async fn serve(args: Args) -> Result<(), BoxError> {
     let state = web::Data::new(State {
         registry: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(0),
-        gateway: GatewayId::new("ref-actix")?,
-        user: UserId::new("ref")?,
-        heartbeat_ms: args.heartbeat_ms,
+        hello: Hello {
+            gateway: GatewayId::new("ref-actix")?,
+            user: UserId::new("ref")?,
+            heartbeat_ms: args.heartbeat_ms,
+        },
     });
     let fan = state.clone();
     actix_web::rt::spawn(async move {

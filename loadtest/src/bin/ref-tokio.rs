@@ -10,16 +10,13 @@
 //! message becomes one push frame, encoded once (as the gateway does) and handed to every
 //! connection through a tokio broadcast channel. No auth, ids, limits, rooms or presence.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use messages::envelope::PushEnvelope;
-use messages::payload::{self, HeartbeatAck, HeartbeatParams, Welcome};
-use messages::{BodyCodec, Frame, FrameKind, GatewayId, Limits, SocketId, UserId, subject};
+use messages::{Frame, FrameKind, GatewayId, Limits, UserId, subject};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -32,82 +29,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Pushes a slow connection may fall behind before it skips some (counted as lost).
 const BROADCAST_CAPACITY: usize = 4096;
 
-/// Reference WebSocket server for gateway-bench.sh (bare tokio-tungstenite).
-#[derive(Debug, Parser)]
-#[command(name = "ref-tokio")]
-struct Args {
-    /// Address to listen on.
-    #[arg(long, env = "REF_LISTEN", default_value = "127.0.0.1:18080")]
-    listen: SocketAddr,
-    /// NATS server to take broadcast pushes from.
-    #[arg(long, env = "REF_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// Heartbeat interval announced in the welcome and every ack.
-    #[arg(long, env = "REF_HEARTBEAT_MS", default_value_t = 30_000)]
-    heartbeat_ms: u32,
-}
+#[path = "../refserver.rs"]
+mod refserver;
 
-/// What every welcome and ack says.
-#[derive(Debug)]
-struct Hello {
-    gateway: GatewayId,
-    user: UserId,
-    heartbeat_ms: u32,
-}
-
-impl Hello {
-    /// A control frame as the gateway encodes it (MessagePack body).
-    fn control<T: serde::Serialize>(kind: FrameKind, msg_id: u64, body: &T) -> Bytes {
-        let body = payload::encode_body(BodyCodec::MsgPack, body).unwrap_or_default();
-        Frame::new(kind)
-            .with_msg_id(msg_id)
-            .with_body(BodyCodec::MsgPack, body)
-            .encode()
-    }
-
-    fn welcome(&self, socket: u64) -> Bytes {
-        let welcome = Welcome {
-            socket_id: SocketId(socket),
-            user_id: self.user.clone(),
-            gateway: self.gateway.clone(),
-            heartbeat: HeartbeatParams {
-                base_ms: self.heartbeat_ms,
-                step_ms: 10_000,
-                max_ms: self.heartbeat_ms.max(60_000),
-                grow_after: 3,
-                grace_ms: 20_000,
-            },
-            max_body_bytes: u32::try_from(Limits::default().max_body_len).unwrap_or(u32::MAX),
-            server_time_ms: servicekit::clock::now_ms(),
-        };
-        Self::control(FrameKind::Welcome, 0, &welcome)
-    }
-
-    fn ack(&self, msg_id: u64) -> Bytes {
-        let ack = HeartbeatAck {
-            next_interval_ms: self.heartbeat_ms,
-        };
-        Self::control(FrameKind::HeartbeatAck, msg_id, &ack)
-    }
-}
-
-/// The push frame for a bus message, as the gateway builds it (`None` if its headers are
-/// malformed): flags, id, route and trace context from the envelope, body untouched.
-fn push_frame(msg: &async_nats::Message) -> Option<Bytes> {
-    let envelope = match msg.headers.as_ref() {
-        Some(map) => PushEnvelope::from_headers(map).ok()?,
-        None => PushEnvelope::default(),
-    };
-    let frame = Frame {
-        kind: FrameKind::Push,
-        flags: envelope.flags(),
-        msg_id: envelope.msg_id,
-        trace: envelope.trace,
-        route: envelope.route,
-        body: msg.payload.clone(),
-    };
-    Some(frame.encode())
-}
+use refserver::{Args, Hello, push_frame};
 
 fn main() -> Result<(), BoxError> {
     let args = Args::parse();

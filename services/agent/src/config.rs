@@ -23,6 +23,9 @@
 //! command_keys_file = "command.pub"     # required to run: the control plane's public
 //!                                       # command key(s), PEM; unsigned commands are refused
 //! credential_path = "credential.jwt"    # default: credential.jwt beside the outbox
+//! config_dir = "/etc/app"               # optional: where pushed config documents are
+//!                                       # written (none: every config push fails)
+//! config_state_path = "configs.json"    # default: configs.json beside the outbox
 //!
 //! # What tasks may do (see the policy module); the values shown are the defaults.
 //! command_search_path = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
@@ -49,7 +52,8 @@
 //! `AGENT_GATEWAYS`, `AGENT_LABELS`, `AGENT_OUTBOX_PATH`, `AGENT_HEARTBEAT_SECS`,
 //! `AGENT_REPORT_PERIOD_SECS`, `AGENT_BACKOFF_BASE_MS`, `AGENT_BACKOFF_CAP_MS`,
 //! `AGENT_BACKOFF_JITTER`, `AGENT_ALLOWED_COMMANDS`, `AGENT_METRICS_LISTEN`,
-//! `AGENT_COMMAND_KEYS_FILE`, `AGENT_CREDENTIAL_PATH`,
+//! `AGENT_COMMAND_KEYS_FILE`, `AGENT_CREDENTIAL_PATH`, `AGENT_CONFIG_DIR`,
+//! `AGENT_CONFIG_STATE_PATH`,
 //! `AGENT_COMMAND_SEARCH_PATH` (separated by `,` or `:`), `AGENT_ALLOWED_ENV`,
 //! `AGENT_ALLOWED_CWD_ROOTS`, `AGENT_MAX_CONCURRENT_TASKS`, `AGENT_MAX_TIMEOUT_MS`,
 //! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`, `AGENT_TLS_CA_FILE`, `AGENT_TLS_PIN_SHA256`.
@@ -95,8 +99,14 @@
 //! agent at start; a handshake that fails (unknown CA, wrong name, pin mismatch) is logged
 //! with its cause and retried with backoff like any other connection failure.
 //!
+//! Config documents (`crate::configs`): the control plane pushes signed, versioned files,
+//! written only as plain files directly inside `config_dir` (the document name is a file
+//! name, never a path); their validate and reload commands must be on `allowed_commands`
+//! like any task's. What was applied is remembered in `config_state_path`, so a restarted
+//! agent reports it truthfully at its next register.
+//!
 //! Relative paths in the file (`token_file`, `outbox_path`, `command_keys_file`,
-//! `credential_path`, `tls_ca_file`) are resolved against the file's
+//! `credential_path`, `config_dir`, `config_state_path`, `tls_ca_file`) are resolved against the file's
 //! directory, so the agent does not depend on the directory it was started from; relative
 //! paths from the environment are used as given.
 
@@ -215,6 +225,12 @@ pub struct AgentConfig {
     /// Where the newest credential the control plane issued is kept (written atomically),
     /// so a restart reconnects with it rather than with an expired enrolment token.
     pub credential_path: PathBuf,
+    /// Where pushed config documents are written; `None`: config pushes fail (acked as
+    /// failed, naming this setting).
+    pub config_dir: Option<PathBuf>,
+    /// Where the versions of applied config documents are remembered (written
+    /// atomically), so a restart reports them truthfully.
+    pub config_state_path: PathBuf,
     /// Absolute directories searched, in order, for bare program names; also the only
     /// `PATH` a command sees.
     pub command_search_path: Vec<PathBuf>,
@@ -453,6 +469,8 @@ struct FileConfig {
     metrics_listen: Option<String>,
     command_keys_file: Option<PathBuf>,
     credential_path: Option<PathBuf>,
+    config_dir: Option<PathBuf>,
+    config_state_path: Option<PathBuf>,
     command_search_path: Option<Vec<String>>,
     allowed_env: Option<Vec<String>>,
     allowed_cwd_roots: Option<Vec<String>>,
@@ -762,6 +780,26 @@ impl AgentConfig {
             None => outbox_path.with_file_name("credential.jwt"),
         };
 
+        let config_dir = match l.pick("config_dir", "AGENT_CONFIG_DIR", f.config_dir, parse_path)? {
+            // Empty means unset, so `AGENT_CONFIG_DIR=` can turn the file's setting off.
+            Some(Sourced { value, .. }) if value.as_os_str().is_empty() => None,
+            Some(Sourced { value, origin }) => Some(l.resolve(value, &origin)),
+            None => None,
+        };
+
+        let config_state_path = match l.pick(
+            "config_state_path",
+            "AGENT_CONFIG_STATE_PATH",
+            f.config_state_path,
+            parse_path,
+        )? {
+            Some(Sourced { value, origin }) if value.as_os_str().is_empty() => {
+                return Err(invalid("config_state_path", origin, Problem::EmptyPath));
+            }
+            Some(Sourced { value, origin }) => l.resolve(value, &origin),
+            None => outbox_path.with_file_name("configs.json"),
+        };
+
         let command_search_path = match l.pick(
             "command_search_path",
             "AGENT_COMMAND_SEARCH_PATH",
@@ -863,6 +901,8 @@ impl AgentConfig {
             metrics_listen,
             command_keys,
             credential_path,
+            config_dir,
+            config_state_path,
             command_search_path,
             allowed_env,
             allowed_cwd_roots,

@@ -64,6 +64,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use crate::agent_metrics::AgentMetrics;
 use crate::backoff::ExponentialBackoff;
 use crate::config::{AgentConfig, Token};
+use crate::configs::{CONFIG_ACK_KIND, Configs};
 use crate::executor::{ExecEvent, Executor, RESULT_KIND};
 use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
 use crate::trust::{Credentials, Gate, GateError, REFUSED_KIND, refusal_report};
@@ -123,6 +124,9 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// The record of applied config documents is unreadable.
+    #[error(transparent)]
+    ConfigState(#[from] crate::configs::StateError),
     /// No command keys are pinned: the agent could act on nothing, so it does not start.
     #[error(
         "no command keys pinned (command_keys_file / AGENT_COMMAND_KEYS_FILE): \
@@ -144,7 +148,8 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Outbox(_) => 74, // EX_IOERR
-            RunError::Join(_) => 70,   // EX_SOFTWARE
+            RunError::ConfigState(_) => 74,
+            RunError::Join(_) => 70, // EX_SOFTWARE
             RunError::Refused { code, .. } if *code == CloseCode::Unauthorized.code() => 77,
             RunError::Refused { .. } => 76,      // EX_PROTOCOL
             RunError::Unauthorized { .. } => 77, // EX_NOPERM
@@ -228,6 +233,8 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
     }
     let path = config.outbox_path.clone();
     let outbox = Arc::new(tokio::task::spawn_blocking(move || Outbox::open(path)).await??);
+    let (dir, state) = (config.config_dir.clone(), config.config_state_path.clone());
+    let configs = Arc::new(tokio::task::spawn_blocking(move || Configs::open(dir, state)).await??);
     let metrics = Arc::new(AgentMetrics::new());
     let server = match config.metrics_listen {
         Some(addr) => Some(
@@ -243,7 +250,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
         let outbox = Arc::clone(&outbox);
         let metrics = Arc::clone(&metrics);
         async move {
-            let result = run(config, outbox, stopped, metrics).await;
+            let result = Box::pin(run(config, outbox, configs, stopped, metrics)).await;
             if let Some(server) = server {
                 server.stop().await;
             }
@@ -307,6 +314,12 @@ struct Ctx {
     refusal_budget: (u32, Instant),
     /// Paces live output frames.
     output_pace: crate::output::Pace,
+    /// The config documents applied (reported at every register).
+    configs: Arc<Configs>,
+    /// Verified config pushes, to the worker that applies them in order.
+    config_tx: mpsc::UnboundedSender<fleet::ConfigPush>,
+    /// Outbox deletions of acknowledged entries under way (each an fsync, off the loop).
+    ack_tasks: tokio::task::JoinSet<()>,
 }
 
 /// Most tasks whose trace context is remembered (for results replayed after a reconnect).
@@ -357,6 +370,7 @@ impl TaskTraces {
 pub async fn run(
     config: AgentConfig,
     outbox: Arc<Outbox>,
+    configs: Arc<Configs>,
     shutdown: watch::Receiver<bool>,
     metrics: Arc<AgentMetrics>,
 ) -> Result<(), RunError> {
@@ -371,16 +385,31 @@ pub async fn run(
         events_tx.clone(),
         reports_stopped,
     ));
-    let result = run_sessions(config, outbox, shutdown, events_tx, events, metrics).await;
+    // The config worker holds the outbox too: it ends once the session loop (which holds
+    // its sender) is gone, and is awaited like the report loop.
+    let (config_tx, config_worker) = crate::configs::spawn_worker(
+        Arc::clone(&configs),
+        config.exec_policy(),
+        Arc::clone(&outbox),
+        events_tx.clone(),
+    );
+    let result = run_sessions(
+        config, outbox, configs, config_tx, shutdown, events_tx, events, metrics,
+    )
+    .await;
     let _ = stop_reports.send(true);
     let _ = reporter.await;
+    let _ = config_worker.await;
     result
 }
 
 /// Connects, serves sessions and reconnects until shutdown or a fatal close.
+#[allow(clippy::too_many_arguments)] // One call site; a struct would only rename them.
 async fn run_sessions(
     config: AgentConfig,
     outbox: Arc<Outbox>,
+    configs: Arc<Configs>,
+    config_tx: mpsc::UnboundedSender<fleet::ConfigPush>,
     shutdown: watch::Receiver<bool>,
     events_tx: mpsc::UnboundedSender<ExecEvent>,
     events: mpsc::UnboundedReceiver<ExecEvent>,
@@ -405,6 +434,9 @@ async fn run_sessions(
         config.credential_path.clone(),
     ));
     let mut ctx = Ctx {
+        configs,
+        config_tx,
+        ack_tasks: tokio::task::JoinSet::new(),
         gate,
         credentials,
         refusal_budget: (REFUSAL_REPORTS_PER_MINUTE, Instant::now()),
@@ -421,18 +453,18 @@ async fn run_sessions(
     };
     let mut attempt: u32 = 0;
     let mut last_failed: Option<usize> = None;
-    loop {
+    let result = loop {
         let index = pick_gateway(ctx.config.gateways.len(), last_failed);
         let Some(url) = ctx.config.gateways.get(index).cloned() else {
             // Config validation guarantees at least one gateway; stay defensive anyway.
-            return Ok(());
+            break Ok(());
         };
         let end = ctx.session(&url).await;
         let delay = match end {
-            SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Shutdown => break Ok(()),
             SessionEnd::Fatal(e) => {
                 tracing::error!(gateway = %url, error = %e, "Stopping for good.");
-                return Err(e);
+                break Err(e);
             }
             SessionEnd::Reconnect { delay } => {
                 // A drain is not a failure: start the backoff afresh, but go elsewhere,
@@ -466,9 +498,13 @@ async fn run_sessions(
         };
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = wait_shutdown(&mut ctx.shutdown) => return Ok(()),
+            () = wait_shutdown(&mut ctx.shutdown) => break Ok(()),
         }
-    }
+    };
+    // Outbox deletions of acked entries still running hold the outbox: wait for them, so
+    // it is closed when `run` returns.
+    while ctx.ack_tasks.join_next().await.is_some() {}
+    result
 }
 
 /// Samples the host a few times per report period, and once per period writes the averages
@@ -697,12 +733,18 @@ impl Ctx {
         url: &str,
         welcome: &Welcome,
     ) -> Result<SessionEnd, SessionError> {
+        // What is on disk now, so the scheduler pushes what is missing or drifted.
+        let configs = {
+            let configs = Arc::clone(&self.configs);
+            tokio::task::spawn_blocking(move || configs.report()).await?
+        };
         let register = Register {
             node_id: self.config.node_id.to_string(),
             hostname: self.hostname.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             labels: self.config.labels.clone(),
             addresses: local_address(&conn.ws).into_iter().collect(),
+            configs,
         };
         conn.publish(fleet::up::REGISTER, payload::to_bus(&register)?)
             .await?;
@@ -795,6 +837,11 @@ impl Ctx {
                                 conn.publish(fleet::up::REPORT, payload::to_bus(&batch)?).await?;
                             }
                         }
+                        ExecEvent::ConfigAck { seq, payload } => {
+                            if conn.sent.insert(seq) {
+                                conn.publish(fleet::up::CONFIG_ACK, payload).await?;
+                            }
+                        }
                         ExecEvent::Status(status) => {
                             conn.publish(fleet::up::STATUS, payload::to_bus(&status)?).await?;
                             self.status = Some(status);
@@ -847,6 +894,11 @@ impl Ctx {
                 REFUSED_KIND => {
                     if conn.sent.insert(entry.seq) {
                         conn.publish(fleet::up::REFUSED, entry.payload).await?;
+                    }
+                }
+                CONFIG_ACK_KIND => {
+                    if conn.sent.insert(entry.seq) {
+                        conn.publish(fleet::up::CONFIG_ACK, entry.payload).await?;
                     }
                 }
                 REPORT_KIND => match payload::from_bus::<Report>(&entry.payload) {
@@ -936,6 +988,29 @@ impl Ctx {
                         "Task received."
                     );
                     self.executor.start(task);
+                }
+                Err(e) => {
+                    let refusal = Refusal::Body(e.to_string());
+                    return self.refuse(conn, &route, &frame.body, &refusal, now).await;
+                }
+            },
+            fleet::down::CONFIG => match payload::from_bus::<fleet::ConfigPush>(body) {
+                Ok(push) => {
+                    // A name that is not a plain file name could point anywhere on the
+                    // machine: refused and reported like a forgery, never written.
+                    if let Err(e) = fleet::check_config_name(&push.name) {
+                        let refusal = Refusal::Body(format!("unsafe config name: {e}"));
+                        return self.refuse(conn, &route, &frame.body, &refusal, now).await;
+                    }
+                    tracing::info!(
+                        name = %push.name,
+                        version = push.version,
+                        command_id = %envelope.id,
+                        "Config received."
+                    );
+                    if self.config_tx.send(push).is_err() {
+                        tracing::error!("The config worker is gone; config not applied.");
+                    }
                 }
                 Err(e) => {
                     let refusal = Refusal::Body(e.to_string());
@@ -1033,7 +1108,7 @@ impl Ctx {
 
     /// Deletes the acknowledged entries, off the loop: each delete is an fsync, and a large
     /// ack must not delay heartbeats.
-    fn on_ack(&self, ack: &Ack) {
+    fn on_ack(&mut self, ack: &Ack) {
         let instance = self.outbox.instance_id();
         let seqs: Vec<u64> = ack
             .message_ids
@@ -1046,8 +1121,10 @@ impl Ctx {
         if seqs.is_empty() {
             return;
         }
+        // Reap finished deletions; the rest are awaited when the agent stops.
+        while self.ack_tasks.try_join_next().is_some() {}
         let outbox = Arc::clone(&self.outbox);
-        tokio::task::spawn_blocking(move || {
+        self.ack_tasks.spawn_blocking(move || {
             for seq in seqs {
                 if let Err(e) = outbox.ack(seq) {
                     tracing::error!(seq, error = %e, "Cannot delete an acked outbox entry.");

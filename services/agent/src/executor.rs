@@ -87,6 +87,14 @@ pub enum ExecEvent {
     /// A chunk of a running command's output (best effort; see [`crate::output`]). The
     /// loop calls [`OutputQueue::taken`] for each.
     Output(TaskOutput),
+    /// A config ack was durably written to the outbox as entry `seq`; `payload` is the
+    /// msgpack [`messages::fleet::ConfigAck`] to send on `agent.config.ack`.
+    ConfigAck {
+        /// The outbox sequence.
+        seq: u64,
+        /// The encoded ack.
+        payload: Vec<u8>,
+    },
 }
 
 /// Why a result could not be stored.

@@ -2,6 +2,8 @@
 //! tasks and results.
 //!
 //! - [`config`]: the TOML file plus `AGENT_*` overrides, validated into [`AgentConfig`].
+//! - [`configs`]: config documents the control plane pushes (versioned, signed), written
+//!   atomically into `config_dir`, validated and reloaded through the allowlist, acked.
 //! - [`connection`]: the connection loop (connect, welcome, register, outbox replay,
 //!   heartbeats, pushes, reconnect policy) and [`start`], which runs an agent.
 //! - [`executor`]: runs tasks (allowlisted commands in their own process group, TCP and
@@ -19,6 +21,7 @@
 pub mod agent_metrics;
 pub mod backoff;
 pub mod config;
+pub mod configs;
 pub mod connection;
 pub mod executor;
 pub mod metrics;

@@ -152,7 +152,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Temp file in the same directory, fsync, rename over, fsync the directory: a crash
 /// leaves the old file or the new one, never a torn one. Owner-only permissions.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path
         .parent()
@@ -176,7 +176,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Routes whose commands make the agent act: their ids are remembered durably.
 fn acts(route: &str) -> bool {
-    matches!(route, fleet::down::TASK | fleet::down::CANCEL)
+    matches!(
+        route,
+        fleet::down::TASK | fleet::down::CANCEL | fleet::down::CONFIG
+    )
 }
 
 /// Why a push was not admitted.

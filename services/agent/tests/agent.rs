@@ -19,24 +19,16 @@ use messages::fleet::{
 };
 use messages::payload::{GatewayControl, HeartbeatParams, SessionEvent, from_bus, to_bus};
 use messages::subject::{self, Event};
-use messages::{BodyCodec, ClientKind, CloseCode, GatewayId, Route};
+use messages::{BodyCodec, ClientKind, CloseCode, Route};
 use testkit::NatsServer;
-use testkit::ws::{TEST_SECRET, token};
+use testkit::ws::token;
 use tokio::sync::mpsc;
 
 /// Bound on every wait in this file.
 const WAIT: Duration = Duration::from_secs(15);
 
 fn gateway_config(nats: &str, name: &str) -> ws_gateway::Config {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-        .unwrap();
-    let mut config = ws_gateway::Config::new(nats, GatewayId::new(name).unwrap(), keys);
-    config.workers = 1;
-    config.lease_ttl = Duration::from_secs(5);
-    config.drain_window = Duration::from_millis(100);
-    config.presence_sync = Duration::from_millis(300);
-    config
+    testkit::gateway::config(nats, name)
 }
 
 async fn gateway_on(nats: &str, name: &str, listener: TcpListener) -> ws_gateway::Handle {
@@ -44,13 +36,7 @@ async fn gateway_on(nats: &str, name: &str, listener: TcpListener) -> ws_gateway
 }
 
 async fn spawn_gateway(config: ws_gateway::Config, listener: TcpListener) -> ws_gateway::Handle {
-    let handle = ws_gateway::spawn(config, listener).unwrap();
-    wait_ready(handle.addr()).await;
-    handle
-}
-
-async fn wait_ready(addr: SocketAddr) {
-    testkit::http::wait_status(addr, "/readyz", 200).await;
+    testkit::gateway::start_on(config, listener).await
 }
 
 /// Binds `addr` again after a gateway on it stopped (retrying while the port frees up).

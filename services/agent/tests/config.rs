@@ -695,3 +695,26 @@ fn execution_policy_errors_name_the_setting() {
     let p = invalid(err, "max_timeout_ms", &Origin::File(path));
     assert!(matches!(p, Problem::Zero));
 }
+
+#[test]
+fn config_documents_go_to_config_dir_and_their_state_beside_the_outbox() {
+    let c = load(MINIMAL, no_env).unwrap();
+    assert_eq!(c.config_dir, None, "no config documents unless configured");
+    assert_eq!(
+        c.config_state_path,
+        Path::new("/var/lib/agent/configs.json")
+    );
+    let (dir, path) = write_config(&format!(
+        "{MINIMAL}config_dir = \"etc\"\nconfig_state_path = \"state/applied.json\"\n"
+    ));
+    let c = AgentConfig::load(Some(&path), no_env).unwrap();
+    assert_eq!(c.config_dir, Some(dir.path().join("etc")));
+    assert_eq!(c.config_state_path, dir.path().join("state/applied.json"));
+    // The environment wins; an empty AGENT_CONFIG_DIR turns the file's setting off.
+    let c = AgentConfig::load(Some(&path), env(&[("AGENT_CONFIG_DIR", "/srv/etc")])).unwrap();
+    assert_eq!(c.config_dir.as_deref(), Some(Path::new("/srv/etc")));
+    let c = AgentConfig::load(Some(&path), env(&[("AGENT_CONFIG_DIR", "")])).unwrap();
+    assert_eq!(c.config_dir, None);
+    let e = AgentConfig::load(Some(&path), env(&[("AGENT_CONFIG_STATE_PATH", "")])).unwrap_err();
+    assert_eq!(e.field(), Some("config_state_path"));
+}

@@ -12,9 +12,9 @@ use agent::AgentConfig;
 use messages::envelope::PushEnvelope;
 use messages::fleet::{self, Ack, Task, TaskKind};
 use messages::payload::to_bus;
-use messages::{BodyCodec, GatewayId, Route};
+use messages::{BodyCodec, Route};
 use testkit::NatsServer;
-use testkit::ws::{TEST_SECRET, token};
+use testkit::ws::token;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -22,17 +22,7 @@ use tokio::net::TcpStream;
 const WAIT: Duration = Duration::from_secs(15);
 
 async fn gateway(nats: &str) -> ws_gateway::Handle {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-        .unwrap();
-    let mut config = ws_gateway::Config::new(nats, GatewayId::new("gw-m").unwrap(), keys);
-    config.workers = 1;
-    config.lease_ttl = Duration::from_secs(5);
-    config.drain_window = Duration::from_millis(100);
-    config.presence_sync = Duration::from_millis(300);
-    let handle = ws_gateway::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-    testkit::http::wait_status(handle.addr(), "/readyz", 200).await;
-    handle
+    testkit::gateway::start(testkit::gateway::config(nats, "gw-m")).await
 }
 
 fn agent_config(dir: &Path, gateway: SocketAddr) -> AgentConfig {

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -16,10 +16,10 @@ use agent::{AgentConfig, AgentHandle, ConfigError, Origin, Problem};
 use futures_util::StreamExt;
 use messages::fleet::{self, Register};
 use messages::payload::from_bus;
-use messages::{ClientKind, GatewayId, subject};
+use messages::{ClientKind, subject};
 use testkit::NatsServer;
 use testkit::tls::{TestCa, TlsProxy};
-use testkit::ws::{TEST_SECRET, token};
+use testkit::ws::token;
 
 /// Bound on every wait in this file.
 const WAIT: Duration = Duration::from_secs(20);
@@ -89,13 +89,7 @@ async fn setup() -> Setup {
     logs();
     let nats = NatsServer::start().unwrap();
     let nats_url = nats.url();
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-        .unwrap();
-    let mut config = ws_gateway::Config::new(&nats_url, GatewayId::new("gw-tls").unwrap(), keys);
-    config.workers = 1;
-    let gateway = ws_gateway::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-    testkit::http::wait_status(gateway.addr(), "/readyz", 200).await;
+    let gateway = testkit::gateway::start(testkit::gateway::config(&nats_url, "gw-tls")).await;
     Setup {
         _nats: nats,
         nats_url,

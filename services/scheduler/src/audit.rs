@@ -37,6 +37,10 @@ pub const SCHEDULE_PAUSE: &str = "schedule.pause";
 pub const SCHEDULE_RESUME: &str = "schedule.resume";
 /// A schedule fired for a period (actor `scheduler`): the task it created, or why none.
 pub const SCHEDULE_FIRE: &str = "schedule.fire";
+/// A new version of a config document was stored and made desired.
+pub const CONFIG_SET: &str = "config.set";
+/// A config document's desired version was moved back to an older one.
+pub const CONFIG_ROLLBACK: &str = "config.rollback";
 
 /// The entry `actor` doing `action` to `target` makes.
 pub fn entry(

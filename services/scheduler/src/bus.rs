@@ -1,5 +1,5 @@
 //! The scheduler's side of the bus: consumers of agent traffic (queue group `scheduler`),
-//! the pushes to agents (tasks, cancels, acks), state-change events, and the periodic sweep
+//! the pushes to agents (tasks, cancels, acks; config documents in [`crate::configs`]), state-change events, and the periodic sweep
 //! that marks silent agents offline and expires overdue task attempts.
 //!
 //! Every store call runs on a blocking thread. Each subscription is consumed in order by
@@ -425,6 +425,9 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
         fleet::up::STATUS => status(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REFUSED => refused(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REPORT => reports(shared, node, payload::decode_body(codec, body)?).await,
+        fleet::up::CONFIG_ACK => {
+            crate::configs::ack(shared, node, payload::decode_body(codec, body)?).await
+        }
         // `started` and results are taken out earlier and stored in bursts (see `consume`).
         fleet::up::OUTPUT => {
             let chunk: fleet::TaskOutput = payload::decode_body(codec, body)?;
@@ -446,14 +449,15 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
     }
     let now = now_ms();
     let n = node.clone();
-    let old = blocking(shared, move |store| {
+    let reported = reg.configs;
+    let (old, record) = blocking(shared, move |store| {
         let registered_at_ms = store
             .agent(&n)?
             .map_or(now, |existing| existing.registered_at_ms);
         // What the operator pinned wins over what the agent says about itself.
         let mut labels = reg.labels;
         labels.extend(store.pinned_labels(&n)?);
-        store.upsert_agent(&AgentRecord {
+        let record = AgentRecord {
             node_id: n,
             hostname: reg.hostname,
             version: reg.version,
@@ -462,7 +466,8 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
             registered_at_ms,
             last_seen_ms: now,
             state: AgentState::Online,
-        })
+        };
+        Ok((store.upsert_agent(&record)?, record))
     })
     .await?;
     if old != Some(AgentState::Online) {
@@ -473,6 +478,11 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
     if let Err(e) = renew_credential(shared, &node).await {
         shared.metrics.bus_errors.inc();
         tracing::warn!(%node, error = %e, "Credential renewal failed.");
+    }
+    // The register is the agent's report of its config documents: push what it lacks.
+    if let Err(e) = crate::configs::converge(shared, record, reported).await {
+        shared.metrics.bus_errors.inc();
+        tracing::warn!(%node, error = %e, "Config convergence failed.");
     }
     dispatch_pending(shared, &node).await
 }

@@ -6,6 +6,8 @@
 //! - [`store`]: the durable state, as a synchronous API (called on blocking threads).
 //! - [`bus`]: the NATS consumers, the pushes to agents and the liveness/deadline sweep.
 //! - [`config`]: flags and environment variables.
+//! - [`configs`]: versioned config documents on the bus (push, ack, convergence at
+//!   register); not to be confused with [`config`].
 //! - [`output`]: the recent output of running commands, in memory.
 //! - [`follow`]: the live output stream (Server-Sent Events) of one task.
 //! - [`lease`]: the leader lease; only the instance holding it is active.
@@ -19,6 +21,7 @@ pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod configs;
 pub mod follow;
 mod http;
 pub mod lease;
@@ -104,6 +107,10 @@ pub struct Metrics {
     pub schedule_fires: Counter,
     /// Schedule periods skipped because the previous run was unfinished.
     pub schedule_skips: Counter,
+    /// Config documents pushed to agents.
+    pub config_pushes: Counter,
+    /// Config acks ingested (applied or failed).
+    pub config_acks: Counter,
     /// Per-hop latency of agent traffic, from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
 }
@@ -142,6 +149,8 @@ impl Metrics {
             "schedule_skips",
             "Schedule periods skipped while the previous run was unfinished.",
         );
+        let config_pushes = counter("config_pushes", "Config documents pushed to agents.");
+        let config_acks = counter("config_acks", "Config acks from agents ingested.");
         let hops = servicekit::hops::HopLatency::register(&mut registry);
         Metrics {
             registry,
@@ -159,6 +168,8 @@ impl Metrics {
             revoked_dropped,
             schedule_fires,
             schedule_skips,
+            config_pushes,
+            config_acks,
             hops,
         }
     }

@@ -34,8 +34,13 @@ use redb::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+mod configs;
 mod operator;
 mod schedules;
+pub use configs::{
+    CONFIG_HISTORY, ConfigNodeStatus, ConfigRecord, ConfigState, ConfigVersion, NewConfigAck,
+    NewConfigVersion,
+};
 pub use operator::{
     AuditEntry, Created, IdempotencyClaim, MAX_AUDIT_LIST, MAX_IDEMPOTENCY_KEY_LEN, NewAuditEntry,
 };
@@ -177,6 +182,20 @@ pub enum StoreError {
     /// No schedule with this id exists.
     #[error("unknown schedule {0}")]
     UnknownSchedule(u64),
+    /// A config document request is unusable (the message says why); nothing was stored.
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    /// No config document with this name exists.
+    #[error("unknown config {0:?}")]
+    UnknownConfig(String),
+    /// The config document has no such version (never created, or pruned from history).
+    #[error("config {name:?} has no version {version} (never created or no longer kept)")]
+    UnknownConfigVersion {
+        /// The document.
+        name: String,
+        /// The version asked for.
+        version: u64,
+    },
     /// An idempotency key was used again with a different request; nothing was stored.
     #[error("idempotency key {key:?} was already used with a different request (task {task_id})")]
     IdempotencyConflict {
@@ -654,6 +673,7 @@ impl Store {
         txn.open_table(REPORT_ID_ORDER)?;
         operator::create_tables(&txn)?;
         schedules::create_tables(&txn)?;
+        configs::create_tables(&txn)?;
         txn.commit()?;
         Ok(Store { db, path, options })
     }
@@ -1341,33 +1361,7 @@ fn create_task_in(
     spec: &TaskSpec,
     created_at_ms: u64,
 ) -> Result<TaskId, StoreError> {
-    let nodes: BTreeSet<UserId> = {
-        let agents = txn.open_table(AGENTS)?;
-        match &spec.targets {
-            Targets::Nodes(ids) => {
-                for id in ids {
-                    if agents.get(id.as_str())?.is_none() {
-                        return Err(StoreError::UnknownAgent(id.clone()));
-                    }
-                }
-                ids.iter().cloned().collect()
-            }
-            Targets::Selector(selector) => {
-                let mut nodes = BTreeSet::new();
-                for item in agents.iter()? {
-                    let (_, v) = item?;
-                    let rec: AgentRecord = decode(v.value(), "agent")?;
-                    if rec.matches(selector) {
-                        nodes.insert(rec.node_id);
-                    }
-                }
-                nodes
-            }
-        }
-    };
-    if nodes.is_empty() {
-        return Err(StoreError::NoTargets);
-    }
+    let nodes = resolve_targets_in(txn, &spec.targets)?;
 
     let id = {
         let mut meta = txn.open_table(META)?;
@@ -1397,6 +1391,41 @@ fn create_task_in(
         t.put_target(id, node, None, &status)?;
     }
     Ok(id)
+}
+
+/// The registered agents `targets` names: every listed node (each must be registered) or
+/// every agent whose labels match the selector. Tasks and config documents resolve their
+/// targets the same way; an empty result is [`StoreError::NoTargets`].
+fn resolve_targets_in(
+    txn: &WriteTransaction,
+    targets: &Targets,
+) -> Result<BTreeSet<UserId>, StoreError> {
+    let agents = txn.open_table(AGENTS)?;
+    let nodes = match targets {
+        Targets::Nodes(ids) => {
+            for id in ids {
+                if agents.get(id.as_str())?.is_none() {
+                    return Err(StoreError::UnknownAgent(id.clone()));
+                }
+            }
+            ids.iter().cloned().collect()
+        }
+        Targets::Selector(selector) => {
+            let mut nodes = BTreeSet::new();
+            for item in agents.iter()? {
+                let (_, v) = item?;
+                let rec: AgentRecord = decode(v.value(), "agent")?;
+                if rec.matches(selector) {
+                    nodes.insert(rec.node_id);
+                }
+            }
+            nodes
+        }
+    };
+    if nodes.is_empty() {
+        return Err(StoreError::NoTargets);
+    }
+    Ok(nodes)
 }
 
 /// [`Store::cancel`] inside a transaction.

@@ -13,6 +13,8 @@ use testkit::http;
 use testkit::ws::{TEST_SECRET, token};
 
 const KEY: &str = "e2e-api-key-0123456789";
+/// A read-scope key: may GET, may change nothing.
+const READ_KEY: &str = "e2e-read-key-0123456789";
 
 async fn ready(addr: SocketAddr) {
     http::wait_status(addr, "/readyz", 200).await;
@@ -33,8 +35,20 @@ fn agent_config(
     region: &str,
     gateway: SocketAddr,
 ) -> agent::AgentConfig {
+    agent_config_with(dir, node, region, gateway, "")
+}
+
+/// [`agent_config`] with `extra` top-level TOML lines (`config_dir = ...`).
+fn agent_config_with(
+    dir: &std::path::Path,
+    node: &str,
+    region: &str,
+    gateway: SocketAddr,
+    extra: &str,
+) -> agent::AgentConfig {
     let text = format!(
         r#"
+{extra}
 node_id = "{node}"
 token = "{token}"
 gateways = ["ws://{gateway}/ws"]
@@ -85,6 +99,9 @@ impl Fleet {
             vec![KEY.to_owned()],
             dir.path().join("scheduler.redb"),
         );
+        config.api_keys =
+            scheduler::auth::parse_keys(&format!("ops:operator:{KEY},dashboard:read:{READ_KEY}"))
+                .unwrap();
         config.command_key = std::sync::Arc::new(
             messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
         );
@@ -107,6 +124,29 @@ impl Fleet {
         })
         .await;
         handle
+    }
+
+    /// Starts a real agent that takes config documents into `<dir>/<node>-etc` and waits
+    /// until it is online.
+    async fn config_agent(&self, node: &str, region: &str) -> agent::AgentHandle {
+        let config = agent_config_with(
+            self.dir.path(),
+            node,
+            region,
+            self.gateway.addr(),
+            &format!("config_dir = \"{node}-etc\""),
+        );
+        let handle = agent::start(config).await.unwrap();
+        eventually(self.sched.addr(), &format!("/v1/agents/{node}"), |v| {
+            v["state"] == "online"
+        })
+        .await;
+        handle
+    }
+
+    /// Where `node`'s config documents are written.
+    fn etc(&self, node: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("{node}-etc"))
     }
 
     async fn stop(self) {
@@ -505,6 +545,496 @@ async fn a_chatty_command_streams_a_bounded_paced_part_and_reports_gaps() {
     // One session throughout: the gateway never cut the agent off for its frame rate.
     assert_eq!(node.metrics().sessions(), 1);
     assert!(node.metrics().connected());
+    node.stop();
+    let _ = node.join().await;
+    fleet.stop().await;
+}
+
+/// Waits until `node` runs `version` of `name` (status `applied`); returns the status.
+async fn config_applied(
+    api: SocketAddr,
+    name: &str,
+    node: &str,
+    version: u64,
+) -> serde_json::Value {
+    eventually(api, &format!("/v1/configs/{name}/status"), |v| {
+        v["desired_version"] == version
+            && v["nodes"].as_array().is_some_and(|nodes| {
+                nodes.iter().any(|n| {
+                    n["node_id"] == node
+                        && n["state"] == "applied"
+                        && n["applied_version"] == version
+                })
+            })
+    })
+    .await
+}
+
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| format!("<{}: {e}>", path.display()))
+}
+
+/// Config push end to end: a document to a label selector is written on the matching
+/// agent only, acked, shown per node, its reload runs; a second version replaces it, a
+/// rollback brings the first back; history, get and status through `schedctl`; every
+/// change audited; bad input is a 4xx JSON error that changes nothing, and a read key
+/// can read but not write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_versions_are_applied_acked_shown_and_rolled_back() {
+    let fleet = Fleet::start("gw-config").await;
+    let api = fleet.sched.addr();
+    let mut eu = fleet.config_agent("edge-a", "eu").await;
+    let mut us = fleet.config_agent("edge-b", "us").await;
+    let marker = fleet.dir.path().join("reloads.log");
+    let reload = json!([
+        "sh",
+        "-c",
+        "echo \"reloaded $0\" >> \"$1\"",
+        "{file}",
+        marker.to_str().unwrap()
+    ]);
+
+    let r = http::post_json(
+        api,
+        "/v1/configs/app.conf",
+        KEY,
+        &json!({"content": "v1\n", "targets": {"labels": {"region": "eu"}}, "reload": reload}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    assert_eq!(r.json()["version"], 1);
+    assert_eq!(r.json()["nodes"], json!(["edge-a"]));
+    assert_eq!(r.json()["pushed"], 1);
+    let status = config_applied(api, "app.conf", "edge-a", 1).await;
+    assert_eq!(
+        status["counts"],
+        json!({"applied": 1, "pending": 0, "failed": 0})
+    );
+    let target = fleet.etc("edge-a").join("app.conf");
+    assert_eq!(read(&target), "v1\n");
+    assert!(
+        !fleet.etc("edge-b").join("app.conf").exists(),
+        "edge-b is not in region eu"
+    );
+    assert_eq!(
+        read(&marker).trim(),
+        format!("reloaded {}", target.display()),
+        "reload ran with the final path"
+    );
+
+    // A second version through schedctl, from a file.
+    let file = fleet.dir.path().join("app-v2.conf");
+    std::fs::write(&file, "v2\n").unwrap();
+    let f = file.to_str().unwrap().to_owned();
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(
+            api,
+            KEY,
+            &[
+                "config",
+                "set",
+                "app.conf",
+                "--file",
+                &f,
+                "--selector",
+                "region=eu",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("version 2"), "{out}");
+    config_applied(api, "app.conf", "edge-a", 2).await;
+    assert_eq!(read(&target), "v2\n");
+
+    // Rollback: version 1 is desired again and goes back on the agent.
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(api, KEY, &["config", "rollback", "app.conf", "--to", "1"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    config_applied(api, "app.conf", "edge-a", 1).await;
+    assert_eq!(read(&target), "v1\n");
+
+    let (code, out) =
+        tokio::task::spawn_blocking(move || schedctl(api, KEY, &["config", "history", "app.conf"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows[0].starts_with('1') && rows[0].trim_end().ends_with('*'),
+        "{out}"
+    );
+    assert!(
+        rows[1].starts_with('2') && !rows[1].trim_end().ends_with('*'),
+        "{out}"
+    );
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(
+            api,
+            READ_KEY,
+            &["config", "get", "app.conf", "--version", "2"],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((code, out.as_str()), (0, "v2\n"));
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        schedctl(api, READ_KEY, &["config", "status", "app.conf"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("desired version 1"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("edge-a"))
+        .unwrap_or_default();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["edge-a", "applied", "1", "online"],
+        "{out}"
+    );
+
+    // Every change is audited, with the key's name.
+    let audit = http::get(api, "/v1/audit", KEY).await.unwrap().json();
+    let actions: Vec<(String, String)> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let ops = |a: &str| (a.to_owned(), "ops".to_owned());
+    assert_eq!(
+        actions,
+        [ops("config.set"), ops("config.set"), ops("config.rollback")]
+    );
+
+    // Bad input: a 4xx JSON error each time, and nothing changes.
+    let bad: [(&str, &str, serde_json::Value, u16); 8] = [
+        (
+            "POST",
+            "/v1/configs/..%2Fescape",
+            json!({"content": "x", "targets": {"nodes": ["edge-a"]}}),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/configs/.hidden",
+            json!({"content": "x", "targets": {"nodes": ["edge-a"]}}),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/configs/app.conf",
+            json!({"content": "x", "targets": {"nodes": []}}),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/configs/app.conf",
+            json!({"content": "x", "targets": {"nodes": ["nobody"]}}),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/configs/app.conf",
+            json!({"content": "x", "targets": {"labels": {"region": "mars"}}}),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/configs/app.conf",
+            json!({"content": "x", "targets": {"nodes": ["edge-a"]}, "validate": []}),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/configs/app.conf",
+            json!({"content": "x", "targets": {"nodes": ["edge-a"]}, "bogus": 1}),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/configs/app.conf/rollback",
+            json!({"to": 99}),
+            404,
+        ),
+    ];
+    for (method, path, body, want) in &bad {
+        let r = http::request_json(api, method, path, KEY, body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, *want, "{path} {body}: {:?}", r.json());
+        assert!(r.json()["error"].is_string(), "{path}: {:?}", r.json());
+    }
+    let r = http::post_json(
+        api,
+        "/v1/configs/app.conf/rollback",
+        KEY,
+        &json!({"to": "one"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    // A read key may read, not write.
+    let r = http::post_json(
+        api,
+        "/v1/configs/app.conf",
+        READ_KEY,
+        &json!({"content": "x", "targets": {"nodes": ["edge-a"]}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403, "{:?}", r.json());
+    let r = http::post_json(
+        api,
+        "/v1/configs/app.conf/rollback",
+        READ_KEY,
+        &json!({"to": 2}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403, "{:?}", r.json());
+    let history = http::get(api, "/v1/configs/app.conf/history", READ_KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(
+        (
+            history["latest_version"].as_u64(),
+            history["desired_version"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{history}"
+    );
+    let audit = http::get(api, "/v1/audit", KEY).await.unwrap().json();
+    assert_eq!(
+        audit["entries"].as_array().map(Vec::len),
+        Some(3),
+        "{audit}"
+    );
+    assert_eq!(
+        http::get(api, "/v1/configs/nothing", KEY)
+            .await
+            .unwrap()
+            .status,
+        404
+    );
+    assert!(!fleet.dir.path().join("escape").exists());
+    assert_eq!(read(&target), "v1\n");
+
+    eu.stop();
+    us.stop();
+    let _ = eu.join().await;
+    let _ = us.join().await;
+    fleet.stop().await;
+}
+
+/// An agent that was offline when a version was set gets it when it comes back, and one
+/// whose file was changed locally gets the desired version again at its next register
+/// (it reports the hash of what is on disk, from the state it kept across the restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_or_drifted_agent_converges_when_it_reconnects() {
+    let fleet = Fleet::start("gw-drift").await;
+    let api = fleet.sched.addr();
+    let mut node = fleet.config_agent("edge-d", "eu").await;
+    let r = http::post_json(
+        api,
+        "/v1/configs/svc.yaml",
+        KEY,
+        &json!({"content": "one: 1\n", "targets": {"nodes": ["edge-d"]}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    config_applied(api, "svc.yaml", "edge-d", 1).await;
+    let target = fleet.etc("edge-d").join("svc.yaml");
+    assert_eq!(read(&target), "one: 1\n");
+
+    // Offline while version 2 is set: it stays pending on version 1.
+    node.stop();
+    let _ = node.join().await;
+    drop(node); // closes its outbox, which the restarted agent opens
+    eventually(api, "/v1/agents/edge-d", |v| v["state"] == "offline").await;
+    let r = http::post_json(
+        api,
+        "/v1/configs/svc.yaml",
+        KEY,
+        &json!({"content": "two: 2\n", "targets": {"nodes": ["edge-d"]}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.json()["pushed"], 0, "{:?}", r.json());
+    let status = http::get(api, "/v1/configs/svc.yaml/status", KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(status["nodes"][0]["state"], "pending", "{status}");
+    assert_eq!(status["nodes"][0]["applied_version"], 1, "{status}");
+    assert_eq!(read(&target), "one: 1\n");
+
+    // Back online: it converges to version 2.
+    let mut node = fleet.config_agent("edge-d", "eu").await;
+    config_applied(api, "svc.yaml", "edge-d", 2).await;
+    assert_eq!(read(&target), "two: 2\n");
+    node.stop();
+    let _ = node.join().await;
+    drop(node);
+
+    // Drift: someone edits the file while the agent is down; the restarted agent reports
+    // version 2 with another hash and gets version 2 pushed again.
+    std::fs::write(&target, "two: 22 # local edit\n").unwrap();
+    let mut node = fleet.config_agent("edge-d", "eu").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while read(&target) != "two: 2\n" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never restored: {}",
+            read(&target)
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    config_applied(api, "svc.yaml", "edge-d", 2).await;
+    node.stop();
+    let _ = node.join().await;
+    fleet.stop().await;
+}
+
+/// Publishes `body` on `node`'s agent channel as a push on `route`, bypassing the
+/// scheduler (a forger with bus access).
+async fn push_raw(nats: &str, node: &str, route: &str, body: Vec<u8>) {
+    use messages::envelope::PushEnvelope;
+    let client = async_nats::connect(nats).await.unwrap();
+    let push = PushEnvelope::new(
+        7,
+        messages::Route::new(route).unwrap(),
+        messages::BodyCodec::MsgPack,
+    );
+    client
+        .publish_with_headers(format!("ws.agent.{node}"), push.to_headers(), body.into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+}
+
+/// A failing validate leaves the old file untouched and the node `failed` with the
+/// error; unsigned and forged config pushes are refused like forged tasks, and a signed
+/// push whose name is a path is refused and reported without writing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configs_are_refused_and_a_failing_validate_keeps_the_old_file() {
+    use messages::fleet::{self, ConfigPush};
+    let fleet = Fleet::start("gw-badcfg").await;
+    let api = fleet.sched.addr();
+    let mut node = fleet.config_agent("edge-s", "eu").await;
+    let validate = json!(["sh", "-c", "grep -q '^good' \"$0\"", "{file}"]);
+    let set = |content: &str| json!({"content": content, "targets": {"nodes": ["edge-s"]}, "validate": validate});
+    let r = http::post_json(api, "/v1/configs/app.conf", KEY, &set("good\n"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    config_applied(api, "app.conf", "edge-s", 1).await;
+    let etc = fleet.etc("edge-s");
+    let target = etc.join("app.conf");
+
+    let r = http::post_json(api, "/v1/configs/app.conf", KEY, &set("bad\n"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let status = eventually(api, "/v1/configs/app.conf/status", |v| {
+        v["nodes"][0]["state"] == "failed"
+    })
+    .await;
+    let error = status["nodes"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("validate failed") && error.contains("exit 1"),
+        "{status}"
+    );
+    assert_eq!(status["nodes"][0]["applied_version"], 1, "{status}");
+    assert_eq!(status["counts"]["failed"], 1, "{status}");
+    assert_eq!(read(&target), "good\n", "the old file is untouched");
+    let entries: Vec<String> = std::fs::read_dir(&etc)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries, ["app.conf"], "no temp file left behind");
+
+    // Forgeries with bus access: unsigned, then signed with a key the agent does not pin.
+    let nats = fleet._nats.url();
+    let evil = |name: &str| {
+        let content = b"evil\n".to_vec();
+        messages::payload::to_bus(&ConfigPush {
+            name: name.to_owned(),
+            version: 9,
+            sha256: fleet::config_sha256(&content),
+            content,
+            validate: None,
+            reload: None,
+        })
+        .unwrap()
+    };
+    push_raw(&nats, "edge-s", fleet::down::CONFIG, evil("app.conf")).await;
+    let stranger = messages::command::CommandSigner::generate();
+    let (forged, _) = stranger
+        .sign(
+            "edge-s",
+            fleet::down::CONFIG,
+            evil("app.conf"),
+            servicekit::clock::now_ms(),
+            60_000,
+        )
+        .unwrap();
+    push_raw(&nats, "edge-s", fleet::down::CONFIG, forged).await;
+    // Genuinely signed, but its name is a path out of config_dir.
+    let signer = messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap();
+    let (escape, _) = signer
+        .sign(
+            "edge-s",
+            fleet::down::CONFIG,
+            evil("../escape.conf"),
+            servicekit::clock::now_ms(),
+            60_000,
+        )
+        .unwrap();
+    push_raw(&nats, "edge-s", fleet::down::CONFIG, escape).await;
+    let refusals = eventually(api, "/v1/agents/edge-s/refusals", |v| {
+        v["refusals"].as_array().is_some_and(|r| r.len() == 3)
+    })
+    .await;
+    let reasons: Vec<&str> = refusals["refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["refused"]["reason"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(reasons, ["unsigned", "unknown_key", "body"], "{refusals}");
+    assert!(
+        refusals["refusals"][2]["refused"]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unsafe config name"),
+        "{refusals}"
+    );
+    assert!(
+        refusals["refusals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["refused"]["route"] == "agent.config")
+    );
+    assert_eq!(read(&target), "good\n");
+    assert!(!fleet.dir.path().join("escape.conf").exists());
+    assert_eq!(node.metrics().commands_refused(), 3);
     node.stop();
     let _ = node.join().await;
     fleet.stop().await;

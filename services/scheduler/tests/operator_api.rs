@@ -65,6 +65,7 @@ async fn register(bus: &async_nats::Client, node: &str, socket: u64) {
         version: "0.1.0".into(),
         labels: [("region".to_owned(), "eu".to_owned())].into(),
         addresses: vec![],
+        configs: Default::default(),
     };
     let envelope = UpstreamEnvelope {
         origin: Origin {

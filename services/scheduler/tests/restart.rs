@@ -164,6 +164,7 @@ async fn register(bus: &async_nats::Client, node: &str, socket: u64) {
         version: "0.1.0".into(),
         labels: [("region".to_owned(), "eu".to_owned())].into(),
         addresses: vec!["10.0.0.1".into()],
+        configs: Default::default(),
     };
     gateway_publish(bus, node, socket, fleet::up::REGISTER, &reg).await;
 }

@@ -109,6 +109,7 @@ fn register(labels: &[(&str, &str)]) -> fleet::Register {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         addresses: vec!["10.0.0.1".into()],
+        configs: Default::default(),
     }
 }
 

@@ -852,3 +852,238 @@ fn many_started_in_one_call_with_per_target_outcomes() {
     assert!(again[0].is_err());
     assert_eq!(s.task(t).unwrap().unwrap(), task);
 }
+
+fn audit_entry(action: &str) -> scheduler::store::NewAuditEntry {
+    scheduler::store::NewAuditEntry {
+        actor: "ops".into(),
+        action: action.into(),
+        target: "config/x".into(),
+        detail: json!({}),
+        trace_id: None,
+    }
+}
+
+fn new_config(name: &str, content: &str, targets: Targets) -> scheduler::store::NewConfigVersion {
+    scheduler::store::NewConfigVersion {
+        name: name.into(),
+        content: content.as_bytes().to_vec(),
+        validate: None,
+        reload: None,
+        targets,
+        actor: "ops".into(),
+    }
+}
+
+fn ack(
+    name: &str,
+    version: u64,
+    content: &str,
+    error: Option<&str>,
+    at_ms: u64,
+) -> messages::fleet::ConfigAck {
+    messages::fleet::ConfigAck {
+        message_id: format!("m-{at_ms}"),
+        name: name.into(),
+        version,
+        sha256: messages::fleet::config_sha256(content.as_bytes()),
+        status: if error.is_some() {
+            messages::fleet::ConfigOutcome::Failed
+        } else {
+            messages::fleet::ConfigOutcome::Applied
+        },
+        error: error.map(str::to_owned),
+        at_ms,
+    }
+}
+
+#[test]
+fn config_versions_history_rollback_and_node_states_survive_a_reopen() {
+    use scheduler::store::{CONFIG_HISTORY, ConfigState, NewConfigAck};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = Store::open(&path).unwrap();
+    store
+        .upsert_agent(&agent("eu-1", &[("region", "eu")], 1))
+        .unwrap();
+    store
+        .upsert_agent(&agent("us-1", &[("region", "us")], 1))
+        .unwrap();
+    let eu = Targets::Selector(labels(&[("region", "eu")]));
+
+    // Bad requests store nothing.
+    for (name, targets) in [
+        ("../x", eu.clone()),
+        (".x", eu.clone()),
+        ("x", Targets::Nodes(vec![])),
+        ("x", Targets::Selector(labels(&[]))),
+    ] {
+        let r = store.set_config(&new_config(name, "c", targets), 10, |_, _| {
+            audit_entry("config.set")
+        });
+        assert!(
+            matches!(r, Err(StoreError::InvalidConfig(_))),
+            "{name}: {r:?}"
+        );
+    }
+    assert!(matches!(
+        store.set_config(
+            &new_config("x", "c", Targets::Selector(labels(&[("region", "mars")]))),
+            10,
+            |_, _| audit_entry("config.set")
+        ),
+        Err(StoreError::NoTargets)
+    ));
+    assert!(store.configs().unwrap().is_empty());
+    assert!(store.audit(0, 100).unwrap().is_empty());
+
+    let (v1, nodes, entry) = store
+        .set_config(&new_config("app.conf", "one", eu.clone()), 10, |_, _| {
+            audit_entry("config.set")
+        })
+        .unwrap();
+    assert_eq!((v1.version, entry.seq), (1, 1));
+    assert_eq!(nodes.into_iter().collect::<Vec<_>>(), [node("eu-1")]);
+    let (_, status) = store.config_status("app.conf").unwrap();
+    assert_eq!(status[0].state, ConfigState::Pending);
+
+    // Applied, then a failed attempt at version 2 keeps version 1 and says why.
+    let eu1 = node("eu-1");
+    assert!(
+        store
+            .record_config_ack(&NewConfigAck {
+                node_id: &eu1,
+                ack: &ack("app.conf", 1, "one", None, 20)
+            })
+            .unwrap()
+    );
+    assert_eq!(
+        store.config_status("app.conf").unwrap().1[0].state,
+        ConfigState::Applied
+    );
+    store
+        .set_config(&new_config("app.conf", "two", eu.clone()), 30, |_, _| {
+            audit_entry("config.set")
+        })
+        .unwrap();
+    store
+        .record_config_ack(&NewConfigAck {
+            node_id: &eu1,
+            ack: &ack("app.conf", 2, "two", Some("validate failed"), 40),
+        })
+        .unwrap();
+    // A replayed older ack changes nothing.
+    store
+        .record_config_ack(&NewConfigAck {
+            node_id: &eu1,
+            ack: &ack("app.conf", 1, "one", None, 20),
+        })
+        .unwrap();
+    let (desired, status) = store.config_status("app.conf").unwrap();
+    assert_eq!(desired.version, 2);
+    assert_eq!(status[0].state, ConfigState::Failed);
+    assert_eq!(status[0].error.as_deref(), Some("validate failed"));
+    assert_eq!(status[0].applied_version, Some(1));
+    // An ack from a node that is not a target is dropped.
+    let us1 = node("us-1");
+    assert!(
+        !store
+            .record_config_ack(&NewConfigAck {
+                node_id: &us1,
+                ack: &ack("app.conf", 2, "two", None, 50)
+            })
+            .unwrap()
+    );
+
+    // Rollback to 1: eu-1 already runs it; to an unknown version: refused.
+    let (back, _, _) = store
+        .rollback_config("app.conf", 1, 60, |_, from| {
+            assert_eq!(from, 2);
+            audit_entry("config.rollback")
+        })
+        .unwrap();
+    assert_eq!(back.sha256, messages::fleet::config_sha256(b"one"));
+    assert_eq!(
+        store.config_status("app.conf").unwrap().1[0].state,
+        ConfigState::Applied
+    );
+    assert!(matches!(
+        store.rollback_config("app.conf", 9, 60, |_, _| audit_entry("config.rollback")),
+        Err(StoreError::UnknownConfigVersion { version: 9, .. })
+    ));
+    assert!(matches!(
+        store.rollback_config("nope", 1, 60, |_, _| audit_entry("config.rollback")),
+        Err(StoreError::UnknownConfig(_))
+    ));
+
+    // An agent registering later with matching labels joins; what it reports decides what
+    // it lacks (another hash = drift).
+    let late = agent("eu-2", &[("region", "eu")], 70);
+    store.upsert_agent(&late).unwrap();
+    let lacking = store
+        .configs_to_converge(&late, &BTreeMap::new(), 70)
+        .unwrap();
+    assert_eq!(lacking.iter().map(|v| v.version).collect::<Vec<_>>(), [1]);
+    let has = |content: &str| {
+        BTreeMap::from([(
+            "app.conf".to_owned(),
+            messages::fleet::AppliedConfig {
+                version: 1,
+                sha256: messages::fleet::config_sha256(content.as_bytes()),
+            },
+        )])
+    };
+    assert!(
+        store
+            .configs_to_converge(&late, &has("one"), 71)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .configs_to_converge(&late, &has("edited"), 72)
+            .unwrap()
+            .len(),
+        1
+    );
+    let us = agent("us-1", &[("region", "us")], 73);
+    assert!(
+        store
+            .configs_to_converge(&us, &BTreeMap::new(), 73)
+            .unwrap()
+            .is_empty()
+    );
+
+    // Bounded history: the oldest versions go, the newest CONFIG_HISTORY stay.
+    for i in 0..CONFIG_HISTORY + 5 {
+        store
+            .set_config(
+                &new_config("app.conf", &format!("c{i}"), eu.clone()),
+                100 + i,
+                |_, _| audit_entry("config.set"),
+            )
+            .unwrap();
+    }
+    let history = store.config_history("app.conf").unwrap();
+    assert_eq!(history.len() as u64, CONFIG_HISTORY);
+    let latest = 2 + CONFIG_HISTORY + 5;
+    assert_eq!(history.last().map(|v| v.version), Some(latest));
+    assert_eq!(
+        history.first().map(|v| v.version),
+        Some(latest - CONFIG_HISTORY + 1)
+    );
+    assert!(matches!(
+        store.config_version("app.conf", Some(1)),
+        Err(StoreError::UnknownConfigVersion { .. })
+    ));
+    drop(store);
+
+    // Everything is durable.
+    let store = Store::open(&path).unwrap();
+    let head = store.config("app.conf").unwrap().unwrap();
+    assert_eq!((head.desired, head.latest), (latest, latest));
+    assert_eq!(head.nodes.len(), 2);
+    assert_eq!(
+        store.audit(0, 1000).unwrap().len() as u64,
+        3 + CONFIG_HISTORY + 5
+    );
+}

@@ -20,25 +20,11 @@ use testkit::ws::{Received, TEST_SECRET, TestClient, token};
 const KEY: &str = "test-api-key-0123456789";
 
 fn gateway_config(nats: &str, name: &str) -> ws_gateway::Config {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-        .unwrap();
-    let mut config = ws_gateway::Config::new(nats, GatewayId::new(name).unwrap(), keys);
-    config.workers = 1;
-    config.lease_ttl = Duration::from_secs(5);
-    config.drain_window = Duration::from_millis(100);
-    config.presence_sync = Duration::from_millis(300);
-    config
+    testkit::gateway::config(nats, name)
 }
 
 async fn gateway(nats: &str, name: &str) -> ws_gateway::Handle {
-    let handle = ws_gateway::spawn(
-        gateway_config(nats, name),
-        TcpListener::bind("127.0.0.1:0").unwrap(),
-    )
-    .unwrap();
-    wait_status(handle.addr(), "/readyz", 200).await;
-    handle
+    testkit::gateway::start(gateway_config(nats, name)).await
 }
 
 fn api_config(nats: &str) -> ws_api::Config {

@@ -9,6 +9,9 @@
 //! schedctl probe tcp 10.0.0.1:443 --nodes edge-1,edge-2 --wait
 //! schedctl task 42
 //! schedctl audit --since 120
+//! schedctl config set app.conf --file app.conf --selector region=eu --validate 'sh -n {file}'
+//! schedctl config status app.conf
+//! schedctl config rollback app.conf --to 1
 //! ```
 //! The key (`SCHEDULER_API_KEY`) is one secret of the scheduler's `SCHEDULER_API_KEYS`: a
 //! read-scope key can list and show, creating and cancelling need an operator key.
@@ -126,6 +129,11 @@ enum Command {
         /// Task id.
         id: u64,
     },
+    /// Versioned config documents: set, get, history, status, rollback.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Recurring tasks from cron expressions (UTC): create, list, get, delete, pause, resume.
     Schedule {
         #[command(subcommand)]
@@ -139,6 +147,58 @@ enum Command {
         /// How many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Store the next version of a document from a file, make it desired and push it.
+    Set {
+        /// Document name: the file name agents write in their config_dir.
+        name: String,
+        /// The file with the new content (UTF-8 text).
+        #[arg(long)]
+        file: PathBuf,
+        /// Target these node ids (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Target agents with these labels (`k=v`, comma-separated or repeated); agents that
+        /// register later with matching labels get it too.
+        #[arg(long = "selector", alias = "label")]
+        selectors: Vec<String>,
+        /// Command the agent runs against the new file before using it, split at white
+        /// space; `{file}` stands for the file. Must be on the agents' allowlist.
+        #[arg(long)]
+        validate: Option<String>,
+        /// Command the agent runs after the file was replaced (same rules).
+        #[arg(long)]
+        reload: Option<String>,
+    },
+    /// Print a document's desired version (or `--version N`) to stdout.
+    Get {
+        /// Document name.
+        name: String,
+        /// This version instead of the desired one.
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// List the kept versions of a document.
+    History {
+        /// Document name.
+        name: String,
+    },
+    /// Which nodes run which version: applied, pending, or failed with the error.
+    Status {
+        /// Document name.
+        name: String,
+    },
+    /// Make an older kept version desired again and push it.
+    Rollback {
+        /// Document name.
+        name: String,
+        /// The version to go back to.
+        #[arg(long)]
+        to: u64,
     },
 }
 
@@ -391,6 +451,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             println!("cancelled on: {}", text(&v["cancelled"]));
             Ok(())
         }
+        Command::Config { command } => config(&api, cli.json, command),
         Command::Schedule { command } => schedule(&api, cli.json, command),
         Command::Audit { since, limit } => {
             let v = api.get(&format!("/v1/audit?since={since}&limit={limit}"))?;
@@ -424,17 +485,172 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     }
 }
 
-/// Labels given as `k=v` as a JSON object.
-fn label_map(labels: &[String]) -> Result<serde_json::Map<String, Value>, Failure> {
-    let mut map = serde_json::Map::new();
-    for l in labels {
-        let (k, v) = l
+/// `k=v` pairs (each argument may hold several, comma-separated) as a JSON object.
+fn label_map(args: &[String]) -> Result<serde_json::Map<String, Value>, Failure> {
+    let mut labels = serde_json::Map::new();
+    for pair in args
+        .iter()
+        .flat_map(|a| a.split(','))
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair
             .split_once('=')
             .filter(|(k, _)| !k.is_empty())
-            .ok_or_else(|| Failure::Usage(format!("label {l:?}: use key=value")))?;
-        map.insert(k.to_owned(), Value::String(v.to_owned()));
+            .ok_or_else(|| Failure::Usage(format!("selector {pair:?}: use key=value")))?;
+        labels.insert(k.to_owned(), Value::String(v.to_owned()));
     }
-    Ok(map)
+    Ok(labels)
+}
+
+fn config(api: &Api, as_json: bool, command: &ConfigCommand) -> Result<(), Failure> {
+    match command {
+        ConfigCommand::Set {
+            name,
+            file,
+            nodes,
+            selectors,
+            validate,
+            reload,
+        } => {
+            let targets = match (nodes.is_empty(), selectors.is_empty()) {
+                (false, true) => json!({"nodes": nodes}),
+                (true, false) => json!({"labels": label_map(selectors)?}),
+                _ => return Err(Failure::Usage("give either --nodes or --selector".into())),
+            };
+            let content = std::fs::read_to_string(file)
+                .map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;
+            let argv = |s: &Option<String>| {
+                s.as_ref()
+                    .map(|s| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            };
+            let mut body = json!({"content": content, "targets": targets});
+            if let Some(v) = argv(validate) {
+                body["validate"] = json!(v);
+            }
+            if let Some(r) = argv(reload) {
+                body["reload"] = json!(r);
+            }
+            let v = api.post(&format!("/v1/configs/{name}"), &body)?;
+            if as_json {
+                return print_json(&v);
+            }
+            println!(
+                "config {name} version {} (sha256 {}) for {} node(s), pushed to {} now",
+                text(&v["version"]),
+                short_sha(&v["sha256"]),
+                v["nodes"].as_array().map_or(0, Vec::len),
+                text(&v["pushed"])
+            );
+            Ok(())
+        }
+        ConfigCommand::Get { name, version } => {
+            let path = match version {
+                Some(n) => format!("/v1/configs/{name}?version={n}"),
+                None => format!("/v1/configs/{name}"),
+            };
+            let v = api.get(&path)?;
+            if as_json {
+                return print_json(&v);
+            }
+            // Only the content on stdout, so it can be redirected into a file.
+            print!("{}", v["content"].as_str().unwrap_or_default());
+            eprintln!(
+                "config {name} version {} (sha256 {}){}",
+                text(&v["version"]),
+                short_sha(&v["sha256"]),
+                if v["desired"] == Value::Bool(true) {
+                    ", desired"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
+        ConfigCommand::History { name } => {
+            let v = api.get(&format!("/v1/configs/{name}/history"))?;
+            if as_json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["versions"]
+                .as_array()
+                .map(|versions| {
+                    versions
+                        .iter()
+                        .map(|x| {
+                            vec![
+                                text(&x["version"]),
+                                short_sha(&x["sha256"]),
+                                text(&x["size"]),
+                                x["created_at_ms"].as_u64().map(ago).unwrap_or_default(),
+                                text(&x["actor"]),
+                                if x["desired"] == Value::Bool(true) {
+                                    "*".into()
+                                } else {
+                                    String::new()
+                                },
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(
+                &["VERSION", "SHA256", "BYTES", "CREATED", "BY", "DESIRED"],
+                &rows,
+            );
+            Ok(())
+        }
+        ConfigCommand::Status { name } => {
+            let v = api.get(&format!("/v1/configs/{name}/status"))?;
+            if as_json {
+                return print_json(&v);
+            }
+            println!(
+                "config {name}: desired version {} (sha256 {}); {} applied, {} pending, {} failed",
+                text(&v["desired_version"]),
+                short_sha(&v["sha256"]),
+                text(&v["counts"]["applied"]),
+                text(&v["counts"]["pending"]),
+                text(&v["counts"]["failed"])
+            );
+            let rows: Vec<Vec<String>> = v["nodes"]
+                .as_array()
+                .map(|nodes| {
+                    nodes
+                        .iter()
+                        .map(|n| {
+                            vec![
+                                text(&n["node_id"]),
+                                text(&n["state"]),
+                                text(&n["applied_version"]),
+                                text(&n["agent_state"]),
+                                text(&n["error"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["NODE", "STATE", "VERSION", "AGENT", "ERROR"], &rows);
+            Ok(())
+        }
+        ConfigCommand::Rollback { name, to } => {
+            let v = api.post(&format!("/v1/configs/{name}/rollback"), &json!({"to": to}))?;
+            if as_json {
+                return print_json(&v);
+            }
+            println!(
+                "config {name} desired version is now {} (sha256 {}), pushed to {} node(s) now",
+                text(&v["version"]),
+                short_sha(&v["sha256"]),
+                text(&v["pushed"])
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The first 12 hex digits of a SHA-256, enough to tell versions apart in a table.
+fn short_sha(v: &Value) -> String {
+    text(v).chars().take(12).collect()
 }
 
 fn schedule(api: &Api, as_json: bool, command: &ScheduleCommand) -> Result<(), Failure> {

@@ -1,0 +1,602 @@
+//! Versioned config documents (the `scheduler_config*` tables): each name has numbered
+//! versions (content, SHA-256, optional validate and reload commands), one desired version,
+//! the targets its versions go to, and per target node what the agent last reported.
+//!
+//! A `set` stores the next version, makes it desired and resolves its targets exactly like a
+//! task does (listed nodes must be registered; a selector takes the matching registered
+//! agents); agents that register later and match a selector join at their register. A
+//! rollback only moves the desired version to an older one that is still kept. History is
+//! bounded: the newest [`CONFIG_HISTORY`] versions per name are kept, plus the desired one.
+//!
+//! Per (name, node) the store keeps the version the agent reports as applied (from its
+//! acks and from every register, which says what is on disk now) and its last ack, from
+//! which the status of a node follows: `applied` when it runs the desired version,
+//! `failed` when its last ack for the desired version failed, `pending` otherwise. Each
+//! change and its audit entry share one durable transaction, like tasks.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use messages::fleet::{self, AppliedConfig};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::operator::append_in;
+use super::{
+    AgentRecord, AuditEntry, LabelSelector, NewAuditEntry, Store, StoreError, Targets, UserId,
+    decode, encode, parse_node, resolve_targets_in,
+};
+
+/// Config documents: name -> `ConfigRow`.
+const CONFIGS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("scheduler_configs");
+/// Their versions: (name, version) -> `VersionRow`.
+const CONFIG_VERSIONS: TableDefinition<'_, (&str, u64), &[u8]> =
+    TableDefinition::new("scheduler_config_versions");
+/// What each target node has: (name, node id) -> `NodeRow`.
+const CONFIG_NODES: TableDefinition<'_, (&str, &str), &[u8]> =
+    TableDefinition::new("scheduler_config_nodes");
+
+/// Versions kept per name (the desired one is kept too, however old).
+pub const CONFIG_HISTORY: u64 = 20;
+
+/// Longest validate or reload command line (arguments).
+const MAX_ARGS: usize = 64;
+
+pub(super) fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(CONFIGS)?;
+    txn.open_table(CONFIG_VERSIONS)?;
+    txn.open_table(CONFIG_NODES)?;
+    Ok(())
+}
+
+/// A new version as an operator asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewConfigVersion {
+    /// The document's name (a safe file name, [`fleet::check_config_name`]).
+    pub name: String,
+    /// The document.
+    pub content: Vec<u8>,
+    /// Validate command (argv), run by the agent before replacing the file.
+    pub validate: Option<Vec<String>>,
+    /// Reload command (argv), run by the agent after replacing the file.
+    pub reload: Option<Vec<String>>,
+    /// Where it goes.
+    pub targets: Targets,
+    /// Who made it (the API key's name).
+    pub actor: String,
+}
+
+/// One stored version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigVersion {
+    /// The document's name.
+    pub name: String,
+    /// Its number, from 1.
+    pub version: u64,
+    /// SHA-256 of `content`, hex.
+    pub sha256: String,
+    /// The document.
+    pub content: Vec<u8>,
+    /// Validate command.
+    pub validate: Option<Vec<String>>,
+    /// Reload command.
+    pub reload: Option<Vec<String>>,
+    /// When it was created, unix ms.
+    pub created_at_ms: u64,
+    /// Who created it.
+    pub actor: String,
+}
+
+impl ConfigVersion {
+    /// The push that carries this version to an agent.
+    pub fn push(&self) -> fleet::ConfigPush {
+        fleet::ConfigPush {
+            name: self.name.clone(),
+            version: self.version,
+            sha256: self.sha256.clone(),
+            content: self.content.clone(),
+            validate: self.validate.clone(),
+            reload: self.reload.clone(),
+        }
+    }
+}
+
+/// A config document's head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigRecord {
+    /// The name.
+    pub name: String,
+    /// The version agents should run.
+    pub desired: u64,
+    /// The newest version created.
+    pub latest: u64,
+    /// The targets of the latest `set`.
+    pub targets: Targets,
+    /// The nodes it goes to.
+    pub nodes: BTreeSet<UserId>,
+    /// Last change, unix ms.
+    pub updated_at_ms: u64,
+}
+
+/// Where one node stands with a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigState {
+    /// It runs the desired version.
+    Applied,
+    /// It has not (yet) acked the desired version.
+    Pending,
+    /// Its last attempt at the desired version failed.
+    Failed,
+}
+
+/// One node's status for a document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConfigNodeStatus {
+    /// The node.
+    pub node_id: String,
+    /// Applied, pending or failed (against the desired version).
+    pub state: ConfigState,
+    /// The version the node reports as applied.
+    pub applied_version: Option<u64>,
+    /// SHA-256 of what the node has on disk, as it reported.
+    pub applied_sha256: Option<String>,
+    /// The error of its last failed attempt at the desired version.
+    pub error: Option<String>,
+    /// When the node last reported, unix ms.
+    pub updated_at_ms: Option<u64>,
+}
+
+/// An agent's ack as the store takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewConfigAck<'a> {
+    /// The node.
+    pub node_id: &'a UserId,
+    /// The agent's ack.
+    pub ack: &'a fleet::ConfigAck,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ConfigRow {
+    desired: u64,
+    latest: u64,
+    targets: Targets,
+    updated_at_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct VersionRow {
+    sha256: String,
+    #[serde(with = "serde_bytes")]
+    content: Vec<u8>,
+    validate: Option<Vec<String>>,
+    reload: Option<Vec<String>>,
+    created_at_ms: u64,
+    actor: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct NodeRow {
+    /// What the agent reports it has: (version, sha256 on disk).
+    applied: Option<(u64, String)>,
+    /// Its last ack: (version, sha256, failed with this error?).
+    last_ack: Option<AckRow>,
+    /// When it last reported (ack or register), unix ms.
+    updated_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AckRow {
+    version: u64,
+    sha256: String,
+    error: Option<String>,
+    at_ms: u64,
+}
+
+fn version_of(name: &str, version: u64, row: VersionRow) -> ConfigVersion {
+    ConfigVersion {
+        name: name.to_owned(),
+        version,
+        sha256: row.sha256,
+        content: row.content,
+        validate: row.validate,
+        reload: row.reload,
+        created_at_ms: row.created_at_ms,
+        actor: row.actor,
+    }
+}
+
+fn check_command(what: &str, argv: Option<&Vec<String>>) -> Result<(), StoreError> {
+    let Some(argv) = argv else { return Ok(()) };
+    if argv.first().is_none_or(|p| p.is_empty()) {
+        return Err(StoreError::InvalidConfig(format!(
+            "{what} must name a program"
+        )));
+    }
+    if argv.len() > MAX_ARGS || argv.iter().any(|a| a.contains('\0')) {
+        return Err(StoreError::InvalidConfig(format!(
+            "{what}: at most {MAX_ARGS} arguments, none with a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
+fn validate(new: &NewConfigVersion) -> Result<(), StoreError> {
+    fleet::check_config_name(&new.name).map_err(|e| StoreError::InvalidConfig(e.to_string()))?;
+    if new.content.len() > fleet::MAX_CONFIG_BYTES {
+        return Err(StoreError::InvalidConfig(format!(
+            "content is {} bytes; at most {} are allowed",
+            new.content.len(),
+            fleet::MAX_CONFIG_BYTES
+        )));
+    }
+    check_command("validate", new.validate.as_ref())?;
+    check_command("reload", new.reload.as_ref())?;
+    match &new.targets {
+        Targets::Nodes(ids) if ids.is_empty() => {
+            Err(StoreError::InvalidConfig("no target nodes given".into()))
+        }
+        Targets::Selector(sel) if sel.is_empty() => {
+            Err(StoreError::InvalidConfig("label selector is empty".into()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn read_config(txn: &WriteTransaction, name: &str) -> Result<Option<ConfigRow>, StoreError> {
+    let table = txn.open_table(CONFIGS)?;
+    let row = match table.get(name)? {
+        Some(v) => Some(decode(v.value(), "config")?),
+        None => None,
+    };
+    Ok(row)
+}
+
+fn read_version(
+    txn: &WriteTransaction,
+    name: &str,
+    version: u64,
+) -> Result<ConfigVersion, StoreError> {
+    let table = txn.open_table(CONFIG_VERSIONS)?;
+    let row: VersionRow = match table.get((name, version))? {
+        Some(v) => decode(v.value(), "config version")?,
+        None => {
+            return Err(StoreError::UnknownConfigVersion {
+                name: name.to_owned(),
+                version,
+            });
+        }
+    };
+    Ok(version_of(name, version, row))
+}
+
+/// The nodes that have a row for `name`.
+fn nodes_in(txn: &WriteTransaction, name: &str) -> Result<BTreeSet<UserId>, StoreError> {
+    let table = txn.open_table(CONFIG_NODES)?;
+    let mut nodes = BTreeSet::new();
+    for item in table.range((name, "")..)? {
+        let (k, _) = item?;
+        let (n, node) = k.value();
+        if n != name {
+            break;
+        }
+        nodes.insert(parse_node(node)?);
+    }
+    Ok(nodes)
+}
+
+impl Store {
+    /// Stores the next version of `new.name`, makes it desired, resolves its targets (the
+    /// nodes it goes to from now on) and appends `audit(version)` to the audit log, in one
+    /// transaction. Returns the version, the target nodes and the audit entry.
+    pub fn set_config(
+        &self,
+        new: &NewConfigVersion,
+        at_ms: u64,
+        audit: impl FnOnce(&ConfigVersion, &BTreeSet<UserId>) -> NewAuditEntry,
+    ) -> Result<(ConfigVersion, BTreeSet<UserId>, AuditEntry), StoreError> {
+        validate(new)?;
+        self.write(|txn| {
+            let nodes = resolve_targets_in(txn, &new.targets)?;
+            let name = new.name.as_str();
+            let latest = read_config(txn, name)?.map_or(0, |c| c.latest);
+            let version = latest
+                .checked_add(1)
+                .ok_or_else(|| StoreError::InvalidConfig("version numbers exhausted".into()))?;
+            let row = VersionRow {
+                sha256: fleet::config_sha256(&new.content),
+                content: new.content.clone(),
+                validate: new.validate.clone(),
+                reload: new.reload.clone(),
+                created_at_ms: at_ms,
+                actor: new.actor.clone(),
+            };
+            {
+                let mut versions = txn.open_table(CONFIG_VERSIONS)?;
+                versions.insert((name, version), encode(&row, "config version")?.as_slice())?;
+                // Bounded history: the oldest beyond CONFIG_HISTORY go (the new desired
+                // version is the newest, so it always stays).
+                let keep_from = version.saturating_sub(CONFIG_HISTORY - 1).max(1);
+                let old: Vec<u64> = versions
+                    .range((name, 0)..(name, keep_from))?
+                    .map(|item| item.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()?;
+                for v in old {
+                    versions.remove((name, v))?;
+                }
+            }
+            let config = ConfigRow {
+                desired: version,
+                latest: version,
+                targets: new.targets.clone(),
+                updated_at_ms: at_ms,
+            };
+            txn.open_table(CONFIGS)?
+                .insert(name, encode(&config, "config")?.as_slice())?;
+            // Rows of nodes no longer targeted go; new targets start with nothing known.
+            let before = nodes_in(txn, name)?;
+            let mut table = txn.open_table(CONFIG_NODES)?;
+            for gone in before.difference(&nodes) {
+                table.remove((name, gone.as_str()))?;
+            }
+            for added in nodes.difference(&before) {
+                table.insert(
+                    (name, added.as_str()),
+                    encode(&NodeRow::default(), "config node")?.as_slice(),
+                )?;
+            }
+            drop(table);
+            let created = version_of(name, version, row);
+            let entry = append_in(txn, at_ms, audit(&created, &nodes))?;
+            Ok((created, nodes, entry))
+        })
+    }
+
+    /// Makes the kept version `to` of `name` desired again, with its audit entry in the
+    /// same transaction. Returns the version and the nodes it goes to.
+    pub fn rollback_config(
+        &self,
+        name: &str,
+        to: u64,
+        at_ms: u64,
+        audit: impl FnOnce(&ConfigVersion, u64) -> NewAuditEntry,
+    ) -> Result<(ConfigVersion, BTreeSet<UserId>, AuditEntry), StoreError> {
+        self.write(|txn| {
+            let mut config =
+                read_config(txn, name)?.ok_or_else(|| StoreError::UnknownConfig(name.into()))?;
+            let version = read_version(txn, name, to)?;
+            let from = config.desired;
+            config.desired = to;
+            config.updated_at_ms = at_ms;
+            txn.open_table(CONFIGS)?
+                .insert(name, encode(&config, "config")?.as_slice())?;
+            let nodes = nodes_in(txn, name)?;
+            let entry = append_in(txn, at_ms, audit(&version, from))?;
+            Ok((version, nodes, entry))
+        })
+    }
+
+    /// A document's head, if it exists.
+    pub fn config(&self, name: &str) -> Result<Option<ConfigRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let configs = txn.open_table(CONFIGS)?;
+        let Some(v) = configs.get(name)? else {
+            return Ok(None);
+        };
+        let row: ConfigRow = decode(v.value(), "config")?;
+        let nodes_table = txn.open_table(CONFIG_NODES)?;
+        let mut nodes = BTreeSet::new();
+        for item in nodes_table.range((name, "")..)? {
+            let (k, _) = item?;
+            let (n, node) = k.value();
+            if n != name {
+                break;
+            }
+            nodes.insert(parse_node(node)?);
+        }
+        Ok(Some(ConfigRecord {
+            name: name.to_owned(),
+            desired: row.desired,
+            latest: row.latest,
+            targets: row.targets,
+            nodes,
+            updated_at_ms: row.updated_at_ms,
+        }))
+    }
+
+    /// Every document's head, by name.
+    pub fn configs(&self) -> Result<Vec<ConfigRecord>, StoreError> {
+        let names: Vec<String> = {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(CONFIGS)?;
+            table
+                .iter()?
+                .map(|item| item.map(|(k, _)| k.value().to_owned()))
+                .collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(c) = self.config(&name)? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One kept version (`None`: the desired one).
+    pub fn config_version(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<ConfigVersion, StoreError> {
+        let config = self
+            .config(name)?
+            .ok_or_else(|| StoreError::UnknownConfig(name.into()))?;
+        let version = version.unwrap_or(config.desired);
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CONFIG_VERSIONS)?;
+        match table.get((name, version))? {
+            Some(v) => Ok(version_of(
+                name,
+                version,
+                decode(v.value(), "config version")?,
+            )),
+            None => Err(StoreError::UnknownConfigVersion {
+                name: name.to_owned(),
+                version,
+            }),
+        }
+    }
+
+    /// The kept versions of `name`, oldest first.
+    pub fn config_history(&self, name: &str) -> Result<Vec<ConfigVersion>, StoreError> {
+        if self.config(name)?.is_none() {
+            return Err(StoreError::UnknownConfig(name.into()));
+        }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CONFIG_VERSIONS)?;
+        let mut out = Vec::new();
+        for item in table.range((name, 0)..=(name, u64::MAX))? {
+            let (k, v) = item?;
+            out.push(version_of(
+                name,
+                k.value().1,
+                decode(v.value(), "config version")?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Every target node of `name` with its state against the desired version.
+    pub fn config_status(
+        &self,
+        name: &str,
+    ) -> Result<(ConfigVersion, Vec<ConfigNodeStatus>), StoreError> {
+        let desired = self.config_version(name, None)?;
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CONFIG_NODES)?;
+        let mut out = Vec::new();
+        for item in table.range((name, "")..)? {
+            let (k, v) = item?;
+            let (n, node) = k.value();
+            if n != name {
+                break;
+            }
+            let row: NodeRow = decode(v.value(), "config node")?;
+            out.push(node_status(node, &row, &desired));
+        }
+        Ok((desired, out))
+    }
+
+    /// At a register: records what the agent reports it has (`reported`), adds it to the
+    /// documents whose selector its labels match, and returns the desired versions it
+    /// lacks (not reported, another version, or a file whose SHA-256 differs).
+    pub fn configs_to_converge(
+        &self,
+        agent: &AgentRecord,
+        reported: &BTreeMap<String, AppliedConfig>,
+        at_ms: u64,
+    ) -> Result<Vec<ConfigVersion>, StoreError> {
+        let node = agent.node_id.as_str();
+        self.write(|txn| {
+            let heads: Vec<(String, ConfigRow)> = {
+                let table = txn.open_table(CONFIGS)?;
+                table
+                    .iter()?
+                    .map(|item| {
+                        let (k, v) = item?;
+                        Ok((k.value().to_owned(), decode(v.value(), "config")?))
+                    })
+                    .collect::<Result<_, StoreError>>()?
+            };
+            let mut lacking = Vec::new();
+            for (name, head) in heads {
+                let existing: Option<NodeRow> = {
+                    let table = txn.open_table(CONFIG_NODES)?;
+                    match table.get((name.as_str(), node))? {
+                        Some(v) => Some(decode(v.value(), "config node")?),
+                        None => None,
+                    }
+                };
+                let joins = matches!(&head.targets, Targets::Selector(sel) if selects(sel, agent));
+                let mut row = match existing {
+                    Some(row) => row,
+                    None if joins => NodeRow::default(),
+                    None => continue,
+                };
+                row.applied = reported.get(&name).map(|a| (a.version, a.sha256.clone()));
+                row.updated_at_ms = Some(at_ms);
+                txn.open_table(CONFIG_NODES)?.insert(
+                    (name.as_str(), node),
+                    encode(&row, "config node")?.as_slice(),
+                )?;
+                let desired = read_version(txn, &name, head.desired)?;
+                if row.applied.as_ref() != Some(&(desired.version, desired.sha256.clone())) {
+                    lacking.push(desired);
+                }
+            }
+            Ok(lacking)
+        })
+    }
+
+    /// Takes an agent's ack: the node's last ack, and what it has when it applied. An ack
+    /// older than what is recorded (a replay) changes nothing. Returns `false` when the node
+    /// is not a target of that document (the ack is dropped).
+    pub fn record_config_ack(&self, ack: &NewConfigAck<'_>) -> Result<bool, StoreError> {
+        let key = (ack.ack.name.as_str(), ack.node_id.as_str());
+        self.write_if_changed(|txn| {
+            let mut table = txn.open_table(CONFIG_NODES)?;
+            let mut row: NodeRow = match table.get(key)? {
+                Some(v) => decode(v.value(), "config node")?,
+                None => return Ok((false, false)),
+            };
+            if row
+                .last_ack
+                .as_ref()
+                .is_some_and(|last| last.at_ms > ack.ack.at_ms)
+            {
+                return Ok((true, false));
+            }
+            let failed = ack.ack.status == fleet::ConfigOutcome::Failed;
+            if !failed {
+                row.applied = Some((ack.ack.version, ack.ack.sha256.clone()));
+            }
+            row.last_ack = Some(AckRow {
+                version: ack.ack.version,
+                sha256: ack.ack.sha256.clone(),
+                error: if failed {
+                    Some(ack.ack.error.clone().unwrap_or_else(|| "failed".into()))
+                } else {
+                    None
+                },
+                at_ms: ack.ack.at_ms,
+            });
+            row.updated_at_ms = Some(ack.ack.at_ms);
+            table.insert(key, encode(&row, "config node")?.as_slice())?;
+            Ok((true, true))
+        })
+    }
+}
+
+fn selects(selector: &LabelSelector, agent: &AgentRecord) -> bool {
+    !selector.is_empty() && agent.matches(selector)
+}
+
+fn node_status(node: &str, row: &NodeRow, desired: &ConfigVersion) -> ConfigNodeStatus {
+    let wanted = (desired.version, desired.sha256.clone());
+    let failed = row.last_ack.as_ref().filter(|a| {
+        a.error.is_some() && a.version == desired.version && a.sha256 == desired.sha256
+    });
+    let state = match failed {
+        Some(_) => ConfigState::Failed,
+        None if row.applied.as_ref() == Some(&wanted) => ConfigState::Applied,
+        None => ConfigState::Pending,
+    };
+    ConfigNodeStatus {
+        node_id: node.to_owned(),
+        state,
+        applied_version: row.applied.as_ref().map(|a| a.0),
+        applied_sha256: row.applied.as_ref().map(|a| a.1.clone()),
+        error: failed.and_then(|a| a.error.clone()),
+        updated_at_ms: row.updated_at_ms,
+    }
+}
