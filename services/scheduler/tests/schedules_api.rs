@@ -353,3 +353,99 @@ async fn schedctl(api: SocketAddr, key: &str, args: &[&str]) -> (i32, String, St
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The `schedule.fire` audit entries as (period, detail).
+async fn fires(addr: SocketAddr) -> Vec<(u64, Value)> {
+    let r = http::get(addr, "/v1/audit?limit=1000", DASH).await.unwrap();
+    r.json()["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "schedule.fire")
+        .map(|e| (e["detail"]["period"].as_u64().unwrap(), e["detail"].clone()))
+        .collect()
+}
+
+/// Downtime: the periods missed while no scheduler ran are not all fired on restart, only
+/// the latest, once. The target node does not exist, so every period is a recorded
+/// failure (`last_error`, audited with its period) rather than a task.
+#[tokio::test]
+async fn after_downtime_only_the_latest_missed_period_fires() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.redb");
+    let sched = scheduler::spawn(
+        config(&nats.url(), &db),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .unwrap();
+    let api = sched.addr();
+    http::wait_status(api, "/readyz", 200).await;
+    let r = post(
+        api,
+        "/v1/schedules",
+        OPS,
+        &json!({
+            "cron": "* * * * * *",
+            "targets": {"nodes": ["ghost"]},
+            "spec": {"kind": "command", "argv": ["true"]},
+        }),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let path = format!("/v1/schedules/{}", r.json()["schedule_id"]);
+    let v = http::eventually(api, &path, DASH, |v| v["last_error"].is_string()).await;
+    assert!(v["last_error"].as_str().unwrap().contains("ghost"), "{v}");
+    assert!(v["last_task_id"].is_null() && v["fired"] == 0, "{v}");
+    sched.shutdown().await.unwrap();
+    // Every period fired before the stop is at or before this second.
+    let stopped = servicekit::clock::now_secs();
+
+    // Down for 3.5 s: at least three periods missed.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let sched = scheduler::spawn(
+        config(&nats.url(), &db),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .unwrap();
+    let api = sched.addr();
+    http::wait_status(api, "/readyz", 200).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let after = loop {
+        let all = fires(api).await;
+        if all.iter().filter(|(p, _)| *p > stopped).count() >= 2 {
+            break all;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fires after restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let last_before = after
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| *p <= stopped)
+        .max()
+        .unwrap();
+    let first_after = after
+        .iter()
+        .map(|(p, _)| *p)
+        .find(|p| *p > stopped)
+        .unwrap();
+    assert!(
+        first_after >= last_before + 3,
+        "the catch-up is the latest missed period: {last_before} then {first_after}"
+    );
+    let periods: Vec<u64> = after.iter().map(|(p, _)| *p).collect();
+    assert!(
+        !periods.iter().any(|p| *p > last_before && *p < first_after),
+        "no earlier missed period fired: {periods:?}"
+    );
+    assert!(periods.windows(2).all(|w| w[0] < w[1]), "{periods:?}");
+    assert!(
+        after.iter().all(|(_, d)| d["error"].is_string()),
+        "{after:?}"
+    );
+    sched.shutdown().await.unwrap();
+}
