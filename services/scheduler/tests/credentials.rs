@@ -9,13 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use messages::UserId;
 use messages::command::CommandSigner;
-use messages::{GatewayId, UserId};
 use scheduler::trust::AgentTokens;
 use serde_json::json;
 use testkit::NatsServer;
 use testkit::http;
-use testkit::ws::{TEST_AGENT_TOKEN_KEY, TEST_COMMAND_KEY, TEST_COMMAND_PUBLIC, TEST_SECRET};
+use testkit::ws::{TEST_AGENT_TOKEN_KEY, TEST_COMMAND_KEY, TEST_COMMAND_PUBLIC};
 
 const KEY: &str = "cred-api-key-0123456789";
 const TTL: Duration = Duration::from_secs(5);
@@ -32,14 +32,7 @@ fn tokens() -> AgentTokens {
 }
 
 fn gateway(nats: &str, listener: TcpListener) -> ws_gateway::Handle {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-        .unwrap();
-    let mut config = ws_gateway::Config::new(nats, GatewayId::new("gw-cred").unwrap(), keys);
-    config.workers = 1;
-    config.lease_ttl = Duration::from_secs(5);
-    config.drain_window = Duration::from_millis(100);
-    ws_gateway::spawn(config, listener).unwrap()
+    ws_gateway::spawn(testkit::gateway::config(nats, "gw-cred"), listener).unwrap()
 }
 
 async fn rebind(addr: SocketAddr) -> TcpListener {

@@ -6,11 +6,10 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use messages::GatewayId;
 use serde_json::json;
 use testkit::NatsServer;
 use testkit::http;
-use testkit::ws::{TEST_SECRET, token};
+use testkit::ws::token;
 
 const KEY: &str = "e2e-api-key-0123456789";
 /// A read-scope key: may GET, may change nothing.
@@ -82,17 +81,7 @@ impl Fleet {
     async fn start(gateway_name: &str) -> Fleet {
         let nats = NatsServer::start().unwrap();
         let url = nats.url();
-        let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-            .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-            .unwrap();
-        let mut gw_config =
-            ws_gateway::Config::new(&url, GatewayId::new(gateway_name).unwrap(), keys);
-        gw_config.workers = 1;
-        gw_config.lease_ttl = Duration::from_secs(5);
-        gw_config.drain_window = Duration::from_millis(100);
-        let gateway =
-            ws_gateway::spawn(gw_config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-        ready(gateway.addr()).await;
+        let gateway = testkit::gateway::start(testkit::gateway::config(&url, gateway_name)).await;
         let dir = tempfile::tempdir().unwrap();
         let mut config = scheduler::Config::new(
             &url,

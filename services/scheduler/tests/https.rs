@@ -7,15 +7,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use messages::GatewayId;
 use testkit::NatsServer;
 use testkit::process::{Process, free_addr};
 use testkit::tls::{TestCa, TlsProxy};
-use testkit::ws::{TEST_SECRET, token};
+use testkit::ws::token;
 
 const KEY: &str = "https-api-key-0123456789";
 
@@ -62,13 +60,7 @@ struct TlsAgent {
 }
 
 async fn tls_agent(nats_url: &str, ca: &TestCa, dir: &Path) -> TlsAgent {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-        .unwrap();
-    let mut config = ws_gateway::Config::new(nats_url, GatewayId::new("gw-https").unwrap(), keys);
-    config.workers = 1;
-    let gateway = ws_gateway::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-    testkit::http::wait_status(gateway.addr(), "/readyz", 200).await;
+    let gateway = testkit::gateway::start(testkit::gateway::config(nats_url, "gw-https")).await;
     let proxy = TlsProxy::start(&ca.server_cert(), gateway.addr())
         .await
         .unwrap();

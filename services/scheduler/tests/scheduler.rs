@@ -16,24 +16,14 @@ use serde::Serialize;
 use serde_json::json;
 use testkit::NatsServer;
 use testkit::http;
-use testkit::ws::{TEST_SECRET, TestClient, token};
+use testkit::ws::{TestClient, token};
 
 const KEY: &str = "test-api-key-0123456789";
 /// Upper bound for any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn gateway(nats: &str) -> ws_gateway::Handle {
-    let keys = ws_gateway::auth::Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
-        .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
-        .unwrap();
-    let mut config = ws_gateway::Config::new(nats, GatewayId::new("gw-a").unwrap(), keys);
-    config.workers = 1;
-    config.lease_ttl = Duration::from_secs(5);
-    config.drain_window = Duration::from_millis(100);
-    config.presence_sync = Duration::from_millis(300);
-    let handle = ws_gateway::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-    wait_status(handle.addr(), "/readyz", 200).await;
-    handle
+    testkit::gateway::start(testkit::gateway::config(nats, "gw-a")).await
 }
 
 fn scheduler_config(nats: &str, db: &std::path::Path) -> scheduler::Config {
