@@ -287,6 +287,18 @@ enum TargetsRequest {
     Labels(BTreeMap<String, String>),
 }
 
+impl TargetsRequest {
+    /// The stored form; every node id is checked.
+    fn into_targets(self) -> Result<Targets, ApiError> {
+        Ok(match self {
+            TargetsRequest::Nodes(ids) => {
+                Targets::Nodes(ids.iter().map(|s| node_id(s)).collect::<Result<_, _>>()?)
+            }
+            TargetsRequest::Labels(sel) => Targets::Selector(sel),
+        })
+    }
+}
+
 /// Body of `POST /v1/tasks`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -313,12 +325,7 @@ fn task_spec(
     max_attempts: Option<u32>,
     traceparent: Option<String>,
 ) -> Result<TaskSpec, ApiError> {
-    let targets = match targets {
-        TargetsRequest::Nodes(ids) => {
-            Targets::Nodes(ids.iter().map(|s| node_id(s)).collect::<Result<_, _>>()?)
-        }
-        TargetsRequest::Labels(sel) => Targets::Selector(sel),
-    };
+    let targets = targets.into_targets()?;
     let timeout_ms = timeout_ms.unwrap_or(DEFAULT_TASK_TIMEOUT_MS);
     if timeout_ms == 0 {
         return Err(ApiError::bad(

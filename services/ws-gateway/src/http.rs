@@ -84,9 +84,8 @@ struct Admitted {
     codec: BodyCodec,
 }
 
-/// The checks before an upgrade, cheapest first: readiness, capacity, the token, the
-/// per-user and per-address caps, a socket id.
-fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Refused> {
+/// The checks every `/ws` request passes, cheapest first: readiness, capacity, the token.
+fn authenticate(shared: &Shared, head: &RequestHead) -> Result<auth::Identity, Refused> {
     let readiness = shared.readiness();
     if !readiness.ready() {
         shared.metrics.rejected(Reject::NotReady);
@@ -106,12 +105,11 @@ fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Refused> {
             "this replica holds its maximum number of connections; try another",
         ));
     }
-    let query = head.uri.query().unwrap_or("");
     let authorization = head
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let identity = auth::token_from(authorization, query)
+    auth::token_from(authorization, head.uri.query().unwrap_or(""))
         .ok_or(AuthError::Missing)
         .and_then(|token| auth::verify(&token, &shared.config.keys))
         .map_err(|err| {
@@ -121,7 +119,14 @@ fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Refused> {
                 bearer: true,
                 ..Refused::new(StatusCode::UNAUTHORIZED, "unauthorized", err.to_string())
             }
-        })?;
+        })
+}
+
+/// Everything before an upgrade: [`authenticate`], then the per-user and per-address caps
+/// (a slot held for the session) and a socket id.
+fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Refused> {
+    let identity = authenticate(shared, head)?;
+    let query = head.uri.query().unwrap_or("");
     let peer = head.peer_addr.map(|a| a.ip());
     let ticket = shared
         .admission
@@ -168,10 +173,10 @@ fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Refused> {
     })
 }
 
-/// `GET /ws` without an upgrade: the same checks (so a client learns about a bad token
-/// the same way), then 426.
+/// `GET /ws` without an upgrade: the same authentication (so a client learns about a bad
+/// token the same way), then 426; no slot is taken and no socket id minted.
 async fn plain_ws(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> HttpResponse {
-    match admit(shared.get_ref(), req.head()) {
+    match authenticate(shared.get_ref(), req.head()) {
         Err(refused) => refused.to_http(),
         Ok(_) => {
             let mut response = Refused::new(

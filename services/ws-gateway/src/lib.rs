@@ -336,8 +336,8 @@ fn serve(
         Some(cert) => {
             let tls = cert.server_config().map_err(std::io::Error::other)?;
             builder.listen("ws-gateway-tls", listener, move || {
-                let mut acceptor = actix_http::TlsAcceptorConfig::default();
-                acceptor = acceptor.handshake_timeout(TLS_HANDSHAKE_TIMEOUT);
+                let acceptor = actix_http::TlsAcceptorConfig::default()
+                    .handshake_timeout(TLS_HANDSHAKE_TIMEOUT);
                 http_service!(&shared).rustls_0_23_with_config(tls.clone(), acceptor)
             })?
         }

@@ -14,7 +14,7 @@ use serde_json::json;
 use servicekit::clock::now_ms;
 use servicekit::http::ApiError;
 
-use super::{TargetsRequest, authorize, node_id, query_pairs};
+use super::{TargetsRequest, authorize, query_pairs};
 use crate::audit;
 use crate::bus::blocking;
 use crate::store::{ConfigRecord, ConfigState, ConfigVersion, NewConfigVersion, Targets};
@@ -105,12 +105,7 @@ async fn set_config(
     let name = config_name(&path)?;
     let body: SetConfig = serde_json::from_value(body.into_inner())
         .map_err(|e| ApiError::bad("malformed_json", e.to_string()))?;
-    let targets = match body.targets {
-        TargetsRequest::Nodes(ids) => {
-            Targets::Nodes(ids.iter().map(|s| node_id(s)).collect::<Result<_, _>>()?)
-        }
-        TargetsRequest::Labels(sel) => Targets::Selector(sel),
-    };
+    let targets = body.targets.into_targets()?;
     let new = NewConfigVersion {
         name,
         content: body.content.into_bytes(),
