@@ -37,6 +37,12 @@ pub const SCHEDULE_PAUSE: &str = "schedule.pause";
 pub const SCHEDULE_RESUME: &str = "schedule.resume";
 /// A schedule fired for a period (actor `scheduler`): the task it created, or why none.
 pub const SCHEDULE_FIRE: &str = "schedule.fire";
+/// A rollout was created.
+pub const ROLLOUT_CREATE: &str = "rollout.create";
+/// An operator paused, resumed, promoted or aborted a rollout (`rollout.<control>`).
+pub const ROLLOUT_CONTROL: &str = "rollout.control";
+/// A rollout step (actor `scheduler`): a batch started or finished, a halt, completion.
+pub const ROLLOUT_STEP: &str = "rollout.step";
 /// A new version of a config document was stored and made desired.
 pub const CONFIG_SET: &str = "config.set";
 /// A config document's desired version was moved back to an older one.

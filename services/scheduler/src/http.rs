@@ -28,6 +28,7 @@ use crate::store::{
 use servicekit::clock::now_ms;
 
 mod configs;
+mod rollouts;
 mod schedules;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
@@ -56,6 +57,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/agents/{id}/labels", web::put().to(pin_labels))
         .route("/v1/audit", web::get().to(list_audit))
         .configure(configs::routes)
+        .configure(rollouts::routes)
         .configure(schedules::routes);
 }
 
@@ -106,6 +108,13 @@ impl From<BusError> for ApiError {
             BusError::Store(
                 e @ (StoreError::UnknownConfig(_) | StoreError::UnknownConfigVersion { .. }),
             ) => ApiError::not_found(e.to_string()),
+            BusError::Store(StoreError::InvalidRollout(m)) => ApiError::bad("invalid_rollout", m),
+            BusError::Store(StoreError::UnknownRollout(id)) => {
+                ApiError::not_found(format!("no rollout {id}"))
+            }
+            BusError::Store(e @ StoreError::RolloutConflict { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "rollout_state", e.to_string())
+            }
             BusError::Store(e @ StoreError::IdempotencyConflict { .. }) => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",

@@ -14,6 +14,8 @@
 //! - [`trust`]: command and agent-token keys, credential renewal, revocation, refusals.
 //! - [`auth`]: named, scoped API keys; [`audit`]: the append-only log of who changed what.
 //! - [`schedule`]: recurring tasks from cron expressions, fired by the active instance.
+//! - [`rollout`]: staged rollouts (pilot, gray, full in batches), driven by the active
+//!   instance.
 //!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
@@ -26,6 +28,7 @@ pub mod follow;
 mod http;
 pub mod lease;
 pub mod output;
+pub mod rollout;
 pub mod schedule;
 pub mod store;
 pub mod trust;
@@ -111,6 +114,10 @@ pub struct Metrics {
     pub config_pushes: Counter,
     /// Config acks ingested (applied or failed).
     pub config_acks: Counter,
+    /// Rollout batches started.
+    pub rollout_batches: Counter,
+    /// Rollouts halted by their failure threshold or a batch that could not start.
+    pub rollout_halts: Counter,
     /// Per-hop latency of agent traffic, from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
 }
@@ -151,6 +158,11 @@ impl Metrics {
         );
         let config_pushes = counter("config_pushes", "Config documents pushed to agents.");
         let config_acks = counter("config_acks", "Config acks from agents ingested.");
+        let rollout_batches = counter("rollout_batches", "Rollout batches started.");
+        let rollout_halts = counter(
+            "rollout_halts",
+            "Rollouts halted by a failure threshold or a batch that could not start.",
+        );
         let hops = servicekit::hops::HopLatency::register(&mut registry);
         Metrics {
             registry,
@@ -170,6 +182,8 @@ impl Metrics {
             schedule_skips,
             config_pushes,
             config_acks,
+            rollout_batches,
+            rollout_halts,
             hops,
         }
     }
@@ -349,6 +363,7 @@ async fn active(
     // Schedules fire only here, in the active phase, on the bus runtime: it is shut down
     // (and the store closed) before the lease is released.
     runtime.spawn(schedule::run(Arc::downgrade(&shared)));
+    runtime.spawn(rollout::run(Arc::downgrade(&shared)));
     if let Some(s) = standby.take() {
         s.stop(false).await;
     }

@@ -1,6 +1,6 @@
 //! The scheduler's durable state: the agent registry, tasks with their per-target state
-//! machines, results and status reports, and schedules (`schedules.rs`), all in one redb
-//! file.
+//! machines, results and status reports, schedules (`schedules.rs`), config documents
+//! (`configs.rs`) and staged rollouts (`rollouts.rs`), all in one redb file.
 //!
 //! This module owns the on-disk layout (the `scheduler_*` tables), task id allocation, the
 //! task state machine and its validation, and idempotent ingestion of agent messages by
@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 mod configs;
 mod operator;
+mod rollouts;
 mod schedules;
 pub use configs::{
     CONFIG_HISTORY, ConfigNodeStatus, ConfigRecord, ConfigState, ConfigVersion, NewConfigAck,
@@ -43,6 +44,11 @@ pub use configs::{
 };
 pub use operator::{
     AuditEntry, Created, IdempotencyClaim, MAX_AUDIT_LIST, MAX_IDEMPOTENCY_KEY_LEN, NewAuditEntry,
+};
+pub use rollouts::{
+    BATCH_HISTORY, BatchOutcome, Control, Controlled, InFlight, MAX_STAGES, NewRollout, RolloutId,
+    RolloutRecord, RolloutState, RolloutTask, Size, Stage, StagePlan, Step, default_stages,
+    plan_stages, rollout_order,
 };
 pub use schedules::{
     Fire, NewSchedule, Overlap, SCHEDULE_ACTOR, ScheduleId, ScheduleRecord, fire_key,
@@ -195,6 +201,22 @@ pub enum StoreError {
         name: String,
         /// The version asked for.
         version: u64,
+    },
+    /// A rollout request is unusable (the message says why); nothing was stored.
+    #[error("invalid rollout: {0}")]
+    InvalidRollout(String),
+    /// No rollout with this id exists.
+    #[error("unknown rollout {0}")]
+    UnknownRollout(u64),
+    /// The rollout's state does not allow this control.
+    #[error("rollout {id} is {state:?}: cannot {control}")]
+    RolloutConflict {
+        /// The rollout.
+        id: u64,
+        /// The control asked for.
+        control: &'static str,
+        /// Its state.
+        state: RolloutState,
     },
     /// An idempotency key was used again with a different request; nothing was stored.
     #[error("idempotency key {key:?} was already used with a different request (task {task_id})")]
@@ -674,6 +696,7 @@ impl Store {
         operator::create_tables(&txn)?;
         schedules::create_tables(&txn)?;
         configs::create_tables(&txn)?;
+        rollouts::create_tables(&txn)?;
         txn.commit()?;
         Ok(Store { db, path, options })
     }

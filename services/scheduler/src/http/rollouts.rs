@@ -1,0 +1,375 @@
+//! `/v1/rollouts`: staged rollouts ([`crate::rollout`], [`crate::store`]'s rollouts). Create
+//! (`POST`, a task's `targets`/`spec`/`timeout_ms`/`max_attempts` plus `stages`, `batch`,
+//! `pause_ms`, `max_failure_percent`, `batch_timeout_ms`, `auto_promote`), list, get (with
+//! per-stage progress and the live state of the batch in flight), and the controls `pause`,
+//! `resume`, `promote` and `abort`. Reads take any key, changes an operator key; every
+//! change is one audit entry in the same transaction. A control the rollout's state does
+//! not allow is a 409 `rollout_state` and changes nothing.
+
+use std::sync::Arc;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use messages::fleet;
+use serde::Deserialize;
+use serde_json::json;
+use servicekit::clock::now_ms;
+use servicekit::http::ApiError;
+use servicekit::telemetry::server_span;
+
+use super::{TargetsRequest, authorize, spec_json, task_spec};
+use crate::Shared;
+use crate::audit;
+use crate::bus::blocking;
+use crate::rollout;
+use crate::store::{
+    Control, NewRollout, RolloutRecord, RolloutTask, Size, StagePlan, TargetState, TaskSpec,
+};
+
+/// Registers the routes.
+pub(super) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/rollouts", web::post().to(create))
+        .route("/v1/rollouts", web::get().to(list))
+        .route("/v1/rollouts/{id}", web::get().to(get))
+        .route("/v1/rollouts/{id}/{control}", web::post().to(control));
+}
+
+/// Failure threshold when a request names none, percent of a stage.
+const DEFAULT_MAX_FAILURE_PERCENT: u8 = 5;
+/// Added to a batch's worst-case task time for its default deadline.
+const DEFAULT_BATCH_SLACK_MS: u64 = 60_000;
+/// Longest pause between batches accepted (a day).
+const MAX_PAUSE_MS: u64 = 86_400_000;
+
+/// A size in a request: a number (count) or a string (`"25"`, `"10%"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeRequest {
+    Count(u64),
+    Text(String),
+}
+
+impl SizeRequest {
+    fn parse(self) -> Result<Size, ApiError> {
+        match self {
+            SizeRequest::Count(0) => Err(ApiError::bad(
+                "invalid_rollout",
+                "a size is at least 1 node",
+            )),
+            SizeRequest::Count(n) => Ok(Size::Count(n)),
+            SizeRequest::Text(s) => {
+                Size::parse(&s).map_err(|e| ApiError::bad("invalid_rollout", e))
+            }
+        }
+    }
+}
+
+/// One stage in a request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageRequest {
+    name: String,
+    size: SizeRequest,
+}
+
+/// Body of `POST /v1/rollouts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRollout {
+    targets: TargetsRequest,
+    spec: fleet::TaskKind,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    /// Cumulative stages; default pilot 1%, gray 20%, full 100%.
+    #[serde(default)]
+    stages: Option<Vec<StageRequest>>,
+    /// Nodes per batch within a stage; default the whole stage.
+    #[serde(default)]
+    batch: Option<SizeRequest>,
+    #[serde(default)]
+    pause_ms: Option<u64>,
+    #[serde(default)]
+    max_failure_percent: Option<u8>,
+    #[serde(default)]
+    batch_timeout_ms: Option<u64>,
+    #[serde(default)]
+    auto_promote: Option<bool>,
+}
+
+fn rollout_id(path: &str) -> Result<u64, ApiError> {
+    path.parse()
+        .map_err(|_| ApiError::bad("malformed_id", "rollout ids are decimal numbers"))
+}
+
+/// The API form of a rollout. `batch_states` are the live target states of the batch in
+/// flight, when the caller read them.
+fn rollout_json(
+    rec: &RolloutRecord,
+    batch_states: Option<&std::collections::BTreeMap<TargetState, u64>>,
+) -> serde_json::Value {
+    let spec = TaskSpec {
+        kind: rec.task.kind.clone(),
+        targets: rec.targets.clone(),
+        timeout_ms: rec.task.timeout_ms,
+        max_attempts: rec.task.max_attempts,
+        traceparent: None,
+    };
+    let (succeeded, failed) = rec.done();
+    let stages: Vec<_> = rec
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "name": s.name,
+                "size": s.size.to_string(),
+                "nodes": s.end - s.start,
+                "batch": s.batch,
+                "allowed_failures": s.allowed_failures,
+                "succeeded": s.succeeded,
+                "failed": s.failed,
+                "current": i == rec.stage,
+                "started_at_ms": s.started_at_ms,
+                "finished_at_ms": s.finished_at_ms,
+            })
+        })
+        .collect();
+    let batch = rec.batch.as_ref().map(|b| {
+        json!({
+            "index": b.index,
+            "nodes": b.end - b.start,
+            "task_id": b.task_id,
+            "started_at_ms": b.started_at_ms,
+            "deadline_ms": b.deadline_ms,
+            "states": batch_states,
+        })
+    });
+    json!({
+        "rollout_id": rec.id,
+        "state": rec.state,
+        "reason": rec.reason,
+        "task": spec_json(&spec),
+        "total": rec.total,
+        "started": rec.next,
+        "succeeded": succeeded,
+        "failed": failed,
+        "stage": rec.stages.get(rec.stage).map(|s| s.name.as_str()),
+        "stages": stages,
+        "batch": batch,
+        "batches_started": rec.batches_started,
+        "history": rec.history,
+        "pause_ms": rec.pause_ms,
+        "max_failure_percent": rec.max_failure_percent,
+        "batch_timeout_ms": rec.batch_timeout_ms,
+        "auto_promote": rec.auto_promote,
+        "accepted_failures": rec.accepted_failures,
+        "created_at_ms": rec.created_at_ms,
+        "created_by": rec.created_by,
+        "updated_at_ms": rec.updated_at_ms,
+    })
+}
+
+async fn create(
+    req: HttpRequest,
+    body: web::Json<serde_json::Value>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    let request = server_span(&req, "/v1/rollouts");
+    let actor = authorize(&req, &shared)?.traced(&request);
+    let raw = body.into_inner();
+    let body: CreateRollout = serde_json::from_value(raw.clone())
+        .map_err(|e| ApiError::bad("malformed_json", e.to_string()))?;
+    let spec = task_spec(
+        &shared,
+        body.targets,
+        &body.spec,
+        body.timeout_ms,
+        body.max_attempts,
+        None,
+    )?;
+    let stages = body
+        .stages
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| {
+            Ok(StagePlan {
+                name: s.name,
+                size: s.size.parse()?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let batch = body.batch.map(SizeRequest::parse).transpose()?;
+    let pause_ms = body.pause_ms.unwrap_or(0);
+    if pause_ms > MAX_PAUSE_MS {
+        return Err(ApiError::bad(
+            "invalid_rollout",
+            format!("pause_ms is at most {MAX_PAUSE_MS}"),
+        ));
+    }
+    let max_failure_percent = body
+        .max_failure_percent
+        .unwrap_or(DEFAULT_MAX_FAILURE_PERCENT);
+    // By default a batch gets every attempt's full deadline, and a minute more for agents
+    // to come back, before unfinished targets count as failed.
+    let batch_timeout_ms = body.batch_timeout_ms.unwrap_or_else(|| {
+        spec.timeout_ms
+            .saturating_mul(u64::from(spec.max_attempts))
+            .saturating_add(DEFAULT_BATCH_SLACK_MS)
+    });
+    let new = NewRollout {
+        task: RolloutTask {
+            kind: spec.kind,
+            timeout_ms: spec.timeout_ms,
+            max_attempts: spec.max_attempts,
+        },
+        targets: spec.targets,
+        stages,
+        batch,
+        pause_ms,
+        max_failure_percent,
+        batch_timeout_ms,
+        auto_promote: body.auto_promote.unwrap_or(false),
+        created_by: actor.name.clone(),
+    };
+    let (record, entry) = blocking(&shared, move |store| {
+        store.create_rollout(&new, now_ms(), |rec| {
+            audit::entry(
+                &actor,
+                audit::ROLLOUT_CREATE,
+                format!("rollout/{}", rec.id),
+                json!({ "request": raw, "total": rec.total }),
+            )
+        })
+    })
+    .await?;
+    audit::log(&entry);
+    tracing::info!(
+        rollout = record.id,
+        total = record.total,
+        "Rollout created."
+    );
+    Ok(HttpResponse::Created().json(rollout_json(&record, None)))
+}
+
+async fn list(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let rollouts = blocking(&shared, |store| store.rollouts()).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "rollouts": rollouts.iter().map(|r| rollout_json(r, None)).collect::<Vec<_>>(),
+    })))
+}
+
+async fn get(
+    req: HttpRequest,
+    path: web::Path<String>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    authorize(&req, &shared)?;
+    let id = rollout_id(&path)?;
+    let (record, states) = blocking(&shared, move |store| {
+        let Some(record) = store.rollout(id)? else {
+            return Ok((None, None));
+        };
+        let states = match &record.batch {
+            Some(b) => store.task(b.task_id)?.map(|t| {
+                let mut states = std::collections::BTreeMap::new();
+                for s in t.targets.values() {
+                    *states.entry(s.state).or_insert(0u64) += 1;
+                }
+                states
+            }),
+            None => None,
+        };
+        Ok((Some(record), states))
+    })
+    .await?;
+    let record = record.ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?;
+    Ok(HttpResponse::Ok().json(rollout_json(&record, states.as_ref())))
+}
+
+async fn control(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    shared: web::Data<Arc<Shared>>,
+) -> Result<HttpResponse, ApiError> {
+    let actor = authorize(&req, &shared)?;
+    let (id, control) = path.into_inner();
+    let id = rollout_id(&id)?;
+    let control = match control.as_str() {
+        "pause" => Control::Pause,
+        "resume" => Control::Resume,
+        "promote" => Control::Promote,
+        "abort" => Control::Abort,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no rollout control {other:?}: use pause, resume, promote or abort"
+            )));
+        }
+    };
+    let (controlled, entry) = blocking(&shared, move |store| {
+        store.control_rollout(id, control, now_ms(), |rec| {
+            audit::entry(
+                &actor,
+                audit::ROLLOUT_CONTROL,
+                format!("rollout/{id}"),
+                json!({ "control": control.name(), "state": rec.state }),
+            )
+        })
+    })
+    .await?;
+    audit::log(&entry);
+    tracing::info!(rollout = id, control = control.name(), state = ?controlled.record.state, "Rollout control.");
+    if let Some((task_id, nodes)) = &controlled.cancelled {
+        rollout::cancel(&shared, *task_id, nodes).await;
+    }
+    Ok(HttpResponse::Ok().json(rollout_json(&controlled.record, None)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_requests_parse_with_sizes_as_numbers_or_strings() {
+        let ok: Result<CreateRollout, _> = serde_json::from_value(json!({
+            "targets": {"labels": {"region": "eu"}},
+            "spec": {"kind": "command", "argv": ["uptime"]},
+            "stages": [{"name": "pilot", "size": 1}, {"name": "full", "size": "100%"}],
+            "batch": "10%",
+        }));
+        let Ok(ok) = ok else {
+            panic!("should parse: {ok:?}")
+        };
+        let stages: Vec<Size> = ok
+            .stages
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.size.parse().ok())
+            .collect();
+        assert_eq!(stages, vec![Size::Count(1), Size::Percent(100)]);
+        assert_eq!(
+            ok.batch.and_then(|b| b.parse().ok()),
+            Some(Size::Percent(10))
+        );
+        let unknown: Result<CreateRollout, _> = serde_json::from_value(json!({
+            "targets": {"nodes": ["n1"]},
+            "spec": {"kind": "command", "argv": ["x"]},
+            "canary": 1,
+        }));
+        assert!(unknown.is_err());
+        for bad in [
+            json!(0),
+            json!("0"),
+            json!("0%"),
+            json!("101%"),
+            json!("ten"),
+        ] {
+            let size: SizeRequest = match serde_json::from_value(bad.clone()) {
+                Ok(s) => s,
+                Err(_) => continue,
+            };
+            assert!(size.parse().is_err(), "{bad} should be refused");
+        }
+    }
+}

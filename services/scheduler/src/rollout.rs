@@ -1,0 +1,163 @@
+//! Staged rollouts, driven: every [`TICK`] the active instance steps each unfinished
+//! rollout once ([`crate::store`]'s `step_rollout`: finish the batch in flight when it is
+//! done, or start the next one when its pause has passed), then does what the step asks of
+//! the network: dispatch a started batch's task to the agents that are up (the others get
+//! it when they register, like any task), tell agents whose targets a closed batch
+//! cancelled. A standby has no store open and steps nothing; after a takeover the new
+//! active instance picks up from the last committed step.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use messages::fleet;
+use serde_json::json;
+use servicekit::clock::now_ms;
+
+use crate::Shared;
+use crate::audit;
+use crate::bus::{self, BusError, blocking, is_up};
+use crate::store::{RolloutId, RolloutState, Step};
+
+/// How often the loop steps the rollouts: a batch finishes or starts at most this late.
+pub const TICK: Duration = Duration::from_millis(250);
+/// The audit actor of steps (no API key makes them).
+pub const STEP_ACTOR: &str = "scheduler";
+
+/// The audit detail of a step.
+fn step_detail(step: &Step) -> serde_json::Value {
+    match step {
+        Step::Idle => json!({}),
+        Step::Started { task_id, nodes, .. } => {
+            json!({"step": "batch_started", "task_id": task_id, "nodes": nodes.len()})
+        }
+        Step::Finished { outcome, state, .. } => json!({
+            "step": "batch_finished",
+            "batch": outcome.index,
+            "task_id": outcome.task_id,
+            "succeeded": outcome.succeeded,
+            "failed": outcome.failed,
+            "unfinished": outcome.unfinished,
+            "state": state,
+        }),
+        Step::Halted(reason) => json!({"step": "halted", "reason": reason}),
+        Step::Completed => json!({"step": "completed"}),
+    }
+}
+
+/// Steps every unfinished rollout once at `now_ms` (public so tests can drive it).
+pub async fn tick(shared: &Shared, now: u64) -> Result<(), BusError> {
+    let active = blocking(shared, |store| store.active_rollouts()).await?;
+    for id in active {
+        // One rollout failing (a full disk, say) does not hold up the others.
+        if let Err(e) = step(shared, id, now).await {
+            shared.metrics.bus_errors.inc();
+            tracing::warn!(rollout = id, error = %e, "Rollout step failed.");
+        }
+    }
+    Ok(())
+}
+
+/// One step of rollout `id`, and its dispatches and cancels.
+async fn step(shared: &Shared, id: RolloutId, now: u64) -> Result<(), BusError> {
+    let (step, entry, up, state) = blocking(shared, move |store| {
+        let (step, entry) = store.step_rollout(id, now, |record, step| audit::NewAuditEntry {
+            actor: STEP_ACTOR.to_owned(),
+            action: audit::ROLLOUT_STEP.to_owned(),
+            target: format!("rollout/{}", record.id),
+            detail: step_detail(step),
+            trace_id: None,
+        })?;
+        let mut up = Vec::new();
+        if let Step::Started { nodes, .. } = &step {
+            for node in nodes {
+                if store.agent(node)?.is_some_and(|a| is_up(a.state)) {
+                    up.push(node.clone());
+                }
+            }
+        }
+        let state = store.rollout(id)?.map(|r| r.state);
+        Ok((step, entry, up, state))
+    })
+    .await?;
+    if let Some(entry) = &entry {
+        audit::log(entry);
+    }
+    match step {
+        Step::Idle => {}
+        Step::Started {
+            task_id,
+            spec,
+            nodes,
+        } => {
+            shared.metrics.rollout_batches.inc();
+            shared.metrics.tasks_created.inc();
+            tracing::info!(
+                rollout = id,
+                task_id,
+                nodes = nodes.len(),
+                up = up.len(),
+                "Rollout batch started."
+            );
+            if let Err(e) = bus::dispatch_many(shared, task_id, &spec, up).await {
+                tracing::warn!(rollout = id, task_id, error = %e, "Dispatch failed.");
+            }
+        }
+        Step::Finished {
+            outcome, cancelled, ..
+        } => {
+            tracing::info!(
+                rollout = id,
+                batch = outcome.index,
+                succeeded = outcome.succeeded,
+                failed = outcome.failed,
+                unfinished = outcome.unfinished,
+                state = ?state,
+                "Rollout batch finished."
+            );
+            if state == Some(RolloutState::Halted) {
+                shared.metrics.rollout_halts.inc();
+                tracing::warn!(rollout = id, "Rollout halted by its failure threshold.");
+            }
+            cancel(shared, outcome.task_id, &cancelled).await;
+        }
+        Step::Halted(reason) => {
+            shared.metrics.rollout_halts.inc();
+            tracing::warn!(rollout = id, %reason, "Rollout halted.");
+        }
+        Step::Completed => tracing::info!(rollout = id, "Rollout completed."),
+    }
+    Ok(())
+}
+
+/// Tells the agents of `nodes` that `task_id` is cancelled (their targets already are).
+pub async fn cancel(shared: &Shared, task_id: u64, nodes: &[messages::UserId]) {
+    for node in nodes {
+        if let Err(e) = bus::push(
+            shared,
+            node,
+            fleet::down::CANCEL,
+            &fleet::Cancel { task_id },
+            None,
+        )
+        .await
+        {
+            tracing::warn!(%node, task_id, error = %e, "Pushing a cancel failed.");
+        }
+    }
+}
+
+/// Every [`TICK`], steps the rollouts, until `shared` is dropped (the active phase ended).
+pub async fn run(shared: Weak<Shared>) {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        interval.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
+        if let Err(e) = tick(&shared, now_ms()).await {
+            shared.metrics.bus_errors.inc();
+            tracing::warn!(error = %e, "Rollout pass failed.");
+        }
+    }
+}

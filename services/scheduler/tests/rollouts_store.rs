@@ -1,0 +1,403 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Staged rollouts in the store against real redb files: stage planning, batches that go
+//! out in rollout order exactly once (also after the file is reopened, as a standby taking
+//! over would), the failure threshold halting mid-stage, promote, resume after a halt,
+//! batch deadlines, and abort, each step audited.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use messages::UserId;
+use scheduler::store::{
+    AgentRecord, AgentState, Control, NewAuditEntry, NewRollout, ResultBody, RolloutRecord,
+    RolloutState, RolloutTask, Size, StagePlan, Step, Store, StoreError, Targets, TaskKind,
+    plan_stages,
+};
+use serde_json::json;
+
+const T0: u64 = 1_767_225_600_000;
+
+fn node(s: &str) -> UserId {
+    UserId::new(s).unwrap()
+}
+
+fn agent(id: &str) -> AgentRecord {
+    AgentRecord {
+        node_id: node(id),
+        hostname: id.into(),
+        version: "0.1.0".into(),
+        labels: [("fleet".to_owned(), "edge".to_owned())].into(),
+        addresses: vec![],
+        registered_at_ms: T0,
+        last_seen_ms: T0,
+        state: AgentState::Online,
+    }
+}
+
+fn fleet(store: &Store, n: usize) {
+    for i in 0..n {
+        store.upsert_agent(&agent(&format!("n{i:03}"))).unwrap();
+    }
+}
+
+fn entry(what: &str) -> NewAuditEntry {
+    NewAuditEntry {
+        actor: "ops".into(),
+        action: what.into(),
+        target: "rollout".into(),
+        detail: json!({}),
+        trace_id: None,
+    }
+}
+
+fn new_rollout(stages: Vec<StagePlan>, batch: Option<Size>, max_failure_percent: u8) -> NewRollout {
+    NewRollout {
+        task: RolloutTask {
+            kind: TaskKind::Command {
+                argv: vec!["true".into()],
+                env: BTreeMap::new(),
+                cwd: None,
+                timeout_ms: 1_000,
+            },
+            timeout_ms: 5_000,
+            max_attempts: 1,
+        },
+        targets: Targets::Selector([("fleet".to_owned(), "edge".to_owned())].into()),
+        stages,
+        batch,
+        pause_ms: 1_000,
+        max_failure_percent,
+        batch_timeout_ms: 60_000,
+        auto_promote: false,
+        created_by: "ops".into(),
+    }
+}
+
+fn stage(name: &str, size: Size) -> StagePlan {
+    StagePlan {
+        name: name.into(),
+        size,
+    }
+}
+
+fn step(store: &Store, id: u64, at: u64) -> Step {
+    store
+        .step_rollout(id, at, |_, _| entry("rollout.step"))
+        .unwrap()
+        .0
+}
+
+fn get(store: &Store, id: u64) -> RolloutRecord {
+    store.rollout(id).unwrap().unwrap()
+}
+
+/// The agent's answer for one target.
+fn answer(store: &Store, task: u64, n: &UserId, ok: bool) {
+    store.mark_dispatched(task, n, T0).unwrap();
+    let body = ResultBody {
+        exit_code: Some(if ok { 0 } else { 1 }),
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+        error: None,
+        latency_ms: None,
+        finished_at_ms: T0,
+        output_chunks: 0,
+    };
+    store
+        .record_result(&format!("m-{task}-{n}"), task, n, &body)
+        .unwrap();
+}
+
+fn started(step: Step) -> (u64, Vec<UserId>) {
+    match step {
+        Step::Started { task_id, nodes, .. } => (task_id, nodes),
+        other => panic!("expected a batch to start, got {other:?}"),
+    }
+}
+
+#[test]
+fn stages_are_cumulative_rounded_up_and_checked() {
+    let plans = vec![
+        stage("pilot", Size::Percent(1)),
+        stage("gray", Size::Percent(20)),
+        stage("full", Size::Percent(100)),
+    ];
+    let s = plan_stages(&plans, 10_000, Some(Size::Percent(10)), 5).unwrap();
+    let spans: Vec<_> = s.iter().map(|s| (s.start, s.end, s.batch)).collect();
+    assert_eq!(
+        spans,
+        vec![(0, 100, 10), (100, 2_000, 190), (2_000, 10_000, 800)]
+    );
+    assert_eq!(s[1].allowed_failures, 95);
+    // A pilot of 1% of 3 nodes is still one node.
+    let s = plan_stages(&plans, 3, None, 0).unwrap();
+    assert_eq!((s[0].start, s[0].end, s[0].batch), (0, 1, 1));
+    assert_eq!((s[2].start, s[2].end), (1, 3));
+    // Sizes go down: refused, with a reason.
+    let bad = vec![stage("a", Size::Count(50)), stage("b", Size::Count(10))];
+    assert!(
+        plan_stages(&bad, 100, None, 0)
+            .unwrap_err()
+            .contains("cumulative")
+    );
+    assert!(plan_stages(&[stage("bad name!", Size::Count(1))], 5, None, 0).is_err());
+    assert!(plan_stages(&[], 5, None, 0).is_err());
+    assert_eq!(Size::parse("10%"), Ok(Size::Percent(10)));
+    assert_eq!(Size::parse(" 25 "), Ok(Size::Count(25)));
+    for bad in ["0", "0%", "101%", "-1", "x", ""] {
+        assert!(Size::parse(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn batches_go_out_in_order_once_with_pauses_and_a_promote_between_stages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = Store::open(&path).unwrap();
+    fleet(&store, 10);
+    let new = new_rollout(
+        vec![
+            stage("pilot", Size::Count(2)),
+            stage("full", Size::Percent(100)),
+        ],
+        Some(Size::Count(4)),
+        0,
+    );
+    let (rec, _) = store
+        .create_rollout(&new, T0, |_| entry("rollout.create"))
+        .unwrap();
+    let id = rec.id;
+    let order = store.rollout_nodes(id).unwrap();
+    assert_eq!(order.len(), 10);
+    assert_eq!(
+        order.iter().collect::<BTreeSet<_>>().len(),
+        10,
+        "every target once"
+    );
+    assert_ne!(
+        order,
+        {
+            let mut sorted = order.clone();
+            sorted.sort();
+            sorted
+        },
+        "the order is spread, not alphabetical (fails with probability 1/10!)"
+    );
+
+    // Pilot: one batch of two.
+    let (task, nodes) = started(step(&store, id, T0));
+    assert_eq!(nodes, order[0..2]);
+    // Nothing more until the batch is done.
+    assert_eq!(step(&store, id, T0 + 10), Step::Idle);
+    for n in &nodes {
+        answer(&store, task, n, true);
+    }
+    match step(&store, id, T0 + 20) {
+        Step::Finished { outcome, state, .. } => {
+            assert_eq!((outcome.succeeded, outcome.failed), (2, 0));
+            assert_eq!(state, RolloutState::AwaitingPromotion);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Waits for the operator, however long.
+    assert_eq!(step(&store, id, T0 + 3_600_000), Step::Idle);
+    store
+        .control_rollout(id, Control::Promote, T0 + 30, |_| entry("rollout.control"))
+        .unwrap();
+
+    // Reopened, as a standby that takes over would: the plan and progress are on disk.
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    let mut seen: Vec<UserId> = nodes;
+    let mut at = T0 + 40;
+    let mut batches = 0;
+    loop {
+        match step(&store, id, at) {
+            Step::Started { task_id, nodes, .. } => {
+                batches += 1;
+                assert!(nodes.len() <= 4);
+                for n in &nodes {
+                    answer(&store, task_id, n, true);
+                }
+                seen.extend(nodes);
+            }
+            Step::Finished { state, .. } => {
+                if state == RolloutState::Completed {
+                    break;
+                }
+                // The pause: no batch starts before it is over.
+                assert_eq!(step(&store, id, at + 1), Step::Idle);
+            }
+            Step::Idle => {}
+            other => panic!("{other:?}"),
+        }
+        at += 1_000;
+        assert!(at < T0 + 60_000, "rollout did not finish");
+    }
+    assert_eq!(batches, 2, "8 nodes in batches of 4");
+    assert_eq!(seen, order, "each target exactly once, in rollout order");
+    let rec = get(&store, id);
+    assert_eq!(rec.state, RolloutState::Completed);
+    assert_eq!(rec.done(), (10, 0));
+    assert_eq!(rec.history.len(), 3);
+    assert!(store.active_rollouts().unwrap().is_empty());
+    // Steps of a finished rollout do nothing; controls are refused.
+    assert_eq!(step(&store, id, at + 10_000), Step::Idle);
+    assert!(matches!(
+        store.control_rollout(id, Control::Resume, at, |_| entry("x")),
+        Err(StoreError::RolloutConflict { .. })
+    ));
+}
+
+#[test]
+fn a_stage_over_its_threshold_halts_mid_batch_and_resume_accepts_the_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    fleet(&store, 20);
+    // One stage of 20, batches of 5, 10% (2 failures) tolerated.
+    let mut new = new_rollout(
+        vec![stage("full", Size::Percent(100))],
+        Some(Size::Count(5)),
+        10,
+    );
+    new.pause_ms = 0;
+    let (rec, _) = store.create_rollout(&new, T0, |_| entry("c")).unwrap();
+    let id = rec.id;
+    let (task, nodes) = started(step(&store, id, T0));
+    answer(&store, task, &nodes[0], false);
+    answer(&store, task, &nodes[1], false);
+    // Two failures: at the threshold, not over it; the batch is still running.
+    assert_eq!(step(&store, id, T0 + 1), Step::Idle);
+    answer(&store, task, &nodes[2], false);
+    // The third failure halts at once: no new batch, but the batch in flight finishes.
+    match step(&store, id, T0 + 2) {
+        Step::Halted(reason) => assert!(reason.contains("3 of 20"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(get(&store, id).state, RolloutState::Halted);
+    assert_eq!(step(&store, id, T0 + 3), Step::Idle);
+    answer(&store, task, &nodes[3], true);
+    answer(&store, task, &nodes[4], false);
+    match step(&store, id, T0 + 4) {
+        Step::Finished { outcome, state, .. } => {
+            assert_eq!(state, RolloutState::Halted);
+            assert_eq!(
+                (outcome.succeeded, outcome.failed, outcome.unfinished),
+                (1, 4, 0)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let rec = get(&store, id);
+    assert!(
+        rec.reason.as_deref().unwrap().contains("4 of 20"),
+        "{:?}",
+        rec.reason
+    );
+    // Halted: nothing starts.
+    assert_eq!(step(&store, id, T0 + 100_000), Step::Idle);
+    // Promote is not for halts.
+    assert!(matches!(
+        store.control_rollout(id, Control::Promote, T0, |_| entry("x")),
+        Err(StoreError::RolloutConflict { .. })
+    ));
+    // Resume: the 4 failures are accepted; the next batch goes out, and the
+    // threshold applies afresh to what follows.
+    store
+        .control_rollout(id, Control::Resume, T0 + 200_000, |_| entry("r"))
+        .unwrap();
+    let (task2, nodes2) = started(step(&store, id, T0 + 200_001));
+    assert!(
+        nodes2.iter().all(|n| !nodes.contains(n)),
+        "no batch repeated"
+    );
+    for n in &nodes2 {
+        answer(&store, task2, n, true);
+    }
+    match step(&store, id, T0 + 200_002) {
+        Step::Finished { state, .. } => assert_eq!(state, RolloutState::Running),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_batch_past_its_deadline_counts_agents_that_did_not_answer_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    fleet(&store, 4);
+    let mut new = new_rollout(vec![stage("full", Size::Percent(100))], None, 50);
+    new.batch_timeout_ms = 10_000;
+    let (rec, _) = store.create_rollout(&new, T0, |_| entry("c")).unwrap();
+    let (task, nodes) = started(step(&store, rec.id, T0));
+    answer(&store, task, &nodes[0], true);
+    // One agent took the task and went quiet; two never got it (offline).
+    store.mark_dispatched(task, &nodes[1], T0).unwrap();
+    assert_eq!(step(&store, rec.id, T0 + 9_999), Step::Idle);
+    match step(&store, rec.id, T0 + 10_000) {
+        Step::Finished {
+            outcome,
+            state,
+            cancelled,
+        } => {
+            assert_eq!((outcome.succeeded, outcome.unfinished), (1, 3));
+            // 3 of 4 failed, 2 tolerated.
+            assert_eq!(state, RolloutState::Halted);
+            // The in-flight one is told to stop; the pending ones never left the store.
+            assert_eq!(cancelled, vec![nodes[1].clone()]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn abort_cancels_the_batch_in_flight_and_ends_the_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    fleet(&store, 6);
+    let new = new_rollout(
+        vec![stage("full", Size::Percent(100))],
+        Some(Size::Count(3)),
+        0,
+    );
+    let (rec, _) = store.create_rollout(&new, T0, |_| entry("c")).unwrap();
+    let (task, nodes) = started(step(&store, rec.id, T0));
+    store.mark_dispatched(task, &nodes[0], T0).unwrap();
+    store
+        .control_rollout(rec.id, Control::Pause, T0 + 1, |_| entry("p"))
+        .unwrap();
+    let (controlled, _) = store
+        .control_rollout(rec.id, Control::Abort, T0 + 2, |_| entry("a"))
+        .unwrap();
+    assert_eq!(controlled.record.state, RolloutState::Aborted);
+    assert_eq!(controlled.cancelled, Some((task, vec![nodes[0].clone()])));
+    assert!(store.active_rollouts().unwrap().is_empty());
+    assert_eq!(step(&store, rec.id, T0 + 100_000), Step::Idle);
+    assert!(matches!(
+        store.control_rollout(rec.id, Control::Abort, T0 + 3, |_| entry("a")),
+        Err(StoreError::RolloutConflict { .. })
+    ));
+    assert!(matches!(
+        store.control_rollout(99, Control::Abort, T0 + 3, |_| entry("a")),
+        Err(StoreError::UnknownRollout(99))
+    ));
+    // Every step and control is in the audit log.
+    let actions: Vec<String> = store
+        .audit(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(actions, ["c", "rollout.step", "p", "a"]);
+}
+
+#[test]
+fn a_rollout_with_no_matching_agent_is_refused_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    let new = new_rollout(vec![], None, 0);
+    assert!(matches!(
+        store.create_rollout(&new, T0, |_| entry("c")),
+        Err(StoreError::NoTargets)
+    ));
+    assert!(store.rollouts().unwrap().is_empty());
+    assert!(store.audit(0, 10).unwrap().is_empty());
+}
