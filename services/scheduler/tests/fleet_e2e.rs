@@ -1142,3 +1142,119 @@ async fn an_every_second_schedule_fires_once_per_period_and_runs_on_a_real_agent
     let _ = us.join().await;
     fleet.stop().await;
 }
+
+/// A staged rollout on real agents with schedctl: the pilot runs on one agent and waits for
+/// promotion, promote finishes it; a failing command halts in the pilot, a read-only key
+/// cannot promote, and abort ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_waits_for_promotion_and_halts_on_failures_with_schedctl() {
+    let fleet = Fleet::start("gw-rollout").await;
+    let api = fleet.sched.addr();
+    let mut agents = Vec::new();
+    for n in ["ro-1", "ro-2", "ro-3"] {
+        agents.push(fleet.agent(n, "eu").await);
+    }
+    let ctl = move |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            schedctl(api, KEY, &args)
+        })
+    };
+    let (code, out) = ctl(&[
+        "--json",
+        "rollout",
+        "start",
+        "--selector",
+        "region=eu",
+        "--stages",
+        "pilot=1,full=100%",
+        "--",
+        "echo",
+        "rolled",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["rollout_id"]
+        .as_u64()
+        .unwrap();
+    let path = format!("/v1/rollouts/{id}");
+    let v = eventually(api, &path, |v| v["state"] == "awaiting_promotion").await;
+    assert_eq!(v["stages"][0]["succeeded"], 1, "{v}");
+    assert_eq!(v["started"], 1, "only the pilot ran: {v}");
+    // The table view shows the stages and their progress.
+    let (code, out) = ctl(&["rollout", "status", &id.to_string()]).await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("awaiting_promotion") && out.contains("pilot"),
+        "{out}"
+    );
+    assert!(out.contains("[####################] 1/1"), "{out}");
+    // A read-only key sees it and cannot promote it.
+    let r = http::post_json(api, &format!("{path}/promote"), READ_KEY, &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{:?}", r.json());
+    let (code, out) = ctl(&["rollout", "promote", &id.to_string()]).await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    let v = eventually(api, &path, |v| v["state"] == "completed").await;
+    assert_eq!(v["succeeded"], 3, "{v}");
+    let task = v["history"][1]["task_id"].as_u64().unwrap();
+    let t = eventually(api, &format!("/v1/tasks/{task}"), |t| {
+        t["targets"].as_object().is_some_and(|m| m.len() == 2)
+    })
+    .await;
+    assert!(
+        t["results"][0]["body"]["stdout_tail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rolled"),
+        "{t}"
+    );
+
+    // A command that fails halts in the pilot; promote is refused (409), abort ends it.
+    let (code, out) = ctl(&[
+        "--json",
+        "rollout",
+        "start",
+        "--selector",
+        "region=eu",
+        "--stages",
+        "pilot=1,full=100%",
+        "--max-failure-percent",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["rollout_id"]
+        .as_u64()
+        .unwrap();
+    let path = format!("/v1/rollouts/{id}");
+    let v = eventually(api, &path, |v| v["state"] == "halted").await;
+    assert!(v["reason"].as_str().unwrap().contains("1 of 1"), "{v}");
+    assert_eq!(v["started"], 1, "nothing beyond the pilot: {v}");
+    let r = http::post_json(api, &format!("{path}/promote"), KEY, &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 409, "{:?}", r.json());
+    let (code, out) = ctl(&["rollout", "abort", &id.to_string()]).await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("aborted"), "{out}");
+    let (code, out) = ctl(&["rollout", "list"]).await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("completed") && out.contains("aborted"),
+        "{out}"
+    );
+    for mut a in agents {
+        a.stop();
+        let _ = a.join().await;
+    }
+    fleet.stop().await;
+}

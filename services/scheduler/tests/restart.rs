@@ -599,3 +599,114 @@ async fn a_schedule_fires_each_period_once_across_a_kill_9_failover() {
     assert!(fired.windows(2).all(|w| w[0].0 < w[1].0), "{fired:?}");
     c.shutdown().await.unwrap();
 }
+
+/// The `rollout.step` audit entries: (step, task id).
+async fn rollout_steps(api: SocketAddr) -> Vec<(String, u64)> {
+    let v = http::get(api, "/v1/audit?limit=1000", KEY)
+        .await
+        .unwrap()
+        .json();
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "rollout.step")
+        .map(|e| {
+            (
+                e["detail"]["step"].as_str().unwrap_or_default().to_owned(),
+                e["detail"]["task_id"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rollout_neither_repeats_nor_skips_a_batch_across_a_kill_9_failover() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.redb");
+    let mut a = Process::start(&url, &db, "sched-a", 30_000);
+    wait_status(a.addr, "/readyz", 200).await;
+    let b = scheduler::spawn(
+        config(&url, &db, "sched-b"),
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+    )
+    .unwrap();
+    wait_status(b.addr(), "/readyz", 503).await;
+
+    let bus = async_nats::connect(url.as_str()).await.unwrap();
+    let nodes: Vec<String> = (0..8).map(|i| format!("roll-{i}")).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        register(&bus, n, 700 + i as u64).await;
+    }
+    for n in &nodes {
+        eventually(a.addr, &format!("/v1/agents/{n}"), |v| {
+            v["state"] == "online"
+        })
+        .await;
+    }
+    // Batches of one that close at their 400 ms deadline (the fake agents never answer);
+    // 100% tolerated, so it runs to the end: 8 batches, about 3 s.
+    let r = http::post_json(
+        a.addr,
+        "/v1/rollouts",
+        KEY,
+        &json!({
+            "targets": {"labels": {"region": "eu"}},
+            "spec": {"kind": "command", "argv": ["uptime"]},
+            "stages": [{"name": "full", "size": "100%"}],
+            "batch": 1,
+            "batch_timeout_ms": 400,
+            "max_failure_percent": 100
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let id = r.json()["rollout_id"].as_u64().unwrap();
+    let path = format!("/v1/rollouts/{id}");
+    // Kill A just after it started its third batch.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = http::get(a.addr, &path, KEY).await.unwrap().json();
+        if v["batches_started"].as_u64() >= Some(3) {
+            a.kill_9();
+            break;
+        }
+        assert!(Instant::now() < deadline, "no third batch in time");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // B takes over and finishes it.
+    wait_status(b.addr(), "/readyz", 200).await;
+    let v = eventually(b.addr(), &path, |v| v["state"] == "completed").await;
+    assert_eq!(v["batches_started"], 8, "{v}");
+    assert_eq!(v["history"].as_array().unwrap().len(), 8, "{v}");
+    let steps = rollout_steps(b.addr()).await;
+    let started: Vec<u64> = steps
+        .iter()
+        .filter(|(s, _)| s == "batch_started")
+        .map(|(_, t)| *t)
+        .collect();
+    let finished: Vec<u64> = steps
+        .iter()
+        .filter(|(s, _)| s == "batch_finished")
+        .map(|(_, t)| *t)
+        .collect();
+    assert_eq!(started.len(), 8, "{steps:?}");
+    assert_eq!(finished, started, "each batch finished once, in order");
+    // Every target in exactly one batch task.
+    let mut targeted = Vec::new();
+    for task in &started {
+        let t = http::get(b.addr(), &format!("/v1/tasks/{task}"), KEY)
+            .await
+            .unwrap()
+            .json();
+        let targets = t["targets"].as_object().unwrap();
+        assert_eq!(targets.len(), 1, "{t}");
+        targeted.extend(targets.keys().cloned());
+    }
+    targeted.sort();
+    assert_eq!(targeted, nodes, "each node once");
+    b.shutdown().await.unwrap();
+}

@@ -12,6 +12,9 @@
 //! schedctl config set app.conf --file app.conf --selector region=eu --validate 'sh -n {file}'
 //! schedctl config status app.conf
 //! schedctl config rollback app.conf --to 1
+//! schedctl rollout start --selector role=edge --batch 10% --pause-secs 30 -- /opt/upgrade.sh
+//! schedctl rollout status 3
+//! schedctl rollout promote 3
 //! ```
 //! The key (`SCHEDULER_API_KEY`) is one secret of the scheduler's `SCHEDULER_API_KEYS`: a
 //! read-scope key can list and show, creating and cancelling need an operator key.
@@ -139,6 +142,11 @@ enum Command {
         #[command(subcommand)]
         command: ScheduleCommand,
     },
+    /// Staged rollouts of a command: start, list, status, promote, pause, resume, abort.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Show the audit log: who created, cancelled or revoked what, oldest first.
     Audit {
         /// Only entries after this sequence number.
@@ -246,6 +254,72 @@ enum ScheduleCommand {
     /// Resume a paused schedule (periods missed while paused are not fired).
     Resume {
         /// Schedule id.
+        id: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Start a rollout: `schedctl rollout start --selector role=edge --stages pilot=1%,gray=20%,full=100% --batch 10% -- /opt/upgrade.sh`.
+    Start {
+        /// Target these node ids (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Target agents with these labels (`k=v`, comma-separated or repeated).
+        #[arg(long, value_delimiter = ',')]
+        selector: Vec<String>,
+        /// Cumulative stages, `name=size` comma-separated, a size being a count or a
+        /// percentage of the targets [default: pilot=1%,gray=20%,full=100%].
+        #[arg(long, value_delimiter = ',')]
+        stages: Vec<String>,
+        /// Nodes per batch within a stage: a count or a percentage of the stage
+        /// [default: the whole stage].
+        #[arg(long)]
+        batch: Option<String>,
+        /// Seconds between batches.
+        #[arg(long, default_value_t = 0)]
+        pause_secs: u64,
+        /// Failures a stage tolerates, percent of its nodes; one more halts the rollout.
+        #[arg(long, default_value_t = 5)]
+        max_failure_percent: u8,
+        /// Seconds a batch may take; targets not finished by then count as failed.
+        #[arg(long)]
+        batch_timeout_secs: Option<u64>,
+        /// Go on to the next stage without `promote`.
+        #[arg(long)]
+        auto_promote: bool,
+        /// Per-attempt timeout, ms.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Program and arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// List rollouts.
+    List,
+    /// Show a rollout: its stages with progress, the batch in flight, why it halted.
+    Status {
+        /// Rollout id.
+        id: u64,
+    },
+    /// Start the next stage of a rollout waiting for promotion.
+    Promote {
+        /// Rollout id.
+        id: u64,
+    },
+    /// Pause: the batch in flight finishes, no new one starts.
+    Pause {
+        /// Rollout id.
+        id: u64,
+    },
+    /// Resume a paused or halted rollout (a halted stage's failures so far are accepted).
+    Resume {
+        /// Rollout id.
+        id: u64,
+    },
+    /// Abort: cancel the batch in flight and stop for good.
+    Abort {
+        /// Rollout id.
         id: u64,
     },
 }
@@ -453,6 +527,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Config { command } => config(&api, cli.json, command),
         Command::Schedule { command } => schedule(&api, cli.json, command),
+        Command::Rollout { command } => rollout(&api, cli.json, command),
         Command::Audit { since, limit } => {
             let v = api.get(&format!("/v1/audit?since={since}&limit={limit}"))?;
             if cli.json {
@@ -719,6 +794,168 @@ fn schedule(api: &Api, as_json: bool, command: &ScheduleCommand) -> Result<(), F
         println!("last error: {e}");
     }
     Ok(())
+}
+
+fn rollout(api: &Api, as_json: bool, command: &RolloutCommand) -> Result<(), Failure> {
+    let v = match command {
+        RolloutCommand::Start {
+            nodes,
+            selector,
+            stages,
+            batch,
+            pause_secs,
+            max_failure_percent,
+            batch_timeout_secs,
+            auto_promote,
+            timeout_ms,
+            argv,
+        } => {
+            let targets = match (nodes.is_empty(), selector.is_empty()) {
+                (false, true) => json!({"nodes": nodes}),
+                (true, false) => json!({"labels": label_map(selector)?}),
+                _ => return Err(Failure::Usage("give either --nodes or --selector".into())),
+            };
+            let mut body = json!({
+                "targets": targets,
+                "spec": {"kind": "command", "argv": argv},
+                "pause_ms": pause_secs.saturating_mul(1000),
+                "max_failure_percent": max_failure_percent,
+                "auto_promote": auto_promote,
+            });
+            if !stages.is_empty() {
+                let mut list = Vec::new();
+                for s in stages {
+                    let Some((name, size)) = s.split_once('=') else {
+                        return Err(Failure::Usage(format!(
+                            "stage {s:?}: write name=size, e.g. pilot=1% or gray=200"
+                        )));
+                    };
+                    list.push(json!({"name": name, "size": size}));
+                }
+                body["stages"] = json!(list);
+            }
+            if let Some(b) = batch {
+                body["batch"] = json!(b);
+            }
+            if let Some(t) = batch_timeout_secs {
+                body["batch_timeout_ms"] = json!(t.saturating_mul(1000));
+            }
+            if let Some(t) = timeout_ms {
+                body["timeout_ms"] = json!(t);
+            }
+            api.post("/v1/rollouts", &body)?
+        }
+        RolloutCommand::List => {
+            let v = api.get("/v1/rollouts")?;
+            if as_json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["rollouts"]
+                .as_array()
+                .map(|a| a.iter().map(rollout_row).collect())
+                .unwrap_or_default();
+            print_table(ROLLOUT_HEADERS, &rows);
+            return Ok(());
+        }
+        RolloutCommand::Status { id } => api.get(&format!("/v1/rollouts/{id}"))?,
+        RolloutCommand::Promote { id } => {
+            api.post(&format!("/v1/rollouts/{id}/promote"), &json!({}))?
+        }
+        RolloutCommand::Pause { id } => {
+            api.post(&format!("/v1/rollouts/{id}/pause"), &json!({}))?
+        }
+        RolloutCommand::Resume { id } => {
+            api.post(&format!("/v1/rollouts/{id}/resume"), &json!({}))?
+        }
+        RolloutCommand::Abort { id } => {
+            api.post(&format!("/v1/rollouts/{id}/abort"), &json!({}))?
+        }
+    };
+    if as_json {
+        return print_json(&v);
+    }
+    print_rollout(&v);
+    Ok(())
+}
+
+const ROLLOUT_HEADERS: &[&str] = &["ROLLOUT", "STATE", "STAGE", "PROGRESS", "FAILED", "COMMAND"];
+
+fn rollout_row(r: &Value) -> Vec<String> {
+    vec![
+        text(&r["rollout_id"]),
+        text(&r["state"]),
+        text(&r["stage"]),
+        format!("{}/{}", text(&r["started"]), text(&r["total"])),
+        text(&r["failed"]),
+        r["task"]["spec"]["argv"]
+            .as_array()
+            .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| text(&r["task"]["spec"]["kind"])),
+    ]
+}
+
+/// A progress bar of `done` out of `total`, 20 cells wide.
+fn bar(done: u64, total: u64) -> String {
+    let cells = done
+        .saturating_mul(20)
+        .checked_div(total)
+        .map_or(20, |c| usize::try_from(c).unwrap_or(20));
+    format!(
+        "[{}{}]",
+        "#".repeat(cells.min(20)),
+        ".".repeat(20 - cells.min(20))
+    )
+}
+
+fn print_rollout(v: &Value) {
+    print_table(ROLLOUT_HEADERS, &[rollout_row(v)]);
+    if let Some(reason) = v["reason"].as_str() {
+        println!("reason: {reason}");
+    }
+    println!();
+    let mut rows = Vec::new();
+    for s in v["stages"].as_array().into_iter().flatten() {
+        let nodes = s["nodes"].as_u64().unwrap_or(0);
+        let done = s["succeeded"].as_u64().unwrap_or(0) + s["failed"].as_u64().unwrap_or(0);
+        rows.push(vec![
+            format!(
+                "{}{}",
+                if s["current"] == Value::Bool(true) {
+                    "> "
+                } else {
+                    "  "
+                },
+                text(&s["name"])
+            ),
+            text(&s["size"]),
+            format!("{} {done}/{nodes}", bar(done, nodes)),
+            text(&s["succeeded"]),
+            format!(
+                "{} (tolerates {})",
+                text(&s["failed"]),
+                text(&s["allowed_failures"])
+            ),
+        ]);
+    }
+    print_table(&["STAGE", "SIZE", "PROGRESS", "SUCCEEDED", "FAILED"], &rows);
+    if let Some(b) = v["batch"].as_object() {
+        let states = b
+            .get("states")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, n)| format!("{k}={}", text(n)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        println!(
+            "\nbatch {} in flight: {} nodes, task {} {states}",
+            b.get("index").map(text).unwrap_or_default(),
+            b.get("nodes").map(text).unwrap_or_default(),
+            b.get("task_id").map(text).unwrap_or_default(),
+        );
+    }
 }
 
 const SCHEDULE_HEADERS: &[&str] = &[
