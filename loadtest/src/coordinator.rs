@@ -121,6 +121,26 @@ pub struct RunArgs {
     /// it); shows what those messages cost the scheduler.
     #[arg(long)]
     pub agent_skip_started: bool,
+    /// Fleet: instead of one task to all agents, one staged rollout of the command over
+    /// all of them (auto-promoted, no pause), polled until it completes or halts.
+    #[arg(long)]
+    pub rollout: bool,
+    /// Fleet rollout: stages, `name=size` comma-separated.
+    #[arg(long, default_value = "pilot=1%,gray=20%,full=100%")]
+    pub rollout_stages: String,
+    /// Fleet rollout: batch size, a count or a percentage of the stage.
+    #[arg(long, default_value = "10%")]
+    pub rollout_batch: String,
+    /// Fleet rollout: failures a stage tolerates, percent.
+    #[arg(long, default_value_t = 5)]
+    pub rollout_max_failure_percent: u8,
+    /// Fleet: this percentage of the simulated agents fails its tasks (exit code 1)...
+    #[arg(long, default_value_t = 0)]
+    pub agent_fail_percent: u8,
+    /// ...from the first batch after this rollout stage on (with `--rollout`; assumes a
+    /// fresh scheduler, whose task ids start at 1). Without it they fail every task.
+    #[arg(long)]
+    pub agent_fail_after_stage: Option<String>,
     /// Fleet: the task's timeout, ms.
     #[arg(long, default_value_t = 300_000)]
     pub task_timeout_ms: u64,
@@ -436,6 +456,17 @@ pub async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError> {
         watched,
     });
 
+    let fail_from_task = match &args.agent_fail_after_stage {
+        Some(stage) => crate::rollout::fail_from_task(
+            &args.rollout_stages,
+            &args.rollout_batch,
+            common.connections as u64,
+            stage,
+        )
+        .ok_or_else(|| format!("--agent-fail-after-stage {stage}: not one of --rollout-stages"))?,
+        None => 0,
+    };
+
     // Workers.
     let exe = std::env::current_exe()?;
     let per = common.connections / workers;
@@ -465,6 +496,8 @@ pub async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError> {
             churn_per_sec: args.churn,
             max_secs: args.max_secs + 30,
             skip_started: args.agent_skip_started,
+            fail_percent: args.agent_fail_percent,
+            fail_from_task,
         };
         first += count;
         let mut child = Command::new(&exe)
@@ -1133,6 +1166,38 @@ async fn fleet(run: &Run) -> Driven {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    if args.rollout {
+        let (extra, extra_rows) = crate::rollout::drive(crate::rollout::Plan {
+            addr,
+            key: &key,
+            stages: &args.rollout_stages,
+            batch: &args.rollout_batch,
+            max_failure_percent: args.rollout_max_failure_percent,
+            argv: args.command.split_whitespace().map(str::to_owned).collect(),
+            scheduler_pid: sched.as_ref().map(|w| w.pid),
+            deadline: Instant::now() + run.remaining(),
+        })
+        .await?;
+        let hb_pct = hb_cpu.map(|c| 100.0 * c / hb_secs.max(1e-3));
+        let mut summary = serde_json::json!({
+            "agents": open,
+            "agents_online_at_scheduler": online,
+            "connect_secs": open_secs,
+            "register_to_online_secs": registered_secs,
+            "scheduler_cpu_pct_heartbeat": hb_pct,
+            "scheduler_rss_kib_heartbeat_max": hb_rss_max,
+        });
+        if let (Some(s), Some(e)) = (summary.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        let mut rows = vec![Row::new(
+            "agents connected / online at scheduler",
+            format!("{open} / {online} ({registered_secs:.1} s to all online)"),
+        )];
+        rows.extend(extra_rows);
+        proc_rows(run, &mut summary, &mut rows, 0);
+        return Ok(Done::Ready(summary, rows));
+    }
     // The task.
     let task_cpu0 = sched.as_ref().and_then(|w| procfs::cpu_secs(w.pid));
     let argv: Vec<&str> = args.command.split_whitespace().collect();

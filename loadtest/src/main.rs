@@ -22,6 +22,7 @@ mod legacy;
 mod natsws;
 mod procfs;
 mod report;
+mod rollout;
 mod worker;
 
 use std::process::ExitCode;

@@ -80,6 +80,13 @@ pub struct WorkerSpec {
     /// always does); isolates what the started messages cost the scheduler.
     #[serde(default)]
     pub skip_started: bool,
+    /// Agents whose global index modulo 100 is below this fail their tasks (exit code 1)...
+    #[serde(default)]
+    pub fail_percent: u8,
+    /// ...from this task id on (0: every task). A staged-rollout run uses it to make
+    /// agents fail only after the pilot's batches (task ids are allocated in order).
+    #[serde(default)]
+    pub fail_from_task: u64,
 }
 
 /// One line a worker prints: counters are deltas since the previous line.
@@ -485,6 +492,13 @@ async fn session(
     kick: Option<&Notify>,
 ) -> End {
     let mut next_id = 1u64;
+    // The low 64 bits of `instance` are the connection's global index.
+    let global = u64::try_from(instance & u128::from(u64::MAX)).unwrap_or(0);
+    let behaviour = AgentBehaviour {
+        skip_started: spec.skip_started,
+        fail_from_task: (global % 100 < u64::from(spec.fail_percent))
+            .then_some(spec.fail_from_task),
+    };
     if spec.role == Role::Agent {
         let reg = Register {
             node_id: user.to_owned(),
@@ -547,7 +561,7 @@ async fn session(
                                 }
                                 Role::NatsWs => {}
                                 Role::Agent => {
-                                    if agent_push(&mut ws, &mut next_id, instance, next_result_seq, &frame, counters, spec.skip_started).await.is_err() {
+                                    if agent_push(&mut ws, &mut next_id, instance, next_result_seq, &frame, counters, behaviour).await.is_err() {
                                         break End::Lost;
                                     }
                                 }
@@ -645,8 +659,18 @@ async fn publish<T: Serialize>(
     Ok(())
 }
 
-/// The agent side of a push: a task is "run" at once (started, then a succeeded result
-/// with exit code 0); an ack counts the acknowledged result ids.
+/// How a simulated agent answers tasks.
+#[derive(Debug, Clone, Copy)]
+struct AgentBehaviour {
+    /// Send no `agent.task.started`.
+    skip_started: bool,
+    /// Fail tasks with this id or a later one (exit code 1).
+    fail_from_task: Option<u64>,
+}
+
+/// The agent side of a push: a task is "run" at once (started, then a result: succeeded
+/// with exit code 0, or failed with 1 when the behaviour says so); an ack counts the
+/// acknowledged result ids.
 async fn agent_push(
     ws: &mut Ws,
     next_id: &mut u64,
@@ -654,7 +678,7 @@ async fn agent_push(
     next_result_seq: &mut u64,
     frame: &Frame,
     counters: &Counters,
-    skip_started: bool,
+    behaviour: AgentBehaviour,
 ) -> Result<(), BoxError> {
     let codec = frame.flags.codec();
     // Scheduler pushes are signed envelopes; a simulated agent reads the message inside
@@ -669,21 +693,28 @@ async fn agent_push(
                 return Ok(());
             };
             counters.tasks.fetch_add(1, Ordering::Relaxed);
+            let fails = behaviour
+                .fail_from_task
+                .is_some_and(|from| task.task_id >= from);
             let now_ms = messages::headers::now_micros() / 1000;
             let started = TaskStarted {
                 task_id: task.task_id,
                 attempt: task.attempt,
                 at_ms: now_ms,
             };
-            if !skip_started {
+            if !behaviour.skip_started {
                 publish(ws, next_id, fleet::up::STARTED, &started).await?;
             }
             let result = TaskResult {
                 message_id: format!("{instance:032x}-{}", *next_result_seq),
                 task_id: task.task_id,
                 attempt: task.attempt,
-                outcome: Outcome::Succeeded,
-                exit_code: Some(0),
+                outcome: if fails {
+                    Outcome::Failed
+                } else {
+                    Outcome::Succeeded
+                },
+                exit_code: Some(i32::from(fails)),
                 stdout_tail: String::new(),
                 stderr_tail: String::new(),
                 error: None,
