@@ -297,11 +297,14 @@ export class Client extends EventTarget {
     if (this.state === 'closed') return Promise.reject(new RtError(0, 'client closed', 0n, 'closed'));
     return new Promise((resolve, reject) => {
       const send = () => {
+        // Ids come from the connection's own counter (section 13.3); the frame must go out
+        // on that same connection or not at all.
+        const ws = this.ws;
         const id = fireAndForget ? 0n : BigInt(this.nextId++);
         const step = async () => {
           const parts = prepare ? await prepare() : { codec: Codec.RAW, compressed: false, trace: null, body: undefined };
           const bytes = encodeFrame({ kind, msgId: id, route, ...parts });
-          if (this.state !== 'connected' || !this.ws) {
+          if (this.state !== 'connected' || !ws || this.ws !== ws) {
             throw new RtError(0, 'connection lost before the frame was sent', id, 'disconnected');
           }
           if (id !== 0n) {
@@ -310,7 +313,7 @@ export class Client extends EventTarget {
             }, this.options.requestTimeoutMs ?? 15000);
             this.pending.set(id, { resolve, reject, timer, onAck });
           }
-          this.ws.send(bytes);
+          ws.send(bytes);
           if (id === 0n) resolve(undefined);
         };
         this.sendChain = this.sendChain.then(step).catch(reject);
@@ -428,6 +431,7 @@ export class Client extends EventTarget {
   onWelcome(welcome) {
     const reconnected = this.welcome !== null;
     this.welcome = welcome;
+    this.nextId = 1;
     this.attempt = 0;
     this.reconnectAt = null;
     this.interval = welcome.heartbeat.baseMs;

@@ -371,7 +371,6 @@ function asMap(body) {
 export function readWelcome(body) {
   const m = asMap(body);
   const hb = asMap(m.heartbeat);
-  const server = m.server_time_ms;
   return {
     socketId: socketIdString(m.socket_id),
     userId: String(m.user_id),
@@ -384,7 +383,7 @@ export function readWelcome(body) {
       graceMs: u32(hb.grace_ms, 'heartbeat.grace_ms'),
     },
     maxBodyBytes: u32(m.max_body_bytes, 'max_body_bytes'),
-    serverTimeMs: typeof server === 'bigint' ? Number(server) : Number(server),
+    serverTimeMs: Number(m.server_time_ms),
   };
 }
 

@@ -144,3 +144,12 @@ export function hex(s) {
 export function toHex(bytes) {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join(' ');
 }
+
+/** Waits (real time, at most `ms`) until `cond()` holds; for steps that inflate or deflate. */
+export async function until(cond, ms = 2000) {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error('condition not met in time');
+    await tick();
+  }
+}
