@@ -499,14 +499,43 @@ function pipe(bytes, transform) {
 }
 
 /**
+ * A DEFLATE transform stream, or null where the runtime has no `deflate-raw` format
+ * (Node before 20.12/21.2 has the streams but not that format).
+ * @param {'CompressionStream' | 'DecompressionStream'} which
+ * @returns {TransformStream<Uint8Array, Uint8Array> | null}
+ */
+function deflateStream(which) {
+  try {
+    return new globalThis[which]('deflate-raw');
+  } catch {
+    return null;
+  }
+}
+
+/** node:zlib, for Node versions without a `deflate-raw` stream; never reached in browsers. */
+async function nodeZlib() {
+  // A variable specifier keeps bundlers from trying to resolve a Node module for browsers.
+  const name = 'node:zlib';
+  return import(name);
+}
+
+/**
  * Inflates a raw DEFLATE body (RFC 1951, section 3), refusing to produce more than
  * `limit` bytes.
  * @param {Uint8Array} bytes
  * @param {number} [limit]
  * @returns {Promise<Uint8Array>}
  */
-export function inflateRaw(bytes, limit = 16 * 1024 * 1024) {
-  return collect(pipe(bytes, new DecompressionStream('deflate-raw')), limit);
+export async function inflateRaw(bytes, limit = 16 * 1024 * 1024) {
+  const stream = deflateStream('DecompressionStream');
+  if (stream) return collect(pipe(bytes, stream), limit);
+  const zlib = await nodeZlib();
+  try {
+    return new Uint8Array(zlib.inflateRawSync(bytes, { maxOutputLength: limit }));
+  } catch (e) {
+    if (e && e.code === 'ERR_BUFFER_TOO_LARGE') throw new RangeError(`inflated body exceeds ${limit} bytes`);
+    throw e;
+  }
 }
 
 /**
@@ -514,6 +543,9 @@ export function inflateRaw(bytes, limit = 16 * 1024 * 1024) {
  * @param {Uint8Array} bytes
  * @returns {Promise<Uint8Array>}
  */
-export function deflateRaw(bytes) {
-  return collect(pipe(bytes, new CompressionStream('deflate-raw')), Infinity);
+export async function deflateRaw(bytes) {
+  const stream = deflateStream('CompressionStream');
+  if (stream) return collect(pipe(bytes, stream), Infinity);
+  const zlib = await nodeZlib();
+  return new Uint8Array(zlib.deflateRawSync(bytes));
 }

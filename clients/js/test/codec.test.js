@@ -236,3 +236,25 @@ test('bodies are decoded by their own codec bits', () => {
   assert.deepEqual(encodeBody('hi', Codec.RAW), Uint8Array.from([0x68, 0x69]));
   assert.throws(() => encodeBody({}, Codec.RAW), TypeError);
 });
+
+test('3 compression without a deflate-raw stream (older Node): node:zlib, same bound', async () => {
+  const text = new TextEncoder().encode('y'.repeat(3000));
+  const streams = [globalThis.CompressionStream, globalThis.DecompressionStream];
+  const packedByStream = await deflateRaw(text);
+  // What Node 18 does with the format it does not know.
+  class NoDeflateRaw {
+    constructor(format) {
+      throw new TypeError(`unsupported format ${format}`);
+    }
+  }
+  globalThis.CompressionStream = NoDeflateRaw;
+  globalThis.DecompressionStream = NoDeflateRaw;
+  try {
+    const packed = await deflateRaw(text);
+    assert.deepEqual(await inflateRaw(packed), text);
+    assert.deepEqual(await inflateRaw(packedByStream), text);
+    await assert.rejects(inflateRaw(packed, 100), RangeError);
+  } finally {
+    [globalThis.CompressionStream, globalThis.DecompressionStream] = streams;
+  }
+});

@@ -163,6 +163,16 @@ async fn events_of(browser: &Browser, client: &str, kind: &str) -> Vec<Value> {
     v.as_array().cloned().unwrap_or_default()
 }
 
+async fn welcome_heartbeat(browser: &Browser) -> Value {
+    browser
+        .execute(
+            "return window.clients.alice.client.welcome.heartbeat.baseMs",
+            json!([]),
+        )
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_library_works_in_a_real_browser_against_a_real_gateway() {
     let Some(browser) = Browser::start().await.unwrap() else {
@@ -175,7 +185,19 @@ async fn the_library_works_in_a_real_browser_against_a_real_gateway() {
     let nats = NatsServer::start().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let gw_addr = listener.local_addr().unwrap();
-    let gw_config = || testkit::gateway::config(&nats.url(), "gw-browser");
+    // Short heartbeats, so the test sees the browser beat on schedule and follow the
+    // growing interval of the acks: 600 ms, +200 ms after every 2 on-time beats, up to 1 s.
+    let gw_config = || {
+        let mut config = testkit::gateway::config(&nats.url(), "gw-browser");
+        config.heartbeat = messages::payload::HeartbeatParams {
+            base_ms: 600,
+            step_ms: 200,
+            max_ms: 1000,
+            grow_after: 2,
+            grace_ms: 1000,
+        };
+        config
+    };
     let gw = testkit::gateway::start_on(gw_config(), listener).await;
     let api = api(&nats.url()).await;
     let site = StaticServer::start(js_dir()).await.unwrap();
@@ -298,6 +320,19 @@ async fn the_library_works_in_a_real_browser_against_a_real_gateway() {
     assert_eq!(
         call(&browser, "bob", "join", json!(["public.hall"])).await,
         "ok"
+    );
+
+    // Heartbeats: the interval followed the acks up to the maximum, and the session was
+    // never closed for missing them (4001).
+    browser
+        .wait_for("window.clients.alice.client.interval === 1000", WAIT)
+        .await
+        .unwrap();
+    assert_eq!(welcome_heartbeat(&browser).await, json!(600));
+    assert!(
+        events_of(&browser, "alice", "disconnected")
+            .await
+            .is_empty()
     );
 
     if let Ok(png) = browser.screenshot().await {
