@@ -18,6 +18,8 @@ import {
   encodeFrame,
   inflateRaw,
   isValidRoomId,
+  isValidRoute,
+  MAX_ID_LEN,
   parseTraceparent,
   readError,
   readHeartbeatAck,
@@ -109,6 +111,8 @@ function makeEvent(type, detail) {
  *   defaults: 100 ms, 30 s, 0.3 (section 13.1)
  * @property {number} [requestTimeoutMs] a publish, join, leave or refresh not answered in
  *   this time is rejected with `timeout` (its outcome is unknown); default 15000
+ * @property {number} [maxRouteBytes] longest publish route sent; the gateway's route
+ *   limit (default 128, section 2.3)
  * @property {number} [maxInflateBytes] largest body a compressed push may inflate to;
  *   default 16 MiB
  * @property {string} [clientName] sent in the hello frame; default `rt-js/0.1.0`
@@ -186,7 +190,7 @@ export class Client extends EventTarget {
 
   /** Starts connecting (and reconnecting). Resolves with the first welcome. */
   connect() {
-    if (this.state === 'closed') throw new Error('client closed');
+    if (this.state === 'closed') return Promise.reject(new RtError(0, 'client closed', 0n, 'closed'));
     const first = new Promise((resolve, reject) => {
       const onConnected = (/** @type {Event} */ e) => {
         this.removeEventListener('closed', onClosed);
@@ -215,7 +219,12 @@ export class Client extends EventTarget {
    * @returns {Promise<void>}
    */
   publish(route, body, options = {}) {
-    if (!route) return Promise.reject(new RtError(401, 'empty publish route', 0n));
+    // A route the gateway cannot decode would end the whole session (section 8): refuse it
+    // here instead (section 13.3).
+    const routeBytes = new TextEncoder().encode(route).length;
+    if (!route || !isValidRoute(route) || routeBytes > (this.options.maxRouteBytes ?? MAX_ID_LEN)) {
+      return Promise.reject(new RtError(401, `invalid publish route ${JSON.stringify(route)}`, 0n));
+    }
     const codec =
       options.codec !== undefined ? codecFromName(options.codec) : body instanceof Uint8Array ? Codec.RAW : this.codec;
     let bytes;

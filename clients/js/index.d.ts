@@ -113,6 +113,8 @@ export interface ClientOptions {
   reconnect?: boolean;
   backoff?: BackoffOptions;
   requestTimeoutMs?: number;
+  /** Longest publish route sent (the gateway's route limit); default 128. */
+  maxRouteBytes?: number;
   maxInflateBytes?: number;
   clientName?: string;
   WebSocket?: { new (url: string): WebSocket };

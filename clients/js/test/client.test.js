@@ -112,7 +112,13 @@ test('publish resolves on the ack and rejects on the error frame', async () => {
   await client.publish('raw.bytes', Uint8Array.from([1, 2, 3]), { ack: false });
   const p3 = ws.sentOf(Kind.PUBLISH)[2];
   assert.deepEqual([p3.msgId, p3.codec, [...p3.body]], [0n, Codec.RAW, [1, 2, 3]]);
-  await assert.rejects(client.publish('', {}), (e) => e.code === 401);
+  // Routes the gateway would close the session for are refused before sending.
+  for (const bad of ['', 'a..b', 'a b', 'r'.repeat(129)]) {
+    await assert.rejects(client.publish(bad, {}), (e) => e.code === 401, bad);
+  }
+  await tick();
+  assert.equal(ws.sentOf(Kind.PUBLISH).length, 3);
+  assert.ok(!ws.closed);
 });
 
 test('publish: compression, trace context, body limit, queued until the welcome', async () => {
@@ -345,6 +351,7 @@ test('close(): no reconnect, pending requests rejected, refresh sends the token 
   clock.advance(60000);
   await tick();
   assert.equal(FakeWebSocket.instances.length, 1);
+  await assert.rejects(client.connect(), (e) => e.codeName === 'closed');
 });
 
 test('requests time out when nothing answers', async () => {
