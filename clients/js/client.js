@@ -184,7 +184,8 @@ export class Client extends EventTarget {
     this.lastBeatAt = 0;
     /** Set by a reconnect frame: when the next attempt may start (ms on the clock). */
     this.reconnectAt = /** @type {number | null} */ (null);
-    /** Set after a 4502 with a token function: the next attempt fetches a new token. */
+    // Numbers connection attempts: a token that arrives after a newer attempt started, or
+    // after close(), is dropped.
     this.connSeq = 0;
   }
 
