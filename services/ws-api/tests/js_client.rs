@@ -389,6 +389,29 @@ async fn the_library_works_in_a_real_browser_against_a_real_gateway() {
         "no room push after the reconnect: the rejoin did not happen"
     );
 
+    // Leave: acked, and the room's pushes stop. A user push sent after the room push comes
+    // through the same bus connections in order, so its arrival proves the room push was
+    // not merely slow.
+    assert_eq!(
+        call(&browser, "alice", "leave", json!(["chat.lobby"])).await,
+        "ok"
+    );
+    let before = pushes(&browser, "alice", 1).await.len();
+    push(
+        api.addr(),
+        json!({"target": {"room": "chat.lobby"}, "route": "room.after", "body": "gone"}),
+    )
+    .await;
+    push(
+        api.addr(),
+        json!({"target": {"users": ["alice"]}, "route": "marker", "body": "marker"}),
+    )
+    .await;
+    let got = pushes(&browser, "alice", before + 1).await;
+    let routes: Vec<&Value> = got[before..].iter().map(|p| &p["route"]).collect();
+    assert!(routes.contains(&&json!("marker")), "{got:?}");
+    assert!(!routes.contains(&&json!("room.after")), "{got:?}");
+
     browser.quit().await;
     api.shutdown().await.unwrap();
     gw.shutdown().await.unwrap();
