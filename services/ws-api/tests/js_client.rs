@@ -2,8 +2,9 @@
 //! tests, the library under Node against a real gateway, and the library in a real
 //! headless Chromium (driven over WebDriver) against a real nats-server, gateway and
 //! ws-api: connect, a push from ws-api with a receipt, publish with ack, joins (granted and
-//! refused), a room push, a compressed push, the JSON codec, and a gateway drain with the
-//! reconnect, the rejoin and a room push after it.
+//! refused), a room push, a compressed push, the JSON codec, heartbeats following the
+//! gateway's acks, a gateway drain with the reconnect, the rejoin and a room push after it,
+//! a leave, and a terminal close code.
 //!
 //! Node or Chromium missing on a developer machine skips the test that needs it with a
 //! message; `.ci/run` installs both, so CI runs everything.
@@ -17,7 +18,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use messages::envelope::PushEnvelope;
-use messages::{BodyCodec, Route};
+use messages::payload::{GatewayControl, encode_body};
+use messages::{BodyCodec, Route, SocketId};
 use serde_json::{Value, json};
 use testkit::NatsServer;
 use testkit::browser::{Browser, StaticServer};
@@ -411,6 +413,56 @@ async fn the_library_works_in_a_real_browser_against_a_real_gateway() {
     let routes: Vec<&Value> = got[before..].iter().map(|p| &p["route"]).collect();
     assert!(routes.contains(&&json!("marker")), "{got:?}");
     assert!(!routes.contains(&&json!("room.after")), "{got:?}");
+
+    // A terminal close code (a service kicks bob with 4503): the client stops for good,
+    // says why, and makes no further attempt.
+    browser
+        .wait_for(
+            "window.clients.bob.events.filter(e => e.type === 'connected').length >= 2",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let bob_socket: u64 = events_of(&browser, "bob", "connected").await[1]["detail"]["socketId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let kick = GatewayControl::Close {
+        socket_id: SocketId(bob_socket),
+        code: 4503,
+        reason: "kicked by the test".into(),
+    };
+    bus.publish(
+        "ws.gw.gw-browser.ctl",
+        encode_body(BodyCodec::MsgPack, &kick).unwrap().into(),
+    )
+    .await
+    .unwrap();
+    let closed = browser
+        .wait_for(
+            "window.clients.bob.events.find(e => e.type === 'closed')",
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        closed["detail"],
+        json!({"code": 4503, "reason": "kicked by the test", "codeName": "kicked"})
+    );
+    let attempts = events_of(&browser, "bob", "connecting").await.len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        events_of(&browser, "bob", "connecting").await.len(),
+        attempts
+    );
+    assert_eq!(
+        browser
+            .execute("return window.clients.alice.client.state", json!([]))
+            .await
+            .unwrap(),
+        "connected"
+    );
 
     browser.quit().await;
     api.shutdown().await.unwrap();
