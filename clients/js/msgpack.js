@@ -3,7 +3,7 @@
 //
 // Mapping:
 //   nil <-> null; bool <-> boolean; str <-> string; bin <-> Uint8Array;
-//   array <-> Array; map <-> plain object (keys converted to strings);
+//   array <-> Array; map <-> plain object (keys converted to strings; a Map encodes too);
 //   int <-> number, or BigInt when the value is outside Number.MAX_SAFE_INTEGER (socket ids
 //   and push ids are u64 and must never pass through a float, protocol 11.1);
 //   float 32/64 -> number; ext -> { type, data } (never produced by the protocol).
@@ -157,8 +157,10 @@ function write(w, value, depth) {
     return;
   }
   if (typeof value === 'object') {
-    // Keys whose value is undefined are left out, as JSON.stringify does.
-    const entries = Object.entries(/** @type {object} */ (value)).filter(([, v]) => v !== undefined);
+    // Keys whose value is undefined are left out, as JSON.stringify does. A Map keeps its
+    // keys' types (a protocol map always has string keys).
+    const all = value instanceof Map ? [...value.entries()] : Object.entries(/** @type {object} */ (value));
+    const entries = all.filter(([, v]) => v !== undefined);
     writeLength(w, entries.length, 0x80, 15, -1, 0xde, 0xdf);
     for (const [k, v] of entries) {
       write(w, k, depth + 1);

@@ -44,6 +44,7 @@ test('maps: keys become strings, __proto__ stays data', () => {
   assert.equal(m['1'], 'a');
   assert.equal(Object.getPrototypeOf(m), Object.prototype);
   assert.ok(Object.hasOwn(m, '__proto__'));
+  assert.equal(toHex(encode(new Map([[1, 'a']]))), '81 01 a1 61');
   // undefined members are left out, like JSON.
   assert.deepEqual(decode(encode({ a: undefined, b: 1 })), { b: 1 });
 });

@@ -464,6 +464,15 @@ async fn the_library_works_in_a_real_browser_against_a_real_gateway() {
         "connected"
     );
 
+    // Nothing the gateway sent failed to decode, in either codec, and no error frame came
+    // that was not the answer to a request.
+    for client in ["alice", "bob"] {
+        assert_eq!(
+            events_of(&browser, client, "error").await,
+            Vec::<Value>::new()
+        );
+    }
+
     browser.quit().await;
     api.shutdown().await.unwrap();
     gw.shutdown().await.unwrap();
