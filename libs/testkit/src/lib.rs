@@ -2,7 +2,8 @@
 //! temporary directories, killed and cleaned up on drop, and a WebSocket client that speaks
 //! the frame protocol over a real socket; [`tls`] adds a test CA and a TLS-terminating
 //! proxy for testing clients over real TLS; [`gateway`] is the one in-process ws-gateway
-//! fixture the other crates' tests share.
+//! fixture the other crates' tests share; [`browser`] drives a real headless Chromium over
+//! WebDriver and serves test pages.
 //!
 //! [`NatsServer`] is one node with JetStream that can be killed and started again on the
 //! same port with the same storage (for reconnect and outage tests). [`NatsCluster`] is
@@ -16,6 +17,7 @@
 // A test-support crate: its helpers fail the calling test by panicking, on purpose.
 #![allow(clippy::panic)]
 
+pub mod browser;
 pub mod gateway;
 pub mod http;
 pub mod otlp;

@@ -332,6 +332,31 @@ async fn the_websocket_endpoint_is_ws() {
     gw.shutdown().await.unwrap();
 }
 
+/// Section 1.2: a plain `GET /ws` (no upgrade) is authenticated like a handshake and then
+/// answered 426 `upgrade_required` with `Upgrade: websocket`; a bad or missing token gets
+/// the handshake's 401.
+#[tokio::test]
+async fn a_plain_get_on_ws_is_authenticated_then_answered_426() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-plain")).await;
+    let good = format!("/ws?token={}", token("pat", None, &[]));
+    let r = testkit::http::request(gw.addr(), "GET", &good, &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 426);
+    assert_eq!(r.json()["error"], "upgrade_required");
+    for path in ["/ws?token=not-a-jwt", "/ws"] {
+        let r = testkit::http::request(gw.addr(), "GET", path, &[], b"")
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.json()["error"].clone()),
+            (401, "unauthorized".into())
+        );
+    }
+    gw.shutdown().await.unwrap();
+}
+
 /// A WebSocket client written by hand over a raw socket, for what library clients never
 /// send: fragments with a ping between them, unmasked frames, reserved bits.
 mod raw {

@@ -1,0 +1,188 @@
+// Type declarations for rt-js (hand-written; the JavaScript carries JSDoc too).
+
+export const CLIENT_NAME: string;
+
+export const Kind: Readonly<{
+  HELLO: 1; WELCOME: 2; HEARTBEAT: 3; HEARTBEAT_ACK: 4; PUBLISH: 5; PUSH: 6;
+  ACK: 7; JOIN: 8; LEAVE: 9; ERROR: 10; RECONNECT: 11; REFRESH: 12;
+}>;
+export const Codec: Readonly<{ RAW: 0; MSGPACK: 1; JSON: 2 }>;
+export const Flag: Readonly<{ CODEC: 0x03; COMPRESSED: 0x04; TRACE: 0x08; RECEIPT: 0x10; RESERVED: 0xe0 }>;
+export const CLOSE_NAMES: Readonly<Record<number, string>>;
+export const ERROR_NAMES: Readonly<Record<number, string>>;
+
+export type CodecName = 'raw' | 'msgpack' | 'json';
+
+export interface TraceContext {
+  /** 16 bytes, not all zero. */
+  traceId: Uint8Array;
+  /** 8 bytes, not all zero. */
+  spanId: Uint8Array;
+  flags: number;
+}
+
+export interface Frame {
+  kind: number;
+  codec: number;
+  compressed: boolean;
+  receipt: boolean;
+  msgId: bigint;
+  trace: TraceContext | null;
+  route: string;
+  body: Uint8Array;
+}
+
+export interface FrameInput extends Partial<Omit<Frame, 'msgId'>> {
+  kind: number;
+  msgId?: bigint | number;
+}
+
+/** `kind` is the Rust decoder's variant name (protocol section 8). */
+export class FrameError extends Error {
+  kind: string;
+  details: Record<string, unknown>;
+}
+
+export function encodeFrame(frame: FrameInput): Uint8Array;
+export function decodeFrame(bytes: Uint8Array | ArrayBuffer, limits?: { maxRoute?: number; maxBody?: number }): Frame;
+export function isValidRoute(route: string): boolean;
+export function isValidRoomId(room: string): boolean;
+export function codecFromName(name: CodecName): number;
+export function codecName(codec: number): string;
+export function encodeBody(value: unknown, codec: number): Uint8Array;
+export function decodeBody(bytes: Uint8Array, codec: number): unknown;
+export function parseTraceparent(header: string): TraceContext | null;
+export function formatTraceparent(ctx: TraceContext): string;
+export function socketIdString(v: unknown): string;
+export function inflateRaw(bytes: Uint8Array, limit?: number): Promise<Uint8Array>;
+export function deflateRaw(bytes: Uint8Array): Promise<Uint8Array>;
+export function closeAction(code: number): 'reconnect' | 'new_token' | 'stop';
+
+export interface HeartbeatParams {
+  baseMs: number;
+  stepMs: number;
+  maxMs: number;
+  growAfter: number;
+  graceMs: number;
+}
+
+export interface Welcome {
+  /** Decimal u64 (never a float, protocol 11.1). */
+  socketId: string;
+  userId: string;
+  gateway: string;
+  heartbeat: HeartbeatParams;
+  maxBodyBytes: number;
+  serverTimeMs: number;
+}
+
+export function readWelcome(body: unknown): Welcome;
+export function readHeartbeatAck(body: unknown): number;
+export function readError(body: unknown): { code: number; message: string };
+export function readReconnect(body: unknown): { delayMs: number; reason: string };
+
+export namespace msgpack {
+  class MsgpackError extends Error {}
+  function encode(value: unknown): Uint8Array;
+  function decode(bytes: Uint8Array): unknown;
+}
+
+export interface Clock {
+  now(): number;
+  setTimeout(fn: () => void, ms: number): unknown;
+  clearTimeout(handle: unknown): void;
+}
+
+export interface BackoffOptions {
+  /** Default 100. */
+  baseMs?: number;
+  /** Default 30000. */
+  capMs?: number;
+  /** Default 0.3 (protocol 13.1); `'full'` for uniform(0, ceiling). */
+  jitter?: number | 'full';
+}
+
+export function backoffDelay(n: number, opts?: BackoffOptions, random?: () => number): number;
+
+export interface ClientOptions {
+  url: string;
+  token: string | (() => string | Promise<string>);
+  codec?: 'msgpack' | 'json';
+  autoReceipt?: boolean;
+  rejoin?: boolean;
+  reconnect?: boolean;
+  backoff?: BackoffOptions;
+  requestTimeoutMs?: number;
+  /** Longest publish route sent (the gateway's route limit); default 128. */
+  maxRouteBytes?: number;
+  maxInflateBytes?: number;
+  clientName?: string;
+  WebSocket?: { new (url: string): WebSocket };
+  clock?: Clock;
+  random?: () => number;
+}
+
+export interface Push {
+  route: string;
+  id: bigint;
+  codec: CodecName;
+  body: unknown;
+  bytes: Uint8Array;
+  receipt: boolean;
+  ack(): void;
+}
+
+export interface PublishOptions {
+  codec?: CodecName;
+  compress?: boolean;
+  traceparent?: string;
+  /** `false`: message id 0, fire and forget. */
+  ack?: boolean;
+}
+
+export class RtError extends Error {
+  constructor(code: number, message: string, msgId?: bigint, name?: string);
+  /** Error code (protocol 9.2); 0 for a local failure. */
+  code: number;
+  /** `forbidden`, `timeout`, ...; `disconnected`, `closed` or `timeout` for local failures. */
+  codeName: string;
+  detail: string;
+  msgId: bigint;
+}
+
+export interface ClientEventMap {
+  connecting: CustomEvent<{ attempt: number }>;
+  connected: CustomEvent<Welcome>;
+  disconnected: CustomEvent<{ code: number; reason: string; codeName?: string; delayMs: number }>;
+  closed: CustomEvent<{ code: number; reason: string; codeName?: string }>;
+  push: CustomEvent<Push>;
+  reconnect: CustomEvent<{ delayMs: number; reason: string }>;
+  error: CustomEvent<Error>;
+}
+
+export type ClientState = 'idle' | 'connecting' | 'connected' | 'disconnected' | 'closed';
+
+export class Client extends EventTarget {
+  constructor(options: ClientOptions);
+  readonly state: ClientState;
+  readonly welcome: Welcome | null;
+  readonly rooms: Set<string>;
+  connect(): Promise<Welcome>;
+  publish(route: string, body: unknown, options?: PublishOptions): Promise<void>;
+  join(room: string): Promise<void>;
+  leave(room: string): Promise<void>;
+  refresh(token: string): Promise<void>;
+  close(code?: number, reason?: string): void;
+  addEventListener<K extends keyof ClientEventMap>(
+    type: K,
+    listener: (ev: ClientEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  addEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | AddEventListenerOptions): void;
+  removeEventListener<K extends keyof ClientEventMap>(
+    type: K,
+    listener: (ev: ClientEventMap[K]) => void,
+    options?: boolean | EventListenerOptions,
+  ): void;
+  removeEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void;
+}
