@@ -134,6 +134,13 @@ pub struct RunArgs {
     /// Fleet rollout: failures a stage tolerates, percent.
     #[arg(long, default_value_t = 5)]
     pub rollout_max_failure_percent: u8,
+    /// Fleet: instead of one task, time config pushes: `--config-single` documents to one
+    /// agent each, then one to all agents.
+    #[arg(long, conflicts_with = "rollout")]
+    pub config_push: bool,
+    /// Fleet config push: single-agent pushes to time.
+    #[arg(long, default_value_t = 100)]
+    pub config_single: u64,
     /// Fleet: this percentage of the simulated agents fails its tasks (exit code 1)...
     #[arg(long, default_value_t = 0)]
     pub agent_fail_percent: u8,
@@ -338,6 +345,8 @@ struct Run {
     agg: Arc<Mutex<Agg>>,
     started: Instant,
     watched: Vec<Watched>,
+    /// User id prefix of the connections (`<prefix>-<index>`).
+    prefix: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -454,6 +463,7 @@ pub async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError> {
         agg: Arc::clone(&agg),
         started: Instant::now(),
         watched,
+        prefix: common.user_prefix.clone(),
     });
 
     let fail_from_task = match &args.agent_fail_after_stage {
@@ -1166,18 +1176,31 @@ async fn fleet(run: &Run) -> Driven {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    if args.rollout {
-        let (extra, extra_rows) = crate::rollout::drive(crate::rollout::Plan {
-            addr,
-            key: &key,
-            stages: &args.rollout_stages,
-            batch: &args.rollout_batch,
-            max_failure_percent: args.rollout_max_failure_percent,
-            argv: args.command.split_whitespace().map(str::to_owned).collect(),
-            scheduler_pid: sched.as_ref().map(|w| w.pid),
-            deadline: Instant::now() + run.remaining(),
-        })
-        .await?;
+    if args.rollout || args.config_push {
+        let (extra, extra_rows) = if args.rollout {
+            crate::rollout::drive(crate::rollout::Plan {
+                addr,
+                key: &key,
+                stages: &args.rollout_stages,
+                batch: &args.rollout_batch,
+                max_failure_percent: args.rollout_max_failure_percent,
+                argv: args.command.split_whitespace().map(str::to_owned).collect(),
+                scheduler_pid: sched.as_ref().map(|w| w.pid),
+                deadline: Instant::now() + run.remaining(),
+            })
+            .await?
+        } else {
+            crate::configpush::drive(crate::configpush::Plan {
+                addr,
+                key: &key,
+                agents: online,
+                prefix: &run.prefix,
+                single: args.config_single,
+                scheduler_pid: sched.as_ref().map(|w| w.pid),
+                deadline: Instant::now() + run.remaining(),
+            })
+            .await?
+        };
         let hb_pct = hb_cpu.map(|c| 100.0 * c / hb_secs.max(1e-3));
         let mut summary = serde_json::json!({
             "agents": open,

@@ -15,6 +15,7 @@
 //! -Hn` is 20,000), so larger runs use several workers.
 
 mod client;
+mod configpush;
 mod coordinator;
 mod hist;
 mod http;

@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use messages::fleet::{self, Ack, Outcome, Register, Task, TaskResult, TaskStarted};
+use messages::fleet::{
+    self, Ack, ConfigAck, ConfigOutcome, ConfigPush, Outcome, Register, Task, TaskResult,
+    TaskStarted,
+};
 use messages::payload::{self, HeartbeatAck, Welcome};
 use messages::{BodyCodec, Frame, FrameKind, Route};
 use serde::{Deserialize, Serialize};
@@ -669,8 +672,8 @@ struct AgentBehaviour {
 }
 
 /// The agent side of a push: a task is "run" at once (started, then a result: succeeded
-/// with exit code 0, or failed with 1 when the behaviour says so); an ack counts the
-/// acknowledged result ids.
+/// with exit code 0, or failed with 1 when the behaviour says so); a config document is
+/// acked as applied; an ack counts the acknowledged result ids.
 async fn agent_push(
     ws: &mut Ws,
     next_id: &mut u64,
@@ -726,6 +729,23 @@ async fn agent_push(
             *next_result_seq += 1;
             publish(ws, next_id, fleet::up::RESULT, &result).await?;
             counters.results.fetch_add(1, Ordering::Relaxed);
+        }
+        // A config document is "applied" at once: the ack echoes name, version and hash.
+        fleet::down::CONFIG => {
+            let Ok(push) = payload::decode_body::<ConfigPush>(codec, body) else {
+                return Ok(());
+            };
+            let ack = ConfigAck {
+                message_id: format!("{instance:032x}-{}", *next_result_seq),
+                name: push.name,
+                version: push.version,
+                sha256: push.sha256,
+                status: ConfigOutcome::Applied,
+                error: None,
+                at_ms: messages::headers::now_micros() / 1000,
+            };
+            *next_result_seq += 1;
+            publish(ws, next_id, fleet::up::CONFIG_ACK, &ack).await?;
         }
         fleet::down::ACK => {
             if let Ok(ack) = payload::decode_body::<Ack>(codec, body) {

@@ -173,9 +173,11 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
             let hop = servicekit::telemetry::on_receive(&msg, &shared.metrics.hops);
             match as_progress(&msg) {
                 // Kept in the node's outbox until it is enrolled again (not acknowledged).
-                Some(Ok(Report::Started(ref node, _) | Report::Result(ref node, _)))
-                    if shared.trust.is_revoked(node) =>
-                {
+                Some(Ok(
+                    Report::Started(ref node, _)
+                    | Report::Result(ref node, _)
+                    | Report::ConfigAck(ref node, _),
+                )) if shared.trust.is_revoked(node) => {
                     shared.metrics.revoked_dropped.inc();
                     continue;
                 }
@@ -189,6 +191,10 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
                         result,
                         _hop: hop,
                     });
+                    continue;
+                }
+                Some(Ok(Report::ConfigAck(node, ack))) => {
+                    progress.config_acks.push((node, ack));
                     continue;
                 }
                 Some(Err(e)) => {
@@ -338,10 +344,12 @@ fn upstream<'a>(route: &str, msg: &'a Message) -> Result<Upstream<'a>, BusError>
     })
 }
 
-/// Task progress from an agent: stored in bursts, not one transaction per message.
+/// Task progress and config acks from an agent: stored in bursts, not one transaction per
+/// message.
 enum Report {
     Started(UserId, fleet::TaskStarted),
     Result(UserId, fleet::TaskResult),
+    ConfigAck(UserId, fleet::ConfigAck),
 }
 
 /// `Some` when `msg` is task progress (`started` or a result): decoded, or why it could
@@ -351,14 +359,16 @@ fn as_progress(msg: &Message) -> Option<Result<Report, BusError>> {
         return None;
     };
     let route = route.as_str();
-    if route != fleet::up::RESULT && route != fleet::up::STARTED {
+    if route != fleet::up::RESULT && route != fleet::up::STARTED && route != fleet::up::CONFIG_ACK {
         return None;
     }
     Some(upstream(route, msg).and_then(|up| {
-        Ok(if route == fleet::up::RESULT {
-            Report::Result(up.node, payload::decode_body(up.codec, &up.body)?)
-        } else {
-            Report::Started(up.node, payload::decode_body(up.codec, &up.body)?)
+        Ok(match route {
+            fleet::up::RESULT => Report::Result(up.node, payload::decode_body(up.codec, &up.body)?),
+            fleet::up::STARTED => {
+                Report::Started(up.node, payload::decode_body(up.codec, &up.body)?)
+            }
+            _ => Report::ConfigAck(up.node, payload::decode_body(up.codec, &up.body)?),
         })
     }))
 }
@@ -370,6 +380,7 @@ fn as_progress(msg: &Message) -> Option<Result<Report, BusError>> {
 struct Progress {
     started: Vec<(UserId, fleet::TaskStarted, Option<MessageSpan>)>,
     results: Vec<Incoming>,
+    config_acks: Vec<(UserId, fleet::ConfigAck)>,
 }
 
 async fn store_progress(shared: &Shared, progress: Progress) {
@@ -401,6 +412,9 @@ async fn store_progress(shared: &Shared, progress: Progress) {
         }
     }
     store_results(shared, progress.results).await;
+    if !progress.config_acks.is_empty() {
+        crate::configs::ack_many(shared, progress.config_acks).await;
+    }
 }
 
 async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<(), BusError> {
@@ -425,10 +439,7 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
         fleet::up::STATUS => status(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REFUSED => refused(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REPORT => reports(shared, node, payload::decode_body(codec, body)?).await,
-        fleet::up::CONFIG_ACK => {
-            crate::configs::ack(shared, node, payload::decode_body(codec, body)?).await
-        }
-        // `started` and results are taken out earlier and stored in bursts (see `consume`).
+        // `started`, results and config acks are taken out earlier and stored in bursts.
         fleet::up::OUTPUT => {
             let chunk: fleet::TaskOutput = payload::decode_body(codec, body)?;
             shared.output.push(node, chunk);

@@ -70,45 +70,75 @@ pub async fn converge(
     Ok(())
 }
 
-/// Stores an agent's config ack and acknowledges it (so the agent clears its outbox).
-pub async fn ack(shared: &Shared, node: UserId, ack: fleet::ConfigAck) -> Result<(), BusError> {
-    if ack.message_id.is_empty() || ack.message_id.len() > crate::store::MAX_MESSAGE_ID_LEN {
-        return Err(BusError::BadMessage(
-            "config ack without a usable message id".into(),
-        ));
-    }
-    let (n, a) = (node.clone(), ack.clone());
-    let known = blocking(shared, move |store| {
-        store.record_config_ack(&NewConfigAck {
-            node_id: &n,
-            ack: &a,
+/// Takes a burst of agents' acks in one transaction (a push to thousands of agents comes
+/// back as thousands of acks at once) and acknowledges each agent's outbox messages with
+/// one push per agent. Acks without a usable message id are dropped with a warning; if the
+/// store fails, nothing is acknowledged and the agents replay.
+pub async fn ack_many(shared: &Shared, acks: Vec<(UserId, fleet::ConfigAck)>) {
+    let acks: Vec<(UserId, fleet::ConfigAck)> = acks
+        .into_iter()
+        .filter(|(node, a)| {
+            let usable =
+                !a.message_id.is_empty() && a.message_id.len() <= crate::store::MAX_MESSAGE_ID_LEN;
+            if !usable {
+                shared.metrics.bus_errors.inc();
+                tracing::warn!(%node, name = %a.name, "Config ack without a usable message id; dropped.");
+            }
+            usable
         })
-    })
-    .await?;
-    match (known, ack.status) {
-        (false, _) => {
-            tracing::warn!(%node, name = %ack.name, "Config ack for a document this node is not a target of; dropped.");
-        }
-        (true, fleet::ConfigOutcome::Applied) => {
-            tracing::info!(%node, name = %ack.name, version = ack.version, "Config applied.");
-        }
-        (true, fleet::ConfigOutcome::Failed) => tracing::warn!(
-            %node,
-            name = %ack.name,
-            version = ack.version,
-            error = ack.error.as_deref().unwrap_or(""),
-            "Config failed to apply."
-        ),
+        .collect();
+    if acks.is_empty() {
+        return;
     }
-    shared.metrics.config_acks.inc();
-    push(
-        shared,
-        &node,
-        fleet::down::ACK,
-        &fleet::Ack {
-            message_ids: vec![ack.message_id],
-        },
-        None,
-    )
-    .await
+    let rows = acks.clone();
+    let known = blocking(shared, move |store| {
+        let batch: Vec<NewConfigAck<'_>> = rows
+            .iter()
+            .map(|(node_id, ack)| NewConfigAck { node_id, ack })
+            .collect();
+        store.record_config_acks(&batch)
+    })
+    .await;
+    let known = match known {
+        Ok(known) => known,
+        Err(e) => {
+            shared.metrics.bus_errors.inc();
+            tracing::warn!(acks = acks.len(), error = %e, "Storing config acks failed; the agents will replay them.");
+            return;
+        }
+    };
+    let mut per_node: BTreeMap<UserId, Vec<String>> = BTreeMap::new();
+    for ((node, ack), known) in acks.into_iter().zip(known) {
+        match (known, ack.status) {
+            (false, _) => {
+                tracing::warn!(%node, name = %ack.name, "Config ack for a document this node is not a target of; dropped.");
+            }
+            (true, fleet::ConfigOutcome::Applied) => {
+                tracing::debug!(%node, name = %ack.name, version = ack.version, "Config applied.");
+            }
+            (true, fleet::ConfigOutcome::Failed) => tracing::warn!(
+                %node,
+                name = %ack.name,
+                version = ack.version,
+                error = ack.error.as_deref().unwrap_or(""),
+                "Config failed to apply."
+            ),
+        }
+        shared.metrics.config_acks.inc();
+        per_node.entry(node).or_default().push(ack.message_id);
+    }
+    for (node, message_ids) in per_node {
+        if let Err(e) = push(
+            shared,
+            &node,
+            fleet::down::ACK,
+            &fleet::Ack { message_ids },
+            None,
+        )
+        .await
+        {
+            shared.metrics.bus_errors.inc();
+            tracing::warn!(%node, error = %e, "Acknowledging config acks failed.");
+        }
+    }
 }

@@ -542,39 +542,65 @@ impl Store {
     /// older than what is recorded (a replay) changes nothing. Returns `false` when the node
     /// is not a target of that document (the ack is dropped).
     pub fn record_config_ack(&self, ack: &NewConfigAck<'_>) -> Result<bool, StoreError> {
-        let key = (ack.ack.name.as_str(), ack.node_id.as_str());
+        Ok(self
+            .record_config_acks(std::slice::from_ref(ack))?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// [`Store::record_config_ack`] for a burst of acks in one transaction (one fsync for a
+    /// push to thousands of agents acking at once; none when nothing changed). One outcome
+    /// per input, in order.
+    pub fn record_config_acks(&self, acks: &[NewConfigAck<'_>]) -> Result<Vec<bool>, StoreError> {
         self.write_if_changed(|txn| {
             let mut table = txn.open_table(CONFIG_NODES)?;
-            let mut row: NodeRow = match table.get(key)? {
-                Some(v) => decode(v.value(), "config node")?,
-                None => return Ok((false, false)),
-            };
-            if row
-                .last_ack
-                .as_ref()
-                .is_some_and(|last| last.at_ms > ack.ack.at_ms)
-            {
-                return Ok((true, false));
+            let mut out = Vec::with_capacity(acks.len());
+            let mut changed = false;
+            for ack in acks {
+                let (known, wrote) = ack_in(&mut table, ack)?;
+                out.push(known);
+                changed |= wrote;
             }
-            let failed = ack.ack.status == fleet::ConfigOutcome::Failed;
-            if !failed {
-                row.applied = Some((ack.ack.version, ack.ack.sha256.clone()));
-            }
-            row.last_ack = Some(AckRow {
-                version: ack.ack.version,
-                sha256: ack.ack.sha256.clone(),
-                error: if failed {
-                    Some(ack.ack.error.clone().unwrap_or_else(|| "failed".into()))
-                } else {
-                    None
-                },
-                at_ms: ack.ack.at_ms,
-            });
-            row.updated_at_ms = Some(ack.ack.at_ms);
-            table.insert(key, encode(&row, "config node")?.as_slice())?;
-            Ok((true, true))
+            Ok((out, changed))
         })
     }
+}
+
+/// One ack inside a transaction: (the node is a target, something was written).
+fn ack_in(
+    table: &mut redb::Table<'_, (&'static str, &'static str), &'static [u8]>,
+    ack: &NewConfigAck<'_>,
+) -> Result<(bool, bool), StoreError> {
+    let key = (ack.ack.name.as_str(), ack.node_id.as_str());
+    let mut row: NodeRow = match table.get(key)? {
+        Some(v) => decode(v.value(), "config node")?,
+        None => return Ok((false, false)),
+    };
+    if row
+        .last_ack
+        .as_ref()
+        .is_some_and(|last| last.at_ms > ack.ack.at_ms)
+    {
+        return Ok((true, false));
+    }
+    let failed = ack.ack.status == fleet::ConfigOutcome::Failed;
+    if !failed {
+        row.applied = Some((ack.ack.version, ack.ack.sha256.clone()));
+    }
+    row.last_ack = Some(AckRow {
+        version: ack.ack.version,
+        sha256: ack.ack.sha256.clone(),
+        error: if failed {
+            Some(ack.ack.error.clone().unwrap_or_else(|| "failed".into()))
+        } else {
+            None
+        },
+        at_ms: ack.ack.at_ms,
+    });
+    row.updated_at_ms = Some(ack.ack.at_ms);
+    table.insert(key, encode(&row, "config node")?.as_slice())?;
+    Ok((true, true))
 }
 
 fn selects(selector: &LabelSelector, agent: &AgentRecord) -> bool {
