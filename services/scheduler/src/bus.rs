@@ -428,6 +428,9 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
         fleet::up::CONFIG_ACK => {
             crate::configs::ack(shared, node, payload::decode_body(codec, body)?).await
         }
+        fleet::up::UPGRADE_RESULT => {
+            crate::upgrades::result(shared, node, payload::decode_body(codec, body)?).await
+        }
         // `started` and results are taken out earlier and stored in bursts (see `consume`).
         fleet::up::OUTPUT => {
             let chunk: fleet::TaskOutput = payload::decode_body(codec, body)?;
@@ -450,6 +453,7 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
     let now = now_ms();
     let n = node.clone();
     let reported = reg.configs;
+    let version = reg.version.clone();
     let (old, record) = blocking(shared, move |store| {
         let registered_at_ms = store
             .agent(&n)?
@@ -483,6 +487,11 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
     if let Err(e) = crate::configs::converge(shared, record, reported).await {
         shared.metrics.bus_errors.inc();
         tracing::warn!(%node, error = %e, "Config convergence failed.");
+    }
+    // The register says which version runs: an upgrade to it is done; pending ones go out.
+    if let Err(e) = crate::upgrades::at_register(shared, &node, version).await {
+        shared.metrics.bus_errors.inc();
+        tracing::warn!(%node, error = %e, "Upgrade bookkeeping at register failed.");
     }
     dispatch_pending(shared, &node).await
 }

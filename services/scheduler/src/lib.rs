@@ -14,9 +14,12 @@
 //! - [`trust`]: command and agent-token keys, credential renewal, revocation, refusals.
 //! - [`auth`]: named, scoped API keys; [`audit`]: the append-only log of who changed what.
 //! - [`schedule`]: recurring tasks from cron expressions, fired by the active instance.
+//! - [`upgrades`]: signed agent upgrades on the bus (push, reports, `online` at register);
+//!   [`artifacts`]: the uploaded binaries on disk, by SHA-256.
 //!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
+pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod bus;
@@ -29,6 +32,7 @@ pub mod output;
 pub mod schedule;
 pub mod store;
 pub mod trust;
+pub mod upgrades;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -111,6 +115,10 @@ pub struct Metrics {
     pub config_pushes: Counter,
     /// Config acks ingested (applied or failed).
     pub config_acks: Counter,
+    /// Upgrade manifests pushed to agents.
+    pub upgrade_pushes: Counter,
+    /// Upgrade reports from agents ingested.
+    pub upgrade_results: Counter,
     /// Per-hop latency of agent traffic, from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
 }
@@ -151,6 +159,8 @@ impl Metrics {
         );
         let config_pushes = counter("config_pushes", "Config documents pushed to agents.");
         let config_acks = counter("config_acks", "Config acks from agents ingested.");
+        let upgrade_pushes = counter("upgrade_pushes", "Upgrade manifests pushed to agents.");
+        let upgrade_results = counter("upgrade_results", "Upgrade reports from agents ingested.");
         let hops = servicekit::hops::HopLatency::register(&mut registry);
         Metrics {
             registry,
@@ -170,6 +180,8 @@ impl Metrics {
             schedule_skips,
             config_pushes,
             config_acks,
+            upgrade_pushes,
+            upgrade_results,
             hops,
         }
     }

@@ -37,12 +37,16 @@ use serde::{Deserialize, Serialize};
 mod configs;
 mod operator;
 mod schedules;
+mod upgrades;
 pub use configs::{
     CONFIG_HISTORY, ConfigNodeStatus, ConfigRecord, ConfigState, ConfigVersion, NewConfigAck,
     NewConfigVersion,
 };
 pub use operator::{
     AuditEntry, Created, IdempotencyClaim, MAX_AUDIT_LIST, MAX_IDEMPOTENCY_KEY_LEN, NewAuditEntry,
+};
+pub use upgrades::{
+    ArtifactRecord, NewUpgrade, UpgradeNodeStatus, UpgradeRecord, UpgradeState,
 };
 pub use schedules::{
     Fire, NewSchedule, Overlap, SCHEDULE_ACTOR, ScheduleId, ScheduleRecord, fire_key,
@@ -196,6 +200,15 @@ pub enum StoreError {
         /// The version asked for.
         version: u64,
     },
+    /// An upgrade request is unusable (the message says why); nothing was stored.
+    #[error("invalid upgrade: {0}")]
+    InvalidUpgrade(String),
+    /// No artifact with this SHA-256 was uploaded.
+    #[error("unknown artifact {0}")]
+    UnknownArtifact(String),
+    /// No upgrade with this id exists.
+    #[error("unknown upgrade {0}")]
+    UnknownUpgrade(u64),
     /// An idempotency key was used again with a different request; nothing was stored.
     #[error("idempotency key {key:?} was already used with a different request (task {task_id})")]
     IdempotencyConflict {
@@ -674,6 +687,7 @@ impl Store {
         operator::create_tables(&txn)?;
         schedules::create_tables(&txn)?;
         configs::create_tables(&txn)?;
+        upgrades::create_tables(&txn)?;
         txn.commit()?;
         Ok(Store { db, path, options })
     }
