@@ -232,7 +232,9 @@ pub fn artifact_path(sha256: &str) -> String {
 
 /// Whether `s` is a SHA-256 as the fleet writes it: 64 lowercase hex digits.
 pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Why a manifest is refused before anything is downloaded.
@@ -822,7 +824,10 @@ mod tests {
     #[test]
     fn upgrade_messages_round_trip() {
         let m = manifest();
-        assert_eq!(from_bus::<UpgradeManifest>(&to_bus(&m).unwrap()).unwrap(), m);
+        assert_eq!(
+            from_bus::<UpgradeManifest>(&to_bus(&m).unwrap()).unwrap(),
+            m
+        );
         let r = UpgradeResult {
             message_id: "m".into(),
             upgrade_id: 3,
@@ -861,11 +866,17 @@ mod tests {
             bad(|m| m.path = "/v1/artifacts/../../etc/passwd".into()),
             Err(ManifestError::Path(_))
         ));
-        assert_eq!(bad(|m| m.deadline_ms = 10), Err(ManifestError::Deadline(10)));
+        assert_eq!(
+            bad(|m| m.deadline_ms = 10),
+            Err(ManifestError::Deadline(10))
+        );
         for v in ["", "a b", "1/2", "é"] {
             let mut m = manifest();
             m.version = v.into();
-            assert!(matches!(m.check("linux", "x86_64"), Err(ManifestError::Version(_))), "{v:?}");
+            assert!(
+                matches!(m.check("linux", "x86_64"), Err(ManifestError::Version(_))),
+                "{v:?}"
+            );
         }
         assert!(matches!(
             manifest().check("macos", "x86_64"),

@@ -158,12 +158,14 @@ pub enum UpgradeError {
 /// Reads the record; `None` when no upgrade is in progress. Blocking.
 pub fn read_record(path: &Path) -> Result<Option<Record>, UpgradeError> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| UpgradeError::Json {
-                path: path.to_path_buf(),
-                source,
-            }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| UpgradeError::Json {
+                    path: path.to_path_buf(),
+                    source,
+                })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(UpgradeError::Io {
             path: path.to_path_buf(),
@@ -246,7 +248,14 @@ pub fn settle(config: &AgentConfig, outbox: &Outbox) -> Result<(), UpgradeError>
         running = %config.reported_version,
         "Upgrade finished."
     );
-    let result = report(&record.version, &record.sha256, record.upgrade_id, status, error, config);
+    let result = report(
+        &record.version,
+        &record.sha256,
+        record.upgrade_id,
+        status,
+        error,
+        config,
+    );
     append_result(outbox, result)?;
     clear_record(path)
 }
@@ -272,10 +281,7 @@ fn report(
 }
 
 /// Appends a report to the outbox with its message id; returns the sequence and payload.
-fn append_result(
-    outbox: &Outbox,
-    result: UpgradeResult,
-) -> Result<(u64, Vec<u8>), UpgradeError> {
+fn append_result(outbox: &Outbox, result: UpgradeResult) -> Result<(u64, Vec<u8>), UpgradeError> {
     let mut written = Vec::new();
     let seq = outbox.append_with(UPGRADE_RESULT_KIND, |id| {
         let mut result = result;
@@ -333,7 +339,8 @@ impl Upgrader {
     /// changed) or `installed` followed by [`ExecEvent::UpgradeInstalled`], on which the
     /// connection loop stops so `main` can hand over ([`hand_over`]).
     pub async fn run(self, manifest: UpgradeManifest, token: Token) {
-        self.send(&manifest, UpgradeOutcome::Downloading, None).await;
+        self.send(&manifest, UpgradeOutcome::Downloading, None)
+            .await;
         match self.install(&manifest, &token).await {
             Ok(()) => {
                 tracing::info!(upgrade_id = manifest.upgrade_id, version = %manifest.version, "Upgrade installed; restarting into it.");
@@ -359,7 +366,14 @@ impl Upgrader {
     }
 
     async fn send(&self, m: &UpgradeManifest, status: UpgradeOutcome, error: Option<String>) {
-        let result = report(&m.version, &m.sha256, m.upgrade_id, status, error, &self.config);
+        let result = report(
+            &m.version,
+            &m.sha256,
+            m.upgrade_id,
+            status,
+            error,
+            &self.config,
+        );
         let outbox = Arc::clone(&self.outbox);
         match tokio::task::spawn_blocking(move || append_result(&outbox, result)).await {
             Ok(Ok((seq, payload))) => {
@@ -381,7 +395,9 @@ impl Upgrader {
             .map_err(|e| format!("cannot find the running executable: {e}"))?;
         let paths = Paths::beside(&exe);
         if self.config.upgrade_probe {
-            return Err("this agent is itself a new binary on trial; try again once it runs".into());
+            return Err(
+                "this agent is itself a new binary on trial; try again once it runs".into(),
+            );
         }
         let client = servicekit::http_client::client(servicekit::http_client::ClientOptions {
             roots: download_roots(&self.config, base)?,
@@ -633,14 +649,23 @@ pub fn hand_over(config: &AgentConfig) -> UpgradeError {
         Ok(sha) if sha == record.sha256 => {}
         Ok(_) => {
             record.stage = Stage::Failed {
-                reason: "the installation was interrupted before the new binary replaced the old one".into(),
+                reason:
+                    "the installation was interrupted before the new binary replaced the old one"
+                        .into(),
             };
             if let Err(e) = write_record(path, &record) {
                 return e;
             }
             return exec(&record.exe, &args);
         }
-        Err(e) => return roll_back(path, record, &args, &format!("cannot read the new binary: {e}")),
+        Err(e) => {
+            return roll_back(
+                path,
+                record,
+                &args,
+                &format!("cannot read the new binary: {e}"),
+            );
+        }
     }
     if attempt > MAX_PROBES {
         let reason = format!("the new binary was tried {MAX_PROBES} times and never registered");
@@ -680,7 +705,13 @@ fn probe(exe: &Path, args: &[OsString], record: &Path, deadline: Duration) -> Pr
     let started = Instant::now();
     loop {
         std::thread::sleep(PROBE_POLL);
-        if matches!(read_record(record), Ok(Some(Record { stage: Stage::Probed, .. }))) {
+        if matches!(
+            read_record(record),
+            Ok(Some(Record {
+                stage: Stage::Probed,
+                ..
+            }))
+        ) {
             stop(&mut child);
             return Probe::Registered;
         }
@@ -781,10 +812,17 @@ mod tests {
     #[test]
     fn only_the_signed_size_and_hash_are_accepted() {
         let m = manifest(b"#!/bin/sh\n");
-        assert_eq!(verify(&m, 10, &fleet::config_sha256(b"#!/bin/sh\n")), Ok(()));
+        assert_eq!(
+            verify(&m, 10, &fleet::config_sha256(b"#!/bin/sh\n")),
+            Ok(())
+        );
         assert!(verify(&m, 9, &m.sha256).unwrap_err().contains("bytes"));
         let tampered = fleet::config_sha256(b"#!/bin/sh\nx");
-        assert!(verify(&m, 10, &tampered).unwrap_err().contains("sha256 mismatch"));
+        assert!(
+            verify(&m, 10, &tampered)
+                .unwrap_err()
+                .contains("sha256 mismatch")
+        );
     }
 
     #[test]
@@ -797,7 +835,8 @@ mod tests {
             move || write_hashed(&dest, rx)
         });
         for part in [&b"ab"[..], b"cd"] {
-            tx.blocking_send(bytes::Bytes::copy_from_slice(part)).unwrap();
+            tx.blocking_send(bytes::Bytes::copy_from_slice(part))
+                .unwrap();
         }
         drop(tx);
         let sha = writer.join().unwrap().unwrap();
@@ -834,7 +873,10 @@ mod tests {
 
         // A probe marks it; anything but a probing record is left alone.
         mark_probed(&state).unwrap();
-        assert_eq!(read_record(&state).unwrap().unwrap().stage, Stage::Installed);
+        assert_eq!(
+            read_record(&state).unwrap().unwrap().stage,
+            Stage::Installed
+        );
         let mut probing = record;
         probing.stage = Stage::Probing { attempt: 1 };
         write_record(&state, &probing).unwrap();
@@ -850,6 +892,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("upgrade.json");
         std::fs::write(&state, b"{").unwrap();
-        assert!(matches!(read_record(&state), Err(UpgradeError::Json { .. })));
+        assert!(matches!(
+            read_record(&state),
+            Err(UpgradeError::Json { .. })
+        ));
     }
 }

@@ -113,7 +113,10 @@ mod tests {
         assert_eq!(store.put(b"binary").unwrap(), sha);
         assert_eq!(store.read(&sha).unwrap().unwrap(), b"binary");
         assert_eq!(store.read(&fleet::config_sha256(b"x")).unwrap(), None);
-        assert!(matches!(store.read("../../etc/passwd"), Err(ArtifactError::Name(_))));
+        assert!(matches!(
+            store.read("../../etc/passwd"),
+            Err(ArtifactError::Name(_))
+        ));
         // Only the artifact is left in the directory: no temp files.
         assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 1);
     }

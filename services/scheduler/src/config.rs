@@ -220,7 +220,11 @@ impl Config {
         config.api_keys =
             auth::parse_keys(&args.api_keys).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_secs);
-        if let Some(dir) = args.artifact_dir.clone().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(dir) = args
+            .artifact_dir
+            .clone()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             config.artifact_dir = dir;
         }
         config.max_artifact_bytes = args.max_artifact_bytes;

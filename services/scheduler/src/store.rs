@@ -45,12 +45,10 @@ pub use configs::{
 pub use operator::{
     AuditEntry, Created, IdempotencyClaim, MAX_AUDIT_LIST, MAX_IDEMPOTENCY_KEY_LEN, NewAuditEntry,
 };
-pub use upgrades::{
-    ArtifactRecord, NewUpgrade, UpgradeNodeStatus, UpgradeRecord, UpgradeState,
-};
 pub use schedules::{
     Fire, NewSchedule, Overlap, SCHEDULE_ACTOR, ScheduleId, ScheduleRecord, fire_key,
 };
+pub use upgrades::{ArtifactRecord, NewUpgrade, UpgradeNodeStatus, UpgradeRecord, UpgradeState};
 
 /// Small counters: format version and the next task id.
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("scheduler_meta");

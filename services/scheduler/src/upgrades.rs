@@ -59,7 +59,14 @@ pub async fn at_register(shared: &Shared, node: &UserId, version: String) -> Res
     .await?;
     for upgrade in pending {
         tracing::info!(%node, upgrade_id = upgrade.id, version = %upgrade.version, "Pushing a pending upgrade.");
-        push(shared, node, fleet::down::UPGRADE, &upgrade.manifest(), None).await?;
+        push(
+            shared,
+            node,
+            fleet::down::UPGRADE,
+            &upgrade.manifest(),
+            None,
+        )
+        .await?;
         shared.metrics.upgrade_pushes.inc();
     }
     Ok(())
@@ -71,8 +78,7 @@ pub async fn result(
     node: UserId,
     report: fleet::UpgradeResult,
 ) -> Result<(), BusError> {
-    if report.message_id.is_empty() || report.message_id.len() > crate::store::MAX_MESSAGE_ID_LEN
-    {
+    if report.message_id.is_empty() || report.message_id.len() > crate::store::MAX_MESSAGE_ID_LEN {
         return Err(BusError::BadMessage(
             "upgrade report without a usable message id".into(),
         ));
@@ -84,7 +90,9 @@ pub async fn result(
     .await?;
     let error = report.error.as_deref().unwrap_or("");
     match state {
-        None => tracing::warn!(%node, upgrade_id = report.upgrade_id, "Upgrade report for an upgrade this node is not a target of; dropped."),
+        None => {
+            tracing::warn!(%node, upgrade_id = report.upgrade_id, "Upgrade report for an upgrade this node is not a target of; dropped.")
+        }
         Some(s @ (UpgradeState::Failed | UpgradeState::RolledBack)) => tracing::warn!(
             %node,
             upgrade_id = report.upgrade_id,

@@ -104,7 +104,10 @@ async fn upload(
         bytes.extend_from_slice(&chunk);
     }
     if bytes.is_empty() {
-        return Err(ApiError::bad("empty_artifact", "the body is the artifact; it is empty"));
+        return Err(ApiError::bad(
+            "empty_artifact",
+            "the body is the artifact; it is empty",
+        ));
     }
     let store = artifacts(&shared);
     let size = bytes.len() as u64;
@@ -130,7 +133,11 @@ async fn upload(
     })
     .await?;
     audit::log(&entry);
-    let status = if new { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok(HttpResponse::build(status).json(artifact_json(&record)))
 }
 

@@ -269,7 +269,9 @@ fn check_new(new: &NewUpgrade) -> Result<(), StoreError> {
     }
     for (what, v) in [("os", &new.os), ("arch", &new.arch)] {
         if let Some(v) = v
-            && (v.is_empty() || v.len() > 32 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            && (v.is_empty()
+                || v.len() > 32
+                || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
         {
             return Err(StoreError::InvalidUpgrade(format!(
                 "{what} {v:?}: 1 to 32 of A-Z a-z 0-9 _"
@@ -297,12 +299,7 @@ fn read_upgrade(txn: &WriteTransaction, id: u64) -> Result<UpgradeRecord, StoreE
 }
 
 /// Writes a node's row and keeps the active index in step with it.
-fn put_node(
-    txn: &WriteTransaction,
-    id: u64,
-    node: &str,
-    row: &NodeRow,
-) -> Result<(), StoreError> {
+fn put_node(txn: &WriteTransaction, id: u64, node: &str, row: &NodeRow) -> Result<(), StoreError> {
     txn.open_table(UPGRADE_NODES)?
         .insert((id, node), encode(row, "upgrade node")?.as_slice())?;
     let mut active = txn.open_table(UPGRADE_ACTIVE)?;
@@ -452,10 +449,7 @@ impl Store {
     }
 
     /// An upgrade with every target's status.
-    pub fn upgrade(
-        &self,
-        id: u64,
-    ) -> Result<(UpgradeRecord, Vec<UpgradeNodeStatus>), StoreError> {
+    pub fn upgrade(&self, id: u64) -> Result<(UpgradeRecord, Vec<UpgradeNodeStatus>), StoreError> {
         let txn = self.db.begin_read()?;
         let row: UpgradeRow = match txn.open_table(UPGRADES)?.get(id)? {
             Some(v) => decode(v.value(), "upgrade")?,
