@@ -91,7 +91,7 @@ pub async fn result(
     let error = report.error.as_deref().unwrap_or("");
     match state {
         None => {
-            tracing::warn!(%node, upgrade_id = report.upgrade_id, "Upgrade report for an upgrade this node is not a target of; dropped.")
+            tracing::warn!(%node, upgrade_id = report.upgrade_id, "Upgrade report for an upgrade this node is not a target of; dropped.");
         }
         Some(s @ (UpgradeState::Failed | UpgradeState::RolledBack)) => tracing::warn!(
             %node,
