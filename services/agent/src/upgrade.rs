@@ -230,8 +230,19 @@ pub fn settle(config: &AgentConfig, outbox: &Outbox) -> Result<(), UpgradeError>
         return Ok(());
     }
     let path = &config.upgrade_state_path;
-    let Some(record) = read_record(path)? else {
-        return Ok(());
+    let record = match read_record(path) {
+        Ok(Some(record)) => record,
+        Ok(None) => return Ok(()),
+        // A record nobody can read must not keep the agent from starting: it is set aside
+        // for the operator and the upgrade is left unreported (the scheduler shows it
+        // overdue).
+        Err(e) => {
+            tracing::error!(error = %e, "Unreadable upgrade record; moving it aside.");
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".unreadable");
+            let _ = std::fs::rename(path, PathBuf::from(aside));
+            return Ok(());
+        }
     };
     let (status, error) = match &record.stage {
         Stage::Probed => (UpgradeOutcome::Completed, None),
@@ -888,7 +899,7 @@ mod tests {
     }
 
     #[test]
-    fn a_garbled_record_is_an_error_not_a_panic() {
+    fn a_garbled_record_is_an_error_not_a_panic_and_does_not_stop_the_agent() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("upgrade.json");
         std::fs::write(&state, b"{").unwrap();
@@ -896,5 +907,78 @@ mod tests {
             read_record(&state),
             Err(UpgradeError::Json { .. })
         ));
+        let config = config(dir.path());
+        assert!(boot(&config).is_err());
+        let outbox = Outbox::open(dir.path().join("outbox.redb")).unwrap();
+        settle(&config, &outbox).unwrap();
+        assert!(!state.exists());
+        assert!(dir.path().join("upgrade.json.unreadable").exists());
+        assert!(outbox.is_empty().unwrap());
+    }
+
+    fn config(dir: &Path) -> AgentConfig {
+        std::fs::write(dir.join("command.pub"), COMMAND_PUBLIC).unwrap();
+        let toml = r#"
+node_id = "n1"
+token = "t"
+gateways = ["ws://127.0.0.1:1/ws"]
+outbox_path = "outbox.redb"
+command_keys_file = "command.pub"
+"#;
+        AgentConfig::from_toml(toml, &dir.join("agent.toml"), |_| None).unwrap()
+    }
+
+    const COMMAND_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEALTHYjnKlw7ZNdriaHg3X2s7dv4STBmcwKlO9MOAPCRg=
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn finished_upgrades_are_reported_once_at_start_and_unfinished_ones_are_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        assert_eq!(boot(&config).unwrap(), Boot::Run);
+        let mut record = Record {
+            upgrade_id: 7,
+            version: "2.0".into(),
+            sha256: fleet::config_sha256(b"new"),
+            exe: dir.path().join("agent"),
+            previous: dir.path().join("agent.previous"),
+            deadline_ms: 1_000,
+            from_version: "1.0".into(),
+            stage: Stage::Probing { attempt: 1 },
+        };
+        write_record(&config.upgrade_state_path, &record).unwrap();
+        // The watchdog died while probing: this start watches; a probe child runs.
+        assert_eq!(boot(&config).unwrap(), Boot::Watch);
+        let mut probe = config.clone();
+        probe.upgrade_probe = true;
+        assert_eq!(boot(&probe).unwrap(), Boot::Run);
+        let outbox = Outbox::open(dir.path().join("outbox.redb")).unwrap();
+        // Nothing to report while it is unfinished.
+        settle(&config, &outbox).unwrap();
+        assert!(outbox.is_empty().unwrap());
+
+        record.stage = Stage::RolledBack {
+            reason: "exited".into(),
+        };
+        write_record(&config.upgrade_state_path, &record).unwrap();
+        assert_eq!(boot(&config).unwrap(), Boot::Run);
+        // A probe child never settles: that is the restored or new binary's job.
+        settle(&probe, &outbox).unwrap();
+        assert!(outbox.is_empty().unwrap());
+        settle(&config, &outbox).unwrap();
+        let entries = outbox.pending(10).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].kind, UPGRADE_RESULT_KIND);
+        let report: UpgradeResult = payload::from_bus(&entries[0].payload).unwrap();
+        assert_eq!(report.status, UpgradeOutcome::RolledBack);
+        assert_eq!(report.error.as_deref(), Some("exited"));
+        assert_eq!(report.upgrade_id, 7);
+        assert!(!report.message_id.is_empty());
+        assert!(!config.upgrade_state_path.exists());
+        // Reported once.
+        settle(&config, &outbox).unwrap();
+        assert_eq!(outbox.pending(10).unwrap().len(), 1);
     }
 }

@@ -299,7 +299,7 @@ async fn a_good_artifact_is_installed_and_the_node_comes_back_with_the_new_versi
 
 /// (c) A new binary that exits at once is rolled back: the previous binary is restored
 /// and runs again (same process, exec'd), and the scheduler records `rolled_back` with
-/// the reason.
+/// the reason. So is one that hangs past its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_that_exits_at_once_is_rolled_back_and_the_old_one_runs_again() {
     let fleet = Fleet::start("gw-up-broken").await;
@@ -324,6 +324,24 @@ async fn a_binary_that_exits_at_once_is_rolled_back_and_the_old_one_runs_again()
     // The old binary is back in place and online.
     assert_eq!(read(&agent.exe), original);
     assert!(!agent.previous().exists());
+    fleet
+        .wait(&agent, &format!("/v1/agents/{}", agent.node), |v| {
+            v["state"] == "online" && v["version"] == OLD_VERSION
+        })
+        .await;
+
+    // A binary that runs but never registers is killed at the deadline and rolled back
+    // too (the restored agent takes upgrades again).
+    let sha = upload(api, b"#!/bin/sh\nexec sleep 300\n").await;
+    let id = start_upgrade(api, &agent.node, &sha, "6.6.7-hangs", 2).await;
+    let status = fleet
+        .wait(&agent, &format!("/v1/upgrades/{id}"), |v| {
+            v["nodes"][0]["state"] == "rolled_back"
+        })
+        .await;
+    let error = status["nodes"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("did not register within 2 s"), "{status}");
+    assert_eq!(read(&agent.exe), original);
     fleet
         .wait(&agent, &format!("/v1/agents/{}", agent.node), |v| {
             v["state"] == "online" && v["version"] == OLD_VERSION
