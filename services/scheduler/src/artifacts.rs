@@ -66,7 +66,9 @@ impl Artifacts {
             .map(|b| format!("{b:02x}"))
             .collect();
         let dest = self.path(&sha256)?;
-        if dest.exists() {
+        // The same bytes again are a no-op, unless the file on disk was damaged or changed:
+        // then the upload repairs it.
+        if hash_file(&dest).is_ok_and(|on_disk| on_disk == sha256) {
             return Ok(sha256);
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| io(&self.dir, e))?;
@@ -100,6 +102,18 @@ impl Artifacts {
     }
 }
 
+/// SHA-256 of a file, hex. Blocking.
+fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +133,9 @@ mod tests {
         ));
         // Only the artifact is left in the directory: no temp files.
         assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 1);
+        // A damaged file is repaired by uploading the bytes again.
+        std::fs::write(store.path(&sha).unwrap(), b"binarY").unwrap();
+        assert_eq!(store.put(b"binary").unwrap(), sha);
+        assert_eq!(store.read(&sha).unwrap().unwrap(), b"binary");
     }
 }
