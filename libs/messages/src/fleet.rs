@@ -37,6 +37,8 @@ pub mod up {
     pub const REFUSED: &str = "agent.refused";
     /// [`super::ConfigAck`]: the agent applied a config document, or failed to (outboxed).
     pub const CONFIG_ACK: &str = "agent.config.ack";
+    /// [`super::UpgradeResult`]: progress and outcome of an upgrade (outboxed).
+    pub const UPGRADE_RESULT: &str = "agent.upgrade.result";
 }
 
 /// Routes of scheduler -> agent pushes.
@@ -51,9 +53,11 @@ pub mod down {
     pub const CREDENTIAL: &str = "agent.credential";
     /// [`super::ConfigPush`]: write this version of a config document.
     pub const CONFIG: &str = "agent.config";
+    /// [`super::UpgradeManifest`]: download, verify and install this agent binary.
+    pub const UPGRADE: &str = "agent.upgrade";
 
     /// Every downstream route, all of them signed.
-    pub const ALL: [&str; 5] = [ACK, TASK, CANCEL, CREDENTIAL, CONFIG];
+    pub const ALL: [&str; 6] = [ACK, TASK, CANCEL, CREDENTIAL, CONFIG, UPGRADE];
 }
 
 /// Subject on which the scheduler announces agent state changes ([`StateChange`]).
@@ -210,6 +214,161 @@ pub struct ConfigAck {
     /// Why it failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// Unix ms.
+    pub at_ms: u64,
+}
+
+/// Largest agent artifact, bytes: bounds what an upload stores and what an agent downloads.
+pub const MAX_ARTIFACT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Shortest and longest time an upgraded agent gets to come back online, ms.
+pub const UPGRADE_DEADLINE_MS: std::ops::RangeInclusive<u64> = 1_000..=3_600_000;
+
+/// The HTTP path an agent downloads artifact `sha256` from, relative to the scheduler's
+/// base URL (authenticated with the agent's own token).
+pub fn artifact_path(sha256: &str) -> String {
+    format!("/v1/artifacts/{sha256}")
+}
+
+/// Whether `s` is a SHA-256 as the fleet writes it: 64 lowercase hex digits.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Why a manifest is refused before anything is downloaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// `sha256` is not 64 lowercase hex digits.
+    #[error("sha256 must be 64 lowercase hex digits")]
+    Sha256,
+    /// Size zero or above [`MAX_ARTIFACT_BYTES`].
+    #[error("size must be 1 to {MAX_ARTIFACT_BYTES} bytes, not {0}")]
+    Size(u64),
+    /// `path` is not [`artifact_path`] of `sha256`: a signed manifest still may only send
+    /// the agent's credential to the artifact it names.
+    #[error("path {0:?} is not the artifact's download path")]
+    Path(String),
+    /// Deadline outside [`UPGRADE_DEADLINE_MS`].
+    #[error("deadline must be 1 s to 1 h, not {0} ms")]
+    Deadline(u64),
+    /// Version empty, longer than 64 bytes or with characters outside `[A-Za-z0-9._+-]`.
+    #[error("version {0:?} must be 1 to 64 of A-Z a-z 0-9 . _ + -")]
+    Version(String),
+    /// Built for another platform.
+    #[error("the artifact is for {0}; this agent runs on {1}")]
+    Platform(String, String),
+}
+
+/// Checks a version string: 1 to 64 of `[A-Za-z0-9._+-]`.
+pub fn check_version(version: &str) -> Result<(), ManifestError> {
+    if version.is_empty()
+        || version.len() > 64
+        || !version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
+    {
+        return Err(ManifestError::Version(version.to_owned()));
+    }
+    Ok(())
+}
+
+/// An upgrade for one agent (signed like every push, so every field is the control plane's
+/// word): download the artifact, check its size and SHA-256, install it in place of the
+/// running binary and restart into it; if it is not back online within `deadline_ms`,
+/// restore the previous binary. The agent reports with [`UpgradeResult`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeManifest {
+    /// The upgrade (the scheduler's id; results name it).
+    pub upgrade_id: u64,
+    /// The version the new binary reports once running ([`check_version`]).
+    pub version: String,
+    /// SHA-256 of the artifact, 64 lowercase hex digits.
+    pub sha256: String,
+    /// Its size, bytes.
+    pub size: u64,
+    /// Where to download it, relative to the scheduler's base URL: always
+    /// [`artifact_path`] of `sha256`.
+    pub path: String,
+    /// How long the new binary gets to register after the restart, ms.
+    pub deadline_ms: u64,
+    /// Operating system it is built for (`linux`), as Rust's `std::env::consts::OS`; none:
+    /// any.
+    #[serde(default)]
+    pub os: Option<String>,
+    /// CPU architecture (`x86_64`, `aarch64`), as `std::env::consts::ARCH`; none: any.
+    #[serde(default)]
+    pub arch: Option<String>,
+}
+
+impl UpgradeManifest {
+    /// Checks everything that can be checked before a download, for an agent running on
+    /// `os`/`arch`.
+    pub fn check(&self, os: &str, arch: &str) -> Result<(), ManifestError> {
+        if !is_sha256_hex(&self.sha256) {
+            return Err(ManifestError::Sha256);
+        }
+        if self.size == 0 || self.size > MAX_ARTIFACT_BYTES {
+            return Err(ManifestError::Size(self.size));
+        }
+        if self.path != artifact_path(&self.sha256) {
+            return Err(ManifestError::Path(self.path.clone()));
+        }
+        if !UPGRADE_DEADLINE_MS.contains(&self.deadline_ms) {
+            return Err(ManifestError::Deadline(self.deadline_ms));
+        }
+        check_version(&self.version)?;
+        let want = (
+            self.os.as_deref().unwrap_or(os),
+            self.arch.as_deref().unwrap_or(arch),
+        );
+        if want != (os, arch) {
+            return Err(ManifestError::Platform(
+                format!("{}/{}", want.0, want.1),
+                format!("{os}/{arch}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where an agent stands with an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeOutcome {
+    /// The download began.
+    Downloading,
+    /// Verified and installed; the agent is restarting into it.
+    Installed,
+    /// The new binary registered and runs.
+    Completed,
+    /// The new binary did not come back online in time (or exited): the previous binary
+    /// was restored and runs again; see the error.
+    RolledBack,
+    /// Nothing was installed (download, size, SHA-256, platform, disk): the old binary
+    /// keeps running; see the error.
+    Failed,
+}
+
+/// An agent's report on an upgrade (outboxed, acknowledged with [`Ack`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeResult {
+    /// Outbox message id (idempotent ingestion).
+    pub message_id: String,
+    /// The manifest's upgrade id.
+    pub upgrade_id: u64,
+    /// The manifest's version.
+    pub version: String,
+    /// The manifest's SHA-256.
+    pub sha256: String,
+    /// Where it stands.
+    pub status: UpgradeOutcome,
+    /// Why it failed or was rolled back.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The version of the binary that sent this report.
+    pub running_version: String,
     /// Unix ms.
     pub at_ms: u64,
 }
@@ -629,11 +788,13 @@ mod tests {
             up::RESULT,
             up::REFUSED,
             up::CONFIG_ACK,
+            up::UPGRADE_RESULT,
             down::ACK,
             down::TASK,
             down::CANCEL,
             down::CREDENTIAL,
             down::CONFIG,
+            down::UPGRADE,
         ];
         let mut seen = std::collections::HashSet::new();
         for r in all {
@@ -644,5 +805,88 @@ mod tests {
             state_subject(&crate::UserId::new("n1").unwrap()),
             "fleet.agent.state.n1"
         );
+    }
+
+    fn manifest() -> UpgradeManifest {
+        let sha = config_sha256(b"binary");
+        UpgradeManifest {
+            upgrade_id: 3,
+            version: "1.2.3-rc.1+b7".into(),
+            path: artifact_path(&sha),
+            sha256: sha,
+            size: 6,
+            deadline_ms: 60_000,
+            os: Some("linux".into()),
+            arch: None,
+        }
+    }
+
+    #[test]
+    fn upgrade_messages_round_trip() {
+        let m = manifest();
+        assert_eq!(
+            from_bus::<UpgradeManifest>(&to_bus(&m).unwrap()).unwrap(),
+            m
+        );
+        let r = UpgradeResult {
+            message_id: "m".into(),
+            upgrade_id: 3,
+            version: m.version.clone(),
+            sha256: m.sha256.clone(),
+            status: UpgradeOutcome::RolledBack,
+            error: Some("exited".into()),
+            running_version: "1.2.2".into(),
+            at_ms: 9,
+        };
+        assert_eq!(from_bus::<UpgradeResult>(&to_bus(&r).unwrap()).unwrap(), r);
+    }
+
+    #[test]
+    fn manifests_are_checked_before_anything_is_downloaded() {
+        assert_eq!(manifest().check("linux", "x86_64"), Ok(()));
+        let bad = |f: fn(&mut UpgradeManifest)| {
+            let mut m = manifest();
+            f(&mut m);
+            m.check("linux", "x86_64")
+        };
+        assert_eq!(
+            bad(|m| m.sha256 = m.sha256.to_uppercase()),
+            Err(ManifestError::Sha256)
+        );
+        assert_eq!(bad(|m| m.size = 0), Err(ManifestError::Size(0)));
+        assert!(matches!(
+            bad(|m| m.size = MAX_ARTIFACT_BYTES + 1),
+            Err(ManifestError::Size(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.path = "https://evil.example/x".into()),
+            Err(ManifestError::Path(_))
+        ));
+        assert!(matches!(
+            bad(|m| m.path = "/v1/artifacts/../../etc/passwd".into()),
+            Err(ManifestError::Path(_))
+        ));
+        assert_eq!(
+            bad(|m| m.deadline_ms = 10),
+            Err(ManifestError::Deadline(10))
+        );
+        for v in ["", "a b", "1/2", "é"] {
+            let mut m = manifest();
+            m.version = v.into();
+            assert!(
+                matches!(m.check("linux", "x86_64"), Err(ManifestError::Version(_))),
+                "{v:?}"
+            );
+        }
+        assert!(matches!(
+            manifest().check("macos", "x86_64"),
+            Err(ManifestError::Platform(_, _))
+        ));
+        assert!(matches!(
+            bad(|m| m.arch = Some("aarch64".into())),
+            Err(ManifestError::Platform(_, _))
+        ));
+        assert!(is_sha256_hex(&config_sha256(b"")));
+        assert!(!is_sha256_hex("abc"));
     }
 }

@@ -26,6 +26,8 @@
 //! config_dir = "/etc/app"               # optional: where pushed config documents are
 //!                                       # written (none: every config push fails)
 //! config_state_path = "configs.json"    # default: configs.json beside the outbox
+//! scheduler_url = "https://sched:8080"  # optional: where signed upgrades are downloaded
+//!                                       # from (none: every upgrade fails, naming this)
 //!
 //! # What tasks may do (see the policy module); the values shown are the defaults.
 //! command_search_path = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
@@ -53,7 +55,7 @@
 //! `AGENT_REPORT_PERIOD_SECS`, `AGENT_BACKOFF_BASE_MS`, `AGENT_BACKOFF_CAP_MS`,
 //! `AGENT_BACKOFF_JITTER`, `AGENT_ALLOWED_COMMANDS`, `AGENT_METRICS_LISTEN`,
 //! `AGENT_COMMAND_KEYS_FILE`, `AGENT_CREDENTIAL_PATH`, `AGENT_CONFIG_DIR`,
-//! `AGENT_CONFIG_STATE_PATH`,
+//! `AGENT_CONFIG_STATE_PATH`, `AGENT_SCHEDULER_URL`, `AGENT_REPORTED_VERSION`,
 //! `AGENT_COMMAND_SEARCH_PATH` (separated by `,` or `:`), `AGENT_ALLOWED_ENV`,
 //! `AGENT_ALLOWED_CWD_ROOTS`, `AGENT_MAX_CONCURRENT_TASKS`, `AGENT_MAX_TIMEOUT_MS`,
 //! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`, `AGENT_TLS_CA_FILE`, `AGENT_TLS_PIN_SHA256`.
@@ -248,6 +250,21 @@ pub struct AgentConfig {
     pub probe_deny: Vec<Cidr>,
     /// TLS settings for `wss://` gateways.
     pub tls: TlsSettings,
+    /// Base URL of the scheduler's HTTP API (`http://` or `https://`), where signed
+    /// upgrades are downloaded from with this node's credential. Configured here rather
+    /// than taken from the command, so the credential only ever goes where the operator of
+    /// this machine said. `None`: every upgrade fails, naming this setting.
+    pub scheduler_url: Option<String>,
+    /// Where an upgrade in progress is recorded ([`crate::upgrade`]): `upgrade.json`
+    /// beside the outbox.
+    pub upgrade_state_path: PathBuf,
+    /// The version reported at register: the build's, unless `AGENT_REPORTED_VERSION`
+    /// (environment only) overrides it, for packagers who append a build suffix. It is the
+    /// agent's claim about itself like every register field, and gates nothing.
+    pub reported_version: String,
+    /// Set (`AGENT_UPGRADE_PROBE=1`, environment only) when this process is a new binary
+    /// being tried out by [`crate::upgrade`]: it marks the upgrade record once registered.
+    pub upgrade_probe: bool,
     /// The file this was loaded from, if any.
     pub file: Option<PathBuf>,
 }
@@ -335,6 +352,12 @@ pub enum Problem {
     /// Invalid backoff settings.
     #[error("{0}")]
     Backoff(BackoffError),
+    /// `scheduler_url` is not an `http://` or `https://` URL.
+    #[error("scheduler URL {url:?} must start with http:// or https://")]
+    SchedulerUrl {
+        /// The offending URL.
+        url: String,
+    },
     /// An empty path.
     #[error("the path is empty")]
     EmptyPath,
@@ -478,6 +501,7 @@ struct FileConfig {
     max_timeout_ms: Option<u64>,
     probe_allow: Option<Vec<String>>,
     probe_deny: Option<Vec<String>>,
+    scheduler_url: Option<String>,
     tls_ca_file: Option<PathBuf>,
     tls_pin_sha256: Option<Vec<String>>,
 }
@@ -886,6 +910,32 @@ impl AgentConfig {
         let probe_allow = resolve_cidrs(&l, "probe_allow", "AGENT_PROBE_ALLOW", f.probe_allow)?;
         let probe_deny = resolve_cidrs(&l, "probe_deny", "AGENT_PROBE_DENY", f.probe_deny)?;
         let tls = resolve_tls(&l, f.tls_ca_file, f.tls_pin_sha256, &gateways)?;
+        let scheduler_url = match l.pick(
+            "scheduler_url",
+            "AGENT_SCHEDULER_URL",
+            f.scheduler_url,
+            |s| Ok(s.to_owned()),
+        )? {
+            Some(Sourced { value, .. }) if value.trim().is_empty() => None,
+            Some(Sourced { value, origin }) => {
+                let lower = value.to_ascii_lowercase();
+                if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+                    return Err(invalid(
+                        "scheduler_url",
+                        origin,
+                        Problem::SchedulerUrl { url: value },
+                    ));
+                }
+                Some(value.trim_end_matches('/').to_owned())
+            }
+            None => None,
+        };
+        let reported_version = env("AGENT_REPORTED_VERSION")
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
+        let upgrade_state_path = outbox_path.with_file_name("upgrade.json");
+        let upgrade_probe = env("AGENT_UPGRADE_PROBE").is_some_and(|v| v.trim() == "1");
 
         Ok(AgentConfig {
             node_id: node_id_value,
@@ -911,6 +961,10 @@ impl AgentConfig {
             probe_allow,
             probe_deny,
             tls,
+            scheduler_url,
+            upgrade_state_path,
+            reported_version,
+            upgrade_probe,
             file: path.map(Path::to_path_buf),
         })
     }

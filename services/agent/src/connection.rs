@@ -42,6 +42,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -68,6 +69,7 @@ use crate::configs::{CONFIG_ACK_KIND, Configs};
 use crate::executor::{ExecEvent, Executor, RESULT_KIND};
 use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
 use crate::trust::{Credentials, Gate, GateError, REFUSED_KIND, refusal_report};
+use crate::upgrade::{UPGRADE_RESULT_KIND, Upgrader};
 use messages::command::Refusal;
 use servicekit::clock::now_ms;
 
@@ -127,6 +129,9 @@ pub enum RunError {
     /// The record of applied config documents is unreadable.
     #[error(transparent)]
     ConfigState(#[from] crate::configs::StateError),
+    /// The upgrade record could not be settled at start.
+    #[error(transparent)]
+    Upgrade(#[from] crate::upgrade::UpgradeError),
     /// No command keys are pinned: the agent could act on nothing, so it does not start.
     #[error(
         "no command keys pinned (command_keys_file / AGENT_COMMAND_KEYS_FILE): \
@@ -148,7 +153,7 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Outbox(_) => 74, // EX_IOERR
-            RunError::ConfigState(_) => 74,
+            RunError::ConfigState(_) | RunError::Upgrade(_) => 74,
             RunError::Join(_) => 70, // EX_SOFTWARE
             RunError::Refused { code, .. } if *code == CloseCode::Unauthorized.code() => 77,
             RunError::Refused { .. } => 76,      // EX_PROTOCOL
@@ -193,6 +198,7 @@ pub struct AgentHandle {
     metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), RunError>>,
+    restart: Arc<AtomicBool>,
 }
 
 impl AgentHandle {
@@ -222,6 +228,13 @@ impl AgentHandle {
     pub async fn join(&mut self) -> Result<(), RunError> {
         (&mut self.task).await?
     }
+
+    /// Whether the agent stopped because a new binary was installed: then the caller hands
+    /// over to it with [`crate::upgrade::hand_over`] (once [`AgentHandle::join`] returned
+    /// `Ok` and the runtime is gone).
+    pub fn restart_for_upgrade(&self) -> bool {
+        self.restart.load(Ordering::SeqCst)
+    }
 }
 
 /// Opens the outbox, binds the metrics endpoint if one is configured, and starts the agent.
@@ -233,6 +246,11 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
     }
     let path = config.outbox_path.clone();
     let outbox = Arc::new(tokio::task::spawn_blocking(move || Outbox::open(path)).await??);
+    // A finished upgrade (this binary completed it, or is the restored one) is reported.
+    {
+        let (config, outbox) = (config.clone(), Arc::clone(&outbox));
+        tokio::task::spawn_blocking(move || crate::upgrade::settle(&config, &outbox)).await??;
+    }
     let (dir, state) = (config.config_dir.clone(), config.config_state_path.clone());
     let configs = Arc::new(tokio::task::spawn_blocking(move || Configs::open(dir, state)).await??);
     let metrics = Arc::new(AgentMetrics::new());
@@ -246,11 +264,13 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
     };
     let metrics_addr = server.as_ref().map(MetricsServer::local_addr);
     let (stop, stopped) = watch::channel(false);
+    let restart = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn({
         let outbox = Arc::clone(&outbox);
         let metrics = Arc::clone(&metrics);
+        let restart = Arc::clone(&restart);
         async move {
-            let result = Box::pin(run(config, outbox, configs, stopped, metrics)).await;
+            let result = Box::pin(run(config, outbox, configs, stopped, metrics, restart)).await;
             if let Some(server) = server {
                 server.stop().await;
             }
@@ -263,6 +283,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
         metrics_addr,
         stop,
         task,
+        restart,
     })
 }
 
@@ -320,6 +341,10 @@ struct Ctx {
     config_tx: mpsc::UnboundedSender<fleet::ConfigPush>,
     /// Outbox deletions of acknowledged entries under way (each an fsync, off the loop).
     ack_tasks: tokio::task::JoinSet<()>,
+    /// Runs upgrades.
+    upgrader: Upgrader,
+    /// Set when the loop stopped for an installed upgrade.
+    restart: Arc<AtomicBool>,
 }
 
 /// Most tasks whose trace context is remembered (for results replayed after a reconnect).
@@ -373,6 +398,7 @@ pub async fn run(
     configs: Arc<Configs>,
     shutdown: watch::Receiver<bool>,
     metrics: Arc<AgentMetrics>,
+    restart: Arc<AtomicBool>,
 ) -> Result<(), RunError> {
     let (events_tx, events) = mpsc::unbounded_channel();
     // The report loop holds the outbox; it is stopped and awaited (not aborted) before
@@ -394,7 +420,7 @@ pub async fn run(
         events_tx.clone(),
     );
     let result = run_sessions(
-        config, outbox, configs, config_tx, shutdown, events_tx, events, metrics,
+        config, outbox, configs, config_tx, shutdown, events_tx, events, metrics, restart,
     )
     .await;
     let _ = stop_reports.send(true);
@@ -414,7 +440,9 @@ async fn run_sessions(
     events_tx: mpsc::UnboundedSender<ExecEvent>,
     events: mpsc::UnboundedReceiver<ExecEvent>,
     metrics: Arc<AgentMetrics>,
+    restart: Arc<AtomicBool>,
 ) -> Result<(), RunError> {
+    let upgrader = Upgrader::new(config.clone(), Arc::clone(&outbox), events_tx.clone());
     let executor = Executor::new(
         config.exec_policy(),
         Arc::clone(&outbox),
@@ -437,6 +465,8 @@ async fn run_sessions(
         configs,
         config_tx,
         ack_tasks: tokio::task::JoinSet::new(),
+        upgrader,
+        restart,
         gate,
         credentials,
         refusal_budget: (REFUSAL_REPORTS_PER_MINUTE, Instant::now()),
@@ -741,7 +771,7 @@ impl Ctx {
         let register = Register {
             node_id: self.config.node_id.to_string(),
             hostname: self.hostname.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: self.config.reported_version.clone(),
             labels: self.config.labels.clone(),
             addresses: local_address(&conn.ws).into_iter().collect(),
             configs,
@@ -749,6 +779,16 @@ impl Ctx {
         conn.publish(fleet::up::REGISTER, payload::to_bus(&register)?)
             .await?;
         self.replay(conn).await?;
+        if self.config.upgrade_probe {
+            // This process is a new binary on trial: registered is what the watchdog
+            // waits for.
+            let path = self.config.upgrade_state_path.clone();
+            if let Err(e) =
+                tokio::task::spawn_blocking(move || crate::upgrade::mark_probed(&path)).await?
+            {
+                tracing::error!(error = %e, "Cannot tell the upgrade watchdog this binary runs.");
+            }
+        }
         if let Some(status) = &self.status {
             conn.publish(fleet::up::STATUS, payload::to_bus(status)?)
                 .await?;
@@ -842,6 +882,15 @@ impl Ctx {
                                 conn.publish(fleet::up::CONFIG_ACK, payload).await?;
                             }
                         }
+                        ExecEvent::UpgradeResult { seq, payload } => {
+                            if conn.sent.insert(seq) {
+                                conn.publish(fleet::up::UPGRADE_RESULT, payload).await?;
+                            }
+                        }
+                        ExecEvent::UpgradeInstalled => {
+                            self.restart.store(true, Ordering::SeqCst);
+                            return Ok(SessionEnd::Shutdown);
+                        }
                         ExecEvent::Status(status) => {
                             conn.publish(fleet::up::STATUS, payload::to_bus(&status)?).await?;
                             self.status = Some(status);
@@ -899,6 +948,12 @@ impl Ctx {
                 CONFIG_ACK_KIND => {
                     if conn.sent.insert(entry.seq) {
                         conn.publish(fleet::up::CONFIG_ACK, entry.payload).await?;
+                    }
+                }
+                UPGRADE_RESULT_KIND => {
+                    if conn.sent.insert(entry.seq) {
+                        conn.publish(fleet::up::UPGRADE_RESULT, entry.payload)
+                            .await?;
                     }
                 }
                 REPORT_KIND => match payload::from_bus::<Report>(&entry.payload) {
@@ -1010,6 +1065,28 @@ impl Ctx {
                     );
                     if self.config_tx.send(push).is_err() {
                         tracing::error!("The config worker is gone; config not applied.");
+                    }
+                }
+                Err(e) => {
+                    let refusal = Refusal::Body(e.to_string());
+                    return self.refuse(conn, &route, &frame.body, &refusal, now).await;
+                }
+            },
+            fleet::down::UPGRADE => match payload::from_bus::<fleet::UpgradeManifest>(body) {
+                Ok(manifest) => {
+                    tracing::info!(
+                        upgrade_id = manifest.upgrade_id,
+                        version = %manifest.version,
+                        sha256 = %manifest.sha256,
+                        command_id = %envelope.id,
+                        "Upgrade received."
+                    );
+                    let upgrader = self.upgrader.clone();
+                    if upgrader.begin() {
+                        let token = self.credentials.current(now_ms() / 1000);
+                        tokio::spawn(upgrader.run(manifest, token));
+                    } else {
+                        tokio::spawn(upgrader.busy(manifest));
                     }
                 }
                 Err(e) => {

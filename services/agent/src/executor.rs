@@ -95,6 +95,17 @@ pub enum ExecEvent {
         /// The encoded ack.
         payload: Vec<u8>,
     },
+    /// An upgrade report was durably written to the outbox as entry `seq`; `payload` is
+    /// the msgpack [`messages::fleet::UpgradeResult`] to send on `agent.upgrade.result`.
+    UpgradeResult {
+        /// The outbox sequence.
+        seq: u64,
+        /// The encoded report.
+        payload: Vec<u8>,
+    },
+    /// A new binary is installed: the connection loop stops so the process can hand over
+    /// to it ([`crate::upgrade::hand_over`]).
+    UpgradeInstalled,
 }
 
 /// Why a result could not be stored.

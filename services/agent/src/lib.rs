@@ -12,6 +12,8 @@
 //!   caps, probe destinations), checked before anything runs.
 //! - [`outbox`]: the durable redb queue every report and result passes through, so nothing
 //!   is lost across disconnects or a kill -9.
+//! - [`upgrade`]: signed self-upgrades (download, verify, swap, restart) and the watchdog
+//!   that restores the previous binary when the new one does not come back online.
 //! - [`backoff`]: reconnect delays (capped exponential with jitter).
 //! - [`metrics`]: host CPU, memory and disk samples for status reports.
 //! - [`agent_metrics`]: the agent's own Prometheus counters and gauges ([`AgentMetrics`]),
@@ -29,6 +31,7 @@ pub mod outbox;
 pub mod output;
 pub mod policy;
 pub mod trust;
+pub mod upgrade;
 
 pub use agent_metrics::AgentMetrics;
 pub use backoff::{BackoffError, ExponentialBackoff};

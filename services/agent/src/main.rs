@@ -10,6 +10,12 @@
 //! another "do not reconnect" close, 74 outbox I/O error, 71 no runtime, 70 internal
 //! failure.
 //!
+//! Upgrades (`agent::upgrade`): after an upgrade was installed the agent stops, and this
+//! process becomes the watchdog of the new binary; it ends by exec'ing the new binary or
+//! the restored previous one, so the process manager keeps watching one PID. A start that
+//! finds an upgrade whose watchdog died resumes watching. 69 (EX_UNAVAILABLE): neither
+//! binary could be exec'd.
+//!
 //! With `metrics_listen` (or `AGENT_METRICS_LISTEN`) set, Prometheus can scrape
 //! `http://<metrics_listen>/metrics`; `/healthz` there answers `ok` while the process runs.
 
@@ -47,6 +53,12 @@ fn main() -> ExitCode {
             return ExitCode::from(78);
         }
     };
+    match agent::upgrade::boot(&config) {
+        Ok(agent::upgrade::Boot::Run) => {}
+        Ok(agent::upgrade::Boot::Watch) => return watch_upgrade(&config),
+        // The agent still runs; the record is reported as unreadable at start.
+        Err(e) => tracing::error!(error = %e, "Cannot read the upgrade record."),
+    }
     // Two workers are plenty for one connection and a few tasks; the blocking pool serves
     // the outbox.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -61,18 +73,18 @@ fn main() -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    runtime.block_on(async move {
+    let (code, restart) = runtime.block_on(async {
         tracing::info!(
             node = %config.node_id,
             gateways = config.gateways.len(),
             outbox = %config.outbox_path.display(),
             "Starting."
         );
-        let mut handle = match agent::start(config).await {
+        let mut handle = match agent::start(config.clone()).await {
             Ok(handle) => handle,
             Err(e) => {
                 tracing::error!(error = %e, "Cannot start.");
-                return ExitCode::from(e.exit_code());
+                return (ExitCode::from(e.exit_code()), false);
             }
         };
         let result = tokio::select! {
@@ -84,11 +96,26 @@ fn main() -> ExitCode {
             }
         };
         match result {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(()) => (ExitCode::SUCCESS, handle.restart_for_upgrade()),
             Err(e) => {
                 tracing::error!(error = %e, "Stopped.");
-                ExitCode::from(e.exit_code())
+                (ExitCode::from(e.exit_code()), false)
             }
         }
-    })
+    });
+    // The runtime (and with it the outbox and the metrics socket) is gone before the new
+    // binary starts.
+    drop(runtime);
+    if restart {
+        return watch_upgrade(&config);
+    }
+    code
+}
+
+/// Hands over to the installed upgrade; returns only when nothing could be exec'd.
+fn watch_upgrade(config: &agent::AgentConfig) -> ExitCode {
+    let e = agent::upgrade::hand_over(config);
+    tracing::error!(error = %e, "Upgrade hand-over failed.");
+    // EX_UNAVAILABLE
+    ExitCode::from(69)
 }

@@ -718,3 +718,42 @@ fn config_documents_go_to_config_dir_and_their_state_beside_the_outbox() {
     let e = AgentConfig::load(Some(&path), env(&[("AGENT_CONFIG_STATE_PATH", "")])).unwrap_err();
     assert_eq!(e.field(), Some("config_state_path"));
 }
+
+#[test]
+fn upgrade_settings_come_from_the_file_or_the_environment() {
+    let c = load(MINIMAL, no_env).unwrap();
+    assert_eq!(c.scheduler_url, None);
+    assert_eq!(c.reported_version, env!("CARGO_PKG_VERSION"));
+    assert!(!c.upgrade_probe);
+    assert_eq!(
+        c.upgrade_state_path,
+        Path::new("/var/lib/agent/upgrade.json")
+    );
+    let with_url = format!("scheduler_url = \"https://sched.example:8100/\"\n{MINIMAL}");
+    let c = load(&with_url, no_env).unwrap();
+    assert_eq!(
+        c.scheduler_url.as_deref(),
+        Some("https://sched.example:8100")
+    );
+    let c = load(
+        &with_url,
+        env(&[
+            ("AGENT_SCHEDULER_URL", ""),
+            ("AGENT_REPORTED_VERSION", "1.2.3+build7"),
+            ("AGENT_UPGRADE_PROBE", "1"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.scheduler_url, None);
+    assert_eq!(c.reported_version, "1.2.3+build7");
+    assert!(c.upgrade_probe);
+    let err = load(MINIMAL, env(&[("AGENT_SCHEDULER_URL", "ftp://sched")])).unwrap_err();
+    assert_eq!(err.field(), Some("scheduler_url"));
+    assert!(matches!(
+        err,
+        ConfigError::Invalid {
+            problem: Problem::SchedulerUrl { .. },
+            ..
+        }
+    ));
+}

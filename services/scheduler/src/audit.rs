@@ -47,6 +47,10 @@ pub const ROLLOUT_STEP: &str = "rollout.step";
 pub const CONFIG_SET: &str = "config.set";
 /// A config document's desired version was moved back to an older one.
 pub const CONFIG_ROLLBACK: &str = "config.rollback";
+/// An agent artifact was uploaded.
+pub const ARTIFACT_UPLOAD: &str = "artifact.upload";
+/// An agent upgrade was started.
+pub const UPGRADE_START: &str = "upgrade.start";
 
 /// The entry `actor` doing `action` to `target` makes.
 pub fn entry(

@@ -439,6 +439,9 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
         fleet::up::STATUS => status(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REFUSED => refused(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REPORT => reports(shared, node, payload::decode_body(codec, body)?).await,
+        fleet::up::UPGRADE_RESULT => {
+            crate::upgrades::result(shared, node, payload::decode_body(codec, body)?).await
+        }
         // `started`, results and config acks are taken out earlier and stored in bursts.
         fleet::up::OUTPUT => {
             let chunk: fleet::TaskOutput = payload::decode_body(codec, body)?;
@@ -461,6 +464,7 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
     let now = now_ms();
     let n = node.clone();
     let reported = reg.configs;
+    let version = reg.version.clone();
     let (old, record) = blocking(shared, move |store| {
         let registered_at_ms = store
             .agent(&n)?
@@ -494,6 +498,11 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
     if let Err(e) = crate::configs::converge(shared, record, reported).await {
         shared.metrics.bus_errors.inc();
         tracing::warn!(%node, error = %e, "Config convergence failed.");
+    }
+    // The register says which version runs: an upgrade to it is done; pending ones go out.
+    if let Err(e) = crate::upgrades::at_register(shared, &node, version).await {
+        shared.metrics.bus_errors.inc();
+        tracing::warn!(%node, error = %e, "Upgrade bookkeeping at register failed.");
     }
     dispatch_pending(shared, &node).await
 }

@@ -52,6 +52,13 @@ pub struct Args {
     /// The redb file holding the registry, tasks and results.
     #[arg(long, env = "SCHEDULER_DB", default_value = "scheduler.redb")]
     pub db: PathBuf,
+    /// Where uploaded agent artifacts are kept, one file per SHA-256 (default: `artifacts`
+    /// beside the database file; on the same shared volume for a standby).
+    #[arg(long, env = "SCHEDULER_ARTIFACT_DIR")]
+    pub artifact_dir: Option<PathBuf>,
+    /// Largest artifact upload, bytes (held in memory while it is hashed and written).
+    #[arg(long, env = "SCHEDULER_MAX_ARTIFACT_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub max_artifact_bytes: u64,
     /// Agent heartbeat period, ms; an agent is offline after three missed periods.
     #[arg(long, env = "SCHEDULER_HEARTBEAT_MS", default_value_t = 10_000)]
     pub heartbeat_ms: u64,
@@ -168,6 +175,10 @@ pub struct Config {
     pub agent_tokens: Option<Arc<AgentTokens>>,
     /// Serve the HTTP API over HTTPS with this configuration; `None` serves plain HTTP.
     pub tls: Option<Arc<servicekit::tls::ServerConfig>>,
+    /// Where uploaded agent artifacts are kept.
+    pub artifact_dir: PathBuf,
+    /// Largest artifact upload, bytes (at most [`messages::fleet::MAX_ARTIFACT_BYTES`]).
+    pub max_artifact_bytes: u64,
 }
 
 impl Config {
@@ -179,11 +190,14 @@ impl Config {
         api_keys: Vec<String>,
         db_path: impl Into<PathBuf>,
     ) -> Self {
+        let db_path: PathBuf = db_path.into();
         Config {
             nats_url: nats_url.into(),
             api_keys: ApiKey::legacy(api_keys),
             idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
-            db_path: db_path.into(),
+            artifact_dir: db_path.with_file_name("artifacts"),
+            max_artifact_bytes: 128 * 1024 * 1024,
+            db_path,
             heartbeat: Duration::from_secs(10),
             missed_heartbeats: 3,
             dispatch_timeout: Duration::from_secs(30),
@@ -206,6 +220,14 @@ impl Config {
         config.api_keys =
             auth::parse_keys(&args.api_keys).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         config.idempotency_ttl = Duration::from_secs(args.idempotency_ttl_secs);
+        if let Some(dir) = args
+            .artifact_dir
+            .clone()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            config.artifact_dir = dir;
+        }
+        config.max_artifact_bytes = args.max_artifact_bytes;
         config.heartbeat = Duration::from_millis(args.heartbeat_ms);
         config.dispatch_timeout = Duration::from_millis(args.dispatch_timeout_ms);
         config.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
@@ -284,6 +306,14 @@ impl Config {
         }
         if self.instance.is_empty() {
             return Err(ConfigError::Invalid("instance name is empty".into()));
+        }
+        if self.max_artifact_bytes == 0
+            || self.max_artifact_bytes > messages::fleet::MAX_ARTIFACT_BYTES
+        {
+            return Err(ConfigError::Invalid(format!(
+                "the artifact size limit must be 1 to {} bytes",
+                messages::fleet::MAX_ARTIFACT_BYTES
+            )));
         }
         if self.db_path.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("database path is empty".into()));

@@ -1,6 +1,7 @@
 //! The operators' HTTP API: agents (list with label/state filters, get one), tasks (create,
 //! list, get with per-target states and results, cancel), versioned config documents
 //! ([`configs`]: set, get, history, per-node status, rollback), schedules ([`schedules`]),
+//! agent artifacts and upgrades ([`upgrades`]; the artifact download takes an agent token),
 //! the audit log, plus `/healthz`, `/readyz` and `/metrics`. Every `/v1` route needs
 //! `Authorization: Bearer <api key>`: any key may `GET`, only operator keys may change
 //! anything ([`crate::auth`]); every change is audited ([`crate::audit`]). Every error is a
@@ -30,6 +31,7 @@ use servicekit::clock::now_ms;
 mod configs;
 mod rollouts;
 mod schedules;
+mod upgrades;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
 const OPENAPI: &str = include_str!("openapi.json");
@@ -58,7 +60,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/audit", web::get().to(list_audit))
         .configure(configs::routes)
         .configure(rollouts::routes)
-        .configure(schedules::routes);
+        .configure(schedules::routes)
+        .configure(upgrades::routes);
 }
 
 /// The routes of a standby (an instance waiting for the leader lease, with no store open):
@@ -105,6 +108,14 @@ impl From<BusError> for ApiError {
                 ApiError::not_found(format!("no schedule {id}"))
             }
             BusError::Store(StoreError::InvalidConfig(m)) => ApiError::bad("invalid_config", m),
+            BusError::Store(StoreError::InvalidUpgrade(m)) => ApiError::bad("invalid_upgrade", m),
+            BusError::Store(StoreError::UnknownArtifact(sha)) => ApiError::bad(
+                "unknown_artifact",
+                format!("no artifact {sha} was uploaded (POST /v1/artifacts)"),
+            ),
+            BusError::Store(StoreError::UnknownUpgrade(id)) => {
+                ApiError::not_found(format!("no upgrade {id}"))
+            }
             BusError::Store(
                 e @ (StoreError::UnknownConfig(_) | StoreError::UnknownConfigVersion { .. }),
             ) => ApiError::not_found(e.to_string()),
@@ -883,6 +894,10 @@ mod tests {
             "/v1/configs/{name}/history",
             "/v1/configs/{name}/status",
             "/v1/configs/{name}/rollback",
+            "/v1/artifacts",
+            "/v1/artifacts/{sha256}",
+            "/v1/upgrades",
+            "/v1/upgrades/{id}",
             "/healthz",
             "/readyz",
             "/metrics",

@@ -16,9 +16,12 @@
 //! - [`schedule`]: recurring tasks from cron expressions, fired by the active instance.
 //! - [`rollout`]: staged rollouts (pilot, gray, full in batches), driven by the active
 //!   instance.
+//! - [`upgrades`]: signed agent upgrades on the bus (push, reports, `online` at register);
+//!   [`artifacts`]: the uploaded binaries on disk, by SHA-256.
 //!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
+pub mod artifacts;
 pub mod audit;
 pub mod auth;
 pub mod bus;
@@ -32,6 +35,7 @@ pub mod rollout;
 pub mod schedule;
 pub mod store;
 pub mod trust;
+pub mod upgrades;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -118,6 +122,10 @@ pub struct Metrics {
     pub rollout_batches: Counter,
     /// Rollouts halted by their failure threshold or a batch that could not start.
     pub rollout_halts: Counter,
+    /// Upgrade manifests pushed to agents.
+    pub upgrade_pushes: Counter,
+    /// Upgrade reports from agents ingested.
+    pub upgrade_results: Counter,
     /// Per-hop latency of agent traffic, from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
 }
@@ -163,6 +171,8 @@ impl Metrics {
             "rollout_halts",
             "Rollouts halted by a failure threshold or a batch that could not start.",
         );
+        let upgrade_pushes = counter("upgrade_pushes", "Upgrade manifests pushed to agents.");
+        let upgrade_results = counter("upgrade_results", "Upgrade reports from agents ingested.");
         let hops = servicekit::hops::HopLatency::register(&mut registry);
         Metrics {
             registry,
@@ -184,6 +194,8 @@ impl Metrics {
             config_acks,
             rollout_batches,
             rollout_halts,
+            upgrade_pushes,
+            upgrade_results,
             hops,
         }
     }

@@ -38,6 +38,7 @@ mod configs;
 mod operator;
 mod rollouts;
 mod schedules;
+mod upgrades;
 pub use configs::{
     CONFIG_HISTORY, ConfigNodeStatus, ConfigRecord, ConfigState, ConfigVersion, NewConfigAck,
     NewConfigVersion,
@@ -53,6 +54,7 @@ pub use rollouts::{
 pub use schedules::{
     Fire, NewSchedule, Overlap, SCHEDULE_ACTOR, ScheduleId, ScheduleRecord, fire_key,
 };
+pub use upgrades::{ArtifactRecord, NewUpgrade, UpgradeNodeStatus, UpgradeRecord, UpgradeState};
 
 /// Small counters: format version and the next task id.
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("scheduler_meta");
@@ -218,6 +220,15 @@ pub enum StoreError {
         /// Its state.
         state: RolloutState,
     },
+    /// An upgrade request is unusable (the message says why); nothing was stored.
+    #[error("invalid upgrade: {0}")]
+    InvalidUpgrade(String),
+    /// No artifact with this SHA-256 was uploaded.
+    #[error("unknown artifact {0}")]
+    UnknownArtifact(String),
+    /// No upgrade with this id exists.
+    #[error("unknown upgrade {0}")]
+    UnknownUpgrade(u64),
     /// An idempotency key was used again with a different request; nothing was stored.
     #[error("idempotency key {key:?} was already used with a different request (task {task_id})")]
     IdempotencyConflict {
@@ -697,6 +708,7 @@ impl Store {
         schedules::create_tables(&txn)?;
         configs::create_tables(&txn)?;
         rollouts::create_tables(&txn)?;
+        upgrades::create_tables(&txn)?;
         txn.commit()?;
         Ok(Store { db, path, options })
     }

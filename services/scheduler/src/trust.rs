@@ -18,7 +18,7 @@ use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use messages::UserId;
 use messages::fleet::Refused;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -63,6 +63,9 @@ pub enum KeyError {
 /// Issues agent tokens (EdDSA JWTs) with the agent-token key.
 pub struct AgentTokens {
     key: EncodingKey,
+    /// The public half: the scheduler checks agent credentials itself where no gateway
+    /// stands in front of it (artifact downloads).
+    public: DecodingKey,
     kid: String,
     /// Lifetime of a renewed token.
     pub ttl: Duration,
@@ -93,8 +96,11 @@ impl AgentTokens {
         // Parsed once by dalek too, for the key id operators see in logs.
         let signer = messages::command::CommandSigner::from_pem(pem).map_err(|e| e.to_string())?;
         let key = EncodingKey::from_ed_pem(pem.as_bytes()).map_err(|e| e.to_string())?;
+        let public_pem = signer.public_pem().map_err(|e| e.to_string())?;
+        let public = DecodingKey::from_ed_pem(public_pem.as_bytes()).map_err(|e| e.to_string())?;
         Ok(AgentTokens {
             key,
+            public,
             kid: signer.kid().to_owned(),
             ttl,
         })
@@ -103,6 +109,32 @@ impl AgentTokens {
     /// The key id.
     pub fn kid(&self) -> &str {
         &self.kid
+    }
+
+    /// Verifies an agent token as the gateways do: EdDSA with this key's public half,
+    /// `exp` and `sub` required (60 s leeway), `kind` absent or `agent`. Returns the node
+    /// it names. App tokens (another key) and API keys (not JWTs) are refused.
+    pub fn verify(&self, token: &str) -> Result<UserId, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(TokenError::Signature);
+        }
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = 60;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        let claims = jsonwebtoken::decode::<PresentedClaims>(token, &self.public, &validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::Signature,
+                _ => TokenError::Malformed,
+            })?
+            .claims;
+        if claims.kind.as_deref().is_some_and(|k| k != "agent") {
+            return Err(TokenError::NotAgent);
+        }
+        UserId::new(claims.sub).map_err(|_| TokenError::Malformed)
     }
 
     /// A token for `node` valid from `now_s` for `ttl`; returns it with its expiry (unix s).
@@ -128,6 +160,31 @@ impl AgentTokens {
         header.kid = Some(self.kid.clone());
         Ok((jsonwebtoken::encode(&header, &claims, &self.key)?, exp))
     }
+}
+
+/// The claims checked on a presented agent token.
+#[derive(Debug, Deserialize)]
+struct PresentedClaims {
+    sub: String,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+/// Why a presented agent token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not a JWT, or its claims are unreadable.
+    #[error("not a readable agent token")]
+    Malformed,
+    /// Not signed with the agent-token key.
+    #[error("not signed with the agent-token key")]
+    Signature,
+    /// Expired.
+    #[error("expired")]
+    Expired,
+    /// Signed with the agent-token key but not an agent token.
+    #[error("not an agent token")]
+    NotAgent,
 }
 
 /// Reads a PEM file.

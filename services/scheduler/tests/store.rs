@@ -1087,3 +1087,151 @@ fn config_versions_history_rollback_and_node_states_survive_a_reopen() {
         3 + CONFIG_HISTORY + 5
     );
 }
+
+#[test]
+fn artifacts_and_upgrades_move_forward_and_survive_a_reopen() {
+    use messages::fleet::{UpgradeOutcome, UpgradeResult, config_sha256};
+    use scheduler::store::{ArtifactRecord, NewUpgrade, UpgradeState};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = Store::open(&path).unwrap();
+    store
+        .upsert_agent(&agent("eu-1", &[("region", "eu")], 1))
+        .unwrap();
+    store
+        .upsert_agent(&agent("eu-2", &[("region", "eu")], 1))
+        .unwrap();
+    let sha = config_sha256(b"agent v2");
+    let new = |sha: &str, version: &str| NewUpgrade {
+        sha256: sha.into(),
+        version: version.into(),
+        deadline_ms: 60_000,
+        os: None,
+        arch: None,
+        targets: Targets::Selector(labels(&[("region", "eu")])),
+        actor: "ops".into(),
+    };
+    // Unknown artifacts and bad requests store nothing.
+    assert!(matches!(
+        store.create_upgrade(&new(&sha, "2.0"), 5, |_, _| audit_entry("upgrade.start")),
+        Err(StoreError::UnknownArtifact(_))
+    ));
+    for bad in [new("abc", "2.0"), new(&sha, "2 0"), {
+        let mut n = new(&sha, "2.0");
+        n.deadline_ms = 10;
+        n
+    }] {
+        assert!(matches!(
+            store.create_upgrade(&bad, 5, |_, _| audit_entry("upgrade.start")),
+            Err(StoreError::InvalidUpgrade(_))
+        ));
+    }
+    let artifact = ArtifactRecord {
+        sha256: sha.clone(),
+        size: 8,
+        uploaded_at_ms: 10,
+        actor: "ops".into(),
+    };
+    let (_, first, _) = store
+        .put_artifact(&artifact, |_, _| audit_entry("artifact.upload"))
+        .unwrap();
+    assert!(first);
+    let mut again = artifact.clone();
+    again.uploaded_at_ms = 20;
+    let (kept, first, _) = store
+        .put_artifact(&again, |_, _| audit_entry("artifact.upload"))
+        .unwrap();
+    assert!(!first);
+    assert_eq!(kept, artifact);
+
+    let (upgrade, nodes, _) = store
+        .create_upgrade(&new(&sha, "2.0"), 30, |_, _| audit_entry("upgrade.start"))
+        .unwrap();
+    assert_eq!(upgrade.size, 8);
+    assert_eq!(nodes.len(), 2);
+    let manifest = upgrade.manifest();
+    assert_eq!(manifest.path, format!("/v1/artifacts/{sha}"));
+    assert_eq!(manifest.check("linux", "x86_64"), Ok(()));
+
+    let report = |status, running: &str| UpgradeResult {
+        message_id: "m".into(),
+        upgrade_id: upgrade.id,
+        version: "2.0".into(),
+        sha256: sha.clone(),
+        status,
+        error: Some("why".into()),
+        running_version: running.into(),
+        at_ms: 0,
+    };
+    let eu1 = node("eu-1");
+    let eu2 = node("eu-2");
+    assert_eq!(
+        store
+            .record_upgrade_result(&eu1, &report(UpgradeOutcome::Installed, "1.0"), 40)
+            .unwrap(),
+        Some(UpgradeState::Installed)
+    );
+    // A replayed earlier report changes nothing.
+    assert_eq!(
+        store
+            .record_upgrade_result(&eu1, &report(UpgradeOutcome::Downloading, "1.0"), 41)
+            .unwrap(),
+        Some(UpgradeState::Installed)
+    );
+    // A register with the target version finishes it; pending ones are handed back.
+    assert!(
+        store
+            .upgrades_at_register(&eu1, "2.0", 50)
+            .unwrap()
+            .is_empty()
+    );
+    let pending = store.upgrades_at_register(&eu2, "1.0", 50).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].id, upgrade.id);
+    // The watchdog's rollback has the last word, even over online.
+    assert_eq!(
+        store
+            .record_upgrade_result(&eu1, &report(UpgradeOutcome::RolledBack, "1.0"), 60)
+            .unwrap(),
+        Some(UpgradeState::RolledBack)
+    );
+    // Not a target: nothing stored.
+    assert_eq!(
+        store
+            .record_upgrade_result(&node("us-9"), &report(UpgradeOutcome::Failed, "1.0"), 60)
+            .unwrap(),
+        None
+    );
+    drop(store);
+
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.artifacts().unwrap(), vec![artifact]);
+    let (again, states) = store.upgrade(upgrade.id).unwrap();
+    assert_eq!(again, upgrade);
+    let by_node: BTreeMap<String, (UpgradeState, Option<String>)> = states
+        .into_iter()
+        .map(|s| (s.node_id, (s.state, s.error)))
+        .collect();
+    assert_eq!(
+        by_node["eu-1"],
+        (UpgradeState::RolledBack, Some("why".into()))
+    );
+    assert_eq!(by_node["eu-2"].0, UpgradeState::Pending);
+    // Rolled back is final: a register no longer touches it; eu-2 is still pending.
+    assert!(
+        store
+            .upgrades_at_register(&eu1, "2.0", 70)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.upgrades_at_register(&eu2, "1.0", 70).unwrap().len(),
+        1
+    );
+    assert_eq!(store.upgrades(10).unwrap().len(), 1);
+    assert!(matches!(
+        store.upgrade(99),
+        Err(StoreError::UnknownUpgrade(99))
+    ));
+    assert_eq!(store.audit(0, 100).unwrap().len(), 3);
+}

@@ -15,6 +15,9 @@
 //! schedctl rollout start --selector role=edge --batch 10% --pause-secs 30 -- /opt/upgrade.sh
 //! schedctl rollout status 3
 //! schedctl rollout promote 3
+//! schedctl artifact upload ./agent-1.4.0
+//! schedctl upgrade start --sha256 <sha256> --version 1.4.0 --selector region=eu --deadline-secs 120
+//! schedctl upgrade status 1
 //! ```
 //! The key (`SCHEDULER_API_KEY`) is one secret of the scheduler's `SCHEDULER_API_KEYS`: a
 //! read-scope key can list and show, creating and cancelling need an operator key.
@@ -147,6 +150,16 @@ enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Agent binaries for upgrades: upload, list.
+    Artifact {
+        #[command(subcommand)]
+        command: ArtifactCommand,
+    },
+    /// Signed agent upgrades: start, status, list.
+    Upgrade {
+        #[command(subcommand)]
+        command: UpgradeCommand,
+    },
     /// Show the audit log: who created, cancelled or revoked what, oldest first.
     Audit {
         /// Only entries after this sequence number.
@@ -208,6 +221,53 @@ enum ConfigCommand {
         #[arg(long)]
         to: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ArtifactCommand {
+    /// Upload an agent binary; prints its sha256 (what `upgrade start` names).
+    Upload {
+        /// The binary.
+        file: PathBuf,
+    },
+    /// List uploaded artifacts.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum UpgradeCommand {
+    /// Upgrade agents to an uploaded artifact; prints the upgrade id.
+    Start {
+        /// The artifact's sha256 (from `artifact upload`).
+        #[arg(long)]
+        sha256: String,
+        /// The version the new binary reports once running.
+        #[arg(long)]
+        version: String,
+        /// Target these node ids (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Target agents with these labels (`k=v`, comma-separated or repeated).
+        #[arg(long = "selector", alias = "label")]
+        selectors: Vec<String>,
+        /// How long each agent's new binary gets to come back online before its watchdog
+        /// restores the previous one, seconds.
+        #[arg(long, default_value_t = 120)]
+        deadline_secs: u64,
+        /// Only for agents on this OS (`linux`).
+        #[arg(long)]
+        os: Option<String>,
+        /// Only for agents on this CPU architecture (`x86_64`, `aarch64`).
+        #[arg(long)]
+        arch: Option<String>,
+    },
+    /// Per node: pending, downloading, installed, online, rolled_back or failed (why).
+    Status {
+        /// Upgrade id.
+        id: u64,
+    },
+    /// List recent upgrades.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -528,6 +588,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Config { command } => config(&api, cli.json, command),
         Command::Schedule { command } => schedule(&api, cli.json, command),
         Command::Rollout { command } => rollout(&api, cli.json, command),
+        Command::Artifact { command } => artifact(&api, cli.json, command),
+        Command::Upgrade { command } => upgrade(&api, cli.json, command),
         Command::Audit { since, limit } => {
             let v = api.get(&format!("/v1/audit?since={since}&limit={limit}"))?;
             if cli.json {
@@ -575,6 +637,147 @@ fn label_map(args: &[String]) -> Result<serde_json::Map<String, Value>, Failure>
         labels.insert(k.to_owned(), Value::String(v.to_owned()));
     }
     Ok(labels)
+}
+
+fn artifact(api: &Api, as_json: bool, command: &ArtifactCommand) -> Result<(), Failure> {
+    match command {
+        ArtifactCommand::Upload { file } => {
+            let bytes = std::fs::read(file)
+                .map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;
+            let v = api.post_bytes("/v1/artifacts", bytes)?;
+            if as_json {
+                return print_json(&v);
+            }
+            println!("{}", text(&v["sha256"]));
+            eprintln!("artifact {} bytes", text(&v["size"]));
+            Ok(())
+        }
+        ArtifactCommand::List => {
+            let v = api.get("/v1/artifacts")?;
+            if as_json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["artifacts"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|a| {
+                            vec![
+                                text(&a["sha256"]),
+                                text(&a["size"]),
+                                a["uploaded_at_ms"].as_u64().map(ago).unwrap_or_default(),
+                                text(&a["actor"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["SHA256", "SIZE", "UPLOADED", "BY"], &rows);
+            Ok(())
+        }
+    }
+}
+
+fn upgrade(api: &Api, as_json: bool, command: &UpgradeCommand) -> Result<(), Failure> {
+    match command {
+        UpgradeCommand::Start {
+            sha256,
+            version,
+            nodes,
+            selectors,
+            deadline_secs,
+            os,
+            arch,
+        } => {
+            let targets = match (nodes.is_empty(), selectors.is_empty()) {
+                (false, true) => json!({"nodes": nodes}),
+                (true, false) => json!({"labels": label_map(selectors)?}),
+                _ => return Err(Failure::Usage("give either --nodes or --selector".into())),
+            };
+            let mut body = json!({
+                "targets": targets,
+                "sha256": sha256,
+                "version": version,
+                "deadline_secs": deadline_secs,
+            });
+            if let Some(os) = os {
+                body["os"] = json!(os);
+            }
+            if let Some(arch) = arch {
+                body["arch"] = json!(arch);
+            }
+            let v = api.post("/v1/upgrades", &body)?;
+            if as_json {
+                return print_json(&v);
+            }
+            println!("{}", text(&v["upgrade_id"]));
+            eprintln!(
+                "upgrade to {version} for {} node(s), pushed to {} now",
+                v["nodes"].as_array().map_or(0, Vec::len),
+                text(&v["pushed"])
+            );
+            Ok(())
+        }
+        UpgradeCommand::Status { id } => {
+            let v = api.get(&format!("/v1/upgrades/{id}"))?;
+            if as_json {
+                return print_json(&v);
+            }
+            println!(
+                "upgrade {id} to {} (sha256 {}), deadline {} s",
+                text(&v["version"]),
+                short_sha(&v["sha256"]),
+                v["deadline_ms"].as_u64().unwrap_or(0) / 1000
+            );
+            let rows: Vec<Vec<String>> = v["nodes"]
+                .as_array()
+                .map(|nodes| {
+                    nodes
+                        .iter()
+                        .map(|n| {
+                            let mut state = text(&n["state"]);
+                            if n["overdue"] == json!(true) {
+                                state.push_str(" (overdue)");
+                            }
+                            vec![
+                                text(&n["node_id"]),
+                                state,
+                                text(&n["running_version"]),
+                                n["updated_at_ms"].as_u64().map(ago).unwrap_or_default(),
+                                text(&n["error"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["NODE", "STATE", "RUNNING", "UPDATED", "ERROR"], &rows);
+            Ok(())
+        }
+        UpgradeCommand::List => {
+            let v = api.get("/v1/upgrades")?;
+            if as_json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["upgrades"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .map(|u| {
+                            vec![
+                                text(&u["upgrade_id"]),
+                                text(&u["version"]),
+                                short_sha(&u["sha256"]),
+                                u["created_at_ms"].as_u64().map(ago).unwrap_or_default(),
+                                text(&u["actor"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print_table(&["ID", "VERSION", "SHA256", "CREATED", "BY"], &rows);
+            Ok(())
+        }
+    }
 }
 
 fn config(api: &Api, as_json: bool, command: &ConfigCommand) -> Result<(), Failure> {
@@ -1384,6 +1587,18 @@ impl Api {
         self.request(reqwest::Method::POST, path, Some(body))
     }
 
+    /// POSTs raw bytes (an artifact); uploads may take longer than other calls.
+    fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<Value, Failure> {
+        let request = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .timeout(Duration::from_secs(600))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(bytes);
+        self.answer(request)
+    }
+
     fn request(
         &self,
         method: reqwest::Method,
@@ -1399,6 +1614,11 @@ impl Api {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.to_string());
         }
+        self.answer(request)
+    }
+
+    /// Sends `request`; the JSON body of a 2xx, the API's error otherwise.
+    fn answer(&self, request: reqwest::blocking::RequestBuilder) -> Result<Value, Failure> {
         let response = request
             .send()
             .map_err(|e| Failure::Unreachable(describe(&self.base, &e)))?;

@@ -1,0 +1,123 @@
+//! Agent upgrades on the bus: each target that is up gets a signed `agent.upgrade` push
+//! carrying the manifest ([`messages::fleet::UpgradeManifest`]; the command signature covers
+//! it), agents answer with outboxed `agent.upgrade.result` reports, and a register settles
+//! what it can: a node that registers with the target version is `online`, and one that
+//! was offline when the upgrade started gets its manifest then.
+//!
+//! The durable side is the store's (`store::upgrades`), the bytes are in
+//! [`crate::artifacts`], the HTTP side in the API module. A lost push needs no timer: the
+//! node stays `pending` and its next register re-sends the manifest.
+
+use messages::UserId;
+use messages::fleet;
+use servicekit::clock::now_ms;
+
+use crate::Shared;
+use crate::bus::{BusError, blocking, is_up, push};
+use crate::store::{UpgradeRecord, UpgradeState};
+
+/// Pushes `upgrade` to each of `nodes` that is up; returns how many pushes went out. A
+/// failed push is logged: the node stays pending and gets it at its next register.
+pub async fn push_to_up(
+    shared: &Shared,
+    nodes: Vec<UserId>,
+    upgrade: &UpgradeRecord,
+) -> Result<u64, BusError> {
+    let up = blocking(shared, move |store| {
+        let mut up = Vec::new();
+        for node in nodes {
+            if store.agent(&node)?.is_some_and(|a| is_up(a.state)) {
+                up.push(node);
+            }
+        }
+        Ok(up)
+    })
+    .await?;
+    let manifest = upgrade.manifest();
+    let mut sent = 0;
+    for node in up {
+        match push(shared, &node, fleet::down::UPGRADE, &manifest, None).await {
+            Ok(()) => {
+                sent += 1;
+                shared.metrics.upgrade_pushes.inc();
+            }
+            Err(e) => {
+                tracing::warn!(%node, upgrade_id = upgrade.id, error = %e, "Upgrade push failed.");
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// At a register: marks upgrades to the version the agent reports `online`, and pushes the
+/// ones still pending for it.
+pub async fn at_register(shared: &Shared, node: &UserId, version: String) -> Result<(), BusError> {
+    let n = node.clone();
+    let pending = blocking(shared, move |store| {
+        store.upgrades_at_register(&n, &version, now_ms())
+    })
+    .await?;
+    for upgrade in pending {
+        tracing::info!(%node, upgrade_id = upgrade.id, version = %upgrade.version, "Pushing a pending upgrade.");
+        push(
+            shared,
+            node,
+            fleet::down::UPGRADE,
+            &upgrade.manifest(),
+            None,
+        )
+        .await?;
+        shared.metrics.upgrade_pushes.inc();
+    }
+    Ok(())
+}
+
+/// Stores an agent's upgrade report and acknowledges it (so the agent clears its outbox).
+pub async fn result(
+    shared: &Shared,
+    node: UserId,
+    report: fleet::UpgradeResult,
+) -> Result<(), BusError> {
+    if report.message_id.is_empty() || report.message_id.len() > crate::store::MAX_MESSAGE_ID_LEN {
+        return Err(BusError::BadMessage(
+            "upgrade report without a usable message id".into(),
+        ));
+    }
+    let (n, r) = (node.clone(), report.clone());
+    let state = blocking(shared, move |store| {
+        store.record_upgrade_result(&n, &r, now_ms())
+    })
+    .await?;
+    let error = report.error.as_deref().unwrap_or("");
+    match state {
+        None => {
+            tracing::warn!(%node, upgrade_id = report.upgrade_id, "Upgrade report for an upgrade this node is not a target of; dropped.");
+        }
+        Some(s @ (UpgradeState::Failed | UpgradeState::RolledBack)) => tracing::warn!(
+            %node,
+            upgrade_id = report.upgrade_id,
+            state = s.as_str(),
+            %error,
+            running = %report.running_version,
+            "Upgrade did not take."
+        ),
+        Some(s) => tracing::info!(
+            %node,
+            upgrade_id = report.upgrade_id,
+            state = s.as_str(),
+            running = %report.running_version,
+            "Upgrade progress."
+        ),
+    }
+    shared.metrics.upgrade_results.inc();
+    push(
+        shared,
+        &node,
+        fleet::down::ACK,
+        &fleet::Ack {
+            message_ids: vec![report.message_id],
+        },
+        None,
+    )
+    .await
+}
