@@ -230,14 +230,19 @@ fn agent_json(a: &AgentRecord) -> serde_json::Value {
     })
 }
 
-fn spec_json(spec: &TaskSpec) -> serde_json::Value {
-    let (kind, agent_timeout_ms) = wire_kind(&spec.kind);
-    let targets = match &spec.targets {
+/// Targets as the API shows them: `{"nodes": [...]}` or `{"labels": {...}}`, as requested.
+fn targets_json(targets: &Targets) -> serde_json::Value {
+    match targets {
         Targets::Nodes(ids) => {
             json!({ "nodes": ids.iter().map(UserId::as_str).collect::<Vec<_>>() })
         }
         Targets::Selector(sel) => json!({ "labels": sel }),
-    };
+    }
+}
+
+fn spec_json(spec: &TaskSpec) -> serde_json::Value {
+    let (kind, agent_timeout_ms) = wire_kind(&spec.kind);
+    let targets = targets_json(&spec.targets);
     json!({
         "spec": kind,
         "targets": targets,

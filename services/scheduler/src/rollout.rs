@@ -1,9 +1,9 @@
 //! Staged rollouts, driven: every [`TICK`] the active instance steps each unfinished
-//! rollout once ([`crate::store`]'s `step_rollout`: finish the batch in flight when it is
-//! done, or start the next one when its pause has passed), then does what the step asks of
-//! the network: dispatch a started batch's task to the agents that are up (the others get
-//! it when they register, like any task), tell agents whose targets a closed batch
-//! cancelled. A standby has no store open and steps nothing; after a takeover the new
+//! rollout ([`crate::store`]'s `step_rollout`: finish the batch in flight when it is done,
+//! or start the next one when its pause has passed), then does what the step asks of the
+//! network: dispatch a started batch's task (or push its upgrade) to the agents that are up
+//! (the others get it when they register, like any task or upgrade), tell agents whose
+//! targets a closed batch cancelled. A standby has no store open and steps nothing; after a takeover the new
 //! active instance picks up from the last committed step.
 
 use std::sync::Weak;
@@ -16,7 +16,7 @@ use servicekit::clock::now_ms;
 use crate::Shared;
 use crate::audit;
 use crate::bus::{self, BusError, blocking, is_up};
-use crate::store::{RolloutId, RolloutState, Step};
+use crate::store::{RolloutId, RolloutState, StartedWork, Step, Work};
 
 /// How often the loop steps the rollouts: a batch finishes or starts at most this late.
 pub const TICK: Duration = Duration::from_millis(250);
@@ -27,13 +27,19 @@ pub const STEP_ACTOR: &str = "scheduler";
 fn step_detail(step: &Step) -> serde_json::Value {
     match step {
         Step::Idle => json!({}),
-        Step::Started { task_id, nodes, .. } => {
-            json!({"step": "batch_started", "task_id": task_id, "nodes": nodes.len()})
+        Step::Started { work, nodes } => {
+            let mut v = json!({"step": "batch_started", "nodes": nodes.len()});
+            match work {
+                StartedWork::Task { task_id, .. } => v["task_id"] = json!(task_id),
+                StartedWork::Upgrade(u) => v["upgrade_id"] = json!(u.id),
+            }
+            v
         }
         Step::Finished { outcome, state, .. } => json!({
             "step": "batch_finished",
             "batch": outcome.index,
-            "task_id": outcome.task_id,
+            "task_id": work_id(outcome.work, true),
+            "upgrade_id": work_id(outcome.work, false),
             "succeeded": outcome.succeeded,
             "failed": outcome.failed,
             "unfinished": outcome.unfinished,
@@ -41,6 +47,15 @@ fn step_detail(step: &Step) -> serde_json::Value {
         }),
         Step::Halted(reason) => json!({"step": "halted", "reason": reason}),
         Step::Completed => json!({"step": "completed"}),
+    }
+}
+
+/// The task id (`task`) or upgrade id of a batch's work, if it is of that kind.
+pub fn work_id(work: Work, task: bool) -> Option<u64> {
+    match work {
+        Work::Task(id) if task => Some(id),
+        Work::Upgrade(id) if !task => Some(id),
+        _ => None,
     }
 }
 
@@ -79,7 +94,11 @@ async fn step(shared: &Shared, id: RolloutId, now: u64) -> Result<bool, BusError
             trace_id: None,
         })?;
         let mut up = Vec::new();
-        if let Step::Started { nodes, .. } = &step {
+        if let Step::Started {
+            nodes,
+            work: StartedWork::Task { .. },
+        } = &step
+        {
             for node in nodes {
                 if store.agent(node)?.is_some_and(|a| is_up(a.state)) {
                     up.push(node.clone());
@@ -96,22 +115,33 @@ async fn step(shared: &Shared, id: RolloutId, now: u64) -> Result<bool, BusError
     let again = matches!(step, Step::Finished { .. }) && state == Some(RolloutState::Running);
     match step {
         Step::Idle => {}
-        Step::Started {
-            task_id,
-            spec,
-            nodes,
-        } => {
+        Step::Started { work, nodes } => {
             shared.metrics.rollout_batches.inc();
-            shared.metrics.tasks_created.inc();
-            tracing::info!(
-                rollout = id,
-                task_id,
-                nodes = nodes.len(),
-                up = up.len(),
-                "Rollout batch started."
-            );
-            if let Err(e) = bus::dispatch_many(shared, task_id, &spec, up).await {
-                tracing::warn!(rollout = id, task_id, error = %e, "Dispatch failed.");
+            match work {
+                StartedWork::Task { task_id, spec } => {
+                    shared.metrics.tasks_created.inc();
+                    tracing::info!(
+                        rollout = id,
+                        task_id,
+                        nodes = nodes.len(),
+                        up = up.len(),
+                        "Rollout batch started."
+                    );
+                    if let Err(e) = bus::dispatch_many(shared, task_id, &spec, up).await {
+                        tracing::warn!(rollout = id, task_id, error = %e, "Dispatch failed.");
+                    }
+                }
+                StartedWork::Upgrade(upgrade) => {
+                    tracing::info!(
+                        rollout = id,
+                        upgrade_id = upgrade.id,
+                        nodes = nodes.len(),
+                        "Rollout batch started."
+                    );
+                    if let Err(e) = crate::upgrades::push_to_up(shared, nodes, &upgrade).await {
+                        tracing::warn!(rollout = id, upgrade_id = upgrade.id, error = %e, "Upgrade push failed.");
+                    }
+                }
             }
         }
         Step::Finished {
@@ -130,7 +160,9 @@ async fn step(shared: &Shared, id: RolloutId, now: u64) -> Result<bool, BusError
                 shared.metrics.rollout_halts.inc();
                 tracing::warn!(rollout = id, "Rollout halted by its failure threshold.");
             }
-            cancel(shared, outcome.task_id, &cancelled).await;
+            if let Work::Task(task_id) = outcome.work {
+                cancel(shared, task_id, &cancelled).await;
+            }
         }
         Step::Halted(reason) => {
             shared.metrics.rollout_halts.inc();

@@ -47,9 +47,9 @@ pub use operator::{
     AuditEntry, Created, IdempotencyClaim, MAX_AUDIT_LIST, MAX_IDEMPOTENCY_KEY_LEN, NewAuditEntry,
 };
 pub use rollouts::{
-    BATCH_HISTORY, BatchOutcome, Control, Controlled, InFlight, MAX_STAGES, NewRollout, RolloutId,
-    RolloutRecord, RolloutState, RolloutTask, Size, Stage, StagePlan, Step, default_stages,
-    plan_stages, rollout_order,
+    BATCH_HISTORY, BatchOutcome, Control, Controlled, InFlight, MAX_STAGES, NewRollout,
+    RolloutAction, RolloutId, RolloutRecord, RolloutState, RolloutTask, RolloutUpgrade, Size,
+    Stage, StagePlan, StartedWork, Step, Work, default_stages, plan_stages, rollout_order,
 };
 pub use schedules::{
     Fire, NewSchedule, Overlap, SCHEDULE_ACTOR, ScheduleId, ScheduleRecord, fire_key,

@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use messages::UserId;
 use scheduler::store::{
-    AgentRecord, AgentState, Control, NewAuditEntry, NewRollout, ResultBody, RolloutRecord,
-    RolloutState, RolloutTask, Size, StagePlan, Step, Store, StoreError, Targets, TaskKind,
-    plan_stages,
+    AgentRecord, AgentState, ArtifactRecord, Control, NewAuditEntry, NewRollout, ResultBody,
+    RolloutAction, RolloutRecord, RolloutState, RolloutTask, RolloutUpgrade, Size, StagePlan,
+    StartedWork, Step, Store, StoreError, Targets, TaskKind, UpgradeState, plan_stages,
 };
 use serde_json::json;
 
@@ -51,7 +51,7 @@ fn entry(what: &str) -> NewAuditEntry {
 
 fn new_rollout(stages: Vec<StagePlan>, batch: Option<Size>, max_failure_percent: u8) -> NewRollout {
     NewRollout {
-        task: RolloutTask {
+        action: RolloutAction::Task(RolloutTask {
             kind: TaskKind::Command {
                 argv: vec!["true".into()],
                 env: BTreeMap::new(),
@@ -60,7 +60,7 @@ fn new_rollout(stages: Vec<StagePlan>, batch: Option<Size>, max_failure_percent:
             },
             timeout_ms: 5_000,
             max_attempts: 1,
-        },
+        }),
         targets: Targets::Selector([("fleet".to_owned(), "edge".to_owned())].into()),
         stages,
         batch,
@@ -109,7 +109,10 @@ fn answer(store: &Store, task: u64, n: &UserId, ok: bool) {
 
 fn started(step: Step) -> (u64, Vec<UserId>) {
     match step {
-        Step::Started { task_id, nodes, .. } => (task_id, nodes),
+        Step::Started {
+            work: StartedWork::Task { task_id, .. },
+            nodes,
+        } => (task_id, nodes),
         other => panic!("expected a batch to start, got {other:?}"),
     }
 }
@@ -212,7 +215,10 @@ fn batches_go_out_in_order_once_with_pauses_and_a_promote_between_stages() {
     let mut batches = 0;
     loop {
         match step(&store, id, at) {
-            Step::Started { task_id, nodes, .. } => {
+            Step::Started {
+                work: StartedWork::Task { task_id, .. },
+                nodes,
+            } => {
                 batches += 1;
                 assert!(nodes.len() <= 4);
                 for n in &nodes {
@@ -400,4 +406,95 @@ fn a_rollout_with_no_matching_agent_is_refused_and_nothing_is_stored() {
     ));
     assert!(store.rollouts().unwrap().is_empty());
     assert!(store.audit(0, 10).unwrap().is_empty());
+}
+
+#[test]
+fn an_upgrade_rollout_counts_nodes_back_online_and_ends_the_ones_never_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    fleet(&store, 4);
+    let sha = "ab".repeat(32);
+    let mut new = new_rollout(
+        vec![
+            stage("pilot", Size::Count(1)),
+            stage("full", Size::Percent(100)),
+        ],
+        None,
+        0,
+    );
+    new.action = RolloutAction::Upgrade(RolloutUpgrade {
+        sha256: sha.clone(),
+        version: "2.0.0".into(),
+        deadline_ms: 60_000,
+        os: None,
+        arch: None,
+    });
+    new.auto_promote = true;
+    new.pause_ms = 0;
+    new.batch_timeout_ms = 10_000;
+    // The artifact must have been uploaded.
+    assert!(matches!(
+        store.create_rollout(&new, T0, |_| entry("c")),
+        Err(StoreError::UnknownArtifact(_))
+    ));
+    store
+        .put_artifact(
+            &ArtifactRecord {
+                sha256: sha.clone(),
+                size: 10,
+                uploaded_at_ms: T0,
+                actor: "ops".into(),
+            },
+            |_, _| entry("artifact.upload"),
+        )
+        .unwrap();
+    let (rec, _) = store.create_rollout(&new, T0, |_| entry("c")).unwrap();
+    let (upgrade, nodes) = match step(&store, rec.id, T0) {
+        Step::Started {
+            work: StartedWork::Upgrade(u),
+            nodes,
+        } => (u, nodes),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((upgrade.version.as_str(), nodes.len()), ("2.0.0", 1));
+    // The pilot's node registers with the new version: online, the batch succeeded.
+    store
+        .upgrades_at_register(&nodes[0], "2.0.0", T0 + 5)
+        .unwrap();
+    match step(&store, rec.id, T0 + 10) {
+        Step::Finished { outcome, state, .. } => {
+            assert_eq!((outcome.succeeded, outcome.failed), (1, 0));
+            assert_eq!(state, RolloutState::Running);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Full: three nodes, none ever registers again; at the deadline they count as failed
+    // and their upgrade ends, so a late register does not start it behind the rollout.
+    let (upgrade2, rest) = match step(&store, rec.id, T0 + 20) {
+        Step::Started {
+            work: StartedWork::Upgrade(u),
+            nodes,
+        } => (u, nodes),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(rest.len(), 3);
+    match step(&store, rec.id, T0 + 20 + 10_000) {
+        Step::Finished { outcome, state, .. } => {
+            assert_eq!((outcome.succeeded, outcome.unfinished), (0, 3));
+            assert_eq!(state, RolloutState::Halted);
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, statuses) = store.upgrade(upgrade2.id).unwrap();
+    assert!(
+        statuses.iter().all(|n| n.state == UpgradeState::Failed),
+        "{statuses:?}"
+    );
+    assert!(
+        store
+            .upgrades_at_register(&rest[0], "1.0.0", T0 + 50_000)
+            .unwrap()
+            .is_empty(),
+        "nothing left to push"
+    );
 }

@@ -469,3 +469,95 @@ async fn a_tampered_artifact_is_refused_and_downloads_need_the_agent_credential(
     assert_eq!(r.json()["error"], "invalid_upgrade", "{:?}", r.json());
     fleet.stop().await;
 }
+
+/// A staged rollout of an upgrade over two real agents: a broken binary is rolled back on
+/// the pilot's node and halts the rollout before the second node hears of it; after an
+/// abort, a good binary goes through both stages and both nodes come back with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_rollout_halts_on_a_rolled_back_pilot_and_completes_with_a_good_binary() {
+    let fleet = Fleet::start("gw-up-rollout").await;
+    let api = fleet.api();
+    let a = fleet.agent("roll-a").await;
+    let b = fleet.agent("roll-b").await;
+    let originals = [read(&a.exe), read(&b.exe)];
+
+    let broken = upload(api, b"#!/bin/sh\nexit 1\n").await;
+    let start = |sha: String, version: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            schedctl(
+                api,
+                &[
+                    "--json",
+                    "rollout",
+                    "start",
+                    "--nodes",
+                    "roll-a,roll-b",
+                    "--stages",
+                    "pilot=1,full=100%",
+                    "--auto-promote",
+                    "--max-failure-percent",
+                    "0",
+                    "--upgrade",
+                    &sha,
+                    "--version",
+                    version,
+                    "--deadline-secs",
+                    "30",
+                ],
+            )
+        })
+    };
+    let (code, out, err) = start(broken, "6.6.6-broken").await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["rollout_id"]
+        .as_u64()
+        .unwrap();
+    let path = format!("/v1/rollouts/{id}");
+    let v = fleet
+        .wait(&a, &path, |v| {
+            v["state"] == "halted" && v["batch"].is_null()
+        })
+        .await;
+    assert_eq!(v["started"], 1, "only the pilot: {v}");
+    assert_eq!(v["stages"][0]["failed"], 1, "{v}");
+    let pilot_upgrade = v["history"][0]["upgrade_id"].as_u64().unwrap();
+    let up = http::get(api, &format!("/v1/upgrades/{pilot_upgrade}"), KEY)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(up["nodes"][0]["state"], "rolled_back", "{up}");
+    // Both nodes still run their original binaries.
+    assert_eq!(read(&a.exe), originals[0]);
+    assert_eq!(read(&b.exe), originals[1]);
+    let (code, _, err) =
+        tokio::task::spawn_blocking(move || schedctl(api, &["rollout", "abort", &id.to_string()]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{err}");
+
+    let script = format!(
+        "#!/bin/sh\nAGENT_REPORTED_VERSION=9.9.9-e2e exec '{}' \"$@\"\n",
+        agent_binary().display()
+    );
+    let good = upload(api, script.as_bytes()).await;
+    let (code, out, err) = start(good, "9.9.9-e2e").await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["rollout_id"]
+        .as_u64()
+        .unwrap();
+    let v = fleet
+        .wait(&b, &format!("/v1/rollouts/{id}"), |v| {
+            v["state"] == "completed"
+        })
+        .await;
+    assert_eq!(v["succeeded"], 2, "{v}");
+    for agent in [&a, &b] {
+        fleet
+            .wait(agent, &format!("/v1/agents/{}", agent.node), |v| {
+                v["state"] == "online" && v["version"] == "9.9.9-e2e"
+            })
+            .await;
+        assert_eq!(read(&agent.exe), script.as_bytes());
+    }
+    fleet.stop().await;
+}

@@ -145,7 +145,8 @@ enum Command {
         #[command(subcommand)]
         command: ScheduleCommand,
     },
-    /// Staged rollouts of a command: start, list, status, promote, pause, resume, abort.
+    /// Staged rollouts of a command or an agent upgrade: start, list, status, promote, pause,
+    /// resume, abort.
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
@@ -318,6 +319,8 @@ enum ScheduleCommand {
     },
 }
 
+// Parsed once per run; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum RolloutCommand {
     /// Start a rollout: `schedctl rollout start --selector role=edge --stages pilot=1%,gray=20%,full=100% --batch 10% -- /opt/upgrade.sh`.
@@ -348,11 +351,21 @@ enum RolloutCommand {
         /// Go on to the next stage without `promote`.
         #[arg(long)]
         auto_promote: bool,
-        /// Per-attempt timeout, ms.
+        /// Per-attempt timeout, ms (command rollouts).
         #[arg(long)]
         timeout_ms: Option<u64>,
-        /// Program and arguments.
-        #[arg(last = true, required = true)]
+        /// Roll out an agent upgrade of this uploaded artifact (`schedctl artifact upload`)
+        /// instead of a command.
+        #[arg(long, value_name = "SHA256", requires = "version")]
+        upgrade: Option<String>,
+        /// The version the new agent binary reports (with `--upgrade`).
+        #[arg(long)]
+        version: Option<String>,
+        /// Seconds each agent's new binary gets to come online (with `--upgrade`).
+        #[arg(long)]
+        deadline_secs: Option<u64>,
+        /// Program and arguments (a command rollout).
+        #[arg(last = true)]
         argv: Vec<String>,
     },
     /// List rollouts.
@@ -1011,6 +1024,9 @@ fn rollout(api: &Api, as_json: bool, command: &RolloutCommand) -> Result<(), Fai
             batch_timeout_secs,
             auto_promote,
             timeout_ms,
+            upgrade,
+            version,
+            deadline_secs,
             argv,
         } => {
             let targets = match (nodes.is_empty(), selector.is_empty()) {
@@ -1020,7 +1036,6 @@ fn rollout(api: &Api, as_json: bool, command: &RolloutCommand) -> Result<(), Fai
             };
             let mut body = json!({
                 "targets": targets,
-                "spec": {"kind": "command", "argv": argv},
                 "pause_ms": pause_secs.saturating_mul(1000),
                 "max_failure_percent": max_failure_percent,
                 "auto_promote": auto_promote,
@@ -1043,8 +1058,25 @@ fn rollout(api: &Api, as_json: bool, command: &RolloutCommand) -> Result<(), Fai
             if let Some(t) = batch_timeout_secs {
                 body["batch_timeout_ms"] = json!(t.saturating_mul(1000));
             }
-            if let Some(t) = timeout_ms {
-                body["timeout_ms"] = json!(t);
+            match (upgrade, argv.is_empty()) {
+                (Some(sha256), true) => {
+                    let mut u = json!({"sha256": sha256, "version": version});
+                    if let Some(d) = deadline_secs {
+                        u["deadline_secs"] = json!(d);
+                    }
+                    body["upgrade"] = u;
+                }
+                (None, false) => {
+                    body["spec"] = json!({"kind": "command", "argv": argv});
+                    if let Some(t) = timeout_ms {
+                        body["timeout_ms"] = json!(t);
+                    }
+                }
+                _ => {
+                    return Err(Failure::Usage(
+                        "give either -- COMMAND... or --upgrade SHA256 --version V".into(),
+                    ));
+                }
             }
             api.post("/v1/rollouts", &body)?
         }
@@ -1081,19 +1113,24 @@ fn rollout(api: &Api, as_json: bool, command: &RolloutCommand) -> Result<(), Fai
     Ok(())
 }
 
-const ROLLOUT_HEADERS: &[&str] = &["ROLLOUT", "STATE", "STAGE", "PROGRESS", "FAILED", "COMMAND"];
+const ROLLOUT_HEADERS: &[&str] = &["ROLLOUT", "STATE", "STAGE", "PROGRESS", "FAILED", "APPLIES"];
 
 fn rollout_row(r: &Value) -> Vec<String> {
+    let what = if r["upgrade"].is_object() {
+        format!("upgrade to {}", text(&r["upgrade"]["version"]))
+    } else {
+        r["task"]["spec"]["argv"]
+            .as_array()
+            .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| text(&r["task"]["spec"]["kind"]))
+    };
     vec![
         text(&r["rollout_id"]),
         text(&r["state"]),
         text(&r["stage"]),
         format!("{}/{}", text(&r["started"]), text(&r["total"])),
         text(&r["failed"]),
-        r["task"]["spec"]["argv"]
-            .as_array()
-            .map(|a| a.iter().map(text).collect::<Vec<_>>().join(" "))
-            .unwrap_or_else(|| text(&r["task"]["spec"]["kind"])),
+        what,
     ]
 }
 
@@ -1152,11 +1189,14 @@ fn print_rollout(v: &Value) {
                     .join(" ")
             })
             .unwrap_or_default();
+        let work = match b.get("upgrade_id").and_then(Value::as_u64) {
+            Some(id) => format!("upgrade {id}"),
+            None => format!("task {}", b.get("task_id").map(text).unwrap_or_default()),
+        };
         println!(
-            "\nbatch {} in flight: {} nodes, task {} {states}",
+            "\nbatch {} in flight: {} nodes, {work} {states}",
             b.get("index").map(text).unwrap_or_default(),
             b.get("nodes").map(text).unwrap_or_default(),
-            b.get("task_id").map(text).unwrap_or_default(),
         );
     }
 }

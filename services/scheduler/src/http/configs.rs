@@ -14,10 +14,10 @@ use serde_json::json;
 use servicekit::clock::now_ms;
 use servicekit::http::ApiError;
 
-use super::{TargetsRequest, authorize, query_pairs};
+use super::{TargetsRequest, authorize, query_pairs, targets_json};
 use crate::audit;
 use crate::bus::blocking;
-use crate::store::{ConfigRecord, ConfigState, ConfigVersion, NewConfigVersion, Targets};
+use crate::store::{ConfigRecord, ConfigState, ConfigVersion, NewConfigVersion};
 use crate::{Shared, StoreError};
 
 /// Registers the routes.
@@ -37,15 +37,6 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
 fn config_name(s: &str) -> Result<String, ApiError> {
     fleet::check_config_name(s).map_err(|e| ApiError::bad("invalid_config", e.to_string()))?;
     Ok(s.to_owned())
-}
-
-fn targets_json(targets: &Targets) -> serde_json::Value {
-    match targets {
-        Targets::Nodes(ids) => {
-            json!({ "nodes": ids.iter().map(UserId::as_str).collect::<Vec<_>>() })
-        }
-        Targets::Selector(sel) => json!({ "labels": sel }),
-    }
 }
 
 fn config_head_json(c: &ConfigRecord) -> serde_json::Value {

@@ -1,5 +1,6 @@
 //! `/v1/rollouts`: staged rollouts ([`crate::rollout`], [`crate::store`]'s rollouts). Create
-//! (`POST`, a task's `targets`/`spec`/`timeout_ms`/`max_attempts` plus `stages`, `batch`,
+//! (`POST`, `targets` and either a task's `spec`/`timeout_ms`/`max_attempts` or an agent
+//! `upgrade` of an uploaded artifact, plus `stages`, `batch`,
 //! `pause_ms`, `max_failure_percent`, `batch_timeout_ms`, `auto_promote`), list, get (with
 //! per-stage progress and the live state of the batch in flight), and the controls `pause`,
 //! `resume`, `promote` and `abort`. Reads take any key, changes an operator key; every
@@ -16,13 +17,15 @@ use servicekit::clock::now_ms;
 use servicekit::http::ApiError;
 use servicekit::telemetry::server_span;
 
-use super::{TargetsRequest, authorize, spec_json, task_spec};
+use super::{TargetsRequest, authorize, spec_json, targets_json, task_spec};
 use crate::Shared;
 use crate::audit;
 use crate::bus::blocking;
 use crate::rollout;
+use crate::rollout::work_id;
 use crate::store::{
-    Control, NewRollout, RolloutRecord, RolloutTask, Size, StagePlan, TargetState, TaskSpec,
+    Control, NewRollout, RolloutAction, RolloutRecord, RolloutTask, RolloutUpgrade, Size,
+    StagePlan, TaskSpec, Work,
 };
 
 /// Registers the routes.
@@ -39,6 +42,8 @@ const DEFAULT_MAX_FAILURE_PERCENT: u8 = 5;
 const DEFAULT_BATCH_SLACK_MS: u64 = 60_000;
 /// Longest pause between batches accepted (a day).
 const MAX_PAUSE_MS: u64 = 86_400_000;
+/// An upgrade's per-agent deadline when a request names none.
+const DEFAULT_UPGRADE_DEADLINE_SECS: u64 = 120;
 
 /// A size in a request: a number (count) or a string (`"25"`, `"10%"`).
 #[derive(Debug, Deserialize)]
@@ -71,12 +76,33 @@ struct StageRequest {
     size: SizeRequest,
 }
 
-/// Body of `POST /v1/rollouts`.
+/// The upgrade a rollout applies (`upgrade` in `POST /v1/rollouts`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeRequest {
+    /// The uploaded artifact.
+    sha256: String,
+    /// The version the new binary reports.
+    version: String,
+    /// How long each agent's new binary gets to come online.
+    #[serde(default)]
+    deadline_secs: Option<u64>,
+    #[serde(default)]
+    os: Option<String>,
+    #[serde(default)]
+    arch: Option<String>,
+}
+
+/// Body of `POST /v1/rollouts`: a task (`spec`, with `timeout_ms` and `max_attempts`) or an
+/// agent upgrade (`upgrade`), not both.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateRollout {
     targets: TargetsRequest,
-    spec: fleet::TaskKind,
+    #[serde(default)]
+    spec: Option<fleet::TaskKind>,
+    #[serde(default)]
+    upgrade: Option<UpgradeRequest>,
     #[serde(default)]
     timeout_ms: Option<u64>,
     #[serde(default)]
@@ -106,15 +132,8 @@ fn rollout_id(path: &str) -> Result<u64, ApiError> {
 /// flight, when the caller read them.
 fn rollout_json(
     rec: &RolloutRecord,
-    batch_states: Option<&std::collections::BTreeMap<TargetState, u64>>,
+    batch_states: Option<&std::collections::BTreeMap<String, u64>>,
 ) -> serde_json::Value {
-    let spec = TaskSpec {
-        kind: rec.task.kind.clone(),
-        targets: rec.targets.clone(),
-        timeout_ms: rec.task.timeout_ms,
-        max_attempts: rec.task.max_attempts,
-        traceparent: None,
-    };
     let (succeeded, failed) = rec.done();
     let stages: Vec<_> = rec
         .stages
@@ -139,17 +158,36 @@ fn rollout_json(
         json!({
             "index": b.index,
             "nodes": b.end - b.start,
-            "task_id": b.task_id,
+            "task_id": work_id(b.work, true),
+            "upgrade_id": work_id(b.work, false),
             "started_at_ms": b.started_at_ms,
             "deadline_ms": b.deadline_ms,
             "states": batch_states,
         })
     });
-    json!({
+    let history: Vec<_> = rec
+        .history
+        .iter()
+        .map(|h| {
+            json!({
+                "index": h.index,
+                "stage": h.stage,
+                "nodes": h.nodes,
+                "task_id": work_id(h.work, true),
+                "upgrade_id": work_id(h.work, false),
+                "succeeded": h.succeeded,
+                "failed": h.failed,
+                "unfinished": h.unfinished,
+                "started_at_ms": h.started_at_ms,
+                "finished_at_ms": h.finished_at_ms,
+            })
+        })
+        .collect();
+    let mut out = json!({
         "rollout_id": rec.id,
         "state": rec.state,
         "reason": rec.reason,
-        "task": spec_json(&spec),
+        "targets": targets_json(&rec.targets),
         "total": rec.total,
         "started": rec.next,
         "succeeded": succeeded,
@@ -158,7 +196,7 @@ fn rollout_json(
         "stages": stages,
         "batch": batch,
         "batches_started": rec.batches_started,
-        "history": rec.history,
+        "history": history,
         "pause_ms": rec.pause_ms,
         "max_failure_percent": rec.max_failure_percent,
         "batch_timeout_ms": rec.batch_timeout_ms,
@@ -167,7 +205,28 @@ fn rollout_json(
         "created_at_ms": rec.created_at_ms,
         "created_by": rec.created_by,
         "updated_at_ms": rec.updated_at_ms,
-    })
+    });
+    match &rec.action {
+        RolloutAction::Task(task) => {
+            out["task"] = spec_json(&TaskSpec {
+                kind: task.kind.clone(),
+                targets: rec.targets.clone(),
+                timeout_ms: task.timeout_ms,
+                max_attempts: task.max_attempts,
+                traceparent: None,
+            });
+        }
+        RolloutAction::Upgrade(u) => {
+            out["upgrade"] = json!({
+                "sha256": u.sha256,
+                "version": u.version,
+                "deadline_ms": u.deadline_ms,
+                "os": u.os,
+                "arch": u.arch,
+            });
+        }
+    }
+    out
 }
 
 async fn create(
@@ -180,14 +239,55 @@ async fn create(
     let raw = body.into_inner();
     let body: CreateRollout = serde_json::from_value(raw.clone())
         .map_err(|e| ApiError::bad("malformed_json", e.to_string()))?;
-    let spec = task_spec(
-        &shared,
-        body.targets,
-        &body.spec,
-        body.timeout_ms,
-        body.max_attempts,
-        None,
-    )?;
+    let (action, targets, attempt_deadline_ms) = match (body.spec, body.upgrade) {
+        (Some(kind), None) => {
+            let spec = task_spec(
+                &shared,
+                body.targets,
+                &kind,
+                body.timeout_ms,
+                body.max_attempts,
+                None,
+            )?;
+            let worst = spec.timeout_ms.saturating_mul(u64::from(spec.max_attempts));
+            let task = RolloutTask {
+                kind: spec.kind,
+                timeout_ms: spec.timeout_ms,
+                max_attempts: spec.max_attempts,
+            };
+            (RolloutAction::Task(task), spec.targets, worst)
+        }
+        (None, Some(u)) => {
+            if body.timeout_ms.is_some() || body.max_attempts.is_some() {
+                return Err(ApiError::bad(
+                    "invalid_rollout",
+                    "timeout_ms and max_attempts are for task rollouts; an upgrade has deadline_secs",
+                ));
+            }
+            let deadline_ms = u
+                .deadline_secs
+                .unwrap_or(DEFAULT_UPGRADE_DEADLINE_SECS)
+                .saturating_mul(1000);
+            let upgrade = RolloutUpgrade {
+                sha256: u.sha256,
+                version: u.version,
+                deadline_ms,
+                os: u.os,
+                arch: u.arch,
+            };
+            (
+                RolloutAction::Upgrade(upgrade),
+                body.targets.into_targets()?,
+                deadline_ms,
+            )
+        }
+        _ => {
+            return Err(ApiError::bad(
+                "invalid_rollout",
+                "give either spec (a task) or upgrade (an agent upgrade)",
+            ));
+        }
+    };
     let stages = body
         .stages
         .unwrap_or_default()
@@ -212,18 +312,12 @@ async fn create(
         .unwrap_or(DEFAULT_MAX_FAILURE_PERCENT);
     // By default a batch gets every attempt's full deadline, and a minute more for agents
     // to come back, before unfinished targets count as failed.
-    let batch_timeout_ms = body.batch_timeout_ms.unwrap_or_else(|| {
-        spec.timeout_ms
-            .saturating_mul(u64::from(spec.max_attempts))
-            .saturating_add(DEFAULT_BATCH_SLACK_MS)
-    });
+    let batch_timeout_ms = body
+        .batch_timeout_ms
+        .unwrap_or_else(|| attempt_deadline_ms.saturating_add(DEFAULT_BATCH_SLACK_MS));
     let new = NewRollout {
-        task: RolloutTask {
-            kind: spec.kind,
-            timeout_ms: spec.timeout_ms,
-            max_attempts: spec.max_attempts,
-        },
-        targets: spec.targets,
+        action,
+        targets,
         stages,
         batch,
         pause_ms,
@@ -271,16 +365,25 @@ async fn get(
         let Some(record) = store.rollout(id)? else {
             return Ok((None, None));
         };
-        let states = match &record.batch {
-            Some(b) => store.task(b.task_id)?.map(|t| {
-                let mut states = std::collections::BTreeMap::new();
-                for s in t.targets.values() {
-                    *states.entry(s.state).or_insert(0u64) += 1;
+        let mut states = std::collections::BTreeMap::new();
+        match record.batch.as_ref().map(|b| b.work) {
+            Some(Work::Task(task_id)) => {
+                for s in store.task(task_id)?.iter().flat_map(|t| t.targets.values()) {
+                    let name = serde_json::to_value(s.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    *states.entry(name).or_insert(0u64) += 1;
                 }
-                states
-            }),
-            None => None,
-        };
+            }
+            Some(Work::Upgrade(id)) => {
+                for n in store.upgrade(id)?.1 {
+                    *states.entry(n.state.as_str().to_owned()).or_insert(0u64) += 1;
+                }
+            }
+            None => return Ok((Some(record), None)),
+        }
+        let states = Some(states);
         Ok((Some(record), states))
     })
     .await?;

@@ -22,12 +22,12 @@ use serde_json::json;
 use servicekit::clock::now_ms;
 use servicekit::http::ApiError;
 
-use super::{TargetsRequest, authorize};
+use super::{TargetsRequest, authorize, targets_json};
 use crate::Shared;
 use crate::artifacts::Artifacts;
 use crate::audit;
 use crate::bus::blocking;
-use crate::store::{ArtifactRecord, NewUpgrade, Targets, UpgradeRecord, UpgradeState};
+use crate::store::{ArtifactRecord, NewUpgrade, UpgradeRecord, UpgradeState};
 
 /// Deadline of an upgrade whose request names none.
 const DEFAULT_DEADLINE_SECS: u64 = 120;
@@ -56,15 +56,6 @@ fn artifact_json(a: &ArtifactRecord) -> serde_json::Value {
         "actor": a.actor,
         "path": fleet::artifact_path(&a.sha256),
     })
-}
-
-fn targets_json(targets: &Targets) -> serde_json::Value {
-    match targets {
-        Targets::Nodes(ids) => {
-            json!({ "nodes": ids.iter().map(UserId::as_str).collect::<Vec<_>>() })
-        }
-        Targets::Selector(sel) => json!({ "labels": sel }),
-    }
 }
 
 fn upgrade_json(u: &UpgradeRecord) -> serde_json::Value {

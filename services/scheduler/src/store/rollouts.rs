@@ -1,6 +1,7 @@
 //! Staged rollouts in the store (`scheduler_rollouts`, `scheduler_rollout_nodes`): a task
-//! applied to a fixed, ordered target set in stages (pilot, gray, full), each cut into
-//! batches, with a failure threshold per stage and operator controls.
+//! (a command or a probe) or an agent upgrade applied to a fixed, ordered target set in
+//! stages (pilot, gray, full), each cut into batches, with a failure threshold per stage and
+//! operator controls. Each batch is an ordinary task or upgrade of the batch's nodes.
 //!
 //! At creation the targets are resolved once and put in a stable pseudo-random order
 //! (SHA-256 of rollout id and node id), so a pilot is a spread of the fleet rather than the
@@ -10,8 +11,8 @@
 //! Every step is **one** durable transaction together with its audit entry:
 //! [`Store::step_rollout`] either finishes the batch in flight (all its targets terminal,
 //! its deadline passed, or the stage's failures over the threshold) or starts the next
-//! batch, creating the batch's task in the same transaction that moves the rollout past
-//! it. After a `kill -9` either the batch and its task are both on disk or neither is, so
+//! batch, creating the batch's task or upgrade in the same transaction that moves the
+//! rollout past it. After a `kill -9` either the batch and its task are both on disk or neither is, so
 //! the instance that takes over neither repeats nor skips a batch; the task's targets that
 //! were never dispatched go out when the new active instance hears from their agents, as
 //! for any task. The time rules live here as pure functions of `at_ms`; the loop that calls
@@ -22,10 +23,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::operator::{append_in, create_once_in};
+use super::upgrades;
 use super::{
-    AuditEntry, Created, META, NewAuditEntry, Store, StoreError, TargetState, TargetStatus,
-    Targets, TaskId, TaskKind, TaskSpec, TaskTables, UserId, begin_durable_write, decode, encode,
-    resolve_targets_in, validate_spec,
+    AuditEntry, Created, META, NewAuditEntry, NewUpgrade, Store, StoreError, TargetState,
+    TargetStatus, Targets, TaskId, TaskKind, TaskSpec, TaskTables, UpgradeRecord, UpgradeState,
+    UserId, begin_durable_write, decode, encode, resolve_targets_in, validate_spec,
 };
 
 /// Rollouts: rollout id -> [`RolloutRecord`].
@@ -132,7 +134,7 @@ pub fn default_stages() -> Vec<StagePlan> {
     ]
 }
 
-/// What each batch does: a task on the batch's nodes.
+/// A batch's task: the same command or probe on the batch's nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutTask {
     /// The task kind.
@@ -143,11 +145,47 @@ pub struct RolloutTask {
     pub max_attempts: u32,
 }
 
+/// A batch's agent upgrade: the same artifact to the batch's nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutUpgrade {
+    /// The artifact (uploaded before the rollout starts).
+    pub sha256: String,
+    /// The version the new binary reports.
+    pub version: String,
+    /// How long each agent's new binary gets to come online, ms.
+    pub deadline_ms: u64,
+    /// Platform restriction.
+    pub os: Option<String>,
+    /// Architecture restriction.
+    pub arch: Option<String>,
+}
+
+/// What every batch applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutAction {
+    /// A task (a command or a probe); a target succeeds when its task does.
+    Task(RolloutTask),
+    /// An agent upgrade; a target succeeds when it is back online with the new version,
+    /// fails when its upgrade failed or was rolled back.
+    Upgrade(RolloutUpgrade),
+}
+
+/// What applies a batch: its task or its upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Work {
+    /// A task id.
+    Task(TaskId),
+    /// An upgrade id.
+    Upgrade(u64),
+}
+
 /// A rollout as an operator asked for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRollout {
-    /// What every batch does.
-    pub task: RolloutTask,
+    /// What every batch applies.
+    pub action: RolloutAction,
     /// Where: resolved once, at creation.
     pub targets: Targets,
     /// Cumulative stages, non-decreasing; empty means [`default_stages`].
@@ -225,8 +263,8 @@ pub struct InFlight {
     pub start: u64,
     /// One past the last node.
     pub end: u64,
-    /// The task that applies it.
-    pub task_id: TaskId,
+    /// The task or upgrade that applies it.
+    pub work: Work,
     /// When it started, unix ms.
     pub started_at_ms: u64,
     /// When unfinished targets count as failed, unix ms.
@@ -242,8 +280,8 @@ pub struct BatchOutcome {
     pub stage: usize,
     /// Nodes in it.
     pub nodes: u64,
-    /// Its task.
-    pub task_id: TaskId,
+    /// Its task or upgrade.
+    pub work: Work,
     /// Targets that succeeded.
     pub succeeded: u64,
     /// Targets that failed or timed out.
@@ -261,8 +299,8 @@ pub struct BatchOutcome {
 pub struct RolloutRecord {
     /// The id.
     pub id: RolloutId,
-    /// What every batch does.
-    pub task: RolloutTask,
+    /// What every batch applies.
+    pub action: RolloutAction,
     /// The targets as requested.
     pub targets: Targets,
     /// Resolved targets.
@@ -342,12 +380,10 @@ impl Control {
 pub enum Step {
     /// Nothing was due.
     Idle,
-    /// A batch started: dispatch its task to these nodes.
+    /// A batch started: send its work to these nodes.
     Started {
-        /// The batch's task.
-        task_id: TaskId,
-        /// Its spec.
-        spec: TaskSpec,
+        /// The batch's task or upgrade.
+        work: StartedWork,
         /// Its nodes.
         nodes: Vec<UserId>,
     },
@@ -364,6 +400,20 @@ pub enum Step {
     Halted(String),
     /// Nothing was left to start (the stages after a promote were empty): completed.
     Completed,
+}
+
+/// The work of a batch that started, as its dispatch needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartedWork {
+    /// Dispatch this task.
+    Task {
+        /// Its id.
+        task_id: TaskId,
+        /// Its spec.
+        spec: TaskSpec,
+    },
+    /// Push this upgrade's manifest.
+    Upgrade(UpgradeRecord),
 }
 
 /// What [`Store::control_rollout`] changed.
@@ -450,6 +500,63 @@ pub fn rollout_order(id: RolloutId, nodes: impl IntoIterator<Item = UserId>) -> 
 }
 
 /// Counts of a batch's targets: (succeeded, failed, unfinished).
+fn tally_work(txn: &WriteTransaction, work: Work) -> Result<(u64, u64, u64), StoreError> {
+    Ok(match work {
+        Work::Task(task_id) => tally(&TaskTables::open(txn)?.targets_of(task_id)?),
+        Work::Upgrade(id) => {
+            let mut out = (0, 0, 0);
+            for (_, state) in upgrades::node_states_in(txn, id)? {
+                match state {
+                    UpgradeState::Online => out.0 += 1,
+                    UpgradeState::Failed | UpgradeState::RolledBack => out.1 += 1,
+                    UpgradeState::Pending | UpgradeState::Downloading | UpgradeState::Installed => {
+                        out.2 += 1;
+                    }
+                }
+            }
+            out
+        }
+    })
+}
+
+/// Stops what is left of a batch's work: a task's unfinished targets are cancelled (the
+/// in-flight ones returned, so their agents are told); an upgrade's targets that never
+/// heard of it end `failed` with `reason` (those downloading or installing go on: the
+/// agent's watchdog decides).
+fn stop_work(
+    txn: &WriteTransaction,
+    work: Work,
+    reason: &str,
+    at_ms: u64,
+) -> Result<Vec<UserId>, StoreError> {
+    match work {
+        Work::Task(task_id) => {
+            let mut t = TaskTables::open(txn)?;
+            let mut told = Vec::new();
+            for (node, old) in t.targets_of(task_id)? {
+                if old.state.is_terminal() {
+                    continue;
+                }
+                if old.state.is_in_flight() {
+                    told.push(node.clone());
+                }
+                let new = TargetStatus {
+                    state: TargetState::Cancelled,
+                    updated_at_ms: at_ms,
+                    ..old.clone()
+                };
+                t.put_target(task_id, &node, Some(&old), &new)?;
+            }
+            Ok(told)
+        }
+        Work::Upgrade(id) => {
+            upgrades::fail_pending_in(txn, id, reason, at_ms)?;
+            Ok(Vec::new())
+        }
+    }
+}
+
+/// Counts of a task's targets: (succeeded, failed, unfinished).
 fn tally(targets: &[(UserId, TargetStatus)]) -> (u64, u64, u64) {
     let mut out = (0, 0, 0);
     for (_, s) in targets {
@@ -471,20 +578,28 @@ impl Store {
         at_ms: u64,
         audit: impl FnOnce(&RolloutRecord) -> NewAuditEntry,
     ) -> Result<(RolloutRecord, AuditEntry), StoreError> {
-        let probe = TaskSpec {
-            kind: new.task.kind.clone(),
-            targets: new.targets.clone(),
-            timeout_ms: new.task.timeout_ms,
-            max_attempts: new.task.max_attempts,
-            traceparent: None,
-        };
-        validate_spec(&probe)?;
+        match &new.action {
+            RolloutAction::Task(task) => validate_spec(&TaskSpec {
+                kind: task.kind.clone(),
+                targets: new.targets.clone(),
+                timeout_ms: task.timeout_ms,
+                max_attempts: task.max_attempts,
+                traceparent: None,
+            })?,
+            RolloutAction::Upgrade(u) => upgrades::check_new(&new_upgrade(u, &new.targets, ""))
+                .map_err(|e| StoreError::InvalidRollout(e.to_string()))?,
+        }
         if new.batch_timeout_ms == 0 {
             return Err(StoreError::InvalidRollout(
                 "batch_timeout_ms must be at least 1".to_owned(),
             ));
         }
         self.write(|txn| {
+            if let RolloutAction::Upgrade(u) = &new.action
+                && !upgrades::artifact_exists_in(txn, &u.sha256)?
+            {
+                return Err(StoreError::UnknownArtifact(u.sha256.clone()));
+            }
             let nodes = resolve_targets_in(txn, &new.targets)?;
             let id = {
                 let mut meta = txn.open_table(META)?;
@@ -506,7 +621,7 @@ impl Store {
                 .map_err(StoreError::InvalidRollout)?;
             let record = RolloutRecord {
                 id,
-                task: new.task.clone(),
+                action: new.action.clone(),
                 targets: new.targets.clone(),
                 total,
                 stages,
@@ -640,8 +755,7 @@ impl Store {
                     // the batch still in flight) no longer count against the threshold.
                     let mut failed = record.stages.get(record.stage).map_or(0, |s| s.failed);
                     if let Some(batch) = &record.batch {
-                        let targets = TaskTables::open(txn)?.targets_of(batch.task_id)?;
-                        failed += tally(&targets).1;
+                        failed += tally_work(txn, batch.work)?.1;
                     }
                     record.accepted_failures = failed;
                     record.state = RolloutState::Running;
@@ -656,26 +770,12 @@ impl Store {
                 }
                 (Control::Abort, state) if !state.is_terminal() => {
                     if let Some(batch) = record.batch.take() {
-                        let mut t = TaskTables::open(txn)?;
-                        let targets = t.targets_of(batch.task_id)?;
-                        let (succeeded, failed, unfinished) = tally(&targets);
-                        let mut told = Vec::new();
-                        for (node, old) in targets {
-                            if old.state.is_terminal() {
-                                continue;
-                            }
-                            if old.state.is_in_flight() {
-                                told.push(node.clone());
-                            }
-                            let new = TargetStatus {
-                                state: TargetState::Cancelled,
-                                updated_at_ms: at_ms,
-                                ..old.clone()
-                            };
-                            t.put_target(batch.task_id, &node, Some(&old), &new)?;
+                        let counts = tally_work(txn, batch.work)?;
+                        let told = stop_work(txn, batch.work, "rollout aborted", at_ms)?;
+                        record_outcome(&mut record, &batch, counts, at_ms);
+                        if let Work::Task(task_id) = batch.work {
+                            cancelled = Some((task_id, told));
                         }
-                        record_outcome(&mut record, &batch, (succeeded, failed, unfinished), at_ms);
-                        cancelled = Some((batch.task_id, told));
                     }
                     record.state = RolloutState::Aborted;
                     record.reason = Some("aborted by an operator".to_owned());
@@ -707,7 +807,7 @@ fn record_outcome(
         index: batch.index,
         stage: stage_index,
         nodes: batch.end - batch.start,
-        task_id: batch.task_id,
+        work: batch.work,
         succeeded,
         failed,
         unfinished,
@@ -746,9 +846,7 @@ fn finish_batch_in(
     let Some(batch) = record.batch.clone() else {
         return Ok(Step::Idle);
     };
-    let mut t = TaskTables::open(txn)?;
-    let targets = t.targets_of(batch.task_id)?;
-    let (succeeded, failed, unfinished) = tally(&targets);
+    let (succeeded, failed, unfinished) = tally_work(txn, batch.work)?;
     let stage = record
         .stages
         .get(record.stage)
@@ -768,23 +866,16 @@ fn finish_batch_in(
     // waiting for their agent are cancelled (they never started); in-flight ones are
     // cancelled too and their agents told, so that a closed batch does not keep running
     // behind the rollout's back. They count as failed: their agents did not come back.
-    let mut cancelled = Vec::new();
-    if unfinished > 0 {
-        for (node, old) in &targets {
-            if old.state.is_terminal() {
-                continue;
-            }
-            if old.state.is_in_flight() {
-                cancelled.push(node.clone());
-            }
-            let new = TargetStatus {
-                state: TargetState::Cancelled,
-                updated_at_ms: at_ms,
-                ..old.clone()
-            };
-            t.put_target(batch.task_id, node, Some(old), &new)?;
-        }
-    }
+    let cancelled = if unfinished > 0 {
+        stop_work(
+            txn,
+            batch.work,
+            "not online by the rollout batch's deadline",
+            at_ms,
+        )?
+    } else {
+        Vec::new()
+    };
     record.batch = None;
     let outcome = record_outcome(record, &batch, (succeeded, failed, unfinished), at_ms);
     let stage = record.stages[record.stage].clone();
@@ -863,18 +954,40 @@ fn start_batch_in(
         .get(usize::try_from(start).unwrap_or(usize::MAX)..usize::try_from(end).unwrap_or(0))
         .map(<[UserId]>::to_vec)
         .unwrap_or_default();
-    let spec = TaskSpec {
-        kind: record.task.kind.clone(),
-        targets: Targets::Nodes(nodes.clone()),
-        timeout_ms: record.task.timeout_ms,
-        max_attempts: record.task.max_attempts,
-        traceparent: None,
+    let created = match &record.action {
+        RolloutAction::Task(task) => {
+            let spec = TaskSpec {
+                kind: task.kind.clone(),
+                targets: Targets::Nodes(nodes.clone()),
+                timeout_ms: task.timeout_ms,
+                max_attempts: task.max_attempts,
+                traceparent: None,
+            };
+            create_once_in(txn, &spec, at_ms, None).map(|created| match created {
+                Created::New(task_id) | Created::Replayed(task_id) => {
+                    (Work::Task(task_id), StartedWork::Task { task_id, spec })
+                }
+            })
+        }
+        RolloutAction::Upgrade(u) => {
+            let new = new_upgrade(
+                u,
+                &Targets::Nodes(nodes.clone()),
+                &format!("rollout/{}", record.id),
+            );
+            upgrades::create_upgrade_in(txn, &new, at_ms)
+                .map(|(upgrade, _)| (Work::Upgrade(upgrade.id), StartedWork::Upgrade(upgrade)))
+        }
     };
-    let task_id = match create_once_in(txn, &spec, at_ms, None) {
-        Ok(Created::New(id) | Created::Replayed(id)) => id,
+    let (work, started) = match created {
+        Ok(created) => created,
         // A node was removed from the registry since the rollout was planned: stop and let
         // an operator decide rather than silently shrinking the batch.
-        Err(e @ (StoreError::UnknownAgent(_) | StoreError::NoTargets)) => {
+        Err(
+            e @ (StoreError::UnknownAgent(_)
+            | StoreError::NoTargets
+            | StoreError::UnknownArtifact(_)),
+        ) => {
             record.state = RolloutState::Halted;
             let reason = format!("batch {} could not start: {e}", record.batches_started);
             record.reason = Some(reason.clone());
@@ -886,17 +999,29 @@ fn start_batch_in(
         index: record.batches_started,
         start,
         end,
-        task_id,
+        work,
         started_at_ms: at_ms,
         deadline_ms: at_ms.saturating_add(record.batch_timeout_ms),
     });
     record.batches_started += 1;
     record.next = end;
     Ok(Step::Started {
-        task_id,
-        spec,
+        work: started,
         nodes,
     })
+}
+
+/// The upgrade a rollout's batch creates for `targets`.
+fn new_upgrade(u: &RolloutUpgrade, targets: &Targets, actor: &str) -> NewUpgrade {
+    NewUpgrade {
+        sha256: u.sha256.clone(),
+        version: u.version.clone(),
+        deadline_ms: u.deadline_ms,
+        os: u.os.clone(),
+        arch: u.arch.clone(),
+        targets: targets.clone(),
+        actor: actor.to_owned(),
+    }
 }
 
 fn get(txn: &WriteTransaction, id: RolloutId) -> Result<Option<RolloutRecord>, StoreError> {

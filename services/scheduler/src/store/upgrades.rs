@@ -254,7 +254,7 @@ fn next_state(
     Some((to, report.error.clone()))
 }
 
-fn check_new(new: &NewUpgrade) -> Result<(), StoreError> {
+pub(super) fn check_new(new: &NewUpgrade) -> Result<(), StoreError> {
     if !fleet::is_sha256_hex(&new.sha256) {
         return Err(StoreError::InvalidUpgrade(
             "sha256 must be 64 lowercase hex digits".into(),
@@ -287,6 +287,107 @@ fn check_new(new: &NewUpgrade) -> Result<(), StoreError> {
         }
         _ => Ok(()),
     }
+}
+
+/// [`Store::create_upgrade`] inside a transaction, without the audit entry (the caller's
+/// transaction has its own: a rollout batch); `new` already checked with [`check_new`].
+pub(super) fn create_upgrade_in(
+    txn: &WriteTransaction,
+    new: &NewUpgrade,
+    at_ms: u64,
+) -> Result<(UpgradeRecord, BTreeSet<UserId>), StoreError> {
+    let size = {
+        let table = txn.open_table(ARTIFACTS)?;
+        let row: ArtifactRow = match table.get(new.sha256.as_str())? {
+            Some(v) => decode(v.value(), "artifact")?,
+            None => return Err(StoreError::UnknownArtifact(new.sha256.clone())),
+        };
+        row.size
+    };
+    let nodes = resolve_targets_in(txn, &new.targets)?;
+    let id = {
+        let mut meta = txn.open_table(META)?;
+        let id = meta.get(META_NEXT_UPGRADE_ID)?.map_or(1, |v| v.value());
+        let next = id
+            .checked_add(1)
+            .ok_or_else(|| StoreError::InvalidUpgrade("upgrade ids exhausted".into()))?;
+        meta.insert(META_NEXT_UPGRADE_ID, next)?;
+        id
+    };
+    let row = UpgradeRow {
+        version: new.version.clone(),
+        sha256: new.sha256.clone(),
+        size,
+        deadline_ms: new.deadline_ms,
+        os: new.os.clone(),
+        arch: new.arch.clone(),
+        targets: new.targets.clone(),
+        created_at_ms: at_ms,
+        actor: new.actor.clone(),
+    };
+    txn.open_table(UPGRADES)?
+        .insert(id, encode(&row, "upgrade")?.as_slice())?;
+    let pending = NodeRow {
+        state: UpgradeState::Pending,
+        error: None,
+        running_version: None,
+        updated_at_ms: at_ms,
+    };
+    for node in &nodes {
+        put_node(txn, id, node.as_str(), &pending)?;
+    }
+    Ok((upgrade_of(id, row), nodes))
+}
+
+/// Whether an artifact was uploaded (inside a transaction).
+pub(super) fn artifact_exists_in(txn: &WriteTransaction, sha256: &str) -> Result<bool, StoreError> {
+    Ok(txn.open_table(ARTIFACTS)?.get(sha256)?.is_some())
+}
+
+/// Every target of upgrade `id` with its state (inside a transaction).
+pub(super) fn node_states_in(
+    txn: &WriteTransaction,
+    id: u64,
+) -> Result<Vec<(String, UpgradeState)>, StoreError> {
+    let table = txn.open_table(UPGRADE_NODES)?;
+    let mut out = Vec::new();
+    for item in table.range((id, "")..)? {
+        let (k, v) = item?;
+        let (i, node) = k.value();
+        if i != id {
+            break;
+        }
+        let row: NodeRow = decode(v.value(), "upgrade node")?;
+        out.push((node.to_owned(), row.state));
+    }
+    Ok(out)
+}
+
+/// Ends upgrade `id` for its targets that never heard of it (`pending`): `failed` with
+/// `reason`, so a later register does not start it behind a rollout's back. Targets
+/// already downloading or installing go on (the agent's watchdog decides). Returns how
+/// many were ended.
+pub(super) fn fail_pending_in(
+    txn: &WriteTransaction,
+    id: u64,
+    reason: &str,
+    at_ms: u64,
+) -> Result<u64, StoreError> {
+    let mut ended = 0;
+    for (node, state) in node_states_in(txn, id)? {
+        if state != UpgradeState::Pending {
+            continue;
+        }
+        let row = NodeRow {
+            state: UpgradeState::Failed,
+            error: Some(reason.to_owned()),
+            running_version: None,
+            updated_at_ms: at_ms,
+        };
+        put_node(txn, id, &node, &row)?;
+        ended += 1;
+    }
+    Ok(ended)
 }
 
 fn read_upgrade(txn: &WriteTransaction, id: u64) -> Result<UpgradeRecord, StoreError> {
@@ -402,47 +503,7 @@ impl Store {
     ) -> Result<(UpgradeRecord, BTreeSet<UserId>, AuditEntry), StoreError> {
         check_new(new)?;
         self.write(|txn| {
-            let size = {
-                let table = txn.open_table(ARTIFACTS)?;
-                let row: ArtifactRow = match table.get(new.sha256.as_str())? {
-                    Some(v) => decode(v.value(), "artifact")?,
-                    None => return Err(StoreError::UnknownArtifact(new.sha256.clone())),
-                };
-                row.size
-            };
-            let nodes = resolve_targets_in(txn, &new.targets)?;
-            let id = {
-                let mut meta = txn.open_table(META)?;
-                let id = meta.get(META_NEXT_UPGRADE_ID)?.map_or(1, |v| v.value());
-                let next = id
-                    .checked_add(1)
-                    .ok_or_else(|| StoreError::InvalidUpgrade("upgrade ids exhausted".into()))?;
-                meta.insert(META_NEXT_UPGRADE_ID, next)?;
-                id
-            };
-            let row = UpgradeRow {
-                version: new.version.clone(),
-                sha256: new.sha256.clone(),
-                size,
-                deadline_ms: new.deadline_ms,
-                os: new.os.clone(),
-                arch: new.arch.clone(),
-                targets: new.targets.clone(),
-                created_at_ms: at_ms,
-                actor: new.actor.clone(),
-            };
-            txn.open_table(UPGRADES)?
-                .insert(id, encode(&row, "upgrade")?.as_slice())?;
-            let pending = NodeRow {
-                state: UpgradeState::Pending,
-                error: None,
-                running_version: None,
-                updated_at_ms: at_ms,
-            };
-            for node in &nodes {
-                put_node(txn, id, node.as_str(), &pending)?;
-            }
-            let record = upgrade_of(id, row);
+            let (record, nodes) = create_upgrade_in(txn, new, at_ms)?;
             let entry = append_in(txn, at_ms, audit(&record, &nodes))?;
             Ok((record, nodes, entry))
         })
