@@ -134,6 +134,13 @@ pub struct RunArgs {
     /// Fleet rollout: failures a stage tolerates, percent.
     #[arg(long, default_value_t = 5)]
     pub rollout_max_failure_percent: u8,
+    /// Fleet, fault: `kill -9` this pid (the active scheduler) during the task fan-out and
+    /// follow the standby (give every instance in `--scheduler`, comma-separated).
+    #[arg(long)]
+    pub kill_scheduler: Option<u32>,
+    /// Fleet, fault: kill once this many results are stored (0: right after the create).
+    #[arg(long, default_value_t = 0)]
+    pub kill_after_results: u64,
     /// Fleet: instead of one task, time config pushes: `--config-single` documents to one
     /// agent each, then one to all agents.
     #[arg(long, conflicts_with = "rollout")]
@@ -1119,7 +1126,12 @@ fn broadcast_summary(run: &Run, done: BroadcastDone) -> (serde_json::Value, Vec<
 /// until the scheduler has stored every result.
 async fn fleet(run: &Run) -> Driven {
     let args = &run.args;
-    let addr: SocketAddr = args.scheduler.parse()?;
+    let addrs: Vec<SocketAddr> = args
+        .scheduler
+        .split(',')
+        .map(|a| a.trim().parse())
+        .collect::<Result<_, _>>()?;
+    let addr = *addrs.first().ok_or("--scheduler names no address")?;
     let key = args.api_key.clone();
     let t0 = Instant::now();
     let all = run.wait_opened(run.remaining()).await;
@@ -1176,6 +1188,40 @@ async fn fleet(run: &Run) -> Driven {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    if let Some(pid) = args.kill_scheduler {
+        let agg = Arc::clone(&run.agg);
+        let (extra, extra_rows) = crate::failover::drive(
+            crate::failover::Plan {
+                addrs,
+                key: &key,
+                argv: args.command.split_whitespace().map(str::to_owned).collect(),
+                timeout_ms: args.task_timeout_ms,
+                agents: online,
+                kill_pid: pid,
+                kill_after_results: args.kill_after_results,
+                deadline: Instant::now() + run.remaining(),
+            },
+            move || {
+                let t = &lock(&agg).totals;
+                (t.tasks, t.results, t.result_acks)
+            },
+        )
+        .await?;
+        let mut summary = serde_json::json!({
+            "agents": open,
+            "agents_online_at_scheduler": online,
+        });
+        if let (Some(s), Some(e)) = (summary.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        let mut rows = vec![Row::new(
+            "agents connected / online at scheduler",
+            format!("{open} / {online}"),
+        )];
+        rows.extend(extra_rows);
+        proc_rows(run, &mut summary, &mut rows, 0);
+        return Ok(Done::Ready(summary, rows));
+    }
     if args.rollout || args.config_push {
         let (extra, extra_rows) = if args.rollout {
             crate::rollout::drive(crate::rollout::Plan {

@@ -17,6 +17,7 @@
 mod client;
 mod configpush;
 mod coordinator;
+mod failover;
 mod hist;
 mod http;
 mod legacy;

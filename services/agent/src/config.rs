@@ -18,6 +18,8 @@
 //! outbox_path = "/var/lib/agent/outbox.redb"
 //! report_period_secs = 30               # default 30
 //! heartbeat_secs = 10                   # optional: overrides the gateway's interval
+//! resend_after_ms = 15000               # default 15000: outbox entries unacknowledged this
+//!                                       # long are sent again on the same connection
 //! allowed_commands = ["/usr/bin/uptime", "df"]   # default: none
 //! metrics_listen = "127.0.0.1:9464"     # optional: serve Prometheus /metrics here
 //! command_keys_file = "command.pub"     # required to run: the control plane's public
@@ -210,6 +212,8 @@ pub struct AgentConfig {
     pub outbox_path: PathBuf,
     /// Fixed heartbeat interval overriding the one the gateway announces, if set.
     pub heartbeat: Option<Duration>,
+    /// Outbox entries unacknowledged this long are sent again without a reconnect.
+    pub resend_after: Duration,
     /// Period between status reports.
     pub report_period: Duration,
     /// Reconnect backoff.
@@ -349,6 +353,9 @@ pub enum Problem {
     /// Zero where a positive number is required.
     #[error("must be greater than zero")]
     Zero,
+    /// Below the smallest value accepted.
+    #[error("must be at least {0}")]
+    TooSmall(u64),
     /// Invalid backoff settings.
     #[error("{0}")]
     Backoff(BackoffError),
@@ -486,6 +493,7 @@ struct FileConfig {
     labels: Option<BTreeMap<String, String>>,
     outbox_path: Option<PathBuf>,
     heartbeat_secs: Option<u64>,
+    resend_after_ms: Option<u64>,
     report_period_secs: Option<u64>,
     backoff: Option<FileBackoff>,
     allowed_commands: Option<Vec<String>>,
@@ -724,6 +732,23 @@ impl AgentConfig {
             None => None,
         };
 
+        let resend_after = match l.pick(
+            "resend_after_ms",
+            "AGENT_RESEND_AFTER_MS",
+            f.resend_after_ms,
+            parse_u64,
+        )? {
+            Some(ms) if ms.value < 100 => {
+                return Err(invalid(
+                    "resend_after_ms",
+                    ms.origin,
+                    Problem::TooSmall(100),
+                ));
+            }
+            Some(ms) => Duration::from_millis(ms.value),
+            None => DEFAULT_RESEND_AFTER,
+        };
+
         let report_period = match l.pick(
             "report_period_secs",
             "AGENT_REPORT_PERIOD_SECS",
@@ -945,6 +970,7 @@ impl AgentConfig {
             labels,
             outbox_path,
             heartbeat,
+            resend_after,
             report_period,
             backoff,
             allowed_commands,
@@ -1102,6 +1128,9 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
     let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
     (line, column)
 }
+
+/// How long an outbox entry may stay unacknowledged before it is sent again.
+pub const DEFAULT_RESEND_AFTER: Duration = Duration::from_secs(15);
 
 fn positive_secs(field: &'static str, v: Sourced<u64>) -> Result<Duration, ConfigError> {
     if v.value == 0 {

@@ -802,6 +802,16 @@ impl Ctx {
             fixed.unwrap_or_else(|| Duration::from_millis(u64::from(params.base_ms)));
         let mut last_beat = Instant::now();
         let mut dead_at: Option<Instant> = None;
+        // An entry unacknowledged for `resend_after` is sent again on this connection. A
+        // connection that stays up does not make every loss impossible: a result published
+        // while no scheduler was subscribed (a failover's gap, a NATS node's loss) is gone,
+        // and the agent would otherwise hold it until its next reconnect.
+        let every = self.config.resend_after;
+        let mut resend = tokio::time::interval_at(Instant::now() + every, every);
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Entries pending at the previous check: still pending now means unacknowledged for
+        // at least one interval.
+        let mut unacked: HashSet<u64> = HashSet::new();
         loop {
             // Beat at 90% of the interval so network delay does not make a beat late.
             let next_beat = last_beat + interval.mul_f64(0.9);
@@ -910,6 +920,10 @@ impl Ctx {
                     }
                     Next::Continue
                 }
+                _ = resend.tick() => {
+                    self.resend_unacked(conn, &mut unacked).await?;
+                    Next::Continue
+                }
                 () = wait_shutdown(&mut self.shutdown) => Next::End(SessionEnd::Shutdown),
             };
             if let Next::End(end) = next {
@@ -926,6 +940,51 @@ impl Ctx {
         if !entries.is_empty() {
             tracing::info!(entries = entries.len(), "Replaying the outbox.");
         }
+        self.send_entries(conn, entries).await
+    }
+
+    /// Sends again the entries that were already pending at the previous check (so have
+    /// gone unacknowledged for at least one `resend_after`); remembers what is pending now.
+    /// The scheduler ingests by message id, so a copy that arrives twice is acknowledged
+    /// and not stored again.
+    async fn resend_unacked(
+        &mut self,
+        conn: &mut Conn,
+        unacked: &mut HashSet<u64>,
+    ) -> Result<(), SessionError> {
+        let outbox = Arc::clone(&self.outbox);
+        let entries: Vec<Entry> =
+            tokio::task::spawn_blocking(move || outbox.pending(REPLAY_LIMIT)).await??;
+        let (stale, fresh): (Vec<Entry>, Vec<Entry>) =
+            entries.into_iter().partition(|e| unacked.contains(&e.seq));
+        // Entries not sent on this connection yet go out with their own event; only those
+        // already sent are waited for.
+        *unacked = fresh
+            .iter()
+            .chain(stale.iter())
+            .filter(|e| conn.sent.contains(&e.seq))
+            .map(|e| e.seq)
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            entries = stale.len(),
+            after = ?self.config.resend_after,
+            "Outbox entries unacknowledged; sending them again."
+        );
+        for e in &stale {
+            conn.sent.remove(&e.seq);
+        }
+        self.send_entries(conn, stale).await
+    }
+
+    /// Sends outbox entries not yet sent on this connection (reports batched).
+    async fn send_entries(
+        &mut self,
+        conn: &mut Conn,
+        entries: Vec<Entry>,
+    ) -> Result<(), SessionError> {
         let mut reports = Vec::new();
         for entry in entries {
             match entry.kind.as_str() {

@@ -1258,3 +1258,83 @@ async fn a_rollout_waits_for_promotion_and_halts_on_failures_with_schedctl() {
     }
     fleet.stop().await;
 }
+
+/// A result published while no scheduler listens (the active one is gone, the next not yet
+/// up) is lost on the bus, but not for good: the agent, still connected, sends what stays
+/// unacknowledged again (`resend_after_ms`), and the next scheduler stores it, without
+/// the agent reconnecting and without a second attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_lost_while_no_scheduler_listens_is_sent_again_on_the_same_connection() {
+    let fleet = Fleet::start("gw-resend").await;
+    let api = fleet.sched.addr();
+    let config = agent_config_with(
+        fleet.dir.path(),
+        "resend-1",
+        "eu",
+        fleet.gateway.addr(),
+        "resend_after_ms = 300",
+    );
+    let mut node = agent::start(config).await.unwrap();
+    eventually(api, "/v1/agents/resend-1", |v| v["state"] == "online").await;
+    let marker = fleet.dir.path().join("finish");
+    let r = http::post_json(
+        api,
+        "/v1/tasks",
+        KEY,
+        &json!({
+            "targets": {"nodes": ["resend-1"]},
+            "spec": {"kind": "command", "argv": ["sh", "-c",
+                format!("while [ ! -e '{}' ]; do sleep 0.05; done; echo finished", marker.display())]},
+            "timeout_ms": 60000
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let task = r.json()["task_id"].as_u64().unwrap();
+    eventually(api, &format!("/v1/tasks/{task}"), |t| {
+        t["targets"]["resend-1"]["state"] == "running"
+    })
+    .await;
+    // The scheduler goes away; the command finishes and its result goes nowhere.
+    let Fleet {
+        _nats,
+        gateway,
+        sched,
+        dir,
+    } = fleet;
+    sched.shutdown().await.unwrap();
+    std::fs::write(&marker, b"").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The next scheduler (same store) gets the result from the same connection.
+    let mut config = scheduler::Config::new(
+        _nats.url(),
+        vec![KEY.to_owned()],
+        dir.path().join("scheduler.redb"),
+    );
+    config.api_keys =
+        scheduler::auth::parse_keys(&format!("ops:operator:{KEY},dashboard:read:{READ_KEY}"))
+            .unwrap();
+    config.command_key = std::sync::Arc::new(
+        messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
+    );
+    let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    ready(sched.addr()).await;
+    let t = eventually(sched.addr(), &format!("/v1/tasks/{task}"), |t| {
+        t["targets"]["resend-1"]["state"] == "succeeded"
+    })
+    .await;
+    assert_eq!(t["targets"]["resend-1"]["attempts"], 1, "{t}");
+    assert!(
+        t["results"][0]["body"]["stdout_tail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("finished"),
+        "{t}"
+    );
+    assert_eq!(node.metrics().sessions(), 1, "the agent never reconnected");
+    node.stop();
+    let _ = node.join().await;
+    sched.shutdown().await.unwrap();
+    gateway.shutdown().await.unwrap();
+}
