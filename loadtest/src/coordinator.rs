@@ -134,6 +134,10 @@ pub struct RunArgs {
     /// Fleet rollout: failures a stage tolerates, percent.
     #[arg(long, default_value_t = 5)]
     pub rollout_max_failure_percent: u8,
+    /// Fleet: simulated agents send a result again when it is still unacknowledged this
+    /// long after it was sent, as services/agent does (0: never).
+    #[arg(long, default_value_t = 15_000)]
+    pub agent_resend_after_ms: u64,
     /// Fleet, fault: `kill -9` this pid (the active scheduler) during the task fan-out and
     /// follow the standby (give every instance in `--scheduler`, comma-separated).
     #[arg(long)]
@@ -203,6 +207,8 @@ pub struct Second {
     pub results: u64,
     /// Result ids acknowledged by the scheduler.
     pub result_acks: u64,
+    /// Results and config acks agents sent again (unacknowledged too long).
+    pub resent: u64,
     /// Pushes published by the parent.
     pub pushes: u64,
     /// Results stored at the scheduler (fleet, polled).
@@ -283,6 +289,7 @@ impl Agg {
         tot.tasks += line.tasks;
         tot.results += line.results;
         tot.result_acks += line.result_acks;
+        tot.resent += line.resent;
         if line.last {
             if let Some(l) = self.last_seen.get_mut(w) {
                 *l = true;
@@ -305,6 +312,7 @@ impl Agg {
         s.tasks += line.tasks;
         s.results += line.results;
         s.result_acks += line.result_acks;
+        s.resent += line.resent;
         s.hs.merge(&line.hs);
         s.lat.merge(&line.lat);
     }
@@ -515,6 +523,7 @@ pub async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError> {
             skip_started: args.agent_skip_started,
             fail_percent: args.agent_fail_percent,
             fail_from_task,
+            resend_after_ms: args.agent_resend_after_ms,
         };
         first += count;
         let mut child = Command::new(&exe)
@@ -1203,7 +1212,7 @@ async fn fleet(run: &Run) -> Driven {
             },
             move || {
                 let t = &lock(&agg).totals;
-                (t.tasks, t.results, t.result_acks)
+                (t.tasks, t.results, t.result_acks, t.resent)
             },
         )
         .await?;

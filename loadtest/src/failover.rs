@@ -66,10 +66,10 @@ async fn active(
 }
 
 /// Runs the fault; `totals` reads the agents' counters (tasks received, results sent,
-/// results acked).
+/// results acked, results sent again).
 pub async fn drive(
     plan: Plan<'_>,
-    totals: impl Fn() -> (u64, u64, u64),
+    totals: impl Fn() -> (u64, u64, u64, u64),
 ) -> Result<(Value, Vec<Row>), Error> {
     let req = json!({
         "targets": {"labels": {"fleet": "loadtest"}},
@@ -138,7 +138,9 @@ pub async fn drive(
         if killed.is_none() && stored >= plan.kill_after_results {
             killed = Some(kill(stored)?);
         }
-        if finished && killed.is_some() {
+        // Done when every result is stored and the standby has answered since the kill
+        // (it took over).
+        if finished && killed.is_some() && takeover_secs.is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -146,7 +148,7 @@ pub async fn drive(
     let all_secs = created.elapsed().as_secs_f64();
     // The agents report once a second: let their counters settle.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let (tasks, results, acks) = totals();
+    let (tasks, results, acks, resent) = totals();
     let mut second_attempts = 0u64;
     let mut states = Value::Null;
     if let Some((_, r)) = active(
@@ -194,6 +196,7 @@ pub async fn drive(
             "agents: tasks received / results sent / results acked",
             format!("{tasks} / {results} / {acks} (targets {})", plan.agents),
         ),
+        Row::new("results sent again (unacknowledged)", resent.to_string()),
         Row::new("targets with a second attempt", second_attempts.to_string()),
     ];
     let summary = json!({
@@ -206,7 +209,10 @@ pub async fn drive(
         "tasks_received_by_agents": tasks,
         "results_sent": results,
         "results_acked": acks,
+        "results_resent": resent,
         "second_attempts": second_attempts,
+        "results_missing": plan.agents.saturating_sub(stored),
+        "tasks_received_extra": tasks.saturating_sub(plan.agents),
         "task_states": states,
     });
     Ok((summary, rows))

@@ -90,6 +90,10 @@ pub struct WorkerSpec {
     /// agents fail only after the pilot's batches (task ids are allocated in order).
     #[serde(default)]
     pub fail_from_task: u64,
+    /// Agents send a result or config ack again when it is still unacknowledged this long
+    /// after it was sent, as services/agent does (`resend_after_ms`; 0: never).
+    #[serde(default)]
+    pub resend_after_ms: u64,
 }
 
 /// One line a worker prints: counters are deltas since the previous line.
@@ -122,6 +126,8 @@ pub struct WorkerLine {
     pub results: u64,
     /// Agents: result ids acknowledged by the scheduler.
     pub result_acks: u64,
+    /// Agents: results and config acks sent again, unacknowledged after `resend_after_ms`.
+    pub resent: u64,
     /// Handshake latency (TCP connect to welcome), µs.
     pub hs: Hist,
     /// Push latency (sender's stamp -> received), µs.
@@ -152,6 +158,7 @@ struct Counters {
     tasks: AtomicU64,
     results: AtomicU64,
     result_acks: AtomicU64,
+    resent: AtomicU64,
     first_done: AtomicU64,
     started_at_us: AtomicU64,
     opened_at_us: AtomicU64,
@@ -185,6 +192,7 @@ impl Counters {
             tasks: take(&self.tasks),
             results: take(&self.results),
             result_acks: take(&self.result_acks),
+            resent: take(&self.resent),
             hs: lock(&self.hs).take(),
             lat: lock(&self.lat).take(),
             started_at_us: self.started_at_us.load(Ordering::Relaxed),
@@ -528,12 +536,45 @@ async fn session(
     let mut interval =
         Duration::from_millis(u64::from(welcome.heartbeat.base_ms.max(100))).mul_f64(factor);
     let mut next_beat = tokio::time::Instant::now() + interval;
+    // What this agent sent and has not seen acknowledged: message id -> (route, body, sent).
+    let mut unacked: Unacked = HashMap::new();
+    let resend_after = Duration::from_millis(spec.resend_after_ms);
+    let mut next_resend = (spec.resend_after_ms > 0 && spec.role == Role::Agent)
+        .then(|| tokio::time::Instant::now() + resend_after);
     let never = Notify::new();
     let kick = kick.unwrap_or(&never);
     let end = loop {
         tokio::select! {
             _ = stop.changed() => break End::Stop,
             () = kick.notified() => break End::Churn,
+            () = async {
+                match next_resend {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let now = tokio::time::Instant::now();
+                let mut lost = false;
+                for (route, body, sent) in unacked.values_mut() {
+                    if now.duration_since(*sent) >= resend_after {
+                        let frame = Frame::new(FrameKind::Publish)
+                            .with_msg_id(next_id)
+                            .with_route(route.clone())
+                            .with_body(BodyCodec::MsgPack, body.clone());
+                        next_id += 1;
+                        if ws.send(Message::Binary(frame.encode())).await.is_err() {
+                            lost = true;
+                            break;
+                        }
+                        *sent = now;
+                        counters.resent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if lost {
+                    break End::Lost;
+                }
+                next_resend = Some(now + resend_after / 2);
+            }
             () = tokio::time::sleep_until(next_beat) => {
                 if ws.send(Message::Binary(Frame::new(FrameKind::Heartbeat).encode())).await.is_err() {
                     break End::Lost;
@@ -564,7 +605,7 @@ async fn session(
                                 }
                                 Role::NatsWs => {}
                                 Role::Agent => {
-                                    if agent_push(&mut ws, &mut next_id, instance, next_result_seq, &frame, counters, behaviour).await.is_err() {
+                                    if agent_push(&mut ws, &mut next_id, instance, next_result_seq, &frame, counters, behaviour, &mut unacked).await.is_err() {
                                         break End::Lost;
                                     }
                                 }
@@ -646,6 +687,31 @@ async fn nats_session(
     end
 }
 
+/// A simulated agent's sent, unacknowledged messages: message id -> (route, body, sent at).
+type Unacked = HashMap<String, (Route, Vec<u8>, tokio::time::Instant)>;
+
+/// Publishes an outboxed message (a result, a config ack) and remembers it until an
+/// `agent.ack` names it.
+async fn publish_tracked<T: Serialize>(
+    ws: &mut Ws,
+    next_id: &mut u64,
+    route: &str,
+    body: &T,
+    message_id: String,
+    unacked: &mut Unacked,
+) -> Result<(), BoxError> {
+    let route = Route::new(route)?;
+    let bytes = payload::to_bus(body)?;
+    let frame = Frame::new(FrameKind::Publish)
+        .with_msg_id(*next_id)
+        .with_route(route.clone())
+        .with_body(BodyCodec::MsgPack, bytes.clone());
+    *next_id += 1;
+    ws.send(Message::Binary(frame.encode())).await?;
+    unacked.insert(message_id, (route, bytes, tokio::time::Instant::now()));
+    Ok(())
+}
+
 /// Sends a MessagePack publish frame on `route`, as services/agent does.
 async fn publish<T: Serialize>(
     ws: &mut Ws,
@@ -674,6 +740,7 @@ struct AgentBehaviour {
 /// The agent side of a push: a task is "run" at once (started, then a result: succeeded
 /// with exit code 0, or failed with 1 when the behaviour says so); a config document is
 /// acked as applied; an ack counts the acknowledged result ids.
+#[allow(clippy::too_many_arguments)]
 async fn agent_push(
     ws: &mut Ws,
     next_id: &mut u64,
@@ -682,6 +749,7 @@ async fn agent_push(
     frame: &Frame,
     counters: &Counters,
     behaviour: AgentBehaviour,
+    unacked: &mut Unacked,
 ) -> Result<(), BoxError> {
     let codec = frame.flags.codec();
     // Scheduler pushes are signed envelopes; a simulated agent reads the message inside
@@ -727,7 +795,8 @@ async fn agent_push(
                 output_chunks: 0,
             };
             *next_result_seq += 1;
-            publish(ws, next_id, fleet::up::RESULT, &result).await?;
+            let id = result.message_id.clone();
+            publish_tracked(ws, next_id, fleet::up::RESULT, &result, id, unacked).await?;
             counters.results.fetch_add(1, Ordering::Relaxed);
         }
         // A config document is "applied" at once: the ack echoes name, version and hash.
@@ -745,10 +814,14 @@ async fn agent_push(
                 at_ms: messages::headers::now_micros() / 1000,
             };
             *next_result_seq += 1;
-            publish(ws, next_id, fleet::up::CONFIG_ACK, &ack).await?;
+            let id = ack.message_id.clone();
+            publish_tracked(ws, next_id, fleet::up::CONFIG_ACK, &ack, id, unacked).await?;
         }
         fleet::down::ACK => {
             if let Ok(ack) = payload::decode_body::<Ack>(codec, body) {
+                for id in &ack.message_ids {
+                    unacked.remove(id);
+                }
                 counters
                     .result_acks
                     .fetch_add(ack.message_ids.len() as u64, Ordering::Relaxed);
