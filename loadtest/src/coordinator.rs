@@ -134,6 +134,15 @@ pub struct RunArgs {
     /// Fleet rollout: failures a stage tolerates, percent.
     #[arg(long, default_value_t = 5)]
     pub rollout_max_failure_percent: u8,
+    /// Every connection lost (a gateway killed, say) is opened again to the next URL with
+    /// docs/protocol.md 13.1's backoff; storm reports the recovery (time until all are
+    /// back, loss -> welcome p50/p99/max, reconnects per second).
+    #[arg(long)]
+    pub reconnect: bool,
+    /// Storm with `--reconnect`: seconds to wait for every connection to come back after
+    /// the hold, at most.
+    #[arg(long, default_value_t = 60)]
+    pub recover_secs: u64,
     /// Fleet: simulated agents send a result again when it is still unacknowledged this
     /// long after it was sent, as services/agent does (0: never).
     #[arg(long, default_value_t = 15_000)]
@@ -246,6 +255,7 @@ struct Agg {
     gaps: u64,
     hs: Hist,
     lat: Hist,
+    rc: Hist,
     totals: WorkerLine,
 }
 
@@ -278,6 +288,7 @@ impl Agg {
         }
         self.hs.merge(&line.hs);
         self.lat.merge(&line.lat);
+        self.rc.merge(&line.rc);
         let tot = &mut self.totals;
         tot.connects += line.connects;
         tot.connect_errors += line.connect_errors;
@@ -290,6 +301,7 @@ impl Agg {
         tot.results += line.results;
         tot.result_acks += line.result_acks;
         tot.resent += line.resent;
+        tot.reconnects += line.reconnects;
         if line.last {
             if let Some(l) = self.last_seen.get_mut(w) {
                 *l = true;
@@ -524,6 +536,7 @@ pub async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError> {
             fail_percent: args.agent_fail_percent,
             fail_from_task,
             resend_after_ms: args.agent_resend_after_ms,
+            reconnect: args.reconnect,
         };
         first += count;
         let mut child = Command::new(&exe)
@@ -759,6 +772,11 @@ async fn storm(run: &Run) -> Driven {
         .unwrap_or_else(|| t0.elapsed().as_secs_f64());
     let hold = Duration::from_secs(run.args.hold_secs).min(run.remaining());
     tokio::time::sleep(hold).await;
+    let recovery = if run.args.reconnect {
+        Some(recover(run).await)
+    } else {
+        None
+    };
     let (open, totals, hs, peak) = {
         let agg = run.agg();
         let peak = agg.seconds.iter().map(|s| s.connects).max().unwrap_or(0);
@@ -808,8 +826,111 @@ async fn storm(run: &Run) -> Driven {
             ),
         ),
     ];
+    if let Some((extra, extra_rows)) = recovery {
+        if let (Some(s), Some(e)) = (summary.as_object_mut(), extra.as_object()) {
+            s.extend(e.clone());
+        }
+        rows.extend(extra_rows);
+    }
     proc_rows(run, &mut summary, &mut rows, open);
     Ok(Done::Ready(summary, rows))
+}
+
+/// Storm with `--reconnect`, after the hold (during which a fault script killed a
+/// gateway): waits up to `--recover-secs` for every connection to be back, then reads the
+/// recovery off the per-second record: the first second with connections missing, the
+/// first one after it with all back, the reconnects per second in between, and each
+/// connection's loss -> welcome time.
+async fn recover(run: &Run) -> (serde_json::Value, Vec<Row>) {
+    let until = Instant::now() + Duration::from_secs(run.args.recover_secs).min(run.remaining());
+    let total = run.connections as u64;
+    while Instant::now() < until && run.agg().open_now() < total {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The workers report once a second: let the last second land.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let agg = run.agg();
+    let opened_at = agg.seconds.iter().position(|s| s.open >= total);
+    let lost = opened_at.and_then(|o| {
+        agg.seconds
+            .iter()
+            .enumerate()
+            .skip(o)
+            .find(|(_, s)| s.open < total)
+            .map(|(i, _)| i)
+    });
+    let back = lost.and_then(|d| {
+        agg.seconds
+            .iter()
+            .enumerate()
+            .skip(d)
+            .find(|(_, s)| s.open >= total)
+            .map(|(i, _)| i)
+    });
+    let per_second: Vec<u64> = match (lost, back) {
+        (Some(d), Some(b)) => agg.seconds[d..=b].iter().map(|s| s.connects).collect(),
+        (Some(d), None) => agg.seconds[d..].iter().map(|s| s.connects).collect(),
+        _ => Vec::new(),
+    };
+    let busy: Vec<u64> = per_second.iter().copied().filter(|c| *c > 0).collect();
+    let mean = if busy.is_empty() {
+        0.0
+    } else {
+        busy.iter().sum::<u64>() as f64 / busy.len() as f64
+    };
+    let peak = busy.iter().copied().max().unwrap_or(0);
+    let rc = agg.rc.clone();
+    let reconnects = agg.totals.reconnects;
+    let lowest = lost
+        .map(|d| agg.seconds[d..].iter().map(|s| s.open).min().unwrap_or(0))
+        .unwrap_or(total);
+    let closed = agg.totals.closed;
+    let secs_to_all_back = match (lost, back) {
+        (Some(d), Some(b)) => Some((b - d) as u64),
+        _ => None,
+    };
+    std::mem::drop(agg);
+    let summary = serde_json::json!({
+        "lost_connections": closed,
+        "lowest_open_in_a_second": lowest,
+        "reconnects": reconnects,
+        "all_back": back.is_some(),
+        "seconds_to_all_back": secs_to_all_back,
+        "reconnect_p50_ms": rc.ms(50.0),
+        "reconnect_p99_ms": rc.ms(99.0),
+        "reconnect_max_ms": rc.ms(100.0),
+        "reconnects_per_second": per_second,
+        "reconnects_peak_over_mean": if mean > 0.0 { peak as f64 / mean } else { 0.0 },
+    });
+    let rows = vec![
+        Row::new(
+            "connections lost, reconnected, fewest open in a second",
+            format!("{closed}, {reconnects}, {lowest}"),
+        ),
+        Row::new(
+            "loss -> all back",
+            secs_to_all_back.map_or("NOT ALL BACK".to_owned(), |s| {
+                format!("within {s} s (1 s resolution)")
+            }),
+        ),
+        Row::new(
+            "loss -> welcome per connection p50 / p99 / max",
+            format!(
+                "{:.0} / {:.0} / {:.0} ms",
+                rc.ms(50.0),
+                rc.ms(99.0),
+                rc.ms(100.0)
+            ),
+        ),
+        Row::new(
+            "reconnects per second (from the loss)",
+            format!(
+                "{per_second:?}, peak/mean {:.2}",
+                if mean > 0.0 { peak as f64 / mean } else { 0.0 }
+            ),
+        ),
+    ];
+    (summary, rows)
 }
 
 /// A published push: when, how many were open, the API's answer.

@@ -94,6 +94,11 @@ pub struct WorkerSpec {
     /// after it was sent, as services/agent does (`resend_after_ms`; 0: never).
     #[serde(default)]
     pub resend_after_ms: u64,
+    /// A lost connection is opened again, to the next URL, after the backoff of
+    /// docs/protocol.md 13.1 (base 100 ms, doubling, cap 30 s, 0.3 jitter); the time from
+    /// loss to the new welcome is recorded.
+    #[serde(default)]
+    pub reconnect: bool,
 }
 
 /// One line a worker prints: counters are deltas since the previous line.
@@ -128,6 +133,10 @@ pub struct WorkerLine {
     pub result_acks: u64,
     /// Agents: results and config acks sent again, unacknowledged after `resend_after_ms`.
     pub resent: u64,
+    /// Connections opened again after a loss (`reconnect`).
+    pub reconnects: u64,
+    /// Loss -> welcome again, µs (`reconnect`).
+    pub rc: Hist,
     /// Handshake latency (TCP connect to welcome), µs.
     pub hs: Hist,
     /// Push latency (sender's stamp -> received), µs.
@@ -159,6 +168,8 @@ struct Counters {
     results: AtomicU64,
     result_acks: AtomicU64,
     resent: AtomicU64,
+    reconnects: AtomicU64,
+    rc: Mutex<Hist>,
     first_done: AtomicU64,
     started_at_us: AtomicU64,
     opened_at_us: AtomicU64,
@@ -193,6 +204,8 @@ impl Counters {
             results: take(&self.results),
             result_acks: take(&self.result_acks),
             resent: take(&self.resent),
+            reconnects: take(&self.reconnects),
+            rc: lock(&self.rc).take(),
             hs: lock(&self.hs).take(),
             lat: lock(&self.lat).take(),
             started_at_us: self.started_at_us.load(Ordering::Relaxed),
@@ -361,7 +374,11 @@ async fn connection(
     permits: Arc<Semaphore>,
 ) {
     let global = spec.first + slot;
-    let url = &spec.urls[global % spec.urls.len()];
+    let mut url_index = global % spec.urls.len();
+    // Since when this slot has been without a connection after a loss, and the failed
+    // attempts since (the backoff exponent).
+    let mut lost_at: Option<Instant> = None;
+    let mut failures = 0u32;
     let (user, kind) = match spec.role {
         Role::Client => (format!("{}-{global}", spec.user_prefix), "app"),
         Role::Agent => (format!("{}-{global}", spec.user_prefix), "agent"),
@@ -382,6 +399,7 @@ async fn connection(
         if *stop.borrow() {
             break;
         }
+        let url = &spec.urls[url_index % spec.urls.len()];
         let attempt = {
             let Ok(_permit) = permits.acquire().await else {
                 break;
@@ -409,11 +427,25 @@ async fn connection(
             (Ok(ok), took) => {
                 counters.connects.fetch_add(1, Ordering::Relaxed);
                 lock(&counters.hs).record(took.as_micros() as u64);
+                if let Some(t) = lost_at.take() {
+                    counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                    lock(&counters.rc).record(t.elapsed().as_micros() as u64);
+                }
+                failures = 0;
                 ok
             }
             (Err(e), _) => {
                 if counters.connect_errors.fetch_add(1, Ordering::Relaxed) < 3 {
                     eprintln!("worker {}: connect to {url} failed: {e}", spec.index);
+                }
+                if spec.reconnect && lost_at.is_some() {
+                    url_index += 1;
+                    let delay = backoff(failures, instance);
+                    failures = failures.saturating_add(1);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        _ = stop.changed() => break,
+                    }
                 }
                 if !churning {
                     break;
@@ -451,6 +483,18 @@ async fn connection(
             End::Churn => counters.churned.fetch_add(1, Ordering::Relaxed),
             End::Lost => {
                 counters.closed.fetch_add(1, Ordering::Relaxed);
+                if spec.reconnect {
+                    lost_at = Some(Instant::now());
+                    // Another gateway, chosen per slot, so the lost gateway's clients
+                    // spread over all the others instead of piling onto the next one.
+                    url_index += 1 + slot % spec.urls.len().saturating_sub(1).max(1);
+                    let delay = backoff(failures, instance);
+                    failures = failures.saturating_add(1);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        _ = stop.changed() => break,
+                    }
+                }
                 if !churning {
                     break;
                 }
@@ -462,6 +506,27 @@ async fn connection(
             }
         };
     }
+}
+
+/// docs/protocol.md 13.1: `min(30 s, 100 ms * 2^n) * (1 + uniform(-0.3, 0.3))`; the
+/// jitter comes from the slot's identity and the clock (no RNG needed for a spread).
+fn backoff(n: u32, instance: u128) -> Duration {
+    let base = 100u64.saturating_mul(1u64 << n.min(20)).min(30_000);
+    let nanos = u128::from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0),
+    );
+    // splitmix64 over the slot and the time: a uniform-enough fraction in [0, 1).
+    let mut z = u64::try_from((instance ^ (nanos << 17) ^ u128::from(n)) & u128::from(u64::MAX))
+        .unwrap_or(0)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let fraction = (z >> 11) as f64 / (1u64 << 53) as f64;
+    Duration::from_millis(base).mul_f64(0.7 + 0.6 * fraction)
 }
 
 /// Pushes seen in one session, for gap counting.
