@@ -42,9 +42,9 @@ use servicekit::telemetry::{MessageSpan, Operation};
 
 use crate::Shared;
 use crate::admission::Ticket;
-use crate::bus::Outbound;
+use crate::bus::{Outbound, PublishOutcome};
 use crate::heartbeat::{Beat, Heartbeat};
-use crate::registry::wait_live;
+use crate::hub::Member;
 use crate::transport::Sink;
 use crate::ws::{self, Message as WsMessage, WsError};
 
@@ -80,10 +80,20 @@ impl ConnHandle {
     pub fn do_send(&self, msg: ToConn) {
         self.addr.do_send(msg);
     }
+}
+
+impl Member for ConnHandle {
+    fn control(&self, control: GatewayControl) {
+        self.addr.do_send(ToConn::Control(control));
+    }
+
+    fn announce(&self) {
+        self.addr.do_send(ToConn::Announce);
+    }
 
     /// Hands a push (a complete WebSocket message) to the connection. At most `limit`
     /// pushes wait in the inbox; past that the connection is closed as a slow consumer.
-    pub fn push(&self, frame: Bytes, limit: usize) {
+    fn push(&self, frame: Bytes, limit: usize) {
         use std::sync::atomic::Ordering;
         if let Ok(mut queue) = self.inbox.queue.lock() {
             if queue.len() >= limit {
@@ -104,17 +114,6 @@ impl ConnHandle {
 pub enum ToConn {
     /// Pushes are waiting in the inbox.
     Drain,
-    /// The client's publish with this id reached the bus.
-    Published(u64),
-    /// The client's message with this id failed.
-    Failed {
-        /// Client frame id.
-        msg_id: u64,
-        /// Error code for the error frame.
-        code: ErrorCode,
-        /// Detail.
-        message: String,
-    },
     /// A service's instruction for this socket.
     Control(GatewayControl),
     /// The gateway is draining: tell the client to reconnect after `delay`, close then.
@@ -723,7 +722,7 @@ impl Conn {
         };
         let map = stamped_in(envelope.to_headers());
         // Id 0 gets no ack but still hears of a failure, so the outcome is always reported.
-        let reply = Some((ctx.address(), frame.msg_id));
+        let reply = Some((ctx.address().recipient(), frame.msg_id));
         let out = Outbound::Publish {
             subject,
             headers: map,
@@ -833,10 +832,7 @@ impl Conn {
                     }
                     return;
                 }
-                let shared = Arc::clone(&self.shared);
-                let joined = self.shared.registry.join(self.id, &room, |subject| {
-                    crate::bus::subscribe_room(&shared, subject, room.clone())
-                });
+                let joined = self.shared.hub.join(self.id, &room);
                 let Some((added, live)) = joined else { return };
                 if added {
                     self.rooms.push(room);
@@ -844,7 +840,7 @@ impl Conn {
                 if msg_id != 0 {
                     // Ack once the room subscription is live: after the ack, no room push is missed.
                     // Not confirmed in time: say so, so the client retries the join.
-                    ctx.spawn(wait_live(live, LIVE_TIMEOUT).into_actor(self).map(
+                    ctx.spawn(live.wait(LIVE_TIMEOUT).into_actor(self).map(
                         move |live, act, ctx| {
                             if live {
                                 act.send_ack(msg_id, ctx);
@@ -861,7 +857,7 @@ impl Conn {
                 }
             }
             GatewayControl::Leave { room, msg_id, .. } => {
-                self.shared.registry.leave(self.id, &room);
+                self.shared.hub.leave(self.id, &room);
                 self.rooms.retain(|r| r != &room);
                 self.send_ack(msg_id, ctx);
             }
@@ -906,16 +902,10 @@ impl actix::Actor for Conn {
     type Context = Ctx;
 
     fn started(&mut self, ctx: &mut Ctx) {
-        let shared = Arc::clone(&self.shared);
-        let user = self.user.clone();
-        let kind = self.kind;
-        let live = self.shared.registry.add(
-            self.id,
-            &self.user,
-            self.kind,
-            self.conn_handle(ctx),
-            |subject| crate::bus::subscribe_user(&shared, subject, user, kind),
-        );
+        let live = self
+            .shared
+            .hub
+            .add(self.id, &self.user, self.kind, self.conn_handle(ctx));
         self.shared.metrics.connections.inc();
         // A credential is only good until it expires (or a refresh extends it).
         self.schedule_expiry(ctx);
@@ -924,7 +914,7 @@ impl actix::Actor for Conn {
         // NATS did not confirm in time cannot keep that promise: the client is told to come
         // back (4003, retryable) rather than welcomed into a session that misses pushes.
         ctx.wait(
-            wait_live(live, LIVE_TIMEOUT)
+            live.wait(LIVE_TIMEOUT)
                 .into_actor(self)
                 .map(|live, act, ctx| {
                     if live {
@@ -941,9 +931,7 @@ impl actix::Actor for Conn {
     }
 
     fn stopped(&mut self, _ctx: &mut Ctx) {
-        self.shared
-            .registry
-            .remove(self.id, &self.user, &self.rooms);
+        self.shared.hub.remove(self.id, &self.user, &self.rooms);
         self.shared.metrics.connections.dec();
         let code = self.closing.map(CloseCode::code);
         let reason = self
@@ -1051,12 +1039,6 @@ impl Handler<ToConn> for Conn {
     fn handle(&mut self, msg: ToConn, ctx: &mut Ctx) {
         match msg {
             ToConn::Drain => self.drain_inbox(ctx),
-            ToConn::Published(msg_id) => self.send_ack(msg_id, ctx),
-            ToConn::Failed {
-                msg_id,
-                code,
-                message,
-            } => self.send_error(msg_id, code, message, ctx),
             ToConn::Control(control) => self.on_control(control, ctx),
             ToConn::Announce => self.announce(ctx),
             ToConn::Reconnect(delay) => {
@@ -1067,6 +1049,20 @@ impl Handler<ToConn> for Conn {
                 let frame = self.control_frame(FrameKind::Reconnect, 0, &body);
                 self.enqueue(frame, ctx);
                 ctx.run_later(delay, |act, ctx| act.close(CloseCode::Shutdown, ctx));
+            }
+        }
+    }
+}
+
+impl Handler<PublishOutcome> for Conn {
+    type Result = ();
+
+    fn handle(&mut self, outcome: PublishOutcome, ctx: &mut Ctx) {
+        match outcome {
+            PublishOutcome::Published(msg_id) => self.send_ack(msg_id, ctx),
+            PublishOutcome::Failed(msg_id) => {
+                let message = "message bus unavailable; not delivered".to_owned();
+                self.send_error(msg_id, ErrorCode::Unavailable, message, ctx);
             }
         }
     }
