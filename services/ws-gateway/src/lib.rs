@@ -12,7 +12,10 @@
 //!   health, readiness and metrics endpoints.
 //! - [`auth`]: token verification (app tokens and agent tokens, each with its own keys).
 //! - [`session`]: the actor per connection: frame decoding, heartbeats, rate limits, the
-//!   bounded outbound queue and the slow-consumer rule; its inbox for pushes.
+//!   writer, closes; it applies the rules of [`outbox`].
+//! - [`upstream`]: how a client's frame becomes a bus message (subject, headers, body).
+//! - [`outbox`]: a connection's inbox for pushes and its bounded outbound queue (slow
+//!   consumer, one pong for the latest ping), testable without an actor.
 //! - [`ws`]: WebSocket framing (RFC 6455, server side): the incremental decoder and the
 //!   encoders of unmasked server messages.
 //! - `transport`: the upgraded socket split into a message stream (read through a stack
@@ -46,9 +49,11 @@ pub mod hub;
 pub mod lease;
 pub mod link;
 pub mod metrics;
+pub mod outbox;
 pub mod registry;
 pub mod session;
 mod transport;
+pub mod upstream;
 pub mod ws;
 
 use std::future::Future;

@@ -19,7 +19,6 @@
 //! take a token from the frame rate limit, do not count as session activity, and are
 //! answered by one pong for the latest ping, so a ping flood cannot queue pongs.
 
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,22 +29,23 @@ use actix::{
 };
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use messages::envelope::{AckEnvelope, ClientOp, Origin, SessionEnvelope, UpstreamEnvelope};
-use messages::payload::{self, ErrorBody, GatewayControl, HeartbeatAck, Reconnect, RoomRequest};
+use messages::envelope::{ClientOp, Origin, SessionEnvelope};
+use messages::payload::{self, ErrorBody, GatewayControl, HeartbeatAck, Reconnect};
 use messages::subject::{self, Event};
 use messages::{
     BodyCodec, ClientKind, CloseCode, ErrorCode, Frame, FrameError, FrameKind, RoomId, SocketId,
-    TraceContext, UserId, headers,
+    UserId,
 };
 use servicekit::clock::now_ms;
-use servicekit::telemetry::{MessageSpan, Operation};
 
 use crate::Shared;
 use crate::admission::Ticket;
 use crate::bus::{Outbound, PublishOutcome};
 use crate::heartbeat::{Beat, Heartbeat};
 use crate::hub::Member;
+use crate::outbox::{Batch, Inbox, Outbox};
 use crate::transport::Sink;
+use crate::upstream;
 use crate::ws::{self, Message as WsMessage, WsError};
 
 /// How long a new session or a join waits for its subscription before going ahead anyway.
@@ -63,16 +63,6 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct ConnHandle {
     addr: actix::Addr<Conn>,
     inbox: Arc<Inbox>,
-}
-
-/// Pushes waiting for the actor; bounded (see [`ConnHandle::push`]).
-#[derive(Debug, Default)]
-pub struct Inbox {
-    queue: std::sync::Mutex<VecDeque<Bytes>>,
-    /// A drain is due (a `Drain` message was sent and not handled yet).
-    due: std::sync::atomic::AtomicBool,
-    /// A push was refused because the inbox was full: the client is a slow consumer.
-    overflow: std::sync::atomic::AtomicBool,
 }
 
 impl ConnHandle {
@@ -94,15 +84,7 @@ impl Member for ConnHandle {
     /// Hands a push (a complete WebSocket message) to the connection. At most `limit`
     /// pushes wait in the inbox; past that the connection is closed as a slow consumer.
     fn push(&self, frame: Bytes, limit: usize) {
-        use std::sync::atomic::Ordering;
-        if let Ok(mut queue) = self.inbox.queue.lock() {
-            if queue.len() >= limit {
-                self.inbox.overflow.store(true, Ordering::Release);
-            } else {
-                queue.push_back(frame);
-            }
-        }
-        if !self.inbox.due.swap(true, Ordering::AcqRel) {
+        if self.inbox.offer(frame, limit) {
             self.addr.do_send(ToConn::Drain);
         }
     }
@@ -201,13 +183,8 @@ pub struct Conn {
     /// Join/leave requests forwarded to the services and not answered yet: message id and
     /// whether it is a join (pending joins count against the room cap).
     pending: Vec<(u64, bool)>,
-    /// WebSocket messages waiting for the writer.
-    queue: VecDeque<Bytes>,
-    /// Payload of the latest WebSocket ping not answered yet. RFC 6455 (5.5.3) lets an
-    /// endpoint answer only the most recent ping, which bounds what a ping flood can queue.
-    pong: Option<Bytes>,
-    /// Frames the writer future currently holds.
-    in_flight: usize,
+    /// WebSocket messages waiting for the writer, and its rules.
+    outbox: Outbox,
     /// The writer future, if one runs.
     writer: Option<SpawnHandle>,
     /// Set once a close has started; the code goes into the disconnect event.
@@ -239,7 +216,7 @@ impl std::fmt::Debug for Conn {
             .field("id", &self.id)
             .field("user", &self.user)
             .field("kind", &self.kind)
-            .field("queued", &self.queue.len())
+            .field("queued", &self.outbox.len())
             .field("closing", &self.closing)
             .finish_non_exhaustive()
     }
@@ -253,6 +230,7 @@ impl Conn {
         Conn {
             hb: Heartbeat::new(config.heartbeat, now),
             bucket: TokenBucket::new(config.rate_per_sec, config.rate_burst, now),
+            outbox: Outbox::new(config.outbound_queue),
             id: init.id,
             user: init.user,
             kind: init.kind,
@@ -264,9 +242,6 @@ impl Conn {
             strikes: 0,
             rooms: Vec::new(),
             pending: Vec::new(),
-            queue: VecDeque::new(),
-            pong: None,
-            in_flight: 0,
             writer: None,
             closing: None,
             close_reason: None,
@@ -287,16 +262,9 @@ impl Conn {
 
     /// Moves the inbox's pushes to the outbound queue (closing a slow consumer).
     fn drain_inbox(&mut self, ctx: &mut Ctx) {
-        use std::sync::atomic::Ordering;
-        // Cleared before taking, so a push that lands after the take sends a new `Drain`.
-        self.inbox.due.store(false, Ordering::Release);
-        let pushes = match self.inbox.queue.lock() {
-            Ok(mut queue) => std::mem::take(&mut *queue),
-            Err(_) => VecDeque::new(),
-        };
-        if self.inbox.overflow.load(Ordering::Acquire) {
+        let Ok(pushes) = self.inbox.take() else {
             return self.close(CloseCode::SlowConsumer, ctx);
-        }
+        };
         if self.closing.is_some() || pushes.is_empty() {
             return;
         }
@@ -304,13 +272,8 @@ impl Conn {
             .metrics
             .pushes_delivered
             .inc_by(pushes.len() as u64);
-        if self.queue.len() + self.in_flight + pushes.len() > self.shared.config.outbound_queue {
+        if self.outbox.extend(pushes).is_err() {
             return self.close(CloseCode::SlowConsumer, ctx);
-        }
-        if self.queue.is_empty() {
-            self.queue = pushes;
-        } else {
-            self.queue.extend(pushes);
         }
         self.pump(ctx);
     }
@@ -357,11 +320,10 @@ impl Conn {
         if self.closing.is_some() {
             return;
         }
-        if self.queue.len() + self.in_flight >= self.shared.config.outbound_queue {
+        if self.outbox.enqueue(frame).is_err() {
             self.close(CloseCode::SlowConsumer, ctx);
             return;
         }
-        self.queue.push_back(frame);
         self.pump(ctx);
     }
 
@@ -371,24 +333,17 @@ impl Conn {
         if self.writer.is_some() {
             return;
         }
-        if self.closing.is_some() {
-            // A closing connection answers no more pings.
-            self.pong = None;
-        }
-        if self.queue.is_empty() && self.pong.is_none() {
-            if self.closing.is_some() {
+        let Some(batch) = self.outbox.take() else {
+            if self.closing.is_some() && self.outbox.idle() {
                 self.send_close(ctx);
             }
             return;
-        }
-        // The writer takes the queue whole: what a burst allocated goes with it.
-        let mut batch = std::mem::take(&mut self.queue);
-        self.in_flight = batch.len();
-        let frames = batch.len() as u64;
-        let bytes: u64 = batch.iter().map(|f| f.len() as u64).sum();
-        if let Some(payload) = self.pong.take() {
-            batch.push_front(ws::pong(&payload));
-        }
+        };
+        let Batch {
+            frames: mut batch,
+            count: frames,
+            bytes,
+        } = batch;
         let sink = Rc::clone(&self.sink);
         let timeout = self.shared.config.write_timeout;
         let write = async move {
@@ -399,7 +354,7 @@ impl Conn {
         };
         let handle = ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
             act.writer = None;
-            act.in_flight = 0;
+            act.outbox.written();
             match result {
                 Ok(Ok(())) => {
                     act.shared.metrics.frames_out.inc_by(frames);
@@ -434,8 +389,8 @@ impl Conn {
         self.closing = Some(code);
         self.close_reason = reason;
         self.shared.metrics.closed(code);
+        self.outbox.close(code == CloseCode::SlowConsumer);
         if code == CloseCode::SlowConsumer {
-            self.queue.clear();
             self.send_close(ctx);
             return;
         }
@@ -451,6 +406,7 @@ impl Conn {
         self.close_sent = true;
         if let Some(writer) = self.writer.take() {
             ctx.cancel_future(writer);
+            self.outbox.written();
         }
         let code = self.closing.unwrap_or(CloseCode::Shutdown);
         let reason = self
@@ -623,13 +579,13 @@ impl Conn {
             FrameKind::Hello => {}
             FrameKind::Publish => self.on_publish(frame, ctx),
             FrameKind::Ack => {
-                let subject = subject::event(self.kind, Event::Ack);
-                let receipt = AckEnvelope {
-                    origin: self.origin(),
-                    push_id: frame.msg_id,
-                    trace: publish_trace(&frame, &subject),
+                let up = upstream::ack(self.origin(), &frame);
+                let out = Outbound::Publish {
+                    subject: up.subject,
+                    headers: up.headers,
+                    payload: up.payload,
+                    reply: None,
                 };
-                let out = self.event(Event::Ack, stamped_in(receipt.to_headers()), Vec::new());
                 self.publish(out, None, ctx);
             }
             FrameKind::Join | FrameKind::Leave => self.on_room_request(&frame, ctx),
@@ -708,86 +664,55 @@ impl Conn {
     }
 
     fn on_publish(&mut self, frame: Frame, ctx: &mut Ctx) {
-        let Some(subject) = subject::upstream(self.kind, &frame.route) else {
-            let message = "publish needs a route".to_owned();
-            return self.send_error(frame.msg_id, ErrorCode::BadRoute, message, ctx);
+        let msg_id = frame.msg_id;
+        let up = match upstream::publish(self.origin(), frame) {
+            Ok(up) => up,
+            Err(refusal) => return self.send_error(msg_id, refusal.code, refusal.message, ctx),
         };
-        let envelope = UpstreamEnvelope {
-            origin: self.origin(),
-            msg_id: frame.msg_id,
-            route: frame.route.clone(),
-            codec: frame.flags.codec(),
-            compressed: frame.flags.compressed(),
-            trace: publish_trace(&frame, &subject),
-        };
-        let map = stamped_in(envelope.to_headers());
         // Id 0 gets no ack but still hears of a failure, so the outcome is always reported.
-        let reply = Some((ctx.address().recipient(), frame.msg_id));
+        let reply = Some((ctx.address().recipient(), msg_id));
         let out = Outbound::Publish {
-            subject,
-            headers: map,
-            payload: frame.body,
+            subject: up.subject,
+            headers: up.headers,
+            payload: up.payload,
             reply,
         };
-        self.publish(out, Some(frame.msg_id), ctx);
+        self.publish(out, Some(msg_id), ctx);
     }
 
     fn on_room_request(&mut self, frame: &Frame, ctx: &mut Ctx) {
-        let room = match RoomId::new(frame.route.as_str()) {
-            Ok(room) => room,
-            Err(e) => {
-                let message = format!("{} needs a room in the route: {e}", frame.kind);
-                return self.send_error(frame.msg_id, ErrorCode::BadRoute, message, ctx);
-            }
-        };
-        if frame.kind == FrameKind::Join && !self.room_available(&room) {
+        let msg_id = frame.msg_id;
+        if frame.kind == FrameKind::Join
+            && let Some(room) = upstream::room_of(frame)
+            && !self.room_available(&room)
+        {
             let message = format!(
                 "this socket is in (or asked for) {} rooms, the maximum",
                 self.shared.config.max_rooms_per_socket
             );
-            return self.send_error(frame.msg_id, ErrorCode::RateLimited, message, ctx);
+            return self.send_error(msg_id, ErrorCode::RateLimited, message, ctx);
         }
-        let request = RoomRequest {
-            socket_id: self.id,
-            user_id: self.user.clone(),
-            gateway: self.shared.config.instance.clone(),
-            room,
-            msg_id: frame.msg_id,
+        let (event, up) = match upstream::room_request(self.origin(), frame) {
+            Ok(request) => request,
+            Err(refusal) => return self.send_error(msg_id, refusal.code, refusal.message, ctx),
         };
-        let (event, op) = if frame.kind == FrameKind::Join {
-            (Event::Join, ClientOp::Join)
-        } else {
-            (Event::Leave, ClientOp::Leave)
-        };
-        let envelope = SessionEnvelope {
-            origin: self.origin(),
-            op,
-            msg_id: frame.msg_id,
-            trace: publish_trace(frame, &subject::event(self.kind, event)),
-        };
-        let mut map = envelope.to_headers();
-        // The room, for services that route on headers (docs/protocol.md 12.3); the value is a
-        // validated room id, so `set` cannot fail.
-        let _ = headers::set(&mut map, headers::ROOM, request.room.as_str());
-        let headers = stamped_in(map);
-        match payload::to_bus(&request) {
-            Ok(body) => {
-                let out = self.event(event, headers, body);
-                let msg_id = frame.msg_id;
-                if msg_id != 0 && self.shared.bus.send_ok() {
-                    // The services answer with a control message; if none comes, say so.
-                    self.pending.push((msg_id, event == Event::Join));
-                    ctx.run_later(self.shared.config.request_timeout, move |act, ctx| {
-                        if act.answered(msg_id) {
-                            let message = "the services did not answer in time".to_owned();
-                            act.send_error(msg_id, ErrorCode::Timeout, message, ctx);
-                        }
-                    });
+        if msg_id != 0 && self.shared.bus.send_ok() {
+            // The services answer with a control message; if none comes, say so.
+            self.pending.push((msg_id, event == Event::Join));
+            ctx.run_later(self.shared.config.request_timeout, move |act, ctx| {
+                if act.answered(msg_id) {
+                    let message = "the services did not answer in time".to_owned();
+                    act.send_error(msg_id, ErrorCode::Timeout, message, ctx);
                 }
-                self.publish(out, Some(msg_id), ctx);
-            }
-            Err(e) => self.send_error(frame.msg_id, ErrorCode::Internal, e.to_string(), ctx),
+            });
         }
+        let out = Outbound::Publish {
+            subject: up.subject,
+            headers: up.headers,
+            payload: up.payload,
+            reply: None,
+        };
+        self.publish(out, Some(msg_id), ctx);
     }
 
     /// Whether this socket may join `room` without passing the room cap: rooms it is in
@@ -978,7 +903,7 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                 // A ping over the rate limit gets no pong (and no error frame: pings are
                 // not frames of the protocol).
                 if self.admit_message(Instant::now(), ctx) == Admit::Go {
-                    self.pong = Some(payload);
+                    self.outbox.ping(payload);
                     self.pump(ctx);
                 }
             }
@@ -994,6 +919,7 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                 self.close_sent = true;
                 if let Some(writer) = self.writer.take() {
                     ctx.cancel_future(writer);
+                    self.outbox.written();
                 }
                 self.finish(ws::close_empty(), ctx);
             }
@@ -1066,25 +992,6 @@ impl Handler<PublishOutcome> for Conn {
             }
         }
     }
-}
-
-/// The trace context for a client frame going to `subject`: the publish span's when
-/// exporting (a child of the client's context if the frame carried one, else a new trace
-/// sampled here), otherwise the client's context unchanged.
-fn publish_trace(frame: &Frame, subject: &str) -> Option<TraceContext> {
-    MessageSpan::start(
-        Operation::Publish,
-        subject,
-        frame.msg_id,
-        frame.trace.as_ref(),
-    )
-    .context()
-}
-
-/// Stamps the gateway's receiving hop on the headers of a client frame.
-fn stamped_in(mut map: HeaderMap) -> HeaderMap {
-    headers::stamp_hop(&mut map, headers::hop::GATEWAY_IN, headers::now_micros());
-    map
 }
 
 /// What the rate limit says about a message from the client.
