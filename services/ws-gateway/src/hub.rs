@@ -424,7 +424,7 @@ mod tests {
             envelope.receipt = true;
         }
         Delivery {
-            subject: "ws.user.x".into(),
+            subject: subject::user(&user("x")),
             headers: Some(envelope.to_headers()),
             payload: Bytes::from_static(b"body"),
         }
@@ -438,7 +438,7 @@ mod tests {
         hub.add(SocketId(2), &user("ada"), ClientKind::App, b);
         assert_eq!(
             link.queued(),
-            "SUB ws.user.ada 1\r\n",
+            format!("SUB {} 1\r\n", subject::user(&user("ada"))),
             "one SUB for two sockets"
         );
         // Not live until the link confirms it: a welcome must wait.
@@ -514,7 +514,8 @@ mod tests {
             hub.join(SocketId(2), &lobby)
                 .is_some_and(|(added, _)| added)
         );
-        assert_eq!(link.queued().matches("SUB ws.room.chat.lobby").count(), 1);
+        let sub = format!("SUB {} ", subject::room(&lobby));
+        assert_eq!(link.queued().matches(&sub).count(), 1);
         assert!(
             hub.join(SocketId(99), &lobby).is_none(),
             "not connected here"
@@ -539,7 +540,7 @@ mod tests {
         let mut envelope = PushEnvelope::new(1, Route::empty(), BodyCodec::Raw);
         envelope.expires_at_ms = Some(1);
         let expired = Delivery {
-            subject: "ws.user.ada".into(),
+            subject: subject::user(&user("ada")),
             headers: Some(envelope.to_headers()),
             payload: Bytes::new(),
         };
@@ -562,7 +563,7 @@ mod tests {
         };
         let body = payload::to_bus(&close).unwrap();
         let msg = |body: Vec<u8>| Delivery {
-            subject: "ws.gw.gw-test.ctl".into(),
+            subject: subject::gateway_control(&hub.instance),
             headers: None,
             payload: Bytes::from(body),
         };

@@ -487,7 +487,7 @@ impl Link {
                 }
             }
             Op::Err(e) => {
-                tracing::warn!(error = %e, "NATS refused an operation of the interest link.")
+                tracing::warn!(error = %e, "NATS refused an operation of the interest link.");
             }
             Op::Other => {}
         }
@@ -682,9 +682,10 @@ mod tests {
 
     #[test]
     fn parses_messages_with_and_without_headers_across_reads() {
-        let hdr = "NATS/1.0\r\nws-msg-id: 7\r\n\r\n";
+        let hdr = format!("NATS/1.0\r\n{}: 7\r\n\r\n", messages::headers::MSG_ID);
+        let (a, r) = (user("a").subject(), room("r").subject());
         let wire = format!(
-            "PING\r\nMSG ws.user.a 3 5\r\nhello\r\nHMSG ws.room.r 9 _INBOX.x {} {}\r\n{hdr}body\r\n",
+            "PING\r\nMSG {a} 3 5\r\nhello\r\nHMSG {r} 9 _INBOX.x {} {}\r\n{hdr}body\r\n",
             hdr.len(),
             hdr.len() + 4
         );
@@ -707,10 +708,13 @@ mod tests {
         let Op::Msg { sid, delivery } = &ops[2] else {
             panic!("{ops:?}")
         };
-        assert_eq!((*sid, delivery.subject.as_str()), (9, "ws.room.r"));
+        assert_eq!((*sid, delivery.subject.as_str()), (9, r.as_str()));
         assert_eq!(&delivery.payload[..], b"body");
         let map = delivery.headers.as_ref().unwrap();
-        assert_eq!(map.get("ws-msg-id").map(|v| v.as_str()), Some("7"));
+        assert_eq!(
+            map.get(messages::headers::MSG_ID).map(|v| v.as_str()),
+            Some("7")
+        );
     }
 
     #[test]
@@ -723,6 +727,10 @@ mod tests {
 
     fn user(s: &str) -> Interest {
         Interest::User(UserId::new(s).unwrap())
+    }
+
+    fn room(s: &str) -> Interest {
+        Interest::Room(RoomId::new(s).unwrap())
     }
 
     #[tokio::test]
@@ -760,7 +768,7 @@ mod tests {
         // The subscription made before the connection is sent on connecting, then a PING.
         assert_eq!(
             read_line(&mut server, &mut BytesMut::new()).await.unwrap(),
-            b"SUB ws.user.early 1"
+            format!("SUB {} 1", user("early").subject()).as_bytes()
         );
         assert_eq!(
             read_line(&mut server, &mut BytesMut::new()).await.unwrap(),
@@ -775,7 +783,7 @@ mod tests {
         let late = link.subscribe(user("late"));
         assert_eq!(
             read_line(&mut server, &mut BytesMut::new()).await.unwrap(),
-            b"SUB ws.user.late 2"
+            format!("SUB {} 2", user("late").subject()).as_bytes()
         );
         assert_eq!(
             read_line(&mut server, &mut BytesMut::new()).await.unwrap(),
@@ -784,7 +792,7 @@ mod tests {
         assert!(!late.live().wait(Duration::from_millis(50)).await);
         server
             .get_mut()
-            .write_all(b"PONG\r\nMSG ws.user.late 2 2\r\nhi\r\n")
+            .write_all(format!("PONG\r\nMSG {} 2 2\r\nhi\r\n", user("late").subject()).as_bytes())
             .await
             .unwrap();
         assert!(late.live().wait(Duration::from_secs(2)).await);
