@@ -41,6 +41,20 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 /// Pause between connection attempts, doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often an otherwise quiet link pings its server.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// A `PING` unanswered this long means the connection is dead (a half-open TCP
+/// connection, a stalled server): the link reconnects.
+const STALE_AFTER: Duration = Duration::from_secs(25);
+
+/// Our `PING`s in flight, in the order written: the ticket each covers, and when.
+type Pings = Mutex<VecDeque<(u64, std::time::Instant)>>;
+
+fn lock_pings(pings: &Pings) -> MutexGuard<'_, VecDeque<(u64, std::time::Instant)>> {
+    pings
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// What a subscription of the link is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +172,8 @@ struct State {
     next_sid: u64,
     /// A connection is established (operations go to `out`, else only to `subs`).
     connected: bool,
+    /// Subscriptions the server refused (`-ERR` permissions violation): never live.
+    refused: std::collections::HashSet<u64>,
 }
 
 /// The link's shared state; see the module documentation.
@@ -208,7 +224,8 @@ impl Subscription {
     pub fn live(&self) -> Live {
         Live {
             ticket: self.ticket,
-            confirmed: self.link.as_ref().map(|l| l.confirmed.subscribe()),
+            sid: self.sid,
+            link: self.link.clone(),
         }
     }
 }
@@ -225,20 +242,24 @@ impl Drop for Subscription {
 #[derive(Debug)]
 pub struct Live {
     ticket: u64,
-    confirmed: Option<watch::Receiver<u64>>,
+    sid: u64,
+    link: Option<Arc<Link>>,
 }
 
 impl Live {
-    /// True once the subscription is confirmed; false if `timeout` passed first.
+    /// True once the subscription is confirmed; false if `timeout` passed first or the
+    /// server refused it (a refusal arrives before the `PONG` that confirms).
     pub async fn wait(self, timeout: Duration) -> bool {
-        let Some(mut confirmed) = self.confirmed else {
+        let Some(link) = self.link else {
             return true;
         };
+        let mut confirmed = link.confirmed.subscribe();
         let ticket = self.ticket;
-        matches!(
+        let done = matches!(
             tokio::time::timeout(timeout, confirmed.wait_for(|c| *c >= ticket)).await,
             Ok(Ok(_))
-        )
+        );
+        done && !lock(&link.state).refused.contains(&self.sid)
     }
 }
 
@@ -292,6 +313,7 @@ impl Link {
 
     fn unsubscribe(&self, sid: u64) {
         let mut state = lock(&self.state);
+        state.refused.remove(&sid);
         if state.subs.remove(&sid).is_some() && state.connected {
             let line = format!("UNSUB {sid}\r\n");
             state.out.extend_from_slice(line.as_bytes());
@@ -403,7 +425,7 @@ impl Link {
         .await
         .map_err(|_| LinkError::Timeout)??;
 
-        let pings = Arc::new(Mutex::new(VecDeque::new()));
+        let pings: Arc<Pings> = Arc::new(Mutex::new(VecDeque::new()));
         {
             let mut state = lock(&self.state);
             let state = &mut *state;
@@ -440,8 +462,10 @@ impl Link {
         &self,
         mut read: R,
         mut buf: BytesMut,
-        pings: &Mutex<VecDeque<u64>>,
+        pings: &Pings,
     ) -> Result<(), LinkError> {
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.reset();
         loop {
             loop {
                 match parse(&mut buf)? {
@@ -452,13 +476,59 @@ impl Link {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(16 * 1024);
             }
-            if read.read_buf(&mut buf).await? == 0 {
-                return Err(LinkError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            tokio::select! {
+                // `read_buf` is cancel safe: nothing read is lost when the tick wins.
+                n = read.read_buf(&mut buf) => {
+                    if n? == 0 {
+                        return Err(LinkError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
+                }
+                _ = keepalive.tick() => self.keepalive(pings)?,
             }
         }
     }
 
-    fn on_op(&self, op: Op, pings: &Mutex<VecDeque<u64>>) {
+    /// Fails when a `PING` has gone unanswered too long; otherwise queues one more, which
+    /// confirms nothing new (under the state lock, so `pings` keeps the written order).
+    fn keepalive(&self, pings: &Pings) -> Result<(), LinkError> {
+        let now = std::time::Instant::now();
+        let mut state = lock(&self.state);
+        let mut pings = lock_pings(pings);
+        if pings
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) > STALE_AFTER)
+        {
+            return Err(LinkError::Stale);
+        }
+        state.out.extend_from_slice(b"PING\r\n");
+        pings.push_back((*self.confirmed.borrow(), now));
+        drop(pings);
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// A refused subscription (`-ERR 'Permissions Violation for Subscription to "<subject>"'`)
+    /// is marked so that waiting for it fails: the server sends the error before the `PONG`
+    /// that would otherwise confirm it.
+    fn refused(&self, error: &str) {
+        let Some(subject) = error
+            .split_once("Subscription to \"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(subject, _)| subject)
+        else {
+            return;
+        };
+        let mut state = lock(&self.state);
+        let state = &mut *state;
+        for (sid, interest) in &state.subs {
+            if interest.subject() == subject {
+                state.refused.insert(*sid);
+            }
+        }
+    }
+
+    fn on_op(&self, op: Op, pings: &Pings) {
         match op {
             Op::Msg { sid, delivery } => {
                 let interest = lock(&self.state).subs.get(&sid).cloned();
@@ -471,11 +541,8 @@ impl Link {
                 self.wake.notify_one();
             }
             Op::Pong => {
-                let seq = pings
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .pop_front();
-                if let Some(seq) = seq {
+                let seq = lock_pings(pings).pop_front();
+                if let Some((seq, _)) = seq {
                     self.confirmed.send_if_modified(|c| {
                         let newer = seq > *c;
                         if newer {
@@ -488,6 +555,7 @@ impl Link {
             }
             Op::Err(e) => {
                 tracing::warn!(error = %e, "NATS refused an operation of the interest link.");
+                self.refused(&e);
             }
             Op::Other => {}
         }
@@ -495,11 +563,7 @@ impl Link {
 }
 
 /// Writes what is queued, each time followed by a `PING` if a ticket is not yet covered.
-async fn writer(
-    link: Arc<Link>,
-    mut write: tokio::net::tcp::OwnedWriteHalf,
-    pings: Arc<Mutex<VecDeque<u64>>>,
-) {
+async fn writer(link: Arc<Link>, mut write: tokio::net::tcp::OwnedWriteHalf, pings: Arc<Pings>) {
     // Tickets of an earlier connection are covered again by this connection's first PING.
     let mut pinged = None::<u64>;
     loop {
@@ -509,10 +573,7 @@ async fn writer(
             let wanted = link.requested.load(Ordering::SeqCst);
             let mut batch = std::mem::take(&mut state.out);
             if pinged.is_none_or(|p| wanted > p) {
-                pings
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push_back(wanted);
+                lock_pings(&pings).push_back((wanted, std::time::Instant::now()));
                 pinged = Some(wanted);
                 batch.extend_from_slice(b"PING\r\n");
             }
@@ -543,6 +604,9 @@ pub enum LinkError {
     /// The server refused the connection (credentials).
     #[error("refused: {0}")]
     Refused(String),
+    /// A `PING` went unanswered for too long.
+    #[error("the server stopped answering pings")]
+    Stale,
     /// The server sent something that is not the protocol.
     #[error("protocol: {0}")]
     Protocol(&'static str),
@@ -804,6 +868,30 @@ mod tests {
         assert_eq!(
             got.lock().unwrap().as_slice(),
             &[(user("late"), Bytes::from_static(b"hi"))]
+        );
+        // A subscription the server refuses is never live, although a PONG follows.
+        let denied = link.subscribe(user("denied"));
+        assert_eq!(
+            read_line(&mut server, &mut BytesMut::new()).await.unwrap(),
+            format!("SUB {} 3", user("denied").subject()).as_bytes()
+        );
+        assert_eq!(
+            read_line(&mut server, &mut BytesMut::new()).await.unwrap(),
+            b"PING"
+        );
+        let refusal = format!(
+            "-ERR 'Permissions Violation for Subscription to \"{}\"'\r\nPONG\r\n",
+            user("denied").subject()
+        );
+        server
+            .get_mut()
+            .write_all(refusal.as_bytes())
+            .await
+            .unwrap();
+        assert!(!denied.live().wait(Duration::from_secs(1)).await);
+        assert!(
+            late.live().wait(Duration::from_millis(10)).await,
+            "others unaffected"
         );
     }
 }
