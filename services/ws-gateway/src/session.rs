@@ -139,6 +139,41 @@ impl TokenBucket {
     }
 }
 
+/// The frame rate rule: a message without a token is dropped (a strike), and more than
+/// `burst` strikes in a row close the connection with 4004. A message that gets a token
+/// clears the strikes.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    bucket: TokenBucket,
+    strikes: u32,
+    burst: u32,
+}
+
+impl RateLimit {
+    /// `rate` messages per second with bursts of `burst`.
+    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        RateLimit {
+            bucket: TokenBucket::new(rate, burst, now),
+            strikes: 0,
+            burst,
+        }
+    }
+
+    /// What the rule says about a message arriving at `now`.
+    fn admit(&mut self, now: Instant) -> Admit {
+        if self.bucket.take(now) {
+            self.strikes = 0;
+            return Admit::Go;
+        }
+        self.strikes = self.strikes.saturating_add(1);
+        if self.strikes > self.burst {
+            Admit::Closed
+        } else {
+            Admit::Dropped
+        }
+    }
+}
+
 /// Identity and wiring a new connection starts with.
 pub struct ConnInit {
     /// Minted socket id.
@@ -175,9 +210,8 @@ pub struct Conn {
     sink: Rc<tokio::sync::Mutex<Sink>>,
     shared: Arc<Shared>,
     hb: Heartbeat,
-    bucket: TokenBucket,
-    /// Frames dropped by the rate limit since the last accepted one.
-    strikes: u32,
+    /// Frames per second, and strikes for frames over it.
+    rate: RateLimit,
     /// Rooms this socket is in here (to clean up on disconnect).
     rooms: Vec<RoomId>,
     /// Join/leave requests forwarded to the services and not answered yet: message id and
@@ -229,7 +263,7 @@ impl Conn {
         let config = &init.shared.config;
         Conn {
             hb: Heartbeat::new(config.heartbeat, now),
-            bucket: TokenBucket::new(config.rate_per_sec, config.rate_burst, now),
+            rate: RateLimit::new(config.rate_per_sec, config.rate_burst, now),
             outbox: Outbox::new(config.outbound_queue),
             id: init.id,
             user: init.user,
@@ -239,7 +273,6 @@ impl Conn {
             codec: init.codec,
             sink: Rc::new(tokio::sync::Mutex::new(init.sink)),
             shared: init.shared,
-            strikes: 0,
             rooms: Vec::new(),
             pending: Vec::new(),
             writer: None,
@@ -530,18 +563,14 @@ impl Conn {
     /// `rate_burst` strikes in a row the connection is closed with 4004. Returns whether the
     /// message may be processed; a dropped one is answered by the caller (or not at all).
     fn admit_message(&mut self, now: Instant, ctx: &mut Ctx) -> Admit {
-        if self.bucket.take(now) {
-            self.strikes = 0;
-            return Admit::Go;
+        let admit = self.rate.admit(now);
+        if admit != Admit::Go {
+            self.shared.metrics.rate_limited.inc();
         }
-        self.shared.metrics.rate_limited.inc();
-        self.strikes = self.strikes.saturating_add(1);
-        if self.strikes > self.shared.config.rate_burst {
+        if admit == Admit::Closed {
             self.close(CloseCode::RateLimited, ctx);
-            Admit::Closed
-        } else {
-            Admit::Dropped
         }
+        admit
     }
 
     fn on_binary(&mut self, bytes: &Bytes, ctx: &mut Ctx) {
@@ -1039,6 +1068,22 @@ mod tests {
         // Never more than the burst, however long the pause.
         let later = t0 + Duration::from_secs(60);
         assert_eq!((0..10).filter(|_| bucket.take(later)).count(), 5);
+    }
+
+    #[test]
+    fn more_strikes_in_a_row_than_the_burst_close_and_an_admitted_frame_clears_them() {
+        let t0 = Instant::now();
+        let mut rate = RateLimit::new(10, 3, t0);
+        assert!((0..3).all(|_| rate.admit(t0) == Admit::Go), "the burst");
+        assert!(
+            (0..3).all(|_| rate.admit(t0) == Admit::Dropped),
+            "three strikes"
+        );
+        // A token later clears the strikes: three more may be dropped without a close.
+        assert_eq!(rate.admit(t0 + Duration::from_millis(100)), Admit::Go);
+        let t1 = t0 + Duration::from_millis(100);
+        assert!((0..3).all(|_| rate.admit(t1) == Admit::Dropped));
+        assert_eq!(rate.admit(t1), Admit::Closed, "the fourth strike in a row");
     }
 
     #[test]
