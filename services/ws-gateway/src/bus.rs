@@ -1,9 +1,8 @@
 //! The NATS side of the gateway, and nothing else: one publisher task that hands upstream
-//! frames and events to the bus in order, the replica's fixed subscriptions (directed
-//! pushes, broadcast, control, its own probe), and the subscription probe that readiness
-//! rests on. Per-user and per-room interest is not here: the hub owns it and keeps it on
-//! the interest link (`link.rs`). What arrives is handed to the handler given to
-//! [`subscribe_fixed`]; who receives it is the hub's business.
+//! frames and events to the bus in order, and the probe that readiness rests on (the
+//! replica's NATS user may publish and subscribe to its probe subject). Nothing delivered
+//! to clients arrives here: every subscription for them, fixed subjects included, is on
+//! the interest link (`link.rs`), owned by the hub.
 //!
 //! Everything here runs on a dedicated multi-thread Tokio runtime that owns the async-nats
 //! connection (docs/dependencies.md, trap 5): actix workers are single-threaded runtimes, and the NATS
@@ -11,11 +10,11 @@
 //! queue (`try_send`, never blocking) and hear of their publishes through an actix
 //! [`Recipient`], so this module knows no actor type.
 //!
-//! A fixed subscription counts as live only once the server has processed it. async-nats'
-//! `flush` only writes the socket, so liveness is proved with a [`Probe`]: a message to the
-//! gateway's own probe subject, published after the SUB on the same connection, comes back
-//! only after the server has handled the SUB (a server processes one client's protocol
-//! operations in order). A replica whose probe never came back is not ready.
+//! async-nats' `flush` only writes the socket, so the probe subscription is proved live
+//! with a [`Probe`]: a message to the gateway's own probe subject, published after the SUB
+//! on the same connection, comes back only after the server has handled the SUB (a server
+//! processes one client's protocol operations in order). A replica whose probe never came
+//! back is not ready.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,8 +26,6 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use messages::{GatewayId, headers, subject};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
-
-use crate::link::Delivery;
 
 /// Capacity of the queue between actors and the publisher task.
 const OUTBOUND_CAPACITY: usize = 16 * 1024;
@@ -319,71 +316,24 @@ async fn publisher(
     }
 }
 
-/// The replica's fixed subjects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fixed {
-    /// `ws.gw.<me>.push`: socket ids in the `ws-socket` header.
-    Sockets,
-    /// `ws.all`: every app socket.
-    Broadcast,
-    /// `ws.gw.<me>.ctl` and `ws.ctl`.
-    Control,
-}
-
-/// Receives every message on a fixed subject.
-pub type FixedHandler = Arc<dyn Fn(Fixed, Delivery) + Send + Sync>;
-
-/// A fixed subscription's task; aborting it unsubscribes (async-nats unsubscribes when
+/// The probe subscription's task; dropping it unsubscribes (async-nats unsubscribes when
 /// the subscriber is dropped).
 #[derive(Debug)]
-pub struct FixedSubscription(tokio::task::AbortHandle);
+pub struct ProbeSubscription(tokio::task::AbortHandle);
 
-impl Drop for FixedSubscription {
+impl Drop for ProbeSubscription {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
 impl Bus {
-    /// Subscribes to this replica's fixed subjects (directed pushes, broadcast, control)
-    /// and its probe subject, for as long as the returned handles live.
-    pub fn subscribe_fixed(
-        &self,
-        instance: &GatewayId,
-        handler: &FixedHandler,
-    ) -> Vec<FixedSubscription> {
-        let mut subs: Vec<FixedSubscription> = [
-            (subject::gateway_push(instance), Fixed::Sockets),
-            (subject::broadcast().to_owned(), Fixed::Broadcast),
-            (subject::gateway_control(instance), Fixed::Control),
-            (subject::control_all().to_owned(), Fixed::Control),
-        ]
-        .into_iter()
-        .map(|(subject, fixed)| {
-            let client = self.client.clone();
-            let handler = Arc::clone(handler);
-            FixedSubscription(
-                self.runtime
-                    .spawn(async move {
-                        let mut sub = match client.subscribe(subject.clone()).await {
-                            Ok(sub) => sub,
-                            Err(e) => {
-                                tracing::error!(%subject, error = %e, "Subscribing failed.");
-                                return;
-                            }
-                        };
-                        while let Some(msg) = sub.next().await {
-                            handler(fixed, Delivery::from(msg));
-                        }
-                    })
-                    .abort_handle(),
-            )
-        })
-        .collect();
-        // The probe subscription goes last: its first answer proves every SUB above.
+    /// Subscribes to the probe subject, for as long as the returned handle lives, and
+    /// starts probing: the first answer makes the replica ready.
+    pub fn subscribe_probe(&self) -> ProbeSubscription {
         let client = self.client.clone();
         let probe = Arc::clone(&self.probe);
-        subs.push(FixedSubscription(
+        ProbeSubscription(
             self.runtime
                 .spawn(async move {
                     let mut sub = match client.subscribe(probe.subject.clone()).await {
@@ -399,7 +349,6 @@ impl Bus {
                     }
                 })
                 .abort_handle(),
-        ));
-        subs
+        )
     }
 }

@@ -20,10 +20,10 @@ use servicekit::clock::now_ms;
 use servicekit::telemetry::{MessageSpan, Operation};
 use std::sync::Arc;
 
-use crate::bus::{Fixed, Outbound};
-use crate::link::{Delivery, Interest, Link, Live};
+use crate::bus::Outbound;
+use crate::link::{Delivery, Fixed, Interest, Link, Live};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Registry, RoomsFull};
 
 /// Entries per presence batch message (keeps each well under NATS' max payload).
 const PRESENCE_CHUNK: usize = 2_000;
@@ -36,6 +36,11 @@ pub trait Member: Clone {
     fn control(&self, control: GatewayControl);
     /// Publish the connect event again (a service asked for a resync).
     fn announce(&self);
+    /// A service's join for this socket was applied (`Ok`: whether it was newly added, and
+    /// the room subscription's confirmation) or refused by the room cap.
+    fn joined(&self, room: RoomId, msg_id: u64, outcome: Result<(bool, Live), RoomsFull>);
+    /// A service's leave for this socket was applied.
+    fn left(&self, room: RoomId, msg_id: u64);
 }
 
 /// Hands a message to the bus publisher; false when it could not be queued.
@@ -48,6 +53,8 @@ pub struct Hub<H> {
     instance: GatewayId,
     /// Pushes one connection may have waiting.
     outbound_queue: usize,
+    /// Rooms one socket may be in.
+    max_rooms: usize,
     metrics: Arc<Metrics>,
     publish: Publish,
 }
@@ -67,6 +74,7 @@ impl<H: Member> Hub<H> {
         link: Arc<Link>,
         instance: GatewayId,
         outbound_queue: usize,
+        max_rooms: usize,
         metrics: Arc<Metrics>,
         publish: Publish,
     ) -> Self {
@@ -75,6 +83,7 @@ impl<H: Member> Hub<H> {
             link,
             instance,
             outbound_queue,
+            max_rooms,
             metrics,
             publish,
         }
@@ -128,8 +137,12 @@ impl<H: Member> Hub<H> {
         self.registry.is_empty()
     }
 
-    /// A message for a user, agent node or room this replica is interested in.
+    /// A message for a user, agent node or room this replica is interested in, or on one
+    /// of its fixed subjects.
     pub fn on_interest(&self, interest: &Interest, delivery: &Delivery) {
+        if let Interest::Fixed(fixed, _) = interest {
+            return self.on_fixed(*fixed, delivery);
+        }
         if let Interest::Agent(node) = interest
             && let Some(code) = agent_close(delivery)
         {
@@ -149,12 +162,13 @@ impl<H: Member> Hub<H> {
             Interest::User(user) => self.registry.for_user(user, &mut deliver),
             Interest::Agent(node) => self.registry.for_agent(node, &mut deliver),
             Interest::Room(room) => self.registry.for_room(room, &mut deliver),
+            Interest::Fixed(..) => 0,
         };
         self.report(&push, delivered);
     }
 
     /// A message on one of the replica's fixed subjects.
-    pub fn on_fixed(&self, fixed: Fixed, delivery: &Delivery) {
+    fn on_fixed(&self, fixed: Fixed, delivery: &Delivery) {
         match fixed {
             Fixed::Control => return self.control(delivery),
             Fixed::Sockets | Fixed::Broadcast => {}
@@ -290,17 +304,40 @@ impl<H: Member> Hub<H> {
             | GatewayControl::Close { socket_id, .. } => Some(*socket_id),
             GatewayControl::Resync => None,
         };
-        match socket {
-            Some(id) => {
-                if let Some(member) = self.registry.handle(id) {
-                    member.control(control);
-                }
-            }
-            None => {
+        let Some(member) = socket.and_then(|id| self.registry.handle(id)) else {
+            if socket.is_none() {
                 // A service lost its registry: every local socket announces itself again.
                 let count = self.registry.for_all(None, |_, member| member.announce());
                 tracing::info!(sockets = count, "Resync requested; re-announcing sessions.");
             }
+            return;
+        };
+        // Memberships change here, in the bus's order, not later in the connection's
+        // actor: a room push a service sends right after its join reaches the socket.
+        match control {
+            GatewayControl::Join {
+                socket_id,
+                room,
+                msg_id,
+            } => {
+                let outcome =
+                    self.registry
+                        .join_within(socket_id, &room, self.max_rooms, |interest| {
+                            self.link.subscribe(interest)
+                        });
+                if let Some(outcome) = outcome {
+                    member.joined(room, msg_id, outcome);
+                }
+            }
+            GatewayControl::Leave {
+                socket_id,
+                room,
+                msg_id,
+            } => {
+                self.registry.leave(socket_id, &room);
+                member.left(room, msg_id);
+            }
+            other => member.control(other),
         }
     }
 
@@ -387,6 +424,16 @@ mod tests {
         fn announce(&self) {
             self.0.lock().unwrap().push("announce".into());
         }
+        fn joined(&self, room: RoomId, msg_id: u64, outcome: Result<(bool, Live), RoomsFull>) {
+            let outcome = outcome.map(|(added, _)| added);
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("joined {room} {msg_id} {outcome:?}"));
+        }
+        fn left(&self, room: RoomId, msg_id: u64) {
+            self.0.lock().unwrap().push(format!("left {room} {msg_id}"));
+        }
     }
 
     impl Fake {
@@ -404,6 +451,7 @@ mod tests {
             Arc::clone(&link),
             GatewayId::new("gw-test").unwrap(),
             8,
+            2,
             Arc::new(Metrics::new()),
             Box::new(move |out| {
                 sink.lock().unwrap().push(out);
@@ -492,7 +540,8 @@ mod tests {
         hub.add(SocketId(1), &user("edge"), ClientKind::App, app.clone());
         hub.add(SocketId(2), &user("edge"), ClientKind::Agent, agent.clone());
         hub.on_interest(&Interest::User(user("edge")), &push(1, &[], false));
-        hub.on_fixed(Fixed::Broadcast, &push(2, &[], false));
+        let broadcast = Interest::Fixed(Fixed::Broadcast, subject::broadcast().to_owned());
+        hub.on_interest(&broadcast, &push(2, &[], false));
         assert_eq!(app.seen().len(), 2);
         assert!(agent.seen().is_empty());
         hub.on_interest(&Interest::Agent(user("edge")), &push(3, &[], false));
@@ -532,6 +581,55 @@ mod tests {
         );
     }
 
+    fn control_msg(hub: &Hub<Fake>, control: &GatewayControl) -> (Interest, Delivery) {
+        let me = subject::gateway_control(&hub.instance);
+        let delivery = Delivery {
+            subject: me.clone(),
+            headers: None,
+            payload: Bytes::from(payload::to_bus(control).unwrap()),
+        };
+        (Interest::Fixed(Fixed::Control, me), delivery)
+    }
+
+    #[test]
+    fn a_services_join_takes_effect_before_the_next_bus_message_and_respects_the_cap() {
+        let (hub, _, _) = hub();
+        let a = Fake::default();
+        hub.add(SocketId(1), &user("a"), ClientKind::App, a.clone());
+        let room = |s: &str| RoomId::new(s).unwrap();
+        for (name, msg_id) in [("r1", 0), ("r2", 5), ("r3", 6)] {
+            let join = GatewayControl::Join {
+                socket_id: SocketId(1),
+                room: room(name),
+                msg_id,
+            };
+            let (interest, delivery) = control_msg(&hub, &join);
+            hub.on_interest(&interest, &delivery);
+        }
+        // A room push right behind the join reaches the socket: the membership changed
+        // when the hub read the join, not when the connection got round to it.
+        hub.on_interest(&Interest::Room(room("r1")), &push(9, &[], false));
+        assert_eq!(
+            a.seen(),
+            [
+                "joined r1 0 Ok(true)".to_owned(),
+                "joined r2 5 Ok(true)".to_owned(),
+                "joined r3 6 Err(RoomsFull)".to_owned(),
+                "push 18 8".to_owned(),
+            ],
+            "the third room is over the cap of 2"
+        );
+        let leave = GatewayControl::Leave {
+            socket_id: SocketId(1),
+            room: room("r1"),
+            msg_id: 7,
+        };
+        let (interest, delivery) = control_msg(&hub, &leave);
+        hub.on_interest(&interest, &delivery);
+        hub.on_interest(&Interest::Room(room("r1")), &push(10, &[], false));
+        assert_eq!(a.seen(), ["left r1 7"], "no push after the leave");
+    }
+
     #[test]
     fn an_expired_push_is_dropped_and_a_malformed_one_counted() {
         let (hub, _, published) = hub();
@@ -567,10 +665,11 @@ mod tests {
             headers: None,
             payload: Bytes::from(body),
         };
-        hub.on_fixed(Fixed::Control, &msg(body));
+        let ctl = Interest::Fixed(Fixed::Control, subject::control_all().to_owned());
+        hub.on_interest(&ctl, &msg(body));
         assert_eq!(a.seen().len(), 1);
-        hub.on_fixed(
-            Fixed::Control,
+        hub.on_interest(
+            &ctl,
             &msg(payload::to_bus(&GatewayControl::Resync).unwrap()),
         );
         assert_eq!(a.seen(), ["announce"]);

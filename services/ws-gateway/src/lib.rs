@@ -71,9 +71,9 @@ use tokio::sync::oneshot;
 
 pub use config::{Args, Config, ConfigError};
 
-use crate::bus::{Bus, Fixed};
+use crate::bus::Bus;
 use crate::hub::Hub;
-use crate::link::{Delivery, Interest, Link, LinkTarget};
+use crate::link::{Delivery, Fixed, Interest, Link, LinkTarget};
 use crate::metrics::Metrics;
 use crate::session::{ConnHandle, ToConn};
 
@@ -250,6 +250,7 @@ pub async fn run(
         Arc::clone(&link),
         config.instance.clone(),
         config.outbound_queue,
+        config.max_rooms_per_socket,
         Arc::clone(&metrics),
         Box::new(move |out| publish_to.send(out).is_ok()),
     );
@@ -273,13 +274,11 @@ pub async fn run(
             shared.hub.on_interest(interest, &delivery);
         }
     }));
-    let weak = Arc::downgrade(&shared);
-    let on_fixed: bus::FixedHandler = Arc::new(move |fixed: Fixed, delivery: Delivery| {
-        if let Some(shared) = weak.upgrade() {
-            shared.hub.on_fixed(fixed, &delivery);
-        }
-    });
-    let fixed_subscriptions = shared.bus.subscribe_fixed(&config.instance, &on_fixed);
+    let fixed_subscriptions: Vec<_> = Fixed::all(&config.instance)
+        .into_iter()
+        .map(|interest| link.subscribe(interest))
+        .collect();
+    let probe_subscription = shared.bus.subscribe_probe();
     let presence = spawn_presence_sync(&shared, config.presence_sync);
     let (lease_stop, lease_stop_rx) = oneshot::channel();
     let lease_task = nats_runtime.spawn(maintain_lease(
@@ -330,6 +329,7 @@ pub async fn run(
         task.abort();
     }
     drop(fixed_subscriptions);
+    drop(probe_subscription);
     link_task.abort();
     drop(shared);
     nats_runtime.shutdown_background();

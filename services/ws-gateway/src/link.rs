@@ -16,7 +16,9 @@
 //! round trips instead of paying one each. After a reconnect every subscription is sent
 //! again and one `PING` covering every ticket so far follows.
 //!
-//! Publishing stays on async-nats (`bus.rs`); the link only reads. Plain TCP only: a NATS
+//! The replica's fixed subjects (directed pushes, broadcast, control) are on the link too:
+//! one connection keeps the server's order between a control message and the pushes
+//! after it. Publishing stays on async-nats (`bus.rs`); the link only reads. Plain TCP only: a NATS
 //! setting that requires TLS is refused by the link, which then never confirms (the
 //! replica stays not ready and says why).
 
@@ -65,6 +67,35 @@ pub enum Interest {
     Agent(UserId),
     /// `ws.room.<room>`: a room with local members.
     Room(RoomId),
+    /// One of the replica's fixed subjects, held for the replica's lifetime. They share
+    /// the link with user and room interest so that everything the bus sends this replica
+    /// arrives on one connection, in the order the server sent it (a service's join
+    /// control and its next room push, say).
+    Fixed(Fixed, String),
+}
+
+/// The replica's fixed subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fixed {
+    /// `ws.gw.<me>.push`: socket ids in the `ws-socket` header.
+    Sockets,
+    /// `ws.all`: every app socket.
+    Broadcast,
+    /// `ws.gw.<me>.ctl` and `ws.ctl`.
+    Control,
+}
+
+impl Fixed {
+    /// The fixed interests of replica `me`.
+    pub fn all(me: &messages::GatewayId) -> [Interest; 4] {
+        use messages::subject;
+        [
+            Interest::Fixed(Fixed::Sockets, subject::gateway_push(me)),
+            Interest::Fixed(Fixed::Broadcast, subject::broadcast().to_owned()),
+            Interest::Fixed(Fixed::Control, subject::gateway_control(me)),
+            Interest::Fixed(Fixed::Control, subject::control_all().to_owned()),
+        ]
+    }
 }
 
 impl Interest {
@@ -74,6 +105,7 @@ impl Interest {
             Interest::User(user) => messages::subject::user(user),
             Interest::Agent(node) => messages::subject::agent(node),
             Interest::Room(room) => messages::subject::room(room),
+            Interest::Fixed(_, subject) => subject.clone(),
         }
     }
 }

@@ -30,7 +30,14 @@ const SHARDS: usize = 64;
 struct SocketEntry<A> {
     handle: A,
     kind: ClientKind,
+    /// Rooms it is a member of here: the room cap, and what a disconnect cleans up
+    /// (a membership the hub added may not have reached the connection yet).
+    rooms: Vec<RoomId>,
 }
+
+/// A join refused because the socket is in as many rooms as it may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomsFull;
 
 #[derive(Debug)]
 struct Group<A> {
@@ -100,6 +107,7 @@ impl<A: Clone> Registry<A> {
             SocketEntry {
                 handle: handle.clone(),
                 kind,
+                rooms: Vec::new(),
             },
         );
         let (maps, interest) = match kind {
@@ -126,15 +134,17 @@ impl<A: Clone> Registry<A> {
 
     /// Removes a connection and its room memberships; drops subscriptions nobody local needs.
     pub fn remove(&self, id: SocketId, user: &UserId, rooms: &[RoomId]) {
-        let kind = lock(self.shard(&self.sockets, &id))
-            .remove(&id)
-            .map(|e| e.kind);
-        let maps = match kind {
+        let entry = lock(self.shard(&self.sockets, &id)).remove(&id);
+        let maps = match entry.as_ref().map(|e| e.kind) {
             Some(ClientKind::Agent) => &self.agents,
             _ => &self.users,
         };
         remove_member(&mut lock(self.shard(maps, user)), user, id);
-        for room in rooms {
+        let known = entry.map(|e| e.rooms).unwrap_or_default();
+        for room in known
+            .iter()
+            .chain(rooms.iter().filter(|r| !known.contains(r)))
+        {
             remove_member(&mut lock(self.shard(&self.rooms, room)), room, id);
         }
     }
@@ -148,12 +158,35 @@ impl<A: Clone> Registry<A> {
         room: &RoomId,
         subscribe: impl FnOnce(Interest) -> Subscription,
     ) -> Option<(bool, Live)> {
-        let handle = self.handle(id)?;
+        self.join_within(id, room, usize::MAX, subscribe)?.ok()
+    }
+
+    /// Like [`Registry::join`], refusing a room that would make the socket a member of
+    /// more than `cap` rooms (a room it is already in is fine).
+    pub fn join_within(
+        &self,
+        id: SocketId,
+        room: &RoomId,
+        cap: usize,
+        subscribe: impl FnOnce(Interest) -> Subscription,
+    ) -> Option<Result<(bool, Live), RoomsFull>> {
+        let (handle, count) = {
+            let sockets = lock(self.shard(&self.sockets, &id));
+            let entry = sockets.get(&id).filter(|e| e.kind == ClientKind::App)?;
+            (entry.handle.clone(), entry.rooms.len())
+        };
         let mut rooms = lock(self.shard(&self.rooms, room));
-        Some(match rooms.entry(room.clone()) {
+        let member = rooms.get(room).is_some_and(|g| g.members.contains_key(&id));
+        if member {
+            return rooms.get(room).map(|g| Ok((false, g.subscription.live())));
+        }
+        if count >= cap {
+            return Some(Err(RoomsFull));
+        }
+        let live = match rooms.entry(room.clone()) {
             Entry::Occupied(mut e) => {
-                let added = e.get_mut().members.insert(id, handle).is_none();
-                (added, e.get().subscription.live())
+                e.get_mut().members.insert(id, handle);
+                e.get().subscription.live()
             }
             Entry::Vacant(e) => {
                 let subscription = subscribe(Interest::Room(room.clone()));
@@ -162,14 +195,22 @@ impl<A: Clone> Registry<A> {
                     members: HashMap::from([(id, handle)]),
                     subscription,
                 });
-                (true, live)
+                live
             }
-        })
+        };
+        if let Some(entry) = lock(self.shard(&self.sockets, &id)).get_mut(&id) {
+            entry.rooms.push(room.clone());
+        }
+        Some(Ok((true, live)))
     }
 
     /// Removes a socket from a room. Returns whether it was a member.
     pub fn leave(&self, id: SocketId, room: &RoomId) -> bool {
-        remove_member(&mut lock(self.shard(&self.rooms, room)), room, id)
+        let left = remove_member(&mut lock(self.shard(&self.rooms, room)), room, id);
+        if left && let Some(entry) = lock(self.shard(&self.sockets, &id)).get_mut(&id) {
+            entry.rooms.retain(|r| r != room);
+        }
+        left
     }
 
     /// The handle of a connected app socket (agents are never addressed by socket id:

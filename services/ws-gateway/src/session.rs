@@ -43,7 +43,9 @@ use crate::admission::Ticket;
 use crate::bus::{Outbound, PublishOutcome};
 use crate::heartbeat::{Beat, Heartbeat};
 use crate::hub::Member;
+use crate::link::Live;
 use crate::outbox::{Batch, Inbox, Outbox};
+use crate::registry::RoomsFull;
 use crate::transport::Sink;
 use crate::upstream;
 use crate::ws::{self, Message as WsMessage, WsError};
@@ -81,6 +83,18 @@ impl Member for ConnHandle {
         self.addr.do_send(ToConn::Announce);
     }
 
+    fn joined(&self, room: RoomId, msg_id: u64, outcome: Result<(bool, Live), RoomsFull>) {
+        self.addr.do_send(ToConn::Joined {
+            room,
+            msg_id,
+            outcome,
+        });
+    }
+
+    fn left(&self, room: RoomId, msg_id: u64) {
+        self.addr.do_send(ToConn::Left { room, msg_id });
+    }
+
     /// Hands a push (a complete WebSocket message) to the connection. At most `limit`
     /// pushes wait in the inbox; past that the connection is closed as a slow consumer.
     fn push(&self, frame: Bytes, limit: usize) {
@@ -98,6 +112,22 @@ pub enum ToConn {
     Drain,
     /// A service's instruction for this socket.
     Control(GatewayControl),
+    /// A service's join, applied by the hub.
+    Joined {
+        /// The room.
+        room: RoomId,
+        /// The client's request id (0: the service's own initiative).
+        msg_id: u64,
+        /// Applied (newly added?, confirmation) or refused by the room cap.
+        outcome: Result<(bool, Live), RoomsFull>,
+    },
+    /// A service's leave, applied by the hub.
+    Left {
+        /// The room.
+        room: RoomId,
+        /// The client's request id.
+        msg_id: u64,
+    },
     /// The gateway is draining: tell the client to reconnect after `delay`, close then.
     Reconnect(Duration),
     /// Publish this session's connect event again (a service asked for a resync).
@@ -772,49 +802,8 @@ impl Conn {
             GatewayControl::Close { .. } | GatewayControl::Resync => {}
         }
         match control {
-            GatewayControl::Join { room, msg_id, .. } => {
-                if !self.room_available(&room) {
-                    // Also for memberships a service adds: the cap bounds what one socket
-                    // costs this replica, whoever asked.
-                    tracing::warn!(socket_id = %self.id, %room, "Join refused: room cap reached.");
-                    if msg_id != 0 {
-                        let message = format!(
-                            "this socket is in {} rooms, the maximum",
-                            self.shared.config.max_rooms_per_socket
-                        );
-                        self.send_error(msg_id, ErrorCode::RateLimited, message, ctx);
-                    }
-                    return;
-                }
-                let joined = self.shared.hub.join(self.id, &room);
-                let Some((added, live)) = joined else { return };
-                if added {
-                    self.rooms.push(room);
-                }
-                if msg_id != 0 {
-                    // Ack once the room subscription is live: after the ack, no room push is missed.
-                    // Not confirmed in time: say so, so the client retries the join.
-                    ctx.spawn(live.wait(LIVE_TIMEOUT).into_actor(self).map(
-                        move |live, act, ctx| {
-                            if live {
-                                act.send_ack(msg_id, ctx);
-                            } else {
-                                act.send_error(
-                                    msg_id,
-                                    ErrorCode::Unavailable,
-                                    "room subscription not confirmed by the bus; retry".into(),
-                                    ctx,
-                                );
-                            }
-                        },
-                    ));
-                }
-            }
-            GatewayControl::Leave { room, msg_id, .. } => {
-                self.shared.hub.leave(self.id, &room);
-                self.rooms.retain(|r| r != &room);
-                self.send_ack(msg_id, ctx);
-            }
+            // Applied by the hub (in the bus's order); they arrive as `Joined` / `Left`.
+            GatewayControl::Join { .. } | GatewayControl::Leave { .. } => {}
             GatewayControl::Refuse {
                 msg_id,
                 code,
@@ -833,6 +822,65 @@ impl Conn {
             }
             GatewayControl::Resync => {}
         }
+    }
+
+    /// A service's join, applied by the hub. The ack waits until the room subscription is
+    /// live: after the ack, no room push is missed; not confirmed in time, the client is
+    /// told to retry.
+    fn on_joined(
+        &mut self,
+        room: RoomId,
+        msg_id: u64,
+        outcome: Result<(bool, Live), RoomsFull>,
+        ctx: &mut Ctx,
+    ) {
+        self.answered(msg_id);
+        let live = match outcome {
+            Ok((added, live)) => {
+                if added && !self.rooms.contains(&room) {
+                    self.rooms.push(room);
+                }
+                live
+            }
+            Err(RoomsFull) => {
+                // Also for memberships a service adds: the cap bounds what one socket costs
+                // this replica, whoever asked.
+                tracing::warn!(socket_id = %self.id, %room, "Join refused: room cap reached.");
+                if msg_id != 0 {
+                    let message = format!(
+                        "this socket is in {} rooms, the maximum",
+                        self.shared.config.max_rooms_per_socket
+                    );
+                    self.send_error(msg_id, ErrorCode::RateLimited, message, ctx);
+                }
+                return;
+            }
+        };
+        if msg_id != 0 {
+            ctx.spawn(
+                live.wait(LIVE_TIMEOUT)
+                    .into_actor(self)
+                    .map(move |live, act, ctx| {
+                        if live {
+                            act.send_ack(msg_id, ctx);
+                        } else {
+                            act.send_error(
+                                msg_id,
+                                ErrorCode::Unavailable,
+                                "room subscription not confirmed by the bus; retry".into(),
+                                ctx,
+                            );
+                        }
+                    }),
+            );
+        }
+    }
+
+    /// A service's leave, applied by the hub.
+    fn on_left(&mut self, room: &RoomId, msg_id: u64, ctx: &mut Ctx) {
+        self.answered(msg_id);
+        self.rooms.retain(|r| r != room);
+        self.send_ack(msg_id, ctx);
     }
 
     fn schedule_deadline_check(&self, ctx: &mut Ctx) {
@@ -995,6 +1043,12 @@ impl Handler<ToConn> for Conn {
         match msg {
             ToConn::Drain => self.drain_inbox(ctx),
             ToConn::Control(control) => self.on_control(control, ctx),
+            ToConn::Joined {
+                room,
+                msg_id,
+                outcome,
+            } => self.on_joined(room, msg_id, outcome, ctx),
+            ToConn::Left { room, msg_id } => self.on_left(&room, msg_id, ctx),
             ToConn::Announce => self.announce(ctx),
             ToConn::Reconnect(delay) => {
                 let body = Reconnect {
