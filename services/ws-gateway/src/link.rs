@@ -121,16 +121,6 @@ pub struct Delivery {
     pub payload: Bytes,
 }
 
-impl From<async_nats::Message> for Delivery {
-    fn from(msg: async_nats::Message) -> Self {
-        Delivery {
-            subject: msg.subject.to_string(),
-            headers: msg.headers,
-            payload: msg.payload,
-        }
-    }
-}
-
 /// Receives every message of the link with the interest it was subscribed for.
 pub type Handler = Arc<dyn Fn(&Interest, Delivery) + Send + Sync>;
 

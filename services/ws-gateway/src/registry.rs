@@ -439,6 +439,41 @@ mod tests {
     }
 
     #[test]
+    fn the_room_cap_counts_memberships_and_a_disconnect_leaves_every_room() {
+        let reg = Registry::<u32>::new();
+        reg.add(SocketId(1), &user("a"), ClientKind::App, 1, |_| {
+            Subscription::none()
+        });
+        let ok = |r: Option<Result<(bool, Live), RoomsFull>>| r.map(|r| r.map(|(added, _)| added));
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r1"), 2, |_| Subscription::none())),
+            Some(Ok(true))
+        );
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r2"), 2, |_| Subscription::none())),
+            Some(Ok(true))
+        );
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r3"), 2, |_| Subscription::none())),
+            Some(Err(RoomsFull))
+        );
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r1"), 2, |_| unreachable!("member"))),
+            Some(Ok(false)),
+            "a room it is in does not count twice"
+        );
+        assert!(reg.leave(SocketId(1), &room("r2")));
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r3"), 2, |_| Subscription::none())),
+            Some(Ok(true))
+        );
+        // The connection names no rooms (it may not have heard of the joins yet): the
+        // registry's own list is what is cleaned up.
+        reg.remove(SocketId(1), &user("a"), &[]);
+        assert!(!reg.has_room(&room("r1")) && !reg.has_room(&room("r3")));
+    }
+
+    #[test]
     fn broadcast_filters_by_kind() {
         let reg = Registry::<u32>::new();
         for i in 0..100u64 {
