@@ -22,16 +22,18 @@
 //!   buffer) and a sink (vectored writes); plain TCP or TLS.
 //! - [`hub`]: the one owner of interest and local fan-out: which local sockets belong to
 //!   which user, room and agent node ([`registry`]), the subscriptions that follow them,
-//!   and the delivery of every bus message to its local recipients.
-//! - [`link`]: the interest link, a NATS connection of its own carrying every user, agent
-//!   and room subscription (one map entry each), confirmed by PING/PONG.
+//!   the delivery of every bus message to its local recipients, and the presence batches
+//!   that vouch for every held socket.
+//! - [`link`]: the interest link, a NATS connection of its own carrying every subscription
+//!   that brings messages for clients (users, agents, rooms, and the replica's push,
+//!   broadcast and control subjects; one map entry each), confirmed by PING/PONG.
 //! - [`bus`]: the NATS side and nothing else: publishing clients' frames and session
-//!   events, the fixed subscriptions (directed pushes, broadcast, control), the probe.
-//! - [`heartbeat`]: the batches that vouch for every held socket (presence).
+//!   events, and the readiness probe.
+//! - [`heartbeat`]: a connection's heartbeat deadline and interval rule.
 //! - [`lease`]: the worker id behind socket ids (a KV lease via `servicekit::lease`).
 //! - [`metrics`]: the Prometheus registry.
 //!
-//! A push: [`link`] (or a fixed subscription in [`bus`]) receives it, the [`hub`] parses
+//! A push: [`link`] receives it, the [`hub`] parses
 //! its envelope, encodes the complete WebSocket message once and appends the same buffer
 //! to the inbox of each local recipient, waking the connection once per batch; each [`session`]
 //! actor moves its inbox to its outbound queue and writes it. A client frame: `transport`

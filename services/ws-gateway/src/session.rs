@@ -1,7 +1,11 @@
 //! The per-connection actor: one `Conn` per WebSocket. It owns the write half
 //! (`transport::Sink`), receives the read half as a stream of WebSocket messages
 //! (`transport::Reader`), runs the heartbeat deadline and the rate limit, turns client
-//! frames into bus messages, and writes pushes through a bounded outbound queue.
+//! frames into bus messages, and writes pushes through a bounded outbound queue. The rules
+//! it applies live apart, each tested without an actor: the queue and the inbox in
+//! `outbox.rs`, the bus messages a frame becomes in `upstream.rs`, the heartbeat in
+//! `heartbeat.rs`, the frame rate in [`RateLimit`]; the actor decides when, and runs the
+//! writer and the close.
 //!
 //! The queue holds complete WebSocket messages: a push arrives encoded once for all its
 //! recipients and is written as it is. Writes never block the actor: everything queued is
