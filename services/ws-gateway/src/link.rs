@@ -5,7 +5,7 @@
 //! Why not async-nats for these: every `Client::subscribe` there allocates a tokio mpsc
 //! channel whose first block holds 32 `Message`s (~184 bytes each), about 5.9 KB per
 //! subscription before a message arrives, and one per connected user dominated the
-//! gateway's idle memory (docs/adr/0012). Here a subscription is a map entry (its sid and
+//! gateway's idle memory (docs/adr/0013). Here a subscription is a map entry (its sid and
 //! what it is for); every message of the link is read by one task and handed to one
 //! handler, which the hub installs.
 //!
