@@ -116,6 +116,23 @@ impl NatsTarget {
         }
     }
 
+    /// The user and password from the userinfo, for a client that speaks the protocol
+    /// itself (the gateway's interest link).
+    pub fn user_password(&self) -> Option<(&str, &str)> {
+        match &self.credentials {
+            Some(Credentials::UserPassword(user, pass)) => Some((user, pass)),
+            _ => None,
+        }
+    }
+
+    /// The token from the userinfo, if the URL names one instead of a user and password.
+    pub fn token(&self) -> Option<&str> {
+        match &self.credentials {
+            Some(Credentials::Token(token)) => Some(token),
+            _ => None,
+        }
+    }
+
     /// The servers to connect to (credentials are in [`NatsTarget::options`]).
     pub fn servers(&self) -> Vec<ServerAddr> {
         self.servers.clone()

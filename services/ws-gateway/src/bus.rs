@@ -1,49 +1,34 @@
-//! The NATS side of the gateway: one publisher task that hands upstream frames and events
-//! to the bus in order, the subscriptions that bring pushes and control messages down, and
-//! the periodic presence batches.
+//! The NATS side of the gateway, and nothing else: one publisher task that hands upstream
+//! frames and events to the bus in order, and the probe that readiness rests on (the
+//! replica's NATS user may publish and subscribe to its probe subject). Nothing delivered
+//! to clients arrives here: every subscription for them, fixed subjects included, is on
+//! the interest link (`link.rs`), owned by the hub.
 //!
 //! Everything here runs on a dedicated multi-thread Tokio runtime that owns the async-nats
 //! connection (docs/dependencies.md, trap 5): actix workers are single-threaded runtimes, and the NATS
 //! connection must not depend on one of them. Actors reach this side through a bounded
-//! queue (`try_send`, never blocking) and are reached back through their addresses.
+//! queue (`try_send`, never blocking) and hear of their publishes through an actix
+//! [`Recipient`], so this module knows no actor type.
 //!
-//! Downstream, a bus message becomes one push, encoded once as a complete WebSocket message
-//! (frame header included); every local recipient gets a reference-counted clone of the
-//! same buffer and writes it as it is.
-//!
-//! A subscription counts as live only once the server has processed it. async-nats'
-//! `flush` only writes the socket, so liveness is proved with a [`Probe`]: a message to the
-//! gateway's own probe subject, published after the SUB on the same connection, comes back
-//! only after the server has handled the SUB (a server processes one client's protocol
-//! operations in order). Concurrent subscriptions share one probe round trip.
+//! async-nats' `flush` only writes the socket, so the probe subscription is proved live
+//! with a [`Probe`]: a message to the gateway's own probe subject, published after the SUB
+//! on the same connection, comes back only after the server has handled the SUB (a server
+//! processes one client's protocol operations in order). A replica whose probe never came
+//! back is not ready.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use actix::Addr;
+use actix::Recipient;
 use async_nats::{Client, HeaderMap};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
-use messages::envelope::{AgentClose, DeliveredEnvelope, HeartbeatEnvelope, PushEnvelope};
-use messages::frame::{encode_parts, encoded_len};
-use messages::payload::{self, GatewayControl, HeartbeatBatch};
-use messages::subject::{self, Event};
-use messages::{
-    ClientKind, CloseCode, ErrorCode, FrameKind, GatewayId, RoomId, SocketId, UserId, headers,
-};
-use servicekit::telemetry::{MessageSpan, Operation};
+use messages::{GatewayId, headers, subject};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
-
-use crate::Shared;
-use crate::registry::Subscription;
-use crate::session::{Conn, ConnHandle, ToConn};
-use servicekit::clock::now_ms;
 
 /// Capacity of the queue between actors and the publisher task.
 const OUTBOUND_CAPACITY: usize = 16 * 1024;
-/// Entries per presence batch message (keeps each well under NATS' max payload).
-const PRESENCE_CHUNK: usize = 2_000;
 /// How long the prober waits for one probe before sending the next regardless.
 const PROBE_WAIT: Duration = Duration::from_secs(1);
 /// How long the first probe may take before the gateway reports the problem (again).
@@ -60,11 +45,49 @@ pub enum Outbound {
         headers: HeaderMap,
         /// Body bytes, untouched.
         payload: Bytes,
-        /// Actor and client frame id to acknowledge.
-        reply: Option<(Addr<Conn>, u64)>,
+        /// Who to tell the outcome, with the client frame id it is about.
+        reply: Option<(Recipient<PublishOutcome>, u64)>,
     },
     /// Flush everything queued before this, then answer.
     Flush(oneshot::Sender<()>),
+}
+
+/// What became of a client's publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, actix::Message)]
+#[rtype(result = "()")]
+pub enum PublishOutcome {
+    /// The message with this client frame id reached the bus.
+    Published(u64),
+    /// It could not be published (the bus is unavailable).
+    Failed(u64),
+}
+
+/// Queues messages for the publisher (see [`Bus::send`]).
+#[derive(Debug, Clone)]
+pub struct Sender {
+    client: Client,
+    outbound: mpsc::Sender<Outbound>,
+}
+
+impl Sender {
+    /// As [`Bus::send`].
+    pub fn send(&self, out: Outbound) -> Result<(), &'static str> {
+        queue(&self.client, &self.outbound, out)
+    }
+}
+
+fn queue(
+    client: &Client,
+    outbound: &mpsc::Sender<Outbound>,
+    out: Outbound,
+) -> Result<(), &'static str> {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return Err("message bus unavailable; not delivered");
+    }
+    outbound.try_send(out).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => "gateway publish queue full; not delivered",
+        mpsc::error::TrySendError::Closed(_) => "gateway shutting down; not delivered",
+    })
 }
 
 /// Handle to the bus side, shared by every actor.
@@ -224,13 +247,15 @@ impl Bus {
     /// client, when NATS is down or the queue is full: the caller reports it; nothing is
     /// dropped silently.
     pub fn send(&self, out: Outbound) -> Result<(), &'static str> {
-        if !self.connected() {
-            return Err("message bus unavailable; not delivered");
+        queue(&self.client, &self.outbound, out)
+    }
+
+    /// A handle that queues messages like [`Bus::send`], for the hub.
+    pub fn sender(&self) -> Sender {
+        Sender {
+            client: self.client.clone(),
+            outbound: self.outbound.clone(),
         }
-        self.outbound.try_send(out).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => "gateway publish queue full; not delivered",
-            mpsc::error::TrySendError::Closed(_) => "gateway shutting down; not delivered",
-        })
     }
 
     /// Whether [`Bus::send`] would currently accept a message (connected, queue not full).
@@ -268,19 +293,15 @@ async fn publisher(
                 match client.publish_with_headers(subject, headers, payload).await {
                     Ok(()) => {
                         metrics.published.inc();
-                        if let Some((addr, msg_id)) = reply {
-                            addr.do_send(ToConn::Published(msg_id));
+                        if let Some((to, msg_id)) = reply {
+                            to.do_send(PublishOutcome::Published(msg_id));
                         }
                     }
                     Err(e) => {
                         metrics.publish_errors.inc();
                         tracing::warn!(error = %e, "NATS publish failed.");
-                        if let Some((addr, msg_id)) = reply {
-                            addr.do_send(ToConn::Failed {
-                                msg_id,
-                                code: ErrorCode::Unavailable,
-                                message: "message bus unavailable; not delivered".into(),
-                            });
+                        if let Some((to, msg_id)) = reply {
+                            to.do_send(PublishOutcome::Failed(msg_id));
                         }
                     }
                 }
@@ -295,334 +316,39 @@ async fn publisher(
     }
 }
 
-/// Who a subscription delivers to.
-#[derive(Debug, Clone)]
-enum Target {
-    User(UserId),
-    /// `ws.agent.<node>`: the scheduler's channel to the node's agent sockets.
-    Agent(UserId),
-    Room(RoomId),
-    /// `ws.gw.<me>.push`: socket ids in the `ws-socket` header.
-    Sockets,
-    /// `ws.all`: every app socket.
-    Broadcast,
-    /// `ws.gw.<me>.ctl` and `ws.ctl`.
-    Control,
-    /// `ws.gw.<me>.probe`: our own liveness probes coming back.
-    Probe,
-}
+/// The probe subscription's task; dropping it unsubscribes (async-nats unsubscribes when
+/// the subscriber is dropped).
+#[derive(Debug)]
+pub struct ProbeSubscription(tokio::task::AbortHandle);
 
-/// Subscribes to a user's subject (`ws.user.<user>` for an app socket, `ws.agent.<node>`
-/// for an agent) for as long as the returned handle lives.
-pub fn subscribe_user(
-    shared: &Arc<Shared>,
-    subject: String,
-    user: UserId,
-    kind: ClientKind,
-) -> Subscription {
-    let target = match kind {
-        ClientKind::App => Target::User(user),
-        ClientKind::Agent => Target::Agent(user),
-    };
-    spawn_subscription(shared, subject, target)
-}
-
-/// Subscribes to a room's subject for as long as the returned handle lives.
-pub fn subscribe_room(shared: &Arc<Shared>, subject: String, room: RoomId) -> Subscription {
-    spawn_subscription(shared, subject, Target::Room(room))
-}
-
-/// Subscribes to this replica's fixed subjects: directed pushes, broadcast and control.
-pub fn subscribe_fixed(shared: &Arc<Shared>) -> Vec<Subscription> {
-    let me = &shared.config.instance;
-    vec![
-        spawn_subscription(shared, subject::gateway_push(me), Target::Sockets),
-        spawn_subscription(shared, subject::broadcast().to_owned(), Target::Broadcast),
-        spawn_subscription(shared, subject::gateway_control(me), Target::Control),
-        spawn_subscription(shared, subject::control_all().to_owned(), Target::Control),
-        spawn_subscription(shared, shared.bus.probe.subject.clone(), Target::Probe),
-    ]
-}
-
-fn spawn_subscription(shared: &Arc<Shared>, subject: String, target: Target) -> Subscription {
-    // A weak reference: a subscription must not keep the gateway's state alive.
-    let weak = Arc::downgrade(shared);
-    let client = shared.bus.client.clone();
-    let probe = Arc::clone(&shared.bus.probe);
-    let (live_tx, live) = watch::channel(false);
-    let task = shared.bus.runtime.spawn(async move {
-        let mut sub = match client.subscribe(subject.clone()).await {
-            Ok(sub) => sub,
-            Err(e) => {
-                tracing::error!(%subject, error = %e, "Subscribing failed.");
-                return;
-            }
-        };
-        // Messages are read while the confirmation is pending (they queue otherwise).
-        let confirm = probe.confirm();
-        tokio::pin!(confirm);
-        let mut confirmed = false;
-        if let Target::Probe = target {
-            // The probe subscription carries its own proof; nobody waits on it. The first
-            // probe goes out only now, after this SUB.
-            confirmed = true;
-            let _ = live_tx.send(true);
-            tokio::spawn(first_probe(Arc::clone(&probe)));
-        }
-        loop {
-            tokio::select! {
-                () = &mut confirm, if !confirmed => {
-                    confirmed = true;
-                    let _ = live_tx.send(true);
-                }
-                msg = sub.next() => {
-                    let Some(msg) = msg else { break };
-                    let Some(shared) = weak.upgrade() else { break };
-                    dispatch(&shared, &target, &msg);
-                }
-            }
-        }
-    });
-    Subscription::new(task.abort_handle(), live)
-}
-
-/// A push ready for local recipients.
-struct Push {
-    /// The WebSocket message: header and push frame.
-    frame: Bytes,
-    exclude: Vec<SocketId>,
-    /// Set when the sender asked for a receipt: the push id to report deliveries for.
-    receipt: Option<u64>,
-}
-
-/// The push a bus message carries, with its recipients on `ws.gw.<gateway>.push`; `None`
-/// (and counted) when it has expired or its headers are malformed.
-fn build_push(shared: &Shared, msg: &async_nats::Message) -> Option<(Push, Vec<SocketId>)> {
-    let recv_us = headers::now_micros();
-    let map = msg.headers.as_ref();
-    let envelope = match map.map(PushEnvelope::from_headers).transpose() {
-        Ok(envelope) => envelope.unwrap_or_default(),
-        Err(e) => {
-            shared.metrics.pushes_invalid.inc();
-            tracing::debug!(subject = %msg.subject, error = %e, "Dropped a malformed push.");
-            return None;
-        }
-    };
-    if envelope.expires_at_ms.is_some_and(|at| at < recv_us / 1000) {
-        shared.metrics.pushes_expired.inc();
-        return None;
-    }
-    let msg_id = envelope.msg_id;
-    let flags = envelope.flags();
-    // One span per bus message (not per socket): the delivery hop of the trace, whose
-    // context travels on to the clients in the frame header.
-    let hop = MessageSpan::start(
-        Operation::Process,
-        msg.subject.as_str(),
-        msg_id,
-        envelope.trace.as_ref(),
-    );
-    let trace = hop.context();
-    if let Some(map) = map {
-        shared
-            .metrics
-            .hops
-            .record(map, headers::hop::GATEWAY_RECV, recv_us);
-    }
-    // The whole WebSocket message, built once: server frames are not masked, so every
-    // recipient gets these same bytes.
-    let len = encoded_len(trace.is_some(), envelope.route.len(), msg.payload.len());
-    let mut buf = BytesMut::with_capacity(len + crate::ws::MAX_HEADER);
-    crate::ws::put_binary_header(&mut buf, len);
-    encode_parts(
-        &mut buf,
-        FrameKind::Push,
-        flags,
-        msg_id,
-        trace.as_ref(),
-        &envelope.route,
-        &msg.payload,
-    );
-    let receipt = (flags.receipt() && msg_id != 0).then_some(msg_id);
-    let push = Push {
-        frame: buf.freeze(),
-        exclude: envelope.exclude,
-        receipt,
-    };
-    Some((push, envelope.sockets))
-}
-
-fn dispatch(shared: &Shared, target: &Target, msg: &async_nats::Message) {
-    match target {
-        Target::Control => return control(shared, msg),
-        Target::Probe => return shared.bus.probe.received(&msg.payload),
-        Target::Agent(node) => {
-            if let Some(code) = agent_close(msg) {
-                return close_agent(shared, node, code);
-            }
-        }
-        _ => {}
-    }
-    let Some((push, sockets)) = build_push(shared, msg) else {
-        return;
-    };
-    let mut delivered = 0u64;
-    let limit = shared.config.outbound_queue;
-    let mut deliver = |id: SocketId, conn: &ConnHandle| {
-        if !push.exclude.contains(&id) {
-            conn.push(push.frame.clone(), limit);
-            delivered += 1;
-        }
-    };
-    match target {
-        Target::User(user) => {
-            shared.registry.for_user(user, deliver);
-        }
-        Target::Agent(node) => {
-            shared.registry.for_agent(node, deliver);
-        }
-        Target::Room(room) => {
-            shared.registry.for_room(room, deliver);
-        }
-        Target::Broadcast => {
-            shared.registry.for_all(Some(ClientKind::App), deliver);
-        }
-        Target::Sockets => {
-            for id in sockets {
-                if let Some(addr) = shared.registry.handle(id) {
-                    deliver(id, &addr);
-                }
-            }
-        }
-        Target::Control | Target::Probe => {}
-    }
-    if let (Some(push_id), true) = (push.receipt, delivered > 0) {
-        report_delivered(shared, push_id, delivered);
+impl Drop for ProbeSubscription {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
-/// The close code a message on `ws.agent.<node>` asks for, if it is a close rather than a
-/// push (only the scheduler can publish there: NATS permissions).
-fn agent_close(msg: &async_nats::Message) -> Option<CloseCode> {
-    let map = msg.headers.as_ref()?;
-    if !AgentClose::is_close(map) {
-        return None;
-    }
-    // An instruction to close is obeyed even with a code this gateway does not know.
-    Some(AgentClose::from_headers(map).map_or(CloseCode::Kicked, |close| close.code))
-}
-
-/// Closes every local agent socket of `node` (a revoked node).
-fn close_agent(shared: &Shared, node: &UserId, code: CloseCode) {
-    let closed = shared.registry.for_agent(node, |id, addr| {
-        addr.do_send(ToConn::Control(GatewayControl::Close {
-            socket_id: id,
-            code: code.code(),
-            reason: code.reason().to_owned(),
-        }));
-    });
-    tracing::info!(%node, closed, code = code.code(), "Agent sockets closed by the scheduler.");
-}
-
-/// Tells the services how many local sockets a receipt-requesting push was handed to.
-fn report_delivered(shared: &Shared, push_id: u64, count: u64) {
-    let report = DeliveredEnvelope {
-        push_id,
-        count,
-        gateway: shared.config.instance.clone(),
-    };
-    let out = Outbound::Publish {
-        subject: subject::event(ClientKind::App, Event::Delivered),
-        headers: report.to_headers(),
-        payload: Bytes::new(),
-        reply: None,
-    };
-    if shared.bus.send(out).is_err() {
-        shared.metrics.publish_errors.inc();
-    }
-}
-
-fn control(shared: &Shared, msg: &async_nats::Message) {
-    let control: GatewayControl = match payload::from_bus(&msg.payload) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "Undecodable gateway control message.");
-            return;
-        }
-    };
-    let socket = match &control {
-        GatewayControl::Join { socket_id, .. }
-        | GatewayControl::Leave { socket_id, .. }
-        | GatewayControl::Refuse { socket_id, .. }
-        | GatewayControl::Close { socket_id, .. } => Some(*socket_id),
-        GatewayControl::Resync => None,
-    };
-    match socket {
-        Some(id) => {
-            if let Some(addr) = shared.registry.handle(id) {
-                addr.do_send(ToConn::Control(control));
-            }
-        }
-        None => resync(shared),
-    }
-}
-
-/// Re-announces every local socket (a service lost its registry).
-fn resync(shared: &Shared) {
-    let mut count = 0;
-    shared.registry.for_all(None, |_, addr| {
-        addr.do_send(ToConn::Announce);
-        count += 1;
-    });
-    tracing::info!(sockets = count, "Resync requested; re-announcing sessions.");
-}
-
-/// Sends last-seen batches every `period` until the returned task is aborted.
-pub fn spawn_presence_sync(shared: &Arc<Shared>, period: Duration) -> tokio::task::JoinHandle<()> {
-    let weak = Arc::downgrade(shared);
-    shared.bus.runtime.spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let Some(shared) = weak.upgrade() else { break };
-            sync_presence(&shared);
-        }
-    })
-}
-
-/// Publishes the sockets this replica holds, with the time it vouched for them. Every held
-/// socket is included, not only those that sent something: a quiet client is still
-/// connected (its heartbeat deadline is enforced here), and presence must not expire it.
-pub fn sync_presence(shared: &Shared) {
-    let now = now_ms();
-    for kind in ClientKind::ALL {
-        let mut held = Vec::new();
-        shared
-            .registry
-            .for_all(Some(kind), |id, _| held.push((id, now)));
-        for chunk in held.chunks(PRESENCE_CHUNK) {
-            let batch = HeartbeatBatch {
-                gateway: shared.config.instance.clone(),
-                at_ms: now,
-                seen: chunk.to_vec(),
-            };
-            let Ok(body) = payload::to_bus(&batch) else {
-                continue;
-            };
-            let envelope = HeartbeatEnvelope {
-                gateway: shared.config.instance.clone(),
-            };
-            let out = Outbound::Publish {
-                subject: subject::event(kind, Event::Heartbeat),
-                headers: envelope.to_headers(),
-                payload: Bytes::from(body),
-                reply: None,
-            };
-            if shared.bus.send(out).is_err() {
-                shared.metrics.publish_errors.inc();
-            }
-        }
+impl Bus {
+    /// Subscribes to the probe subject, for as long as the returned handle lives, and
+    /// starts probing: the first answer makes the replica ready.
+    pub fn subscribe_probe(&self) -> ProbeSubscription {
+        let client = self.client.clone();
+        let probe = Arc::clone(&self.probe);
+        ProbeSubscription(
+            self.runtime
+                .spawn(async move {
+                    let mut sub = match client.subscribe(probe.subject.clone()).await {
+                        Ok(sub) => sub,
+                        Err(e) => {
+                            tracing::error!(subject = %probe.subject, error = %e, "Subscribing failed.");
+                            return;
+                        }
+                    };
+                    tokio::spawn(first_probe(Arc::clone(&probe)));
+                    while let Some(msg) = sub.next().await {
+                        probe.received(&msg.payload);
+                    }
+                })
+                .abort_handle(),
+        )
     }
 }

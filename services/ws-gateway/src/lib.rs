@@ -12,21 +12,30 @@
 //!   health, readiness and metrics endpoints.
 //! - [`auth`]: token verification (app tokens and agent tokens, each with its own keys).
 //! - [`session`]: the actor per connection: frame decoding, heartbeats, rate limits, the
-//!   bounded outbound queue and the slow-consumer rule; its inbox for pushes.
+//!   writer, closes; it applies the rules of [`outbox`].
+//! - [`upstream`]: how a client's frame becomes a bus message (subject, headers, body).
+//! - [`outbox`]: a connection's inbox for pushes and its bounded outbound queue (slow
+//!   consumer, one pong for the latest ping), testable without an actor.
 //! - [`ws`]: WebSocket framing (RFC 6455, server side): the incremental decoder and the
 //!   encoders of unmasked server messages.
 //! - `transport`: the upgraded socket split into a message stream (read through a stack
 //!   buffer) and a sink (vectored writes); plain TCP or TLS.
-//! - [`registry`]: which local sockets belong to which user, room and agent node.
-//! - [`bus`]: the NATS side: per-user, per-room and per-agent subscriptions, publishing
-//!   clients' frames and session events, control messages.
-//! - [`heartbeat`]: the batches that vouch for every held socket (presence).
+//! - [`hub`]: the one owner of interest and local fan-out: which local sockets belong to
+//!   which user, room and agent node ([`registry`]), the subscriptions that follow them,
+//!   the delivery of every bus message to its local recipients, and the presence batches
+//!   that vouch for every held socket.
+//! - [`link`]: the interest link, a NATS connection of its own carrying every subscription
+//!   that brings messages for clients (users, agents, rooms, and the replica's push,
+//!   broadcast and control subjects; one map entry each), confirmed by PING/PONG.
+//! - [`bus`]: the NATS side and nothing else: publishing clients' frames and session
+//!   events, and the readiness probe.
+//! - [`heartbeat`]: a connection's heartbeat deadline and interval rule.
 //! - [`lease`]: the worker id behind socket ids (a KV lease via `servicekit::lease`).
 //! - [`metrics`]: the Prometheus registry.
 //!
-//! A push: a subscription task in [`bus`] receives it, parses its envelope, encodes the
-//! complete WebSocket message once and appends the same buffer to the inbox of each
-//! recipient found in [`registry`], waking the connection once per batch; each [`session`]
+//! A push: [`link`] receives it, the [`hub`] parses
+//! its envelope, encodes the complete WebSocket message once and appends the same buffer
+//! to the inbox of each local recipient, waking the connection once per batch; each [`session`]
 //! actor moves its inbox to its outbound queue and writes it. A client frame: `transport`
 //! and [`ws`] deliver the WebSocket message, [`session`] decodes the header and hands the
 //! body to [`bus`], which publishes it on `ws.msg.<kind>.<route>` and acks the client once
@@ -38,11 +47,15 @@ pub mod bus;
 pub mod config;
 pub mod heartbeat;
 mod http;
+pub mod hub;
 pub mod lease;
+pub mod link;
 pub mod metrics;
+pub mod outbox;
 pub mod registry;
 pub mod session;
 mod transport;
+pub mod upstream;
 pub mod ws;
 
 use std::future::Future;
@@ -61,8 +74,9 @@ use tokio::sync::oneshot;
 pub use config::{Args, Config, ConfigError};
 
 use crate::bus::Bus;
+use crate::hub::Hub;
+use crate::link::{Delivery, Fixed, Interest, Link, LinkTarget};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::session::{ConnHandle, ToConn};
 
 /// Longest a client may take over its TLS handshake.
@@ -89,8 +103,8 @@ pub enum Error {
 pub struct Shared {
     /// Configuration.
     pub config: Config,
-    /// Who is connected here.
-    pub registry: Registry<ConnHandle>,
+    /// Who is connected here, their interest, and local fan-out.
+    pub hub: Hub<ConnHandle>,
     /// Connection counts against the replica, per-user and per-address limits.
     pub admission: admission::Admission,
     /// Metrics.
@@ -126,7 +140,7 @@ impl Readiness {
     pub fn describe(&self) -> String {
         let mut missing = vec![];
         if !self.nats {
-            missing.push("NATS disconnected");
+            missing.push("NATS disconnected (publisher or interest link)");
         }
         if !self.probe {
             missing.push("subscription probe unanswered (NATS permissions?)");
@@ -154,7 +168,7 @@ impl Shared {
             .ok()
             .and_then(|ids| ids.as_ref().map(|g| g.worker()));
         Readiness {
-            nats: self.bus.connected(),
+            nats: self.bus.connected() && self.hub.link().up(),
             probe: self.bus.probe_answered(),
             worker_id,
             draining: self.draining.load(Ordering::Relaxed),
@@ -225,9 +239,26 @@ pub async fn run(
         Arc::clone(&metrics),
         &config.instance,
     );
+    let link = Link::new();
+    // Parsed above already; this cannot fail here, but must not panic if it did.
+    let target =
+        servicekit::nats::NatsTarget::parse(&config.nats_url).map_err(ConnectError::from)?;
+    let link_task = nats_runtime.spawn(Arc::clone(&link).run(LinkTarget::new(
+        &target,
+        format!("ws-gateway/{}/interest", config.instance),
+    )));
+    let publish_to = bus.sender();
+    let hub = Hub::new(
+        Arc::clone(&link),
+        config.instance.clone(),
+        config.outbound_queue,
+        config.max_rooms_per_socket,
+        Arc::clone(&metrics),
+        Box::new(move |out| publish_to.send(out).is_ok()),
+    );
     let shared = Arc::new(Shared {
         config: config.clone(),
-        registry: Registry::new(),
+        hub,
         admission: admission::Admission::new(admission::Caps {
             total: config.max_connections,
             per_user: config.max_connections_per_user,
@@ -238,8 +269,19 @@ pub async fn run(
         ids: RwLock::new(None),
         draining: AtomicBool::new(false),
     });
-    let fixed_subscriptions = bus::subscribe_fixed(&shared);
-    let presence = bus::spawn_presence_sync(&shared, config.presence_sync);
+    // Weak references: a subscription must not keep the gateway's state alive.
+    let weak = Arc::downgrade(&shared);
+    link.set_handler(Arc::new(move |interest: &Interest, delivery: Delivery| {
+        if let Some(shared) = weak.upgrade() {
+            shared.hub.on_interest(interest, &delivery);
+        }
+    }));
+    let fixed_subscriptions: Vec<_> = Fixed::all(&config.instance)
+        .into_iter()
+        .map(|interest| link.subscribe(interest))
+        .collect();
+    let probe_subscription = shared.bus.subscribe_probe();
+    let presence = spawn_presence_sync(&shared, config.presence_sync);
     let (lease_stop, lease_stop_rx) = oneshot::channel();
     let lease_task = nats_runtime.spawn(maintain_lease(
         Arc::downgrade(&shared),
@@ -289,6 +331,8 @@ pub async fn run(
         task.abort();
     }
     drop(fixed_subscriptions);
+    drop(probe_subscription);
+    link_task.abort();
     drop(shared);
     nats_runtime.shutdown_background();
     tracing::info!("Gateway stopped.");
@@ -433,7 +477,7 @@ async fn drain(shared: &Shared) {
     let window = shared.config.drain_window;
     let mut rng = rand::rng();
     let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-    let count = shared.registry.for_all(None, |_, addr| {
+    let count = shared.hub.for_all(None, |_, addr| {
         let delay = Duration::from_millis(rng.random_range(0..=window_ms));
         addr.do_send(ToConn::Reconnect(delay));
     });
@@ -442,6 +486,21 @@ async fn drain(shared: &Shared) {
     while shared.connections() > 0 && tokio::time::Instant::now() < give_up {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Publishes the presence batches every `period` until the returned task is aborted.
+fn spawn_presence_sync(shared: &Arc<Shared>, period: Duration) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(shared);
+    shared.bus.runtime().spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { break };
+            shared.hub.sync_presence();
+        }
+    })
 }
 
 /// A ws-gateway running on its own thread and actix system (tests, embedding).

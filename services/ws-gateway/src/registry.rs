@@ -8,11 +8,12 @@
 //! sockets; agents are reached only through [`Registry::for_agent`].
 //!
 //! Every map is split into 64 shards behind their own mutex (as centrifuge's hub does), so
-//! pushes fanning in from many NATS subscriptions never queue on one lock. A user's or
-//! room's bus subscription lives inside its entry: it is created with the first local
-//! socket and dropped (unsubscribed) with the last, which is what makes NATS deliver a
-//! push only to the replicas that hold a recipient. No lock is held across an await; the
-//! subscription is created by a synchronous callback that spawns a task.
+//! pushes fanning in never queue on one lock. A user's or room's bus subscription lives
+//! inside its entry: it is created with the first local socket and dropped (unsubscribed)
+//! with the last, which is what makes NATS deliver a push only to the replicas that hold a
+//! recipient. No lock is held across an await; the subscription is created by a
+//! synchronous callback (in the gateway, an entry in the interest link). The hub
+//! (`hub.rs`) is this registry's only user.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -20,65 +21,23 @@ use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{Mutex, MutexGuard};
 
 use messages::{ClientKind, RoomId, SocketId, UserId};
-use tokio::sync::watch;
+
+use crate::link::{Interest, Live, Subscription};
 
 const SHARDS: usize = 64;
-
-/// A bus subscription; dropping it unsubscribes (the task that owns the NATS subscriber is
-/// aborted, and async-nats unsubscribes when the subscriber is dropped).
-#[derive(Debug)]
-pub struct Subscription {
-    task: Option<tokio::task::AbortHandle>,
-    /// Becomes true once the server has confirmed the subscription, so a caller can promise
-    /// its client that nothing published from now on is missed.
-    live: watch::Receiver<bool>,
-}
-
-impl Subscription {
-    /// Wraps the task that reads a subscription and its liveness signal.
-    pub fn new(task: tokio::task::AbortHandle, live: watch::Receiver<bool>) -> Self {
-        Subscription {
-            task: Some(task),
-            live,
-        }
-    }
-
-    /// A subscription that owns nothing and is live at once (tests).
-    pub fn none() -> Self {
-        Subscription {
-            task: None,
-            live: watch::channel(true).1,
-        }
-    }
-
-    /// A receiver that turns true when the subscription is live.
-    pub fn live(&self) -> watch::Receiver<bool> {
-        self.live.clone()
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-/// Waits until a subscription is live. False when `timeout` passed first or the
-/// subscription failed: the caller must not promise delivery then.
-pub async fn wait_live(mut live: watch::Receiver<bool>, timeout: std::time::Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, live.wait_for(|v| *v)).await,
-        Ok(Ok(_))
-    )
-}
 
 #[derive(Debug)]
 struct SocketEntry<A> {
     handle: A,
     kind: ClientKind,
+    /// Rooms it is a member of here: the room cap, and what a disconnect cleans up
+    /// (a membership the hub added may not have reached the connection yet).
+    rooms: Vec<RoomId>,
 }
+
+/// A join refused because the socket is in as many rooms as it may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomsFull;
 
 #[derive(Debug)]
 struct Group<A> {
@@ -141,18 +100,19 @@ impl<A: Clone> Registry<A> {
         user: &UserId,
         kind: ClientKind,
         handle: A,
-        subscribe: impl FnOnce(String) -> Subscription,
-    ) -> watch::Receiver<bool> {
+        subscribe: impl FnOnce(Interest) -> Subscription,
+    ) -> Live {
         lock(self.shard(&self.sockets, &id)).insert(
             id,
             SocketEntry {
                 handle: handle.clone(),
                 kind,
+                rooms: Vec::new(),
             },
         );
-        let (maps, subject) = match kind {
-            ClientKind::App => (&self.users, messages::subject::user(user)),
-            ClientKind::Agent => (&self.agents, messages::subject::agent(user)),
+        let (maps, interest) = match kind {
+            ClientKind::App => (&self.users, Interest::User(user.clone())),
+            ClientKind::Agent => (&self.agents, Interest::Agent(user.clone())),
         };
         let mut users = lock(self.shard(maps, user));
         match users.entry(user.clone()) {
@@ -161,7 +121,7 @@ impl<A: Clone> Registry<A> {
                 e.get().subscription.live()
             }
             Entry::Vacant(e) => {
-                let subscription = subscribe(subject);
+                let subscription = subscribe(interest);
                 let live = subscription.live();
                 e.insert(Group {
                     members: HashMap::from([(id, handle)]),
@@ -174,15 +134,17 @@ impl<A: Clone> Registry<A> {
 
     /// Removes a connection and its room memberships; drops subscriptions nobody local needs.
     pub fn remove(&self, id: SocketId, user: &UserId, rooms: &[RoomId]) {
-        let kind = lock(self.shard(&self.sockets, &id))
-            .remove(&id)
-            .map(|e| e.kind);
-        let maps = match kind {
+        let entry = lock(self.shard(&self.sockets, &id)).remove(&id);
+        let maps = match entry.as_ref().map(|e| e.kind) {
             Some(ClientKind::Agent) => &self.agents,
             _ => &self.users,
         };
         remove_member(&mut lock(self.shard(maps, user)), user, id);
-        for room in rooms {
+        let known = entry.map(|e| e.rooms).unwrap_or_default();
+        for room in known
+            .iter()
+            .chain(rooms.iter().filter(|r| !known.contains(r)))
+        {
             remove_member(&mut lock(self.shard(&self.rooms, room)), room, id);
         }
     }
@@ -194,30 +156,61 @@ impl<A: Clone> Registry<A> {
         &self,
         id: SocketId,
         room: &RoomId,
-        subscribe: impl FnOnce(String) -> Subscription,
-    ) -> Option<(bool, watch::Receiver<bool>)> {
-        let handle = self.handle(id)?;
+        subscribe: impl FnOnce(Interest) -> Subscription,
+    ) -> Option<(bool, Live)> {
+        self.join_within(id, room, usize::MAX, subscribe)?.ok()
+    }
+
+    /// Like [`Registry::join`], refusing a room that would make the socket a member of
+    /// more than `cap` rooms (a room it is already in is fine).
+    pub fn join_within(
+        &self,
+        id: SocketId,
+        room: &RoomId,
+        cap: usize,
+        subscribe: impl FnOnce(Interest) -> Subscription,
+    ) -> Option<Result<(bool, Live), RoomsFull>> {
+        let (handle, count) = {
+            let sockets = lock(self.shard(&self.sockets, &id));
+            let entry = sockets.get(&id).filter(|e| e.kind == ClientKind::App)?;
+            (entry.handle.clone(), entry.rooms.len())
+        };
         let mut rooms = lock(self.shard(&self.rooms, room));
-        Some(match rooms.entry(room.clone()) {
+        let member = rooms.get(room).is_some_and(|g| g.members.contains_key(&id));
+        if member {
+            return rooms.get(room).map(|g| Ok((false, g.subscription.live())));
+        }
+        if count >= cap {
+            return Some(Err(RoomsFull));
+        }
+        let live = match rooms.entry(room.clone()) {
             Entry::Occupied(mut e) => {
-                let added = e.get_mut().members.insert(id, handle).is_none();
-                (added, e.get().subscription.live())
+                e.get_mut().members.insert(id, handle);
+                e.get().subscription.live()
             }
             Entry::Vacant(e) => {
-                let subscription = subscribe(messages::subject::room(room));
+                let subscription = subscribe(Interest::Room(room.clone()));
                 let live = subscription.live();
                 e.insert(Group {
                     members: HashMap::from([(id, handle)]),
                     subscription,
                 });
-                (true, live)
+                live
             }
-        })
+        };
+        if let Some(entry) = lock(self.shard(&self.sockets, &id)).get_mut(&id) {
+            entry.rooms.push(room.clone());
+        }
+        Some(Ok((true, live)))
     }
 
     /// Removes a socket from a room. Returns whether it was a member.
     pub fn leave(&self, id: SocketId, room: &RoomId) -> bool {
-        remove_member(&mut lock(self.shard(&self.rooms, room)), room, id)
+        let left = remove_member(&mut lock(self.shard(&self.rooms, room)), room, id);
+        if left && let Some(entry) = lock(self.shard(&self.sockets, &id)).get_mut(&id) {
+            entry.rooms.retain(|r| r != room);
+        }
+        left
     }
 
     /// The handle of a connected app socket (agents are never addressed by socket id:
@@ -339,8 +332,8 @@ mod tests {
         let subs = Arc::new(AtomicUsize::new(0));
         let counting = |subs: &Arc<AtomicUsize>| {
             let subs = Arc::clone(subs);
-            move |subject: String| {
-                assert_eq!(subject, "ws.user.alice");
+            move |interest: Interest| {
+                assert_eq!(interest.subject(), "ws.user.alice");
                 subs.fetch_add(1, Ordering::SeqCst);
                 Subscription::none()
             }
@@ -380,10 +373,10 @@ mod tests {
         });
         let lobby = room("chat.lobby");
         let mut subscribed = 0;
-        let added = |r: Option<(bool, watch::Receiver<bool>)>| r.map(|(added, _)| added);
+        let added = |r: Option<(bool, Live)>| r.map(|(added, _)| added);
         assert_eq!(
             added(reg.join(SocketId(1), &lobby, |s| {
-                assert_eq!(s, "ws.room.chat.lobby");
+                assert_eq!(s.subject(), "ws.room.chat.lobby");
                 subscribed += 1;
                 Subscription::none()
             })),
@@ -413,34 +406,15 @@ mod tests {
     }
 
     #[test]
-    fn dropping_the_last_member_aborts_the_subscription_task() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let reg = Registry::<u32>::new();
-            let task = tokio::spawn(std::future::pending::<()>());
-            let abort = task.abort_handle();
-            let (_live_tx, live) = watch::channel(false);
-            reg.add(SocketId(1), &user("a"), ClientKind::App, 1, |_| {
-                Subscription::new(abort, live)
-            });
-            reg.remove(SocketId(1), &user("a"), &[]);
-            assert!(task.await.unwrap_err().is_cancelled());
-        });
-    }
-
-    #[test]
     fn agents_and_app_users_with_the_same_id_never_share_a_group() {
         let reg = Registry::<u32>::new();
         let mut subjects = vec![];
         reg.add(SocketId(1), &user("edge-1"), ClientKind::Agent, 1, |s| {
-            subjects.push(s);
+            subjects.push(s.subject());
             Subscription::none()
         });
         reg.add(SocketId(2), &user("edge-1"), ClientKind::App, 2, |s| {
-            subjects.push(s);
+            subjects.push(s.subject());
             Subscription::none()
         });
         assert_eq!(subjects, ["ws.agent.edge-1", "ws.user.edge-1"]);
@@ -462,6 +436,41 @@ mod tests {
         reg.remove(SocketId(1), &user("edge-1"), &[]);
         assert!(!reg.has_agent(&user("edge-1")));
         assert!(reg.has_user(&user("edge-1")));
+    }
+
+    #[test]
+    fn the_room_cap_counts_memberships_and_a_disconnect_leaves_every_room() {
+        let reg = Registry::<u32>::new();
+        reg.add(SocketId(1), &user("a"), ClientKind::App, 1, |_| {
+            Subscription::none()
+        });
+        let ok = |r: Option<Result<(bool, Live), RoomsFull>>| r.map(|r| r.map(|(added, _)| added));
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r1"), 2, |_| Subscription::none())),
+            Some(Ok(true))
+        );
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r2"), 2, |_| Subscription::none())),
+            Some(Ok(true))
+        );
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r3"), 2, |_| Subscription::none())),
+            Some(Err(RoomsFull))
+        );
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r1"), 2, |_| unreachable!("member"))),
+            Some(Ok(false)),
+            "a room it is in does not count twice"
+        );
+        assert!(reg.leave(SocketId(1), &room("r2")));
+        assert_eq!(
+            ok(reg.join_within(SocketId(1), &room("r3"), 2, |_| Subscription::none())),
+            Some(Ok(true))
+        );
+        // The connection names no rooms (it may not have heard of the joins yet): the
+        // registry's own list is what is cleaned up.
+        reg.remove(SocketId(1), &user("a"), &[]);
+        assert!(!reg.has_room(&room("r1")) && !reg.has_room(&room("r3")));
     }
 
     #[test]

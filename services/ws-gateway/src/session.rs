@@ -1,7 +1,11 @@
 //! The per-connection actor: one `Conn` per WebSocket. It owns the write half
 //! (`transport::Sink`), receives the read half as a stream of WebSocket messages
 //! (`transport::Reader`), runs the heartbeat deadline and the rate limit, turns client
-//! frames into bus messages, and writes pushes through a bounded outbound queue.
+//! frames into bus messages, and writes pushes through a bounded outbound queue. The rules
+//! it applies live apart, each tested without an actor: the queue and the inbox in
+//! `outbox.rs`, the bus messages a frame becomes in `upstream.rs`, the heartbeat in
+//! `heartbeat.rs`, the frame rate in [`RateLimit`]; the actor decides when, and runs the
+//! writer and the close.
 //!
 //! The queue holds complete WebSocket messages: a push arrives encoded once for all its
 //! recipients and is written as it is. Writes never block the actor: everything queued is
@@ -19,7 +23,6 @@
 //! take a token from the frame rate limit, do not count as session activity, and are
 //! answered by one pong for the latest ping, so a ping flood cannot queue pongs.
 
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,22 +33,25 @@ use actix::{
 };
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use messages::envelope::{AckEnvelope, ClientOp, Origin, SessionEnvelope, UpstreamEnvelope};
-use messages::payload::{self, ErrorBody, GatewayControl, HeartbeatAck, Reconnect, RoomRequest};
+use messages::envelope::{ClientOp, Origin, SessionEnvelope};
+use messages::payload::{self, ErrorBody, GatewayControl, HeartbeatAck, Reconnect};
 use messages::subject::{self, Event};
 use messages::{
     BodyCodec, ClientKind, CloseCode, ErrorCode, Frame, FrameError, FrameKind, RoomId, SocketId,
-    TraceContext, UserId, headers,
+    UserId,
 };
 use servicekit::clock::now_ms;
-use servicekit::telemetry::{MessageSpan, Operation};
 
 use crate::Shared;
 use crate::admission::Ticket;
-use crate::bus::Outbound;
+use crate::bus::{Outbound, PublishOutcome};
 use crate::heartbeat::{Beat, Heartbeat};
-use crate::registry::wait_live;
+use crate::hub::Member;
+use crate::link::Live;
+use crate::outbox::{Batch, Inbox, Outbox};
+use crate::registry::RoomsFull;
 use crate::transport::Sink;
+use crate::upstream;
 use crate::ws::{self, Message as WsMessage, WsError};
 
 /// How long a new session or a join waits for its subscription before going ahead anyway.
@@ -65,34 +71,38 @@ pub struct ConnHandle {
     inbox: Arc<Inbox>,
 }
 
-/// Pushes waiting for the actor; bounded (see [`ConnHandle::push`]).
-#[derive(Debug, Default)]
-pub struct Inbox {
-    queue: std::sync::Mutex<VecDeque<Bytes>>,
-    /// A drain is due (a `Drain` message was sent and not handled yet).
-    due: std::sync::atomic::AtomicBool,
-    /// A push was refused because the inbox was full: the client is a slow consumer.
-    overflow: std::sync::atomic::AtomicBool,
-}
-
 impl ConnHandle {
     /// Sends an actor message.
     pub fn do_send(&self, msg: ToConn) {
         self.addr.do_send(msg);
     }
+}
+
+impl Member for ConnHandle {
+    fn control(&self, control: GatewayControl) {
+        self.addr.do_send(ToConn::Control(control));
+    }
+
+    fn announce(&self) {
+        self.addr.do_send(ToConn::Announce);
+    }
+
+    fn joined(&self, room: RoomId, msg_id: u64, outcome: Result<(bool, Live), RoomsFull>) {
+        self.addr.do_send(ToConn::Joined {
+            room,
+            msg_id,
+            outcome,
+        });
+    }
+
+    fn left(&self, room: RoomId, msg_id: u64) {
+        self.addr.do_send(ToConn::Left { room, msg_id });
+    }
 
     /// Hands a push (a complete WebSocket message) to the connection. At most `limit`
     /// pushes wait in the inbox; past that the connection is closed as a slow consumer.
-    pub fn push(&self, frame: Bytes, limit: usize) {
-        use std::sync::atomic::Ordering;
-        if let Ok(mut queue) = self.inbox.queue.lock() {
-            if queue.len() >= limit {
-                self.inbox.overflow.store(true, Ordering::Release);
-            } else {
-                queue.push_back(frame);
-            }
-        }
-        if !self.inbox.due.swap(true, Ordering::AcqRel) {
+    fn push(&self, frame: Bytes, limit: usize) {
+        if self.inbox.offer(frame, limit) {
             self.addr.do_send(ToConn::Drain);
         }
     }
@@ -104,19 +114,24 @@ impl ConnHandle {
 pub enum ToConn {
     /// Pushes are waiting in the inbox.
     Drain,
-    /// The client's publish with this id reached the bus.
-    Published(u64),
-    /// The client's message with this id failed.
-    Failed {
-        /// Client frame id.
-        msg_id: u64,
-        /// Error code for the error frame.
-        code: ErrorCode,
-        /// Detail.
-        message: String,
-    },
     /// A service's instruction for this socket.
     Control(GatewayControl),
+    /// A service's join, applied by the hub.
+    Joined {
+        /// The room.
+        room: RoomId,
+        /// The client's request id (0: the service's own initiative).
+        msg_id: u64,
+        /// Applied (newly added?, confirmation) or refused by the room cap.
+        outcome: Result<(bool, Live), RoomsFull>,
+    },
+    /// A service's leave, applied by the hub.
+    Left {
+        /// The room.
+        room: RoomId,
+        /// The client's request id.
+        msg_id: u64,
+    },
     /// The gateway is draining: tell the client to reconnect after `delay`, close then.
     Reconnect(Duration),
     /// Publish this session's connect event again (a service asked for a resync).
@@ -158,6 +173,41 @@ impl TokenBucket {
     }
 }
 
+/// The frame rate rule: a message without a token is dropped (a strike), and more than
+/// `burst` strikes in a row close the connection with 4004. A message that gets a token
+/// clears the strikes.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    bucket: TokenBucket,
+    strikes: u32,
+    burst: u32,
+}
+
+impl RateLimit {
+    /// `rate` messages per second with bursts of `burst`.
+    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        RateLimit {
+            bucket: TokenBucket::new(rate, burst, now),
+            strikes: 0,
+            burst,
+        }
+    }
+
+    /// What the rule says about a message arriving at `now`.
+    fn admit(&mut self, now: Instant) -> Admit {
+        if self.bucket.take(now) {
+            self.strikes = 0;
+            return Admit::Go;
+        }
+        self.strikes = self.strikes.saturating_add(1);
+        if self.strikes > self.burst {
+            Admit::Closed
+        } else {
+            Admit::Dropped
+        }
+    }
+}
+
 /// Identity and wiring a new connection starts with.
 pub struct ConnInit {
     /// Minted socket id.
@@ -194,21 +244,15 @@ pub struct Conn {
     sink: Rc<tokio::sync::Mutex<Sink>>,
     shared: Arc<Shared>,
     hb: Heartbeat,
-    bucket: TokenBucket,
-    /// Frames dropped by the rate limit since the last accepted one.
-    strikes: u32,
+    /// Frames per second, and strikes for frames over it.
+    rate: RateLimit,
     /// Rooms this socket is in here (to clean up on disconnect).
     rooms: Vec<RoomId>,
     /// Join/leave requests forwarded to the services and not answered yet: message id and
     /// whether it is a join (pending joins count against the room cap).
     pending: Vec<(u64, bool)>,
-    /// WebSocket messages waiting for the writer.
-    queue: VecDeque<Bytes>,
-    /// Payload of the latest WebSocket ping not answered yet. RFC 6455 (5.5.3) lets an
-    /// endpoint answer only the most recent ping, which bounds what a ping flood can queue.
-    pong: Option<Bytes>,
-    /// Frames the writer future currently holds.
-    in_flight: usize,
+    /// WebSocket messages waiting for the writer, and its rules.
+    outbox: Outbox,
     /// The writer future, if one runs.
     writer: Option<SpawnHandle>,
     /// Set once a close has started; the code goes into the disconnect event.
@@ -240,7 +284,7 @@ impl std::fmt::Debug for Conn {
             .field("id", &self.id)
             .field("user", &self.user)
             .field("kind", &self.kind)
-            .field("queued", &self.queue.len())
+            .field("queued", &self.outbox.len())
             .field("closing", &self.closing)
             .finish_non_exhaustive()
     }
@@ -253,7 +297,8 @@ impl Conn {
         let config = &init.shared.config;
         Conn {
             hb: Heartbeat::new(config.heartbeat, now),
-            bucket: TokenBucket::new(config.rate_per_sec, config.rate_burst, now),
+            rate: RateLimit::new(config.rate_per_sec, config.rate_burst, now),
+            outbox: Outbox::new(config.outbound_queue),
             id: init.id,
             user: init.user,
             kind: init.kind,
@@ -262,12 +307,8 @@ impl Conn {
             codec: init.codec,
             sink: Rc::new(tokio::sync::Mutex::new(init.sink)),
             shared: init.shared,
-            strikes: 0,
             rooms: Vec::new(),
             pending: Vec::new(),
-            queue: VecDeque::new(),
-            pong: None,
-            in_flight: 0,
             writer: None,
             closing: None,
             close_reason: None,
@@ -288,16 +329,9 @@ impl Conn {
 
     /// Moves the inbox's pushes to the outbound queue (closing a slow consumer).
     fn drain_inbox(&mut self, ctx: &mut Ctx) {
-        use std::sync::atomic::Ordering;
-        // Cleared before taking, so a push that lands after the take sends a new `Drain`.
-        self.inbox.due.store(false, Ordering::Release);
-        let pushes = match self.inbox.queue.lock() {
-            Ok(mut queue) => std::mem::take(&mut *queue),
-            Err(_) => VecDeque::new(),
-        };
-        if self.inbox.overflow.load(Ordering::Acquire) {
+        let Ok(pushes) = self.inbox.take() else {
             return self.close(CloseCode::SlowConsumer, ctx);
-        }
+        };
         if self.closing.is_some() || pushes.is_empty() {
             return;
         }
@@ -305,13 +339,8 @@ impl Conn {
             .metrics
             .pushes_delivered
             .inc_by(pushes.len() as u64);
-        if self.queue.len() + self.in_flight + pushes.len() > self.shared.config.outbound_queue {
+        if self.outbox.extend(pushes).is_err() {
             return self.close(CloseCode::SlowConsumer, ctx);
-        }
-        if self.queue.is_empty() {
-            self.queue = pushes;
-        } else {
-            self.queue.extend(pushes);
         }
         self.pump(ctx);
     }
@@ -358,11 +387,10 @@ impl Conn {
         if self.closing.is_some() {
             return;
         }
-        if self.queue.len() + self.in_flight >= self.shared.config.outbound_queue {
+        if self.outbox.enqueue(frame).is_err() {
             self.close(CloseCode::SlowConsumer, ctx);
             return;
         }
-        self.queue.push_back(frame);
         self.pump(ctx);
     }
 
@@ -372,24 +400,17 @@ impl Conn {
         if self.writer.is_some() {
             return;
         }
-        if self.closing.is_some() {
-            // A closing connection answers no more pings.
-            self.pong = None;
-        }
-        if self.queue.is_empty() && self.pong.is_none() {
-            if self.closing.is_some() {
+        let Some(batch) = self.outbox.take() else {
+            if self.closing.is_some() && self.outbox.idle() {
                 self.send_close(ctx);
             }
             return;
-        }
-        // The writer takes the queue whole: what a burst allocated goes with it.
-        let mut batch = std::mem::take(&mut self.queue);
-        self.in_flight = batch.len();
-        let frames = batch.len() as u64;
-        let bytes: u64 = batch.iter().map(|f| f.len() as u64).sum();
-        if let Some(payload) = self.pong.take() {
-            batch.push_front(ws::pong(&payload));
-        }
+        };
+        let Batch {
+            frames: mut batch,
+            count: frames,
+            bytes,
+        } = batch;
         let sink = Rc::clone(&self.sink);
         let timeout = self.shared.config.write_timeout;
         let write = async move {
@@ -400,7 +421,7 @@ impl Conn {
         };
         let handle = ctx.spawn(write.into_actor(self).map(move |result, act, ctx| {
             act.writer = None;
-            act.in_flight = 0;
+            act.outbox.written();
             match result {
                 Ok(Ok(())) => {
                     act.shared.metrics.frames_out.inc_by(frames);
@@ -435,8 +456,8 @@ impl Conn {
         self.closing = Some(code);
         self.close_reason = reason;
         self.shared.metrics.closed(code);
+        self.outbox.close(code == CloseCode::SlowConsumer);
         if code == CloseCode::SlowConsumer {
-            self.queue.clear();
             self.send_close(ctx);
             return;
         }
@@ -452,6 +473,7 @@ impl Conn {
         self.close_sent = true;
         if let Some(writer) = self.writer.take() {
             ctx.cancel_future(writer);
+            self.outbox.written();
         }
         let code = self.closing.unwrap_or(CloseCode::Shutdown);
         let reason = self
@@ -575,18 +597,14 @@ impl Conn {
     /// `rate_burst` strikes in a row the connection is closed with 4004. Returns whether the
     /// message may be processed; a dropped one is answered by the caller (or not at all).
     fn admit_message(&mut self, now: Instant, ctx: &mut Ctx) -> Admit {
-        if self.bucket.take(now) {
-            self.strikes = 0;
-            return Admit::Go;
+        let admit = self.rate.admit(now);
+        if admit != Admit::Go {
+            self.shared.metrics.rate_limited.inc();
         }
-        self.shared.metrics.rate_limited.inc();
-        self.strikes = self.strikes.saturating_add(1);
-        if self.strikes > self.shared.config.rate_burst {
+        if admit == Admit::Closed {
             self.close(CloseCode::RateLimited, ctx);
-            Admit::Closed
-        } else {
-            Admit::Dropped
         }
+        admit
     }
 
     fn on_binary(&mut self, bytes: &Bytes, ctx: &mut Ctx) {
@@ -624,13 +642,13 @@ impl Conn {
             FrameKind::Hello => {}
             FrameKind::Publish => self.on_publish(frame, ctx),
             FrameKind::Ack => {
-                let subject = subject::event(self.kind, Event::Ack);
-                let receipt = AckEnvelope {
-                    origin: self.origin(),
-                    push_id: frame.msg_id,
-                    trace: publish_trace(&frame, &subject),
+                let up = upstream::ack(self.origin(), &frame);
+                let out = Outbound::Publish {
+                    subject: up.subject,
+                    headers: up.headers,
+                    payload: up.payload,
+                    reply: None,
                 };
-                let out = self.event(Event::Ack, stamped_in(receipt.to_headers()), Vec::new());
                 self.publish(out, None, ctx);
             }
             FrameKind::Join | FrameKind::Leave => self.on_room_request(&frame, ctx),
@@ -709,86 +727,55 @@ impl Conn {
     }
 
     fn on_publish(&mut self, frame: Frame, ctx: &mut Ctx) {
-        let Some(subject) = subject::upstream(self.kind, &frame.route) else {
-            let message = "publish needs a route".to_owned();
-            return self.send_error(frame.msg_id, ErrorCode::BadRoute, message, ctx);
+        let msg_id = frame.msg_id;
+        let up = match upstream::publish(self.origin(), frame) {
+            Ok(up) => up,
+            Err(refusal) => return self.send_error(msg_id, refusal.code, refusal.message, ctx),
         };
-        let envelope = UpstreamEnvelope {
-            origin: self.origin(),
-            msg_id: frame.msg_id,
-            route: frame.route.clone(),
-            codec: frame.flags.codec(),
-            compressed: frame.flags.compressed(),
-            trace: publish_trace(&frame, &subject),
-        };
-        let map = stamped_in(envelope.to_headers());
         // Id 0 gets no ack but still hears of a failure, so the outcome is always reported.
-        let reply = Some((ctx.address(), frame.msg_id));
+        let reply = Some((ctx.address().recipient(), msg_id));
         let out = Outbound::Publish {
-            subject,
-            headers: map,
-            payload: frame.body,
+            subject: up.subject,
+            headers: up.headers,
+            payload: up.payload,
             reply,
         };
-        self.publish(out, Some(frame.msg_id), ctx);
+        self.publish(out, Some(msg_id), ctx);
     }
 
     fn on_room_request(&mut self, frame: &Frame, ctx: &mut Ctx) {
-        let room = match RoomId::new(frame.route.as_str()) {
-            Ok(room) => room,
-            Err(e) => {
-                let message = format!("{} needs a room in the route: {e}", frame.kind);
-                return self.send_error(frame.msg_id, ErrorCode::BadRoute, message, ctx);
-            }
-        };
-        if frame.kind == FrameKind::Join && !self.room_available(&room) {
+        let msg_id = frame.msg_id;
+        if frame.kind == FrameKind::Join
+            && let Some(room) = upstream::room_of(frame)
+            && !self.room_available(&room)
+        {
             let message = format!(
                 "this socket is in (or asked for) {} rooms, the maximum",
                 self.shared.config.max_rooms_per_socket
             );
-            return self.send_error(frame.msg_id, ErrorCode::RateLimited, message, ctx);
+            return self.send_error(msg_id, ErrorCode::RateLimited, message, ctx);
         }
-        let request = RoomRequest {
-            socket_id: self.id,
-            user_id: self.user.clone(),
-            gateway: self.shared.config.instance.clone(),
-            room,
-            msg_id: frame.msg_id,
+        let (event, up) = match upstream::room_request(self.origin(), frame) {
+            Ok(request) => request,
+            Err(refusal) => return self.send_error(msg_id, refusal.code, refusal.message, ctx),
         };
-        let (event, op) = if frame.kind == FrameKind::Join {
-            (Event::Join, ClientOp::Join)
-        } else {
-            (Event::Leave, ClientOp::Leave)
-        };
-        let envelope = SessionEnvelope {
-            origin: self.origin(),
-            op,
-            msg_id: frame.msg_id,
-            trace: publish_trace(frame, &subject::event(self.kind, event)),
-        };
-        let mut map = envelope.to_headers();
-        // The room, for services that route on headers (docs/protocol.md 12.3); the value is a
-        // validated room id, so `set` cannot fail.
-        let _ = headers::set(&mut map, headers::ROOM, request.room.as_str());
-        let headers = stamped_in(map);
-        match payload::to_bus(&request) {
-            Ok(body) => {
-                let out = self.event(event, headers, body);
-                let msg_id = frame.msg_id;
-                if msg_id != 0 && self.shared.bus.send_ok() {
-                    // The services answer with a control message; if none comes, say so.
-                    self.pending.push((msg_id, event == Event::Join));
-                    ctx.run_later(self.shared.config.request_timeout, move |act, ctx| {
-                        if act.answered(msg_id) {
-                            let message = "the services did not answer in time".to_owned();
-                            act.send_error(msg_id, ErrorCode::Timeout, message, ctx);
-                        }
-                    });
+        if msg_id != 0 && self.shared.bus.send_ok() {
+            // The services answer with a control message; if none comes, say so.
+            self.pending.push((msg_id, event == Event::Join));
+            ctx.run_later(self.shared.config.request_timeout, move |act, ctx| {
+                if act.answered(msg_id) {
+                    let message = "the services did not answer in time".to_owned();
+                    act.send_error(msg_id, ErrorCode::Timeout, message, ctx);
                 }
-                self.publish(out, Some(msg_id), ctx);
-            }
-            Err(e) => self.send_error(frame.msg_id, ErrorCode::Internal, e.to_string(), ctx),
+            });
         }
+        let out = Outbound::Publish {
+            subject: up.subject,
+            headers: up.headers,
+            payload: up.payload,
+            reply: None,
+        };
+        self.publish(out, Some(msg_id), ctx);
     }
 
     /// Whether this socket may join `room` without passing the room cap: rooms it is in
@@ -819,52 +806,8 @@ impl Conn {
             GatewayControl::Close { .. } | GatewayControl::Resync => {}
         }
         match control {
-            GatewayControl::Join { room, msg_id, .. } => {
-                if !self.room_available(&room) {
-                    // Also for memberships a service adds: the cap bounds what one socket
-                    // costs this replica, whoever asked.
-                    tracing::warn!(socket_id = %self.id, %room, "Join refused: room cap reached.");
-                    if msg_id != 0 {
-                        let message = format!(
-                            "this socket is in {} rooms, the maximum",
-                            self.shared.config.max_rooms_per_socket
-                        );
-                        self.send_error(msg_id, ErrorCode::RateLimited, message, ctx);
-                    }
-                    return;
-                }
-                let shared = Arc::clone(&self.shared);
-                let joined = self.shared.registry.join(self.id, &room, |subject| {
-                    crate::bus::subscribe_room(&shared, subject, room.clone())
-                });
-                let Some((added, live)) = joined else { return };
-                if added {
-                    self.rooms.push(room);
-                }
-                if msg_id != 0 {
-                    // Ack once the room subscription is live: after the ack, no room push is missed.
-                    // Not confirmed in time: say so, so the client retries the join.
-                    ctx.spawn(wait_live(live, LIVE_TIMEOUT).into_actor(self).map(
-                        move |live, act, ctx| {
-                            if live {
-                                act.send_ack(msg_id, ctx);
-                            } else {
-                                act.send_error(
-                                    msg_id,
-                                    ErrorCode::Unavailable,
-                                    "room subscription not confirmed by the bus; retry".into(),
-                                    ctx,
-                                );
-                            }
-                        },
-                    ));
-                }
-            }
-            GatewayControl::Leave { room, msg_id, .. } => {
-                self.shared.registry.leave(self.id, &room);
-                self.rooms.retain(|r| r != &room);
-                self.send_ack(msg_id, ctx);
-            }
+            // Applied by the hub (in the bus's order); they arrive as `Joined` / `Left`.
+            GatewayControl::Join { .. } | GatewayControl::Leave { .. } => {}
             GatewayControl::Refuse {
                 msg_id,
                 code,
@@ -883,6 +826,65 @@ impl Conn {
             }
             GatewayControl::Resync => {}
         }
+    }
+
+    /// A service's join, applied by the hub. The ack waits until the room subscription is
+    /// live: after the ack, no room push is missed; not confirmed in time, the client is
+    /// told to retry.
+    fn on_joined(
+        &mut self,
+        room: RoomId,
+        msg_id: u64,
+        outcome: Result<(bool, Live), RoomsFull>,
+        ctx: &mut Ctx,
+    ) {
+        self.answered(msg_id);
+        let live = match outcome {
+            Ok((added, live)) => {
+                if added && !self.rooms.contains(&room) {
+                    self.rooms.push(room);
+                }
+                live
+            }
+            Err(RoomsFull) => {
+                // Also for memberships a service adds: the cap bounds what one socket costs
+                // this replica, whoever asked.
+                tracing::warn!(socket_id = %self.id, %room, "Join refused: room cap reached.");
+                if msg_id != 0 {
+                    let message = format!(
+                        "this socket is in {} rooms, the maximum",
+                        self.shared.config.max_rooms_per_socket
+                    );
+                    self.send_error(msg_id, ErrorCode::RateLimited, message, ctx);
+                }
+                return;
+            }
+        };
+        if msg_id != 0 {
+            ctx.spawn(
+                live.wait(LIVE_TIMEOUT)
+                    .into_actor(self)
+                    .map(move |live, act, ctx| {
+                        if live {
+                            act.send_ack(msg_id, ctx);
+                        } else {
+                            act.send_error(
+                                msg_id,
+                                ErrorCode::Unavailable,
+                                "room subscription not confirmed by the bus; retry".into(),
+                                ctx,
+                            );
+                        }
+                    }),
+            );
+        }
+    }
+
+    /// A service's leave, applied by the hub.
+    fn on_left(&mut self, room: &RoomId, msg_id: u64, ctx: &mut Ctx) {
+        self.answered(msg_id);
+        self.rooms.retain(|r| r != room);
+        self.send_ack(msg_id, ctx);
     }
 
     fn schedule_deadline_check(&self, ctx: &mut Ctx) {
@@ -906,16 +908,10 @@ impl actix::Actor for Conn {
     type Context = Ctx;
 
     fn started(&mut self, ctx: &mut Ctx) {
-        let shared = Arc::clone(&self.shared);
-        let user = self.user.clone();
-        let kind = self.kind;
-        let live = self.shared.registry.add(
-            self.id,
-            &self.user,
-            self.kind,
-            self.conn_handle(ctx),
-            |subject| crate::bus::subscribe_user(&shared, subject, user, kind),
-        );
+        let live = self
+            .shared
+            .hub
+            .add(self.id, &self.user, self.kind, self.conn_handle(ctx));
         self.shared.metrics.connections.inc();
         // A credential is only good until it expires (or a refresh extends it).
         self.schedule_expiry(ctx);
@@ -924,7 +920,7 @@ impl actix::Actor for Conn {
         // NATS did not confirm in time cannot keep that promise: the client is told to come
         // back (4003, retryable) rather than welcomed into a session that misses pushes.
         ctx.wait(
-            wait_live(live, LIVE_TIMEOUT)
+            live.wait(LIVE_TIMEOUT)
                 .into_actor(self)
                 .map(|live, act, ctx| {
                     if live {
@@ -941,9 +937,7 @@ impl actix::Actor for Conn {
     }
 
     fn stopped(&mut self, _ctx: &mut Ctx) {
-        self.shared
-            .registry
-            .remove(self.id, &self.user, &self.rooms);
+        self.shared.hub.remove(self.id, &self.user, &self.rooms);
         self.shared.metrics.connections.dec();
         let code = self.closing.map(CloseCode::code);
         let reason = self
@@ -990,7 +984,7 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                 // A ping over the rate limit gets no pong (and no error frame: pings are
                 // not frames of the protocol).
                 if self.admit_message(Instant::now(), ctx) == Admit::Go {
-                    self.pong = Some(payload);
+                    self.outbox.ping(payload);
                     self.pump(ctx);
                 }
             }
@@ -1006,6 +1000,7 @@ impl StreamHandler<Result<WsMessage, WsError>> for Conn {
                 self.close_sent = true;
                 if let Some(writer) = self.writer.take() {
                     ctx.cancel_future(writer);
+                    self.outbox.written();
                 }
                 self.finish(ws::close_empty(), ctx);
             }
@@ -1051,13 +1046,13 @@ impl Handler<ToConn> for Conn {
     fn handle(&mut self, msg: ToConn, ctx: &mut Ctx) {
         match msg {
             ToConn::Drain => self.drain_inbox(ctx),
-            ToConn::Published(msg_id) => self.send_ack(msg_id, ctx),
-            ToConn::Failed {
-                msg_id,
-                code,
-                message,
-            } => self.send_error(msg_id, code, message, ctx),
             ToConn::Control(control) => self.on_control(control, ctx),
+            ToConn::Joined {
+                room,
+                msg_id,
+                outcome,
+            } => self.on_joined(room, msg_id, outcome, ctx),
+            ToConn::Left { room, msg_id } => self.on_left(&room, msg_id, ctx),
             ToConn::Announce => self.announce(ctx),
             ToConn::Reconnect(delay) => {
                 let body = Reconnect {
@@ -1072,23 +1067,18 @@ impl Handler<ToConn> for Conn {
     }
 }
 
-/// The trace context for a client frame going to `subject`: the publish span's when
-/// exporting (a child of the client's context if the frame carried one, else a new trace
-/// sampled here), otherwise the client's context unchanged.
-fn publish_trace(frame: &Frame, subject: &str) -> Option<TraceContext> {
-    MessageSpan::start(
-        Operation::Publish,
-        subject,
-        frame.msg_id,
-        frame.trace.as_ref(),
-    )
-    .context()
-}
+impl Handler<PublishOutcome> for Conn {
+    type Result = ();
 
-/// Stamps the gateway's receiving hop on the headers of a client frame.
-fn stamped_in(mut map: HeaderMap) -> HeaderMap {
-    headers::stamp_hop(&mut map, headers::hop::GATEWAY_IN, headers::now_micros());
-    map
+    fn handle(&mut self, outcome: PublishOutcome, ctx: &mut Ctx) {
+        match outcome {
+            PublishOutcome::Published(msg_id) => self.send_ack(msg_id, ctx),
+            PublishOutcome::Failed(msg_id) => {
+                let message = "message bus unavailable; not delivered".to_owned();
+                self.send_error(msg_id, ErrorCode::Unavailable, message, ctx);
+            }
+        }
+    }
 }
 
 /// What the rate limit says about a message from the client.
@@ -1136,6 +1126,22 @@ mod tests {
         // Never more than the burst, however long the pause.
         let later = t0 + Duration::from_secs(60);
         assert_eq!((0..10).filter(|_| bucket.take(later)).count(), 5);
+    }
+
+    #[test]
+    fn more_strikes_in_a_row_than_the_burst_close_and_an_admitted_frame_clears_them() {
+        let t0 = Instant::now();
+        let mut rate = RateLimit::new(10, 3, t0);
+        assert!((0..3).all(|_| rate.admit(t0) == Admit::Go), "the burst");
+        assert!(
+            (0..3).all(|_| rate.admit(t0) == Admit::Dropped),
+            "three strikes"
+        );
+        // A token later clears the strikes: three more may be dropped without a close.
+        assert_eq!(rate.admit(t0 + Duration::from_millis(100)), Admit::Go);
+        let t1 = t0 + Duration::from_millis(100);
+        assert!((0..3).all(|_| rate.admit(t1) == Admit::Dropped));
+        assert_eq!(rate.admit(t1), Admit::Closed, "the fourth strike in a row");
     }
 
     #[test]
