@@ -345,6 +345,10 @@ struct Ctx {
     upgrader: Upgrader,
     /// Set when the loop stopped for an installed upgrade.
     restart: Arc<AtomicBool>,
+    /// This session's tunnel streams.
+    tunnels: crate::tunnel::Tunnels,
+    /// Their upward frames, paced by the session loop.
+    tunnel_up: mpsc::UnboundedReceiver<crate::tunnel::Up>,
 }
 
 /// Most tasks whose trace context is remembered (for results replayed after a reconnect).
@@ -461,7 +465,15 @@ async fn run_sessions(
         config.token_file.clone(),
         config.credential_path.clone(),
     ));
+    let (tunnel_tx, tunnel_up) = mpsc::unbounded_channel();
+    let tunnels = crate::tunnel::Tunnels::new(
+        config.tunnel_allow.clone(),
+        config.tunnel_max_streams,
+        tunnel_tx,
+    );
     let mut ctx = Ctx {
+        tunnels,
+        tunnel_up,
         configs,
         config_tx,
         ack_tasks: tokio::task::JoinSet::new(),
@@ -743,7 +755,10 @@ impl Ctx {
         );
         // Connected from the welcome until this function returns (or is dropped).
         let _connected = Connected::new(&self.metrics);
-        match self.established(&mut conn, url, &welcome).await {
+        let established = self.established(&mut conn, url, &welcome).await;
+        // The streams belong to this connection: their remote connections close with it.
+        self.tunnels.clear();
+        match established {
             Ok(end) => {
                 // Leave politely when the socket is still usable (shutdown, drain, refusal);
                 // a lost one has nothing left to close.
@@ -802,6 +817,13 @@ impl Ctx {
             fixed.unwrap_or_else(|| Duration::from_millis(u64::from(params.base_ms)));
         let mut last_beat = Instant::now();
         let mut dead_at: Option<Instant> = None;
+        // Streams of an earlier session are gone with its connection; frames they queued
+        // would name streams the scheduler has closed.
+        self.tunnels.clear();
+        while self.tunnel_up.try_recv().is_ok() {}
+        let tunnel_gap =
+            Duration::from_secs(1).div_f64(f64::from(self.config.tunnel_frames_per_sec.max(1)));
+        let mut tunnel_next = Instant::now();
         loop {
             // Beat at 90% of the interval so network delay does not make a beat late.
             let next_beat = last_beat + interval.mul_f64(0.9);
@@ -910,6 +932,19 @@ impl Ctx {
                     }
                     Next::Continue
                 }
+                // Paced below the gateway's frame rate; heartbeats and results never wait
+                // behind tunnel frames, which the windows bound.
+                Some(up) = self.tunnel_up.recv(), if Instant::now() >= tunnel_next => {
+                    match up {
+                        crate::tunnel::Up::Frame { route, body } => {
+                            conn.publish(route, body).await?;
+                            tunnel_next = Instant::now() + tunnel_gap;
+                        }
+                        crate::tunnel::Up::Ended(stream) => self.tunnels.ended(stream),
+                    }
+                    Next::Continue
+                }
+                () = tokio::time::sleep_until(tunnel_next), if Instant::now() < tunnel_next => Next::Continue,
                 () = wait_shutdown(&mut self.shutdown) => Next::End(SessionEnd::Shutdown),
             };
             if let Next::End(end) = next {
@@ -1012,6 +1047,12 @@ impl Ctx {
             return Ok(());
         }
         let route = frame.route.as_str().to_owned();
+        // Tunnel data, windows and closes are bound to their stream by the token its signed
+        // open carried (ADR 0013), not signed one by one.
+        if messages::tunnel::UNSIGNED_DOWN.contains(&route.as_str()) {
+            self.tunnels.down(&route, &frame.body);
+            return Ok(());
+        }
         let now = now_ms();
         let admitted = {
             let (gate, outbox) = (Arc::clone(&self.gate), Arc::clone(&self.outbox));
@@ -1089,6 +1130,13 @@ impl Ctx {
                         tokio::spawn(upgrader.busy(manifest));
                     }
                 }
+                Err(e) => {
+                    let refusal = Refusal::Body(e.to_string());
+                    return self.refuse(conn, &route, &frame.body, &refusal, now).await;
+                }
+            },
+            messages::tunnel::OPEN => match payload::from_bus::<messages::tunnel::Open>(body) {
+                Ok(open) => self.tunnels.open(open),
                 Err(e) => {
                     let refusal = Refusal::Body(e.to_string());
                     return self.refuse(conn, &route, &frame.body, &refusal, now).await;
