@@ -31,6 +31,7 @@ use servicekit::clock::now_ms;
 mod configs;
 mod rollouts;
 mod schedules;
+mod tunnels;
 mod upgrades;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
@@ -61,6 +62,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(configs::routes)
         .configure(rollouts::routes)
         .configure(schedules::routes)
+        .configure(tunnels::routes)
         .configure(upgrades::routes);
 }
 
