@@ -218,25 +218,7 @@ async fn schedctl_tunnel_carries_an_http_request_to_a_server_on_the_agent_side()
     });
     let mut node = fleet.agent("edge-1", &[web]).await;
 
-    let mut schedctl = tokio::process::Command::new(env!("CARGO_BIN_EXE_schedctl"))
-        .args(["--url", &format!("http://{api}"), "--key", KEY, "tunnel", "edge-1"])
-        .args(["--remote", &web.to_string(), "--local", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = tokio::io::BufReader::new(schedctl.stdout.take().unwrap());
-    let mut first = String::new();
-    tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut first))
-        .await
-        .unwrap()
-        .unwrap();
-    // "listening on 127.0.0.1:PORT: ..."
-    let local: SocketAddr = first
-        .strip_prefix("listening on ")
-        .and_then(|r| r.split_once(": "))
-        .map(|(a, _)| a.parse().unwrap())
-        .unwrap_or_else(|| panic!("schedctl said {first:?}"));
+    let (mut schedctl, local) = schedctl_tunnel(api, "edge-1", web).await;
 
     for _ in 0..2 {
         let mut tcp = tokio::net::TcpStream::connect(local).await.unwrap();
@@ -430,6 +412,132 @@ async fn closing_either_end_closes_the_other_and_idle_streams_time_out() {
         e["action"] == "tunnel.close" && e["detail"]["reason"] == "idle"
     })
     .await;
+    node.stop();
+    node.join().await.unwrap();
+    fleet.stop().await;
+}
+
+/// Starts `schedctl tunnel` to `remote` on `node`; returns the process and its listener.
+async fn schedctl_tunnel(
+    api: SocketAddr,
+    node: &str,
+    remote: SocketAddr,
+) -> (tokio::process::Child, SocketAddr) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_schedctl"))
+        .args(["--url", &format!("http://{api}"), "--key", KEY, "tunnel", node])
+        .args(["--remote", &remote.to_string(), "--local", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    let local = first
+        .strip_prefix("listening on ")
+        .and_then(|r| r.split_once(": "))
+        .map(|(a, _)| a.parse().unwrap())
+        .unwrap_or_else(|| panic!("schedctl said {first:?}"));
+    (child, local)
+}
+
+/// A server that writes `n` bytes to every connection and closes it.
+async fn source_server(n: usize) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 64 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(chunk.len());
+                    if tcp.write_all(&chunk[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads `addr` to EOF; returns bytes and seconds.
+async fn drain(addr: SocketAddr) -> (usize, f64) {
+    let t = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = tcp.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    (total, t.elapsed().as_secs_f64())
+}
+
+/// p50 and p99 of `rounds` 64-byte echoes over one connection to `addr`, microseconds.
+async fn echoes(addr: SocketAddr, rounds: usize) -> (u128, u128) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let msg = [0x42u8; 64];
+    let mut back = [0u8; 64];
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        tcp.write_all(&msg).await.unwrap();
+        tcp.read_exact(&mut back).await.unwrap();
+        samples.push(t.elapsed().as_micros());
+    }
+    samples.sort_unstable();
+    (samples[rounds / 2], samples[rounds * 99 / 100])
+}
+
+/// The figures in docs/benchmarks.md ("TCP tunnels"): one 200 MB transfer and 1,000 small
+/// echoes through `schedctl tunnel`, beside a direct loopback connection to the same
+/// servers in the same run. Run in release (see the document for the command).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly"]
+async fn tunnel_figures() {
+    const BYTES: usize = 200 << 20;
+    let fleet = Fleet::start(Duration::from_secs(60)).await;
+    let api = fleet.sched.addr();
+    let source = source_server(BYTES).await;
+    let echo = echo_server().await;
+    let mut node = fleet.agent("bench-1", &[source, echo]).await;
+    let (_bulk, bulk_local) = schedctl_tunnel(api, "bench-1", source).await;
+    let (_small, echo_local) = schedctl_tunnel(api, "bench-1", echo).await;
+
+    let (direct_bytes, direct_s) = drain(source).await;
+    let (tunnel_bytes, tunnel_s) = drain(bulk_local).await;
+    assert_eq!((direct_bytes, tunnel_bytes), (BYTES, BYTES));
+    let mib = |b: usize, s: f64| b as f64 / (1024.0 * 1024.0) / s;
+    println!(
+        "200 MiB transfer: direct {:.1} MiB/s ({direct_s:.2} s), tunnel {:.1} MiB/s ({tunnel_s:.2} s)",
+        mib(direct_bytes, direct_s),
+        mib(tunnel_bytes, tunnel_s)
+    );
+
+    let (d50, d99) = echoes(echo, 1000).await;
+    let (t50, t99) = echoes(echo_local, 1000).await;
+    println!("1,000 64-byte echoes: direct p50 {d50} us p99 {d99} us; tunnel p50 {t50} us p99 {t99} us");
+
+    // Heartbeats while a bulk transfer runs vs idle: the agent's beat count over 3 s each.
+    let idle_before = heartbeats(&node);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_beats = heartbeats(&node) - idle_before;
+    let busy_before = heartbeats(&node);
+    let bulk = tokio::spawn(drain(bulk_local));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let busy_beats = heartbeats(&node) - busy_before;
+    println!("heartbeats in 3 s (1 s interval): idle {idle_beats}, during a bulk transfer {busy_beats}");
+    let _ = bulk.await;
     node.stop();
     node.join().await.unwrap();
     fleet.stop().await;
