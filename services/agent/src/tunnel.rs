@@ -204,8 +204,7 @@ async fn run_stream(
     up: mpsc::UnboundedSender<Up>,
 ) {
     let (id, token) = (open.stream, open.token.clone());
-    let outcome = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&open.remote)).await
-    {
+    let outcome = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&open.remote)).await {
         Err(_) => Some((CloseReason::DialFailed, "dial timed out".to_owned())),
         Ok(Err(e)) => Some((CloseReason::DialFailed, format!("dial: {e}"))),
         Ok(Ok(tcp)) => {

@@ -141,7 +141,9 @@ pub fn register(
     let tunnels = &shared.tunnels;
     let (tx, rx) = mpsc::unbounded_channel();
     let stream = tunnels.next.fetch_add(1, Ordering::Relaxed);
-    let token: Vec<u8> = (0..tunnel::TOKEN_LEN).map(|_| rand::random::<u8>()).collect();
+    let token: Vec<u8> = (0..tunnel::TOKEN_LEN)
+        .map(|_| rand::random::<u8>())
+        .collect();
     {
         let (max_node, max_key) = (
             shared.config.tunnel_max_per_agent,

@@ -91,9 +91,8 @@ tunnel_frames_per_sec = 20000
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens a tunnel WebSocket with `key`; `Err` is the HTTP status and JSON body of a refusal.
 async fn open(
@@ -424,7 +423,14 @@ async fn schedctl_tunnel(
     remote: SocketAddr,
 ) -> (tokio::process::Child, SocketAddr) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_schedctl"))
-        .args(["--url", &format!("http://{api}"), "--key", KEY, "tunnel", node])
+        .args([
+            "--url",
+            &format!("http://{api}"),
+            "--key",
+            KEY,
+            "tunnel",
+            node,
+        ])
         .args(["--remote", &remote.to_string(), "--local", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -526,7 +532,9 @@ async fn tunnel_figures() {
 
     let (d50, d99) = echoes(echo, 1000).await;
     let (t50, t99) = echoes(echo_local, 1000).await;
-    println!("1,000 64-byte echoes: direct p50 {d50} us p99 {d99} us; tunnel p50 {t50} us p99 {t99} us");
+    println!(
+        "1,000 64-byte echoes: direct p50 {d50} us p99 {d99} us; tunnel p50 {t50} us p99 {t99} us"
+    );
 
     // Heartbeats while a bulk transfer runs vs idle: the agent's beat count over 3 s each.
     let idle_before = heartbeats(&node);
@@ -536,7 +544,9 @@ async fn tunnel_figures() {
     let bulk = tokio::spawn(drain(bulk_local));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let busy_beats = heartbeats(&node) - busy_before;
-    println!("heartbeats in 3 s (1 s interval): idle {idle_beats}, during a bulk transfer {busy_beats}");
+    println!(
+        "heartbeats in 3 s (1 s interval): idle {idle_beats}, during a bulk transfer {busy_beats}"
+    );
     let _ = bulk.await;
     node.stop();
     node.join().await.unwrap();

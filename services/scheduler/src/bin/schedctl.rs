@@ -1770,7 +1770,9 @@ mod tunnel {
         } else if let Some(rest) = base.strip_prefix("http://") {
             (format!("ws://{rest}"), false)
         } else {
-            return Err(Failure::Usage(format!("{base}: use an http:// or https:// URL")));
+            return Err(Failure::Usage(format!(
+                "{base}: use an http:// or https:// URL"
+            )));
         };
         let tls = if https {
             let roots = match &cli.cacert {
@@ -1789,7 +1791,11 @@ mod tunnel {
         let auth = HeaderValue::from_str(&format!("Bearer {}", cli.key))
             .map_err(|_| Failure::Usage("the API key is not a valid header value".into()))?;
         let target = Arc::new(Target {
-            url: format!("{url}/v1/agents/{}/tunnel?remote={}", encode(node), encode(remote)),
+            url: format!(
+                "{url}/v1/agents/{}/tunnel?remote={}",
+                encode(node),
+                encode(remote)
+            ),
             auth,
             tls,
             node: node.to_owned(),

@@ -113,8 +113,13 @@ async fn open(
         Some(_) => {}
     }
     let shared: Arc<Shared> = Arc::clone(&shared);
-    let (reg, mut rx) = crate::tunnel::register(&shared, &node, &actor.name)
-        .map_err(|e| ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_tunnels", e.to_string()))?;
+    let (reg, mut rx) = crate::tunnel::register(&shared, &node, &actor.name).map_err(|e| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_tunnels",
+            e.to_string(),
+        )
+    })?;
     let idle_ms = u64::try_from(shared.config.tunnel_idle.as_millis()).unwrap_or(u64::MAX);
     let open = tunnel::Open {
         stream: reg.stream,
@@ -369,7 +374,15 @@ impl Bridge {
             "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         });
         let target = format!("agent/{}", self.reg.node);
-        if let Err(e) = audit::record(&self.shared, &self.actor, audit::TUNNEL_CLOSE, target, detail).await {
+        if let Err(e) = audit::record(
+            &self.shared,
+            &self.actor,
+            audit::TUNNEL_CLOSE,
+            target,
+            detail,
+        )
+        .await
+        {
             tracing::error!(error = %e, "Cannot audit a tunnel close.");
         }
     }
