@@ -1454,6 +1454,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tunnel_allowlist_entries_are_host_and_port() {
+        for ok in ["127.0.0.1:22", "[::1]:9090", "db.internal:5432"] {
+            assert!(check_tunnel_address(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "127.0.0.1", ":22", "h:0", "h:65536", "a b:1", "h:x"] {
+            assert!(
+                matches!(check_tunnel_address(bad), Err(Problem::TunnelAddress(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn line_col_counts_from_one() {
         assert_eq!(line_col("a\nbc\nd", 0), (1, 1));
         assert_eq!(line_col("a\nbc\nd", 3), (2, 2));

@@ -300,3 +300,76 @@ async fn pump(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use super::*;
+
+    fn open(stream: u64, remote: &str) -> tunnel::Open {
+        tunnel::Open {
+            stream,
+            token: vec![9; tunnel::TOKEN_LEN],
+            remote: remote.into(),
+            window: tunnel::DEFAULT_WINDOW,
+            idle_timeout_ms: 60_000,
+            actor: "ops".into(),
+        }
+    }
+
+    fn close_reason(up: Up) -> CloseReason {
+        match up {
+            Up::Frame { route, body } if route == tunnel::CLOSE => {
+                payload::from_bus::<tunnel::Close>(&body).unwrap().reason
+            }
+            other => panic!("expected a close, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn opens_off_the_allowlist_or_over_the_cap_are_refused_with_a_close() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let allowed = listener.local_addr().unwrap().to_string();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut tunnels = Tunnels::new(vec![allowed.clone()], 1, tx);
+        tunnels.open(open(1, "127.0.0.1:1"));
+        assert_eq!(
+            close_reason(rx.recv().await.unwrap()),
+            CloseReason::NotAllowed
+        );
+        assert!(tunnels.is_empty());
+
+        tunnels.open(open(2, &allowed));
+        let _accepted = listener.accept().await.unwrap();
+        match rx.recv().await.unwrap() {
+            Up::Frame { route, .. } => assert_eq!(route, tunnel::OPENED),
+            other => panic!("{other:?}"),
+        }
+        tunnels.open(open(3, &allowed));
+        assert_eq!(close_reason(rx.recv().await.unwrap()), CloseReason::TooMany);
+
+        // A close with the wrong token is ignored; with the right one the stream ends.
+        let close = |token: Vec<u8>| {
+            payload::to_bus(&tunnel::Close {
+                stream: 2,
+                token,
+                reason: CloseReason::Closed,
+                detail: String::new(),
+            })
+            .unwrap()
+        };
+        tunnels.down(tunnel::CLOSE, &close(vec![1; tunnel::TOKEN_LEN]));
+        assert_eq!(tunnels.len(), 1);
+        tunnels.down(tunnel::CLOSE, &close(vec![9; tunnel::TOKEN_LEN]));
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Up::Ended(2) => tunnels.ended(2),
+            other => panic!("{other:?}"),
+        }
+        assert!(tunnels.is_empty());
+    }
+}
