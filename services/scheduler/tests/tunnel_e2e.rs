@@ -27,6 +27,11 @@ struct Fleet {
 
 impl Fleet {
     async fn start(idle: Duration) -> Fleet {
+        Fleet::start_with(idle, 32).await
+    }
+
+    /// With at most `per_key` streams per API key.
+    async fn start_with(idle: Duration, per_key: usize) -> Fleet {
         let nats = NatsServer::start().unwrap();
         let url = nats.url();
         let mut gw = testkit::gateway::config(&url, "gw-tunnel");
@@ -44,6 +49,7 @@ impl Fleet {
             messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
         );
         config.tunnel_idle = idle;
+        config.tunnel_max_per_key = per_key;
         let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
         http::wait_status(sched.addr(), "/readyz", 200).await;
         Fleet {
@@ -252,7 +258,7 @@ async fn schedctl_tunnel_carries_an_http_request_to_a_server_on_the_agent_side()
 
 #[tokio::test]
 async fn a_port_off_the_allowlist_is_refused_and_audited_and_read_keys_cannot_tunnel() {
-    let fleet = Fleet::start(Duration::from_secs(60)).await;
+    let fleet = Fleet::start_with(Duration::from_secs(60), 1).await;
     let api = fleet.sched.addr();
     let allowed = echo_server().await;
     let other = echo_server().await;
@@ -285,6 +291,25 @@ async fn a_port_off_the_allowlist_is_refused_and_audited_and_read_keys_cannot_tu
     let mut ws = open(api, "edge-2", allowed, KEY).await.unwrap();
     ws.send(Message::binary(b"ping".to_vec())).await.unwrap();
     assert_eq!(read_bytes(&mut ws, 4).await, b"ping");
+    // The refusals freed their slots; the open stream holds the key's only one.
+    let (status, body) = open(api, "edge-2", allowed, KEY).await.err().unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"], "too_many_tunnels", "{body}");
+    ws.close(None).await.unwrap();
+    let mut again = tokio::time::Instant::now();
+    let mut ws = loop {
+        match open(api, "edge-2", allowed, KEY).await {
+            Ok(ws) => break ws,
+            Err((429, _)) if again.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    again = tokio::time::Instant::now();
+    ws.send(Message::binary(b"pong".to_vec())).await.unwrap();
+    assert_eq!(read_bytes(&mut ws, 4).await, b"pong");
+    assert!(again.elapsed() < Duration::from_secs(5));
     node.stop();
     node.join().await.unwrap();
     fleet.stop().await;
