@@ -695,6 +695,18 @@ impl Conn {
         self.publish_traced(route, body, None).await
     }
 
+    /// Publishes without trying to compress: tunnel bytes are mostly encrypted (SSH, TLS),
+    /// and deflating 32 KiB that do not shrink would cost more CPU than the frame.
+    async fn publish_plain(&mut self, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = Frame::new(FrameKind::Publish)
+            .with_msg_id(id)
+            .with_route(Route::new(route)?)
+            .with_body(BodyCodec::MsgPack, body);
+        self.send(frame).await
+    }
+
     /// Publishes with a trace context in the frame header, so the gateway continues the
     /// task's trace instead of starting one.
     async fn publish_traced(
@@ -937,7 +949,7 @@ impl Ctx {
                 Some(up) = self.tunnel_up.recv(), if Instant::now() >= tunnel_next => {
                     match up {
                         crate::tunnel::Up::Frame { route, body } => {
-                            conn.publish(route, body).await?;
+                            conn.publish_plain(route, body).await?;
                             tunnel_next = Instant::now() + tunnel_gap;
                         }
                         crate::tunnel::Up::Ended(stream) => self.tunnels.ended(stream),

@@ -482,7 +482,17 @@ async fn source_server(n: usize) -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let chunk = vec![0x5au8; 64 * 1024];
+                // Incompressible, like the encrypted streams tunnels mostly carry (the agent
+                // deflates large frames that shrink).
+                let mut x = 0x2545_f491_4f6c_dd1du64;
+                let chunk: Vec<u8> = (0..64 * 1024)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x.to_le_bytes()[0]
+                    })
+                    .collect();
                 let mut left = n;
                 while left > 0 {
                     let k = left.min(chunk.len());
