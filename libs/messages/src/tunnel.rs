@@ -179,10 +179,11 @@ pub struct Credit {
 }
 
 impl Credit {
-    /// Starts with the peer's initial window.
+    /// Starts with the peer's initial window (at most [`MAX_WINDOW`]: a peer announcing
+    /// more would only make this side queue more than anyone wants in flight).
     pub fn new(window: u32) -> Self {
         Credit {
-            available: u64::from(window),
+            available: u64::from(window).min(MAX_WINDOW),
         }
     }
 
@@ -277,7 +278,8 @@ mod tests {
         assert_eq!(c.take(60), 0);
         c.grant(10).unwrap();
         assert_eq!(c.take(60), 10);
-        let mut big = Credit::new(u32::MAX / 2);
+        let mut big = Credit::new(u32::MAX);
+        assert_eq!(big.available(), MAX_WINDOW);
         assert_eq!(big.take(1 << 20), MAX_CHUNK);
         assert_eq!(
             Credit::new(0).grant(u32::MAX),
