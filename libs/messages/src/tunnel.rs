@@ -324,6 +324,38 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the sender wants to send and however late the receiver delivers, the
+        /// bytes in flight never exceed the window, the receiver never refuses a sender
+        /// that kept to its credit, and the transfer never stalls once everything is
+        /// delivered.
+        #[test]
+        fn credit_holds_for_any_schedule(
+            window in 1u32..200_000,
+            steps in proptest::collection::vec((0usize..100_000, proptest::bool::ANY), 1..200),
+        ) {
+            let (mut send, mut recv) = (Credit::new(window), Receive::new(window));
+            let mut held = 0u64; // arrived, not yet delivered onward
+            for (want, deliver) in steps {
+                let n = send.take(want);
+                recv.arrived(n).unwrap();
+                held += n as u64;
+                proptest::prop_assert!(held <= u64::from(window));
+                if deliver && held > 0 {
+                    if let Some(g) = recv.delivered(usize::try_from(held).unwrap()) {
+                        send.grant(g).unwrap();
+                    }
+                    held = 0;
+                }
+            }
+            // Deliver the rest: the sender must get credit back to send again.
+            if held > 0 && let Some(g) = recv.delivered(usize::try_from(held).unwrap()) {
+                send.grant(g).unwrap();
+            }
+            proptest::prop_assert!(send.available() * 2 >= u64::from(window));
+        }
+    }
+
     #[test]
     fn tokens_compare_exactly() {
         assert!(token_eq(&[1, 2, 3], &[1, 2, 3]));
