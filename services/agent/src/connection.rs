@@ -836,6 +836,8 @@ impl Ctx {
         let tunnel_gap =
             Duration::from_secs(1).div_f64(f64::from(self.config.tunnel_frames_per_sec.max(1)));
         let mut tunnel_next = Instant::now();
+        // When the unanswered heartbeat was written (its round trip is measured).
+        let mut beat_sent: Option<Instant> = None;
         loop {
             // Beat at 90% of the interval so network delay does not make a beat late.
             let next_beat = last_beat + interval.mul_f64(0.9);
@@ -844,6 +846,7 @@ impl Ctx {
                     conn.send(Frame::new(FrameKind::Heartbeat)).await?;
                     self.metrics.heartbeat_sent();
                     last_beat = Instant::now();
+                    beat_sent = Some(last_beat);
                     if dead_at.is_none() {
                         dead_at = Some(last_beat + grace);
                     }
@@ -861,6 +864,11 @@ impl Ctx {
                             dead_at = None;
                             match Frame::decode(&bytes, &frame_limits()) {
                                 Ok(frame) => {
+                                    if frame.kind == FrameKind::HeartbeatAck
+                                        && let Some(sent) = beat_sent.take()
+                                    {
+                                        self.metrics.heartbeat_rtt(sent.elapsed());
+                                    }
                                     if frame.kind == FrameKind::HeartbeatAck && fixed.is_none() {
                                         if let Ok(ack) = payload::decode_body::<HeartbeatAck>(
                                             frame.flags.codec(),

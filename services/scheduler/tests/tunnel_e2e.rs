@@ -356,6 +356,14 @@ async fn a_slow_reader_does_not_stall_another_stream_or_the_heartbeats() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // Heartbeats went on (1 s interval), on the same connection (no reconnect).
     assert!(heartbeats(&node) >= beats_before + 2, "heartbeats stalled");
+    let rtts = node.metrics().heartbeat_rtts();
+    assert!(
+        rtts.iter()
+            .rev()
+            .take(2)
+            .all(|r| *r < Duration::from_millis(500)),
+        "heartbeat round trips beside a stalled stream: {rtts:?}"
+    );
     assert_eq!(node.metrics().sessions(), 1, "the agent reconnected");
     assert!(!writer.is_finished(), "the slow stream was not held back");
     writer.abort();
@@ -572,18 +580,39 @@ async fn tunnel_figures() {
         "1,000 64-byte echoes: direct p50 {d50} us p99 {d99} us; tunnel p50 {t50} us p99 {t99} us"
     );
 
-    // Heartbeats while a bulk transfer runs vs idle: the agent's beat count over 3 s each.
-    let idle_before = heartbeats(&node);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle_beats = heartbeats(&node) - idle_before;
-    let busy_before = heartbeats(&node);
-    let bulk = tokio::spawn(drain(bulk_local));
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let busy_beats = heartbeats(&node) - busy_before;
+    // Heartbeat round trips (1 s interval) while idle and while bulk transfers run.
+    let beats = |from: usize| {
+        let mut rtts: Vec<u128> = node.metrics().heartbeat_rtts()[from..]
+            .iter()
+            .map(Duration::as_micros)
+            .collect();
+        rtts.sort_unstable();
+        rtts
+    };
+    let from = node.metrics().heartbeat_rtts().len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = beats(from);
+    let from = node.metrics().heartbeat_rtts().len();
+    let busy_until = Instant::now() + Duration::from_secs(10);
+    let mut transfers = 0;
+    while Instant::now() < busy_until {
+        assert_eq!(drain(bulk_local).await.0, BYTES);
+        transfers += 1;
+    }
+    let busy = beats(from);
+    let show = |v: &[u128]| {
+        format!(
+            "{} beats, median {} us, max {} us",
+            v.len(),
+            v.get(v.len() / 2).copied().unwrap_or(0),
+            v.last().copied().unwrap_or(0)
+        )
+    };
     println!(
-        "heartbeats in 3 s (1 s interval): idle {idle_beats}, during a bulk transfer {busy_beats}"
+        "heartbeat round trips: idle {}; during {transfers} bulk transfers {}",
+        show(&idle),
+        show(&busy)
     );
-    let _ = bulk.await;
     node.stop();
     node.join().await.unwrap();
     fleet.stop().await;
