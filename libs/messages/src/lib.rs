@@ -28,6 +28,7 @@ pub mod payload;
 pub mod snowflake;
 pub mod subject;
 pub mod trace;
+pub mod tunnel;
 
 pub use close::{CloseCode, ErrorCode};
 pub use frame::{BodyCodec, Flags, Frame, FrameError, FrameHeader, FrameKind, Limits, Route};

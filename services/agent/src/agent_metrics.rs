@@ -60,7 +60,12 @@ pub struct AgentMetrics {
     heartbeats_sent: Counter,
     commands_refused: Counter,
     credentials_renewed: Counter,
+    /// The latest heartbeat round trips (beat written -> gateway's ack read), newest last.
+    heartbeat_rtts: std::sync::Mutex<std::collections::VecDeque<std::time::Duration>>,
 }
+
+/// Heartbeat round trips kept for [`AgentMetrics::heartbeat_rtts`].
+const KEPT_RTTS: usize = 256;
 
 impl Default for AgentMetrics {
     fn default() -> Self {
@@ -132,7 +137,27 @@ impl AgentMetrics {
             heartbeats_sent,
             commands_refused,
             credentials_renewed,
+            heartbeat_rtts: std::sync::Mutex::new(std::collections::VecDeque::new()),
         }
+    }
+
+    /// A heartbeat's ack arrived `rtt` after the beat was written.
+    pub fn heartbeat_rtt(&self, rtt: std::time::Duration) {
+        if let Ok(mut rtts) = self.heartbeat_rtts.lock() {
+            if rtts.len() >= KEPT_RTTS {
+                rtts.pop_front();
+            }
+            rtts.push_back(rtt);
+        }
+    }
+
+    /// The latest heartbeat round trips (at most 256), oldest first: what tunnel traffic on
+    /// the same connection does to the beats is read from these (docs/benchmarks.md).
+    pub fn heartbeat_rtts(&self) -> Vec<std::time::Duration> {
+        self.heartbeat_rtts
+            .lock()
+            .map(|r| r.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// A session got its welcome: connected, and one more session.

@@ -42,6 +42,13 @@
 //! tls_ca_file = "ca.pem"                # optional: CAs trusted for wss:// gateways
 //! tls_pin_sha256 = ["sha256/AbC...="]   # optional: pins of the gateways' public keys
 //!
+//! # TCP tunnels (docs/protocol.md 12.12); the values shown are the defaults.
+//! tunnel_allow = []                     # exact host:port the agent may dial for a tunnel,
+//!                                       # e.g. ["127.0.0.1:22"]; empty: tunnels refused
+//! tunnel_max_streams = 16               # streams open at once; more are refused
+//! tunnel_frames_per_sec = 40            # tunnel frames sent upward per second, kept below
+//!                                       # the gateway's per-connection frame rate
+//!
 //! [labels]
 //! region = "eu-central"
 //!
@@ -269,6 +276,15 @@ pub struct AgentConfig {
     /// Set (`AGENT_UPGRADE_PROBE=1`, environment only) when this process is a new binary
     /// being tried out by [`crate::upgrade`]: it marks the upgrade record once registered.
     pub upgrade_probe: bool,
+    /// Exact `host:port` addresses a tunnel may dial; empty (the default) refuses every
+    /// tunnel.
+    pub tunnel_allow: Vec<String>,
+    /// Most tunnel streams open at once.
+    pub tunnel_max_streams: usize,
+    /// Tunnel frames sent upward per second at most: the gateway drops frames above its
+    /// per-connection rate and closes connections that keep exceeding it, so the agent
+    /// paces its tunnel traffic below that rate, leaving room for heartbeats and reports.
+    pub tunnel_frames_per_sec: u32,
     /// The file this was loaded from, if any.
     pub file: Option<PathBuf>,
 }
@@ -294,6 +310,26 @@ impl fmt::Display for Origin {
     }
 }
 
+/// Default [`AgentConfig::tunnel_max_streams`].
+pub const DEFAULT_TUNNEL_MAX_STREAMS: usize = 16;
+/// Default [`AgentConfig::tunnel_frames_per_sec`]: below the gateway's default 50 frames
+/// per second per connection.
+pub const DEFAULT_TUNNEL_FRAMES_PER_SEC: u32 = 40;
+
+/// A tunnel allowlist entry is `host:port` with a non-empty host and a port from 1.
+fn check_tunnel_address(entry: &str) -> Result<(), Problem> {
+    let ok = entry.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && !host.chars().any(char::is_whitespace)
+            && port.parse::<u16>().is_ok_and(|p| p > 0)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Problem::TunnelAddress(entry.to_owned()))
+    }
+}
+
 /// What is wrong with a configuration value.
 #[derive(Debug, thiserror::Error)]
 pub enum Problem {
@@ -303,6 +339,9 @@ pub enum Problem {
     /// The command keys file is unreadable or holds no Ed25519 public key.
     #[error("command keys: {0}")]
     CommandKeys(String),
+    /// A tunnel allowlist entry is not `host:port`.
+    #[error("tunnel address {0:?} must be host:port")]
+    TunnelAddress(String),
     /// Both `token` and `token_file` are set.
     #[error("both token and token_file are set; use one")]
     TokenAndTokenFile,
@@ -512,6 +551,9 @@ struct FileConfig {
     scheduler_url: Option<String>,
     tls_ca_file: Option<PathBuf>,
     tls_pin_sha256: Option<Vec<String>>,
+    tunnel_allow: Option<Vec<String>>,
+    tunnel_max_streams: Option<u64>,
+    tunnel_frames_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Copy, Deserialize)]
@@ -955,6 +997,45 @@ impl AgentConfig {
             }
             None => None,
         };
+        let tunnel_allow = match l.pick(
+            "tunnel_allow",
+            "AGENT_TUNNEL_ALLOW",
+            f.tunnel_allow,
+            parse_list,
+        )? {
+            Some(Sourced { value, origin }) => {
+                for entry in &value {
+                    check_tunnel_address(entry)
+                        .map_err(|p| invalid("tunnel_allow", origin.clone(), p))?;
+                }
+                value
+            }
+            None => Vec::new(),
+        };
+        let tunnel_max_streams = match l.pick(
+            "tunnel_max_streams",
+            "AGENT_TUNNEL_MAX_STREAMS",
+            f.tunnel_max_streams,
+            parse_u64,
+        )? {
+            Some(Sourced { value: 0, origin }) => {
+                return Err(invalid("tunnel_max_streams", origin, Problem::Zero));
+            }
+            Some(Sourced { value, .. }) => usize::try_from(value).unwrap_or(usize::MAX),
+            None => DEFAULT_TUNNEL_MAX_STREAMS,
+        };
+        let tunnel_frames_per_sec = match l.pick(
+            "tunnel_frames_per_sec",
+            "AGENT_TUNNEL_FRAMES_PER_SEC",
+            f.tunnel_frames_per_sec,
+            parse_u64,
+        )? {
+            Some(Sourced { value: 0, origin }) => {
+                return Err(invalid("tunnel_frames_per_sec", origin, Problem::Zero));
+            }
+            Some(Sourced { value, .. }) => u32::try_from(value).unwrap_or(u32::MAX),
+            None => DEFAULT_TUNNEL_FRAMES_PER_SEC,
+        };
         let reported_version = env("AGENT_REPORTED_VERSION")
             .map(|v| v.trim().to_owned())
             .filter(|v| !v.is_empty())
@@ -991,6 +1072,9 @@ impl AgentConfig {
             upgrade_state_path,
             reported_version,
             upgrade_probe,
+            tunnel_allow,
+            tunnel_max_streams,
+            tunnel_frames_per_sec,
             file: path.map(Path::to_path_buf),
         })
     }
@@ -1397,6 +1481,19 @@ fn check_env_name(name: &str) -> Result<(), Problem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunnel_allowlist_entries_are_host_and_port() {
+        for ok in ["127.0.0.1:22", "[::1]:9090", "db.internal:5432"] {
+            assert!(check_tunnel_address(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "127.0.0.1", ":22", "h:0", "h:65536", "a b:1", "h:x"] {
+            assert!(
+                matches!(check_tunnel_address(bad), Err(Problem::TunnelAddress(_))),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn line_col_counts_from_one() {

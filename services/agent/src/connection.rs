@@ -345,6 +345,10 @@ struct Ctx {
     upgrader: Upgrader,
     /// Set when the loop stopped for an installed upgrade.
     restart: Arc<AtomicBool>,
+    /// This session's tunnel streams.
+    tunnels: crate::tunnel::Tunnels,
+    /// Their upward frames, paced by the session loop.
+    tunnel_up: mpsc::UnboundedReceiver<crate::tunnel::Up>,
 }
 
 /// Most tasks whose trace context is remembered (for results replayed after a reconnect).
@@ -461,7 +465,15 @@ async fn run_sessions(
         config.token_file.clone(),
         config.credential_path.clone(),
     ));
+    let (tunnel_tx, tunnel_up) = mpsc::unbounded_channel();
+    let tunnels = crate::tunnel::Tunnels::new(
+        config.tunnel_allow.clone(),
+        config.tunnel_max_streams,
+        tunnel_tx,
+    );
     let mut ctx = Ctx {
+        tunnels,
+        tunnel_up,
         configs,
         config_tx,
         ack_tasks: tokio::task::JoinSet::new(),
@@ -683,6 +695,18 @@ impl Conn {
         self.publish_traced(route, body, None).await
     }
 
+    /// Publishes without trying to compress: tunnel bytes are mostly encrypted (SSH, TLS),
+    /// and deflating 32 KiB that do not shrink would cost more CPU than the frame.
+    async fn publish_plain(&mut self, route: &str, body: Vec<u8>) -> Result<(), SessionError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = Frame::new(FrameKind::Publish)
+            .with_msg_id(id)
+            .with_route(Route::new(route)?)
+            .with_body(BodyCodec::MsgPack, body);
+        self.send(frame).await
+    }
+
     /// Publishes with a trace context in the frame header, so the gateway continues the
     /// task's trace instead of starting one.
     async fn publish_traced(
@@ -743,7 +767,10 @@ impl Ctx {
         );
         // Connected from the welcome until this function returns (or is dropped).
         let _connected = Connected::new(&self.metrics);
-        match self.established(&mut conn, url, &welcome).await {
+        let established = self.established(&mut conn, url, &welcome).await;
+        // The streams belong to this connection: their remote connections close with it.
+        self.tunnels.clear();
+        match established {
             Ok(end) => {
                 // Leave politely when the socket is still usable (shutdown, drain, refusal);
                 // a lost one has nothing left to close.
@@ -812,6 +839,15 @@ impl Ctx {
         // Entries pending at the previous check: still pending now means unacknowledged for
         // at least one interval.
         let mut unacked: HashSet<u64> = HashSet::new();
+        // Streams of an earlier session are gone with its connection; frames they queued
+        // would name streams the scheduler has closed.
+        self.tunnels.clear();
+        while self.tunnel_up.try_recv().is_ok() {}
+        let tunnel_gap =
+            Duration::from_secs(1).div_f64(f64::from(self.config.tunnel_frames_per_sec.max(1)));
+        let mut tunnel_next = Instant::now();
+        // When the unanswered heartbeat was written (its round trip is measured).
+        let mut beat_sent: Option<Instant> = None;
         loop {
             // Beat at 90% of the interval so network delay does not make a beat late.
             let next_beat = last_beat + interval.mul_f64(0.9);
@@ -820,6 +856,7 @@ impl Ctx {
                     conn.send(Frame::new(FrameKind::Heartbeat)).await?;
                     self.metrics.heartbeat_sent();
                     last_beat = Instant::now();
+                    beat_sent = Some(last_beat);
                     if dead_at.is_none() {
                         dead_at = Some(last_beat + grace);
                     }
@@ -837,6 +874,11 @@ impl Ctx {
                             dead_at = None;
                             match Frame::decode(&bytes, &frame_limits()) {
                                 Ok(frame) => {
+                                    if frame.kind == FrameKind::HeartbeatAck
+                                        && let Some(sent) = beat_sent.take()
+                                    {
+                                        self.metrics.heartbeat_rtt(sent.elapsed());
+                                    }
                                     if frame.kind == FrameKind::HeartbeatAck && fixed.is_none() {
                                         if let Ok(ack) = payload::decode_body::<HeartbeatAck>(
                                             frame.flags.codec(),
@@ -924,6 +966,19 @@ impl Ctx {
                     self.resend_unacked(conn, &mut unacked).await?;
                     Next::Continue
                 }
+                // Paced below the gateway's frame rate; heartbeats and results never wait
+                // behind tunnel frames, which the windows bound.
+                Some(up) = self.tunnel_up.recv(), if Instant::now() >= tunnel_next => {
+                    match up {
+                        crate::tunnel::Up::Frame { route, body } => {
+                            conn.publish_plain(route, body).await?;
+                            tunnel_next = Instant::now() + tunnel_gap;
+                        }
+                        crate::tunnel::Up::Ended(stream) => self.tunnels.ended(stream),
+                    }
+                    Next::Continue
+                }
+                () = tokio::time::sleep_until(tunnel_next), if Instant::now() < tunnel_next => Next::Continue,
                 () = wait_shutdown(&mut self.shutdown) => Next::End(SessionEnd::Shutdown),
             };
             if let Next::End(end) = next {
@@ -1071,6 +1126,12 @@ impl Ctx {
             return Ok(());
         }
         let route = frame.route.as_str().to_owned();
+        // Tunnel data, windows and closes are bound to their stream by the token its signed
+        // open carried (ADR 0014), not signed one by one.
+        if messages::tunnel::UNSIGNED_DOWN.contains(&route.as_str()) {
+            self.tunnels.down(&route, &frame.body);
+            return Ok(());
+        }
         let now = now_ms();
         let admitted = {
             let (gate, outbox) = (Arc::clone(&self.gate), Arc::clone(&self.outbox));
@@ -1148,6 +1209,13 @@ impl Ctx {
                         tokio::spawn(upgrader.busy(manifest));
                     }
                 }
+                Err(e) => {
+                    let refusal = Refusal::Body(e.to_string());
+                    return self.refuse(conn, &route, &frame.body, &refusal, now).await;
+                }
+            },
+            messages::tunnel::OPEN => match payload::from_bus::<messages::tunnel::Open>(body) {
+                Ok(open) => self.tunnels.open(open),
                 Err(e) => {
                     let refusal = Refusal::Body(e.to_string());
                     return self.refuse(conn, &route, &frame.body, &refusal, now).await;

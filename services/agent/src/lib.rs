@@ -31,6 +31,7 @@ pub mod outbox;
 pub mod output;
 pub mod policy;
 pub mod trust;
+pub mod tunnel;
 pub mod upgrade;
 
 pub use agent_metrics::AgentMetrics;

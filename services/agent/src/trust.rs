@@ -178,7 +178,12 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()>
 fn acts(route: &str) -> bool {
     matches!(
         route,
-        fleet::down::TASK | fleet::down::CANCEL | fleet::down::CONFIG | fleet::down::UPGRADE
+        fleet::down::TASK
+            | fleet::down::CANCEL
+            | fleet::down::CONFIG
+            | fleet::down::UPGRADE
+            // A replayed open would dial again with a token its replayer knows.
+            | messages::tunnel::OPEN
     )
 }
 

@@ -51,6 +51,10 @@ pub const CONFIG_ROLLBACK: &str = "config.rollback";
 pub const ARTIFACT_UPLOAD: &str = "artifact.upload";
 /// An agent upgrade was started.
 pub const UPGRADE_START: &str = "upgrade.start";
+/// A tunnel stream was opened, or the agent refused it (`outcome`).
+pub const TUNNEL_OPEN: &str = "tunnel.open";
+/// A tunnel stream closed (why, bytes each way, duration).
+pub const TUNNEL_CLOSE: &str = "tunnel.close";
 
 /// The entry `actor` doing `action` to `target` makes.
 pub fn entry(

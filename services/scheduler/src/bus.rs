@@ -170,6 +170,14 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
         }
         let mut progress = Progress::default();
         for msg in burst {
+            // Tunnel frames only move bytes between memory queues: handled at once, never
+            // behind the store writes of the burst.
+            if let Some(done) = tunnel_frame(&shared, &msg) {
+                if let Err(e) = done {
+                    failed(&shared, &msg, &e);
+                }
+                continue;
+            }
             let hop = servicekit::telemetry::on_receive(&msg, &shared.metrics.hops);
             match as_progress(&msg) {
                 // Kept in the node's outbox until it is enrolled again (not acknowledged).
@@ -213,6 +221,20 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscriber) {
     }
 }
 
+/// `Some` when `msg` is an agent's tunnel frame: routed to its stream, or why it was not.
+fn tunnel_frame(shared: &Shared, msg: &Message) -> Option<Result<(), BusError>> {
+    let Ok(Subject::Upstream { route, .. }) = Subject::parse(msg.subject.as_str()) else {
+        return None;
+    };
+    let route = route.as_str();
+    if !crate::tunnel::is_tunnel_route(route) {
+        return None;
+    }
+    Some(upstream(route, msg).and_then(|up| {
+        crate::tunnel::on_upstream(shared, &up.node, route, &up.body).map_err(BusError::from)
+    }))
+}
+
 fn failed(shared: &Shared, msg: &Message, e: &BusError) {
     shared.metrics.bus_errors.inc();
     let trace_id = msg
@@ -248,6 +270,7 @@ async fn handle_event(shared: &Shared, event: Event, msg: &Message) -> Result<()
                 return Ok(());
             }
             shared.trust.forget(&e.user_id);
+            shared.tunnels.gone(&e.user_id);
             set_offline(shared, e.user_id, e.at_ms).await
         }
         Event::Heartbeat => {
@@ -788,6 +811,27 @@ pub async fn push<T: Serialize>(
         .map_err(|e| BusError::Publish(e.to_string()))?;
     shared.metrics.pushes.inc();
     Ok(())
+}
+
+/// Publishes a tunnel frame to `node` without a signature: data, windows and closes are
+/// bound to their stream by the token of its signed open (ADR 0014), and signing every
+/// chunk would cost a signature and the agent a verification per 32 KiB.
+pub async fn push_unsigned<T: Serialize>(
+    shared: &Shared,
+    node: &UserId,
+    route: &'static str,
+    body: &T,
+) -> Result<(), BusError> {
+    let bytes = payload::to_bus(body)?;
+    let id = (rand::random::<u64>() >> 1).max(1);
+    let envelope = PushEnvelope::new(id, Route::new(route)?, BodyCodec::MsgPack);
+    let mut map = envelope.to_headers();
+    headers::stamp_hop(&mut map, headers::hop::SERVICE_PUB, headers::now_micros());
+    shared
+        .client
+        .publish_with_headers(subject::agent(node), map, Bytes::from(bytes))
+        .await
+        .map_err(|e| BusError::Publish(e.to_string()))
 }
 
 /// Closes `node`'s agent sockets on every gateway with `code` (a revoked node).

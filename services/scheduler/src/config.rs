@@ -56,6 +56,15 @@ pub struct Args {
     /// beside the database file; on the same shared volume for a standby).
     #[arg(long, env = "SCHEDULER_ARTIFACT_DIR")]
     pub artifact_dir: Option<PathBuf>,
+    /// Tunnel streams open at once to one agent.
+    #[arg(long, env = "SCHEDULER_TUNNEL_MAX_PER_AGENT", default_value_t = 16)]
+    pub tunnel_max_per_agent: usize,
+    /// Tunnel streams open at once for one API key (operator).
+    #[arg(long, env = "SCHEDULER_TUNNEL_MAX_PER_KEY", default_value_t = 32)]
+    pub tunnel_max_per_key: usize,
+    /// A tunnel stream without data either way for this long is closed, seconds.
+    #[arg(long, env = "SCHEDULER_TUNNEL_IDLE_SECS", default_value_t = 300)]
+    pub tunnel_idle_secs: u64,
     /// Largest artifact upload, bytes (held in memory while it is hashed and written).
     #[arg(long, env = "SCHEDULER_MAX_ARTIFACT_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub max_artifact_bytes: u64,
@@ -179,6 +188,12 @@ pub struct Config {
     pub artifact_dir: PathBuf,
     /// Largest artifact upload, bytes (at most [`messages::fleet::MAX_ARTIFACT_BYTES`]).
     pub max_artifact_bytes: u64,
+    /// Tunnel streams open at once to one agent ([`crate::tunnel`]).
+    pub tunnel_max_per_agent: usize,
+    /// Tunnel streams open at once for one API key.
+    pub tunnel_max_per_key: usize,
+    /// Idle timeout of a tunnel stream (enforced by both ends).
+    pub tunnel_idle: Duration,
 }
 
 impl Config {
@@ -211,6 +226,9 @@ impl Config {
             command_ttl: Duration::from_secs(600),
             agent_tokens: None,
             tls: None,
+            tunnel_max_per_agent: 16,
+            tunnel_max_per_key: 32,
+            tunnel_idle: Duration::from_secs(300),
         }
     }
 
@@ -228,6 +246,9 @@ impl Config {
             config.artifact_dir = dir;
         }
         config.max_artifact_bytes = args.max_artifact_bytes;
+        config.tunnel_max_per_agent = args.tunnel_max_per_agent;
+        config.tunnel_max_per_key = args.tunnel_max_per_key;
+        config.tunnel_idle = Duration::from_secs(args.tunnel_idle_secs.max(1));
         config.heartbeat = Duration::from_millis(args.heartbeat_ms);
         config.dispatch_timeout = Duration::from_millis(args.dispatch_timeout_ms);
         config.lease_ttl = Duration::from_millis(args.lease_ttl_ms);

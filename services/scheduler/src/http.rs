@@ -2,6 +2,7 @@
 //! list, get with per-target states and results, cancel), versioned config documents
 //! ([`configs`]: set, get, history, per-node status, rollback), schedules ([`schedules`]),
 //! agent artifacts and upgrades ([`upgrades`]; the artifact download takes an agent token),
+//! TCP tunnels to agents' ports ([`tunnels`], a WebSocket),
 //! the audit log, plus `/healthz`, `/readyz` and `/metrics`. Every `/v1` route needs
 //! `Authorization: Bearer <api key>`: any key may `GET`, only operator keys may change
 //! anything ([`crate::auth`]); every change is audited ([`crate::audit`]). Every error is a
@@ -31,6 +32,7 @@ use servicekit::clock::now_ms;
 mod configs;
 mod rollouts;
 mod schedules;
+mod tunnels;
 mod upgrades;
 
 /// The OpenAPI document served at `/v1/openapi.json`.
@@ -61,6 +63,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(configs::routes)
         .configure(rollouts::routes)
         .configure(schedules::routes)
+        .configure(tunnels::routes)
         .configure(upgrades::routes);
 }
 
@@ -885,6 +888,7 @@ mod tests {
         for path in [
             "/v1/agents",
             "/v1/agents/{id}",
+            "/v1/agents/{id}/tunnel",
             "/v1/tasks",
             "/v1/tasks/{id}",
             "/v1/tasks/{id}/output",

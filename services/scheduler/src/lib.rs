@@ -19,6 +19,9 @@
 //! - [`upgrades`]: signed agent upgrades on the bus (push, reports, `online` at register);
 //!   [`artifacts`]: the uploaded binaries on disk, by SHA-256.
 //!
+//! - [`tunnel`]: TCP tunnels to agents' ports (the registry of streams; the operator's
+//!   WebSocket is served by the HTTP module).
+//!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
 pub mod artifacts;
@@ -35,6 +38,7 @@ pub mod rollout;
 pub mod schedule;
 pub mod store;
 pub mod trust;
+pub mod tunnel;
 pub mod upgrades;
 
 use std::collections::HashMap;
@@ -230,6 +234,8 @@ pub struct Shared {
     pub followers: std::sync::atomic::AtomicUsize,
     /// Revoked nodes (mirrors the store) and when each node's credential was last renewed.
     pub trust: trust::Live,
+    /// Open tunnel streams (memory only).
+    pub tunnels: tunnel::Tunnels,
 }
 
 impl Shared {
@@ -500,6 +506,7 @@ async fn connect(config: Config, store: Arc<Store>) -> Result<Arc<Shared>, Error
         output: output::OutputLog::default(),
         followers: std::sync::atomic::AtomicUsize::new(0),
         trust: trust::Live::load(&store)?,
+        tunnels: tunnel::Tunnels::default(),
     }))
 }
 

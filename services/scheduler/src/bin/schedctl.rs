@@ -18,6 +18,7 @@
 //! schedctl artifact upload ./agent-1.4.0
 //! schedctl upgrade start --sha256 <sha256> --version 1.4.0 --selector region=eu --deadline-secs 120
 //! schedctl upgrade status 1
+//! schedctl tunnel edge-1 --remote 127.0.0.1:22 --local 127.0.0.1:2222
 //! ```
 //! The key (`SCHEDULER_API_KEY`) is one secret of the scheduler's `SCHEDULER_API_KEYS`: a
 //! read-scope key can list and show, creating and cancelling need an operator key.
@@ -129,6 +130,19 @@ enum Command {
     Task {
         /// Task id.
         id: u64,
+    },
+    /// Forward a local TCP port to a port on an agent's machine: every connection accepted
+    /// on `--local` becomes one tunnel stream to `--remote` (which the agent's
+    /// `tunnel_allow` must name). Runs until interrupted; needs an operator key.
+    Tunnel {
+        /// The agent's node id.
+        node: String,
+        /// `host:port` to reach from the agent's machine.
+        #[arg(long)]
+        remote: String,
+        /// Local address to listen on (port 0: any free port; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        local: String,
     },
     /// Cancel a task everywhere it has not finished.
     Cancel {
@@ -590,6 +604,11 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             println!("{id}: pinned {}", v["pinned"]);
             Ok(())
         }
+        Command::Tunnel {
+            node,
+            remote,
+            local,
+        } => tunnel::serve(cli, node, remote, local),
         Command::Cancel { id } => {
             let v = api.post(&format!("/v1/tasks/{id}/cancel"), &json!({}))?;
             if cli.json {
@@ -1701,4 +1720,192 @@ fn describe(base: &str, e: &reqwest::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// `schedctl tunnel`: local TCP connections bridged to tunnel WebSockets of the scheduler
+/// (`GET /v1/agents/{id}/tunnel`), one per connection. A refusal (the port is not on the
+/// agent's allowlist, caps, an offline agent) is printed and closes that connection; the
+/// listener keeps serving.
+mod tunnel {
+    use std::sync::Arc;
+
+    use futures_util::{SinkExt, StreamExt};
+    use serde_json::Value;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    use tokio_tungstenite::tungstenite::{self, Message};
+
+    use super::{Cli, Failure};
+
+    /// Bytes read from a local connection per WebSocket message.
+    const CHUNK: usize = 32 * 1024;
+
+    struct Target {
+        url: String,
+        auth: HeaderValue,
+        tls: Option<Arc<servicekit::tls::ClientConfig>>,
+        node: String,
+        remote: String,
+    }
+
+    /// Percent-encodes a query value (a `host:port`, so little ever needs it).
+    fn encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':') {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    pub(super) fn serve(cli: &Cli, node: &str, remote: &str, local: &str) -> Result<(), Failure> {
+        let base = cli.url.trim_end_matches('/');
+        let (url, https) = if let Some(rest) = base.strip_prefix("https://") {
+            (format!("wss://{rest}"), true)
+        } else if let Some(rest) = base.strip_prefix("http://") {
+            (format!("ws://{rest}"), false)
+        } else {
+            return Err(Failure::Usage(format!(
+                "{base}: use an http:// or https:// URL"
+            )));
+        };
+        let tls = if https {
+            let roots = match &cli.cacert {
+                Some(path) => servicekit::tls::roots_from_file(path)
+                    .map_err(|e| Failure::Usage(format!("--cacert: {e}")))?,
+                None => servicekit::tls::platform_roots()
+                    .map_err(|e| Failure::Usage(format!("{e} (use --cacert)")))?,
+            };
+            Some(Arc::new(
+                servicekit::tls::client_config(roots, &[])
+                    .map_err(|e| Failure::Usage(e.to_string()))?,
+            ))
+        } else {
+            None
+        };
+        let auth = HeaderValue::from_str(&format!("Bearer {}", cli.key))
+            .map_err(|_| Failure::Usage("the API key is not a valid header value".into()))?;
+        let target = Arc::new(Target {
+            url: format!(
+                "{url}/v1/agents/{}/tunnel?remote={}",
+                encode(node),
+                encode(remote)
+            ),
+            auth,
+            tls,
+            node: node.to_owned(),
+            remote: remote.to_owned(),
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::Usage(format!("runtime: {e}")))?;
+        runtime.block_on(async move {
+            let listener = TcpListener::bind(local)
+                .await
+                .map_err(|e| Failure::Usage(format!("--local {local}: {e}")))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Failure::Usage(format!("--local {local}: {e}")))?;
+            println!(
+                "listening on {addr}: each connection is tunnelled to {} on {}",
+                target.remote, target.node
+            );
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, peer)) => {
+                            let target = Arc::clone(&target);
+                            tokio::spawn(async move {
+                                if let Err(e) = bridge(&target, tcp).await {
+                                    eprintln!("schedctl: tunnel for {peer}: {e}");
+                                }
+                            });
+                        }
+                        Err(e) => eprintln!("schedctl: accept: {e}"),
+                    },
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+        })
+    }
+
+    /// The scheduler's refusal as one line: `403 tunnel_not_allowed: ...`.
+    fn refusal(e: &tungstenite::Error) -> String {
+        match e {
+            tungstenite::Error::Http(response) => {
+                let status = response.status().as_u16();
+                let body = response.body().as_deref().unwrap_or_default();
+                let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                match (&value["error"], &value["detail"]) {
+                    (Value::String(e), Value::String(d)) => format!("{status} {e}: {d}"),
+                    _ => format!("{status}: {}", String::from_utf8_lossy(body)),
+                }
+            }
+            other => other.to_string(),
+        }
+    }
+
+    async fn bridge(target: &Target, mut tcp: TcpStream) -> Result<(), String> {
+        let _ = tcp.set_nodelay(true);
+        let mut request = target
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        request
+            .headers_mut()
+            .insert("authorization", target.auth.clone());
+        let connector = target
+            .tls
+            .as_ref()
+            .map(|c| tokio_tungstenite::Connector::Rustls(Arc::clone(c)));
+        let (ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
+                .await
+                .map_err(|e| format!("refused: {}", refusal(&e)))?;
+        let (mut sink, mut stream) = ws.split();
+        let (mut rd, mut wr) = tcp.split();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            tokio::select! {
+                read = rd.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => {
+                        let _ = sink.send(Message::Close(None)).await;
+                        return Ok(());
+                    }
+                    Ok(n) => sink
+                        .send(Message::binary(buf[..n].to_vec()))
+                        .await
+                        .map_err(|e| e.to_string())?,
+                },
+                msg = stream.next() => match msg {
+                    Some(Ok(Message::Binary(b))) => {
+                        if wr.write_all(&b).await.is_err() {
+                            let _ = sink.send(Message::Close(None)).await;
+                            return Ok(());
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        let _ = wr.shutdown().await;
+                        return match frame {
+                            Some(f) if !f.reason.starts_with("closed") && !f.reason.is_empty() => {
+                                Err(format!("closed by the scheduler: {}", f.reason))
+                            }
+                            _ => Ok(()),
+                        };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
 }
