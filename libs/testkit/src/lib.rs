@@ -2,8 +2,9 @@
 //! temporary directories, killed and cleaned up on drop, and a WebSocket client that speaks
 //! the frame protocol over a real socket; [`tls`] adds a test CA and a TLS-terminating
 //! proxy for testing clients over real TLS; [`gateway`] is the one in-process ws-gateway
-//! fixture the other crates' tests share; [`browser`] drives a real headless Chromium over
-//! WebDriver and serves test pages.
+//! fixture the other crates' tests share; [`fleetbus`] is a fake gateway on the bus for the
+//! scheduler's tests; [`browser`] drives a real headless Chromium over WebDriver and serves
+//! test pages.
 //!
 //! [`NatsServer`] is one node with JetStream that can be killed and started again on the
 //! same port with the same storage (for reconnect and outage tests). [`NatsCluster`] is
@@ -18,6 +19,7 @@
 #![allow(clippy::panic)]
 
 pub mod browser;
+pub mod fleetbus;
 pub mod gateway;
 pub mod http;
 pub mod otlp;

@@ -911,7 +911,11 @@ async fn push_raw(nats: &str, node: &str, route: &str, body: Vec<u8>) {
         messages::BodyCodec::MsgPack,
     );
     client
-        .publish_with_headers(format!("ws.agent.{node}"), push.to_headers(), body.into())
+        .publish_with_headers(
+            messages::subject::agent(&messages::UserId::new(node).unwrap()),
+            push.to_headers(),
+            body.into(),
+        )
         .await
         .unwrap();
     client.flush().await.unwrap();

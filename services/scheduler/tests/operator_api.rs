@@ -9,13 +9,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
-use messages::envelope::{Origin, UpstreamEnvelope};
-use messages::fleet;
-use messages::payload::{self, SessionEvent};
-use messages::{BodyCodec, ClientKind, GatewayId, Route, SocketId, UserId};
 use scheduler::auth::ApiKey;
 use serde_json::{Value, json};
 use testkit::NatsServer;
+use testkit::fleetbus::register;
 use testkit::http::{self, Response};
 
 const OPS: &str = "ops-secret-0123456789abcdef";
@@ -39,55 +36,6 @@ async fn start(nats: &str, db: &Path) -> scheduler::Handle {
         scheduler::spawn(config(nats, db), TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
     http::wait_status(handle.addr(), "/readyz", 200).await;
     handle
-}
-
-/// The gateway's connect event and the agent's register, as a gateway would publish them.
-async fn register(bus: &async_nats::Client, node: &str, socket: u64) {
-    let connect = SessionEvent {
-        socket_id: SocketId(socket),
-        user_id: UserId::new(node).unwrap(),
-        kind: ClientKind::Agent,
-        gateway: GatewayId::new("gw-x").unwrap(),
-        at_ms: 1,
-        allowed_rooms: vec![],
-        close_code: None,
-        reason: None,
-    };
-    bus.publish(
-        "ws.evt.agent.connect",
-        payload::to_bus(&connect).unwrap().into(),
-    )
-    .await
-    .unwrap();
-    let reg = fleet::Register {
-        node_id: node.into(),
-        hostname: "edge-1".into(),
-        version: "0.1.0".into(),
-        labels: [("region".to_owned(), "eu".to_owned())].into(),
-        addresses: vec![],
-        configs: Default::default(),
-    };
-    let envelope = UpstreamEnvelope {
-        origin: Origin {
-            socket_id: SocketId(socket),
-            user_id: UserId::new(node).unwrap(),
-            gateway: GatewayId::new("gw-x").unwrap(),
-            kind: ClientKind::Agent,
-        },
-        msg_id: 0,
-        route: Route::new(fleet::up::REGISTER).unwrap(),
-        codec: BodyCodec::MsgPack,
-        compressed: false,
-        trace: None,
-    };
-    bus.publish_with_headers(
-        format!("ws.msg.agent.{}", fleet::up::REGISTER),
-        envelope.to_headers(),
-        payload::to_bus(&reg).unwrap().into(),
-    )
-    .await
-    .unwrap();
-    bus.flush().await.unwrap();
 }
 
 async fn call(

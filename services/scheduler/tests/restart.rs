@@ -9,14 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use messages::envelope::{Origin, PushEnvelope, UpstreamEnvelope};
 use messages::fleet;
-use messages::payload::{self, SessionEvent};
-use messages::{BodyCodec, ClientKind, GatewayId, Route, SocketId, UserId};
-use serde::Serialize;
 use serde_json::json;
 use testkit::NatsServer;
+use testkit::fleetbus::{
+    agent_pushes, next_push as bus_push, publish_upstream as gateway_publish, register,
+};
 use testkit::http;
 
 const KEY: &str = "test-api-key-0123456789";
@@ -106,85 +104,6 @@ async fn eventually(
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     http::eventually(addr, path, KEY, check).await
-}
-
-/// Publishes what a gateway would put on the bus for an agent's publish frame.
-async fn gateway_publish<T: Serialize>(
-    bus: &async_nats::Client,
-    node: &str,
-    socket: u64,
-    route: &str,
-    body: &T,
-) {
-    let envelope = UpstreamEnvelope {
-        origin: Origin {
-            socket_id: SocketId(socket),
-            user_id: UserId::new(node).unwrap(),
-            gateway: GatewayId::new("gw-x").unwrap(),
-            kind: ClientKind::Agent,
-        },
-        msg_id: 0,
-        route: Route::new(route).unwrap(),
-        codec: BodyCodec::MsgPack,
-        compressed: false,
-        trace: None,
-    };
-    let subject = format!("ws.msg.agent.{route}");
-    bus.publish_with_headers(
-        subject,
-        envelope.to_headers(),
-        payload::to_bus(body).unwrap().into(),
-    )
-    .await
-    .unwrap();
-    bus.flush().await.unwrap();
-}
-
-/// The gateway's connect event and the agent's register.
-async fn register(bus: &async_nats::Client, node: &str, socket: u64) {
-    let connect = SessionEvent {
-        socket_id: SocketId(socket),
-        user_id: UserId::new(node).unwrap(),
-        kind: ClientKind::Agent,
-        gateway: GatewayId::new("gw-x").unwrap(),
-        at_ms: 1,
-        allowed_rooms: vec![],
-        close_code: None,
-        reason: None,
-    };
-    bus.publish(
-        "ws.evt.agent.connect",
-        payload::to_bus(&connect).unwrap().into(),
-    )
-    .await
-    .unwrap();
-    let reg = fleet::Register {
-        node_id: node.into(),
-        hostname: "edge-1".into(),
-        version: "0.1.0".into(),
-        labels: [("region".to_owned(), "eu".to_owned())].into(),
-        addresses: vec!["10.0.0.1".into()],
-        configs: Default::default(),
-    };
-    gateway_publish(bus, node, socket, fleet::up::REGISTER, &reg).await;
-}
-
-/// The next push on a node's user subject with `route`, skipping other routes.
-async fn bus_push<T: serde::de::DeserializeOwned>(
-    sub: &mut async_nats::Subscriber,
-    route: &str,
-) -> T {
-    loop {
-        let msg = tokio::time::timeout(WAIT, sub.next())
-            .await
-            .expect("no push in time")
-            .unwrap();
-        let push = PushEnvelope::from_headers(msg.headers.as_ref().unwrap()).unwrap();
-        if push.route.as_str() == route {
-            let envelope = messages::command::peek(&msg.payload).expect("a signed command");
-            return payload::from_bus(&envelope.body).unwrap();
-        }
-    }
 }
 
 fn result(message_id: &str, task_id: u64, stdout: &str) -> fleet::TaskResult {
@@ -312,7 +231,7 @@ async fn kill_9_mid_task_then_restart_keeps_registry_tasks_and_results() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("s.redb");
     let bus = async_nats::connect(url.as_str()).await.unwrap();
-    let mut pushes = bus.subscribe("ws.agent.node-8").await.unwrap();
+    let mut pushes = agent_pushes(&bus, "node-8").await;
     bus.flush().await.unwrap();
 
     // Slack of 3 s on top of each task's own timeout before an attempt expires.

@@ -8,13 +8,14 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use messages::envelope::{Origin, PushEnvelope, UpstreamEnvelope};
 use messages::fleet::{self, AgentState};
 use messages::payload::{self, HeartbeatBatch, SessionEvent};
+use messages::subject::{self, Event};
 use messages::{BodyCodec, ClientKind, Frame, FrameKind, GatewayId, Route, SocketId, UserId};
 use serde::Serialize;
 use serde_json::json;
 use testkit::NatsServer;
+use testkit::fleetbus::{agent_pushes, next_push as bus_push, publish_upstream as gateway_publish};
 use testkit::http;
 use testkit::ws::{TestClient, token};
 
@@ -450,55 +451,6 @@ async fn bad_api_input_is_a_4xx_with_a_json_error_and_changes_nothing() {
     sched.shutdown().await.unwrap();
 }
 
-/// Publishes what a gateway would put on the bus for an agent's publish frame.
-async fn gateway_publish<T: Serialize>(
-    bus: &async_nats::Client,
-    node: &str,
-    socket: u64,
-    route: &str,
-    body: &T,
-) {
-    let envelope = UpstreamEnvelope {
-        origin: Origin {
-            socket_id: SocketId(socket),
-            user_id: UserId::new(node).unwrap(),
-            gateway: GatewayId::new("gw-x").unwrap(),
-            kind: ClientKind::Agent,
-        },
-        msg_id: 0,
-        route: Route::new(route).unwrap(),
-        codec: BodyCodec::MsgPack,
-        compressed: false,
-        trace: None,
-    };
-    let subject = format!("ws.msg.agent.{route}");
-    bus.publish_with_headers(
-        subject,
-        envelope.to_headers(),
-        payload::to_bus(body).unwrap().into(),
-    )
-    .await
-    .unwrap();
-}
-
-/// The next push to `node` on its user subject, with `route`.
-async fn bus_push<T: serde::de::DeserializeOwned>(
-    sub: &mut async_nats::Subscriber,
-    route: &str,
-) -> T {
-    let msg = tokio::time::timeout(WAIT, sub.next())
-        .await
-        .unwrap()
-        .unwrap();
-    let push = PushEnvelope::from_headers(msg.headers.as_ref().unwrap()).unwrap();
-    assert_eq!(push.route.as_str(), route);
-    assert_eq!(push.codec, BodyCodec::MsgPack);
-    // A signed command: the message is the envelope's body.
-    let envelope = messages::command::peek(&msg.payload).expect("a signed command");
-    assert_eq!(envelope.route, route);
-    payload::from_bus(&envelope.body).unwrap()
-}
-
 #[tokio::test]
 async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time_out() {
     let nats = NatsServer::start().unwrap();
@@ -511,7 +463,7 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
     let sched = start_scheduler(config).await;
     let api = sched.addr();
     let bus = async_nats::connect(url.as_str()).await.unwrap();
-    let mut pushes = bus.subscribe("ws.agent.node-2").await.unwrap();
+    let mut pushes = agent_pushes(&bus, "node-2").await;
     bus.flush().await.unwrap();
 
     // The gateway announces the socket, the agent registers.
@@ -527,7 +479,7 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
         reason: None,
     };
     bus.publish(
-        "ws.evt.agent.connect",
+        subject::event(ClientKind::Agent, Event::Connect),
         payload::to_bus(&connect).unwrap().into(),
     )
     .await
@@ -543,7 +495,7 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
             seen: vec![(SocketId(42), servicekit::clock::now_ms())],
         };
         bus.publish(
-            "ws.evt.agent.heartbeat",
+            subject::event(ClientKind::Agent, Event::Heartbeat),
             payload::to_bus(&batch).unwrap().into(),
         )
         .await
@@ -564,7 +516,7 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
         seen: vec![(SocketId(42), servicekit::clock::now_ms())],
     };
     bus.publish(
-        "ws.evt.agent.heartbeat",
+        subject::event(ClientKind::Agent, Event::Heartbeat),
         payload::to_bus(&batch).unwrap().into(),
     )
     .await
@@ -616,7 +568,7 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
         seen: vec![(SocketId(42), servicekit::clock::now_ms())],
     };
     bus.publish(
-        "ws.evt.agent.heartbeat",
+        subject::event(ClientKind::Agent, Event::Heartbeat),
         payload::to_bus(&batch).unwrap().into(),
     )
     .await
@@ -665,7 +617,7 @@ async fn refusals_are_stored_acked_and_fail_only_genuine_commands() {
     let sched = scheduler(&url, dir.path()).await;
     let api = sched.addr();
     let bus = async_nats::connect(url.as_str()).await.unwrap();
-    let mut pushes = bus.subscribe("ws.agent.node-3").await.unwrap();
+    let mut pushes = agent_pushes(&bus, "node-3").await;
     bus.flush().await.unwrap();
     gateway_publish(&bus, "node-3", 43, fleet::up::REGISTER, &register(&[])).await;
     eventually(api, "/v1/agents/node-3", |v| v["state"] == "online").await;
