@@ -967,7 +967,31 @@ pub async fn dispatch_pending(shared: &Shared, node: &UserId) -> Result<(), BusE
 
 /// Whether an agent can take work now.
 pub fn is_up(state: AgentState) -> bool {
-    matches!(state, AgentState::Online | AgentState::Degraded)
+    state.is_up()
+}
+
+/// Pushes `body` on `route` to each of `nodes` that is up (the others get what they lack
+/// when they register); counts each push that went out in `sent_metric` and returns how
+/// many did. A failed push is logged, not fatal, for the same reason.
+pub async fn push_to_up<T: Serialize>(
+    shared: &Shared,
+    nodes: Vec<UserId>,
+    route: &'static str,
+    body: &T,
+    sent_metric: &prometheus_client::metrics::counter::Counter,
+) -> Result<u64, BusError> {
+    let up = blocking(shared, move |store| store.up_of(&nodes)).await?;
+    let mut sent = 0;
+    for node in up {
+        match push(shared, &node, route, body, None).await {
+            Ok(()) => {
+                sent += 1;
+                sent_metric.inc();
+            }
+            Err(e) => tracing::warn!(%node, route, error = %e, "Push failed."),
+        }
+    }
+    Ok(sent)
 }
 
 /// Every sweep period: agents silent for the configured number of heartbeat periods go

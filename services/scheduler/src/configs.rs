@@ -14,7 +14,7 @@ use messages::fleet::{self, AppliedConfig};
 use servicekit::clock::now_ms;
 
 use crate::Shared;
-use crate::bus::{BusError, blocking, is_up, push};
+use crate::bus::{BusError, blocking, push};
 use crate::store::{AgentRecord, ConfigVersion, NewConfigAck};
 
 /// Pushes `version` to each of `nodes` that is up; the others get it when they register.
@@ -25,29 +25,14 @@ pub async fn push_to_up(
     nodes: Vec<UserId>,
     version: &ConfigVersion,
 ) -> Result<u64, BusError> {
-    let up = blocking(shared, move |store| {
-        let mut up = Vec::new();
-        for node in nodes {
-            if store.agent(&node)?.is_some_and(|a| is_up(a.state)) {
-                up.push(node);
-            }
-        }
-        Ok(up)
-    })
+    let sent = crate::bus::push_to_up(
+        shared,
+        nodes,
+        fleet::down::CONFIG,
+        &version.push(),
+        &shared.metrics.config_pushes,
+    )
     .await?;
-    let message = version.push();
-    let mut sent = 0;
-    for node in up {
-        match push(shared, &node, fleet::down::CONFIG, &message, None).await {
-            Ok(()) => {
-                sent += 1;
-                shared.metrics.config_pushes.inc();
-            }
-            Err(e) => {
-                tracing::warn!(%node, name = %version.name, version = version.version, error = %e, "Config push failed.");
-            }
-        }
-    }
     Ok(sent)
 }
 

@@ -22,7 +22,7 @@ use servicekit::telemetry::server_span;
 use crate::Shared;
 use crate::audit;
 use crate::auth::Actor;
-use crate::bus::{self, BusError, blocking, is_up, store_kind, wire_kind};
+use crate::bus::{self, BusError, blocking, store_kind, wire_kind};
 use crate::store::{
     AgentRecord, AgentState, Created, IdempotencyClaim, LabelSelector, MAX_AUDIT_LIST,
     MAX_IDEMPOTENCY_KEY_LEN, StoreError, TargetState, Targets, TaskSpec,
@@ -420,11 +420,7 @@ async fn create_task(
         if let Created::New(id) = outcome
             && let Some(task) = store.task(id)?
         {
-            for node in task.targets.keys() {
-                if store.agent(node)?.is_some_and(|a| is_up(a.state)) {
-                    up.push(node.clone());
-                }
-            }
+            up = store.up_of(task.targets.keys())?;
         }
         Ok((outcome, entry, up))
     })

@@ -15,7 +15,7 @@ use servicekit::clock::now_ms;
 
 use crate::Shared;
 use crate::audit;
-use crate::bus::{self, BusError, blocking, is_up};
+use crate::bus::{self, BusError, blocking};
 use crate::store::{RolloutId, RolloutState, StartedWork, Step, Work};
 
 /// How often the loop steps the rollouts: a batch finishes or starts at most this late.
@@ -99,11 +99,7 @@ async fn step(shared: &Shared, id: RolloutId, now: u64) -> Result<bool, BusError
             work: StartedWork::Task { .. },
         } = &step
         {
-            for node in nodes {
-                if store.agent(node)?.is_some_and(|a| is_up(a.state)) {
-                    up.push(node.clone());
-                }
-            }
+            up = store.up_of(nodes)?;
         }
         let state = store.rollout(id)?.map(|r| r.state);
         Ok((step, entry, up, state))

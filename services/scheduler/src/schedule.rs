@@ -23,7 +23,7 @@ use servicekit::clock::{now_ms, now_secs};
 
 use crate::Shared;
 use crate::audit;
-use crate::bus::{self, BusError, blocking, is_up};
+use crate::bus::{self, BusError, blocking};
 use crate::store::{Fire, ScheduleRecord};
 
 /// How often the loop looks for due schedules: a fire is at most this late.
@@ -178,11 +178,7 @@ async fn fire(shared: &Shared, record: &ScheduleRecord, period: u64) -> Result<F
         if let Fire::Created(task_id) = outcome
             && let Some(task) = store.task(task_id)?
         {
-            for node in task.targets.keys() {
-                if store.agent(node)?.is_some_and(|a| is_up(a.state)) {
-                    up.push(node.clone());
-                }
-            }
+            up = store.up_of(task.targets.keys())?;
         }
         Ok((outcome, entry, up))
     })

@@ -270,6 +270,13 @@ pub enum AgentState {
     Offline,
 }
 
+impl AgentState {
+    /// Whether an agent in this state can take work now.
+    pub fn is_up(self) -> bool {
+        matches!(self, AgentState::Online | AgentState::Degraded)
+    }
+}
+
 /// One registered agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentRecord {
@@ -826,6 +833,26 @@ impl Store {
             }
             Ok(out)
         })
+    }
+
+    /// Those of `nodes` that are registered and up, in order, read in one transaction (a
+    /// fan-out to thousands of targets reads them all at once).
+    pub fn up_of<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = &'a UserId>,
+    ) -> Result<Vec<UserId>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let agents = txn.open_table(AGENTS)?;
+        let mut up = Vec::new();
+        for node in nodes {
+            if let Some(v) = agents.get(node.as_str())? {
+                let rec: AgentRecord = decode(v.value(), "agent")?;
+                if rec.state.is_up() {
+                    up.push(node.clone());
+                }
+            }
+        }
+        Ok(up)
     }
 
     /// One agent, if registered.

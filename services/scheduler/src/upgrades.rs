@@ -13,7 +13,7 @@ use messages::fleet;
 use servicekit::clock::now_ms;
 
 use crate::Shared;
-use crate::bus::{BusError, blocking, is_up, push};
+use crate::bus::{BusError, blocking, push};
 use crate::store::{UpgradeRecord, UpgradeState};
 
 /// Pushes `upgrade` to each of `nodes` that is up; returns how many pushes went out. A
@@ -23,29 +23,14 @@ pub async fn push_to_up(
     nodes: Vec<UserId>,
     upgrade: &UpgradeRecord,
 ) -> Result<u64, BusError> {
-    let up = blocking(shared, move |store| {
-        let mut up = Vec::new();
-        for node in nodes {
-            if store.agent(&node)?.is_some_and(|a| is_up(a.state)) {
-                up.push(node);
-            }
-        }
-        Ok(up)
-    })
+    let sent = crate::bus::push_to_up(
+        shared,
+        nodes,
+        fleet::down::UPGRADE,
+        &upgrade.manifest(),
+        &shared.metrics.upgrade_pushes,
+    )
     .await?;
-    let manifest = upgrade.manifest();
-    let mut sent = 0;
-    for node in up {
-        match push(shared, &node, fleet::down::UPGRADE, &manifest, None).await {
-            Ok(()) => {
-                sent += 1;
-                shared.metrics.upgrade_pushes.inc();
-            }
-            Err(e) => {
-                tracing::warn!(%node, upgrade_id = upgrade.id, error = %e, "Upgrade push failed.");
-            }
-        }
-    }
     Ok(sent)
 }
 
