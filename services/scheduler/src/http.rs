@@ -126,6 +126,9 @@ impl From<BusError> for ApiError {
             BusError::Store(StoreError::UnknownRollout(id)) => {
                 ApiError::not_found(format!("no rollout {id}"))
             }
+            BusError::Store(e @ StoreError::ConfigInRollout { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "config_in_rollout", e.to_string())
+            }
             BusError::Store(e @ StoreError::RolloutConflict { .. }) => {
                 ApiError::new(StatusCode::CONFLICT, "rollout_state", e.to_string())
             }

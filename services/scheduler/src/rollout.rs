@@ -1,7 +1,7 @@
 //! Staged rollouts, driven: every [`TICK`] the active instance steps each unfinished
 //! rollout ([`crate::store`]'s `step_rollout`: finish the batch in flight when it is done,
 //! or start the next one when its pause has passed), then does what the step asks of the
-//! network: dispatch a started batch's task (or push its upgrade) to the agents that are up
+//! network: dispatch a started batch's task (or push its upgrade or config version) to the agents that are up
 //! (the others get it when they register, like any task or upgrade), tell agents whose
 //! targets a closed batch cancelled. A standby has no store open and steps nothing; after a takeover the new
 //! active instance picks up from the last committed step.
@@ -32,6 +32,7 @@ fn step_detail(step: &Step) -> serde_json::Value {
             match work {
                 StartedWork::Task { task_id, .. } => v["task_id"] = json!(task_id),
                 StartedWork::Upgrade(u) => v["upgrade_id"] = json!(u.id),
+                StartedWork::Config(c) => v["config_version"] = json!(c.version),
             }
             v
         }
@@ -40,6 +41,7 @@ fn step_detail(step: &Step) -> serde_json::Value {
             "batch": outcome.index,
             "task_id": work_id(outcome.work, true),
             "upgrade_id": work_id(outcome.work, false),
+            "config_version": config_version(outcome.work),
             "succeeded": outcome.succeeded,
             "failed": outcome.failed,
             "unfinished": outcome.unfinished,
@@ -55,6 +57,14 @@ pub fn work_id(work: Work, task: bool) -> Option<u64> {
     match work {
         Work::Task(id) if task => Some(id),
         Work::Upgrade(id) if !task => Some(id),
+        _ => None,
+    }
+}
+
+/// The config version a batch's work pinned, if it is a config batch.
+pub fn config_version(work: Work) -> Option<u64> {
+    match work {
+        Work::Config(version) => Some(version),
         _ => None,
     }
 }
@@ -136,6 +146,18 @@ async fn step(shared: &Shared, id: RolloutId, now: u64) -> Result<bool, BusError
                     );
                     if let Err(e) = crate::upgrades::push_to_up(shared, nodes, &upgrade).await {
                         tracing::warn!(rollout = id, upgrade_id = upgrade.id, error = %e, "Upgrade push failed.");
+                    }
+                }
+                StartedWork::Config(version) => {
+                    tracing::info!(
+                        rollout = id,
+                        config = %version.name,
+                        version = version.version,
+                        nodes = nodes.len(),
+                        "Rollout batch started."
+                    );
+                    if let Err(e) = crate::configs::push_to_up(shared, nodes, &version).await {
+                        tracing::warn!(rollout = id, config = %version.name, error = %e, "Config push failed.");
                     }
                 }
             }

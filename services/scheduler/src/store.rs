@@ -48,8 +48,9 @@ pub use operator::{
 };
 pub use rollouts::{
     BATCH_HISTORY, BatchOutcome, Control, Controlled, InFlight, MAX_STAGES, NewRollout,
-    RolloutAction, RolloutId, RolloutRecord, RolloutState, RolloutTask, RolloutUpgrade, Size,
-    Stage, StagePlan, StartedWork, Step, Work, default_stages, plan_stages, rollout_order,
+    RolloutAction, RolloutConfig, RolloutId, RolloutRecord, RolloutState, RolloutTask,
+    RolloutUpgrade, Size, Stage, StagePlan, StartedWork, Step, Work, default_stages, plan_stages,
+    rollout_order,
 };
 pub use schedules::{
     Fire, NewSchedule, Overlap, SCHEDULE_ACTOR, ScheduleId, ScheduleRecord, fire_key,
@@ -203,6 +204,15 @@ pub enum StoreError {
         name: String,
         /// The version asked for.
         version: u64,
+    },
+    /// A config rollout of this document is unfinished: setting or rolling back its desired
+    /// version would fight it (abort it first).
+    #[error("config {name:?} is being rolled out by rollout {rollout}; abort it first")]
+    ConfigInRollout {
+        /// The document.
+        name: String,
+        /// The unfinished rollout.
+        rollout: u64,
     },
     /// A rollout request is unusable (the message says why); nothing was stored.
     #[error("invalid rollout: {0}")]

@@ -2,15 +2,18 @@
 //! Staged rollouts in the store against real redb files: stage planning, batches that go
 //! out in rollout order exactly once (also after the file is reopened, as a standby taking
 //! over would), the failure threshold halting mid-stage, promote, resume after a halt,
-//! batch deadlines, and abort, each step audited.
+//! batch deadlines, and abort, each step audited; config-version rollouts that pin batch
+//! by batch and make the version desired when they complete.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use messages::UserId;
+use messages::fleet::{AppliedConfig, ConfigAck, ConfigOutcome};
 use scheduler::store::{
-    AgentRecord, AgentState, ArtifactRecord, Control, NewAuditEntry, NewRollout, ResultBody,
-    RolloutAction, RolloutRecord, RolloutState, RolloutTask, RolloutUpgrade, Size, StagePlan,
-    StartedWork, Step, Store, StoreError, Targets, TaskKind, UpgradeState, plan_stages,
+    AgentRecord, AgentState, ArtifactRecord, ConfigState, Control, NewAuditEntry, NewConfigAck,
+    NewConfigVersion, NewRollout, ResultBody, RolloutAction, RolloutConfig, RolloutRecord,
+    RolloutState, RolloutTask, RolloutUpgrade, Size, StagePlan, StartedWork, Step, Store,
+    StoreError, Targets, TaskKind, UpgradeState, plan_stages,
 };
 use serde_json::json;
 
@@ -497,4 +500,318 @@ fn an_upgrade_rollout_counts_nodes_back_online_and_ends_the_ones_never_reached()
             .is_empty(),
         "nothing left to push"
     );
+}
+
+fn config_version(content: &str, activate: bool) -> NewConfigVersion {
+    NewConfigVersion {
+        name: "app.conf".into(),
+        content: content.as_bytes().to_vec(),
+        validate: None,
+        reload: None,
+        targets: Targets::Selector([("fleet".to_owned(), "edge".to_owned())].into()),
+        actor: "ops".into(),
+        activate,
+    }
+}
+
+/// The agent's ack of `version` (with `sha256`) of app.conf.
+fn config_ack(store: &Store, n: &UserId, version: u64, sha256: &str, ok: bool, at: u64) {
+    let ack = ConfigAck {
+        message_id: format!("m-{n}-{version}-{at}"),
+        name: "app.conf".into(),
+        version,
+        sha256: sha256.into(),
+        status: if ok {
+            ConfigOutcome::Applied
+        } else {
+            ConfigOutcome::Failed
+        },
+        error: (!ok).then(|| "validate failed".into()),
+        at_ms: at,
+    };
+    assert!(
+        store
+            .record_config_ack(&NewConfigAck {
+                node_id: n,
+                ack: &ack
+            })
+            .unwrap()
+    );
+}
+
+/// What each node should run, by node id.
+fn wanted(store: &Store) -> BTreeMap<String, (u64, ConfigState)> {
+    store
+        .config_status("app.conf")
+        .unwrap()
+        .1
+        .into_iter()
+        .map(|s| (s.node_id, (s.desired_version, s.state)))
+        .collect()
+}
+
+#[test]
+fn a_config_rollout_pins_batch_by_batch_and_its_version_becomes_desired_when_it_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    fleet(&store, 4);
+    let (v1, nodes, _) = store
+        .set_config(&config_version("a=1", true), T0, |_, _| entry("config.set"))
+        .unwrap();
+    assert_eq!(nodes.len(), 4);
+    for n in &nodes {
+        config_ack(&store, n, 1, &v1.sha256, true, T0 + 1);
+    }
+    // Staged: stored, not desired; nobody is asked to move.
+    let (v2, _, _) = store
+        .set_config(&config_version("a=2", false), T0 + 2, |_, _| {
+            entry("config.set")
+        })
+        .unwrap();
+    assert_eq!(store.config("app.conf").unwrap().unwrap().desired, 1);
+    assert!(
+        wanted(&store)
+            .values()
+            .all(|w| *w == (1, ConfigState::Applied))
+    );
+
+    let mut new = new_rollout(
+        vec![
+            stage("pilot", Size::Count(1)),
+            stage("full", Size::Percent(100)),
+        ],
+        None,
+        0,
+    );
+    new.action = RolloutAction::Config(RolloutConfig {
+        name: "app.conf".into(),
+        version: 2,
+    });
+    new.pause_ms = 0;
+    new.batch_timeout_ms = 10_000;
+    let (rec, _) = store.create_rollout(&new, T0 + 3, |_| entry("c")).unwrap();
+    // While it runs, an operator's set or rollback would fight it: refused.
+    assert!(matches!(
+        store.set_config(&config_version("a=3", true), T0 + 4, |_, _| entry("config.set")),
+        Err(StoreError::ConfigInRollout { rollout, .. }) if rollout == rec.id
+    ));
+    assert!(matches!(
+        store.rollback_config("app.conf", 1, T0 + 4, |_, _| entry("config.rollback")),
+        Err(StoreError::ConfigInRollout { .. })
+    ));
+    // A second rollout of the same document is refused too.
+    assert!(matches!(
+        store.create_rollout(&new, T0 + 4, |_| entry("c")),
+        Err(StoreError::ConfigInRollout { .. })
+    ));
+
+    let (pushed, pilot) = match step(&store, rec.id, T0 + 5) {
+        Step::Started {
+            work: StartedWork::Config(v),
+            nodes,
+        } => (v, nodes),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        (pushed.version, pushed.sha256.as_str(), pilot.len()),
+        (2, v2.sha256.as_str(), 1)
+    );
+    // The pilot node wants 2, the others still 1.
+    let w = wanted(&store);
+    assert_eq!(w[pilot[0].as_str()], (2, ConfigState::Pending));
+    assert_eq!(
+        w.values()
+            .filter(|x| **x == (1, ConfigState::Applied))
+            .count(),
+        3
+    );
+    // A node of the next stage that re-registers is converged to 1, not 2; the pilot to 2.
+    let other = nodes.iter().find(|n| **n != pilot[0]).unwrap();
+    let reported: BTreeMap<String, AppliedConfig> = [(
+        "app.conf".to_owned(),
+        AppliedConfig {
+            version: 1,
+            sha256: v1.sha256.clone(),
+        },
+    )]
+    .into();
+    assert!(
+        store
+            .configs_to_converge(&agent(other.as_str()), &reported, T0 + 6)
+            .unwrap()
+            .is_empty()
+    );
+    let lacking = store
+        .configs_to_converge(&agent(pilot[0].as_str()), &reported, T0 + 6)
+        .unwrap();
+    assert_eq!(
+        lacking.iter().map(|v| v.version).collect::<Vec<_>>(),
+        vec![2]
+    );
+    // Not done until the pilot acks.
+    assert_eq!(step(&store, rec.id, T0 + 7), Step::Idle);
+    config_ack(&store, &pilot[0], 2, &v2.sha256, true, T0 + 8);
+    match step(&store, rec.id, T0 + 9) {
+        Step::Finished { outcome, state, .. } => {
+            assert_eq!((outcome.succeeded, outcome.failed), (1, 0));
+            assert_eq!(state, RolloutState::AwaitingPromotion);
+        }
+        other => panic!("{other:?}"),
+    }
+    store
+        .control_rollout(rec.id, Control::Promote, T0 + 10, |_| entry("promote"))
+        .unwrap();
+    let rest = match step(&store, rec.id, T0 + 11) {
+        Step::Started {
+            work: StartedWork::Config(_),
+            nodes,
+        } => nodes,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(rest.len(), 3);
+    for n in &rest {
+        config_ack(&store, n, 2, &v2.sha256, true, T0 + 12);
+    }
+    assert!(matches!(
+        step(&store, rec.id, T0 + 13),
+        Step::Finished {
+            state: RolloutState::Completed,
+            ..
+        }
+    ));
+    // It covered every node: 2 is now the desired version, no pins left, all applied.
+    assert_eq!(store.config("app.conf").unwrap().unwrap().desired, 2);
+    assert!(
+        wanted(&store)
+            .values()
+            .all(|w| *w == (2, ConfigState::Applied))
+    );
+    // And the operator may set and roll back again.
+    store
+        .rollback_config("app.conf", 1, T0 + 14, |_, _| entry("config.rollback"))
+        .unwrap();
+    assert!(wanted(&store).values().all(|w| w.0 == 1));
+}
+
+#[test]
+fn a_config_rollout_halts_on_failed_acks_and_abort_sends_unfinished_nodes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.redb")).unwrap();
+    fleet(&store, 4);
+    let (v1, nodes, _) = store
+        .set_config(&config_version("a=1", true), T0, |_, _| entry("config.set"))
+        .unwrap();
+    for n in &nodes {
+        config_ack(&store, n, 1, &v1.sha256, true, T0 + 1);
+    }
+    // The first version is desired at once; only later ones may be staged.
+    let mut first = config_version("x", false);
+    first.name = "other.conf".into();
+    assert!(matches!(
+        store.set_config(&first, T0, |_, _| entry("config.set")),
+        Err(StoreError::InvalidConfig(_))
+    ));
+    let (v2, _, _) = store
+        .set_config(&config_version("a=2", false), T0 + 2, |_, _| {
+            entry("config.set")
+        })
+        .unwrap();
+    let mut new = new_rollout(
+        vec![stage("all", Size::Percent(100))],
+        Some(Size::Count(2)),
+        0,
+    );
+    new.action = RolloutAction::Config(RolloutConfig {
+        name: "app.conf".into(),
+        version: 2,
+    });
+    new.pause_ms = 0;
+    // An unknown version is refused at creation.
+    let mut bad = new.clone();
+    bad.action = RolloutAction::Config(RolloutConfig {
+        name: "app.conf".into(),
+        version: 9,
+    });
+    assert!(matches!(
+        store.create_rollout(&bad, T0 + 3, |_| entry("c")),
+        Err(StoreError::UnknownConfigVersion { .. })
+    ));
+    let (rec, _) = store.create_rollout(&new, T0 + 3, |_| entry("c")).unwrap();
+    let batch = match step(&store, rec.id, T0 + 4) {
+        Step::Started { nodes, .. } => nodes,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(batch.len(), 2);
+    // One node's validate fails: over a 0% threshold, halted while the other is pending.
+    config_ack(&store, &batch[0], 2, &v2.sha256, false, T0 + 5);
+    assert!(matches!(step(&store, rec.id, T0 + 6), Step::Halted(_)));
+    let w = wanted(&store);
+    assert_eq!(w[batch[0].as_str()], (2, ConfigState::Failed));
+    assert_eq!(w[batch[1].as_str()], (2, ConfigState::Pending));
+    // Abort: the nodes that do not run 2 go back to the desired 1 (the failed one never
+    // replaced its file), nodes that run 2 would keep it; desired stays 1.
+    store
+        .control_rollout(rec.id, Control::Abort, T0 + 7, |_| entry("abort"))
+        .unwrap();
+    assert_eq!(store.config("app.conf").unwrap().unwrap().desired, 1);
+    let w = wanted(&store);
+    assert_eq!(w[batch[0].as_str()], (1, ConfigState::Applied));
+    assert_eq!(w[batch[1].as_str()], (1, ConfigState::Applied));
+    assert!(w.values().all(|x| x.0 == 1));
+    // Over: the document may be set again.
+    store
+        .set_config(&config_version("a=3", true), T0 + 8, |_, _| {
+            entry("config.set")
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_config_rollout_over_a_subset_leaves_its_nodes_pinned_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let (rec, v2sha, subset) = {
+        let store = Store::open(&path).unwrap();
+        fleet(&store, 4);
+        store
+            .set_config(&config_version("a=1", true), T0, |_, _| entry("config.set"))
+            .unwrap();
+        let (v2, _, _) = store
+            .set_config(&config_version("a=2", false), T0 + 1, |_, _| {
+                entry("config.set")
+            })
+            .unwrap();
+        let mut new = new_rollout(vec![stage("all", Size::Percent(100))], None, 0);
+        new.action = RolloutAction::Config(RolloutConfig {
+            name: "app.conf".into(),
+            version: 2,
+        });
+        new.targets = Targets::Nodes(vec![node("n000"), node("n001")]);
+        let (rec, _) = store.create_rollout(&new, T0 + 2, |_| entry("c")).unwrap();
+        let subset = match step(&store, rec.id, T0 + 3) {
+            Step::Started { nodes, .. } => nodes,
+            other => panic!("{other:?}"),
+        };
+        (rec, v2.sha256, subset)
+    };
+    // A standby opens the same file: the batch is in flight, the pins are on disk.
+    let store = Store::open(&path).unwrap();
+    assert_eq!(step(&store, rec.id, T0 + 4), Step::Idle);
+    for n in &subset {
+        config_ack(&store, n, 2, &v2sha, true, T0 + 5);
+    }
+    assert!(matches!(
+        step(&store, rec.id, T0 + 6),
+        Step::Finished {
+            state: RolloutState::Completed,
+            ..
+        }
+    ));
+    // Two of four nodes: desired stays 1, the two keep 2.
+    assert_eq!(store.config("app.conf").unwrap().unwrap().desired, 1);
+    let w = wanted(&store);
+    assert_eq!(w["n000"], (2, ConfigState::Applied));
+    assert_eq!(w["n001"], (2, ConfigState::Applied));
+    assert_eq!(w["n002"].0, 1);
+    assert_eq!(w["n003"].0, 1);
 }

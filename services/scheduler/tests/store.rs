@@ -871,6 +871,7 @@ fn new_config(name: &str, content: &str, targets: Targets) -> scheduler::store::
         reload: None,
         targets,
         actor: "ops".into(),
+        activate: true,
     }
 }
 

@@ -12,6 +12,8 @@
 //! schedctl config set app.conf --file app.conf --selector region=eu --validate 'sh -n {file}'
 //! schedctl config status app.conf
 //! schedctl config rollback app.conf --to 1
+//! schedctl config set app.conf --file app.conf --selector region=eu --stage
+//! schedctl rollout start --selector region=eu --config app.conf --version 3 --batch 10%
 //! schedctl rollout start --selector role=edge --batch 10% --pause-secs 30 -- /opt/upgrade.sh
 //! schedctl rollout status 3
 //! schedctl rollout promote 3
@@ -209,6 +211,10 @@ enum ConfigCommand {
         /// Command the agent runs after the file was replaced (same rules).
         #[arg(long)]
         reload: Option<String>,
+        /// Only store the version (push nothing): roll it out in stages with
+        /// `schedctl rollout start --config NAME --version N`.
+        #[arg(long)]
+        stage: bool,
     },
     /// Print a document's desired version (or `--version N`) to stdout.
     Get {
@@ -370,9 +376,19 @@ enum RolloutCommand {
         timeout_ms: Option<u64>,
         /// Roll out an agent upgrade of this uploaded artifact (`schedctl artifact upload`)
         /// instead of a command.
-        #[arg(long, value_name = "SHA256", requires = "version")]
+        #[arg(
+            long,
+            value_name = "SHA256",
+            requires = "version",
+            conflicts_with = "config"
+        )]
         upgrade: Option<String>,
-        /// The version the new agent binary reports (with `--upgrade`).
+        /// Roll out a version of this config document (`--version N`, usually staged with
+        /// `schedctl config set --stage`) instead of a command.
+        #[arg(long, value_name = "NAME", requires = "version")]
+        config: Option<String>,
+        /// The version the new agent binary reports (with `--upgrade`), or the config
+        /// version (with `--config`).
         #[arg(long)]
         version: Option<String>,
         /// Seconds each agent's new binary gets to come online (with `--upgrade`).
@@ -821,6 +837,7 @@ fn config(api: &Api, as_json: bool, command: &ConfigCommand) -> Result<(), Failu
             selectors,
             validate,
             reload,
+            stage,
         } => {
             let targets = match (nodes.is_empty(), selectors.is_empty()) {
                 (false, true) => json!({"nodes": nodes}),
@@ -840,9 +857,22 @@ fn config(api: &Api, as_json: bool, command: &ConfigCommand) -> Result<(), Failu
             if let Some(r) = argv(reload) {
                 body["reload"] = json!(r);
             }
+            if *stage {
+                body["activate"] = json!(false);
+            }
             let v = api.post(&format!("/v1/configs/{name}"), &body)?;
             if as_json {
                 return print_json(&v);
+            }
+            if *stage {
+                println!(
+                    "config {name} version {} (sha256 {}) staged for {} node(s); roll it out with: schedctl rollout start --config {name} --version {}",
+                    text(&v["version"]),
+                    short_sha(&v["sha256"]),
+                    v["nodes"].as_array().map_or(0, Vec::len),
+                    text(&v["version"]),
+                );
+                return Ok(());
             }
             println!(
                 "config {name} version {} (sha256 {}) for {} node(s), pushed to {} now",
@@ -931,6 +961,7 @@ fn config(api: &Api, as_json: bool, command: &ConfigCommand) -> Result<(), Failu
                             vec![
                                 text(&n["node_id"]),
                                 text(&n["state"]),
+                                text(&n["desired_version"]),
                                 text(&n["applied_version"]),
                                 text(&n["agent_state"]),
                                 text(&n["error"]),
@@ -939,7 +970,7 @@ fn config(api: &Api, as_json: bool, command: &ConfigCommand) -> Result<(), Failu
                         .collect()
                 })
                 .unwrap_or_default();
-            print_table(&["NODE", "STATE", "VERSION", "AGENT", "ERROR"], &rows);
+            print_table(&["NODE", "STATE", "WANTS", "RUNS", "AGENT", "ERROR"], &rows);
             Ok(())
         }
         ConfigCommand::Rollback { name, to } => {
@@ -1044,6 +1075,7 @@ fn rollout(api: &Api, as_json: bool, command: &RolloutCommand) -> Result<(), Fai
             auto_promote,
             timeout_ms,
             upgrade,
+            config,
             version,
             deadline_secs,
             argv,
@@ -1078,6 +1110,15 @@ fn rollout(api: &Api, as_json: bool, command: &RolloutCommand) -> Result<(), Fai
                 body["batch_timeout_ms"] = json!(t.saturating_mul(1000));
             }
             match (upgrade, argv.is_empty()) {
+                (None, true) if config.is_some() => {
+                    let number = version
+                        .as_deref()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or_else(|| {
+                            Failure::Usage("--config needs --version N (a version number)".into())
+                        })?;
+                    body["config"] = json!({"name": config, "version": number});
+                }
                 (Some(sha256), true) => {
                     let mut u = json!({"sha256": sha256, "version": version});
                     if let Some(d) = deadline_secs {
@@ -1093,7 +1134,7 @@ fn rollout(api: &Api, as_json: bool, command: &RolloutCommand) -> Result<(), Fai
                 }
                 _ => {
                     return Err(Failure::Usage(
-                        "give either -- COMMAND... or --upgrade SHA256 --version V".into(),
+                        "give one of -- COMMAND..., --upgrade SHA256 --version V or --config NAME --version N".into(),
                     ));
                 }
             }
@@ -1137,6 +1178,12 @@ const ROLLOUT_HEADERS: &[&str] = &["ROLLOUT", "STATE", "STAGE", "PROGRESS", "FAI
 fn rollout_row(r: &Value) -> Vec<String> {
     let what = if r["upgrade"].is_object() {
         format!("upgrade to {}", text(&r["upgrade"]["version"]))
+    } else if r["config"].is_object() {
+        format!(
+            "config {} version {}",
+            text(&r["config"]["name"]),
+            text(&r["config"]["version"])
+        )
     } else {
         r["task"]["spec"]["argv"]
             .as_array()
@@ -1208,9 +1255,13 @@ fn print_rollout(v: &Value) {
                     .join(" ")
             })
             .unwrap_or_default();
-        let work = match b.get("upgrade_id").and_then(Value::as_u64) {
-            Some(id) => format!("upgrade {id}"),
-            None => format!("task {}", b.get("task_id").map(text).unwrap_or_default()),
+        let work = match (
+            b.get("upgrade_id").and_then(Value::as_u64),
+            b.get("config_version").and_then(Value::as_u64),
+        ) {
+            (Some(id), _) => format!("upgrade {id}"),
+            (None, Some(v)) => format!("config version {v}"),
+            (None, None) => format!("task {}", b.get("task_id").map(text).unwrap_or_default()),
         };
         println!(
             "\nbatch {} in flight: {} nodes, {work} {states}",

@@ -82,10 +82,19 @@ struct SetConfig {
     /// Run by the agent after the file was replaced.
     #[serde(default)]
     reload: Option<Vec<String>>,
+    /// Make it desired and push it at once (default); `false` only stores it, for a
+    /// staged rollout (`POST /v1/rollouts` with `config`).
+    #[serde(default = "yes")]
+    activate: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `POST /v1/configs/{name}`: stores the next version, makes it desired and pushes it to
-/// the targets that are up (the others get it when they register).
+/// the targets that are up (the others get it when they register); with
+/// `"activate": false` it is only stored, for a staged rollout.
 async fn set_config(
     req: HttpRequest,
     path: web::Path<String>,
@@ -97,6 +106,7 @@ async fn set_config(
     let body: SetConfig = serde_json::from_value(body.into_inner())
         .map_err(|e| ApiError::bad("malformed_json", e.to_string()))?;
     let targets = body.targets.into_targets()?;
+    let activate = body.activate;
     let new = NewConfigVersion {
         name,
         content: body.content.into_bytes(),
@@ -104,6 +114,7 @@ async fn set_config(
         reload: body.reload,
         targets,
         actor: actor.name.clone(),
+        activate,
     };
     let (version, nodes, entry) = blocking(&shared, move |store| {
         store.set_config(&new, now_ms(), |v, nodes| {
@@ -119,6 +130,7 @@ async fn set_config(
                     "nodes": nodes.iter().map(UserId::as_str).collect::<Vec<_>>(),
                     "validate": v.validate,
                     "reload": v.reload,
+                    "activated": new.activate,
                 }),
             )
         })
@@ -126,10 +138,15 @@ async fn set_config(
     .await?;
     audit::log(&entry);
     let targets: Vec<String> = nodes.iter().map(|n| n.as_str().to_owned()).collect();
-    let pushed = crate::configs::push_to_up(&shared, nodes.into_iter().collect(), &version).await?;
+    let pushed = if activate {
+        crate::configs::push_to_up(&shared, nodes.into_iter().collect(), &version).await?
+    } else {
+        0
+    };
     Ok(HttpResponse::Created().json(json!({
         "name": version.name,
         "version": version.version,
+        "activated": activate,
         "sha256": version.sha256,
         "nodes": targets,
         "pushed": pushed,

@@ -1,6 +1,6 @@
 //! `/v1/rollouts`: staged rollouts ([`crate::rollout`], [`crate::store`]'s rollouts). Create
 //! (`POST`, `targets` and either a task's `spec`/`timeout_ms`/`max_attempts` or an agent
-//! `upgrade` of an uploaded artifact, plus `stages`, `batch`,
+//! `upgrade` of an uploaded artifact or a `config` version, plus `stages`, `batch`,
 //! `pause_ms`, `max_failure_percent`, `batch_timeout_ms`, `auto_promote`), list, get (with
 //! per-stage progress and the live state of the batch in flight), and the controls `pause`,
 //! `resume`, `promote` and `abort`. Reads take any key, changes an operator key; every
@@ -22,10 +22,10 @@ use crate::Shared;
 use crate::audit;
 use crate::bus::blocking;
 use crate::rollout;
-use crate::rollout::work_id;
+use crate::rollout::{config_version, work_id};
 use crate::store::{
-    Control, NewRollout, RolloutAction, RolloutRecord, RolloutTask, RolloutUpgrade, Size,
-    StagePlan, TaskSpec, Work,
+    Control, NewRollout, RolloutAction, RolloutConfig, RolloutRecord, RolloutTask, RolloutUpgrade,
+    Size, StagePlan, TaskSpec, Work,
 };
 
 /// Registers the routes.
@@ -42,6 +42,8 @@ const DEFAULT_MAX_FAILURE_PERCENT: u8 = 5;
 const DEFAULT_BATCH_SLACK_MS: u64 = 60_000;
 /// Longest pause between batches accepted (a day).
 const MAX_PAUSE_MS: u64 = 86_400_000;
+/// What a config batch's deadline allows for one agent's apply (validate, rename, reload).
+const DEFAULT_CONFIG_APPLY_MS: u64 = 60_000;
 /// An upgrade's per-agent deadline when a request names none.
 const DEFAULT_UPGRADE_DEADLINE_SECS: u64 = 120;
 
@@ -93,8 +95,18 @@ struct UpgradeRequest {
     arch: Option<String>,
 }
 
-/// Body of `POST /v1/rollouts`: a task (`spec`, with `timeout_ms` and `max_attempts`) or an
-/// agent upgrade (`upgrade`), not both.
+/// The config version a rollout moves its targets to (`config` in `POST /v1/rollouts`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigRequest {
+    /// The document.
+    name: String,
+    /// A kept version (stage it with `"activate": false` in `POST /v1/configs/{name}`).
+    version: u64,
+}
+
+/// Body of `POST /v1/rollouts`: a task (`spec`, with `timeout_ms` and `max_attempts`), an
+/// agent upgrade (`upgrade`) or a config version (`config`): exactly one.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateRollout {
@@ -103,6 +115,8 @@ struct CreateRollout {
     spec: Option<fleet::TaskKind>,
     #[serde(default)]
     upgrade: Option<UpgradeRequest>,
+    #[serde(default)]
+    config: Option<ConfigRequest>,
     #[serde(default)]
     timeout_ms: Option<u64>,
     #[serde(default)]
@@ -160,6 +174,7 @@ fn rollout_json(
             "nodes": b.end - b.start,
             "task_id": work_id(b.work, true),
             "upgrade_id": work_id(b.work, false),
+            "config_version": config_version(b.work),
             "started_at_ms": b.started_at_ms,
             "deadline_ms": b.deadline_ms,
             "states": batch_states,
@@ -175,6 +190,7 @@ fn rollout_json(
                 "nodes": h.nodes,
                 "task_id": work_id(h.work, true),
                 "upgrade_id": work_id(h.work, false),
+                "config_version": config_version(h.work),
                 "succeeded": h.succeeded,
                 "failed": h.failed,
                 "unfinished": h.unfinished,
@@ -225,6 +241,9 @@ fn rollout_json(
                 "arch": u.arch,
             });
         }
+        RolloutAction::Config(c) => {
+            out["config"] = json!({"name": c.name, "version": c.version});
+        }
     }
     out
 }
@@ -239,8 +258,8 @@ async fn create(
     let raw = body.into_inner();
     let body: CreateRollout = serde_json::from_value(raw.clone())
         .map_err(|e| ApiError::bad("malformed_json", e.to_string()))?;
-    let (action, targets, attempt_deadline_ms) = match (body.spec, body.upgrade) {
-        (Some(kind), None) => {
+    let (action, targets, attempt_deadline_ms) = match (body.spec, body.upgrade, body.config) {
+        (Some(kind), None, None) => {
             let spec = task_spec(
                 &shared,
                 body.targets,
@@ -257,7 +276,7 @@ async fn create(
             };
             (RolloutAction::Task(task), spec.targets, worst)
         }
-        (None, Some(u)) => {
+        (None, Some(u), None) => {
             if body.timeout_ms.is_some() || body.max_attempts.is_some() {
                 return Err(ApiError::bad(
                     "invalid_rollout",
@@ -281,10 +300,29 @@ async fn create(
                 deadline_ms,
             )
         }
+        (None, None, Some(c)) => {
+            if body.timeout_ms.is_some() || body.max_attempts.is_some() {
+                return Err(ApiError::bad(
+                    "invalid_rollout",
+                    "timeout_ms and max_attempts are for task rollouts",
+                ));
+            }
+            let config = RolloutConfig {
+                name: c.name,
+                version: c.version,
+            };
+            // An agent applies a config in well under a second; a minute covers a slow
+            // validate or reload command.
+            (
+                RolloutAction::Config(config),
+                body.targets.into_targets()?,
+                DEFAULT_CONFIG_APPLY_MS,
+            )
+        }
         _ => {
             return Err(ApiError::bad(
                 "invalid_rollout",
-                "give either spec (a task) or upgrade (an agent upgrade)",
+                "give exactly one of spec (a task), upgrade (an agent upgrade) or config (a config version)",
             ));
         }
     };
@@ -379,6 +417,30 @@ async fn get(
             Some(Work::Upgrade(id)) => {
                 for n in store.upgrade(id)?.1 {
                     *states.entry(n.state.as_str().to_owned()).or_insert(0u64) += 1;
+                }
+            }
+            Some(Work::Config(version)) => {
+                let batch = record.batch.as_ref().map_or(0..0, |b| b.start..b.end);
+                let nodes = store.rollout_nodes(id)?;
+                let in_batch: std::collections::BTreeSet<&str> = nodes
+                    .get(
+                        usize::try_from(batch.start).unwrap_or(usize::MAX)
+                            ..usize::try_from(batch.end).unwrap_or(0),
+                    )
+                    .unwrap_or_default()
+                    .iter()
+                    .map(messages::UserId::as_str)
+                    .collect();
+                if let RolloutAction::Config(c) = &record.action {
+                    for n in store.config_status(&c.name)?.1 {
+                        if in_batch.contains(n.node_id.as_str()) && n.desired_version == version {
+                            let state = serde_json::to_value(n.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default();
+                            *states.entry(state).or_insert(0u64) += 1;
+                        }
+                    }
                 }
             }
             None => return Ok((Some(record), None)),

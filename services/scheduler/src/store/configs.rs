@@ -7,6 +7,15 @@
 //! agents); agents that register later and match a selector join at their register. A
 //! rollback only moves the desired version to an older one that is still kept. History is
 //! bounded: the newest [`CONFIG_HISTORY`] versions per name are kept, plus the desired one.
+//! A `set` with `activate: false` stages a version without making it desired: a staged
+//! rollout then moves nodes to it batch by batch.
+//!
+//! A node may be **pinned** to a version other than the desired one: a config rollout pins
+//! each batch's nodes to the version it rolls out, so the rest of the document's nodes keep
+//! the desired version until their batch comes; when a rollout that covered every node of
+//! the document completes, its version becomes the desired one and the pins go. A `set`
+//! that activates a version and a rollback clear every pin (an operator's explicit choice
+//! wins), and both are refused while a config rollout of that document is unfinished.
 //!
 //! Per (name, node) the store keeps the version the agent reports as applied (from its
 //! acks and from every register, which says what is on disk now) and its last ack, from
@@ -63,6 +72,8 @@ pub struct NewConfigVersion {
     pub targets: Targets,
     /// Who made it (the API key's name).
     pub actor: String,
+    /// Make it the desired version (and push it) at once; `false` stages it for a rollout.
+    pub activate: bool,
 }
 
 /// One stored version.
@@ -134,6 +145,9 @@ pub enum ConfigState {
 pub struct ConfigNodeStatus {
     /// The node.
     pub node_id: String,
+    /// The version this node should run: the document's desired one, or the version a
+    /// rollout pinned it to.
+    pub desired_version: u64,
     /// Applied, pending or failed (against the desired version).
     pub state: ConfigState,
     /// The version the node reports as applied.
@@ -182,6 +196,30 @@ struct NodeRow {
     last_ack: Option<AckRow>,
     /// When it last reported (ack or register), unix ms.
     updated_at_ms: Option<u64>,
+    /// The version a config rollout moved this node to, ahead of the desired one.
+    #[serde(default)]
+    pinned: Option<u64>,
+}
+
+impl NodeRow {
+    /// The version this node should run.
+    fn wanted(&self, desired: u64) -> u64 {
+        self.pinned.unwrap_or(desired)
+    }
+
+    /// Whether it runs `version` (number and content).
+    fn runs(&self, version: &ConfigVersion) -> bool {
+        self.applied
+            .as_ref()
+            .is_some_and(|(v, sha)| *v == version.version && *sha == version.sha256)
+    }
+
+    /// Whether its last attempt at `version` failed.
+    fn failed_at(&self, version: &ConfigVersion) -> Option<&AckRow> {
+        self.last_ack.as_ref().filter(|a| {
+            a.error.is_some() && a.version == version.version && a.sha256 == version.sha256
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -285,9 +323,10 @@ fn nodes_in(txn: &WriteTransaction, name: &str) -> Result<BTreeSet<UserId>, Stor
 }
 
 impl Store {
-    /// Stores the next version of `new.name`, makes it desired, resolves its targets (the
-    /// nodes it goes to from now on) and appends `audit(version)` to the audit log, in one
-    /// transaction. Returns the version, the target nodes and the audit entry.
+    /// Stores the next version of `new.name`, makes it desired (unless `new.activate` is
+    /// false: then it is only kept, for a rollout), resolves its targets (the nodes it goes
+    /// to from now on) and appends `audit(version)` to the audit log, in one transaction.
+    /// Returns the version, the target nodes and the audit entry.
     pub fn set_config(
         &self,
         new: &NewConfigVersion,
@@ -298,10 +337,22 @@ impl Store {
         self.write(|txn| {
             let nodes = resolve_targets_in(txn, &new.targets)?;
             let name = new.name.as_str();
-            let latest = read_config(txn, name)?.map_or(0, |c| c.latest);
+            let head = read_config(txn, name)?;
+            if new.activate {
+                refuse_during_rollout(txn, name)?;
+            } else if head.is_none() {
+                return Err(StoreError::InvalidConfig(
+                    "the first version of a document is desired at once; stage later ones".into(),
+                ));
+            }
+            let latest = head.as_ref().map_or(0, |c| c.latest);
             let version = latest
                 .checked_add(1)
                 .ok_or_else(|| StoreError::InvalidConfig("version numbers exhausted".into()))?;
+            let desired = match (&head, new.activate) {
+                (Some(head), false) => head.desired,
+                _ => version,
+            };
             let row = VersionRow {
                 sha256: fleet::config_sha256(&new.content),
                 content: new.content.clone(),
@@ -313,19 +364,19 @@ impl Store {
             {
                 let mut versions = txn.open_table(CONFIG_VERSIONS)?;
                 versions.insert((name, version), encode(&row, "config version")?.as_slice())?;
-                // Bounded history: the oldest beyond CONFIG_HISTORY go (the new desired
-                // version is the newest, so it always stays).
+                // Bounded history: the oldest beyond CONFIG_HISTORY go, except the desired
+                // version (the new one is the newest, so it always stays).
                 let keep_from = version.saturating_sub(CONFIG_HISTORY - 1).max(1);
                 let old: Vec<u64> = versions
                     .range((name, 0)..(name, keep_from))?
                     .map(|item| item.map(|(k, _)| k.value().1))
                     .collect::<Result<_, _>>()?;
-                for v in old {
+                for v in old.into_iter().filter(|&v| v != desired) {
                     versions.remove((name, v))?;
                 }
             }
             let config = ConfigRow {
-                desired: version,
+                desired,
                 latest: version,
                 targets: new.targets.clone(),
                 updated_at_ms: at_ms,
@@ -345,14 +396,18 @@ impl Store {
                 )?;
             }
             drop(table);
+            if new.activate {
+                unpin_all_in(txn, name)?;
+            }
             let created = version_of(name, version, row);
             let entry = append_in(txn, at_ms, audit(&created, &nodes))?;
             Ok((created, nodes, entry))
         })
     }
 
-    /// Makes the kept version `to` of `name` desired again, with its audit entry in the
-    /// same transaction. Returns the version and the nodes it goes to.
+    /// Makes the kept version `to` of `name` desired again (clearing every rollout pin),
+    /// with its audit entry in the same transaction. Returns the version and the nodes it
+    /// goes to.
     pub fn rollback_config(
         &self,
         name: &str,
@@ -363,12 +418,14 @@ impl Store {
         self.write(|txn| {
             let mut config =
                 read_config(txn, name)?.ok_or_else(|| StoreError::UnknownConfig(name.into()))?;
+            refuse_during_rollout(txn, name)?;
             let version = read_version(txn, name, to)?;
             let from = config.desired;
             config.desired = to;
             config.updated_at_ms = at_ms;
             txn.open_table(CONFIGS)?
                 .insert(name, encode(&config, "config")?.as_slice())?;
+            unpin_all_in(txn, name)?;
             let nodes = nodes_in(txn, name)?;
             let entry = append_in(txn, at_ms, audit(&version, from))?;
             Ok((version, nodes, entry))
@@ -466,7 +523,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Every target node of `name` with its state against the desired version.
+    /// Every target node of `name` with its state against the version it should run (the
+    /// desired one, or the one a rollout pinned it to). Returns the desired version too.
     pub fn config_status(
         &self,
         name: &str,
@@ -474,6 +532,8 @@ impl Store {
         let desired = self.config_version(name, None)?;
         let txn = self.db.begin_read()?;
         let table = txn.open_table(CONFIG_NODES)?;
+        let versions = txn.open_table(CONFIG_VERSIONS)?;
+        let mut pinned: BTreeMap<u64, Option<ConfigVersion>> = BTreeMap::new();
         let mut out = Vec::new();
         for item in table.range((name, "")..)? {
             let (k, v) = item?;
@@ -482,14 +542,32 @@ impl Store {
                 break;
             }
             let row: NodeRow = decode(v.value(), "config node")?;
-            out.push(node_status(node, &row, &desired));
+            let wanted = row.wanted(desired.version);
+            let version = if wanted == desired.version {
+                Some(&desired)
+            } else {
+                if !pinned.contains_key(&wanted) {
+                    let found = match versions.get((name, wanted))? {
+                        Some(v) => Some(version_of(
+                            name,
+                            wanted,
+                            decode(v.value(), "config version")?,
+                        )),
+                        None => None,
+                    };
+                    pinned.insert(wanted, found);
+                }
+                pinned.get(&wanted).and_then(Option::as_ref)
+            };
+            out.push(node_status(node, &row, wanted, version));
         }
         Ok((desired, out))
     }
 
     /// At a register: records what the agent reports it has (`reported`), adds it to the
-    /// documents whose selector its labels match, and returns the desired versions it
-    /// lacks (not reported, another version, or a file whose SHA-256 differs).
+    /// documents whose selector its labels match, and returns the versions it should run
+    /// (desired, or pinned by a rollout) that it lacks (not reported, another version, or a
+    /// file whose SHA-256 differs).
     pub fn configs_to_converge(
         &self,
         agent: &AgentRecord,
@@ -529,8 +607,8 @@ impl Store {
                     (name.as_str(), node),
                     encode(&row, "config node")?.as_slice(),
                 )?;
-                let desired = read_version(txn, &name, head.desired)?;
-                if row.applied.as_ref() != Some(&(desired.version, desired.sha256.clone())) {
+                let desired = read_version(txn, &name, row.wanted(head.desired))?;
+                if !row.runs(&desired) {
                     lacking.push(desired);
                 }
             }
@@ -607,22 +685,176 @@ fn selects(selector: &LabelSelector, agent: &AgentRecord) -> bool {
     !selector.is_empty() && agent.matches(selector)
 }
 
-fn node_status(node: &str, row: &NodeRow, desired: &ConfigVersion) -> ConfigNodeStatus {
-    let wanted = (desired.version, desired.sha256.clone());
-    let failed = row.last_ack.as_ref().filter(|a| {
-        a.error.is_some() && a.version == desired.version && a.sha256 == desired.sha256
-    });
-    let state = match failed {
-        Some(_) => ConfigState::Failed,
-        None if row.applied.as_ref() == Some(&wanted) => ConfigState::Applied,
-        None => ConfigState::Pending,
+/// A node's status against `wanted` (`version`: that version, if it is still kept).
+fn node_status(
+    node: &str,
+    row: &NodeRow,
+    wanted: u64,
+    version: Option<&ConfigVersion>,
+) -> ConfigNodeStatus {
+    let failed = version.and_then(|v| row.failed_at(v));
+    let state = match (failed, version) {
+        (Some(_), _) => ConfigState::Failed,
+        (None, Some(v)) if row.runs(v) => ConfigState::Applied,
+        _ => ConfigState::Pending,
     };
     ConfigNodeStatus {
         node_id: node.to_owned(),
+        desired_version: wanted,
         state,
         applied_version: row.applied.as_ref().map(|a| a.0),
         applied_sha256: row.applied.as_ref().map(|a| a.1.clone()),
         error: failed.and_then(|a| a.error.clone()),
         updated_at_ms: row.updated_at_ms,
     }
+}
+
+/// [`StoreError::ConfigInRollout`] while a config rollout of `name` is unfinished.
+fn refuse_during_rollout(txn: &WriteTransaction, name: &str) -> Result<(), StoreError> {
+    match super::rollouts::active_config_rollout_in(txn, name)? {
+        Some(rollout) => Err(StoreError::ConfigInRollout {
+            name: name.to_owned(),
+            rollout,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Clears every node's pin of `name`.
+fn unpin_all_in(txn: &WriteTransaction, name: &str) -> Result<(), StoreError> {
+    let mut table = txn.open_table(CONFIG_NODES)?;
+    let mut pinned = Vec::new();
+    for item in table.range((name, "")..)? {
+        let (k, v) = item?;
+        let (n, node) = k.value();
+        if n != name {
+            break;
+        }
+        let row: NodeRow = decode(v.value(), "config node")?;
+        if row.pinned.is_some() {
+            pinned.push((node.to_owned(), row));
+        }
+    }
+    for (node, mut row) in pinned {
+        row.pinned = None;
+        table.insert(
+            (name, node.as_str()),
+            encode(&row, "config node")?.as_slice(),
+        )?;
+    }
+    Ok(())
+}
+
+/// A config rollout's batch: pins each of `nodes` to `version` of `name` (a node that was
+/// not a target of the document becomes one). Returns the version to push.
+pub(super) fn pin_in(
+    txn: &WriteTransaction,
+    name: &str,
+    version: u64,
+    nodes: &[UserId],
+) -> Result<ConfigVersion, StoreError> {
+    let pushed = read_version(txn, name, version)?;
+    let mut table = txn.open_table(CONFIG_NODES)?;
+    for node in nodes {
+        let key = (name, node.as_str());
+        let mut row: NodeRow = match table.get(key)? {
+            Some(v) => decode(v.value(), "config node")?,
+            None => NodeRow::default(),
+        };
+        row.pinned = Some(version);
+        table.insert(key, encode(&row, "config node")?.as_slice())?;
+    }
+    Ok(pushed)
+}
+
+/// Counts of a config rollout batch's nodes: (running `version`, failed at it, neither).
+pub(super) fn tally_in(
+    txn: &WriteTransaction,
+    name: &str,
+    version: u64,
+    nodes: &[UserId],
+) -> Result<(u64, u64, u64), StoreError> {
+    let Ok(wanted) = read_version(txn, name, version) else {
+        // Pruned from history since: nothing can apply it any more.
+        return Ok((0, nodes.len() as u64, 0));
+    };
+    let table = txn.open_table(CONFIG_NODES)?;
+    let mut out = (0, 0, 0);
+    for node in nodes {
+        let row: NodeRow = match table.get((name, node.as_str()))? {
+            Some(v) => decode(v.value(), "config node")?,
+            None => NodeRow::default(),
+        };
+        if row.runs(&wanted) {
+            out.0 += 1;
+        } else if row.failed_at(&wanted).is_some() {
+            out.1 += 1;
+        } else {
+            out.2 += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// A batch closed with nodes that do not run `version`: they go back to the desired
+/// version (the rollout gave up on them), so an aborted or timed-out batch leaves no node
+/// chasing a version nobody is rolling out.
+pub(super) fn unpin_unfinished_in(
+    txn: &WriteTransaction,
+    name: &str,
+    version: u64,
+    nodes: &[UserId],
+) -> Result<(), StoreError> {
+    let wanted = read_version(txn, name, version).ok();
+    let mut table = txn.open_table(CONFIG_NODES)?;
+    for node in nodes {
+        let key = (name, node.as_str());
+        let Some(mut row) = (match table.get(key)? {
+            Some(v) => Some(decode::<NodeRow>(v.value(), "config node")?),
+            None => None,
+        }) else {
+            continue;
+        };
+        if row.pinned == Some(version) && !wanted.as_ref().is_some_and(|w| row.runs(w)) {
+            row.pinned = None;
+            table.insert(key, encode(&row, "config node")?.as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+/// A config rollout completed over `covered`: when that is every node of the document, its
+/// version becomes the desired one and the pins go (nothing changes on the agents: they
+/// run it already). A rollout over a subset leaves its nodes pinned. Returns whether the
+/// version became desired.
+pub(super) fn complete_in(
+    txn: &WriteTransaction,
+    name: &str,
+    version: u64,
+    covered: &BTreeSet<UserId>,
+    at_ms: u64,
+) -> Result<bool, StoreError> {
+    let Some(mut config) = read_config(txn, name)? else {
+        return Ok(false);
+    };
+    if !nodes_in(txn, name)?.is_subset(covered) || read_version(txn, name, version).is_err() {
+        return Ok(false);
+    }
+    config.desired = version;
+    config.updated_at_ms = at_ms;
+    txn.open_table(CONFIGS)?
+        .insert(name, encode(&config, "config")?.as_slice())?;
+    unpin_all_in(txn, name)?;
+    Ok(true)
+}
+
+/// Checks that a config rollout of `version` of `name` can start.
+pub(super) fn check_rollout_in(
+    txn: &WriteTransaction,
+    name: &str,
+    version: u64,
+) -> Result<(), StoreError> {
+    read_config(txn, name)?.ok_or_else(|| StoreError::UnknownConfig(name.into()))?;
+    read_version(txn, name, version)?;
+    refuse_during_rollout(txn, name)
 }

@@ -1,7 +1,9 @@
 //! Staged rollouts in the store (`scheduler_rollouts`, `scheduler_rollout_nodes`): a task
-//! (a command or a probe) or an agent upgrade applied to a fixed, ordered target set in
-//! stages (pilot, gray, full), each cut into batches, with a failure threshold per stage and
-//! operator controls. Each batch is an ordinary task or upgrade of the batch's nodes.
+//! (a command or a probe), an agent upgrade or a config version applied to a fixed, ordered
+//! target set in stages (pilot, gray, full), each cut into batches, with a failure threshold
+//! per stage and operator controls. Each batch is an ordinary task or upgrade of the
+//! batch's nodes, or, for a config version, a pin of the batch's nodes to that version
+//! (`store::configs`: the other nodes keep the desired version until their batch comes).
 //!
 //! At creation the targets are resolved once and put in a stable pseudo-random order
 //! (SHA-256 of rollout id and node id), so a pilot is a spread of the fleet rather than the
@@ -22,6 +24,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::configs;
 use super::operator::{append_in, create_once_in};
 use super::upgrades;
 use super::{
@@ -160,6 +163,15 @@ pub struct RolloutUpgrade {
     pub arch: Option<String>,
 }
 
+/// A batch's config version: the batch's nodes move to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutConfig {
+    /// The document.
+    pub name: String,
+    /// A kept version (usually staged with `activate: false`).
+    pub version: u64,
+}
+
 /// What every batch applies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -169,6 +181,9 @@ pub enum RolloutAction {
     /// An agent upgrade; a target succeeds when it is back online with the new version,
     /// fails when its upgrade failed or was rolled back.
     Upgrade(RolloutUpgrade),
+    /// A config version; a target succeeds when it acks the version as applied, fails
+    /// when it acks a failure.
+    Config(RolloutConfig),
 }
 
 /// What applies a batch: its task or its upgrade.
@@ -179,6 +194,8 @@ pub enum Work {
     Task(TaskId),
     /// An upgrade id.
     Upgrade(u64),
+    /// The config version the batch's nodes were pinned to.
+    Config(u64),
 }
 
 /// A rollout as an operator asked for it.
@@ -414,6 +431,8 @@ pub enum StartedWork {
     },
     /// Push this upgrade's manifest.
     Upgrade(UpgradeRecord),
+    /// Push this config version.
+    Config(configs::ConfigVersion),
 }
 
 /// What [`Store::control_rollout`] changed.
@@ -499,9 +518,48 @@ pub fn rollout_order(id: RolloutId, nodes: impl IntoIterator<Item = UserId>) -> 
     keyed.into_iter().map(|(_, n)| n).collect()
 }
 
+/// The nodes of a rollout from position `start` to `end` (exclusive), in rollout order.
+fn nodes_between(
+    txn: &WriteTransaction,
+    id: RolloutId,
+    start: u64,
+    end: u64,
+) -> Result<Vec<UserId>, StoreError> {
+    let order: Vec<UserId> = {
+        let table = txn.open_table(ROLLOUT_NODES)?;
+        match table.get(id)? {
+            Some(v) => decode(v.value(), "rollout nodes")?,
+            None => return Err(StoreError::UnknownRollout(id)),
+        }
+    };
+    Ok(order
+        .get(usize::try_from(start).unwrap_or(usize::MAX)..usize::try_from(end).unwrap_or(0))
+        .map(<[UserId]>::to_vec)
+        .unwrap_or_default())
+}
+
+/// The document a config rollout applies.
+fn config_name(record: &RolloutRecord) -> Result<&str, StoreError> {
+    match &record.action {
+        RolloutAction::Config(c) => Ok(&c.name),
+        _ => Err(StoreError::Corrupt(format!(
+            "rollout {} has config work but no config action",
+            record.id
+        ))),
+    }
+}
+
 /// Counts of a batch's targets: (succeeded, failed, unfinished).
-fn tally_work(txn: &WriteTransaction, work: Work) -> Result<(u64, u64, u64), StoreError> {
-    Ok(match work {
+fn tally_work(
+    txn: &WriteTransaction,
+    record: &RolloutRecord,
+    batch: &InFlight,
+) -> Result<(u64, u64, u64), StoreError> {
+    Ok(match batch.work {
+        Work::Config(version) => {
+            let nodes = nodes_between(txn, record.id, batch.start, batch.end)?;
+            configs::tally_in(txn, config_name(record)?, version, &nodes)?
+        }
         Work::Task(task_id) => tally(&TaskTables::open(txn)?.targets_of(task_id)?),
         Work::Upgrade(id) => {
             let mut out = (0, 0, 0);
@@ -522,14 +580,21 @@ fn tally_work(txn: &WriteTransaction, work: Work) -> Result<(u64, u64, u64), Sto
 /// Stops what is left of a batch's work: a task's unfinished targets are cancelled (the
 /// in-flight ones returned, so their agents are told); an upgrade's targets that never
 /// heard of it end `failed` with `reason` (those downloading or installing go on: the
-/// agent's watchdog decides).
+/// agent's watchdog decides); a config batch's nodes that do not run the version go back
+/// to the desired one.
 fn stop_work(
     txn: &WriteTransaction,
-    work: Work,
+    record: &RolloutRecord,
+    batch: &InFlight,
     reason: &str,
     at_ms: u64,
 ) -> Result<Vec<UserId>, StoreError> {
-    match work {
+    match batch.work {
+        Work::Config(version) => {
+            let nodes = nodes_between(txn, record.id, batch.start, batch.end)?;
+            configs::unpin_unfinished_in(txn, config_name(record)?, version, &nodes)?;
+            Ok(Vec::new())
+        }
         Work::Task(task_id) => {
             let mut t = TaskTables::open(txn)?;
             let mut told = Vec::new();
@@ -588,6 +653,7 @@ impl Store {
             })?,
             RolloutAction::Upgrade(u) => upgrades::check_new(&new_upgrade(u, &new.targets, ""))
                 .map_err(|e| StoreError::InvalidRollout(e.to_string()))?,
+            RolloutAction::Config(_) => {}
         }
         if new.batch_timeout_ms == 0 {
             return Err(StoreError::InvalidRollout(
@@ -599,6 +665,9 @@ impl Store {
                 && !upgrades::artifact_exists_in(txn, &u.sha256)?
             {
                 return Err(StoreError::UnknownArtifact(u.sha256.clone()));
+            }
+            if let RolloutAction::Config(c) = &new.action {
+                configs::check_rollout_in(txn, &c.name, c.version)?;
             }
             let nodes = resolve_targets_in(txn, &new.targets)?;
             let id = {
@@ -717,6 +786,14 @@ impl Store {
             txn.abort()?;
             return Ok((Step::Idle, None));
         }
+        if record.state == RolloutState::Completed
+            && let RolloutAction::Config(c) = &record.action
+        {
+            let covered = nodes_between(&txn, record.id, 0, record.total)?
+                .into_iter()
+                .collect();
+            configs::complete_in(&txn, &c.name, c.version, &covered, at_ms)?;
+        }
         record.updated_at_ms = at_ms;
         put(&txn, &record)?;
         let entry = append_in(&txn, at_ms, audit(&record, &step))?;
@@ -755,7 +832,7 @@ impl Store {
                     // the batch still in flight) no longer count against the threshold.
                     let mut failed = record.stages.get(record.stage).map_or(0, |s| s.failed);
                     if let Some(batch) = &record.batch {
-                        failed += tally_work(txn, batch.work)?.1;
+                        failed += tally_work(txn, &record, batch)?.1;
                     }
                     record.accepted_failures = failed;
                     record.state = RolloutState::Running;
@@ -770,8 +847,8 @@ impl Store {
                 }
                 (Control::Abort, state) if !state.is_terminal() => {
                     if let Some(batch) = record.batch.take() {
-                        let counts = tally_work(txn, batch.work)?;
-                        let told = stop_work(txn, batch.work, "rollout aborted", at_ms)?;
+                        let counts = tally_work(txn, &record, &batch)?;
+                        let told = stop_work(txn, &record, &batch, "rollout aborted", at_ms)?;
                         record_outcome(&mut record, &batch, counts, at_ms);
                         if let Work::Task(task_id) = batch.work {
                             cancelled = Some((task_id, told));
@@ -846,7 +923,7 @@ fn finish_batch_in(
     let Some(batch) = record.batch.clone() else {
         return Ok(Step::Idle);
     };
-    let (succeeded, failed, unfinished) = tally_work(txn, batch.work)?;
+    let (succeeded, failed, unfinished) = tally_work(txn, record, &batch)?;
     let stage = record
         .stages
         .get(record.stage)
@@ -869,7 +946,8 @@ fn finish_batch_in(
     let cancelled = if unfinished > 0 {
         stop_work(
             txn,
-            batch.work,
+            record,
+            &batch,
             "not online by the rollout batch's deadline",
             at_ms,
         )?
@@ -943,17 +1021,7 @@ fn start_batch_in(
     let start = record.next.max(stage.start);
     let end = start.saturating_add(stage.batch).min(stage.end);
     stage.started_at_ms.get_or_insert(at_ms);
-    let order: Vec<UserId> = {
-        let table = txn.open_table(ROLLOUT_NODES)?;
-        match table.get(record.id)? {
-            Some(v) => decode(v.value(), "rollout nodes")?,
-            None => return Err(StoreError::UnknownRollout(record.id)),
-        }
-    };
-    let nodes: Vec<UserId> = order
-        .get(usize::try_from(start).unwrap_or(usize::MAX)..usize::try_from(end).unwrap_or(0))
-        .map(<[UserId]>::to_vec)
-        .unwrap_or_default();
+    let nodes = nodes_between(txn, record.id, start, end)?;
     let created = match &record.action {
         RolloutAction::Task(task) => {
             let spec = TaskSpec {
@@ -978,6 +1046,8 @@ fn start_batch_in(
             upgrades::create_upgrade_in(txn, &new, at_ms)
                 .map(|(upgrade, _)| (Work::Upgrade(upgrade.id), StartedWork::Upgrade(upgrade)))
         }
+        RolloutAction::Config(c) => configs::pin_in(txn, &c.name, c.version, &nodes)
+            .map(|version| (Work::Config(c.version), StartedWork::Config(version))),
     };
     let (work, started) = match created {
         Ok(created) => created,
@@ -986,7 +1056,8 @@ fn start_batch_in(
         Err(
             e @ (StoreError::UnknownAgent(_)
             | StoreError::NoTargets
-            | StoreError::UnknownArtifact(_)),
+            | StoreError::UnknownArtifact(_)
+            | StoreError::UnknownConfigVersion { .. }),
         ) => {
             record.state = RolloutState::Halted;
             let reason = format!("batch {} could not start: {e}", record.batches_started);
@@ -1043,4 +1114,24 @@ fn put(txn: &WriteTransaction, record: &RolloutRecord) -> Result<(), StoreError>
         active.insert(record.id, ())?;
     }
     Ok(())
+}
+
+/// The unfinished rollout of config `name`, if there is one.
+pub(super) fn active_config_rollout_in(
+    txn: &WriteTransaction,
+    name: &str,
+) -> Result<Option<RolloutId>, StoreError> {
+    let ids: Vec<RolloutId> = txn
+        .open_table(ROLLOUTS_ACTIVE)?
+        .iter()?
+        .map(|item| item.map(|(k, _)| k.value()))
+        .collect::<Result<_, _>>()?;
+    for id in ids {
+        if let Some(record) = get(txn, id)?
+            && matches!(&record.action, RolloutAction::Config(c) if c.name == name)
+        {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
 }
