@@ -123,7 +123,9 @@ impl Fleet {
             node,
             region,
             self.gateway.addr(),
-            &format!("config_dir = \"{node}-etc\""),
+            // Each agent its own applied-versions file (the default sits beside the outbox,
+            // which these agents share a directory with).
+            &format!("config_dir = \"{node}-etc\"\nconfig_state_path = \"{node}-configs.json\""),
         );
         let handle = agent::start(config).await.unwrap();
         eventually(self.sched.addr(), &format!("/v1/agents/{node}"), |v| {
@@ -686,7 +688,7 @@ async fn config_versions_are_applied_acked_shown_and_rolled_back() {
         .unwrap_or_default();
     assert_eq!(
         row.split_whitespace().collect::<Vec<_>>(),
-        ["edge-a", "applied", "1", "online"],
+        ["edge-a", "applied", "1", "1", "online"],
         "{out}"
     );
 
@@ -1256,6 +1258,140 @@ async fn a_rollout_waits_for_promotion_and_halts_on_failures_with_schedctl() {
         out.contains("completed") && out.contains("aborted"),
         "{out}"
     );
+    for mut a in agents {
+        a.stop();
+        let _ = a.join().await;
+    }
+    fleet.stop().await;
+}
+
+/// A config version rolled out in stages on real agents: staged (not pushed), the pilot's
+/// agent alone gets it while the others keep the desired version, promote takes it to the
+/// rest, and on completion it is the desired version; `config set` meanwhile is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_version_rolls_out_in_stages_on_real_agents() {
+    let fleet = Fleet::start("gw-config-rollout").await;
+    let api = fleet.sched.addr();
+    let names = ["cr-1", "cr-2", "cr-3"];
+    let mut agents = Vec::new();
+    for n in names {
+        agents.push(fleet.config_agent(n, "eu").await);
+    }
+    let ctl = move |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            schedctl(api, KEY, &args)
+        })
+    };
+    let r = http::post_json(
+        api,
+        "/v1/configs/app.conf",
+        KEY,
+        &json!({"content": "v1\n", "targets": {"labels": {"region": "eu"}}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    for n in names {
+        config_applied(api, "app.conf", n, 1).await;
+    }
+    let file = fleet.dir.path().join("app-v2.conf");
+    std::fs::write(&file, "v2\n").unwrap();
+    let f = file.to_str().unwrap().to_owned();
+    let (code, out) = ctl(&[
+        "config",
+        "set",
+        "app.conf",
+        "--file",
+        &f,
+        "--selector",
+        "region=eu",
+        "--stage",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("version 2") && out.contains("staged"), "{out}");
+
+    let (code, out) = ctl(&[
+        "--json",
+        "rollout",
+        "start",
+        "--selector",
+        "region=eu",
+        "--config",
+        "app.conf",
+        "--version",
+        "2",
+        "--stages",
+        "pilot=1,full=100%",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["rollout_id"]
+        .as_u64()
+        .unwrap();
+    let path = format!("/v1/rollouts/{id}");
+    let v = eventually(api, &path, |v| v["state"] == "awaiting_promotion").await;
+    assert_eq!(
+        v["config"],
+        json!({"name": "app.conf", "version": 2}),
+        "{v}"
+    );
+    assert_eq!(v["history"][0]["config_version"], 2, "{v}");
+    let contents: Vec<String> = names
+        .iter()
+        .map(|n| read(&fleet.etc(n).join("app.conf")))
+        .collect();
+    assert_eq!(
+        contents.iter().filter(|c| *c == "v2\n").count(),
+        1,
+        "only the pilot runs v2: {contents:?}"
+    );
+    assert_eq!(
+        contents.iter().filter(|c| *c == "v1\n").count(),
+        2,
+        "{contents:?}"
+    );
+    // Status shows who wants what; the desired version is still 1.
+    let (code, out) = ctl(&["config", "status", "app.conf"]).await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("desired version 1"), "{out}");
+    let wants: Vec<Vec<String>> = out
+        .lines()
+        .filter(|l| l.starts_with("cr-"))
+        .map(|l| l.split_whitespace().take(4).map(str::to_owned).collect())
+        .collect();
+    assert_eq!(
+        wants
+            .iter()
+            .filter(|r| r[1] == "applied" && r[2] == "2" && r[3] == "2")
+            .count(),
+        1,
+        "{out}"
+    );
+    // While it runs, setting the document directly is refused.
+    let r = http::post_json(
+        api,
+        "/v1/configs/app.conf",
+        KEY,
+        &json!({"content": "v3\n", "targets": {"labels": {"region": "eu"}}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 409, "{:?}", r.json());
+    assert_eq!(r.json()["error"], "config_in_rollout", "{:?}", r.json());
+
+    let (code, out) = ctl(&["rollout", "promote", &id.to_string()]).await.unwrap();
+    assert_eq!(code, 0, "{out}");
+    let v = eventually(api, &path, |v| v["state"] == "completed").await;
+    assert_eq!(v["succeeded"], 3, "{v}");
+    for n in names {
+        config_applied(api, "app.conf", n, 2).await;
+        assert_eq!(read(&fleet.etc(n).join("app.conf")), "v2\n");
+    }
     for mut a in agents {
         a.stop();
         let _ = a.join().await;

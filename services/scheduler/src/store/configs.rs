@@ -546,7 +546,7 @@ impl Store {
             let version = if wanted == desired.version {
                 Some(&desired)
             } else {
-                if !pinned.contains_key(&wanted) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = pinned.entry(wanted) {
                     let found = match versions.get((name, wanted))? {
                         Some(v) => Some(version_of(
                             name,
@@ -555,7 +555,7 @@ impl Store {
                         )),
                         None => None,
                     };
-                    pinned.insert(wanted, found);
+                    slot.insert(found);
                 }
                 pinned.get(&wanted).and_then(Option::as_ref)
             };
