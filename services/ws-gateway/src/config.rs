@@ -122,6 +122,11 @@ pub struct Args {
     /// Window over which a drain spreads clients' reconnects, ms.
     #[arg(long, env = "WS_GATEWAY_DRAIN_WINDOW_MS", default_value_t = 10_000)]
     pub drain_window_ms: u64,
+    /// After NATS has been unreachable this long, the replica sends its clients to other
+    /// replicas (reconnect frames spread over the drain window, close 4003), ms; 0 keeps
+    /// them however long the outage lasts.
+    #[arg(long, env = "WS_GATEWAY_BUS_LOSS_SHED_MS", default_value_t = 5_000)]
+    pub bus_loss_shed_ms: u64,
     /// Hard deadline for the whole shutdown, ms.
     #[arg(
         long,
@@ -232,6 +237,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Window over which a drain spreads reconnects.
     pub drain_window: Duration,
+    /// NATS outage after which the clients are sent elsewhere (`None`: never).
+    pub bus_loss_shed: Option<Duration>,
     /// Hard deadline for shutdown.
     pub shutdown_deadline: Duration,
     /// Lease bucket name.
@@ -273,6 +280,7 @@ impl Config {
             write_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
             drain_window: Duration::from_secs(10),
+            bus_loss_shed: Some(Duration::from_secs(5)),
             shutdown_deadline: Duration::from_secs(30),
             lease_bucket: "ws_gateway_workers".into(),
             lease_ttl: Duration::from_secs(30),
@@ -335,6 +343,8 @@ impl Config {
         config.write_timeout = Duration::from_millis(args.write_timeout_ms);
         config.request_timeout = Duration::from_millis(args.request_timeout_ms);
         config.drain_window = Duration::from_millis(args.drain_window_ms);
+        config.bus_loss_shed =
+            (args.bus_loss_shed_ms > 0).then(|| Duration::from_millis(args.bus_loss_shed_ms));
         config.shutdown_deadline = Duration::from_millis(args.shutdown_deadline_ms);
         config.lease_bucket = args.lease_bucket.clone();
         config.lease_ttl = Duration::from_secs(args.lease_ttl_secs);

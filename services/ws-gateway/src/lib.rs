@@ -66,7 +66,7 @@ use std::time::Duration;
 
 use actix_web::dev::AppConfig;
 use actix_web::{App, web};
-use messages::{Snowflake, SocketId};
+use messages::{CloseCode, Snowflake, SocketId};
 use rand::Rng;
 use servicekit::nats::ConnectError;
 use tokio::sync::oneshot;
@@ -282,6 +282,9 @@ pub async fn run(
         .collect();
     let probe_subscription = shared.bus.subscribe_probe();
     let presence = spawn_presence_sync(&shared, config.presence_sync);
+    let bus_watch = config
+        .bus_loss_shed
+        .map(|after| spawn_bus_watch(&shared, after));
     let (lease_stop, lease_stop_rx) = oneshot::channel();
     let lease_task = nats_runtime.spawn(maintain_lease(
         Arc::downgrade(&shared),
@@ -327,6 +330,9 @@ pub async fn run(
     }
     let _ = server_task.await;
     presence.abort();
+    if let Some(task) = bus_watch {
+        task.abort();
+    }
     if let Some(task) = tls_reload {
         task.abort();
     }
@@ -470,22 +476,74 @@ async fn maintain_lease(
     keeper.release().await;
 }
 
-/// Stops admitting, asks every client to reconnect at a random point of the drain window
-/// (so other replicas are not stampeded), and waits until they are gone.
-async fn drain(shared: &Shared) {
-    shared.draining.store(true, Ordering::Relaxed);
+/// Asks every client to reconnect at a random point of the drain window (so other replicas
+/// are not stampeded), closing with `code` then. Returns how many were asked.
+fn send_elsewhere(shared: &Shared, code: CloseCode, reason: &'static str) -> usize {
     let window = shared.config.drain_window;
     let mut rng = rand::rng();
     let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-    let count = shared.hub.for_all(None, |_, addr| {
+    shared.hub.for_all(None, |_, addr| {
         let delay = Duration::from_millis(rng.random_range(0..=window_ms));
-        addr.do_send(ToConn::Reconnect(delay));
-    });
+        addr.do_send(ToConn::Reconnect {
+            delay,
+            code,
+            reason,
+        });
+    })
+}
+
+/// Stops admitting, sends every client elsewhere and waits until they are gone.
+async fn drain(shared: &Shared) {
+    shared.draining.store(true, Ordering::Relaxed);
+    let window = shared.config.drain_window;
+    let count = send_elsewhere(shared, CloseCode::Shutdown, "gateway draining");
     tracing::info!(connections = count, ?window, "Draining.");
     let give_up = tokio::time::Instant::now() + window + Duration::from_secs(2);
     while shared.connections() > 0 && tokio::time::Instant::now() < give_up {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// How often the bus watch looks at the NATS connections.
+const BUS_WATCH_TICK: Duration = Duration::from_millis(250);
+
+/// Watches the NATS connections: once they have been down for `shed_after`, the clients
+/// are sent to other replicas (reconnect frames over the drain window, close 4003), once
+/// per outage. A replica cut off from the bus can still write to its sockets but can
+/// neither deliver pushes nor take publishes: its clients are better served elsewhere
+/// than kept on a replica that answers every publish with an error. Upgrades are refused
+/// (503) while the bus is down, so nobody comes back until it returns.
+fn spawn_bus_watch(shared: &Arc<Shared>, shed_after: Duration) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(shared);
+    shared.bus.runtime().spawn(async move {
+        let mut tick = tokio::time::interval(BUS_WATCH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut down_since: Option<tokio::time::Instant> = None;
+        let mut shed = false;
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { break };
+            if shared.readiness().nats {
+                if shed {
+                    tracing::info!("NATS is back; accepting clients again.");
+                }
+                down_since = None;
+                shed = false;
+                continue;
+            }
+            let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+            if !shed && since.elapsed() >= shed_after && !shared.draining.load(Ordering::Relaxed) {
+                shed = true;
+                let count =
+                    send_elsewhere(&shared, CloseCode::NotReady, "gateway lost the message bus");
+                tracing::warn!(
+                    connections = count,
+                    outage = ?since.elapsed(),
+                    "NATS unreachable; sending clients to other replicas."
+                );
+            }
+        }
+    })
 }
 
 /// Publishes the presence batches every `period` until the returned task is aborted.

@@ -133,7 +133,14 @@ pub enum ToConn {
         msg_id: u64,
     },
     /// The gateway is draining: tell the client to reconnect after `delay`, close then.
-    Reconnect(Duration),
+    Reconnect {
+        /// When to close, if the client has not gone by then.
+        delay: Duration,
+        /// The close code then: `Shutdown` for a drain, `NotReady` when the bus is gone.
+        code: CloseCode,
+        /// Said in the reconnect frame.
+        reason: &'static str,
+    },
     /// Publish this session's connect event again (a service asked for a resync).
     Announce,
 }
@@ -1054,14 +1061,18 @@ impl Handler<ToConn> for Conn {
             } => self.on_joined(room, msg_id, outcome, ctx),
             ToConn::Left { room, msg_id } => self.on_left(&room, msg_id, ctx),
             ToConn::Announce => self.announce(ctx),
-            ToConn::Reconnect(delay) => {
+            ToConn::Reconnect {
+                delay,
+                code,
+                reason,
+            } => {
                 let body = Reconnect {
                     delay_ms: u32::try_from(delay.as_millis()).unwrap_or(u32::MAX),
-                    reason: "gateway draining".into(),
+                    reason: reason.into(),
                 };
                 let frame = self.control_frame(FrameKind::Reconnect, 0, &body);
                 self.enqueue(frame, ctx);
-                ctx.run_later(delay, |act, ctx| act.close(CloseCode::Shutdown, ctx));
+                ctx.run_later(delay, move |act, ctx| act.close(code, ctx));
             }
         }
     }

@@ -696,6 +696,8 @@ async fn clients_stay_connected_through_a_nats_restart() {
     let mut nats = NatsServer::start().unwrap();
     let mut cfg = config(&nats.url(), "gw-outage");
     cfg.heartbeat.grace_ms = 60_000;
+    // Kept through the outage, however long (the default sends them elsewhere).
+    cfg.bus_loss_shed = None;
     let gw = start(cfg).await;
     let mut c = TestClient::connect(gw.addr(), &token("frank", None, &[]))
         .await
@@ -738,6 +740,63 @@ async fn clients_stay_connected_through_a_nats_restart() {
             break;
         }
         assert!(n < 30, "pushes never resumed");
+    }
+    gw.shutdown().await.unwrap();
+}
+
+/// A replica cut off from NATS past `bus_loss_shed` sends its clients to other replicas:
+/// a reconnect frame within the drain window, then close 4003 (not ready, retryable); it
+/// refuses new clients until the bus is back, then takes them again.
+#[tokio::test]
+async fn a_replica_cut_off_from_nats_sends_its_clients_elsewhere_and_takes_them_back_after() {
+    let mut nats = NatsServer::start().unwrap();
+    let mut cfg = config(&nats.url(), "gw-shed");
+    cfg.heartbeat.grace_ms = 60_000;
+    cfg.bus_loss_shed = Some(Duration::from_millis(500));
+    cfg.drain_window = Duration::from_millis(200);
+    let gw = start(cfg).await;
+    let mut clients = vec![];
+    for i in 0..3 {
+        clients.push(
+            TestClient::connect(gw.addr(), &token(&format!("s{i}"), None, &[]))
+                .await
+                .unwrap(),
+        );
+    }
+    nats.kill();
+    wait_ready(gw.addr(), false).await;
+    for c in &mut clients {
+        let f = c.frame().await;
+        assert_eq!(f.kind, FrameKind::Reconnect, "{f:?}");
+        let body: Reconnect = payload::decode_body(f.flags.codec(), &f.body).unwrap();
+        assert!(
+            body.delay_ms <= 200,
+            "within the drain window: {}",
+            body.delay_ms
+        );
+        assert!(body.reason.contains("bus"), "{body:?}");
+        assert_eq!(c.closed().await, Some(CloseCode::NotReady.code()));
+    }
+    assert!(matches!(
+        TestClient::connect(gw.addr(), &token("late", None, &[])).await,
+        Err(ConnectError::Status(503))
+    ));
+    nats.start_again().unwrap();
+    wait_ready(gw.addr(), true).await;
+    let mut back = TestClient::connect(gw.addr(), &token("s0", None, &[]))
+        .await
+        .unwrap();
+    // Served normally again, and not sent away by the outage that is over.
+    let bus = bus_client(&nats.url()).await;
+    let mut n = 0;
+    loop {
+        n += 1;
+        push(&bus, "ws.user.s0", n, b"again").await;
+        if let Received::Frame(f) = back.recv_within(Duration::from_millis(300)).await {
+            assert_eq!((f.kind, &f.body[..]), (FrameKind::Push, &b"again"[..]));
+            break;
+        }
+        assert!(n < 30, "pushes never reached the returning client");
     }
     gw.shutdown().await.unwrap();
 }
