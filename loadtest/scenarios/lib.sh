@@ -72,9 +72,9 @@ start_nats() {
   echo "nats-server did not start" >&2; exit 1
 }
 
-start_gateway() { # INDEX
-  local i="$1" port="$((BASE_PORT + 80 + $1))"
-  env WS_GATEWAY_LISTEN="127.0.0.1:$port" WS_GATEWAY_NATS_URL="nats://127.0.0.1:$NATS_PORT" \
+start_gateway() { # INDEX [NATS_URL]
+  local i="$1" port="$((BASE_PORT + 80 + $1))" nats_url="${2:-nats://127.0.0.1:$NATS_PORT}"
+  env WS_GATEWAY_LISTEN="127.0.0.1:$port" WS_GATEWAY_NATS_URL="$nats_url" \
     WS_GATEWAY_INSTANCE="bench-gw-$i" WS_GATEWAY_WORKERS=1 WS_GATEWAY_JWT_HS256_SECRET="$SECRET" \
     WS_GATEWAY_AGENT_TOKEN_PUBLIC_KEY_FILE="$KEYS/agent-token.pub" WS_GATEWAY_MAX_CONNECTIONS=20000 WS_GATEWAY_MAX_CONNECTIONS_PER_IP=0 WS_GATEWAY_HEARTBEAT_BASE_MS="${HEARTBEAT_MS:-30000}" WS_GATEWAY_DRAIN_WINDOW_MS=1000 \
     RUST_LOG=warn "${SVC_CORE[@]}" "$BIN/ws-gateway" >"$TMP/gw$i.log" 2>&1 &

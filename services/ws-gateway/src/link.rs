@@ -44,10 +44,11 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often an otherwise quiet link pings its server.
-const KEEPALIVE: Duration = Duration::from_secs(10);
+const KEEPALIVE: Duration = Duration::from_secs(5);
 /// A `PING` unanswered this long means the connection is dead (a half-open TCP
-/// connection, a stalled server): the link reconnects.
-const STALE_AFTER: Duration = Duration::from_secs(25);
+/// connection, a stalled server, a partition): the link reconnects, and the replica is not
+/// ready meanwhile (after `bus_loss_shed` its clients go elsewhere).
+const STALE_AFTER: Duration = Duration::from_secs(10);
 
 /// Our `PING`s in flight, in the order written: the ticket each covers, and when.
 type Pings = Mutex<VecDeque<(u64, std::time::Instant)>>;
