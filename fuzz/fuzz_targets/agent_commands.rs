@@ -60,7 +60,7 @@ fn act(w: &World, route: &str, body: &[u8]) {
     match route {
         fleet::down::TASK => {
             if let Ok(task) = from_bus::<fleet::Task>(body) {
-                match &task.kind {
+                match &task.spec {
                     fleet::TaskKind::Command { argv, env, cwd } => {
                         let _ = w.policy.prepare(argv, env, cwd.as_deref());
                     }

@@ -82,6 +82,10 @@ pub struct Args {
     /// stopped refreshing; the active one refreshes every third of it.
     #[arg(long, env = "SCHEDULER_LEASE_TTL_MS", default_value_t = 15_000)]
     pub lease_ttl_ms: u64,
+    /// Replicas of the leader-lease bucket (3 on a 3-node NATS cluster, so that losing a
+    /// node does not leave every instance unable to lead), 1 to 5.
+    #[arg(long, env = "SCHEDULER_LEASE_REPLICAS", default_value_t = 1)]
+    pub lease_replicas: usize,
     /// The command-signing key (Ed25519, PKCS#8 PEM): signs every message to agents, whose
     /// pinned public keys must include its public half. Required to serve; generate one
     /// with `scheduler --keygen DIR`.
@@ -174,6 +178,8 @@ pub struct Config {
     pub instance: String,
     /// Leader lease TTL (also the lease bucket's `max_age`).
     pub lease_ttl: Duration,
+    /// Replicas of the lease bucket.
+    pub lease_replicas: usize,
     /// JetStream key-value bucket of the leader lease.
     pub lease_bucket: String,
     /// Signs every message to agents.
@@ -220,6 +226,7 @@ impl Config {
             max_body_bytes: 64 * 1024,
             instance: host_name(),
             lease_ttl: crate::lease::DEFAULT_TTL,
+            lease_replicas: 1,
             lease_bucket: crate::lease::DEFAULT_BUCKET.to_owned(),
             // A throwaway key: tests that run agents set the key those agents pin.
             command_key: Arc::new(CommandSigner::generate()),
@@ -252,6 +259,7 @@ impl Config {
         config.heartbeat = Duration::from_millis(args.heartbeat_ms);
         config.dispatch_timeout = Duration::from_millis(args.dispatch_timeout_ms);
         config.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
+        config.lease_replicas = args.lease_replicas;
         let Some(command_key_file) = &args.command_key_file else {
             return Err(ConfigError::Invalid(
                 "SCHEDULER_COMMAND_KEY_FILE is required: agents act only on signed commands \
@@ -324,6 +332,11 @@ impl Config {
                 "lease ttl must be at least {} ms",
                 MIN_LEASE_TTL.as_millis()
             )));
+        }
+        if !(1..=5).contains(&self.lease_replicas) {
+            return Err(ConfigError::Invalid(
+                "lease replicas must be 1 to 5 (NATS stream replicas)".into(),
+            ));
         }
         if self.instance.is_empty() {
             return Err(ConfigError::Invalid("instance name is empty".into()));
@@ -475,6 +488,20 @@ mod tests {
             &key_file(),
         ]);
         assert!(Config::from_args(&short).is_err());
+        let replicated = |n: &str| {
+            Config::from_args(&Args::parse_from([
+                "scheduler",
+                "--api-keys",
+                "0123456789abcdef",
+                "--lease-replicas",
+                n,
+                "--command-key-file",
+                &key_file(),
+            ]))
+        };
+        assert_eq!(replicated("3").unwrap().lease_replicas, 3);
+        assert!(replicated("0").is_err());
+        assert!(replicated("7").is_err());
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct LeaseConfig {
     pub ttl: Duration,
     /// This instance's stable name, stored as the lease's value (who is active).
     pub instance: String,
+    /// Replicas of the lease bucket's stream when this instance creates it: 3 on a 3-node
+    /// cluster, or losing the one node that holds it leaves no instance able to lead.
+    pub replicas: usize,
 }
 
 /// Waits until this instance holds the lease. Every failure (the key is held, NATS is
@@ -79,7 +82,7 @@ async fn try_acquire(js: &Context, cfg: &LeaseConfig) -> Result<Option<Lease>, L
             bucket: cfg.bucket.clone(),
             description: "scheduler leader lease".to_owned(),
             ttl: cfg.ttl,
-            replicas: 1,
+            replicas: cfg.replicas,
         },
     )
     .await?;

@@ -316,6 +316,7 @@ async fn lead(
         bucket: config.lease_bucket.clone(),
         ttl: config.lease_ttl,
         instance: config.instance.clone(),
+        replicas: config.lease_replicas,
     };
     let mut acquiring = lease_rt.spawn(lease::acquire(
         async_nats::jetstream::new(client),
