@@ -72,6 +72,29 @@ start_nats() {
   echo "nats-server did not start" >&2; exit 1
 }
 
+# A 3-node JetStream cluster (nats/cluster.conf) on NATS_PORT, +2, +4 (routes on +10..+12);
+# NATS_URL is every node, NATS_PIDS each node's pid, NATS_PID the first's.
+start_nats_cluster() {
+  local routes="" i
+  for i in 0 1 2; do routes+="${routes:+,}nats://127.0.0.1:$((NATS_PORT + 10 + i))"; done
+  NATS_PIDS=(); NATS_URL=""
+  for i in 0 1 2; do
+    local port=$((NATS_PORT + 2 * i))
+    "${GEN_CORE[@]}" "$NATS_BIN" -c nats/cluster.conf -a 127.0.0.1 -p "$port" --server_name "n$((i + 1))" \
+      --cluster_name rt --cluster "nats://127.0.0.1:$((NATS_PORT + 10 + i))" --routes "$routes" \
+      -js -sd "$TMP/js$i" -l "$TMP/nats$((i + 1)).log" &
+    NATS_PIDS+=("$!"); PIDS+=("$!")
+    NATS_URL+="${NATS_URL:+,}nats://127.0.0.1:$port"
+  done
+  NATS_PID="${NATS_PIDS[0]}"
+  for i in 0 1 2; do
+    local port=$((NATS_PORT + 2 * i))
+    for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+  done
+  # JetStream needs its meta leader before buckets can be made.
+  sleep 3
+}
+
 start_gateway() { # INDEX [NATS_URL]
   local i="$1" port="$((BASE_PORT + 80 + $1))" nats_url="${2:-nats://127.0.0.1:$NATS_PORT}"
   env WS_GATEWAY_LISTEN="127.0.0.1:$port" WS_GATEWAY_NATS_URL="$nats_url" \

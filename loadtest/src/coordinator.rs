@@ -154,6 +154,11 @@ pub struct RunArgs {
     /// Fleet, fault: kill once this many results are stored (0: right after the create).
     #[arg(long, default_value_t = 0)]
     pub kill_after_results: u64,
+    /// Fleet, fault: what the `--kill-scheduler` pid is, for the report. Anything but the
+    /// default (e.g. `a NATS node`) means no takeover is waited for: the run ends when
+    /// every result is stored.
+    #[arg(long, default_value = "the active scheduler")]
+    pub kill_label: String,
     /// Fleet: instead of one task, time config pushes: `--config-single` documents to one
     /// agent each, then one to all agents.
     #[arg(long, conflicts_with = "rollout")]
@@ -1329,6 +1334,7 @@ async fn fleet(run: &Run) -> Driven {
                 agents: online,
                 kill_pid: pid,
                 kill_after_results: args.kill_after_results,
+                kill_label: &args.kill_label,
                 deadline: Instant::now() + run.remaining(),
             },
             move || {
