@@ -86,6 +86,15 @@ impl LongPoll {
         }
     }
 
+    /// The connection actor of session `id` stopped with `code` (none: the peer closed).
+    pub fn ended(&self, id: SocketId, code: Option<u16>, reason: Option<&str>) {
+        if let Some(session) = self.get(id) {
+            session
+                .pipe
+                .record_close(code.unwrap_or(1006), reason.unwrap_or("connection ended"));
+        }
+    }
+
     /// Sessions known (open, upgraded, or ended within the linger).
     pub fn len(&self) -> usize {
         self.sessions.lock().map_or(0, |s| s.len())

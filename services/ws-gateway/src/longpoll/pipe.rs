@@ -192,6 +192,7 @@ impl State {
         }
     }
 
+    /// The actor is gone: whatever close it did not report is 1006.
     fn end(&mut self) {
         self.closed
             .get_or_insert_with(|| (1006, "connection ended".to_owned()));
@@ -348,6 +349,18 @@ impl PipeShared {
             || (st.direct.is_some() && st.ended_at.is_some())
     }
 
+    /// The actor stopped with this close code: reported to polls unless a close frame
+    /// already told the code.
+    pub fn record_close(&self, code: u16, reason: &str) {
+        let mut st = self.lock();
+        if st.direct.is_some() {
+            return;
+        }
+        st.closed.get_or_insert_with(|| (code, reason.to_owned()));
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
     /// Whether the session moved to a WebSocket.
     pub fn upgraded(&self) -> bool {
         self.lock().direct.is_some()
@@ -456,14 +469,12 @@ impl AsyncWrite for Pipe {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let shared = Arc::clone(&self.0);
-        let mut st = shared.lock();
+        let mut st = self.0.lock();
         if let Some(direct) = st.direct.as_mut() {
             return Pin::new(&mut direct.io).poll_shutdown(cx);
         }
-        st.end();
-        drop(st);
-        shared.notify.notify_waiters();
+        // The close code comes with the close frame, or from the actor when it stops
+        // (a writer cancelled while it waited for a poll writes no close frame).
         Poll::Ready(Ok(()))
     }
 }
@@ -592,7 +603,7 @@ mod tests {
         assert_eq!(got, expected);
         // Reads: what POSTs left, then the early bytes, then the socket.
         client.write_all(b"sock").await.unwrap();
-        let mut read = vec![0u8; 8 + 4 + 5 + 4];
+        let mut read = [0u8; 8 + 4 + 5 + 4];
         pipe.read_exact(&mut read[..12]).await.unwrap();
         pipe.read_exact(&mut read[12..17]).await.unwrap();
         pipe.read_exact(&mut read[17..]).await.unwrap();
