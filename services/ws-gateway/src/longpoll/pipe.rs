@@ -105,6 +105,21 @@ impl std::fmt::Debug for PipeShared {
     }
 }
 
+/// Clears `waiting` when the poll that set it ends, however it ends.
+struct WaitGuard<'a> {
+    shared: &'a PipeShared,
+    generation: u64,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if st.poll_gen == self.generation {
+            st.waiting = false;
+        }
+    }
+}
+
 /// The actor's end of the pipe.
 #[derive(Debug)]
 pub struct Pipe(pub Arc<PipeShared>);
@@ -274,6 +289,12 @@ impl PipeShared {
         };
         // A newer poll is told apart by the generation; an older one waiting is released.
         self.notify.notify_waiters();
+        // A poll whose client went away is dropped mid-wait: writes must stop being
+        // accepted for it, or frames would pile up here past the actor's queue limit.
+        let _waiting = WaitGuard {
+            shared: self,
+            generation,
+        };
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -577,6 +598,27 @@ mod tests {
         assert_eq!(
             newer.await.unwrap(),
             PollOutcome::Frames(vec![Bytes::from_static(b"n")])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_poll_dropped_mid_wait_no_longer_lets_writes_through() {
+        let shared = Arc::new(PipeShared::default());
+        let mut pipe = Pipe(Arc::clone(&shared));
+        // The client hangs up while its poll waits (the HTTP layer drops the future).
+        let _ = tokio::time::timeout(
+            Duration::from_millis(20),
+            shared.poll(Duration::from_secs(30)),
+        )
+        .await;
+        pipe.write_all(&crate::ws::binary(b"one")).await.unwrap();
+        let second = crate::ws::binary(b"two");
+        let mut write = Box::pin(pipe.write_all(&second));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut write)
+                .await
+                .is_err(),
+            "held back until a poll comes"
         );
     }
 
