@@ -28,6 +28,7 @@ import {
   CLOSE_NAMES,
   ERROR_NAMES,
 } from './codec.js';
+import { FallbackSocket } from './transport.js';
 
 /** Library name and version, sent in the hello frame (section 6.6). */
 export const CLIENT_NAME = 'rt-js/0.1.0';
@@ -116,6 +117,14 @@ function makeEvent(type, detail) {
  * @property {number} [maxInflateBytes] largest body a compressed push may inflate to;
  *   default 16 MiB
  * @property {string} [clientName] sent in the hello frame; default `rt-js/0.1.0`
+ * @property {Array<'websocket' | 'longpoll'>} [transports] transports in order of
+ *   preference (section 1.4); default `['websocket']`. With `['websocket', 'longpoll']` a
+ *   WebSocket that does not open falls back to HTTP long-polling, and the session moves to
+ *   a WebSocket as soon as one gets through; `['longpoll']` polls only
+ * @property {typeof fetch} [fetch] for long-polling; default `globalThis.fetch`
+ * @property {number} [wsTimeoutMs] a WebSocket not open after this falls back; default 10000
+ * @property {number} [upgradeDelayMs] first upgrade attempt after falling back, doubling
+ *   per failure up to 60 s; default 2000
  * @property {typeof WebSocket} [WebSocket] the constructor; default `globalThis.WebSocket`
  * @property {Clock} [clock]
  * @property {() => number} [random]
@@ -187,6 +196,12 @@ export class Client extends EventTarget {
     // Numbers connection attempts: a token that arrives after a newer attempt started, or
     // after close(), is dropped.
     this.connSeq = 0;
+  }
+
+  /** What carries the connection now: `websocket`, `longpoll`, or null while none does. */
+  get transport() {
+    if (!this.ws) return null;
+    return /** @type {any} */ (this.ws).transport ?? 'websocket';
   }
 
   /** Starts connecting (and reconnecting). Resolves with the first welcome. */
@@ -362,9 +377,26 @@ export class Client extends EventTarget {
     // (section 1.2), and only that way.
     url.searchParams.set('token', token);
     url.searchParams.set('codec', this.codec === Codec.JSON ? 'json' : 'msgpack');
+    const transports = this.options.transports ?? ['websocket'];
     let ws;
     try {
-      ws = new WS(url.toString());
+      // Long-polling (section 1.4) behind the same interface, when the application allows it.
+      ws =
+        transports.length === 1 && transports[0] === 'websocket'
+          ? new WS(url.toString())
+          : /** @type {WebSocket} */ (
+              /** @type {unknown} */ (
+                new FallbackSocket(url.toString(), {
+                  transports,
+                  WebSocket: this.options.WebSocket,
+                  fetch: this.options.fetch,
+                  clock: this.clock,
+                  random: this.random,
+                  wsTimeoutMs: this.options.wsTimeoutMs,
+                  upgradeDelayMs: this.options.upgradeDelayMs,
+                })
+              )
+            );
     } catch (e) {
       this.emit('error', e instanceof Error ? e : new Error(String(e)));
       this.lost(1006, 'WebSocket constructor failed');

@@ -118,8 +118,54 @@ export interface ClientOptions {
   maxInflateBytes?: number;
   clientName?: string;
   WebSocket?: { new (url: string): WebSocket };
+  /**
+   * Transports in order of preference (protocol section 1.4); default `['websocket']`.
+   * With `['websocket', 'longpoll']` a WebSocket that does not open falls back to HTTP
+   * long-polling, and the session moves to a WebSocket when one gets through.
+   */
+  transports?: Transport[];
+  /** For long-polling; default `globalThis.fetch`. */
+  fetch?: typeof fetch;
+  /** A WebSocket not open after this falls back to long-polling; default 10000. */
+  wsTimeoutMs?: number;
+  /** First upgrade attempt after falling back (doubling per failure, 60 s cap); default 2000. */
+  upgradeDelayMs?: number;
   clock?: Clock;
   random?: () => number;
+}
+
+export type Transport = 'websocket' | 'longpoll';
+
+/** A batch of the long-poll transport: each frame prefixed by its length (u32 BE). */
+export function encodeBatch(frames: Uint8Array[]): Uint8Array;
+/** The frames of a batch; throws on a truncated record. */
+export function decodeBatch(batch: Uint8Array): Uint8Array[];
+/** The long-poll endpoint (`http(s)`, path `/lp`) of a WebSocket endpoint. */
+export function longPollUrl(wsUrl: string): URL;
+
+/** A WebSocket-shaped connection over WebSocket or long-polling (used by `Client`). */
+export class FallbackSocket {
+  constructor(
+    url: string,
+    options: {
+      transports: Transport[];
+      WebSocket?: { new (url: string): WebSocket };
+      fetch?: typeof fetch;
+      clock: Clock;
+      random: () => number;
+      wsTimeoutMs?: number;
+      upgradeDelayMs?: number;
+    },
+  );
+  readonly transport: Transport | null;
+  readonly sid: string;
+  binaryType: string;
+  onopen: ((ev?: unknown) => void) | null;
+  onmessage: ((ev: { data: Uint8Array | ArrayBuffer }) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev?: unknown) => void) | null;
+  send(bytes: Uint8Array): void;
+  close(code?: number, reason?: string): void;
 }
 
 export interface Push {
@@ -167,6 +213,8 @@ export class Client extends EventTarget {
   readonly state: ClientState;
   readonly welcome: Welcome | null;
   readonly rooms: Set<string>;
+  /** What carries the connection now, or null while none does. */
+  readonly transport: Transport | null;
   connect(): Promise<Welcome>;
   publish(route: string, body: unknown, options?: PublishOptions): Promise<void>;
   join(room: string): Promise<void>;

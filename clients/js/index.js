@@ -29,3 +29,4 @@ export {
   socketIdString,
 } from './codec.js';
 export * as msgpack from './msgpack.js';
+export { FallbackSocket, encodeBatch, decodeBatch, longPollUrl } from './transport.js';

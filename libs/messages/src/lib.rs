@@ -8,6 +8,7 @@
 //! - [`subject`]: NATS subjects, built and parsed.
 //! - [`headers`]: NATS header names and per-hop timestamps.
 //! - [`envelope`]: typed header sets of every bus message kind (`nats` feature).
+//! - [`longpoll`]: the long-polling transport's batch format, session ids and forwarding.
 //! - [`ids`]: socket, user, room and gateway ids, validated once.
 //! - [`snowflake`]: the socket-id generator.
 //! - [`payload`]: typed bodies for control frames and bus payloads.
@@ -24,6 +25,7 @@ pub mod fleet;
 pub mod frame;
 pub mod headers;
 pub mod ids;
+pub mod longpoll;
 pub mod payload;
 pub mod snowflake;
 pub mod subject;

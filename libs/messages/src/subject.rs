@@ -12,6 +12,8 @@
 //! ws.gw.<gateway>.push         services -> one gateway, addressed to socket ids in a header
 //! ws.gw.<gateway>.ctl          services -> one gateway: join/leave a room, kick, replies
 //! ws.gw.<gateway>.probe        a gateway -> itself: proves its server processed its SUBs
+//! ws.lp.<worker>               a gateway -> the gateway holding worker id <worker>: long-poll
+//!                              requests that reached the wrong replica (request/reply)
 //! ws.all                       services -> every gateway, every socket (broadcast)
 //! ws.ctl                       services -> every gateway: control (resync)
 //! app.<route...>               ws-api -> product services: clients' publish frames, body
@@ -286,6 +288,12 @@ pub fn gateway_probe(gateway: &GatewayId) -> String {
 /// `app.<route>`: where ws-api forwards a client's publish for product services.
 pub fn application(route: &Route) -> Option<String> {
     (!route.is_empty()).then(|| format!("{APP_ROOT}.{route}"))
+}
+
+/// `ws.lp.<worker>`: long-poll requests forwarded to the replica whose leased worker id
+/// minted the session's socket id (request/reply; docs/protocol.md section 1.4).
+pub fn longpoll_forward(worker: u16) -> String {
+    format!("{ROOT}.lp.{worker}")
 }
 
 /// `ws.all`

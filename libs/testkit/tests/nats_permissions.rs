@@ -1,6 +1,7 @@
 //! The per-service NATS users of `nats/auth.conf` (the file compose uses too) hold on a real
 //! nats-server: a gateway credential may publish its upstream subjects and use its own KV
-//! bucket, and is refused a scheduler subject, another service's bucket and others' traffic.
+//! bucket, and is refused a scheduler subject, another service's bucket and others' traffic;
+//! gateways forward long-poll requests to each other (`ws.lp.<worker>`), nobody else can.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
@@ -319,5 +320,51 @@ async fn the_dev_user_only_watches_and_never_sees_agent_traffic() {
     assert_eq!(
         received(&mut pushes, Duration::from_millis(300)).await,
         None
+    );
+}
+
+#[tokio::test]
+async fn gateways_forward_long_polls_to_each_other_and_nobody_else_can() {
+    let nats = server();
+    let (owner, mut owner_errors) = login(&nats, "ws-gateway", "gw-secret").await;
+    let (asker, mut asker_errors) = login(&nats, "ws-gateway", "gw-secret").await;
+    let subject = messages::subject::longpoll_forward(3);
+    let mut requests = owner.subscribe(subject.clone()).await.unwrap();
+    owner.flush().await.unwrap();
+    // Also the wait that lets the server register the subscription (a flush only writes
+    // it; the asker is another connection).
+    assert_eq!(next_error(&mut owner_errors).await, None, "subscribing");
+    let answering = {
+        let owner = owner.clone();
+        tokio::spawn(async move {
+            let request = requests.next().await.unwrap();
+            // The answer goes to the asker's inbox: allowed as a response only.
+            owner
+                .publish(request.reply.unwrap(), "answer".into())
+                .await
+                .unwrap();
+            owner.flush().await.unwrap();
+        })
+    };
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        asker.request(subject.clone(), "poll".into()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(&reply.payload[..], b"answer");
+    answering.await.unwrap();
+    assert_eq!(next_error(&mut owner_errors).await, None);
+    assert_eq!(next_error(&mut asker_errors).await, None);
+
+    // ws-api cannot inject long-poll requests into a gateway.
+    let (api, mut api_errors) = login(&nats, "ws-api", "api-secret").await;
+    api.publish(subject.clone(), "forged".into()).await.unwrap();
+    api.flush().await.unwrap();
+    let error = next_error(&mut api_errors).await.expect("no violation");
+    assert!(
+        error.contains("Permissions Violation for Publish") && error.contains(&subject),
+        "{error}"
     );
 }

@@ -37,6 +37,15 @@ pub struct Args {
     /// JetStream KV replicas (3 on a 3-node cluster).
     #[arg(long, env = "WS_API_KV_REPLICAS", default_value_t = 1)]
     pub kv_replicas: usize,
+    /// Enables the demo's development tokens and relay (`/demo/`): the gateway's HS256
+    /// secret, with which `POST /demo/token` signs a token for any user id. Development
+    /// only: anyone who reaches the endpoint can be anyone. Off (404) when unset.
+    #[arg(long, env = "WS_API_DEMO_TOKEN_SECRET", hide_env_values = true)]
+    pub demo_token_secret: Option<String>,
+    /// The gateway's WebSocket URL the demo page connects to (`ws://host:port/ws`); the
+    /// page asks when it is empty.
+    #[arg(long, env = "WS_API_DEMO_GATEWAY_URL", default_value = "")]
+    pub demo_gateway_url: String,
     /// Log format: `text` or `json`.
     #[arg(long, env = "WS_API_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -88,6 +97,10 @@ pub struct Config {
     /// How long a join waits for its session to appear (connect and join events may be
     /// handled by different replicas).
     pub session_wait: Duration,
+    /// The demo's token secret; `None` disables development tokens and the relay.
+    pub demo_token_secret: Option<String>,
+    /// The gateway URL the demo page is given.
+    pub demo_gateway_url: String,
 }
 
 impl Config {
@@ -105,6 +118,8 @@ impl Config {
             sessions_bucket: "ws_sessions".into(),
             receipts_bucket: "ws_push_receipts".into(),
             session_wait: Duration::from_secs(2),
+            demo_token_secret: None,
+            demo_gateway_url: String::new(),
         }
     }
 
@@ -126,6 +141,8 @@ impl Config {
         config.open_room_prefixes = split(&args.open_room_prefixes);
         config.max_body_bytes = args.max_body_bytes;
         config.kv_replicas = args.kv_replicas;
+        config.demo_token_secret = args.demo_token_secret.clone().filter(|s| !s.is_empty());
+        config.demo_gateway_url = args.demo_gateway_url.clone();
         config.validate()?;
         Ok(config)
     }
@@ -135,6 +152,15 @@ impl Config {
         if self.api_keys.is_empty() || self.api_keys.iter().any(|k| k.len() < 16) {
             return Err(ConfigError::Invalid(
                 "at least one API key of 16+ characters is required".into(),
+            ));
+        }
+        if self
+            .demo_token_secret
+            .as_ref()
+            .is_some_and(|secret| secret.len() < 32)
+        {
+            return Err(ConfigError::Invalid(
+                "the demo token secret (the gateway's HS256 secret) needs 32+ bytes".into(),
             ));
         }
         if self.presence_ttl < Duration::from_secs(1) || self.sweep.is_zero() {

@@ -230,6 +230,7 @@ async fn forward(shared: &Shared, route: &Route, msg: Message) {
         return;
     };
     let mut map = msg.headers.unwrap_or_default();
+    crate::demo::relay(shared, route, &map, &msg.payload).await;
     let now = headers::now_micros();
     shared
         .metrics

@@ -44,7 +44,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/v1/rooms/{id}/members/{user}",
             web::delete().to(remove_member),
         )
-        .route("/v1/stats", web::get().to(stats));
+        .route("/v1/stats", web::get().to(stats))
+        .configure(crate::demo::routes);
 }
 
 fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {

@@ -12,6 +12,8 @@
 //! - `http`: the HTTP API (`/v1/push`, presence queries, receipts, OpenAPI, health).
 //! - [`events`]: the bus consumers: session events, join/leave requests, receipts and
 //!   clients' publish frames (forwarded to `app.<route>`).
+//! - [`demo`]: the chat/presence demo page at `/demo/`, its development tokens (only with
+//!   `--demo-token-secret`) and its relay.
 //! - [`presence`]: sessions and presence in JetStream KV, with the watched in-memory index.
 //! - [`receipts`]: per-push delivery and ack counts in KV.
 //!
@@ -22,6 +24,7 @@
 //! it on `app.<route>` with its routing headers.
 
 pub mod config;
+pub mod demo;
 pub mod events;
 mod http;
 pub mod presence;

@@ -158,6 +158,21 @@ pub struct Args {
     /// How often the certificate files are checked for changes, seconds (0: only on SIGHUP).
     #[arg(long, env = "WS_GATEWAY_TLS_RELOAD_SECS", default_value_t = 10)]
     pub tls_reload_secs: u64,
+    /// Serve HTTP long-polling on `/lp` (the fallback for clients whose WebSocket does not
+    /// get through; docs/protocol.md section 1.4).
+    #[arg(long, env = "WS_GATEWAY_LONGPOLL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub longpoll: bool,
+    /// Longest a long-poll `GET` is held open waiting for frames, ms.
+    #[arg(long, env = "WS_GATEWAY_LONGPOLL_WAIT_MS", default_value_t = 25_000)]
+    pub longpoll_wait_ms: u64,
+    /// Largest long-poll `POST` body, bytes; also the most bytes of earlier POSTs a session
+    /// may hold unread.
+    #[arg(
+        long,
+        env = "WS_GATEWAY_LONGPOLL_MAX_POST_BYTES",
+        default_value_t = 256 * 1024
+    )]
+    pub longpoll_max_post_bytes: usize,
     /// Print a development token for this user id (signed with the HS256 secret) and exit.
     #[arg(long, value_name = "USER")]
     pub mint_token: Option<String>,
@@ -251,6 +266,12 @@ pub struct Config {
     pub tls: Option<Arc<ReloadableCert>>,
     /// How often the certificate files are checked for changes (`None`: only on SIGHUP).
     pub tls_reload: Option<Duration>,
+    /// Serve long-polling on `/lp`.
+    pub longpoll: bool,
+    /// Longest a poll is held open.
+    pub longpoll_wait: Duration,
+    /// Largest POST body (and most unread POSTed bytes per session).
+    pub longpoll_max_post: usize,
 }
 
 impl Config {
@@ -287,6 +308,9 @@ impl Config {
             lease_replicas: 1,
             tls: None,
             tls_reload: Some(Duration::from_secs(10)),
+            longpoll: true,
+            longpoll_wait: Duration::from_secs(25),
+            longpoll_max_post: 256 * 1024,
         }
     }
 
@@ -352,6 +376,9 @@ impl Config {
         if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
             config.tls = Some(ReloadableCert::load(cert, key)?);
         }
+        config.longpoll = args.longpoll;
+        config.longpoll_wait = Duration::from_millis(args.longpoll_wait_ms);
+        config.longpoll_max_post = args.longpoll_max_post_bytes;
         config.tls_reload =
             (args.tls_reload_secs > 0).then(|| Duration::from_secs(args.tls_reload_secs));
         config.validate()?;
@@ -375,6 +402,14 @@ impl Config {
         if self.max_connections == 0 || self.max_rooms_per_socket == 0 {
             return Err(ConfigError::Invalid(
                 "max connections and max rooms per socket must be positive",
+            ));
+        }
+        if self.longpoll_wait.is_zero()
+            || self.longpoll_max_post
+                < self.limits.max_frame_len() + messages::longpoll::RECORD_HEADER
+        {
+            return Err(ConfigError::Invalid(
+                "long-poll wait must be positive and the POST limit must hold one frame",
             ));
         }
         if self.lease_ttl < Duration::from_secs(3) {

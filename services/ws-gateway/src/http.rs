@@ -1,4 +1,5 @@
-//! HTTP surface of a replica: the WebSocket upgrade on `/ws` (admission: readiness,
+//! HTTP surface of a replica: the WebSocket upgrade on `/ws` (a `sid` in the query hands
+//! it to `longpoll`, which moves a long-poll session onto it) (admission: readiness,
 //! capacity, authentication, per-user and per-address caps, socket id) and the operational
 //! endpoints `/healthz`, `/readyz` and `/metrics`.
 //!
@@ -34,21 +35,22 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws", web::get().to(plain_ws))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics));
+        .route("/metrics", web::get().to(metrics))
+        .configure(crate::longpoll::routes);
 }
 
 /// A request turned away before the upgrade, and how to say so.
 #[derive(Debug)]
-struct Refused {
-    status: StatusCode,
-    error: &'static str,
-    detail: String,
+pub(crate) struct Refused {
+    pub(crate) status: StatusCode,
+    pub(crate) error: &'static str,
+    pub(crate) detail: String,
     /// Adds `WWW-Authenticate` (a token problem).
-    bearer: bool,
+    pub(crate) bearer: bool,
 }
 
 impl Refused {
-    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
         Refused {
             status,
             error,
@@ -57,13 +59,13 @@ impl Refused {
         }
     }
 
-    fn body(&self) -> Vec<u8> {
+    pub(crate) fn body(&self) -> Vec<u8> {
         serde_json::to_vec(&json!({ "error": self.error, "detail": self.detail }))
             .unwrap_or_default()
     }
 
     /// The refusal as actix-web's response (a request without an upgrade).
-    fn to_http(&self) -> HttpResponse {
+    pub(crate) fn to_http(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status);
         response.force_close();
         if self.bearer {
@@ -77,11 +79,11 @@ const BEARER_INVALID: &str = "Bearer error=\"invalid_token\"";
 
 /// Everything a WebSocket session starts with once the checks passed.
 #[derive(Debug)]
-struct Admitted {
-    identity: auth::Identity,
-    ticket: Ticket,
-    id: SocketId,
-    codec: BodyCodec,
+pub(crate) struct Admitted {
+    pub(crate) identity: auth::Identity,
+    pub(crate) ticket: Ticket,
+    pub(crate) id: SocketId,
+    pub(crate) codec: BodyCodec,
 }
 
 /// The checks every `/ws` request passes, cheapest first: readiness, capacity, the token.
@@ -124,7 +126,7 @@ fn authenticate(shared: &Shared, head: &RequestHead) -> Result<auth::Identity, R
 
 /// Everything before an upgrade: [`authenticate`], then the per-user and per-address caps
 /// (a slot held for the session) and a socket id.
-fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Refused> {
+pub(crate) fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Refused> {
     let identity = authenticate(shared, head)?;
     let query = head.uri.query().unwrap_or("");
     let peer = head.peer_addr.map(|a| a.ip());
@@ -213,7 +215,7 @@ impl From<UpgradeError> for Response<BoxBody> {
 /// Serves a request that asks for a protocol upgrade; the HTTP layer hands over the
 /// connection with it. `/ws` becomes a WebSocket session driven by this gateway
 /// (`transport`, `ws`); anything else is answered and closed.
-pub async fn upgrade<T: Transport>(
+pub async fn upgrade<T: Transport + Send>(
     shared: Arc<Shared>,
     req: Request,
     mut framed: Framed<T, h1::Codec>,
@@ -221,6 +223,10 @@ pub async fn upgrade<T: Transport>(
     if req.path() != "/ws" {
         let refused = Refused::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
         return send_refusal(&mut framed, &refused).await;
+    }
+    if servicekit::query::first(req.uri().query().unwrap_or(""), "sid").is_some() {
+        // A long-poll session moving to WebSocket, not a new session.
+        return crate::longpoll::upgrade(shared, req, framed).await;
     }
     let admitted = match admit(&shared, req.head()) {
         Ok(admitted) => admitted,
@@ -265,7 +271,7 @@ pub async fn upgrade<T: Transport>(
     Ok(())
 }
 
-async fn send_refusal<T: Transport>(
+pub(crate) async fn send_refusal<T: Transport>(
     framed: &mut Framed<T, h1::Codec>,
     refused: &Refused,
 ) -> Result<(), UpgradeError> {

@@ -30,6 +30,8 @@
 //! - [`bus`]: the NATS side and nothing else: publishing clients' frames and session
 //!   events, and the readiness probe.
 //! - [`heartbeat`]: a connection's heartbeat deadline and interval rule.
+//! - [`longpoll`]: HTTP long-polling (handshake, send, poll, the move to WebSocket, and
+//!   forwarding to the replica that owns a session); its sessions are connections too.
 //! - [`lease`]: the worker id behind socket ids (a KV lease via `servicekit::lease`).
 //! - [`metrics`]: the Prometheus registry.
 //!
@@ -50,6 +52,7 @@ mod http;
 pub mod hub;
 pub mod lease;
 pub mod link;
+pub mod longpoll;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;
@@ -111,6 +114,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The bus side.
     pub bus: Bus,
+    /// Long-poll sessions owned here.
+    pub longpoll: longpoll::LongPoll,
     /// Id generator for the leased worker id; `None` while no lease is held.
     ids: RwLock<Option<Arc<Snowflake>>>,
     /// Set when shutdown starts.
@@ -266,6 +271,7 @@ pub async fn run(
         }),
         metrics,
         bus,
+        longpoll: longpoll::LongPoll::default(),
         ids: RwLock::new(None),
         draining: AtomicBool::new(false),
     });
@@ -459,7 +465,10 @@ async fn maintain_lease(
     loop {
         let worker = *watch.borrow_and_update();
         match shared.upgrade() {
-            Some(shared) => shared.set_worker(worker),
+            Some(shared) => {
+                shared.set_worker(worker);
+                longpoll::serve(&shared, worker);
+            }
             None => break,
         }
         if worker.is_none() {
@@ -472,6 +481,7 @@ async fn maintain_lease(
     }
     if let Some(shared) = shared.upgrade() {
         shared.set_worker(None);
+        longpoll::serve(&shared, None);
     }
     keeper.release().await;
 }

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Upgrades accepted.
     pub accepted: Counter,
+    /// Long-poll sessions moved to a WebSocket.
+    pub longpoll_upgraded: Counter,
     rejected: [Counter; 5],
     frames_in: Vec<Counter>,
     /// Bytes received in binary frames.
@@ -90,6 +92,12 @@ impl Metrics {
         );
         let accepted = Counter::default();
         registry.register("accepted", "WebSocket upgrades accepted", accepted.clone());
+        let longpoll_upgraded = Counter::default();
+        registry.register(
+            "longpoll_upgraded",
+            "Long-poll sessions moved to a WebSocket",
+            longpoll_upgraded.clone(),
+        );
         let rejected_family = Family::<Reason, Counter>::default();
         registry.register(
             "rejected",
@@ -226,6 +234,7 @@ impl Metrics {
             registry,
             connections,
             accepted,
+            longpoll_upgraded,
             rejected,
             frames_in,
             bytes_in,

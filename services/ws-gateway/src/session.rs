@@ -951,6 +951,9 @@ impl actix::Actor for Conn {
             .closing
             .map(|c| c.as_str().to_owned())
             .or_else(|| self.peer_reason.take());
+        // A long-poll client learns the code from its next poll.
+        let close_reason = self.closing.map(|c| c.reason());
+        self.shared.longpoll.ended(self.id, code, close_reason);
         // Sent through the publisher's queue, not a spawned future: futures spawned on this
         // actor are dropped with it (docs/dependencies.md, trap 2).
         match payload::to_bus(&self.session_event(code, reason)) {
