@@ -37,6 +37,19 @@ pub struct Args {
     /// JetStream KV replicas (3 on a 3-node cluster).
     #[arg(long, env = "WS_API_KV_REPLICAS", default_value_t = 1)]
     pub kv_replicas: usize,
+    /// Room id prefixes whose pushes are kept in history for recovery, comma-separated
+    /// (`*`: every room; empty: none).
+    #[arg(long, env = "WS_API_HISTORY_ROOM_PREFIXES", default_value = "")]
+    pub history_room_prefixes: String,
+    /// Keep pushes to users in history for recovery.
+    #[arg(long, env = "WS_API_HISTORY_USERS", default_value_t = false)]
+    pub history_users: bool,
+    /// Pushes kept per history stream (per room, per user): the longest recoverable gap.
+    #[arg(long, env = "WS_API_HISTORY_MAX_PER_STREAM", default_value_t = 1000)]
+    pub history_max_per_stream: i64,
+    /// How long a push stays in history, seconds.
+    #[arg(long, env = "WS_API_HISTORY_MAX_AGE_SECS", default_value_t = 3600)]
+    pub history_max_age_secs: u64,
     /// Log format: `text` or `json`.
     #[arg(long, env = "WS_API_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -88,6 +101,8 @@ pub struct Config {
     /// How long a join waits for its session to appear (connect and join events may be
     /// handled by different replicas).
     pub session_wait: Duration,
+    /// Which pushes are kept in history (ADR 0017).
+    pub history: crate::history::HistoryConfig,
 }
 
 impl Config {
@@ -105,6 +120,7 @@ impl Config {
             sessions_bucket: "ws_sessions".into(),
             receipts_bucket: "ws_push_receipts".into(),
             session_wait: Duration::from_secs(2),
+            history: crate::history::HistoryConfig::default(),
         }
     }
 
@@ -126,6 +142,12 @@ impl Config {
         config.open_room_prefixes = split(&args.open_room_prefixes);
         config.max_body_bytes = args.max_body_bytes;
         config.kv_replicas = args.kv_replicas;
+        config.history = crate::history::HistoryConfig {
+            room_prefixes: split(&args.history_room_prefixes),
+            users: args.history_users,
+            max_per_stream: args.history_max_per_stream,
+            max_age: Duration::from_secs(args.history_max_age_secs),
+        };
         config.validate()?;
         Ok(config)
     }
@@ -140,6 +162,13 @@ impl Config {
         if self.presence_ttl < Duration::from_secs(1) || self.sweep.is_zero() {
             return Err(ConfigError::Invalid(
                 "presence TTL and sweep period must be positive".into(),
+            ));
+        }
+        if self.history.enabled()
+            && (self.history.max_per_stream < 1 || self.history.max_age.is_zero())
+        {
+            return Err(ConfigError::Invalid(
+                "history needs a positive count and age bound".into(),
             ));
         }
         Ok(())

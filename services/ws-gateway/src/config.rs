@@ -119,6 +119,10 @@ pub struct Args {
     /// How long a client's join/leave waits for the services' answer before a timeout error, ms.
     #[arg(long, env = "WS_GATEWAY_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
     pub request_timeout_ms: u64,
+    /// Most pushes one recovery replays; a longer gap is answered `recovered: false`. At
+    /// most half the outbound queue (the replay is queued at once).
+    #[arg(long, env = "WS_GATEWAY_MAX_REPLAY", default_value_t = 256)]
+    pub max_replay: u64,
     /// Window over which a drain spreads clients' reconnects, ms.
     #[arg(long, env = "WS_GATEWAY_DRAIN_WINDOW_MS", default_value_t = 10_000)]
     pub drain_window_ms: u64,
@@ -230,6 +234,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// How long a forwarded join/leave waits for the services' answer.
     pub request_timeout: Duration,
+    /// Most pushes one recovery replays (ADR 0017).
+    pub max_replay: u64,
     /// Window over which a drain spreads reconnects.
     pub drain_window: Duration,
     /// Hard deadline for shutdown.
@@ -272,6 +278,7 @@ impl Config {
             outbound_queue: 512,
             write_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
+            max_replay: 256,
             drain_window: Duration::from_secs(10),
             shutdown_deadline: Duration::from_secs(30),
             lease_bucket: "ws_gateway_workers".into(),
@@ -334,6 +341,7 @@ impl Config {
         config.outbound_queue = args.outbound_queue;
         config.write_timeout = Duration::from_millis(args.write_timeout_ms);
         config.request_timeout = Duration::from_millis(args.request_timeout_ms);
+        config.max_replay = args.max_replay;
         config.drain_window = Duration::from_millis(args.drain_window_ms);
         config.shutdown_deadline = Duration::from_millis(args.shutdown_deadline_ms);
         config.lease_bucket = args.lease_bucket.clone();
@@ -369,6 +377,11 @@ impl Config {
         }
         if self.lease_ttl < Duration::from_secs(3) {
             return Err(ConfigError::Invalid("lease TTL must be at least 3 s"));
+        }
+        if self.max_replay > (self.outbound_queue / 2) as u64 {
+            return Err(ConfigError::Invalid(
+                "max replay is at most half the outbound queue",
+            ));
         }
         Ok(())
     }

@@ -82,6 +82,7 @@ struct Admitted {
     ticket: Ticket,
     id: SocketId,
     codec: BodyCodec,
+    recovery: crate::history::ConnRecovery,
 }
 
 /// The checks every `/ws` request passes, cheapest first: readiness, capacity, the token.
@@ -165,11 +166,25 @@ fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Refused> {
         Some("json") => BodyCodec::Json,
         _ => BodyCodec::MsgPack,
     };
+    let pairs = servicekit::query::pairs(query).unwrap_or_default();
+    let recovery = match crate::history::ConnRecovery::from_query(&pairs) {
+        // Agents receive nothing from history streams.
+        Ok(recovery) if identity.kind == messages::ClientKind::App => recovery,
+        Ok(_) => crate::history::ConnRecovery::default(),
+        Err(detail) => {
+            return Err(Refused::new(
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                detail,
+            ));
+        }
+    };
     Ok(Admitted {
         identity,
         ticket,
         id,
         codec,
+        recovery,
     })
 }
 
@@ -246,6 +261,7 @@ pub async fn upgrade<T: Transport>(
         ticket,
         id,
         codec,
+        recovery,
     } = admitted;
     let init = ConnInit {
         id,
@@ -257,6 +273,7 @@ pub async fn upgrade<T: Transport>(
         sink,
         shared,
         ticket,
+        recovery,
     };
     Conn::create(|ctx| {
         ctx.add_stream(reader);

@@ -30,6 +30,8 @@
 //! - [`bus`]: the NATS side and nothing else: publishing clients' frames and session
 //!   events, and the readiness probe.
 //! - [`heartbeat`]: a connection's heartbeat deadline and interval rule.
+//! - [`history`]: recovery after a reconnect: replays from the history stream, the live
+//!   pushes held meanwhile and deduplicated (ADR 0017).
 //! - [`lease`]: the worker id behind socket ids (a KV lease via `servicekit::lease`).
 //! - [`metrics`]: the Prometheus registry.
 //!
@@ -46,6 +48,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod heartbeat;
+pub mod history;
 mod http;
 pub mod hub;
 pub mod lease;
