@@ -481,6 +481,83 @@ mod tests {
     }
 
     #[test]
+    fn live_pushes_wait_behind_a_pending_replay_and_the_replayed_ones_are_dropped() {
+        let lobby = StreamRef::Room(RoomId::new("chat.lobby").unwrap());
+        let mut r = Recovering::new(ConnRecovery {
+            positions: true,
+            user_since: None,
+        });
+        let join = Frame::new(FrameKind::Join)
+            .with_msg_id(5)
+            .with_route(messages::Route::new("chat.lobby").unwrap())
+            .with_body(
+                messages::BodyCodec::Json,
+                &br#"{"epoch": 7, "offset": 2}"#[..],
+            );
+        r.join_requested(&join).unwrap();
+        assert_eq!(
+            r.since_of(5),
+            Some(JoinSince {
+                epoch: 7,
+                offset: 2
+            })
+        );
+        // Held: nothing to send while the replay is pending, and no release yet.
+        let live: VecDeque<Bytes> = (3..=6)
+            .map(|o| positioned(lobby.clone(), 7, o))
+            .chain([positioned(StreamRef::User, 1, 1)])
+            .collect();
+        assert_eq!(r.admit(live, 100), Some(VecDeque::new()));
+        assert_eq!(r.release(), None);
+        // The replay covered offsets 3 and 4.
+        assert!(r.finish(5));
+        r.dedupe.push(Dedupe {
+            stream: lobby.clone(),
+            epoch: 7,
+            through: 4,
+        });
+        let released = r.release().unwrap();
+        let offsets: Vec<u64> = released
+            .iter()
+            .map(|m| position_of(m).unwrap().offset)
+            .collect();
+        assert_eq!(offsets, vec![5, 6, 1]);
+        // Too many held is a slow consumer.
+        r.join_requested(&join).unwrap();
+        let many: VecDeque<Bytes> = (0..3)
+            .map(|o| positioned(lobby.clone(), 7, o + 10))
+            .collect();
+        assert_eq!(r.admit(many, 2), None);
+        // A body on a connection without positions asks for nothing; a bad one is an error.
+        let mut plain = Recovering::new(ConnRecovery::default());
+        plain.join_requested(&join).unwrap();
+        assert_eq!(plain.since_of(5), None);
+        let bad = join
+            .clone()
+            .with_body(messages::BodyCodec::Json, &b"[1]"[..]);
+        assert!(r.join_requested(&bad).is_err());
+    }
+
+    #[test]
+    fn since_in_the_query_asks_for_the_user_stream_and_implies_positions() {
+        let q = |s: &str| vec![("since".to_owned(), s.to_owned())];
+        assert_eq!(
+            ConnRecovery::from_query(&q("7:12")),
+            Ok(ConnRecovery {
+                positions: true,
+                user_since: Some(JoinSince {
+                    epoch: 7,
+                    offset: 12
+                })
+            })
+        );
+        assert!(ConnRecovery::from_query(&q("7")).is_err());
+        assert!(ConnRecovery::from_query(&q("a:1")).is_err());
+        let p = vec![("positions".to_owned(), "1".to_owned())];
+        assert!(ConnRecovery::from_query(&p).unwrap().positions);
+    }
+
+    #[test]
     fn a_push_without_position_is_always_sent() {
         let mut rules = vec![Dedupe {
             stream: StreamRef::User,
