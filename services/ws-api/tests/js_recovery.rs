@@ -200,7 +200,7 @@ async fn a_browser_recovers_the_pushes_it_missed_while_disconnected() {
     wait_or_explain(&browser, "window.record.pushes.length >= 102").await;
     let last = record(&browser, "pushes").await.pop().unwrap();
     assert_eq!(last["body"]["n"], 9999);
-    assert_eq!(last["position"]["offset"], 101 + MAX_REPLAY + 1);
+    assert_eq!(last["position"]["offset"], 102 + MAX_REPLAY + 1);
     assert!(
         record(&browser, "events")
             .await
