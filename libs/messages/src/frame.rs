@@ -877,6 +877,14 @@ mod tests {
         assert_eq!(&bytes[30..40], b"chat.lobby");
         assert_eq!(&bytes[40..43], b"msg");
         assert_eq!(Frame::decode(&bytes, &limits()).unwrap(), frame);
+        // docs/protocol.md, appendix 14.2.
+        let vector = "01 06 22 03 00 00 00 00 00 00 00 09 00 00 00 00 00 00 00 07 00 00 00 00 00 00 00 2a \
+                      02 0a 63 68 61 74 2e 6c 6f 62 62 79 6d 73 67 7b 7d";
+        let vector: Vec<u8> = vector
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        assert_eq!(&bytes[..], &vector[..]);
 
         let user = frame.clone().with_position(Some(Position {
             stream: StreamRef::User,
