@@ -119,8 +119,8 @@ pub struct Args {
     /// How long a client's join/leave waits for the services' answer before a timeout error, ms.
     #[arg(long, env = "WS_GATEWAY_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
     pub request_timeout_ms: u64,
-    /// Most pushes one recovery replays; a longer gap is answered `recovered: false`. At
-    /// most half the outbound queue (the replay is queued at once).
+    /// Most pushes one recovery replays; a longer gap is answered `recovered: false`.
+    /// Capped at half the outbound queue (the replay is queued at once).
     #[arg(long, env = "WS_GATEWAY_MAX_REPLAY", default_value_t = 256)]
     pub max_replay: u64,
     /// Window over which a drain spreads clients' reconnects, ms.
@@ -234,7 +234,7 @@ pub struct Config {
     pub write_timeout: Duration,
     /// How long a forwarded join/leave waits for the services' answer.
     pub request_timeout: Duration,
-    /// Most pushes one recovery replays (ADR 0017).
+    /// Most pushes one recovery replays (ADR 0017); see [`Config::replay_cap`].
     pub max_replay: u64,
     /// Window over which a drain spreads reconnects.
     pub drain_window: Duration,
@@ -356,6 +356,12 @@ impl Config {
         Ok(config)
     }
 
+    /// The most pushes one recovery replays: `max_replay`, at most half the outbound queue
+    /// (a replay is queued at once, and must not make its client a slow consumer).
+    pub fn replay_cap(&self) -> u64 {
+        self.max_replay.min((self.outbound_queue / 2) as u64)
+    }
+
     /// Checks ranges that would make the gateway misbehave.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let hb = &self.heartbeat;
@@ -377,11 +383,6 @@ impl Config {
         }
         if self.lease_ttl < Duration::from_secs(3) {
             return Err(ConfigError::Invalid("lease TTL must be at least 3 s"));
-        }
-        if self.max_replay > (self.outbound_queue / 2) as u64 {
-            return Err(ConfigError::Invalid(
-                "max replay is at most half the outbound queue",
-            ));
         }
         Ok(())
     }

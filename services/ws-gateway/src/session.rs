@@ -620,7 +620,7 @@ impl Conn {
             self.user.clone(),
             StreamRef::User,
             since,
-            self.shared.config.max_replay,
+            self.shared.config.replay_cap(),
         );
         let task = self.shared.bus.runtime().spawn(read);
         ctx.wait(task.into_actor(self).map(|replay, act, ctx| {
@@ -967,7 +967,7 @@ impl Conn {
             self.user.clone(),
             stream,
             since,
-            self.shared.config.max_replay,
+            self.shared.config.replay_cap(),
         );
         let task = self.shared.bus.runtime().spawn(read);
         ctx.spawn(task.into_actor(self).map(move |replay, act, ctx| {
