@@ -232,6 +232,27 @@ async fn a_rejoin_replays_what_was_missed_in_order_then_the_live_stream() {
     let recovery = recovery_of(&join(&mut c, "chat.lobby", 5, Some(stale)).await);
     assert!(!recovery.recovered);
     c.expect_silence(Duration::from_millis(300)).await;
+
+    // The gateway counts the answers and the replayed pushes (20 missed + up to 30 held).
+    let metrics = http::get(gw.addr(), "/metrics", "").await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    let value = |line: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(line))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{line} not in {metrics}"))
+    };
+    assert_eq!(
+        value("ws_gateway_recoveries_total{reason=\"recovered\"}"),
+        2
+    );
+    assert_eq!(
+        value("ws_gateway_recoveries_total{reason=\"not_recovered\"}"),
+        2
+    );
+    assert!(value("ws_gateway_pushes_replayed_total") >= 20);
 }
 
 #[tokio::test]

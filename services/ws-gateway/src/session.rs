@@ -642,8 +642,9 @@ impl Conn {
                 )),
             };
             act.send_welcome(&welcome, ctx);
-            if let Ok(replay) = replay {
-                act.send_replay(replay, ctx);
+            match replay {
+                Ok(replay) => act.send_replay(replay, ctx),
+                Err(_) => act.shared.metrics.recovery(false),
             }
         }));
     }
@@ -973,6 +974,7 @@ impl Conn {
         ctx.spawn(task.into_actor(self).map(move |replay, act, ctx| {
             let Ok(replay) = replay else {
                 // The read task died; the client is told it did not recover.
+                act.shared.metrics.recovery(false);
                 act.send_error(msg_id, ErrorCode::Internal, "recovery failed".into(), ctx);
                 return;
             };
@@ -988,10 +990,10 @@ impl Conn {
 
     /// Queues replayed pushes and remembers which live ones they cover.
     fn send_replay(&mut self, replay: history::Replay, ctx: &mut Ctx) {
-        self.shared
-            .metrics
-            .pushes_delivered
-            .inc_by(replay.frames.len() as u64);
+        let metrics = &self.shared.metrics;
+        metrics.recovery(replay.recovery.recovered);
+        metrics.pushes_delivered.inc_by(replay.frames.len() as u64);
+        metrics.pushes_replayed.inc_by(replay.frames.len() as u64);
         if let Some(rule) = replay.dedupe() {
             self.recovery.dedupe.push(rule);
         }
