@@ -327,3 +327,95 @@ async fn nobody_recovers_a_room_they_may_not_join() {
     let (n, _, _, stream) = next_push(&mut eve).await;
     assert_eq!((n, stream), (1, StreamRef::User));
 }
+
+#[tokio::test]
+async fn a_gap_the_stream_no_longer_keeps_or_a_purge_is_not_recovered() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let gw = gateway(&url).await;
+    let mut config = ws_api::Config::new(url.clone(), vec![KEY.to_owned()]);
+    config.history.room_prefixes = vec!["chat.".into()];
+    config.history.max_per_stream = 5;
+    let a = ws_api::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    http::wait_status(a.addr(), "/readyz", 200).await;
+    let rooms = ["chat.small"];
+
+    let mut c = connect(gw.addr(), "fay", &rooms, "positions=1").await;
+    join(&mut c, "chat.small", 1, None).await;
+    push_room(a.addr(), "chat.small", 1).await;
+    let (_, epoch, offset, _) = next_push(&mut c).await;
+    c.close().await;
+    // Ten more: the stream keeps only the last five (7-11), so offset 2 is gone although
+    // the gap (10) is within the replay cap.
+    for n in 2..=11 {
+        push_room(a.addr(), "chat.small", n).await;
+    }
+    let mut c = connect(gw.addr(), "fay", &rooms, "positions=1").await;
+    let since = JoinSince { epoch, offset };
+    let recovery = recovery_of(&join(&mut c, "chat.small", 2, Some(since)).await);
+    assert_eq!(
+        recovery,
+        Recovery {
+            recovered: false,
+            epoch,
+            offset: 11
+        }
+    );
+    c.expect_silence(Duration::from_millis(300)).await;
+    // Within what is kept: recovered.
+    let recovery = recovery_of(
+        &join(
+            &mut c,
+            "chat.small",
+            3,
+            Some(JoinSince { epoch, offset: 8 }),
+        )
+        .await,
+    );
+    assert!(recovery.recovered);
+    for expected in 9..=11 {
+        let (n, _, o, _) = next_push(&mut c).await;
+        assert_eq!((n, o), (expected, expected));
+    }
+    c.close().await;
+
+    // The room's history is purged: ws-api's remembered tail is refused by the stream, it
+    // starts a new epoch at offset 1, and the old position is not trusted.
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let stream = js
+        .get_stream(messages::subject::HISTORY_STREAM)
+        .await
+        .unwrap();
+    stream
+        .purge()
+        .filter(messages::subject::history_room(
+            &RoomId::new("chat.small").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let mut c = connect(gw.addr(), "fay", &rooms, "positions=1").await;
+    join(&mut c, "chat.small", 1, None).await;
+    push_room(a.addr(), "chat.small", 12).await;
+    let (n, new_epoch, offset, _) = next_push(&mut c).await;
+    assert_eq!((n, offset), (12, 1));
+    assert_ne!(new_epoch, epoch);
+    c.close().await;
+    let mut c = connect(gw.addr(), "fay", &rooms, "positions=1").await;
+    let recovery = recovery_of(
+        &join(
+            &mut c,
+            "chat.small",
+            1,
+            Some(JoinSince { epoch, offset: 11 }),
+        )
+        .await,
+    );
+    assert_eq!(
+        recovery,
+        Recovery {
+            recovered: false,
+            epoch: new_epoch,
+            offset: 1
+        }
+    );
+}

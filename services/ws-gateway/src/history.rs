@@ -242,8 +242,10 @@ async fn read(
         let Some(found) = next_on(&stream, &subject, mid).await? else {
             break;
         };
+        // Every sequence in mid..=found.seq leads to `found`: on the subject, offsets do
+        // not decrease as sequences grow.
         if found.offset > since.offset {
-            hi = found.seq;
+            hi = mid;
         } else {
             lo = found.seq + 1;
         }
