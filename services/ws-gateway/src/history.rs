@@ -184,6 +184,16 @@ async fn next_on(
     }
 }
 
+fn no_stream_or_message(kind: &DirectGetErrorKind) -> bool {
+    match kind {
+        DirectGetErrorKind::NotFound => true,
+        DirectGetErrorKind::ErrorResponse(code, _) => {
+            *code == async_nats::StatusCode::NO_RESPONDERS
+        }
+        _ => false,
+    }
+}
+
 fn stored(msg: jetstream::message::StreamMessage) -> Result<Stored, ReadError> {
     let envelope = PushEnvelope::from_headers(&msg.headers).map_err(read_err)?;
     let (epoch, offset) = envelope
@@ -212,8 +222,9 @@ async fn read(
     let subject = history_subject(user, &stream_ref);
     let last = match stream.direct_get_last_for_subject(subject.as_str()).await {
         Ok(msg) => stored(msg)?,
-        // Nothing kept (no history for this namespace, or all of it aged out).
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+        // Nothing kept (no history for this namespace, or all of it aged out), or no
+        // history stream at all (history is off): an answer, not a failure to log.
+        Err(e) if no_stream_or_message(&e.kind()) => {
             return Ok(Replay::refused(stream_ref, 0, 0));
         }
         Err(e) => return Err(read_err(e)),
