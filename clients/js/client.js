@@ -24,6 +24,7 @@ import {
   readError,
   readHeartbeatAck,
   readReconnect,
+  readRecovery,
   readWelcome,
   CLOSE_NAMES,
   ERROR_NAMES,
@@ -116,6 +117,9 @@ function makeEvent(type, detail) {
  *   limit (default 128, section 2.3)
  * @property {number} [maxInflateBytes] largest body a compressed push may inflate to;
  *   default 16 MiB
+ * @property {boolean} [recovery] ask for positions and recover missed pushes after a
+ *   reconnect (sections 7.8, 13.5): the client keeps the last offset of its user stream and
+ *   of each joined room and sends them when it reconnects; default false
  * @property {string} [clientName] sent in the hello frame; default `rt-js/0.1.0`
  * @property {Array<'websocket' | 'longpoll'>} [transports] transports in order of
  *   preference (section 1.4); default `['websocket']`. With `['websocket', 'longpoll']` a
@@ -140,7 +144,20 @@ function makeEvent(type, detail) {
  *   when the frame was compressed
  * @property {Uint8Array} bytes the body bytes after inflation
  * @property {boolean} receipt the sender asked for a delivery receipt
+ * @property {import('./codec.js').Position | null} position its place in its history
+ *   stream (with `recovery: true`, for pushes kept in history)
  * @property {() => void} ack sends the receipt now (once; no-op for id 0)
+ */
+
+/**
+ * The answer to a recovery (section 7.8): `recovered: true` means every push missed in
+ * that stream was delivered (as `push` events before any later one), `false` that they
+ * cannot be and the application should reload that stream's state.
+ * @typedef {object} Recovered
+ * @property {string | null} room the room, or null for the user stream
+ * @property {boolean} recovered
+ * @property {number} epoch
+ * @property {number} offset
  */
 
 /**
@@ -152,6 +169,9 @@ function makeEvent(type, detail) {
  * - `closed` `{ code, reason }`: no more attempts (terminal close code, `close()` called,
  *   or a protocol failure);
  * - `push` `Push`; `reconnect` `{ delayMs, reason }` (the gateway is draining);
+ * - `recovered` `Recovered`: after a reconnect with `recovery: true`, once per stream the
+ *   client had a position in (the user stream with the welcome, each room with its
+ *   rejoin's ack);
  * - `error` `RtError | FrameError | Error`: an error frame not tied to a request, a frame
  *   that did not decode, a failed rejoin.
  */
@@ -172,11 +192,16 @@ export class Client extends EventTarget {
     this.welcome = null;
     /** Rooms joined (acked), re-joined after a reconnect. */
     this.rooms = new Set();
+    /**
+     * Last position per history stream ('' for the user stream, else the room id).
+     * @type {Map<string, { epoch: number, offset: number }>}
+     */
+    this.positions = new Map();
     /** @type {WebSocket | null} */
     this.ws = null;
     this.attempt = 0;
     this.nextId = 1;
-    /** @type {Map<bigint, { resolve: (v: undefined) => void, reject: (e: Error) => void, timer: unknown, onAck?: () => void }>} */
+    /** @type {Map<bigint, { resolve: (v: any) => void, reject: (e: Error) => void, timer: unknown, onAck?: (ack?: any) => unknown }>} */
     this.pending = new Map();
     /** Requests made before the welcome, sent when it comes. @type {Array<() => void>} */
     this.waiting = [];
@@ -267,7 +292,28 @@ export class Client extends EventTarget {
    */
   join(room) {
     if (!isValidRoomId(room)) return Promise.reject(new RtError(401, `invalid room id ${JSON.stringify(room)}`));
-    return this.request(Kind.JOIN, room, false, null, () => this.rooms.add(room));
+    if (this.options.recovery !== true) {
+      return this.request(Kind.JOIN, room, false, null, () => {
+        this.rooms.add(room);
+      });
+    }
+    // With recovery, every join names the client's position (epoch 0 when it has none:
+    // the ack then tells the stream's current position, section 7.8).
+    const known = this.positions.get(room);
+    const since = known ?? { epoch: 0, offset: 0 };
+    const prepare = async () => ({
+      codec: this.codec,
+      compressed: false,
+      trace: null,
+      body: encodeBody({ epoch: since.epoch, offset: since.offset }, this.codec),
+    });
+    return this.request(Kind.JOIN, room, false, prepare, (/** @type {import('./codec.js').Frame} */ ack) => {
+      this.rooms.add(room);
+      if (ack.body.length === 0) return undefined;
+      const r = readRecovery(decodeBody(ack.body, ack.codec));
+      this.afterRecovery(room, r, known !== undefined);
+      return { room, ...r };
+    });
   }
 
   /**
@@ -315,7 +361,7 @@ export class Client extends EventTarget {
    * @param {string} route
    * @param {boolean} fireAndForget message id 0: no ack expected
    * @param {null | (() => Promise<{ codec: number, compressed: boolean, trace: any, body: Uint8Array }>)} prepare
-   * @param {() => void} [onAck]
+   * @param {(ack?: any) => unknown} [onAck] runs on the ack frame; its result resolves the request
    * @returns {Promise<void>}
    */
   request(kind, route, fireAndForget, prepare, onAck) {
@@ -378,6 +424,12 @@ export class Client extends EventTarget {
     url.searchParams.set('token', token);
     url.searchParams.set('codec', this.codec === Codec.JSON ? 'json' : 'msgpack');
     const transports = this.options.transports ?? ['websocket'];
+    if (this.options.recovery === true) {
+      // The user stream's position (0:0 when unknown: the welcome then names the current
+      // one), which also asks for positions on pushes (section 1.2).
+      const user = this.positions.get('') ?? { epoch: 0, offset: 0 };
+      url.searchParams.set('since', `${user.epoch}:${user.offset}`);
+    }
     let ws;
     try {
       // Long-polling (section 1.4) behind the same interface, when the application allows it.
@@ -452,7 +504,7 @@ export class Client extends EventTarget {
       case Kind.HEARTBEAT_ACK:
         return this.onHeartbeatAck(readHeartbeatAck(decodeBody(frame.body, frame.codec)));
       case Kind.ACK:
-        return this.settle(frame.msgId, null);
+        return this.settle(frame.msgId, null, frame);
       case Kind.ERROR: {
         const { code, message } = readError(decodeBody(frame.body, frame.codec));
         const err = new RtError(code, message, frame.msgId);
@@ -472,6 +524,7 @@ export class Client extends EventTarget {
   /** @param {import('./codec.js').Welcome} welcome */
   onWelcome(welcome) {
     const reconnected = this.welcome !== null;
+    if (welcome.recovery) this.afterRecovery(null, welcome.recovery, this.positions.has(''));
     this.welcome = welcome;
     this.nextId = 1;
     this.attempt = 0;
@@ -528,24 +581,61 @@ export class Client extends EventTarget {
   /**
    * @param {bigint} id
    * @param {RtError | null} err
+   * @param {import('./codec.js').Frame} [ack] the ack frame
    * @returns {boolean} whether a request was waiting for it
    */
-  settle(id, err) {
+  settle(id, err, ack) {
     const p = this.pending.get(id);
     if (!p) return false;
     this.pending.delete(id);
     this.clock.clearTimeout(p.timer);
     if (err) p.reject(err);
     else {
-      p.onAck?.();
-      p.resolve(undefined);
+      let value;
+      try {
+        value = p.onAck?.(ack);
+      } catch (e) {
+        p.reject(e instanceof Error ? e : new Error(String(e)));
+        return true;
+      }
+      p.resolve(value);
     }
     return true;
+  }
+
+  /**
+   * Takes in a recovery answer for `room` (null: the user stream): the client's position
+   * becomes the one the gateway named (after a replay, its last push; otherwise the
+   * stream's latest, since what was missed is gone). `announce`: the client had a position,
+   * so the application hears whether it recovered.
+   * @param {string | null} room
+   * @param {{ recovered: boolean, epoch: number, offset: number }} r
+   * @param {boolean} announce
+   */
+  afterRecovery(room, r, announce) {
+    const key = room ?? '';
+    if (r.epoch !== 0) this.positions.set(key, { epoch: r.epoch, offset: r.offset });
+    else this.positions.delete(key);
+    if (announce) this.emit('recovered', { room, recovered: r.recovered, epoch: r.epoch, offset: r.offset });
+  }
+
+  /**
+   * Remembers the position of a push from a history stream.
+   * @param {import('./codec.js').Position} p
+   */
+  track(p) {
+    const key = p.room ?? '';
+    const known = this.positions.get(key);
+    if (!known || known.epoch !== p.epoch || known.offset < p.offset) {
+      this.positions.set(key, { epoch: p.epoch, offset: p.offset });
+    }
   }
 
   /** @param {import('./codec.js').Frame} frame */
   onPush(frame) {
     const ws = this.ws;
+    // Tracked on arrival, in order: a replay's pushes arrive before anything newer.
+    if (frame.position) this.track(frame.position);
     const work = async () => {
       const bytes = frame.compressed
         ? await inflateRaw(frame.body, this.options.maxInflateBytes ?? 16 * 1024 * 1024)
@@ -566,6 +656,7 @@ export class Client extends EventTarget {
         body: decodeBody(bytes, frame.codec),
         bytes,
         receipt: frame.receipt,
+        position: frame.position ?? null,
         ack,
       };
       this.emit('push', push);

@@ -10,6 +10,8 @@ export const VERSION = 1;
 export const HEADER_LEN = 12;
 /** Trace context length. */
 export const TRACE_LEN = 25;
+/** Bytes of a position block before its room id (section 2.4). */
+export const POSITION_LEN = 18;
 /** Longest route the wire can carry (the length is one byte). */
 export const MAX_ROUTE_LEN = 255;
 /** Longest room id (and the gateway's default route limit). */
@@ -40,7 +42,9 @@ export const Flag = Object.freeze({
   COMPRESSED: 0x04,
   TRACE: 0x08,
   RECEIPT: 0x10,
-  RESERVED: 0xe0,
+  // A position block (history stream, epoch, offset) follows the trace context (2.4).
+  POSITION: 0x20,
+  RESERVED: 0xc0,
 });
 
 const CODEC_NAMES = ['raw', 'msgpack', 'json'];
@@ -159,8 +163,18 @@ export function isValidRoomId(room) {
  * @property {boolean} receipt on a push: the sender wants a receipt
  * @property {bigint} msgId u64 message id
  * @property {TraceContext | null} trace
+ * @property {Position | null} position on a push from a history stream, to a connection
+ *   that asked for positions (sections 2.4, 7.8)
  * @property {string} route
  * @property {Uint8Array} body
+ */
+
+/**
+ * Where a push sits in its history stream.
+ * @typedef {object} Position
+ * @property {string | null} room the room's id, or null for the connection's user stream
+ * @property {number} epoch the stream's epoch (below 2^53)
+ * @property {number} offset the push's offset in the stream, from 1 without gaps
  */
 
 /** @param {Uint8Array} bytes */
@@ -238,6 +252,26 @@ export function decodeFrame(input, limits = {}) {
     trace = { traceId: bytes.slice(12, 28), spanId: bytes.slice(28, 36), flags: bytes[36] };
     if (allZero(trace.traceId) || allZero(trace.spanId)) throw new FrameError('InvalidTraceContext');
   }
+  /** @type {Position | null} */
+  let position = null;
+  if (flags & Flag.POSITION) {
+    const at = head;
+    head += POSITION_LEN;
+    if (bytes.length < head) throw new FrameError('Truncated', { needed: head, got: bytes.length });
+    const epoch = view.getBigUint64(at);
+    const offset = view.getBigUint64(at + 8);
+    const streamKind = bytes[at + 16];
+    const idLen = bytes[at + 17];
+    head += idLen;
+    if (bytes.length < head) throw new FrameError('Truncated', { needed: head, got: bytes.length });
+    const id = bytes.subarray(at + POSITION_LEN, head);
+    const safe = BigInt(Number.MAX_SAFE_INTEGER);
+    const valid =
+      epoch !== 0n && offset !== 0n && epoch <= safe && offset <= safe &&
+      ((streamKind === 1 && idLen === 0) || (streamKind === 2 && idLen > 0 && routeProblem(id) === null));
+    if (!valid) throw new FrameError('InvalidPosition');
+    position = { room: streamKind === 2 ? textDecoder.decode(id) : null, epoch: Number(epoch), offset: Number(offset) };
+  }
   const bodyAt = head + routeLen;
   if (bytes.length < bodyAt) throw new FrameError('Truncated', { needed: bodyAt, got: bytes.length });
   if (bytes.length - bodyAt > maxBody) {
@@ -253,6 +287,7 @@ export function decodeFrame(input, limits = {}) {
     receipt: (flags & Flag.RECEIPT) !== 0,
     msgId,
     trace,
+    position,
     // Route bytes are ASCII (checked above), so decoding cannot fail.
     route: textDecoder.decode(routeBytes),
     body: bytes.slice(bodyAt),
@@ -384,7 +419,18 @@ export function readWelcome(body) {
     },
     maxBodyBytes: u32(m.max_body_bytes, 'max_body_bytes'),
     serverTimeMs: Number(m.server_time_ms),
+    recovery: m.recovery == null ? null : readRecovery(m.recovery),
   };
+}
+
+/**
+ * Reads a recovery answer (6.7): in the welcome (user stream) or a join's ack (a room).
+ * @param {unknown} body
+ * @returns {{ recovered: boolean, epoch: number, offset: number }}
+ */
+export function readRecovery(body) {
+  const m = asMap(body);
+  return { recovered: m.recovered === true, epoch: Number(m.epoch ?? 0), offset: Number(m.offset ?? 0) };
 }
 
 /**

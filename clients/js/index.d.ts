@@ -28,11 +28,37 @@ export interface Frame {
   receipt: boolean;
   msgId: bigint;
   trace: TraceContext | null;
+  /** On a push from a history stream to a connection that asked for positions (2.4). */
+  position: Position | null;
   route: string;
   body: Uint8Array;
 }
 
-export interface FrameInput extends Partial<Omit<Frame, 'msgId'>> {
+/** Where a push sits in its history stream (protocol 2.4, 7.8). */
+export interface Position {
+  /** The room, or null for the connection's user stream. */
+  room: string | null;
+  /** The stream's epoch (below 2^53). */
+  epoch: number;
+  /** From 1, without gaps within an epoch. */
+  offset: number;
+}
+
+/** The answer to a recovery (protocol 6.7). */
+export interface Recovery {
+  /** true: every missed push of the stream follows; false: reload that stream's state. */
+  recovered: boolean;
+  epoch: number;
+  offset: number;
+}
+
+/** A `recovered` event: the answer for one stream after a reconnect. */
+export interface Recovered extends Recovery {
+  /** The room, or null for the user stream. */
+  room: string | null;
+}
+
+export interface FrameInput extends Partial<Omit<Frame, 'msgId' | 'position'>> {
   kind: number;
   msgId?: bigint | number;
 }
@@ -74,9 +100,12 @@ export interface Welcome {
   heartbeat: HeartbeatParams;
   maxBodyBytes: number;
   serverTimeMs: number;
+  /** Present when the connection named its user stream's position (`since`). */
+  recovery: Recovery | null;
 }
 
 export function readWelcome(body: unknown): Welcome;
+export function readRecovery(body: unknown): Recovery;
 export function readHeartbeatAck(body: unknown): number;
 export function readError(body: unknown): { code: number; message: string };
 export function readReconnect(body: unknown): { delayMs: number; reason: string };
@@ -116,6 +145,8 @@ export interface ClientOptions {
   /** Longest publish route sent (the gateway's route limit); default 128. */
   maxRouteBytes?: number;
   maxInflateBytes?: number;
+  /** Keep positions and recover missed pushes after a reconnect (protocol 7.8); default false. */
+  recovery?: boolean;
   clientName?: string;
   WebSocket?: { new (url: string): WebSocket };
   /**
@@ -175,6 +206,8 @@ export interface Push {
   body: unknown;
   bytes: Uint8Array;
   receipt: boolean;
+  /** With `recovery: true`, for a push kept in history. */
+  position: Position | null;
   ack(): void;
 }
 
@@ -203,6 +236,8 @@ export interface ClientEventMap {
   closed: CustomEvent<{ code: number; reason: string; codeName?: string }>;
   push: CustomEvent<Push>;
   reconnect: CustomEvent<{ delayMs: number; reason: string }>;
+  /** After a reconnect with `recovery: true`: one per stream the client had a position in. */
+  recovered: CustomEvent<Recovered>;
   error: CustomEvent<Error>;
 }
 
@@ -215,9 +250,12 @@ export class Client extends EventTarget {
   readonly rooms: Set<string>;
   /** What carries the connection now, or null while none does. */
   readonly transport: Transport | null;
+  /** Last position per history stream: '' for the user stream, else the room id. */
+  readonly positions: Map<string, { epoch: number; offset: number }>;
   connect(): Promise<Welcome>;
   publish(route: string, body: unknown, options?: PublishOptions): Promise<void>;
-  join(room: string): Promise<void>;
+  /** With `recovery: true` resolves with the ack's recovery answer (undefined otherwise). */
+  join(room: string): Promise<Recovered | undefined>;
   leave(room: string): Promise<void>;
   refresh(token: string): Promise<void>;
   close(code?: number, reason?: string): void;

@@ -25,6 +25,7 @@ export {
   readError,
   readHeartbeatAck,
   readReconnect,
+  readRecovery,
   readWelcome,
   socketIdString,
 } from './codec.js';

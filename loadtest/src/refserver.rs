@@ -62,6 +62,7 @@ impl Hello {
             },
             max_body_bytes: u32::try_from(Limits::default().max_body_len).unwrap_or(u32::MAX),
             server_time_ms: servicekit::clock::now_ms(),
+            recovery: None,
         };
         Self::control(FrameKind::Welcome, 0, &welcome)
     }
@@ -87,6 +88,7 @@ pub fn push_frame(msg: &async_nats::Message) -> Option<Bytes> {
         flags: envelope.flags(),
         msg_id: envelope.msg_id,
         trace: envelope.trace,
+        position: None,
         route: envelope.route,
         body: msg.payload.clone(),
     };

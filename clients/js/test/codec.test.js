@@ -105,6 +105,7 @@ test('6.2/14.2 welcome body: reads the fields and re-encodes byte for byte', () 
     heartbeat: { baseMs: 10000, stepMs: 5000, maxMs: 60000, growAfter: 3, graceMs: 5000 },
     maxBodyBytes: 65536,
     serverTimeMs: 1800000000000,
+    recovery: null,
   });
   // The JSON form of section 6.2 carries the socket id as a string.
   const json = `{"socket_id":"137465797017604096","user_id":"alice","gateway":"gw-1","heartbeat":{"base_ms":10000,"step_ms":5000,"max_ms":60000,"grow_after":3,"grace_ms":5000},"max_body_bytes":65536,"server_time_ms":1800000000000,"future_key":true}`;
@@ -169,8 +170,8 @@ test('14.2 frames the decoder must refuse', () => {
   refused(ackWith(0, 0x00), 'UnsupportedVersion');
   refused(ackWith(1, 0x00), 'UnknownKind');
   refused(ackWith(1, 0xc8), 'UnknownKind');
-  refused(ackWith(2, 0x20), 'ReservedFlags');
-  // 0x10 is the receipt bit and decodes.
+  refused(ackWith(2, 0x40), 'ReservedFlags');
+  // 0x10 is the receipt bit and decodes; 0x20 announces a position block (2.4).
   assert.equal(decodeFrame(ackWith(2, 0x10)).receipt, true);
   refused(ackWith(2, 0x03), 'UnknownCodec');
   refused(ackWith(2, 0x08, new Array(25).fill(0)), 'InvalidTraceContext');
@@ -180,7 +181,7 @@ test('14.2 frames the decoder must refuse', () => {
 
 test('section 8: order of checks and the remaining decoder errors', () => {
   // Reserved bit and codec 3 together report ReservedFlags (section 3).
-  refused(ackWith(2, 0x23), 'ReservedFlags');
+  refused(ackWith(2, 0x43), 'ReservedFlags');
   // Route length over the limit is checked before anything after the header.
   assert.throws(() => decodeFrame(ackWith(3, 200), { maxRoute: 128 }), (e) => e.kind === 'RouteTooLong');
   refused(ackWith(3, 4, [0x61]), 'Truncated', { needed: 16, got: 13 });

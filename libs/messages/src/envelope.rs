@@ -144,6 +144,9 @@ pub struct PushEnvelope {
     pub exclude: Vec<SocketId>,
     /// Trace context (`traceparent`).
     pub trace: Option<TraceContext>,
+    /// A push kept in history: its stream's epoch and its offset (`ws-epoch`,
+    /// `ws-offset`; both or neither).
+    pub position: Option<(u64, u64)>,
 }
 
 impl PushEnvelope {
@@ -188,6 +191,10 @@ impl PushEnvelope {
         if !self.exclude.is_empty() {
             put(&mut map, headers::EXCLUDE, &socket_list(&self.exclude));
         }
+        if let Some((epoch, offset)) = self.position {
+            put(&mut map, headers::EPOCH, &epoch.to_string());
+            put(&mut map, headers::OFFSET, &offset.to_string());
+        }
         if let Some(trace) = &self.trace {
             trace.inject(&mut map);
         }
@@ -208,7 +215,22 @@ impl PushEnvelope {
             room: optional(map, headers::ROOM)?,
             exclude: sockets(map, headers::EXCLUDE)?,
             trace: TraceContext::extract(map),
+            position: position(map)?,
         })
+    }
+}
+
+/// `ws-epoch` and `ws-offset`: both present and non-zero, or both absent.
+fn position(map: &HeaderMap) -> Result<Option<(u64, u64)>, EnvelopeError> {
+    let epoch: Option<u64> = optional(map, headers::EPOCH)?;
+    let offset: Option<u64> = optional(map, headers::OFFSET)?;
+    match (epoch, offset) {
+        (None, None) => Ok(None),
+        (Some(0), _) => Err(invalid(headers::EPOCH, "0")),
+        (_, Some(0)) => Err(invalid(headers::OFFSET, "0")),
+        (Some(e), Some(o)) => Ok(Some((e, o))),
+        (Some(_), None) => Err(EnvelopeError::Missing(headers::OFFSET)),
+        (None, Some(_)) => Err(EnvelopeError::Missing(headers::EPOCH)),
     }
 }
 
@@ -577,7 +599,24 @@ mod tests {
             room: Some(RoomId::new("chat.lobby").unwrap()),
             exclude: vec![SocketId(5)],
             trace: Some(trace()),
+            position: Some((3, 9)),
         }
+    }
+
+    #[test]
+    fn a_push_position_needs_both_headers_and_no_zeros() {
+        let mut map = HeaderMap::new();
+        put(&mut map, headers::EPOCH, "3");
+        assert!(PushEnvelope::from_headers(&map).is_err());
+        put(&mut map, headers::OFFSET, "0");
+        assert!(PushEnvelope::from_headers(&map).is_err());
+        put(&mut map, headers::OFFSET, "4");
+        assert_eq!(
+            PushEnvelope::from_headers(&map).unwrap().position,
+            Some((3, 4))
+        );
+        put(&mut map, headers::EPOCH, "x");
+        assert!(PushEnvelope::from_headers(&map).is_err());
     }
 
     #[test]
@@ -605,6 +644,8 @@ mod tests {
                 ("ws-socket", "17,42"),
                 ("ws-room", "chat.lobby"),
                 ("ws-exclude", "5"),
+                ("ws-epoch", "3"),
+                ("ws-offset", "9"),
                 ("traceparent", TRACE),
             ])
         );

@@ -14,6 +14,7 @@ use std::fmt;
 use bytes::{BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 
+use crate::ids::RoomId;
 use crate::trace::TraceContext;
 
 /// The only protocol version this codec speaks.
@@ -138,7 +139,8 @@ impl BodyCodec {
 }
 
 /// The flags byte: body codec (bits 0-1), compressed (bit 2), trace context present (bit 3),
-/// receipt requested (bit 4). Bits 5-7 are reserved and must be zero in version 1.
+/// receipt requested (bit 4), position block present (bit 5). Bits 6-7 are reserved and
+/// must be zero in version 1.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Flags(u8);
 
@@ -151,7 +153,10 @@ impl Flags {
     /// On a push: the sender wants a delivery receipt, so the client should answer with an
     /// ack frame carrying the push's message id.
     pub const RECEIPT: u8 = 0b0001_0000;
-    const RESERVED: u8 = 0b1110_0000;
+    /// On a push: a position block (history stream, epoch, offset) follows the trace
+    /// context. Set only on connections that asked for positions (`positions=1`).
+    pub const POSITION: u8 = 0b0010_0000;
+    const RESERVED: u8 = 0b1100_0000;
 
     /// Flags for a body in `codec`, uncompressed, without trace context.
     pub fn new(codec: BodyCodec) -> Self {
@@ -222,7 +227,117 @@ impl Flags {
     fn has_trace(self) -> bool {
         self.0 & Self::TRACE != 0
     }
+
+    fn with_position(self, on: bool) -> Self {
+        if on {
+            Flags(self.0 | Self::POSITION)
+        } else {
+            Flags(self.0 & !Self::POSITION)
+        }
+    }
+
+    fn has_position(self) -> bool {
+        self.0 & Self::POSITION != 0
+    }
 }
+
+/// Which history stream a positioned push belongs to (docs/protocol.md, section 2.4).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StreamRef {
+    /// The connection's own user stream (pushes to its user id).
+    User,
+    /// A room's stream.
+    Room(RoomId),
+}
+
+impl StreamRef {
+    const USER: u8 = 1;
+    const ROOM: u8 = 2;
+}
+
+/// Where a push sits in its history stream: the stream, its epoch (changes when the
+/// stream's history is lost or restarted, so offsets of another epoch mean nothing) and the
+/// push's offset (1, 2, 3, ... without gaps within an epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The stream.
+    pub stream: StreamRef,
+    /// The stream's epoch; never 0.
+    pub epoch: u64,
+    /// The push's offset in the stream; the first push of an epoch is 1.
+    pub offset: u64,
+}
+
+impl Position {
+    /// Bytes of the position block on the wire.
+    pub fn wire_len(&self) -> usize {
+        POSITION_FIXED_LEN
+            + match &self.stream {
+                StreamRef::User => 0,
+                StreamRef::Room(room) => room.as_str().len(),
+            }
+    }
+
+    fn encode_into(&self, out: &mut BytesMut) {
+        out.put_u64(self.epoch);
+        out.put_u64(self.offset);
+        match &self.stream {
+            StreamRef::User => {
+                out.put_u8(StreamRef::USER);
+                out.put_u8(0);
+            }
+            StreamRef::Room(room) => {
+                out.put_u8(StreamRef::ROOM);
+                // Room ids are at most MAX_ID_LEN (128) bytes.
+                out.put_u8(u8::try_from(room.as_str().len()).unwrap_or(u8::MAX));
+                out.put_slice(room.as_str().as_bytes());
+            }
+        }
+    }
+
+    /// Parses a position block at the start of `buf`; returns it and its length.
+    fn parse(buf: &[u8], at: usize) -> Result<(Position, usize), FrameError> {
+        let truncated = |needed| FrameError::Truncated {
+            needed,
+            got: buf.len() + at,
+        };
+        let fixed: &[u8; POSITION_FIXED_LEN] = buf
+            .get(..POSITION_FIXED_LEN)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(truncated(at + POSITION_FIXED_LEN))?;
+        let (epoch, rest) = fixed.split_at(8);
+        let (offset, rest) = rest.split_at(8);
+        let epoch = u64::from_be_bytes(epoch.try_into().unwrap_or_default());
+        let offset = u64::from_be_bytes(offset.try_into().unwrap_or_default());
+        let (kind, len) = (rest[0], usize::from(rest[1]));
+        let end = POSITION_FIXED_LEN + len;
+        let id = buf
+            .get(POSITION_FIXED_LEN..end)
+            .ok_or(truncated(at + end))?;
+        let stream = match kind {
+            StreamRef::USER if len == 0 => StreamRef::User,
+            StreamRef::ROOM => {
+                let id = std::str::from_utf8(id).map_err(|_| FrameError::InvalidPosition)?;
+                StreamRef::Room(RoomId::new(id).map_err(|_| FrameError::InvalidPosition)?)
+            }
+            _ => return Err(FrameError::InvalidPosition),
+        };
+        if epoch == 0 || offset == 0 {
+            return Err(FrameError::InvalidPosition);
+        }
+        Ok((
+            Position {
+                stream,
+                epoch,
+                offset,
+            },
+            end,
+        ))
+    }
+}
+
+/// Bytes of a position block without its room id: epoch, offset, stream kind, id length.
+pub const POSITION_FIXED_LEN: usize = 18;
 
 impl fmt::Debug for Flags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -302,6 +417,9 @@ pub enum FrameError {
     /// The trace context block is not a valid W3C trace context.
     #[error("trace context is not valid (all-zero trace or span id)")]
     InvalidTraceContext,
+    /// The position block names no stream, a malformed room, or a zero epoch or offset.
+    #[error("position block is not valid")]
+    InvalidPosition,
     /// The body is larger than the configured maximum.
     #[error("body is {len} bytes, the maximum is {max}")]
     BodyTooLarge {
@@ -459,6 +577,9 @@ pub struct Frame {
     pub msg_id: u64,
     /// W3C trace context the sender wants continued, if any.
     pub trace: Option<TraceContext>,
+    /// On a push to a connection that asked for positions: the push's place in its history
+    /// stream.
+    pub position: Option<Position>,
     /// Where a publish goes, which room a join/leave names, or the route a service gave a
     /// push; empty otherwise.
     pub route: Route,
@@ -474,6 +595,7 @@ impl Frame {
             flags: Flags::default(),
             msg_id: 0,
             trace: None,
+            position: None,
             route: Route::empty(),
             body: Bytes::new(),
         }
@@ -510,6 +632,13 @@ impl Frame {
         self
     }
 
+    /// Sets the position block.
+    #[must_use]
+    pub fn with_position(mut self, position: Option<Position>) -> Self {
+        self.position = position;
+        self
+    }
+
     /// Decodes one WebSocket message. The returned body and route share `buf`'s memory
     /// (a reference-count increment, no copy).
     pub fn decode(buf: &Bytes, limits: &Limits) -> Result<Frame, FrameError> {
@@ -517,9 +646,10 @@ impl Frame {
         let route = Route::from_validated_bytes(buf.slice(header.route_start..header.body_start))?;
         Ok(Frame {
             kind: header.kind,
-            flags: header.flags.with_trace(false),
+            flags: header.flags.with_trace(false).with_position(false),
             msg_id: header.msg_id,
             trace: header.trace,
+            position: header.position,
             route,
             body: buf.slice(header.body_start..),
         })
@@ -528,6 +658,7 @@ impl Frame {
     /// Length of the encoded frame.
     pub fn encoded_len(&self) -> usize {
         encoded_len(self.trace.is_some(), self.route.len(), self.body.len())
+            + self.position.as_ref().map_or(0, Position::wire_len)
     }
 
     /// Encodes into one contiguous buffer (one allocation).
@@ -539,12 +670,13 @@ impl Frame {
 
     /// Appends the encoding to `out`.
     pub fn encode_into(&self, out: &mut BytesMut) {
-        encode_parts(
+        encode_positioned(
             out,
             self.kind,
             self.flags,
             self.msg_id,
             self.trace.as_ref(),
+            self.position.as_ref(),
             &self.route,
             &self.body,
         );
@@ -567,10 +699,34 @@ pub fn encode_parts(
     route: &Route,
     body: &[u8],
 ) {
-    out.reserve(encoded_len(trace.is_some(), route.len(), body.len()));
+    encode_positioned(out, kind, flags, msg_id, trace, None, route, body);
+}
+
+/// [`encode_parts`] with a position block (a push from a history stream, for a connection
+/// that asked for positions).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_positioned(
+    out: &mut BytesMut,
+    kind: FrameKind,
+    flags: Flags,
+    msg_id: u64,
+    trace: Option<&TraceContext>,
+    position: Option<&Position>,
+    route: &Route,
+    body: &[u8],
+) {
+    out.reserve(
+        encoded_len(trace.is_some(), route.len(), body.len())
+            + position.map_or(0, Position::wire_len),
+    );
     out.put_u8(VERSION);
     out.put_u8(kind as u8);
-    out.put_u8(flags.with_trace(trace.is_some()).bits());
+    out.put_u8(
+        flags
+            .with_trace(trace.is_some())
+            .with_position(position.is_some())
+            .bits(),
+    );
     // Route::new caps routes at MAX_ROUTE_LEN, so the length fits in the byte.
     out.put_u8(u8::try_from(route.len()).unwrap_or(u8::MAX));
     out.put_u64(msg_id);
@@ -578,6 +734,9 @@ pub fn encode_parts(
         out.put_slice(&trace.trace_id);
         out.put_slice(&trace.span_id);
         out.put_u8(trace.flags);
+    }
+    if let Some(position) = position {
+        position.encode_into(out);
     }
     out.put_slice(route.as_str().as_bytes());
     out.put_slice(body);
@@ -595,6 +754,8 @@ pub struct FrameHeader {
     pub msg_id: u64,
     /// Trace context, if present.
     pub trace: Option<TraceContext>,
+    /// Position block, if present.
+    pub position: Option<Position>,
     /// Offset of the first route byte.
     pub route_start: usize,
     /// Offset of the first body byte (one past the route).
@@ -639,6 +800,13 @@ impl FrameHeader {
         } else {
             None
         };
+        let position = if flags.has_position() {
+            let (position, len) = Position::parse(buf.get(at..).unwrap_or_default(), at)?;
+            at += len;
+            Some(position)
+        } else {
+            None
+        };
         let route_start = at;
         let body_start = route_start + route_len;
         if buf.len() < body_start {
@@ -659,6 +827,7 @@ impl FrameHeader {
             flags,
             msg_id,
             trace,
+            position,
             route_start,
             body_start,
         })
@@ -686,6 +855,74 @@ mod tests {
         }
         assert_eq!(FrameKind::from_u8(0), None);
         assert_eq!(FrameKind::from_u8(13), None);
+    }
+
+    #[test]
+    fn a_position_block_round_trips_and_sits_between_trace_and_route() {
+        let room = Position {
+            stream: StreamRef::Room(RoomId::new("chat.lobby").unwrap()),
+            epoch: 7,
+            offset: 42,
+        };
+        let frame = Frame::new(FrameKind::Push)
+            .with_msg_id(9)
+            .with_position(Some(room.clone()))
+            .with_route(Route::new("msg").unwrap())
+            .with_body(BodyCodec::Json, &b"{}"[..]);
+        let bytes = frame.encode();
+        assert_eq!(bytes[2], 0x22, "json codec | position bit");
+        assert_eq!(&bytes[12..20], &7u64.to_be_bytes());
+        assert_eq!(&bytes[20..28], &42u64.to_be_bytes());
+        assert_eq!(&bytes[28..30], &[2, 10]);
+        assert_eq!(&bytes[30..40], b"chat.lobby");
+        assert_eq!(&bytes[40..43], b"msg");
+        assert_eq!(Frame::decode(&bytes, &limits()).unwrap(), frame);
+        // docs/protocol.md, appendix 14.2.
+        let vector = "01 06 22 03 00 00 00 00 00 00 00 09 00 00 00 00 00 00 00 07 00 00 00 00 00 00 00 2a \
+                      02 0a 63 68 61 74 2e 6c 6f 62 62 79 6d 73 67 7b 7d";
+        let vector: Vec<u8> = vector
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        assert_eq!(&bytes[..], &vector[..]);
+
+        let user = frame.clone().with_position(Some(Position {
+            stream: StreamRef::User,
+            epoch: 1,
+            offset: 1,
+        }));
+        let bytes = user.encode();
+        assert_eq!(bytes.len(), 12 + 18 + 3 + 2);
+        assert_eq!(Frame::decode(&bytes, &limits()).unwrap(), user);
+    }
+
+    #[test]
+    fn a_bad_position_block_is_refused_not_a_panic() {
+        let frame = Frame::new(FrameKind::Push)
+            .with_position(Some(Position {
+                stream: StreamRef::User,
+                epoch: 1,
+                offset: 1,
+            }))
+            .encode();
+        for cut in 12..frame.len() {
+            assert!(
+                Frame::decode(&frame.slice(..cut), &limits()).is_err(),
+                "{cut}"
+            );
+        }
+        let mut zero_epoch = frame.to_vec();
+        zero_epoch[12..20].copy_from_slice(&[0; 8]);
+        assert_eq!(
+            Frame::decode(&Bytes::from(zero_epoch), &limits()),
+            Err(FrameError::InvalidPosition)
+        );
+        let mut unknown_stream = frame.to_vec();
+        unknown_stream[28] = 9;
+        assert_eq!(
+            Frame::decode(&Bytes::from(unknown_stream), &limits()),
+            Err(FrameError::InvalidPosition)
+        );
     }
 
     #[test]
@@ -765,7 +1002,7 @@ mod tests {
         assert_eq!(with(0, 0), FrameError::UnsupportedVersion(0));
         assert_eq!(with(1, 0), FrameError::UnknownKind(0));
         assert_eq!(with(1, 200), FrameError::UnknownKind(200));
-        assert_eq!(with(2, 0b0010_0000), FrameError::ReservedFlags(0b0010_0000));
+        assert_eq!(with(2, 0b0100_0000), FrameError::ReservedFlags(0b0100_0000));
         assert_eq!(with(2, 0b1000_0000), FrameError::ReservedFlags(0b1000_0000));
         assert_eq!(with(2, 0b0000_0011), FrameError::UnknownCodec(3));
     }
@@ -785,7 +1022,7 @@ mod tests {
         assert_eq!(with(0, 0x00, &[]), Err(FrameError::UnsupportedVersion(0)));
         assert_eq!(with(1, 0x00, &[]), Err(FrameError::UnknownKind(0)));
         assert_eq!(with(1, 0xc8, &[]), Err(FrameError::UnknownKind(0xc8)));
-        assert_eq!(with(2, 0x20, &[]), Err(FrameError::ReservedFlags(0x20)));
+        assert_eq!(with(2, 0x40, &[]), Err(FrameError::ReservedFlags(0x40)));
         assert_eq!(with(2, 0x03, &[]), Err(FrameError::UnknownCodec(3)));
         assert_eq!(
             with(2, 0x08, &[0; 25]),

@@ -45,9 +45,17 @@ pub const COUNT: &str = "ws-count";
 /// On `ws.agent.<node>`: close the node's agent sockets with this close code instead of
 /// delivering a push (the scheduler revoking a node).
 pub const CLOSE: &str = "ws-close";
+/// On a push kept in history: its stream's epoch (decimal u64, never 0).
+pub const EPOCH: &str = "ws-epoch";
+/// On a push kept in history: its offset in the stream (decimal u64, from 1, no gaps).
+pub const OFFSET: &str = "ws-offset";
+/// JetStream's optimistic-concurrency header: the publish is refused unless the stream's
+/// last message on this subject has this sequence (0: no message on the subject). ws-api
+/// uses it so two replicas can never give two pushes the same offset.
+pub const JS_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 
 /// Every header name, for tests and documentation.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 20] = [
     TRACEPARENT,
     TRACESTATE,
     HOP,
@@ -66,6 +74,8 @@ pub const ALL: [&str; 18] = [
     EXCLUDE,
     COUNT,
     CLOSE,
+    EPOCH,
+    OFFSET,
 ];
 
 /// Names of the hops that stamp `ws-hop`, in the order a push or publish meets them.

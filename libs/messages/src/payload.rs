@@ -92,6 +92,10 @@ pub struct Welcome {
     pub max_body_bytes: u32,
     /// Gateway clock, Unix milliseconds, so clients can estimate skew.
     pub server_time_ms: u64,
+    /// Present when the client asked to recover its user stream (`since=` at connect):
+    /// whether it did; the replayed pushes follow the welcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<Recovery>,
 }
 
 /// Body of a heartbeat ack.
@@ -125,6 +129,30 @@ pub struct Hello {
     /// Client library name and version, for logs and metrics.
     #[serde(default)]
     pub client: String,
+}
+
+/// Body of a `join` frame that asks for recovery (ADR 0017): the client's last position in
+/// the room's history stream. An empty body asks for no recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinSince {
+    /// The stream's epoch as the client last saw it.
+    pub epoch: u64,
+    /// The offset of the last push the client has from that stream.
+    pub offset: u64,
+}
+
+/// Body of the `ack` answering a join that asked for recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recovery {
+    /// `true`: every push the client missed follows this ack, in order, then the live
+    /// stream, with no duplicates. `false`: what was missed cannot be replayed (another
+    /// epoch, or more than the window); the client should reload its state.
+    pub recovered: bool,
+    /// The stream's current epoch (0 when the stream keeps nothing).
+    pub epoch: u64,
+    /// With `recovered`: the offset of the last replayed push (the client's position after
+    /// the replay). Without: the stream's latest offset when the join was answered.
+    pub offset: u64,
 }
 
 /// A gateway's lifecycle event for one socket (`ws.evt.<kind>.connect|disconnect`).
@@ -245,6 +273,7 @@ mod tests {
             },
             max_body_bytes: 65_536,
             server_time_ms: 1_800_000_000_000,
+            recovery: None,
         }
     }
 

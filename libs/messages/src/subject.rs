@@ -18,6 +18,10 @@
 //! ws.ctl                       services -> every gateway: control (resync)
 //! app.<route...>               ws-api -> product services: clients' publish frames, body
 //!                              and headers as the gateway sent them
+//! wsh.user.<user>              ws-api -> the history stream (WS_HISTORY): a user push
+//!                              kept in history; the stream republishes it on ws.user.<user>
+//! wsh.room.<room...>           ws-api -> the history stream: a room push kept in history;
+//!                              republished on ws.room.<room...>
 //! ```
 //!
 //! `<kind>` is `app` or `agent`: app traffic is consumed by ws-api, agent traffic by the
@@ -35,6 +39,26 @@ use crate::ids::{ClientKind, GatewayId, IdError, RoomId, UserId};
 pub const ROOT: &str = "ws";
 /// First token of the subjects product services consume.
 pub const APP_ROOT: &str = "app";
+
+/// First token of the subjects history-kept pushes are appended to (ADR 0017).
+pub const HISTORY_ROOT: &str = "wsh";
+/// The JetStream stream that keeps history-kept pushes.
+pub const HISTORY_STREAM: &str = "WS_HISTORY";
+/// The subjects [`HISTORY_STREAM`] captures.
+pub const HISTORY_SUBJECTS: [&str; 2] = ["wsh.user.*", "wsh.room.>"];
+/// The stream republishes every stored message from `wsh.<rest>` to `ws.<rest>`: live
+/// delivery in the stream's order, and only of messages it accepted.
+pub const HISTORY_REPUBLISH: (&str, &str) = ("wsh.>", "ws.>");
+
+/// `wsh.user.<user>`: where ws-api appends a user push kept in history.
+pub fn history_user(user: &UserId) -> String {
+    format!("{HISTORY_ROOT}.user.{user}")
+}
+
+/// `wsh.room.<room>`: where ws-api appends a room push kept in history.
+pub fn history_room(room: &RoomId) -> String {
+    format!("{HISTORY_ROOT}.room.{room}")
+}
 
 /// Queue group ws-api replicas share for app traffic and events.
 pub const QUEUE_WS_API: &str = "ws-api";

@@ -52,6 +52,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                 flags: Flags::new(codec).with_compressed(compressed),
                 msg_id,
                 trace,
+                position: None,
                 route,
                 body: Bytes::from(body),
             },

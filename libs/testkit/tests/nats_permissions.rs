@@ -368,3 +368,75 @@ async fn gateways_forward_long_polls_to_each_other_and_nobody_else_can() {
         "{error}"
     );
 }
+
+/// History (ADR 0017): ws-api creates WS_HISTORY and appends to it; the stream republishes
+/// to the live subject; a gateway replays from it but cannot write to it.
+#[tokio::test]
+async fn ws_api_writes_history_and_a_gateway_only_reads_it() {
+    use messages::frame::StreamRef;
+    use messages::payload::JoinSince;
+    use messages::{RoomId, UserId, headers, subject};
+
+    let nats = server();
+    let (api, mut api_errors) = login(&nats, "ws-api", "api-secret").await;
+    let (gw, mut gw_errors) = login(&nats, "ws-gateway", "gw-secret").await;
+    let js = jetstream::new(api.clone());
+    let (src, dest) = subject::HISTORY_REPUBLISH;
+    js.create_or_update_stream(jetstream::stream::Config {
+        name: subject::HISTORY_STREAM.into(),
+        subjects: subject::HISTORY_SUBJECTS.map(String::from).to_vec(),
+        max_messages_per_subject: 10,
+        allow_direct: true,
+        republish: Some(jetstream::stream::Republish {
+            source: src.into(),
+            destination: dest.into(),
+            headers_only: false,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let room = RoomId::new("chat.perm").unwrap();
+    let mut live = gw.subscribe(subject::room(&room)).await.unwrap();
+    gw.flush().await.unwrap();
+    for offset in 1..=3u64 {
+        let mut map = async_nats::HeaderMap::new();
+        headers::set(&mut map, headers::EPOCH, "5").unwrap();
+        headers::set(&mut map, headers::OFFSET, &offset.to_string()).unwrap();
+        js.publish_with_headers(subject::history_room(&room), map, "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        received(&mut live, Duration::from_secs(3)).await.as_deref(),
+        Some(subject::room(&room).as_str()),
+        "the stream republishes to the live subject"
+    );
+    let replay = ws_gateway::history::replay(
+        gw.clone(),
+        UserId::new("u").unwrap(),
+        StreamRef::Room(room.clone()),
+        JoinSince {
+            epoch: 5,
+            offset: 1,
+        },
+        10,
+    )
+    .await;
+    assert!(replay.recovery.recovered, "{:?}", replay.recovery);
+    assert_eq!(replay.frames.len(), 2);
+    assert_eq!(next_error(&mut gw_errors).await, None);
+    // The gateway cannot append to (or forge) history.
+    gw.publish(subject::history_room(&room), "forged".into())
+        .await
+        .unwrap();
+    gw.flush().await.unwrap();
+    let error = next_error(&mut gw_errors).await.unwrap_or_default();
+    assert!(
+        error.to_lowercase().contains("permissions violation"),
+        "{error}"
+    );
+    assert_eq!(next_error(&mut api_errors).await, None);
+}

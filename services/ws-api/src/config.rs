@@ -46,6 +46,19 @@ pub struct Args {
     /// page asks when it is empty.
     #[arg(long, env = "WS_API_DEMO_GATEWAY_URL", default_value = "")]
     pub demo_gateway_url: String,
+    /// Room id prefixes whose pushes are kept in history for recovery, comma-separated
+    /// (`*`: every room; empty: none).
+    #[arg(long, env = "WS_API_HISTORY_ROOM_PREFIXES", default_value = "")]
+    pub history_room_prefixes: String,
+    /// Keep pushes to users in history for recovery.
+    #[arg(long, env = "WS_API_HISTORY_USERS", default_value_t = false)]
+    pub history_users: bool,
+    /// Pushes kept per history stream (per room, per user): the longest recoverable gap.
+    #[arg(long, env = "WS_API_HISTORY_MAX_PER_STREAM", default_value_t = 1000)]
+    pub history_max_per_stream: i64,
+    /// How long a push stays in history, seconds.
+    #[arg(long, env = "WS_API_HISTORY_MAX_AGE_SECS", default_value_t = 3600)]
+    pub history_max_age_secs: u64,
     /// Log format: `text` or `json`.
     #[arg(long, env = "WS_API_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -101,6 +114,8 @@ pub struct Config {
     pub demo_token_secret: Option<String>,
     /// The gateway URL the demo page is given.
     pub demo_gateway_url: String,
+    /// Which pushes are kept in history (ADR 0017).
+    pub history: crate::history::HistoryConfig,
 }
 
 impl Config {
@@ -120,6 +135,7 @@ impl Config {
             session_wait: Duration::from_secs(2),
             demo_token_secret: None,
             demo_gateway_url: String::new(),
+            history: crate::history::HistoryConfig::default(),
         }
     }
 
@@ -143,6 +159,12 @@ impl Config {
         config.kv_replicas = args.kv_replicas;
         config.demo_token_secret = args.demo_token_secret.clone().filter(|s| !s.is_empty());
         config.demo_gateway_url = args.demo_gateway_url.clone();
+        config.history = crate::history::HistoryConfig {
+            room_prefixes: split(&args.history_room_prefixes),
+            users: args.history_users,
+            max_per_stream: args.history_max_per_stream,
+            max_age: Duration::from_secs(args.history_max_age_secs),
+        };
         config.validate()?;
         Ok(config)
     }
@@ -166,6 +188,13 @@ impl Config {
         if self.presence_ttl < Duration::from_secs(1) || self.sweep.is_zero() {
             return Err(ConfigError::Invalid(
                 "presence TTL and sweep period must be positive".into(),
+            ));
+        }
+        if self.history.enabled()
+            && (self.history.max_per_stream < 1 || self.history.max_age.is_zero())
+        {
+            return Err(ConfigError::Invalid(
+                "history needs a positive count and age bound".into(),
             ));
         }
         Ok(())

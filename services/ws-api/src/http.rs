@@ -238,13 +238,18 @@ async fn publish(
     };
 
     let presence = &shared.presence;
-    let mut messages: Vec<(String, PushEnvelope)> = Vec::new();
+    // (live subject, history subject when the namespace keeps history, envelope)
+    let mut messages: Vec<(String, Option<String>, PushEnvelope)> = Vec::new();
     let targeted: u64 = match &push.kind {
         TargetKind::Users(users) => {
             let mut n = 0;
             for user in users {
                 n += presence.user(user).len() as u64;
-                messages.push((subject::user(user), envelope.clone()));
+                messages.push((
+                    subject::user(user),
+                    shared.history.user_subject(user),
+                    envelope.clone(),
+                ));
             }
             n
         }
@@ -253,7 +258,11 @@ async fn publish(
                 room: Some(room.clone()),
                 ..envelope.clone()
             };
-            messages.push((subject::room(room), room_push));
+            messages.push((
+                subject::room(room),
+                shared.history.room_subject(room),
+                room_push,
+            ));
             presence
                 .room(room)
                 .iter()
@@ -261,7 +270,7 @@ async fn publish(
                 .count() as u64
         }
         TargetKind::All => {
-            messages.push((subject::broadcast().to_owned(), envelope.clone()));
+            messages.push((subject::broadcast().to_owned(), None, envelope.clone()));
             presence.count(Some(ClientKind::App)) as u64
         }
         TargetKind::Sockets(ids) => {
@@ -280,7 +289,7 @@ async fn publish(
                     sockets,
                     ..envelope.clone()
                 };
-                messages.push((subject::gateway_push(&gateway), socket_push));
+                messages.push((subject::gateway_push(&gateway), None, socket_push));
             }
             n
         }
@@ -299,7 +308,7 @@ async fn publish(
                 )
             })?;
     }
-    for (subject, mut envelope) in messages {
+    for (subject, history, mut envelope) in messages {
         // One producer span per bus message, the child of the request's span.
         let hop = MessageSpan::start(Operation::Publish, &subject, id, trace);
         envelope.trace = hop.context();
@@ -309,6 +318,21 @@ async fn publish(
             headers::hop::SERVICE_PUB,
             headers::now_micros(),
         );
+        if let Some(history) = history {
+            // The stream republishes it on `subject` once stored, with its position.
+            shared
+                .history
+                .append(&history, &headers, push.body.clone())
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        e.to_string(),
+                    )
+                })?;
+            continue;
+        }
         shared
             .client
             .publish_with_headers(subject, headers, push.body.clone())

@@ -16,6 +16,8 @@
 //!   `--demo-token-secret`) and its relay.
 //! - [`presence`]: sessions and presence in JetStream KV, with the watched in-memory index.
 //! - [`receipts`]: per-push delivery and ack counts in KV.
+//! - [`history`]: pushes kept in the JetStream stream `WS_HISTORY` with per-stream epoch
+//!   and offset, so gateways can replay what a reconnecting client missed (ADR 0017).
 //!
 //! A push: `http` validates `POST /v1/push`, resolves its audience from [`presence`], builds
 //! the push envelope (`messages::envelope`) and publishes it once per subject; with a receipt
@@ -26,6 +28,7 @@
 pub mod config;
 pub mod demo;
 pub mod events;
+pub mod history;
 mod http;
 pub mod presence;
 pub mod receipts;
@@ -63,6 +66,9 @@ pub enum Error {
     /// The receipt bucket could not be opened.
     #[error("nats: {0}")]
     Receipts(#[from] receipts::ReceiptError),
+    /// The history stream could not be made.
+    #[error("nats: {0}")]
+    History(#[from] history::HistoryError),
 }
 
 /// Counters of one replica.
@@ -130,6 +136,8 @@ pub struct Shared {
     pub presence: Arc<Presence>,
     /// Push receipts.
     pub receipts: Receipts,
+    /// Message history.
+    pub history: history::History,
     /// Metrics.
     pub metrics: Metrics,
     /// Pushes per second over the last second, sampled.
@@ -216,7 +224,7 @@ async fn setup(config: Config) -> Result<Arc<Shared>, Error> {
     let js = async_nats::jetstream::new(client.clone());
     // JetStream may take a moment after the server starts (or a cluster elects a leader).
     let mut attempt = 0;
-    let (presence, receipts) = loop {
+    let (presence, receipts, history) = loop {
         let opened = async {
             let presence = Presence::open(
                 &js,
@@ -226,7 +234,9 @@ async fn setup(config: Config) -> Result<Arc<Shared>, Error> {
             )
             .await?;
             let receipts = Receipts::open(&js, &config.receipts_bucket, config.kv_replicas).await?;
-            Ok::<_, Error>((presence, receipts))
+            let history =
+                history::History::open(&js, config.history.clone(), config.kv_replicas).await?;
+            Ok::<_, Error>((presence, receipts, history))
         };
         match opened.await {
             Ok(pair) => break pair,
@@ -243,6 +253,7 @@ async fn setup(config: Config) -> Result<Arc<Shared>, Error> {
         client,
         presence,
         receipts,
+        history,
         metrics: Metrics::new(),
         push_rate: AtomicU64::new(0),
     }))

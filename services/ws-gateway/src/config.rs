@@ -119,6 +119,10 @@ pub struct Args {
     /// How long a client's join/leave waits for the services' answer before a timeout error, ms.
     #[arg(long, env = "WS_GATEWAY_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
     pub request_timeout_ms: u64,
+    /// Most pushes one recovery replays; a longer gap is answered `recovered: false`.
+    /// Capped at half the outbound queue (the replay is queued at once).
+    #[arg(long, env = "WS_GATEWAY_MAX_REPLAY", default_value_t = 256)]
+    pub max_replay: u64,
     /// Window over which a drain spreads clients' reconnects, ms.
     #[arg(long, env = "WS_GATEWAY_DRAIN_WINDOW_MS", default_value_t = 10_000)]
     pub drain_window_ms: u64,
@@ -250,6 +254,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// How long a forwarded join/leave waits for the services' answer.
     pub request_timeout: Duration,
+    /// Most pushes one recovery replays (ADR 0017); see [`Config::replay_cap`].
+    pub max_replay: u64,
     /// Window over which a drain spreads reconnects.
     pub drain_window: Duration,
     /// NATS outage after which the clients are sent elsewhere (`None`: never).
@@ -300,6 +306,7 @@ impl Config {
             outbound_queue: 512,
             write_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
+            max_replay: 256,
             drain_window: Duration::from_secs(10),
             bus_loss_shed: Some(Duration::from_secs(5)),
             shutdown_deadline: Duration::from_secs(30),
@@ -366,6 +373,7 @@ impl Config {
         config.outbound_queue = args.outbound_queue;
         config.write_timeout = Duration::from_millis(args.write_timeout_ms);
         config.request_timeout = Duration::from_millis(args.request_timeout_ms);
+        config.max_replay = args.max_replay;
         config.drain_window = Duration::from_millis(args.drain_window_ms);
         config.bus_loss_shed =
             (args.bus_loss_shed_ms > 0).then(|| Duration::from_millis(args.bus_loss_shed_ms));
@@ -383,6 +391,12 @@ impl Config {
             (args.tls_reload_secs > 0).then(|| Duration::from_secs(args.tls_reload_secs));
         config.validate()?;
         Ok(config)
+    }
+
+    /// The most pushes one recovery replays: `max_replay`, at most half the outbound queue
+    /// (a replay is queued at once, and must not make its client a slow consumer).
+    pub fn replay_cap(&self) -> u64 {
+        self.max_replay.min((self.outbound_queue / 2) as u64)
     }
 
     /// Checks ranges that would make the gateway misbehave.

@@ -84,6 +84,7 @@ pub(crate) struct Admitted {
     pub(crate) ticket: Ticket,
     pub(crate) id: SocketId,
     pub(crate) codec: BodyCodec,
+    pub(crate) recovery: crate::history::ConnRecovery,
 }
 
 /// The checks every `/ws` request passes, cheapest first: readiness, capacity, the token.
@@ -167,11 +168,25 @@ pub(crate) fn admit(shared: &Shared, head: &RequestHead) -> Result<Admitted, Ref
         Some("json") => BodyCodec::Json,
         _ => BodyCodec::MsgPack,
     };
+    let pairs = servicekit::query::pairs(query).unwrap_or_default();
+    let recovery = match crate::history::ConnRecovery::from_query(&pairs) {
+        // Agents receive nothing from history streams.
+        Ok(recovery) if identity.kind == messages::ClientKind::App => recovery,
+        Ok(_) => crate::history::ConnRecovery::default(),
+        Err(detail) => {
+            return Err(Refused::new(
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                detail,
+            ));
+        }
+    };
     Ok(Admitted {
         identity,
         ticket,
         id,
         codec,
+        recovery,
     })
 }
 
@@ -252,6 +267,7 @@ pub async fn upgrade<T: Transport + Send>(
         ticket,
         id,
         codec,
+        recovery,
     } = admitted;
     let init = ConnInit {
         id,
@@ -263,6 +279,7 @@ pub async fn upgrade<T: Transport + Send>(
         sink,
         shared,
         ticket,
+        recovery,
     };
     Conn::create(|ctx| {
         ctx.add_stream(reader);

@@ -12,7 +12,7 @@
 
 use bytes::{Bytes, BytesMut};
 use messages::envelope::{AgentClose, DeliveredEnvelope, HeartbeatEnvelope, PushEnvelope};
-use messages::frame::{encode_parts, encoded_len};
+use messages::frame::{Position, StreamRef, encode_parts, encode_positioned, encoded_len};
 use messages::payload::{self, GatewayControl, HeartbeatBatch};
 use messages::subject::{self, Event};
 use messages::{ClientKind, CloseCode, FrameKind, GatewayId, RoomId, SocketId, UserId, headers};
@@ -41,6 +41,11 @@ pub trait Member: Clone {
     fn joined(&self, room: RoomId, msg_id: u64, outcome: Result<(bool, Live), RoomsFull>);
     /// A service's leave for this socket was applied.
     fn left(&self, room: RoomId, msg_id: u64);
+    /// Whether this connection wants pushes from history streams with their position
+    /// block (it connected with `positions=1`, ADR 0017).
+    fn positions(&self) -> bool {
+        false
+    }
 }
 
 /// Hands a message to the bus publisher; false when it could not be queued.
@@ -148,13 +153,22 @@ impl<H: Member> Hub<H> {
         {
             return self.close_agent(node, code);
         }
-        let Some((push, _)) = self.build_push(delivery) else {
+        let stream = match interest {
+            Interest::User(_) => Some(StreamRef::User),
+            Interest::Room(room) => Some(StreamRef::Room(room.clone())),
+            _ => None,
+        };
+        let Some((push, _)) = self.build_push(delivery, stream) else {
             return;
         };
         let mut delivered = 0u64;
         let mut deliver = |id: SocketId, member: &H| {
             if !push.exclude.contains(&id) {
-                member.push(push.frame.clone(), self.outbound_queue);
+                let frame = match &push.positioned {
+                    Some(positioned) if member.positions() => positioned,
+                    _ => &push.frame,
+                };
+                member.push(frame.clone(), self.outbound_queue);
                 delivered += 1;
             }
         };
@@ -173,7 +187,7 @@ impl<H: Member> Hub<H> {
             Fixed::Control => return self.control(delivery),
             Fixed::Sockets | Fixed::Broadcast => {}
         }
-        let Some((push, sockets)) = self.build_push(delivery) else {
+        let Some((push, sockets)) = self.build_push(delivery, None) else {
             return;
         };
         let mut delivered = 0u64;
@@ -200,8 +214,14 @@ impl<H: Member> Hub<H> {
     }
 
     /// The push a bus message carries, with its recipients on `ws.gw.<gateway>.push`;
-    /// `None` (and counted) when it has expired or its headers are malformed.
-    fn build_push(&self, msg: &Delivery) -> Option<(Push, Vec<SocketId>)> {
+    /// `None` (and counted) when it has expired or its headers are malformed. A push from a
+    /// history `stream` (it carries a position) is also encoded with its position block,
+    /// once, for the connections that asked for positions.
+    fn build_push(
+        &self,
+        msg: &Delivery,
+        stream: Option<StreamRef>,
+    ) -> Option<(Push, Vec<SocketId>)> {
         let recv_us = headers::now_micros();
         let map = msg.headers.as_ref();
         let envelope = match map.map(PushEnvelope::from_headers).transpose() {
@@ -247,7 +267,32 @@ impl<H: Member> Hub<H> {
             &msg.payload,
         );
         let receipt = (flags.receipt() && msg_id != 0).then_some(msg_id);
+        let positioned = match (stream, envelope.position) {
+            (Some(stream), Some((epoch, offset))) => {
+                let position = Position {
+                    stream,
+                    epoch,
+                    offset,
+                };
+                let len = len + position.wire_len();
+                let mut buf = BytesMut::with_capacity(len + crate::ws::MAX_HEADER);
+                crate::ws::put_binary_header(&mut buf, len);
+                encode_positioned(
+                    &mut buf,
+                    FrameKind::Push,
+                    flags,
+                    msg_id,
+                    trace.as_ref(),
+                    Some(&position),
+                    &envelope.route,
+                    &msg.payload,
+                );
+                Some(buf.freeze())
+            }
+            _ => None,
+        };
         let push = Push {
+            positioned,
             frame: buf.freeze(),
             exclude: envelope.exclude,
             receipt,
@@ -380,6 +425,8 @@ impl<H: Member> Hub<H> {
 struct Push {
     /// The WebSocket message: header and push frame.
     frame: Bytes,
+    /// The same with the position block, for a push from a history stream.
+    positioned: Option<Bytes>,
     exclude: Vec<SocketId>,
     /// Set when the sender asked for a receipt: the push id to report deliveries for.
     receipt: Option<u64>,

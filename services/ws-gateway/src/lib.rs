@@ -32,6 +32,8 @@
 //! - [`heartbeat`]: a connection's heartbeat deadline and interval rule.
 //! - [`longpoll`]: HTTP long-polling (handshake, send, poll, the move to WebSocket, and
 //!   forwarding to the replica that owns a session); its sessions are connections too.
+//! - [`history`]: recovery after a reconnect: replays from the history stream, the live
+//!   pushes held meanwhile and deduplicated (ADR 0017).
 //! - [`lease`]: the worker id behind socket ids (a KV lease via `servicekit::lease`).
 //! - [`metrics`]: the Prometheus registry.
 //!
@@ -48,6 +50,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod heartbeat;
+pub mod history;
 mod http;
 pub mod hub;
 pub mod lease;

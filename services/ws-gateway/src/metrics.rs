@@ -78,6 +78,10 @@ pub struct Metrics {
     pub hops: servicekit::hops::HopLatency,
     /// TLS certificate reloads: `[ok, error]`.
     tls_reloads: [Counter; 2],
+    /// Recoveries answered (ADR 0017): `[recovered, not_recovered]`.
+    recoveries: [Counter; 2],
+    /// Pushes sent by recoveries (also counted in `pushes_delivered`).
+    pub pushes_replayed: Counter,
 }
 
 impl Metrics {
@@ -230,6 +234,23 @@ impl Metrics {
                 .get_or_create(&Reason { reason: r.into() })
                 .clone()
         });
+        let recoveries_family = Family::<Reason, Counter>::default();
+        registry.register(
+            "recoveries",
+            "Recoveries answered, by result (recovered, not_recovered)",
+            recoveries_family.clone(),
+        );
+        let recoveries = ["recovered", "not_recovered"].map(|r| {
+            recoveries_family
+                .get_or_create(&Reason { reason: r.into() })
+                .clone()
+        });
+        let pushes_replayed = Counter::default();
+        registry.register(
+            "pushes_replayed",
+            "Pushes sent by recoveries",
+            pushes_replayed.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -253,7 +274,14 @@ impl Metrics {
             worker_id,
             hops,
             tls_reloads,
+            recoveries,
+            pushes_replayed,
         }
+    }
+
+    /// Counts a recovery's answer.
+    pub fn recovery(&self, recovered: bool) {
+        self.recoveries[usize::from(!recovered)].inc();
     }
 
     /// Counts a TLS certificate reload attempt.

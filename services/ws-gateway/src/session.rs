@@ -34,7 +34,8 @@ use actix::{
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use messages::envelope::{ClientOp, Origin, SessionEnvelope};
-use messages::payload::{self, ErrorBody, GatewayControl, HeartbeatAck, Reconnect};
+use messages::frame::StreamRef;
+use messages::payload::{self, ErrorBody, GatewayControl, HeartbeatAck, JoinSince, Reconnect};
 use messages::subject::{self, Event};
 use messages::{
     BodyCodec, ClientKind, CloseCode, ErrorCode, Frame, FrameError, FrameKind, RoomId, SocketId,
@@ -46,6 +47,7 @@ use crate::Shared;
 use crate::admission::Ticket;
 use crate::bus::{Outbound, PublishOutcome};
 use crate::heartbeat::{Beat, Heartbeat};
+use crate::history::{self, Recovering};
 use crate::hub::Member;
 use crate::link::Live;
 use crate::outbox::{Batch, Inbox, Outbox};
@@ -69,6 +71,8 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct ConnHandle {
     addr: actix::Addr<Conn>,
     inbox: Arc<Inbox>,
+    /// The connection asked for position blocks (ADR 0017).
+    positions: bool,
 }
 
 impl ConnHandle {
@@ -97,6 +101,10 @@ impl Member for ConnHandle {
 
     fn left(&self, room: RoomId, msg_id: u64) {
         self.addr.do_send(ToConn::Left { room, msg_id });
+    }
+
+    fn positions(&self) -> bool {
+        self.positions
     }
 
     /// Hands a push (a complete WebSocket message) to the connection. At most `limit`
@@ -235,6 +243,8 @@ pub struct ConnInit {
     pub shared: Arc<Shared>,
     /// The admission slot this connection holds until it ends.
     pub ticket: Ticket,
+    /// Positions and user-stream recovery asked for at connect (ADR 0017).
+    pub recovery: history::ConnRecovery,
 }
 
 /// One WebSocket connection.
@@ -272,6 +282,8 @@ pub struct Conn {
     peer_reason: Option<String>,
     /// Pushes handed over by the fan-out.
     inbox: Arc<Inbox>,
+    /// Positions and recovery (ADR 0017).
+    recovery: Recovering,
     /// Held for the connection's lifetime; dropping it frees the admission slot.
     _ticket: Ticket,
 }
@@ -322,6 +334,7 @@ impl Conn {
             close_sent: false,
             peer_reason: None,
             inbox: Arc::default(),
+            recovery: Recovering::new(init.recovery),
             _ticket: init.ticket,
         }
     }
@@ -331,6 +344,7 @@ impl Conn {
         ConnHandle {
             addr: ctx.address(),
             inbox: Arc::clone(&self.inbox),
+            positions: self.recovery.conn.positions,
         }
     }
 
@@ -340,6 +354,16 @@ impl Conn {
             return self.close(CloseCode::SlowConsumer, ctx);
         };
         if self.closing.is_some() || pushes.is_empty() {
+            return;
+        }
+        // While a replay runs, live pushes wait behind it (ADR 0017).
+        let Some(pushes) = self
+            .recovery
+            .admit(pushes, self.shared.config.outbound_queue)
+        else {
+            return self.close(CloseCode::SlowConsumer, ctx);
+        };
+        if pushes.is_empty() {
             return;
         }
         self.shared
@@ -377,6 +401,10 @@ impl Conn {
     }
 
     fn send_error(&mut self, msg_id: u64, code: ErrorCode, message: String, ctx: &mut Ctx) {
+        // A join that asked for recovery and failed holds live pushes no longer.
+        if self.recovery.abandon(msg_id) {
+            self.release_held(ctx);
+        }
         let frame = self.control_frame(
             FrameKind::Error,
             msg_id,
@@ -576,12 +604,56 @@ impl Conn {
             max_body_bytes: u32::try_from(self.shared.config.limits.max_body_len)
                 .unwrap_or(u32::MAX),
             server_time_ms: now_ms(),
+            recovery: None,
         };
+        self.send_welcome(&welcome, ctx);
+    }
+
+    /// Sends the welcome (with the user stream's recovery, and the replayed pushes after it).
+    fn send_welcome(&mut self, welcome: &payload::Welcome, ctx: &mut Ctx) {
         let frame = self.control_frame(FrameKind::Welcome, 0, &welcome);
         self.enqueue(frame, ctx);
         self.announce(ctx);
         self.schedule_deadline_check(ctx);
         tracing::debug!(socket_id = %self.id, user_id = %self.user, kind = %self.kind, "Session opened.");
+    }
+
+    /// The user stream's replay runs while the mailbox is held (before the welcome, so no
+    /// push and no client frame is processed meanwhile); the welcome then says whether the
+    /// client recovered, and the replayed pushes follow it.
+    fn welcome_after_replay(&mut self, since: JoinSince, ctx: &mut Ctx) {
+        let read = history::replay(
+            self.shared.bus.client().clone(),
+            self.user.clone(),
+            StreamRef::User,
+            since,
+            self.shared.config.replay_cap(),
+        );
+        let task = self.shared.bus.runtime().spawn(read);
+        ctx.wait(task.into_actor(self).map(|replay, act, ctx| {
+            let welcome = payload::Welcome {
+                socket_id: act.id,
+                user_id: act.user.clone(),
+                gateway: act.shared.config.instance.clone(),
+                heartbeat: act.shared.config.heartbeat,
+                max_body_bytes: u32::try_from(act.shared.config.limits.max_body_len)
+                    .unwrap_or(u32::MAX),
+                server_time_ms: now_ms(),
+                recovery: Some(replay.as_ref().map_or(
+                    payload::Recovery {
+                        recovered: false,
+                        epoch: 0,
+                        offset: 0,
+                    },
+                    |r| r.recovery,
+                )),
+            };
+            act.send_welcome(&welcome, ctx);
+            match replay {
+                Ok(replay) => act.send_replay(replay, ctx),
+                Err(_) => act.shared.metrics.recovery(false),
+            }
+        }));
     }
 
     /// Publishes the connect event.
@@ -766,6 +838,11 @@ impl Conn {
             Ok(request) => request,
             Err(refusal) => return self.send_error(msg_id, refusal.code, refusal.message, ctx),
         };
+        if event == Event::Join
+            && let Err(message) = self.recovery.join_requested(frame)
+        {
+            return self.send_error(msg_id, ErrorCode::BadFrame, message, ctx);
+        }
         if msg_id != 0 && self.shared.bus.send_ok() {
             // The services answer with a control message; if none comes, say so.
             self.pending.push((msg_id, event == Event::Join));
@@ -849,7 +926,7 @@ impl Conn {
         let live = match outcome {
             Ok((added, live)) => {
                 if added && !self.rooms.contains(&room) {
-                    self.rooms.push(room);
+                    self.rooms.push(room.clone());
                 }
                 live
             }
@@ -872,7 +949,9 @@ impl Conn {
                 live.wait(LIVE_TIMEOUT)
                     .into_actor(self)
                     .map(move |live, act, ctx| {
-                        if live {
+                        if live && let Some(since) = act.recovery.since_of(msg_id) {
+                            act.start_replay(msg_id, StreamRef::Room(room), since, ctx);
+                        } else if live {
                             act.send_ack(msg_id, ctx);
                         } else {
                             act.send_error(
@@ -885,6 +964,68 @@ impl Conn {
                     }),
             );
         }
+    }
+
+    /// Reads what the client missed in `stream` (it is live for this socket now, so
+    /// nothing falls between the replay and the held live pushes), then answers `msg_id`
+    /// (a join's ack with a [`payload::Recovery`] body) and sends the replay.
+    fn start_replay(&mut self, msg_id: u64, stream: StreamRef, since: JoinSince, ctx: &mut Ctx) {
+        let read = history::replay(
+            self.shared.bus.client().clone(),
+            self.user.clone(),
+            stream,
+            since,
+            self.shared.config.replay_cap(),
+        );
+        let task = self.shared.bus.runtime().spawn(read);
+        ctx.spawn(task.into_actor(self).map(move |replay, act, ctx| {
+            let Ok(replay) = replay else {
+                // The read task died; the client is told it did not recover.
+                act.shared.metrics.recovery(false);
+                act.send_error(msg_id, ErrorCode::Internal, "recovery failed".into(), ctx);
+                return;
+            };
+            if !act.recovery.finish(msg_id) {
+                return;
+            }
+            let frame = act.control_frame(FrameKind::Ack, msg_id, &replay.recovery);
+            act.enqueue(frame, ctx);
+            act.send_replay(replay, ctx);
+            act.release_held(ctx);
+        }));
+    }
+
+    /// Queues replayed pushes and remembers which live ones they cover.
+    fn send_replay(&mut self, replay: history::Replay, ctx: &mut Ctx) {
+        let metrics = &self.shared.metrics;
+        metrics.recovery(replay.recovery.recovered);
+        metrics.pushes_delivered.inc_by(replay.frames.len() as u64);
+        metrics.pushes_replayed.inc_by(replay.frames.len() as u64);
+        if let Some(rule) = replay.dedupe() {
+            self.recovery.dedupe.push(rule);
+        }
+        if self.outbox.extend(replay.frames.into()).is_err() {
+            return self.close(CloseCode::SlowConsumer, ctx);
+        }
+        self.pump(ctx);
+    }
+
+    /// Once no replay runs, sends the live pushes held meanwhile, minus those replayed.
+    fn release_held(&mut self, ctx: &mut Ctx) {
+        let Some(held) = self.recovery.release() else {
+            return;
+        };
+        if held.is_empty() || self.closing.is_some() {
+            return;
+        }
+        self.shared
+            .metrics
+            .pushes_delivered
+            .inc_by(held.len() as u64);
+        if self.outbox.extend(held).is_err() {
+            return self.close(CloseCode::SlowConsumer, ctx);
+        }
+        self.pump(ctx);
     }
 
     /// A service's leave, applied by the hub.
@@ -930,7 +1071,9 @@ impl actix::Actor for Conn {
             live.wait(LIVE_TIMEOUT)
                 .into_actor(self)
                 .map(|live, act, ctx| {
-                    if live {
+                    if live && let Some(since) = act.recovery.conn.user_since {
+                        act.welcome_after_replay(since, ctx);
+                    } else if live {
                         act.welcome(ctx);
                     } else {
                         tracing::warn!(

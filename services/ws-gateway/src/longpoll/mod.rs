@@ -543,6 +543,7 @@ fn handshake(shared: &Arc<Shared>, head: &RequestHead) -> HttpResponse {
         ticket,
         id,
         codec,
+        recovery,
     } = admitted;
     let secret: [u8; 16] = rand::random();
     let sid = Sid { socket: id, secret };
@@ -569,6 +570,7 @@ fn handshake(shared: &Arc<Shared>, head: &RequestHead) -> HttpResponse {
         sink,
         shared: Arc::clone(shared),
         ticket,
+        recovery,
     };
     Conn::create(|ctx| {
         ctx.add_stream(reader);
