@@ -11,6 +11,7 @@
 //! - [`ids`]: socket, user, room and gateway ids, validated once.
 //! - [`snowflake`]: the socket-id generator.
 //! - [`payload`]: typed bodies for control frames and bus payloads.
+//! - [`relay`]: the frames a relay agent multiplexes its downstreams' streams with.
 //! - [`trace`]: W3C trace context in frames and NATS headers.
 //!
 //! `docs/protocol.md` describes the same contract for implementers in other languages.
@@ -25,6 +26,7 @@ pub mod frame;
 pub mod headers;
 pub mod ids;
 pub mod payload;
+pub mod relay;
 pub mod snowflake;
 pub mod subject;
 pub mod trace;

@@ -296,6 +296,10 @@ pub struct AgentRecord {
     pub last_seen_ms: u64,
     /// Current liveness.
     pub state: AgentState,
+    /// The relay agent the node's connection goes through (ADR 0015); `None` when it is
+    /// connected to a gateway directly. As of its last register.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<UserId>,
 }
 
 impl AgentRecord {
