@@ -259,8 +259,15 @@ async fn handle_event(shared: &Shared, event: Event, msg: &Message) -> Result<()
         // Connect only teaches us the socket; the agent counts once it registers.
         Event::Connect => {
             let e: SessionEvent = payload::from_bus(&msg.payload)?;
-            shared.remember_via(e.socket_id, e.via);
-            shared.remember_socket(e.socket_id, e.user_id);
+            shared.remember_via(e.socket_id, e.via.clone());
+            shared.remember_socket(e.socket_id, e.user_id.clone());
+            // The register (another subscription) may have been handled first and found no
+            // `via` yet: the connect sets it too, so either order ends with this socket's.
+            let node = e.user_id;
+            blocking(shared, move |store| {
+                store.set_agent_via(&node, e.via.as_ref())
+            })
+            .await?;
             Ok(())
         }
         Event::Disconnect => {

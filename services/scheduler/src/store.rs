@@ -804,6 +804,29 @@ impl Store {
         })
     }
 
+    /// Sets the relay a known agent connects through (ADR 0015); `false` when the agent is
+    /// unknown or already had that value (then nothing is written).
+    pub fn set_agent_via(
+        &self,
+        node_id: &UserId,
+        via: Option<&UserId>,
+    ) -> Result<bool, StoreError> {
+        match self.agent(node_id)? {
+            Some(rec) if rec.via.as_ref() != via => {}
+            _ => return Ok(false),
+        }
+        self.write(|txn| {
+            let mut agents = txn.open_table(AGENTS)?;
+            let mut rec: AgentRecord = match agents.get(node_id.as_str())? {
+                Some(v) => decode(v.value(), "agent")?,
+                None => return Ok(false),
+            };
+            rec.via = via.cloned();
+            agents.insert(node_id.as_str(), encode(&rec, "agent")?.as_slice())?;
+            Ok(true)
+        })
+    }
+
     /// Records a heartbeat: `last_seen_ms` becomes `at_ms` and the state Online or Degraded.
     /// Returns the old state if the state changed. A heartbeat older than `last_seen_ms`
     /// (reordered delivery) changes nothing.

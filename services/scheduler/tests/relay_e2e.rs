@@ -1,8 +1,8 @@
 //! Relays end to end (ADR 0015): a real nats-server, a real gateway, the real scheduler, a
 //! real relay agent and real downstream agents (the agent library over real sockets).
 //! Downstreams register through the relay with their own tokens, run tasks, replay their
-//! outbox after the relay restarts and fail over when it dies; a relay that tampers with a
-//! downstream's bytes or tries to register in its name gets nowhere.
+//! outbox after the relay restarts, fail over when it dies and take tunnels; a relay that
+//! tampers with a downstream's bytes or tries to register in its name gets nowhere.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -133,7 +133,12 @@ impl Fleet {
     }
 
     async fn agent(&self, node: &str, gateways: &[String]) -> agent::AgentHandle {
-        let config = agent_config(self.dir.path(), node, gateways, &self.tls_line);
+        self.agent_with(node, gateways, "").await
+    }
+
+    async fn agent_with(&self, node: &str, gateways: &[String], extra: &str) -> agent::AgentHandle {
+        let extra = format!("{extra}\n{}", self.tls_line);
+        let config = agent_config(self.dir.path(), node, gateways, &extra);
         agent::start(config).await.unwrap()
     }
 
@@ -188,7 +193,14 @@ async fn downstreams_behind_a_relay_register_with_their_own_identity_and_run_tas
     let fleet = Fleet::start("gw-relay-1", false).await;
     let relay = fleet.relay("relay-1", "127.0.0.1:0").await;
     let via = fleet.via(relay.relay_addr().unwrap());
-    let a = fleet.agent("down-a", std::slice::from_ref(&via)).await;
+    let echo = echo_server().await;
+    let a = fleet
+        .agent_with(
+            "down-a",
+            std::slice::from_ref(&via),
+            &format!("tunnel_allow = [\"{echo}\"]"),
+        )
+        .await;
     let b = fleet.agent("down-b", std::slice::from_ref(&via)).await;
 
     // Each downstream is its own node, registered with its own token, tagged with the relay.
@@ -211,6 +223,35 @@ async fn downstreams_behind_a_relay_register_with_their_own_identity_and_run_tas
     })
     .await;
     assert_eq!(v["results"].as_array().map(Vec::len), Some(2), "{v}");
+
+    // A tunnel to a port on a downstream's machine rides on its own session.
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/v1/agents/down-a/tunnel?remote={echo}",
+            fleet.sched.addr()
+        ))
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    let (mut tunnel, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    tunnel
+        .send(tokio_tungstenite::tungstenite::Message::Binary(
+            b"through the relay".to_vec().into(),
+        ))
+        .await
+        .unwrap();
+    let mut echoed = Vec::new();
+    while echoed.len() < 17 {
+        match tokio::time::timeout(Duration::from_secs(10), tunnel.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b)))) => {
+                echoed.extend_from_slice(&b);
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("reading the tunnel: {other:?}"),
+        }
+    }
+    assert_eq!(echoed, b"through the relay");
+    let _ = tunnel.close(None).await;
 
     // A relay connection is refused for app tokens and through another relay.
     let app = token("someone", None, &[]);
@@ -237,6 +278,21 @@ async fn downstreams_behind_a_relay_register_with_their_own_identity_and_run_tas
         stop(agent).await;
     }
     fleet.stop().await;
+}
+
+/// An echo server; returns its address.
+async fn echo_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
 }
 
 /// Sends a `/relay` upgrade through the relay at `relay` (plain HTTP over the stream) and
