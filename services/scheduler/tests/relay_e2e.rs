@@ -64,7 +64,8 @@ jitter = 0.3
 /// NATS, one gateway (optionally TLS) and the scheduler.
 struct Fleet {
     _nats: NatsServer,
-    gateway: ws_gateway::Handle,
+    /// `None` once a test took it to shut it down.
+    gateway: Option<ws_gateway::Handle>,
     sched: scheduler::Handle,
     dir: tempfile::TempDir,
     /// `ws://` or `wss://` URL of the gateway.
@@ -75,9 +76,17 @@ struct Fleet {
 
 impl Fleet {
     async fn start(name: &str, tls: bool) -> Fleet {
+        Fleet::start_with(name, tls, None).await
+    }
+
+    /// With the gateway's drain window set to `drain`.
+    async fn start_with(name: &str, tls: bool, drain: Option<Duration>) -> Fleet {
         let nats = NatsServer::start().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut config = testkit::gateway::config(&nats.url(), name);
+        if let Some(drain) = drain {
+            config.drain_window = drain;
+        }
         let mut tls_line = String::new();
         if tls {
             let ca = TestCa::new("relay test CA");
@@ -107,7 +116,7 @@ impl Fleet {
         http::wait_status(sched.addr(), "/readyz", 200).await;
         Fleet {
             _nats: nats,
-            gateway,
+            gateway: Some(gateway),
             sched,
             dir,
             url,
@@ -150,9 +159,7 @@ impl Fleet {
     }
 
     async fn gateway_metric(&self, name: &str) -> f64 {
-        let r = http::get(self.gateway.addr(), "/metrics", "")
-            .await
-            .unwrap();
+        let r = http::get(self.gw().addr(), "/metrics", "").await.unwrap();
         let text = String::from_utf8_lossy(&r.body).into_owned();
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -177,9 +184,15 @@ impl Fleet {
             .unwrap_or_else(|| v["task_id"].to_string())
     }
 
+    fn gw(&self) -> &ws_gateway::Handle {
+        self.gateway.as_ref().unwrap()
+    }
+
     async fn stop(self) {
         self.sched.shutdown().await.unwrap();
-        self.gateway.shutdown().await.unwrap();
+        if let Some(gateway) = self.gateway {
+            gateway.shutdown().await.unwrap();
+        }
     }
 }
 
@@ -258,7 +271,7 @@ async fn downstreams_behind_a_relay_register_with_their_own_identity_and_run_tas
     let refused = tokio_tungstenite::connect_async(
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
             "ws://{}/relay?token={app}",
-            fleet.gateway.addr()
+            fleet.gw().addr()
         ))
         .unwrap(),
     )
@@ -480,7 +493,7 @@ async fn a_relay_cannot_alter_a_downstreams_traffic_or_register_in_its_name() {
         // The gateway may still be starting (no plain readiness probe with TLS).
         let mut tries = 0;
         loop {
-            let gw = fleet.gateway.addr();
+            let gw = fleet.gw().addr();
             let ca = ca.clone();
             let tamper = Arc::clone(&tamper);
             match tokio::spawn(async move { tampering_relay(gw, &ca, "relay-evil", tamper).await })
@@ -575,4 +588,70 @@ async fn forged_register(relay: SocketAddr, ca: &Path) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// A gauge or counter from a gateway's `/metrics` (NaN when absent or unreachable).
+async fn metric(gateway: SocketAddr, name: &str) -> f64 {
+    let Ok(r) = http::get(gateway, "/metrics", "").await else {
+        return f64::NAN;
+    };
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test]
+async fn a_draining_gateway_sends_its_relays_to_another_gateway_at_once() {
+    // Long drain windows: without the early close the relay's streams would stay put.
+    let mut fleet =
+        Fleet::start_with("gw-relay-drain-a", false, Some(Duration::from_secs(8))).await;
+    let mut config = testkit::gateway::config(&fleet._nats.url(), "gw-relay-drain-b");
+    config.drain_window = Duration::from_secs(8);
+    let mut other = Some(testkit::gateway::start(config).await);
+    let other_addr = other.as_ref().unwrap().addr();
+    let urls = [fleet.url.clone(), format!("ws://{other_addr}/ws")];
+    let relay = agent_config(
+        fleet.dir.path(),
+        "relay-d",
+        &urls,
+        "relay_listen = \"127.0.0.1:0\"",
+    );
+    let relay = agent::start(relay).await.unwrap();
+    let down = fleet
+        .agent("down-d", &[fleet.via(relay.relay_addr().unwrap())])
+        .await;
+    fleet.online("down-d").await;
+    let home = fleet.gw().addr();
+    let on_home = metric(home, "ws_gateway_relays").await == 1.0;
+    let (draining, target) = if on_home {
+        (fleet.gateway.take().unwrap(), other_addr)
+    } else {
+        (other.take().unwrap(), home)
+    };
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn(draining.shutdown());
+    // Well inside the drain window, the relay and its streams (its own session and the
+    // downstream's) are on the other gateway.
+    loop {
+        if metric(target, "ws_gateway_relays").await == 1.0
+            && metric(target, "ws_gateway_relay_streams").await >= 2.0
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "the relay stayed on the draining gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet.online("down-d").await;
+    let _ = shutdown.await;
+    stop(down).await;
+    stop(relay).await;
+    if let Some(other) = other {
+        other.shutdown().await.unwrap();
+    }
+    fleet.stop().await;
 }
