@@ -603,12 +603,12 @@ async fn metric(gateway: SocketAddr, name: &str) -> f64 {
 }
 
 #[tokio::test]
-async fn a_draining_gateway_sends_its_relays_to_another_gateway_at_once() {
-    // Long drain windows: without the early close the relay's streams would stay put.
+async fn a_relay_moves_to_another_gateway_when_its_gateway_drains() {
+    // Drain windows long enough that a relay stuck on the draining gateway would show.
     let mut fleet =
-        Fleet::start_with("gw-relay-drain-a", false, Some(Duration::from_secs(8))).await;
+        Fleet::start_with("gw-relay-drain-a", false, Some(Duration::from_secs(20))).await;
     let mut config = testkit::gateway::config(&fleet._nats.url(), "gw-relay-drain-b");
-    config.drain_window = Duration::from_secs(8);
+    config.drain_window = Duration::from_secs(20);
     let mut other = Some(testkit::gateway::start(config).await);
     let other_addr = other.as_ref().unwrap().addr();
     let urls = [fleet.url.clone(), format!("ws://{other_addr}/ws")];
@@ -632,21 +632,30 @@ async fn a_draining_gateway_sends_its_relays_to_another_gateway_at_once() {
     };
     let started = std::time::Instant::now();
     let shutdown = tokio::spawn(draining.shutdown());
-    // Well inside the drain window, the relay and its streams (its own session and the
-    // downstream's) are on the other gateway.
+    // The relay connection moves to the other gateway once the draining one stops.
+    while metric(target, "ws_gateway_relays").await != 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the relay stayed on the draining gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The sessions it carried come back through it after the reconnect delay the draining
+    // gateway gave each (spread over its window).
+    let give_up = std::time::Instant::now() + Duration::from_secs(45);
     loop {
-        if metric(target, "ws_gateway_relays").await == 1.0
+        let r = http::get(fleet.sched.addr(), "/v1/agents/down-d", KEY).await;
+        if r.is_ok_and(|r| r.json()["state"] == "online")
             && metric(target, "ws_gateway_relay_streams").await >= 2.0
         {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(6),
-            "the relay stayed on the draining gateway"
+            std::time::Instant::now() < give_up,
+            "down-d never came back"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    fleet.online("down-d").await;
     let _ = shutdown.await;
     stop(down).await;
     stop(relay).await;

@@ -10,9 +10,8 @@
 //! the relay adds is the [`Via`] tag its streams' sessions carry in their session events.
 //!
 //! This module owns the relay connection's lifetime: reading frames into the
-//! [`servicekit::mux::Mux`], writing what it produces, pongs, the relay token's expiry, a
-//! silence deadline (a relay pings; one that says nothing for [`SILENCE`] is gone) and
-//! the drain (close 4000 within a second, so the relay moves to another gateway).
+//! [`servicekit::mux::Mux`], writing what it produces, pongs, the relay token's expiry and
+//! a silence deadline (a relay pings; one that says nothing for [`SILENCE`] is gone).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -92,7 +91,6 @@ async fn run(
     // This connection's share of the streams gauge (a stream's session outlives its HTTP
     // exchange, so the mux's own count is the one that says what is open).
     let mut counted: i64 = 0;
-    let mut drain_check = tokio::time::interval(Duration::from_secs(1));
     let reason = loop {
         let open = i64::try_from(mux.streams()).unwrap_or(i64::MAX);
         shared.metrics.relay_streams.inc_by(open - counted);
@@ -131,14 +129,6 @@ async fn run(
             () = tokio::time::sleep_until(expiry) => {
                 let _ = ctl.send(ws::close(CloseCode::Unauthorized.code(), "credential expired"));
                 break "credential expired".to_owned();
-            }
-            _ = drain_check.tick() => {
-                // Draining: the relay should take its streams to another gateway; its
-                // downstreams' sessions here were asked to reconnect already.
-                if shared.readiness().draining {
-                    let _ = ctl.send(ws::close(CloseCode::Shutdown.code(), "draining"));
-                    break "draining".to_owned();
-                }
             }
             () = tokio::time::sleep_until(silent_until) => {
                 let _ = ctl.send(ws::close(CloseCode::HeartbeatTimeout.code(), "relay silent"));
