@@ -81,12 +81,16 @@ async fn run(
             return;
         }
     };
-    let expiry = tokio::time::Instant::now()
-        + Duration::from_secs(
-            identity
-                .expires_at
-                .saturating_sub(servicekit::clock::now_ms() / 1000),
-        );
+    let now = tokio::time::Instant::now();
+    let left = Duration::from_secs(
+        identity
+            .expires_at
+            .saturating_sub(servicekit::clock::now_ms() / 1000),
+    );
+    // An absurd `exp` must not overflow the clock: a year is as good as forever here.
+    let expiry = now
+        .checked_add(left.min(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now);
     let mut silent_until = tokio::time::Instant::now() + SILENCE;
     // This connection's share of the streams gauge (a stream's session outlives its HTTP
     // exchange, so the mux's own count is the one that says what is open).
