@@ -99,12 +99,23 @@ pub async fn connect(url: &str, token: &str, source: Ipv4Addr) -> Result<(Ws, We
         .uri()
         .port_u16()
         .unwrap_or(if tls { 443 } else { 80 });
-    let target: SocketAddr = match host.parse::<IpAddr>() {
-        Ok(ip) => SocketAddr::new(ip, port),
-        Err(_) => tokio::net::lookup_host((host.as_str(), port))
+    // `?via=host:port` (ADR 0015): TCP to that relay, TLS and the upgrade still for `host`.
+    let via = url
+        .split_once('?')
+        .and_then(|(_, q)| q.split('&').find_map(|p| p.strip_prefix("via=")))
+        .map(str::to_owned);
+    let target: SocketAddr = match via {
+        Some(via) => tokio::net::lookup_host(via.as_str())
             .await?
             .next()
-            .ok_or("no address")?,
+            .ok_or("no relay address")?,
+        None => match host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port),
+            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                .await?
+                .next()
+                .ok_or("no address")?,
+        },
     };
     let socket = TcpSocket::new_v4()?;
     if target.ip().is_loopback() {

@@ -12,6 +12,7 @@
 //! - [`ids`]: socket, user, room and gateway ids, validated once.
 //! - [`snowflake`]: the socket-id generator.
 //! - [`payload`]: typed bodies for control frames and bus payloads.
+//! - [`relay`]: the frames a relay agent multiplexes its downstreams' streams with.
 //! - [`trace`]: W3C trace context in frames and NATS headers.
 //!
 //! `docs/protocol.md` describes the same contract for implementers in other languages.
@@ -27,6 +28,7 @@ pub mod headers;
 pub mod ids;
 pub mod longpoll;
 pub mod payload;
+pub mod relay;
 pub mod snowflake;
 pub mod subject;
 pub mod trace;

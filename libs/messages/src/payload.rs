@@ -177,6 +177,10 @@ pub struct SessionEvent {
     /// Disconnect: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The relay agent (its node id) whose connection carries this socket; absent for a
+    /// socket connected to the gateway directly (`docs/protocol.md` 12.13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<UserId>,
 }
 
 /// Last-seen times of a gateway's sockets, sent in batches on a slow period
@@ -330,6 +334,7 @@ mod tests {
             allowed_rooms: vec!["lobby".into()],
             close_code: None,
             reason: None,
+            via: None,
         };
         let bytes = to_bus(&event).unwrap();
         assert_eq!(from_bus::<SessionEvent>(&bytes).unwrap(), event);

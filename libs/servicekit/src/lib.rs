@@ -5,7 +5,8 @@
 //! runtime set-up ([`nats`]), the KV lease both the gateway's worker ids and the
 //! scheduler's leadership use ([`lease`]), the HTTP APIs' JSON error shape and API-key
 //! check ([`http`]), query strings ([`query`]), the one HTTP client ([`http_client`]), a
-//! stand-alone `/metrics` endpoint ([`metrics_server`]) and TLS set-up ([`tls`]: rustls
+//! stand-alone `/metrics` endpoint ([`metrics_server`]), byte streams multiplexed over one
+//! connection with per-stream credit ([`mux`], the relay's machinery) and TLS set-up ([`tls`]: rustls
 //! with ring, PEM files, key pins). It holds no business logic and no wire contract (that
 //! is `libs/messages`).
 
@@ -15,6 +16,7 @@ pub mod http;
 pub mod http_client;
 pub mod lease;
 pub mod metrics_server;
+pub mod mux;
 pub mod nats;
 pub mod query;
 pub mod telemetry;

@@ -22,6 +22,8 @@
 //!                                       # long are sent again on the same connection
 //! allowed_commands = ["/usr/bin/uptime", "df"]   # default: none
 //! metrics_listen = "127.0.0.1:9464"     # optional: serve Prometheus /metrics here
+//! relay_listen = "10.0.0.5:7000"        # optional: be a relay for downstream agents
+//!                                       # (ADR 0015); they point a gateway URL at it
 //! command_keys_file = "command.pub"     # required to run: the control plane's public
 //!                                       # command key(s), PEM; unsigned commands are refused
 //! credential_path = "credential.jwt"    # default: credential.jwt beside the outbox
@@ -67,7 +69,15 @@
 //! `AGENT_CONFIG_STATE_PATH`, `AGENT_SCHEDULER_URL`, `AGENT_REPORTED_VERSION`,
 //! `AGENT_COMMAND_SEARCH_PATH` (separated by `,` or `:`), `AGENT_ALLOWED_ENV`,
 //! `AGENT_ALLOWED_CWD_ROOTS`, `AGENT_MAX_CONCURRENT_TASKS`, `AGENT_MAX_TIMEOUT_MS`,
-//! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`, `AGENT_TLS_CA_FILE`, `AGENT_TLS_PIN_SHA256`.
+//! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`, `AGENT_TLS_CA_FILE`, `AGENT_TLS_PIN_SHA256`,
+//! `AGENT_RELAY_LISTEN`.
+//!
+//! Relays (ADR 0015): a gateway URL may end in `?via=host:port`; the agent then opens its
+//! TCP connection to that relay, and everything above TCP (TLS with the URL's host name,
+//! the upgrade with its own token, the session) is end to end with the gateway, so list a
+//! relay and the gateway directly (or two relays) to fail over. `relay_listen` makes this
+//! agent a relay: it accepts such connections there and carries them over one connection
+//! to its own gateways, which must not use `via=` themselves (relays nest one level).
 //!
 //! `token`/`token_file` is the enrolment credential (an agent token the operator got from
 //! the scheduler). Once connected, the control plane renews the credential over the live
@@ -231,6 +241,9 @@ pub struct AgentConfig {
     pub allowed_commands: Vec<String>,
     /// Where to serve the Prometheus `/metrics` endpoint; `None` (the default) serves none.
     pub metrics_listen: Option<SocketAddr>,
+    /// Relay mode (ADR 0015): accept downstream agents' connections here and carry them
+    /// over one upstream connection to the gateways; `None` (the default): not a relay.
+    pub relay_listen: Option<SocketAddr>,
     /// Public keys of the control plane's command key (several during a rotation):
     /// the agent acts only on commands signed by one of them. `None` when not configured;
     /// the agent then refuses to start.
@@ -537,6 +550,7 @@ struct FileConfig {
     backoff: Option<FileBackoff>,
     allowed_commands: Option<Vec<String>>,
     metrics_listen: Option<String>,
+    relay_listen: Option<String>,
     command_keys_file: Option<PathBuf>,
     credential_path: Option<PathBuf>,
     config_dir: Option<PathBuf>,
@@ -835,6 +849,30 @@ impl AgentConfig {
             None => None,
         };
 
+        let relay_listen =
+            match l.pick("relay_listen", "AGENT_RELAY_LISTEN", f.relay_listen, |s| {
+                Ok(s.to_owned())
+            })? {
+                Some(Sourced { value, .. }) if value.trim().is_empty() => None,
+                Some(Sourced { value, origin }) => Some(
+                    parse_socket_addr(&value).map_err(|p| invalid("relay_listen", origin, p))?,
+                ),
+                None => None,
+            };
+        // A relay's own upstream must be a gateway: relays nest one level only.
+        if relay_listen.is_some()
+            && let Some(url) = gateways.value.iter().find(|u| via_of(u).is_some())
+        {
+            return Err(invalid(
+                "gateways",
+                gateways.origin.clone(),
+                Problem::GatewayUrl {
+                    url: url.clone(),
+                    reason: "a relay connects to gateways directly (no via=)",
+                },
+            ));
+        }
+
         let command_keys = match l.pick(
             "command_keys_file",
             "AGENT_COMMAND_KEYS_FILE",
@@ -1056,6 +1094,7 @@ impl AgentConfig {
             backoff,
             allowed_commands,
             metrics_listen,
+            relay_listen,
             command_keys,
             credential_path,
             config_dir,
@@ -1338,11 +1377,30 @@ fn resolve_backoff<E: Fn(&str) -> Option<String>>(
 
 /// Checks a gateway URL enough to catch configuration mistakes (wrong scheme, missing
 /// host, bad port, credentials in the URL); the WebSocket client does the full parse.
+/// The `via=host:port` of a gateway URL: the relay this agent reaches the gateway through
+/// (ADR 0015). The TCP connection goes to the relay; TLS and the HTTP upgrade still name
+/// the URL's host, so the gateway's certificate is checked end to end.
+pub fn via_of(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1;
+    let query = query.split('#').next().unwrap_or_default();
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("via="))
+        .map(str::to_owned)
+}
+
 fn check_gateway_url(url: &str) -> Result<(), Problem> {
     let bad = |reason| Problem::GatewayUrl {
         url: url.to_owned(),
         reason,
     };
+    if let Some(via) = via_of(url)
+        && via
+            .rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    {
+        return Err(bad("has a via= that is not host:port"));
+    }
     let lower = url.to_ascii_lowercase();
     let rest = if lower.starts_with("ws://") {
         url.get(5..)

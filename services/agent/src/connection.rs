@@ -117,6 +117,15 @@ pub enum RunError {
         /// The close reason.
         reason: String,
     },
+    /// The configured `relay_listen` address could not be bound.
+    #[error("cannot listen for downstream agents on {addr}: {source}")]
+    RelayListen {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The configured `metrics_listen` address could not be bound.
     #[error("cannot listen for metrics on {addr}: {source}")]
     MetricsListen {
@@ -159,7 +168,7 @@ impl RunError {
             RunError::Refused { .. } => 76,      // EX_PROTOCOL
             RunError::Unauthorized { .. } => 77, // EX_NOPERM
             // The remedy is another `metrics_listen` (the address is taken or not local).
-            RunError::MetricsListen { .. } => 78, // EX_CONFIG
+            RunError::MetricsListen { .. } | RunError::RelayListen { .. } => 78, // EX_CONFIG
             RunError::NoCommandKeys => 78,
         }
     }
@@ -196,6 +205,7 @@ pub struct AgentHandle {
     outbox: Arc<Outbox>,
     metrics: Arc<AgentMetrics>,
     metrics_addr: Option<SocketAddr>,
+    relay_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), RunError>>,
     restart: Arc<AtomicBool>,
@@ -210,6 +220,12 @@ impl AgentHandle {
     /// The agent's counters and gauges (what `/metrics` serves).
     pub fn metrics(&self) -> &Arc<AgentMetrics> {
         &self.metrics
+    }
+
+    /// Where the relay listens for downstream agents, if `relay_listen` is configured (the
+    /// bound address, so port 0 can be used).
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay_addr
     }
 
     /// Where the metrics endpoint listens, if `metrics_listen` is configured (the bound
@@ -264,6 +280,24 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
     };
     let metrics_addr = server.as_ref().map(MetricsServer::local_addr);
     let (stop, stopped) = watch::channel(false);
+    // Relay mode: bound before anything runs, so a taken address fails the start.
+    let mut config = config;
+    let relay = match config.relay_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::RelayListen { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| RunError::RelayListen { addr, source })?;
+            tracing::info!(%local, "Relay listening.");
+            let relay = tokio::spawn(crate::relay::run(listener, config.clone(), stopped.clone()));
+            config.gateways = crate::relay::own_gateways(&config.gateways, local);
+            Some((relay, local))
+        }
+        None => None,
+    };
+    let relay_addr = relay.as_ref().map(|(_, addr)| *addr);
     let restart = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn({
         let outbox = Arc::clone(&outbox);
@@ -274,6 +308,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
             if let Some(server) = server {
                 server.stop().await;
             }
+            if let Some((relay, _)) = relay {
+                let _ = relay.await;
+            }
             result
         }
     });
@@ -281,6 +318,7 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
         outbox,
         metrics,
         metrics_addr,
+        relay_addr,
         stop,
         task,
         restart,
@@ -1430,9 +1468,23 @@ async fn connect(
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE + 1024));
     let connector = tls.map(|c| tokio_tungstenite::Connector::Rustls(Arc::clone(c)));
-    match tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector)
-        .await
-    {
+    let handshake = match crate::config::via_of(url) {
+        // Through a relay (ADR 0015): only the TCP connection goes elsewhere; TLS and the
+        // upgrade still name the gateway, so the relay carries bytes it cannot read.
+        Some(via) => {
+            let tcp = TcpStream::connect(via.as_str())
+                .await
+                .map_err(|e| lost(false, format!("relay {via} unreachable: {e}")))?;
+            let _ = tcp.set_nodelay(true);
+            tokio_tungstenite::client_async_tls_with_config(request, tcp, Some(config), connector)
+                .await
+        }
+        None => {
+            tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector)
+                .await
+        }
+    };
+    match handshake {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();

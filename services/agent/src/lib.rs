@@ -14,6 +14,8 @@
 //!   is lost across disconnects or a kill -9.
 //! - [`upgrade`]: signed self-upgrades (download, verify, swap, restart) and the watchdog
 //!   that restores the previous binary when the new one does not come back online.
+//! - [`relay`]: relay mode (`relay_listen`): downstream agents' connections carried as
+//!   streams over one gateway connection (ADR 0015).
 //! - [`backoff`]: reconnect delays (capped exponential with jitter).
 //! - [`metrics`]: host CPU, memory and disk samples for status reports.
 //! - [`agent_metrics`]: the agent's own Prometheus counters and gauges ([`AgentMetrics`]),
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod output;
 pub mod policy;
+pub mod relay;
 pub mod trust;
 pub mod tunnel;
 pub mod upgrade;

@@ -259,11 +259,20 @@ async fn handle_event(shared: &Shared, event: Event, msg: &Message) -> Result<()
         // Connect only teaches us the socket; the agent counts once it registers.
         Event::Connect => {
             let e: SessionEvent = payload::from_bus(&msg.payload)?;
-            shared.remember_socket(e.socket_id, e.user_id);
+            shared.remember_via(e.socket_id, e.via.clone());
+            shared.remember_socket(e.socket_id, e.user_id.clone());
+            // The register (another subscription) may have been handled first and found no
+            // `via` yet: the connect sets it too, so either order ends with this socket's.
+            let node = e.user_id;
+            blocking(shared, move |store| {
+                store.set_agent_via(&node, e.via.as_ref())
+            })
+            .await?;
             Ok(())
         }
         Event::Disconnect => {
             let e: SessionEvent = payload::from_bus(&msg.payload)?;
+            shared.remember_via(e.socket_id, None);
             // A quick reconnect may already have a new socket (events can be reordered):
             // only the last socket going away makes the agent offline.
             if shared.forget_socket(e.socket_id, &e.user_id) {
@@ -457,7 +466,8 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
     match route {
         fleet::up::REGISTER => {
             shared.remember_socket(socket, node.clone());
-            register(shared, node, payload::decode_body(codec, body)?).await
+            let via = shared.via_of(socket);
+            register(shared, node, via, payload::decode_body(codec, body)?).await
         }
         fleet::up::STATUS => status(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REFUSED => refused(shared, node, payload::decode_body(codec, body)?).await,
@@ -475,7 +485,12 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
     }
 }
 
-async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result<(), BusError> {
+async fn register(
+    shared: &Shared,
+    node: UserId,
+    via: Option<UserId>,
+    reg: fleet::Register,
+) -> Result<(), BusError> {
     shared.metrics.registers.inc();
     if shared.trust.is_revoked(&node) {
         tracing::warn!(%node, "A revoked node connected; closing it.");
@@ -504,6 +519,7 @@ async fn register(shared: &Shared, node: UserId, reg: fleet::Register) -> Result
             registered_at_ms,
             last_seen_ms: now,
             state: AgentState::Online,
+            via,
         };
         Ok((store.upsert_agent(&record)?, record))
     })

@@ -233,6 +233,7 @@ fn agent_json(a: &AgentRecord) -> serde_json::Value {
         "registered_at_ms": a.registered_at_ms,
         "last_seen_ms": a.last_seen_ms,
         "state": a.state,
+        "via": a.via.as_ref().map(messages::UserId::as_str),
     })
 }
 

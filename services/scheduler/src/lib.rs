@@ -228,6 +228,8 @@ pub struct Shared {
     /// can be mapped to nodes. Memory only: after a restart the scheduler asks the gateways
     /// to re-announce their sessions.
     pub sockets: Mutex<HashMap<SocketId, UserId>>,
+    /// The relay each relayed agent socket arrived through (the gateway's `via`, ADR 0015).
+    pub vias: Mutex<HashMap<SocketId, UserId>>,
     /// Streamed command output (best effort, memory only).
     pub output: output::OutputLog,
     /// Clients following output right now (see [`follow`]).
@@ -244,6 +246,21 @@ impl Shared {
         if let Ok(mut map) = self.sockets.lock() {
             map.insert(socket, node);
         }
+    }
+
+    /// Remembers (or forgets, with `None`) the relay `socket` arrived through.
+    pub fn remember_via(&self, socket: SocketId, via: Option<UserId>) {
+        if let Ok(mut map) = self.vias.lock() {
+            match via {
+                Some(via) => map.insert(socket, via),
+                None => map.remove(&socket),
+            };
+        }
+    }
+
+    /// The relay `socket` arrived through, if it was relayed.
+    pub fn via_of(&self, socket: SocketId) -> Option<UserId> {
+        self.vias.lock().ok()?.get(&socket).cloned()
     }
 
     /// Forgets `socket`; returns whether `node` still has another known socket.
@@ -504,6 +521,7 @@ async fn connect(config: Config, store: Arc<Store>) -> Result<Arc<Shared>, Error
         store: Arc::clone(&store),
         metrics: Metrics::default(),
         sockets: Mutex::new(HashMap::new()),
+        vias: Mutex::new(HashMap::new()),
         output: output::OutputLog::default(),
         followers: std::sync::atomic::AtomicUsize::new(0),
         trust: trust::Live::load(&store)?,

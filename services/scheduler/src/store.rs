@@ -306,6 +306,10 @@ pub struct AgentRecord {
     pub last_seen_ms: u64,
     /// Current liveness.
     pub state: AgentState,
+    /// The relay agent the node's connection goes through (ADR 0015); `None` when it is
+    /// connected to a gateway directly. As of its last register.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<UserId>,
 }
 
 impl AgentRecord {
@@ -807,6 +811,29 @@ impl Store {
             rec.state = state;
             agents.insert(node_id.as_str(), encode(&rec, "agent")?.as_slice())?;
             Ok(Some(old))
+        })
+    }
+
+    /// Sets the relay a known agent connects through (ADR 0015); `false` when the agent is
+    /// unknown or already had that value (then nothing is written).
+    pub fn set_agent_via(
+        &self,
+        node_id: &UserId,
+        via: Option<&UserId>,
+    ) -> Result<bool, StoreError> {
+        match self.agent(node_id)? {
+            Some(rec) if rec.via.as_ref() != via => {}
+            _ => return Ok(false),
+        }
+        self.write(|txn| {
+            let mut agents = txn.open_table(AGENTS)?;
+            let mut rec: AgentRecord = match agents.get(node_id.as_str())? {
+                Some(v) => decode(v.value(), "agent")?,
+                None => return Ok(false),
+            };
+            rec.via = via.cloned();
+            agents.insert(node_id.as_str(), encode(&rec, "agent")?.as_slice())?;
+            Ok(true)
         })
     }
 

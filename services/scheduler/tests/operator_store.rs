@@ -25,6 +25,7 @@ fn agent(id: &str) -> AgentRecord {
         registered_at_ms: 1,
         last_seen_ms: 1,
         state: AgentState::Online,
+        via: None,
     }
 }
 

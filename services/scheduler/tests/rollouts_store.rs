@@ -33,6 +33,7 @@ fn agent(id: &str) -> AgentRecord {
         registered_at_ms: T0,
         last_seen_ms: T0,
         state: AgentState::Online,
+        via: None,
     }
 }
 

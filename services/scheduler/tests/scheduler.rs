@@ -477,6 +477,7 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
         allowed_rooms: vec![],
         close_code: None,
         reason: None,
+        via: None,
     };
     bus.publish(
         subject::event(ClientKind::Agent, Event::Connect),

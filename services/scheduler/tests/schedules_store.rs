@@ -30,6 +30,7 @@ fn agent(id: &str, region: &str) -> AgentRecord {
         registered_at_ms: T0_MS,
         last_seen_ms: T0_MS,
         state: AgentState::Online,
+        via: None,
     }
 }
 

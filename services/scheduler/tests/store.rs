@@ -32,6 +32,7 @@ fn agent(id: &str, pairs: &[(&str, &str)], at: u64) -> AgentRecord {
         registered_at_ms: at,
         last_seen_ms: at,
         state: AgentState::Online,
+        via: None,
     }
 }
 

@@ -20,7 +20,7 @@ use actix_http::{ConnectionType, Request, RequestHead, Response, h1};
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::SinkExt;
-use messages::{BodyCodec, SocketId};
+use messages::{BodyCodec, ClientKind, SocketId};
 use serde_json::json;
 
 use crate::Shared;
@@ -235,11 +235,22 @@ pub async fn upgrade<T: Transport + Send>(
     req: Request,
     mut framed: Framed<T, h1::Codec>,
 ) -> Result<(), UpgradeError> {
-    if req.path() != "/ws" {
+    let relay = req.path() == messages::relay::PATH;
+    if req.path() != "/ws" && !relay {
         let refused = Refused::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
         return send_refusal(&mut framed, &refused).await;
     }
-    if servicekit::query::first(req.uri().query().unwrap_or(""), "sid").is_some() {
+    // Set on the streams a relay carries (ADR 0015); relays nest one level only.
+    let via = req.conn_data::<crate::relay::Via>().map(|v| v.0.clone());
+    if relay && via.is_some() {
+        let refused = Refused::new(
+            StatusCode::FORBIDDEN,
+            "relay_nesting",
+            "a relay cannot connect through another relay",
+        );
+        return send_refusal(&mut framed, &refused).await;
+    }
+    if !relay && servicekit::query::first(req.uri().query().unwrap_or(""), "sid").is_some() {
         // A long-poll session moving to WebSocket, not a new session.
         return crate::longpoll::upgrade(shared, req, framed).await;
     }
@@ -247,6 +258,14 @@ pub async fn upgrade<T: Transport + Send>(
         Ok(admitted) => admitted,
         Err(refused) => return send_refusal(&mut framed, &refused).await,
     };
+    if relay && admitted.identity.kind != ClientKind::Agent {
+        let refused = Refused::new(
+            StatusCode::FORBIDDEN,
+            "relay_requires_agent",
+            "only an agent token may open a relay connection",
+        );
+        return send_refusal(&mut framed, &refused).await;
+    }
     let response = match actix_http::ws::handshake(req.head()) {
         Ok(mut builder) => builder.finish().drop_body(),
         Err(e) => {
@@ -258,6 +277,20 @@ pub async fn upgrade<T: Transport + Send>(
         .send(h1::Message::Item((response, BodySize::None)))
         .await?;
     let parts = framed.into_parts();
+    if relay {
+        // Its messages are relay frames (a data chunk plus its header), not client frames.
+        let max = messages::relay::HEADER_LEN + messages::relay::MAX_CHUNK;
+        let (reader, sink) = transport::split(Box::new(parts.io), &parts.read_buf, max);
+        crate::relay::serve(
+            shared,
+            admitted.identity,
+            admitted.ticket,
+            reader,
+            sink,
+            req.head().peer_addr,
+        );
+        return Ok(());
+    }
     let max_frame = shared.config.limits.max_frame_len();
     // The HTTP layer's buffers go with `parts`; only bytes the client sent early are kept.
     let (reader, sink) = transport::split(Box::new(parts.io), &parts.read_buf, max_frame);
@@ -280,6 +313,7 @@ pub async fn upgrade<T: Transport + Send>(
         shared,
         ticket,
         recovery,
+        via,
     };
     Conn::create(|ctx| {
         ctx.add_stream(reader);

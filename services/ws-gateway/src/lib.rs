@@ -36,6 +36,8 @@
 //!   pushes held meanwhile and deduplicated (ADR 0017).
 //! - [`lease`]: the worker id behind socket ids (a KV lease via `servicekit::lease`).
 //! - [`metrics`]: the Prometheus registry.
+//! - [`relay`]: a relay agent's connection, whose streams (its downstreams' connections)
+//!   are served like accepted sockets (ADR 0015).
 //!
 //! A push: [`link`] receives it, the [`hub`] parses
 //! its envelope, encodes the complete WebSocket message once and appends the same buffer
@@ -59,6 +61,7 @@ pub mod longpoll;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;
+pub mod relay;
 pub mod session;
 mod transport;
 pub mod upstream;
@@ -371,6 +374,39 @@ macro_rules! http_service {
             }))
             .finish(actix_service::map_config(app, |()| AppConfig::default()))
     }};
+}
+
+/// Serves one stream of a relay connection (ADR 0015) with the same HTTP service as an
+/// accepted socket, tagging its sessions with the relay's node id.
+pub(crate) async fn serve_relayed<T>(
+    shared: &Arc<Shared>,
+    via: messages::UserId,
+    io: T,
+    peer: Option<std::net::SocketAddr>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use actix_service::{Service, ServiceFactory};
+    let app = App::new()
+        .app_data(web::Data::new(Arc::clone(shared)))
+        .configure(http::routes);
+    let upgrade_shared = Arc::clone(shared);
+    let factory = actix_http::HttpService::build()
+        .on_connect_ext(move |_: &T, ext: &mut actix_http::Extensions| {
+            ext.insert(relay::Via(via.clone()));
+        })
+        .upgrade(actix_service::fn_service(move |(req, framed)| {
+            http::upgrade(Arc::clone(&upgrade_shared), req, framed)
+        }))
+        .finish(actix_service::map_config(app, |()| AppConfig::default()));
+    match factory.new_service(()).await {
+        Ok(service) => {
+            if let Err(e) = service.call((io, actix_http::Protocol::Http1, peer)).await {
+                tracing::debug!(error = ?e, "A relayed stream's HTTP exchange failed.");
+            }
+        }
+        Err(e) => tracing::warn!(error = ?e, "No HTTP service for a relayed stream."),
+    }
 }
 
 /// The HTTP server on `listener`, with TLS when a certificate is configured.

@@ -41,6 +41,12 @@ pub struct Metrics {
     registry: Registry,
     /// Open connections.
     pub connections: Gauge,
+    /// Open relay connections (ADR 0015); each also counts in `connections`' sockets.
+    pub relays: Gauge,
+    /// Streams open on relay connections (each usually one downstream's connection).
+    pub relay_streams: Gauge,
+    /// Bytes moved on relay connections, both ways, frame headers included.
+    pub relay_bytes: Counter,
     /// Upgrades accepted.
     pub accepted: Counter,
     /// Long-poll sessions moved to a WebSocket.
@@ -93,6 +99,20 @@ impl Metrics {
             "connections",
             "Open WebSocket connections",
             connections.clone(),
+        );
+        let relays = Gauge::default();
+        registry.register("relays", "Open relay connections", relays.clone());
+        let relay_streams = Gauge::default();
+        registry.register(
+            "relay_streams",
+            "Streams open on relay connections",
+            relay_streams.clone(),
+        );
+        let relay_bytes = Counter::default();
+        registry.register(
+            "relay_bytes",
+            "Bytes of relay frames received and sent",
+            relay_bytes.clone(),
         );
         let accepted = Counter::default();
         registry.register("accepted", "WebSocket upgrades accepted", accepted.clone());
@@ -254,6 +274,9 @@ impl Metrics {
         Metrics {
             registry,
             connections,
+            relays,
+            relay_streams,
+            relay_bytes,
             accepted,
             longpoll_upgraded,
             rejected,

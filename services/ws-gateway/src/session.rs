@@ -245,6 +245,8 @@ pub struct ConnInit {
     pub ticket: Ticket,
     /// Positions and user-stream recovery asked for at connect (ADR 0017).
     pub recovery: history::ConnRecovery,
+    /// The relay agent whose connection carries this one (ADR 0015), if any.
+    pub via: Option<UserId>,
 }
 
 /// One WebSocket connection.
@@ -254,6 +256,8 @@ pub struct Conn {
     kind: ClientKind,
     /// Sent in the connect event (and again on a resync).
     allowed_rooms: Vec<RoomId>,
+    /// The relay this connection arrived through, named in its session events.
+    via: Option<UserId>,
     /// Unix seconds when the credential expires.
     expires_at: u64,
     codec: BodyCodec,
@@ -322,6 +326,7 @@ impl Conn {
             user: init.user,
             kind: init.kind,
             allowed_rooms: init.allowed_rooms,
+            via: init.via,
             expires_at: init.expires_at,
             codec: init.codec,
             sink: Rc::new(tokio::sync::Mutex::new(init.sink)),
@@ -592,6 +597,7 @@ impl Conn {
                 .collect(),
             close_code,
             reason,
+            via: self.via.clone(),
         }
     }
 

@@ -571,6 +571,8 @@ fn handshake(shared: &Arc<Shared>, head: &RequestHead) -> HttpResponse {
         shared: Arc::clone(shared),
         ticket,
         recovery,
+        // Agents do not long-poll; a relayed stream is always a WebSocket.
+        via: None,
     };
     Conn::create(|ctx| {
         ctx.add_stream(reader);

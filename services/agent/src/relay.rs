@@ -1,0 +1,293 @@
+//! Relay mode (`relay_listen`, ADR 0015): this agent accepts its downstream agents' TCP
+//! connections and carries each as one stream over a single connection to a gateway, so a
+//! site of many machines costs the gateway one socket.
+//!
+//! The relay is a byte pump and nothing more. It never parses what a downstream sends: the
+//! downstream's TLS (to the gateway's name), its upgrade with its own token and its whole
+//! session run end to end through the stream, so the relay can neither read nor alter its
+//! traffic when the gateway speaks TLS, and holds no credential of anyone but itself. This
+//! module owns the listener, the upstream connection (`/relay` on one of the agent's
+//! gateways, with this agent's own token, reconnected with the agent's backoff, picking
+//! another gateway after a failure) and the pairing of accepted sockets with streams.
+//! While no upstream connection is up, downstream connections are closed at once, so the
+//! downstreams fail over to their next URL instead of waiting.
+//!
+//! The agent's own session goes through its own listener (see [`own_gateways`]), so the
+//! relay and all its downstreams hold exactly one gateway socket.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use messages::relay::{HEADER_LEN, MAX_CHUNK, MAX_STREAMS, PATH};
+use servicekit::clock::now_ms;
+use servicekit::mux::Mux;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::config::AgentConfig;
+use crate::trust::Credentials;
+
+/// How often the relay pings its gateway (the gateway drops a relay silent for 60 s).
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// Longest wait for TCP connect plus the upgrade.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The agent's gateway URLs rewritten to reach the gateways through its own relay
+/// listener at `listen` (loopback when it listens on every address).
+pub fn own_gateways(gateways: &[String], listen: SocketAddr) -> Vec<String> {
+    let mut local = listen;
+    if local.ip().is_unspecified() {
+        local.set_ip(if local.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    gateways
+        .iter()
+        .map(|url| {
+            let (base, fragment) = url.split_once('#').unwrap_or((url, ""));
+            let sep = if base.contains('?') { '&' } else { '?' };
+            let mut out = format!("{base}{sep}via={local}");
+            if !fragment.is_empty() {
+                out.push('#');
+                out.push_str(fragment);
+            }
+            out
+        })
+        .collect()
+}
+
+/// A gateway URL with its path replaced by the relay path (query and fragment dropped).
+fn relay_url(gateway: &str) -> String {
+    let (scheme, rest) = gateway.split_once("://").unwrap_or(("ws", gateway));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    format!("{scheme}://{authority}{PATH}")
+}
+
+/// Runs the relay on `listener` until `shutdown` turns true.
+pub async fn run(listener: TcpListener, config: AgentConfig, mut shutdown: watch::Receiver<bool>) {
+    let current: Arc<Mutex<Option<Mux>>> = Arc::new(Mutex::new(None));
+    let upstream = tokio::spawn(upstream_loop(
+        config,
+        Arc::clone(&current),
+        shutdown.clone(),
+    ));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "Relay accept failed.");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let mux = current.lock().ok().and_then(|m| m.clone());
+        let Some(mux) = mux else {
+            tracing::debug!(%peer, "No upstream; closing a downstream connection.");
+            continue;
+        };
+        match mux.open() {
+            Ok(mut stream) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut tcp = tcp;
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+                });
+            }
+            Err(e) => tracing::warn!(%peer, error = %e, "No stream for a downstream connection."),
+        }
+    }
+    let _ = upstream.await;
+}
+
+async fn upstream_loop(
+    config: AgentConfig,
+    current: Arc<Mutex<Option<Mux>>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let node = config.node_id.to_string();
+    let mut attempt: u32 = 0;
+    let mut last_failed: Option<usize> = None;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let index = pick(config.gateways.len(), last_failed);
+        let Some(gateway) = config.gateways.get(index) else {
+            return;
+        };
+        let url = relay_url(gateway);
+        // Read afresh each time: the session loop stores renewed credentials on disk.
+        let token = Credentials::new(
+            &node,
+            config.token.clone(),
+            config.token_file.clone(),
+            config.credential_path.clone(),
+        )
+        .current(now_ms() / 1000);
+        let connected = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connect(&url, token.expose(), &config)) => r,
+            _ = shutdown.changed() => return,
+        };
+        match connected {
+            Ok(Ok(ws)) => {
+                tracing::info!(%url, "Relay connected upstream.");
+                attempt = 0;
+                let (mux, frames) = Mux::new(false, MAX_STREAMS);
+                if let Ok(mut slot) = current.lock() {
+                    *slot = Some(mux.clone());
+                }
+                let why = serve(ws, &mux, frames, &mut shutdown).await;
+                if let Ok(mut slot) = current.lock() {
+                    *slot = None;
+                }
+                mux.close_all();
+                tracing::warn!(%url, reason = %why, "Relay upstream connection ended.");
+                last_failed = Some(index);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%url, error = %e, "Relay upstream connect failed.");
+                last_failed = Some(index);
+            }
+            Err(_) => {
+                tracing::warn!(%url, "Relay upstream connect timed out.");
+                last_failed = Some(index);
+            }
+        }
+        let delay = config.backoff.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+async fn connect(
+    url: &str,
+    token: &str,
+    config: &AgentConfig,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut request = url.into_client_request()?;
+    let value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|e| tokio_tungstenite::tungstenite::Error::HttpFormat(e.into()))?;
+    request.headers_mut().insert("authorization", value);
+    let ws_config = WebSocketConfig::default()
+        .write_buffer_size(0)
+        .max_message_size(Some(HEADER_LEN + MAX_CHUNK));
+    let connector = config
+        .tls
+        .client_config()
+        .map(|c| tokio_tungstenite::Connector::Rustls(Arc::clone(c)));
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, connector)
+            .await?;
+    Ok(ws)
+}
+
+/// Moves frames both ways until the connection or the agent ends; says why.
+async fn serve(
+    mut ws: Ws,
+    mux: &Mux,
+    mut frames: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> String {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            incoming = ws.next() => match incoming {
+                Some(Ok(Message::Binary(bytes))) => {
+                    if let Err(e) = mux.on_frame(&bytes) {
+                        return format!("bad frame from the gateway: {e}");
+                    }
+                }
+                Some(Ok(Message::Close(close))) => return format!("closed by the gateway: {close:?}"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return format!("read: {e}"),
+                None => return "eof".into(),
+            },
+            frame = frames.recv() => {
+                let Some(frame) = frame else { return "mux ended".into() };
+                if let Err(e) = ws.feed(Message::Binary(frame.into())).await {
+                    return format!("write: {e}");
+                }
+                while let Ok(more) = frames.try_recv() {
+                    if let Err(e) = ws.feed(Message::Binary(more.into())).await {
+                        return format!("write: {e}");
+                    }
+                }
+                if let Err(e) = ws.flush().await {
+                    return format!("write: {e}");
+                }
+            }
+            _ = ping.tick() => {
+                if let Err(e) = ws.send(Message::Ping(Vec::new().into())).await {
+                    return format!("ping: {e}");
+                }
+            }
+            _ = shutdown.changed() => {
+                let _ = ws.close(None).await;
+                return "shutdown".into();
+            }
+        }
+    }
+}
+
+/// A random gateway, another than the one that just failed when there is a choice.
+fn pick(count: usize, avoid: Option<usize>) -> usize {
+    use rand::Rng;
+    if count <= 1 {
+        return 0;
+    }
+    let mut rng = rand::rng();
+    loop {
+        let i = rng.random_range(0..count);
+        if Some(i) != avoid {
+            return i;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_gateways_go_through_the_local_listener() {
+        let listen: SocketAddr = "0.0.0.0:7000".parse().unwrap_or_else(|_| unreachable!());
+        assert_eq!(
+            own_gateways(
+                &["wss://gw:8081/ws".into(), "ws://gw2/ws?codec=json".into()],
+                listen
+            ),
+            [
+                "wss://gw:8081/ws?via=127.0.0.1:7000",
+                "ws://gw2/ws?codec=json&via=127.0.0.1:7000"
+            ]
+        );
+        assert_eq!(
+            crate::config::via_of("ws://gw2/ws?codec=json&via=127.0.0.1:7000").as_deref(),
+            Some("127.0.0.1:7000")
+        );
+    }
+
+    #[test]
+    fn relay_url_replaces_the_path() {
+        assert_eq!(relay_url("wss://gw:8081/ws?via=x:1"), "wss://gw:8081/relay");
+        assert_eq!(relay_url("ws://gw"), "ws://gw/relay");
+    }
+}
