@@ -7,7 +7,9 @@
 //! 4. a push through ws-api reaches every one of them;
 //! 5. with `--stop-cmd`: the command runs (it should stop one gateway); the clients of
 //!    stopped gateways reconnect to the others, a second push reaches every client and a
-//!    second task gets a result from every agent (none lost).
+//!    second task gets a result from every agent (none lost);
+//! 6. the demo (`/demo/` on ws-api): the page and the client library are served, and a
+//!    development token from `/demo/token` is accepted by a gateway.
 //!
 //! Prints one `PASS`/`FAIL` line per step and exits 0 only if all passed; every wait is
 //! bounded by `--timeout-secs` (whole run).
@@ -531,7 +533,51 @@ impl Smoke {
         )
     }
 
+    /// The demo page, its library, and a development token a gateway accepts.
+    async fn demo(&self, step: &'static str) -> Result<(), BoxError> {
+        let page = http::request(self.api, "GET", "/demo/", &[], b"")
+            .await
+            .map_err(|e| fail(step, format!("GET /demo/: {e}")))?;
+        let html = String::from_utf8_lossy(&page.body);
+        if page.status != 200 || !html.contains("app.js") {
+            return Err(fail(step, format!("GET /demo/ answered {}", page.status)));
+        }
+        let lib = http::request(self.api, "GET", "/demo/lib/client.js", &[], b"")
+            .await
+            .map_err(|e| fail(step, format!("GET /demo/lib/client.js: {e}")))?;
+        if lib.status != 200 {
+            return Err(fail(step, format!("the library answered {}", lib.status)));
+        }
+        let user = format!("{}-demo", self.run);
+        let r = http::request(
+            self.api,
+            "POST",
+            "/demo/token",
+            &[("content-type", "application/json")],
+            json!({"user": user}).to_string().as_bytes(),
+        )
+        .await
+        .map_err(|e| fail(step, format!("POST /demo/token: {e}")))?;
+        let token = r.json()["token"].as_str().unwrap_or_default().to_owned();
+        if r.status != 200 || token.is_empty() {
+            return Err(fail(
+                step,
+                format!("POST /demo/token answered {}", r.status),
+            ));
+        }
+        let client = TestClient::connect(self.gateways[0], &token)
+            .await
+            .map_err(|e| fail(step, format!("a gateway refused the demo token: {e:?}")))?;
+        drop(client);
+        pass(
+            step,
+            "page and library served; a development token connects",
+        );
+        Ok(())
+    }
+
     async fn run(&self) -> Result<(), BoxError> {
+        self.demo("demo").await?;
         // 1-2: the fleet.
         let agents = self.agents_online("agents").await?;
         self.task_on_all("task", &agents, &format!("{}-task-1", self.run))
