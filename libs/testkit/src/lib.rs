@@ -19,6 +19,7 @@
 #![allow(clippy::panic)]
 
 pub mod browser;
+pub mod cutproxy;
 pub mod fleetbus;
 pub mod gateway;
 pub mod http;

@@ -801,6 +801,41 @@ async fn a_replica_cut_off_from_nats_sends_its_clients_elsewhere_and_takes_them_
     gw.shutdown().await.unwrap();
 }
 
+/// A silent partition (no FIN, no RST: the path just stops carrying bytes) between a
+/// replica and NATS is noticed by keepalives alone, and the replica then sends its clients
+/// elsewhere; once the path heals it is ready again.
+#[tokio::test]
+async fn a_silent_partition_from_nats_is_noticed_and_the_clients_sent_elsewhere() {
+    let nats = NatsServer::start().unwrap();
+    let target = format!("127.0.0.1:{}", nats.port()).parse().unwrap();
+    let proxy = testkit::cutproxy::CutProxy::start(target).await.unwrap();
+    let mut cfg = config(&format!("nats://{}", proxy.addr()), "gw-silent");
+    cfg.heartbeat.grace_ms = 120_000;
+    cfg.bus_loss_shed = Some(Duration::from_millis(500));
+    cfg.drain_window = Duration::from_millis(200);
+    let gw = start(cfg).await;
+    let mut c = TestClient::connect(gw.addr(), &token("quiet", None, &[]))
+        .await
+        .unwrap();
+    proxy.cut();
+    // Keepalives every 5 s, a connection given up after 10-15 s, then the 0.5 s grace.
+    let f = loop {
+        match c.recv_within(Duration::from_secs(60)).await {
+            Received::Frame(f) if f.kind == FrameKind::HeartbeatAck => {}
+            Received::Frame(f) => break f,
+            other => panic!("expected a reconnect frame, got {other:?}"),
+        }
+    };
+    assert_eq!(f.kind, FrameKind::Reconnect, "{f:?}");
+    assert_eq!(c.closed().await, Some(CloseCode::NotReady.code()));
+    proxy.heal();
+    wait_ready(gw.addr(), true).await;
+    TestClient::connect(gw.addr(), &token("quiet", None, &[]))
+        .await
+        .unwrap();
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_client_that_goes_away_is_reported_without_a_gateway_close() {
     let nats = NatsServer::start().unwrap();
