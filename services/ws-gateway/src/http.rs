@@ -266,16 +266,9 @@ pub async fn upgrade<T: Transport + Send>(
         );
         return send_refusal(&mut framed, &refused).await;
     }
-    let response = match actix_http::ws::handshake(req.head()) {
-        Ok(mut builder) => builder.finish().drop_body(),
-        Err(e) => {
-            let refused = Refused::new(StatusCode::BAD_REQUEST, "bad_handshake", e.to_string());
-            return send_refusal(&mut framed, &refused).await;
-        }
-    };
-    framed
-        .send(h1::Message::Item((response, BodySize::None)))
-        .await?;
+    if !accept_handshake(req.head(), &mut framed).await? {
+        return Ok(());
+    }
     let parts = framed.into_parts();
     if relay {
         // Its messages are relay frames (a data chunk plus its header), not client frames.
@@ -320,6 +313,26 @@ pub async fn upgrade<T: Transport + Send>(
         Conn::new(init)
     });
     Ok(())
+}
+
+/// Answers the WebSocket handshake of `head` with 101, or refuses a malformed one with
+/// 400 `bad_handshake`; `false` when refused.
+pub(crate) async fn accept_handshake<T: Transport>(
+    head: &RequestHead,
+    framed: &mut Framed<T, h1::Codec>,
+) -> Result<bool, UpgradeError> {
+    let response = match actix_http::ws::handshake(head) {
+        Ok(mut builder) => builder.finish().drop_body(),
+        Err(e) => {
+            let refused = Refused::new(StatusCode::BAD_REQUEST, "bad_handshake", e.to_string());
+            send_refusal(framed, &refused).await?;
+            return Ok(false);
+        }
+    };
+    framed
+        .send(h1::Message::Item((response, BodySize::None)))
+        .await?;
+    Ok(true)
 }
 
 pub(crate) async fn send_refusal<T: Transport>(

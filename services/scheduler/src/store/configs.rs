@@ -535,13 +535,7 @@ impl Store {
         let versions = txn.open_table(CONFIG_VERSIONS)?;
         let mut pinned: BTreeMap<u64, Option<ConfigVersion>> = BTreeMap::new();
         let mut out = Vec::new();
-        for item in table.range((name, "")..)? {
-            let (k, v) = item?;
-            let (n, node) = k.value();
-            if n != name {
-                break;
-            }
-            let row: NodeRow = decode(v.value(), "config node")?;
+        for (node, row) in node_rows(&table, name)? {
             let wanted = row.wanted(desired.version);
             let version = if wanted == desired.version {
                 Some(&desired)
@@ -559,7 +553,7 @@ impl Store {
                 }
                 pinned.get(&wanted).and_then(Option::as_ref)
             };
-            out.push(node_status(node, &row, wanted, version));
+            out.push(node_status(&node, &row, wanted, version));
         }
         Ok((desired, out))
     }
@@ -723,18 +717,10 @@ fn refuse_during_rollout(txn: &WriteTransaction, name: &str) -> Result<(), Store
 /// Clears every node's pin of `name`.
 fn unpin_all_in(txn: &WriteTransaction, name: &str) -> Result<(), StoreError> {
     let mut table = txn.open_table(CONFIG_NODES)?;
-    let mut pinned = Vec::new();
-    for item in table.range((name, "")..)? {
-        let (k, v) = item?;
-        let (n, node) = k.value();
-        if n != name {
-            break;
-        }
-        let row: NodeRow = decode(v.value(), "config node")?;
-        if row.pinned.is_some() {
-            pinned.push((node.to_owned(), row));
-        }
-    }
+    let pinned: Vec<(String, NodeRow)> = node_rows(&table, name)?
+        .into_iter()
+        .filter(|(_, row)| row.pinned.is_some())
+        .collect();
     for (node, mut row) in pinned {
         row.pinned = None;
         table.insert(
@@ -743,6 +729,23 @@ fn unpin_all_in(txn: &WriteTransaction, name: &str) -> Result<(), StoreError> {
         )?;
     }
     Ok(())
+}
+
+/// Every node row of `name`, by node id.
+fn node_rows(
+    table: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    name: &str,
+) -> Result<Vec<(String, NodeRow)>, StoreError> {
+    let mut out = Vec::new();
+    for item in table.range((name, "")..)? {
+        let (k, v) = item?;
+        let (n, node) = k.value();
+        if n != name {
+            break;
+        }
+        out.push((node.to_owned(), decode(v.value(), "config node")?));
+    }
+    Ok(out)
 }
 
 /// A config rollout's batch: pins each of `nodes` to `version` of `name` (a node that was

@@ -25,12 +25,11 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, AsyncContext};
 use actix_codec::Framed;
-use actix_http::body::BodySize;
 use actix_http::{Request, RequestHead, h1};
 use actix_web::http::{Method, StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use messages::longpoll::{LpAnswer, LpForward, LpOp, PATH, Sid, decode_batch};
 use messages::{ClientKind, SocketId, UserId};
 use serde_json::json;
@@ -643,16 +642,9 @@ pub async fn upgrade<T: Transport + Send>(
     if let Err(e) = session.pipe.can_take_over() {
         return send_refusal(&mut framed, &answer_refusal(pipe_error(e))).await;
     }
-    let response = match actix_http::ws::handshake(req.head()) {
-        Ok(mut builder) => builder.finish().drop_body(),
-        Err(e) => {
-            let r = Refused::new(StatusCode::BAD_REQUEST, "bad_handshake", e.to_string());
-            return send_refusal(&mut framed, &r).await;
-        }
-    };
-    framed
-        .send(h1::Message::Item((response, BodySize::None)))
-        .await?;
+    if !crate::http::accept_handshake(req.head(), &mut framed).await? {
+        return Ok(());
+    }
     let parts = framed.into_parts();
     let early = Bytes::copy_from_slice(&parts.read_buf);
     match session.pipe.take_over(Box::new(parts.io), early) {
