@@ -467,7 +467,23 @@ async fn handle_upstream(shared: &Shared, route: &str, msg: &Message) -> Result<
         fleet::up::REGISTER => {
             shared.remember_socket(socket, node.clone());
             let via = shared.via_of(socket);
-            register(shared, node, via, payload::decode_body(codec, body)?).await
+            register(
+                shared,
+                node.clone(),
+                via.clone(),
+                payload::decode_body(codec, body)?,
+            )
+            .await?;
+            // The connect event (another subscription) may have come between the read above
+            // and the register's write, when there was no record yet to tag: look again.
+            let now = shared.via_of(socket);
+            if now != via {
+                blocking(shared, move |store| {
+                    store.set_agent_via(&node, now.as_ref())
+                })
+                .await?;
+            }
+            Ok(())
         }
         fleet::up::STATUS => status(shared, node, payload::decode_body(codec, body)?).await,
         fleet::up::REFUSED => refused(shared, node, payload::decode_body(codec, body)?).await,

@@ -151,9 +151,12 @@ impl Fleet {
         agent::start(config).await.unwrap()
     }
 
+    /// Waits until `node` is online and tagged with the relay it came through (every node
+    /// here comes through one; the tag may follow the connect event, handled on another
+    /// subscription just after the register).
     async fn online(&self, node: &str) -> serde_json::Value {
         eventually(self.sched.addr(), &format!("/v1/agents/{node}"), |v| {
-            v["state"] == "online"
+            v["state"] == "online" && v["via"].is_string()
         })
         .await
     }
