@@ -23,6 +23,7 @@
 //! allowed_commands = ["/usr/bin/uptime", "df"]   # default: none
 //! metrics_listen = "127.0.0.1:9464"     # optional: serve Prometheus /metrics here
 //! relay_listen = "10.0.0.5:7000"        # optional: be a relay for downstream agents
+//! insecure_relay = false                  # allow via= over ws:// (test setups only)
 //!                                       # (ADR 0015); they point a gateway URL at it
 //! command_keys_file = "command.pub"     # required to run: the control plane's public
 //!                                       # command key(s), PEM; unsigned commands are refused
@@ -70,7 +71,7 @@
 //! `AGENT_COMMAND_SEARCH_PATH` (separated by `,` or `:`), `AGENT_ALLOWED_ENV`,
 //! `AGENT_ALLOWED_CWD_ROOTS`, `AGENT_MAX_CONCURRENT_TASKS`, `AGENT_MAX_TIMEOUT_MS`,
 //! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`, `AGENT_TLS_CA_FILE`, `AGENT_TLS_PIN_SHA256`,
-//! `AGENT_RELAY_LISTEN`.
+//! `AGENT_RELAY_LISTEN`, `AGENT_INSECURE_RELAY`.
 //!
 //! Relays (ADR 0015): a gateway URL may end in `?via=host:port`; the agent then opens its
 //! TCP connection to that relay, and everything above TCP (TLS with the URL's host name,
@@ -78,6 +79,9 @@
 //! relay and the gateway directly (or two relays) to fail over. `relay_listen` makes this
 //! agent a relay: it accepts such connections there and carries them over one connection
 //! to its own gateways, which must not use `via=` themselves (relays nest one level).
+//! Over `ws://` a relay would see this agent's token and could alter its traffic, so a
+//! `via=` on a `ws://` URL is refused unless `insecure_relay = true`
+//! (`AGENT_INSECURE_RELAY=1`), meant for test setups on one machine.
 //!
 //! `token`/`token_file` is the enrolment credential (an agent token the operator got from
 //! the scheduler). Once connected, the control plane renews the credential over the live
@@ -244,6 +248,9 @@ pub struct AgentConfig {
     /// Relay mode (ADR 0015): accept downstream agents' connections here and carry them
     /// over one upstream connection to the gateways; `None` (the default): not a relay.
     pub relay_listen: Option<SocketAddr>,
+    /// Accept `via=` relays on `ws://` gateway URLs (the relay can then read the token and
+    /// alter traffic); `false` (the default) refuses such a configuration.
+    pub insecure_relay: bool,
     /// Public keys of the control plane's command key (several during a rotation):
     /// the agent acts only on commands signed by one of them. `None` when not configured;
     /// the agent then refuses to start.
@@ -389,6 +396,12 @@ pub enum Problem {
         url: String,
         /// What is wrong with it.
         reason: &'static str,
+    },
+    /// Not a boolean.
+    #[error("{value:?} is not a boolean (true, false, 1 or 0)")]
+    NotABool {
+        /// The value given.
+        value: String,
     },
     /// Not a non-negative integer.
     #[error("{value:?} is not a non-negative integer")]
@@ -551,6 +564,7 @@ struct FileConfig {
     allowed_commands: Option<Vec<String>>,
     metrics_listen: Option<String>,
     relay_listen: Option<String>,
+    insecure_relay: Option<bool>,
     command_keys_file: Option<PathBuf>,
     credential_path: Option<PathBuf>,
     config_dir: Option<PathBuf>,
@@ -650,6 +664,16 @@ fn parse_u64(s: &str) -> Result<u64, Problem> {
     s.parse().map_err(|_| Problem::NotAnInteger {
         value: s.to_owned(),
     })
+}
+
+fn parse_bool(s: &str) -> Result<bool, Problem> {
+    match s {
+        "1" | "true" => Ok(true),
+        "0" | "false" | "" => Ok(false),
+        _ => Err(Problem::NotABool {
+            value: s.to_owned(),
+        }),
+    }
 }
 
 fn parse_f64(s: &str) -> Result<f64, Problem> {
@@ -859,6 +883,30 @@ impl AgentConfig {
                 ),
                 None => None,
             };
+        let insecure_relay = l
+            .pick(
+                "insecure_relay",
+                "AGENT_INSECURE_RELAY",
+                f.insecure_relay,
+                parse_bool,
+            )?
+            .is_some_and(|s| s.value);
+        // Over ws:// a relay reads the token and can alter frames: end to end only with TLS.
+        if !insecure_relay
+            && let Some(url) = gateways
+                .value
+                .iter()
+                .find(|u| via_of(u).is_some() && u.to_ascii_lowercase().starts_with("ws://"))
+        {
+            return Err(invalid(
+                "gateways",
+                gateways.origin.clone(),
+                Problem::GatewayUrl {
+                    url: url.clone(),
+                    reason: "a via= relay over ws:// could read this agent's token and alter its traffic; use wss:// (or insecure_relay = true in a test setup)",
+                },
+            ));
+        }
         // A relay's own upstream must be a gateway: relays nest one level only.
         if relay_listen.is_some()
             && let Some(url) = gateways.value.iter().find(|u| via_of(u).is_some())
@@ -1095,6 +1143,7 @@ impl AgentConfig {
             allowed_commands,
             metrics_listen,
             relay_listen,
+            insecure_relay,
             command_keys,
             credential_path,
             config_dir,

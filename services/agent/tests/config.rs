@@ -757,3 +757,47 @@ fn upgrade_settings_come_from_the_file_or_the_environment() {
         }
     ));
 }
+
+/// A relay on a `ws://` path could read the agent's token and alter its traffic: such a
+/// `via=` is refused unless `insecure_relay` says this is a test setup; over `wss://` the
+/// relay sees only ciphertext and it is always accepted.
+#[test]
+fn a_plaintext_relay_must_be_allowed_explicitly() {
+    let plain = "ws://gw.example:8081/ws?via=10.0.0.5:7000";
+    let err = load(MINIMAL, env(&[("AGENT_GATEWAYS", plain)])).unwrap_err();
+    let msg = err.to_string();
+    let p = invalid(err, "gateways", &Origin::Env("AGENT_GATEWAYS"));
+    assert!(
+        matches!(&p, Problem::GatewayUrl { url, .. } if url == plain),
+        "{p:?}"
+    );
+    assert!(msg.contains("wss://"), "{msg}");
+
+    let c = load(
+        MINIMAL,
+        env(&[("AGENT_GATEWAYS", plain), ("AGENT_INSECURE_RELAY", "1")]),
+    )
+    .unwrap();
+    assert!(c.insecure_relay);
+    let text = format!(
+        "insecure_relay = true\n{}",
+        MINIMAL.replace("ws://127.0.0.1:8081/ws", plain)
+    );
+    let c = load(&text, no_env).unwrap();
+    assert!(c.insecure_relay);
+
+    let tls = "wss://gw.example/ws?via=10.0.0.5:7000";
+    let c = load(MINIMAL, env(&[("AGENT_GATEWAYS", tls)])).unwrap();
+    assert!(!c.insecure_relay);
+    assert_eq!(c.gateways, [tls]);
+
+    let err = load(
+        MINIMAL,
+        env(&[("AGENT_GATEWAYS", plain), ("AGENT_INSECURE_RELAY", "maybe")]),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        invalid(err, "insecure_relay", &Origin::Env("AGENT_INSECURE_RELAY")),
+        Problem::NotABool { .. }
+    ));
+}

@@ -87,7 +87,8 @@ impl Fleet {
         if let Some(drain) = drain {
             config.drain_window = drain;
         }
-        let mut tls_line = String::new();
+        // Plain ws:// through a relay must be allowed explicitly (one machine, a test).
+        let mut tls_line = "insecure_relay = true".to_owned();
         if tls {
             let ca = TestCa::new("relay test CA");
             let ca_file = ca.write(&dir.path().join("ca.pem"));
