@@ -268,6 +268,15 @@ async fn tasks_to_a_label_selector_run_on_real_agents_and_results_are_stored_onc
 }
 
 /// Runs the real `schedctl` binary; returns exit code and stdout.
+/// `schedctl` with the operator key, off the async threads.
+fn ctl(api: SocketAddr, args: &[&str]) -> tokio::task::JoinHandle<(i32, String)> {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        schedctl(api, KEY, &args)
+    })
+}
+
 fn schedctl(api: SocketAddr, key: &str, args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_schedctl"))
         .env("SCHEDULER_URL", format!("http://{api}"))
@@ -1160,25 +1169,21 @@ async fn a_rollout_waits_for_promotion_and_halts_on_failures_with_schedctl() {
     for n in ["ro-1", "ro-2", "ro-3"] {
         agents.push(fleet.agent(n, "eu").await);
     }
-    let ctl = move |args: &[&str]| {
-        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            schedctl(api, KEY, &args)
-        })
-    };
-    let (code, out) = ctl(&[
-        "--json",
-        "rollout",
-        "start",
-        "--selector",
-        "region=eu",
-        "--stages",
-        "pilot=1,full=100%",
-        "--",
-        "echo",
-        "rolled",
-    ])
+    let (code, out) = ctl(
+        api,
+        &[
+            "--json",
+            "rollout",
+            "start",
+            "--selector",
+            "region=eu",
+            "--stages",
+            "pilot=1,full=100%",
+            "--",
+            "echo",
+            "rolled",
+        ],
+    )
     .await
     .unwrap();
     assert_eq!(code, 0, "{out}");
@@ -1190,7 +1195,9 @@ async fn a_rollout_waits_for_promotion_and_halts_on_failures_with_schedctl() {
     assert_eq!(v["stages"][0]["succeeded"], 1, "{v}");
     assert_eq!(v["started"], 1, "only the pilot ran: {v}");
     // The table view shows the stages and their progress.
-    let (code, out) = ctl(&["rollout", "status", &id.to_string()]).await.unwrap();
+    let (code, out) = ctl(api, &["rollout", "status", &id.to_string()])
+        .await
+        .unwrap();
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("awaiting_promotion") && out.contains("pilot"),
@@ -1202,7 +1209,9 @@ async fn a_rollout_waits_for_promotion_and_halts_on_failures_with_schedctl() {
         .await
         .unwrap();
     assert_eq!(r.status, 403, "{:?}", r.json());
-    let (code, out) = ctl(&["rollout", "promote", &id.to_string()]).await.unwrap();
+    let (code, out) = ctl(api, &["rollout", "promote", &id.to_string()])
+        .await
+        .unwrap();
     assert_eq!(code, 0, "{out}");
     let v = eventually(api, &path, |v| v["state"] == "completed").await;
     assert_eq!(v["succeeded"], 3, "{v}");
@@ -1220,21 +1229,24 @@ async fn a_rollout_waits_for_promotion_and_halts_on_failures_with_schedctl() {
     );
 
     // A command that fails halts in the pilot; promote is refused (409), abort ends it.
-    let (code, out) = ctl(&[
-        "--json",
-        "rollout",
-        "start",
-        "--selector",
-        "region=eu",
-        "--stages",
-        "pilot=1,full=100%",
-        "--max-failure-percent",
-        "0",
-        "--",
-        "sh",
-        "-c",
-        "exit 3",
-    ])
+    let (code, out) = ctl(
+        api,
+        &[
+            "--json",
+            "rollout",
+            "start",
+            "--selector",
+            "region=eu",
+            "--stages",
+            "pilot=1,full=100%",
+            "--max-failure-percent",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ],
+    )
     .await
     .unwrap();
     assert_eq!(code, 0, "{out}");
@@ -1249,10 +1261,12 @@ async fn a_rollout_waits_for_promotion_and_halts_on_failures_with_schedctl() {
         .await
         .unwrap();
     assert_eq!(r.status, 409, "{:?}", r.json());
-    let (code, out) = ctl(&["rollout", "abort", &id.to_string()]).await.unwrap();
+    let (code, out) = ctl(api, &["rollout", "abort", &id.to_string()])
+        .await
+        .unwrap();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("aborted"), "{out}");
-    let (code, out) = ctl(&["rollout", "list"]).await.unwrap();
+    let (code, out) = ctl(api, &["rollout", "list"]).await.unwrap();
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("completed") && out.contains("aborted"),
@@ -1277,13 +1291,6 @@ async fn a_config_version_rolls_out_in_stages_on_real_agents() {
     for n in names {
         agents.push(fleet.config_agent(n, "eu").await);
     }
-    let ctl = move |args: &[&str]| {
-        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            schedctl(api, KEY, &args)
-        })
-    };
     let r = http::post_json(
         api,
         "/v1/configs/app.conf",
@@ -1299,34 +1306,40 @@ async fn a_config_version_rolls_out_in_stages_on_real_agents() {
     let file = fleet.dir.path().join("app-v2.conf");
     std::fs::write(&file, "v2\n").unwrap();
     let f = file.to_str().unwrap().to_owned();
-    let (code, out) = ctl(&[
-        "config",
-        "set",
-        "app.conf",
-        "--file",
-        &f,
-        "--selector",
-        "region=eu",
-        "--stage",
-    ])
+    let (code, out) = ctl(
+        api,
+        &[
+            "config",
+            "set",
+            "app.conf",
+            "--file",
+            &f,
+            "--selector",
+            "region=eu",
+            "--stage",
+        ],
+    )
     .await
     .unwrap();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("version 2") && out.contains("staged"), "{out}");
 
-    let (code, out) = ctl(&[
-        "--json",
-        "rollout",
-        "start",
-        "--selector",
-        "region=eu",
-        "--config",
-        "app.conf",
-        "--version",
-        "2",
-        "--stages",
-        "pilot=1,full=100%",
-    ])
+    let (code, out) = ctl(
+        api,
+        &[
+            "--json",
+            "rollout",
+            "start",
+            "--selector",
+            "region=eu",
+            "--config",
+            "app.conf",
+            "--version",
+            "2",
+            "--stages",
+            "pilot=1,full=100%",
+        ],
+    )
     .await
     .unwrap();
     assert_eq!(code, 0, "{out}");
@@ -1356,7 +1369,7 @@ async fn a_config_version_rolls_out_in_stages_on_real_agents() {
         "{contents:?}"
     );
     // Status shows who wants what; the desired version is still 1.
-    let (code, out) = ctl(&["config", "status", "app.conf"]).await.unwrap();
+    let (code, out) = ctl(api, &["config", "status", "app.conf"]).await.unwrap();
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("desired version 1"), "{out}");
     let wants: Vec<Vec<String>> = out
@@ -1384,7 +1397,9 @@ async fn a_config_version_rolls_out_in_stages_on_real_agents() {
     assert_eq!(r.status, 409, "{:?}", r.json());
     assert_eq!(r.json()["error"], "config_in_rollout", "{:?}", r.json());
 
-    let (code, out) = ctl(&["rollout", "promote", &id.to_string()]).await.unwrap();
+    let (code, out) = ctl(api, &["rollout", "promote", &id.to_string()])
+        .await
+        .unwrap();
     assert_eq!(code, 0, "{out}");
     let v = eventually(api, &path, |v| v["state"] == "completed").await;
     assert_eq!(v["succeeded"], 3, "{v}");

@@ -87,6 +87,30 @@ pub(crate) struct Admitted {
     pub(crate) recovery: crate::history::ConnRecovery,
 }
 
+impl Admitted {
+    /// What the connection actor starts with, writing to `sink`.
+    pub(crate) fn into_init(
+        self,
+        sink: transport::Sink,
+        shared: Arc<Shared>,
+        via: Option<messages::UserId>,
+    ) -> ConnInit {
+        ConnInit {
+            id: self.id,
+            user: self.identity.user_id,
+            kind: self.identity.kind,
+            allowed_rooms: self.identity.allowed_rooms,
+            expires_at: self.identity.expires_at,
+            codec: self.codec,
+            sink,
+            shared,
+            ticket: self.ticket,
+            recovery: self.recovery,
+            via,
+        }
+    }
+}
+
 /// The checks every `/ws` request passes, cheapest first: readiness, capacity, the token.
 fn authenticate(shared: &Shared, head: &RequestHead) -> Result<auth::Identity, Refused> {
     let readiness = shared.readiness();
@@ -288,26 +312,7 @@ pub async fn upgrade<T: Transport + Send>(
     // The HTTP layer's buffers go with `parts`; only bytes the client sent early are kept.
     let (reader, sink) = transport::split(Box::new(parts.io), &parts.read_buf, max_frame);
     shared.metrics.accepted.inc();
-    let Admitted {
-        identity,
-        ticket,
-        id,
-        codec,
-        recovery,
-    } = admitted;
-    let init = ConnInit {
-        id,
-        user: identity.user_id,
-        kind: identity.kind,
-        allowed_rooms: identity.allowed_rooms,
-        expires_at: identity.expires_at,
-        codec,
-        sink,
-        shared,
-        ticket,
-        recovery,
-        via,
-    };
+    let init = admitted.into_init(sink, shared, via);
     Conn::create(|ctx| {
         ctx.add_stream(reader);
         Conn::new(init)

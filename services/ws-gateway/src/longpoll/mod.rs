@@ -36,8 +36,8 @@ use serde_json::json;
 
 use crate::Shared;
 use crate::auth::{self, AuthError};
-use crate::http::{Admitted, Refused, UpgradeError, send_refusal};
-use crate::session::{Conn, ConnInit};
+use crate::http::{Refused, UpgradeError, send_refusal};
+use crate::session::Conn;
 use crate::transport::{self, Transport};
 use pipe::{Pipe, PipeError, PipeShared, PollOutcome};
 
@@ -448,6 +448,27 @@ async fn lp_get(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> HttpRespons
     respond(dispatch(shared, LpOp::Poll, sid, identity, Vec::new()).await)
 }
 
+/// The checks of a request on an existing session (`POST`, `DELETE`): long-polling on, a
+/// valid token, a `sid`.
+fn session_request(
+    shared: &Shared,
+    head: &RequestHead,
+    method: &str,
+) -> Result<(auth::Identity, String), Refused> {
+    if !shared.config.longpoll {
+        return Err(disabled());
+    }
+    let identity = identify(shared, head)?;
+    let sid = sid_of(head).ok_or_else(|| {
+        Refused::new(
+            StatusCode::BAD_REQUEST,
+            "bad_sid",
+            format!("{method} /lp needs the sid of a session (query parameter sid)"),
+        )
+    })?;
+    Ok((identity, sid))
+}
+
 /// `POST /lp?sid=`: a batch of frames for the session.
 async fn lp_post(
     req: HttpRequest,
@@ -455,19 +476,9 @@ async fn lp_post(
     shared: web::Data<Arc<Shared>>,
 ) -> HttpResponse {
     let shared = shared.get_ref();
-    if !shared.config.longpoll {
-        return refused(&disabled());
-    }
-    let identity = match identify(shared, req.head()) {
-        Ok(identity) => identity,
+    let (identity, sid) = match session_request(shared, req.head(), "POST") {
+        Ok(request) => request,
         Err(r) => return refused(&r),
-    };
-    let Some(sid) = sid_of(req.head()) else {
-        return refused(&Refused::new(
-            StatusCode::BAD_REQUEST,
-            "bad_sid",
-            "POST /lp needs the sid of a session (query parameter sid)",
-        ));
     };
     let max = shared.config.longpoll_max_post;
     let too_large = || {
@@ -513,19 +524,9 @@ async fn lp_post(
 /// `DELETE /lp?sid=`: the client ends the session (like a WebSocket close 1000).
 async fn lp_delete(req: HttpRequest, shared: web::Data<Arc<Shared>>) -> HttpResponse {
     let shared = shared.get_ref();
-    if !shared.config.longpoll {
-        return refused(&disabled());
-    }
-    let identity = match identify(shared, req.head()) {
-        Ok(identity) => identity,
+    let (identity, sid) = match session_request(shared, req.head(), "DELETE") {
+        Ok(request) => request,
         Err(r) => return refused(&r),
-    };
-    let Some(sid) = sid_of(req.head()) else {
-        return refused(&Refused::new(
-            StatusCode::BAD_REQUEST,
-            "bad_sid",
-            "DELETE /lp needs the sid of a session",
-        ));
     };
     respond(dispatch(shared, LpOp::Close, sid, identity, Vec::new()).await)
 }
@@ -537,13 +538,7 @@ fn handshake(shared: &Arc<Shared>, head: &RequestHead) -> HttpResponse {
         Ok(admitted) => admitted,
         Err(r) => return refused(&r),
     };
-    let Admitted {
-        identity,
-        ticket,
-        id,
-        codec,
-        recovery,
-    } = admitted;
+    let id = admitted.id;
     let secret: [u8; 16] = rand::random();
     let sid = Sid { socket: id, secret };
     let pipe = Arc::new(PipeShared::default());
@@ -553,26 +548,14 @@ fn handshake(shared: &Arc<Shared>, head: &RequestHead) -> HttpResponse {
         id,
         Session {
             secret,
-            user: identity.user_id.clone(),
-            kind: identity.kind,
+            user: admitted.identity.user_id.clone(),
+            kind: admitted.identity.kind,
             pipe,
         },
     );
     shared.metrics.accepted.inc();
-    let init = ConnInit {
-        id,
-        user: identity.user_id,
-        kind: identity.kind,
-        allowed_rooms: identity.allowed_rooms,
-        expires_at: identity.expires_at,
-        codec,
-        sink,
-        shared: Arc::clone(shared),
-        ticket,
-        recovery,
-        // Agents do not long-poll; a relayed stream is always a WebSocket.
-        via: None,
-    };
+    // Agents do not long-poll; a relayed stream is always a WebSocket.
+    let init = admitted.into_init(sink, Arc::clone(shared), None);
     Conn::create(|ctx| {
         ctx.add_stream(reader);
         Conn::new(init)
