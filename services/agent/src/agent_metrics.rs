@@ -60,8 +60,9 @@ pub struct AgentMetrics {
     heartbeats_sent: Counter,
     commands_refused: Counter,
     credentials_renewed: Counter,
-    /// The latest heartbeat round trips (beat written -> gateway's ack read), newest last.
-    heartbeat_rtts: std::sync::Mutex<std::collections::VecDeque<std::time::Duration>>,
+    /// The latest heartbeat round trips (beat written -> gateway's ack read), newest last,
+    /// and how many were ever measured.
+    heartbeat_rtts: std::sync::Mutex<(u64, std::collections::VecDeque<std::time::Duration>)>,
 }
 
 /// Heartbeat round trips kept for [`AgentMetrics::heartbeat_rtts`].
@@ -137,17 +138,19 @@ impl AgentMetrics {
             heartbeats_sent,
             commands_refused,
             credentials_renewed,
-            heartbeat_rtts: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            heartbeat_rtts: std::sync::Mutex::new((0, std::collections::VecDeque::new())),
         }
     }
 
     /// A heartbeat's ack arrived `rtt` after the beat was written.
     pub fn heartbeat_rtt(&self, rtt: std::time::Duration) {
-        if let Ok(mut rtts) = self.heartbeat_rtts.lock() {
+        if let Ok(mut kept) = self.heartbeat_rtts.lock() {
+            let (count, rtts) = &mut *kept;
             if rtts.len() >= KEPT_RTTS {
                 rtts.pop_front();
             }
             rtts.push_back(rtt);
+            *count += 1;
         }
     }
 
@@ -156,8 +159,14 @@ impl AgentMetrics {
     pub fn heartbeat_rtts(&self) -> Vec<std::time::Duration> {
         self.heartbeat_rtts
             .lock()
-            .map(|r| r.iter().copied().collect())
+            .map(|r| r.1.iter().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// How many heartbeat round trips were measured since start: with
+    /// [`AgentMetrics::heartbeat_rtts`], the beats of a time window.
+    pub fn heartbeat_rtt_count(&self) -> u64 {
+        self.heartbeat_rtts.lock().map(|r| r.0).unwrap_or_default()
     }
 
     /// A session got its welcome: connected, and one more session.

@@ -32,9 +32,20 @@ impl Fleet {
 
     /// With at most `per_key` streams per API key.
     async fn start_with(idle: Duration, per_key: usize) -> Fleet {
+        Fleet::start_full(idle, per_key, None).await
+    }
+
+    /// With the gateway announcing a fixed heartbeat interval of `beat_ms` (agents started
+    /// with [`Fleet::agent_paced`] follow it).
+    async fn start_full(idle: Duration, per_key: usize, beat_ms: Option<u32>) -> Fleet {
         let nats = NatsServer::start().unwrap();
         let url = nats.url();
         let mut gw = testkit::gateway::config(&url, "gw-tunnel");
+        if let Some(ms) = beat_ms {
+            gw.heartbeat.base_ms = ms;
+            gw.heartbeat.step_ms = 0;
+            gw.heartbeat.max_ms = ms;
+        }
         // Tunnels need a frame rate far above the default 50/s per connection.
         gw.rate_per_sec = 20_000;
         gw.rate_burst = 20_000;
@@ -62,6 +73,35 @@ impl Fleet {
 
     /// A real agent `node` that may tunnel to `allow`, online.
     async fn agent(&self, node: &str, allow: &[SocketAddr]) -> agent::AgentHandle {
+        self.agent_with(
+            node,
+            allow,
+            "heartbeat_secs = 1\ntunnel_frames_per_sec = 20000",
+        )
+        .await
+    }
+
+    /// Following the gateway's heartbeat interval; tunnel frames paced at `frames_per_sec`,
+    /// or at the agent's default.
+    async fn agent_paced(
+        &self,
+        node: &str,
+        allow: &[SocketAddr],
+        frames_per_sec: Option<u32>,
+    ) -> agent::AgentHandle {
+        let pace = frames_per_sec
+            .map(|f| format!("tunnel_frames_per_sec = {f}"))
+            .unwrap_or_default();
+        self.agent_with(node, allow, &pace).await
+    }
+
+    /// With `extra` lines of configuration.
+    async fn agent_with(
+        &self,
+        node: &str,
+        allow: &[SocketAddr],
+        extra: &str,
+    ) -> agent::AgentHandle {
         let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
         let text = format!(
             r#"
@@ -70,9 +110,8 @@ token = "{token}"
 gateways = ["ws://{gateway}/ws"]
 outbox_path = "{node}.redb"
 command_keys_file = "command.pub"
-heartbeat_secs = 1
 tunnel_allow = [{allow}]
-tunnel_frames_per_sec = 20000
+{extra}
 "#,
             token = token(node, Some("agent"), &[]),
             gateway = self.gateway.addr(),
@@ -484,6 +523,20 @@ async fn schedctl_tunnel(
     (child, local)
 }
 
+/// `n` incompressible bytes, like the encrypted streams tunnels mostly carry (the agent
+/// deflates large frames that shrink).
+fn noise(n: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
 /// A server that writes `n` bytes to every connection and closes it.
 async fn source_server(n: usize) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -491,17 +544,7 @@ async fn source_server(n: usize) -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             tokio::spawn(async move {
-                // Incompressible, like the encrypted streams tunnels mostly carry (the agent
-                // deflates large frames that shrink).
-                let mut x = 0x2545_f491_4f6c_dd1du64;
-                let chunk: Vec<u8> = (0..64 * 1024)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x.to_le_bytes()[0]
-                    })
-                    .collect();
+                let chunk = noise(64 * 1024);
                 let mut left = n;
                 while left > 0 {
                     let k = left.min(chunk.len());
@@ -551,18 +594,30 @@ async fn echoes(addr: SocketAddr, rounds: usize) -> (u128, u128) {
 
 /// The figures in docs/benchmarks.md ("TCP tunnels"): one 200 MB transfer and 1,000 small
 /// echoes through `schedctl tunnel`, beside a direct loopback connection to the same
-/// servers in the same run. Run in release (see the document for the command).
+/// servers in the same run; then heartbeat round trips while idle and while a bulk transfer
+/// runs, on the tunnelling agent and on a reference agent without tunnels (which tells the
+/// connection's own delay from the machine's). Run in release (see the document).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run explicitly"]
 async fn tunnel_figures() {
     const BYTES: usize = 200 << 20;
-    let fleet = Fleet::start(Duration::from_secs(60)).await;
+    // Beats every 100 ms: 200 samples in a 20 s window make a p99 that is not the max.
+    const BEAT_MS: u32 = 100;
+    const WINDOW: Duration = Duration::from_secs(20);
+    let fleet = Fleet::start_full(Duration::from_secs(60), 32, Some(BEAT_MS)).await;
     let api = fleet.sched.addr();
     let source = source_server(BYTES).await;
     let echo = echo_server().await;
-    let mut node = fleet.agent("bench-1", &[source, echo]).await;
+    let sink = sink_server().await;
+    let mut fast = fleet
+        .agent_paced("bench-1", &[source, echo, sink], Some(20_000))
+        .await;
+    let mut paced = fleet.agent_paced("paced-1", &[source], None).await;
+    let mut reference = fleet.agent_paced("ref-1", &[], None).await;
     let (_bulk, bulk_local) = schedctl_tunnel(api, "bench-1", source).await;
     let (_small, echo_local) = schedctl_tunnel(api, "bench-1", echo).await;
+    let (_slow, slow_local) = schedctl_tunnel(api, "paced-1", source).await;
+    let (_down, sink_local) = schedctl_tunnel(api, "bench-1", sink).await;
 
     let (direct_bytes, direct_s) = drain(source).await;
     let (tunnel_bytes, tunnel_s) = drain(bulk_local).await;
@@ -580,40 +635,119 @@ async fn tunnel_figures() {
         "1,000 64-byte echoes: direct p50 {d50} us p99 {d99} us; tunnel p50 {t50} us p99 {t99} us"
     );
 
-    // Heartbeat round trips (1 s interval) while idle and while bulk transfers run.
-    let beats = |from: usize| {
-        let mut rtts: Vec<u128> = node.metrics().heartbeat_rtts()[from..]
-            .iter()
-            .map(Duration::as_micros)
-            .collect();
-        rtts.sort_unstable();
-        rtts
+    let agents = [
+        ("bench-1 (tunnel at 20,000 frames/s)", &fast),
+        ("paced-1 (tunnel at the default pace)", &paced),
+        ("ref-1 (no tunnel)", &reference),
+    ];
+    let counts = || agents.map(|(_, a)| a.metrics().heartbeat_rtt_count());
+    // The beats measured since `before`, sorted, in microseconds.
+    let window = |before: [u64; 3]| {
+        let mut out = Vec::new();
+        for ((_, a), from) in agents.iter().zip(before) {
+            let m = a.metrics();
+            let n = usize::try_from(m.heartbeat_rtt_count() - from).unwrap();
+            let all = m.heartbeat_rtts();
+            let mut v: Vec<u128> = all[all.len().saturating_sub(n)..]
+                .iter()
+                .map(Duration::as_micros)
+                .collect();
+            v.sort_unstable();
+            out.push(v);
+        }
+        out
     };
-    let from = node.metrics().heartbeat_rtts().len();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle = beats(from);
-    let from = node.metrics().heartbeat_rtts().len();
-    let busy_until = Instant::now() + Duration::from_secs(10);
-    let mut transfers = 0;
-    while Instant::now() < busy_until {
-        assert_eq!(drain(bulk_local).await.0, BYTES);
-        transfers += 1;
-    }
-    let busy = beats(from);
+    let before = counts();
+    tokio::time::sleep(WINDOW).await;
+    let idle = window(before);
+    let before = counts();
+    let moved_fast = drain_for(bulk_local, WINDOW).await;
+    let busy_fast = window(before);
+    let before = counts();
+    let moved_paced = drain_for(slow_local, WINDOW).await;
+    let busy_paced = window(before);
+    let before = counts();
+    let moved_down = fill_for(sink_local, WINDOW).await;
+    let busy_down = window(before);
+
     let show = |v: &[u128]| {
+        let at = |q: usize| v.get((v.len() * q / 100).min(v.len().saturating_sub(1)));
         format!(
-            "{} beats, median {} us, max {} us",
+            "{:>4} beats, p50 {:>5} us, p99 {:>5} us, max {:>6} us",
             v.len(),
-            v.get(v.len() / 2).copied().unwrap_or(0),
+            at(50).copied().unwrap_or(0),
+            at(99).copied().unwrap_or(0),
             v.last().copied().unwrap_or(0)
         )
     };
     println!(
-        "heartbeat round trips: idle {}; during {transfers} bulk transfers {}",
-        show(&idle),
-        show(&busy)
+        "heartbeat round trips ({BEAT_MS} ms interval, {} s windows); MiB moved: up through bench-1 {:.1}, up through paced-1 {:.1}, down through bench-1 {:.1}",
+        WINDOW.as_secs(),
+        moved_fast as f64 / (1024.0 * 1024.0),
+        moved_paced as f64 / (1024.0 * 1024.0),
+        moved_down as f64 / (1024.0 * 1024.0),
     );
-    node.stop();
-    node.join().await.unwrap();
+    for (i, (name, _)) in agents.iter().enumerate() {
+        println!("{name}");
+        println!("  idle:                   {}", show(&idle[i]));
+        println!("  bulk through bench-1:   {}", show(&busy_fast[i]));
+        println!("  bulk through paced-1:   {}", show(&busy_paced[i]));
+        println!("  bulk down to bench-1:   {}", show(&busy_down[i]));
+    }
+    for a in [&mut fast, &mut paced, &mut reference] {
+        a.stop();
+    }
+    for mut a in [fast, paced, reference] {
+        a.join().await.unwrap();
+    }
     fleet.stop().await;
+}
+
+/// Writes incompressible bytes to `addr` for `window`; returns bytes written.
+async fn fill_for(addr: SocketAddr, window: Duration) -> usize {
+    let until = tokio::time::Instant::now() + window;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let chunk = noise(64 * 1024);
+    let mut total = 0;
+    loop {
+        match tokio::time::timeout_at(until, tcp.write_all(&chunk)).await {
+            Ok(Ok(())) => total += chunk.len(),
+            Ok(Err(e)) => panic!("fill: {e}"),
+            Err(_) => return total,
+        }
+    }
+}
+
+/// A server that reads and discards everything sent to it.
+async fn sink_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// Reads from `addr` for `window`, connecting again whenever a transfer ends; returns bytes.
+async fn drain_for(addr: SocketAddr, window: Duration) -> usize {
+    let until = tokio::time::Instant::now() + window;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    while tokio::time::Instant::now() < until {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        loop {
+            match tokio::time::timeout_at(until, tcp.read(&mut buf)).await {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => total += n,
+                Ok(Err(e)) => panic!("drain: {e}"),
+                Err(_) => return total,
+            }
+        }
+    }
+    total
 }

@@ -1,7 +1,8 @@
 //! A connection's outbound rules, apart from its actor so they can be tested without one:
 //! the [`Inbox`] the fan-out hands pushes to (bounded, one wake-up per batch), and the
 //! [`Outbox`] the connection writes from (bounded; the writer takes it whole; a ping is
-//! answered by one pong for the latest ping only; a slow consumer's queue is dropped).
+//! answered by one pong for the latest ping only; heartbeat acks are written ahead of
+//! queued pushes; a slow consumer's queue is dropped).
 //!
 //! The actor (`session.rs`) decides when to run a writer and what to do when a rule says
 //! "slow consumer"; these types only say what the rules say.
@@ -63,9 +64,10 @@ pub struct Overflow;
 /// What a writer writes in one go.
 #[derive(Debug)]
 pub struct Batch {
-    /// Complete WebSocket messages, in order (a pong first if one was due).
+    /// Complete WebSocket messages, in order (a pong first if one was due, then heartbeat
+    /// acks, then the queue).
     pub frames: VecDeque<Bytes>,
-    /// Messages of the client's own queue in the batch (not counting the pong).
+    /// Messages of the client's own queue in the batch, acks included (not the pong).
     pub count: u64,
     /// Their bytes.
     pub bytes: u64,
@@ -78,6 +80,10 @@ pub struct Outbox {
     /// Payload of the latest WebSocket ping not answered yet. RFC 6455 (5.5.3) lets an
     /// endpoint answer only the most recent ping, which bounds what a ping flood can queue.
     pong: Option<Bytes>,
+    /// Heartbeat acks not written yet. They jump the queue: a backlog of pushes or tunnel
+    /// data to an agent must not delay the frame that proves the gateway is alive and
+    /// whose round trip the agent measures (docs/protocol.md 7.2).
+    urgent: VecDeque<Bytes>,
     /// Messages the writer currently holds; they count against the limit.
     in_flight: usize,
     writing: bool,
@@ -91,6 +97,7 @@ impl Outbox {
         Outbox {
             queue: VecDeque::new(),
             pong: None,
+            urgent: VecDeque::new(),
             in_flight: 0,
             writing: false,
             closing: false,
@@ -103,11 +110,28 @@ impl Outbox {
         if self.closing {
             return Ok(());
         }
-        if self.queue.len() + self.in_flight >= self.limit {
+        if self.queued() + self.in_flight >= self.limit {
             return Err(Overflow);
         }
         self.queue.push_back(frame);
         Ok(())
+    }
+
+    /// Queues a heartbeat ack ahead of everything queued (after acks queued before it);
+    /// `Err` when the queue is full. Ignored once closing.
+    pub fn enqueue_urgent(&mut self, frame: Bytes) -> Result<(), Overflow> {
+        if self.closing {
+            return Ok(());
+        }
+        if self.queued() + self.in_flight >= self.limit {
+            return Err(Overflow);
+        }
+        self.urgent.push_back(frame);
+        Ok(())
+    }
+
+    fn queued(&self) -> usize {
+        self.queue.len() + self.urgent.len()
     }
 
     /// Queues what the inbox held; `Err` when that passes the limit. Ignored once closing.
@@ -115,7 +139,7 @@ impl Outbox {
         if self.closing || pushes.is_empty() {
             return Ok(());
         }
-        if self.queue.len() + self.in_flight + pushes.len() > self.limit {
+        if self.queued() + self.in_flight + pushes.len() > self.limit {
             return Err(Overflow);
         }
         if self.queue.is_empty() {
@@ -136,10 +160,15 @@ impl Outbox {
     /// Everything to write now, if no writer runs and something is waiting. The queue is
     /// taken whole: what a burst allocated leaves with it.
     pub fn take(&mut self) -> Option<Batch> {
-        if self.writing || (self.queue.is_empty() && self.pong.is_none()) {
+        if self.writing || self.is_empty() && self.pong.is_none() {
             return None;
         }
         let mut frames = std::mem::take(&mut self.queue);
+        if !self.urgent.is_empty() {
+            let mut urgent = std::mem::take(&mut self.urgent);
+            urgent.append(&mut frames);
+            frames = urgent;
+        }
         self.in_flight = frames.len();
         let count = frames.len() as u64;
         let bytes = frames.iter().map(|f| f.len() as u64).sum();
@@ -167,22 +196,23 @@ impl Outbox {
         self.pong = None;
         if drop_queue {
             self.queue.clear();
+            self.urgent.clear();
         }
     }
 
     /// Nothing queued and no writer running: a closing connection may send its close frame.
     pub fn idle(&self) -> bool {
-        !self.writing && self.queue.is_empty() && self.pong.is_none()
+        !self.writing && self.is_empty() && self.pong.is_none()
     }
 
     /// Messages queued, not counting those in flight.
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.queued()
     }
 
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.is_empty() && self.urgent.is_empty()
     }
 }
 
@@ -245,6 +275,27 @@ mod tests {
             "latest ping"
         );
         assert_eq!(batch.count, 1, "the pong is not a queued message");
+    }
+
+    #[test]
+    fn heartbeat_acks_are_written_ahead_of_queued_pushes_in_their_own_order() {
+        let mut out = Outbox::new(5);
+        out.enqueue(msg(1)).unwrap();
+        out.enqueue(msg(2)).unwrap();
+        out.enqueue_urgent(msg(10)).unwrap();
+        out.enqueue(msg(3)).unwrap();
+        out.enqueue_urgent(msg(11)).unwrap();
+        assert_eq!(out.len(), 5);
+        assert_eq!(out.enqueue_urgent(msg(12)), Err(Overflow), "acks count too");
+        out.ping(Bytes::new());
+        let batch = out.take().unwrap();
+        assert_eq!(
+            batch.frames,
+            VecDeque::from([ws::pong(&[]), msg(10), msg(11), msg(1), msg(2), msg(3)])
+        );
+        assert_eq!(batch.count, 5);
+        out.written();
+        assert!(out.idle());
     }
 
     #[test]

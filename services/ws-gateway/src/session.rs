@@ -434,6 +434,18 @@ impl Conn {
         self.pump(ctx);
     }
 
+    /// Queues a heartbeat ack ahead of queued pushes (see `Outbox::enqueue_urgent`).
+    fn enqueue_urgent(&mut self, frame: Bytes, ctx: &mut Ctx) {
+        if self.closing.is_some() {
+            return;
+        }
+        if self.outbox.enqueue_urgent(frame).is_err() {
+            self.close(CloseCode::SlowConsumer, ctx);
+            return;
+        }
+        self.pump(ctx);
+    }
+
     /// Starts the writer if it is idle and there is something to write; once a close is
     /// pending and everything queued is written, sends the close frame.
     fn pump(&mut self, ctx: &mut Ctx) {
@@ -722,7 +734,7 @@ impl Conn {
                     next_interval_ms: self.hb.interval_ms(),
                 };
                 let frame = self.control_frame(FrameKind::HeartbeatAck, frame.msg_id, &ack);
-                self.enqueue(frame, ctx);
+                self.enqueue_urgent(frame, ctx);
             }
             FrameKind::Hello => {}
             FrameKind::Publish => self.on_publish(frame, ctx),
