@@ -607,6 +607,54 @@ async fn metric(gateway: SocketAddr, name: &str) -> f64 {
 }
 
 #[tokio::test]
+async fn revoking_a_relay_closes_its_relay_connection_and_its_downstreams_move() {
+    let fleet = Fleet::start("gw-relay-revoke", false).await;
+    let relay1 = fleet.relay("relay-v1", "127.0.0.1:0").await;
+    let addr1 = relay1.relay_addr().unwrap();
+    let relay2 = fleet.relay("relay-v2", "127.0.0.1:0").await;
+    let addr2 = relay2.relay_addr().unwrap();
+    fleet.online("relay-v1").await;
+    fleet.online("relay-v2").await;
+    let down = fleet
+        .agent("down-v", &[fleet.via(addr1), fleet.via(addr2)])
+        .await;
+    let first = fleet.online("down-v").await["via"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = if first == "relay-v1" {
+        "relay-v2"
+    } else {
+        "relay-v1"
+    };
+    let r = http::post_json(
+        fleet.sched.addr(),
+        &format!("/v1/agents/{first}/revoke"),
+        KEY,
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    // Not only the relay's own session goes: its relay connection is closed too, so the
+    // downstream it carried moves to the other relay (before this, it stayed until the
+    // revoked relay's token expired).
+    eventually(fleet.sched.addr(), "/v1/agents/down-v", |v| {
+        v["state"] == "online" && v["via"] == other
+    })
+    .await;
+    let id = fleet.task(&["down-v"], &["echo", "moved"]).await;
+    eventually(fleet.sched.addr(), &format!("/v1/tasks/{id}"), |v| {
+        v["targets"]["down-v"]["state"] == "succeeded"
+    })
+    .await;
+    stop(down).await;
+    stop(relay1).await;
+    stop(relay2).await;
+    fleet.stop().await;
+}
+
+#[tokio::test]
 async fn a_relay_moves_to_another_gateway_when_its_gateway_drains() {
     // Drain windows long enough that a relay stuck on the draining gateway would show.
     let mut fleet =

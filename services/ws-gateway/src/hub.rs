@@ -24,6 +24,7 @@ use crate::bus::Outbound;
 use crate::link::{Delivery, Fixed, Interest, Link, Live};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RoomsFull};
+use crate::relay::Relays;
 
 /// Entries per presence batch message (keeps each well under NATS' max payload).
 const PRESENCE_CHUNK: usize = 2_000;
@@ -62,6 +63,8 @@ pub struct Hub<H> {
     max_rooms: usize,
     metrics: Arc<Metrics>,
     publish: Publish,
+    /// Relay connections, closed with their node.
+    relays: Relays,
 }
 
 impl<H> std::fmt::Debug for Hub<H> {
@@ -91,7 +94,13 @@ impl<H: Member> Hub<H> {
             max_rooms,
             metrics,
             publish,
+            relays: Relays::default(),
         }
+    }
+
+    /// The relay connections held here, which [`Hub`] closes with their node.
+    pub fn relays(&self) -> &Relays {
+        &self.relays
     }
 
     /// The interest link (readiness, diagnostics).
@@ -331,7 +340,8 @@ impl<H: Member> Hub<H> {
                 reason: code.reason().to_owned(),
             });
         });
-        tracing::info!(%node, closed, code = code.code(), "Agent sockets closed by the scheduler.");
+        let relays = self.relays.close(node, code);
+        tracing::info!(%node, closed, relays, code = code.code(), "Agent sockets closed by the scheduler.");
     }
 
     fn control(&self, msg: &Delivery) {

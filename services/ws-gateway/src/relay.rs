@@ -10,12 +10,15 @@
 //! the relay adds is the [`Via`] tag its streams' sessions carry in their session events.
 //!
 //! This module owns the relay connection's lifetime: reading frames into the
-//! [`servicekit::mux::Mux`], writing what it produces, pongs, the relay token's expiry and
-//! a silence deadline (a relay pings; one that says nothing for [`SILENCE`] is gone).
+//! [`servicekit::mux::Mux`], writing what it produces, pongs, the relay token's expiry, a
+//! silence deadline (a relay pings; one that says nothing for [`SILENCE`] is gone), and
+//! the scheduler's close of the relay's node ([`Relays`]): a revoked relay loses its relay
+//! connection, and with it every downstream it carries, not only its own session.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +27,7 @@ use messages::relay::MAX_STREAMS;
 use messages::{CloseCode, UserId};
 use servicekit::mux::Mux;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::Shared;
 use crate::admission::Ticket;
@@ -40,6 +43,96 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connection data of a stream a relay carries: the relay's node id.
 #[derive(Debug, Clone)]
 pub struct Via(pub UserId);
+
+/// The relay connections this replica holds, by relay node.
+///
+/// The scheduler closes a node (revocation) with `ws-close` on `ws.agent.<node>`, which
+/// only the hub receives, and only while the node has a session here. A relay's own
+/// session runs through its own relay connection (the agent dials its own listener), so
+/// when the hub closes that session it finds the relay connection here and closes it too;
+/// if the close arrives while the relay's own session is down, the next one is refused at
+/// its register and closed again, which closes the connection then.
+#[derive(Debug, Clone, Default)]
+pub struct Relays {
+    open: Arc<Mutex<HashMap<UserId, Vec<(u64, watch::Sender<Option<CloseCode>>)>>>>,
+    next: Arc<AtomicU64>,
+}
+
+impl Relays {
+    /// Records a relay connection of `node` until the returned registration drops.
+    pub fn register(&self, node: &UserId) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        if let Ok(mut open) = self.open.lock() {
+            open.entry(node.clone()).or_default().push((id, tx));
+        }
+        Registration {
+            relays: self.clone(),
+            node: node.clone(),
+            id,
+            rx,
+        }
+    }
+
+    /// Closes every relay connection of `node` with `code`; returns how many.
+    pub fn close(&self, node: &UserId, code: CloseCode) -> usize {
+        let Ok(open) = self.open.lock() else {
+            return 0;
+        };
+        open.get(node).map_or(0, |conns| {
+            conns.iter().for_each(|(_, tx)| {
+                tx.send_replace(Some(code));
+            });
+            conns.len()
+        })
+    }
+
+    /// Relay connections held here.
+    pub fn len(&self) -> usize {
+        self.open
+            .lock()
+            .map(|open| open.values().map(Vec::len).sum())
+            .unwrap_or(0)
+    }
+
+    /// Whether no relay connection is held here.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One relay connection in [`Relays`]; removed when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    relays: Relays,
+    node: UserId,
+    id: u64,
+    rx: watch::Receiver<Option<CloseCode>>,
+}
+
+impl Registration {
+    /// Resolves with the code once the connection is to be closed.
+    pub async fn closed(&mut self) -> CloseCode {
+        match self.rx.wait_for(Option::is_some).await {
+            Ok(code) => code.unwrap_or(CloseCode::Kicked),
+            // The sender lives in the map until this registration drops.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.relays.open.lock()
+            && let Some(conns) = open.get_mut(&self.node)
+        {
+            conns.retain(|(id, _)| *id != self.id);
+            if conns.is_empty() {
+                open.remove(&self.node);
+            }
+        }
+    }
+}
 
 /// Serves an upgraded relay connection until it ends (on the worker's local executor:
 /// the transport and the HTTP service are not `Send`).
@@ -64,6 +157,7 @@ async fn run(
 ) {
     let _ticket = ticket;
     let relay = identity.user_id;
+    let mut registration = shared.hub.relays().register(&relay);
     shared.metrics.relays.inc();
     tracing::info!(%relay, ?peer, "Relay connected.");
     let (mux, frames) = Mux::new(true, MAX_STREAMS);
@@ -133,6 +227,10 @@ async fn run(
             () = tokio::time::sleep_until(expiry) => {
                 let _ = ctl.send(ws::close(CloseCode::Unauthorized.code(), "credential expired"));
                 break "credential expired".to_owned();
+            }
+            code = registration.closed() => {
+                let _ = ctl.send(ws::close(code.code(), code.reason()));
+                break format!("closed by the scheduler ({})", code.code());
             }
             () = tokio::time::sleep_until(silent_until) => {
                 let _ = ctl.send(ws::close(CloseCode::HeartbeatTimeout.code(), "relay silent"));
@@ -233,4 +331,29 @@ async fn serve_http<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     peer: Option<SocketAddr>,
 ) {
     crate::serve_relayed(shared, via, io, peer).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_close_reaches_every_relay_connection_of_the_node_and_only_those() {
+        let relays = Relays::default();
+        let node = UserId::new("relay-1").unwrap();
+        let mut a = relays.register(&node);
+        let mut b = relays.register(&node);
+        let mut other = relays.register(&UserId::new("relay-2").unwrap());
+        assert_eq!(relays.len(), 3);
+        assert_eq!(relays.close(&node, CloseCode::Revoked), 2);
+        assert_eq!(a.closed().await, CloseCode::Revoked);
+        assert_eq!(b.closed().await, CloseCode::Revoked);
+        let pending = tokio::time::timeout(Duration::from_millis(50), other.closed()).await;
+        assert!(pending.is_err(), "another node's relay stays open");
+        drop(a);
+        drop(b);
+        assert_eq!(relays.len(), 1, "a dropped registration is forgotten");
+        assert_eq!(relays.close(&node, CloseCode::Revoked), 0);
+    }
 }
