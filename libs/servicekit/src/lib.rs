@@ -6,11 +6,14 @@
 //! scheduler's leadership use ([`lease`]), the HTTP APIs' JSON error shape and API-key
 //! check ([`http`]), query strings ([`query`]), the one HTTP client ([`http_client`]), a
 //! stand-alone `/metrics` endpoint ([`metrics_server`]), byte streams multiplexed over one
-//! connection with per-stream credit ([`mux`], the relay's machinery) and TLS set-up ([`tls`]: rustls
-//! with ring, PEM files, key pins). It holds no business logic and no wire contract (that
+//! connection with per-stream credit ([`mux`], the relay's machinery), TLS set-up ([`tls`]: rustls
+//! with ring, PEM files, key pins) and, with the `redb` feature, opening a durable file and its
+//! errors (`durable`, the agent's outbox and the scheduler's store). It holds no business logic and no wire contract (that
 //! is `libs/messages`).
 
 pub mod clock;
+#[cfg(feature = "redb")]
+pub mod durable;
 pub mod hops;
 pub mod http;
 pub mod http_client;

@@ -22,9 +22,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use servicekit::durable::{self, DbError};
 
 /// Entries: sequence -> (appended at, unix ms; kind; payload).
 const ENTRIES: TableDefinition<'_, u64, (u64, &str, &[u8])> =
@@ -51,45 +50,14 @@ const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why an outbox operation failed.
 ///
-/// After [`OutboxError::Commit`] redb refuses further write transactions on the open
-/// database (the commit may or may not have become durable); drop the [`Outbox`] and open it
-/// again, which repairs the file.
+/// After a failed commit ([`DbError::Commit`]) redb refuses further write transactions on
+/// the open database (the commit may or may not have become durable); drop the [`Outbox`]
+/// and open it again, which repairs the file.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
-    /// The directory for the outbox file could not be created.
-    #[error("outbox {path}: cannot create its directory: {source}")]
-    CreateDir {
-        /// The outbox file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The redb file could not be opened or created (includes "already open by another
-    /// process": redb takes an exclusive file lock).
-    #[error("outbox {path}: cannot open: {source}")]
-    Open {
-        /// The outbox file.
-        path: PathBuf,
-        /// The redb error.
-        #[source]
-        source: Box<redb::DatabaseError>,
-    },
-    /// A transaction could not be started.
-    #[error("outbox: cannot begin a transaction: {0}")]
-    Transaction(#[from] Box<redb::TransactionError>),
-    /// A table could not be opened.
-    #[error("outbox: cannot open a table: {0}")]
-    Table(#[from] Box<redb::TableError>),
-    /// Reading or writing the file failed.
-    #[error("outbox: storage error: {0}")]
-    Storage(#[from] Box<redb::StorageError>),
-    /// The durability level could not be set.
-    #[error("outbox: cannot set durability: {0}")]
-    Durability(#[from] Box<redb::SetDurabilityError>),
-    /// The commit failed; see the type's docs: reopen the outbox.
-    #[error("outbox: commit failed (reopen the outbox): {0}")]
-    Commit(#[from] Box<redb::CommitError>),
+    /// Opening, reading or writing the redb file failed.
+    #[error("outbox: {0}")]
+    Db(#[from] DbError),
     /// The file holds values this code did not write.
     #[error("outbox: corrupt or foreign file: {0}")]
     Corrupt(String),
@@ -98,24 +66,7 @@ pub enum OutboxError {
     SequenceExhausted,
 }
 
-// redb's error types are large; boxing keeps `Result<_, OutboxError>` small (clippy's
-// `result_large_err`) and these conversions keep `?` usable.
-macro_rules! boxed_from {
-    ($($t:ty),*) => {$(
-        impl From<$t> for OutboxError {
-            fn from(e: $t) -> Self {
-                Box::new(e).into()
-            }
-        }
-    )*};
-}
-boxed_from!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::SetDurabilityError,
-    redb::CommitError
-);
+servicekit::redb_errors!(OutboxError);
 
 /// The stable id of one outbox entry: the outbox file's random instance id plus the entry's
 /// sequence number. A replayed entry carries the same id, so the scheduler can ingest by id
@@ -187,19 +138,7 @@ impl Outbox {
     /// here (for a small outbox this is quick).
     pub fn open(path: impl AsRef<Path>) -> Result<Outbox, OutboxError> {
         let path = path.as_ref().to_path_buf();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| OutboxError::CreateDir {
-                path: path.clone(),
-                source,
-            })?;
-        }
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|source| OutboxError::Open {
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
+        let db = durable::open(&path, CACHE_BYTES)?;
 
         // Create the tables and the bookkeeping values in one transaction, so a crash during
         // first open leaves either a complete, initialised file or an empty one.
@@ -428,9 +367,7 @@ impl Outbox {
 /// A write transaction with durability set explicitly, so a change of redb's default can
 /// never silently weaken the outbox's guarantee.
 fn begin_durable_write(db: &Database) -> Result<redb::WriteTransaction, OutboxError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
-    Ok(txn)
+    Ok(durable::begin_durable_write(db)?)
 }
 
 fn read_next_seq(meta: &impl ReadableTable<&'static str, u128>) -> Result<u64, OutboxError> {

@@ -135,7 +135,13 @@ fn second_open_of_the_same_file_is_refused() {
     let path = outbox_in(&dir);
     let _first = Outbox::open(&path).unwrap();
     let err = Outbox::open(&path).unwrap_err();
-    assert!(matches!(err, agent::OutboxError::Open { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            agent::OutboxError::Db(servicekit::durable::DbError::Open { .. })
+        ),
+        "{err}"
+    );
 }
 
 // ---- crash test -------------------------------------------------------------------------

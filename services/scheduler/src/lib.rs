@@ -57,6 +57,7 @@ use prometheus_client::registry::Registry;
 pub use config::{Args, Config, ConfigError};
 
 use crate::store::{Store, StoreError};
+use servicekit::durable::DbError;
 
 /// How long a runtime's tasks get to finish when it shuts down.
 const RUNTIME_GRACE: Duration = Duration::from_secs(5);
@@ -497,7 +498,7 @@ async fn open_store(path: PathBuf, patience: Duration) -> Result<Store, Error> {
             .map_err(join_error)?
         {
             Ok(store) => return Ok(store),
-            Err(StoreError::Open { source, .. })
+            Err(StoreError::Db(DbError::Open { source, .. }))
                 if matches!(*source, redb::DatabaseError::DatabaseAlreadyOpen)
                     && tokio::time::Instant::now() < give_up =>
             {

@@ -28,11 +28,12 @@ use std::path::{Path, PathBuf};
 
 use messages::UserId;
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
-    TableDefinition, WriteTransaction,
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    WriteTransaction,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use servicekit::durable::{self, DbError};
 
 mod configs;
 mod operator;
@@ -100,44 +101,13 @@ pub type LabelSelector = BTreeMap<String, String>;
 
 /// Why a store operation failed.
 ///
-/// After [`StoreError::Commit`] redb refuses further write transactions on the open database;
-/// drop the [`Store`] and open it again, which repairs the file.
+/// After a failed commit ([`DbError::Commit`]) redb refuses further write transactions on
+/// the open database; drop the [`Store`] and open it again, which repairs the file.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The directory for the store file could not be created.
-    #[error("store {path}: cannot create its directory: {source}")]
-    CreateDir {
-        /// The store file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The redb file could not be opened or created (includes "already open by another
-    /// process": redb takes an exclusive file lock).
-    #[error("store {path}: cannot open: {source}")]
-    Open {
-        /// The store file.
-        path: PathBuf,
-        /// The redb error.
-        #[source]
-        source: Box<redb::DatabaseError>,
-    },
-    /// A transaction could not be started.
-    #[error("store: cannot begin a transaction: {0}")]
-    Transaction(#[from] Box<redb::TransactionError>),
-    /// A table could not be opened.
-    #[error("store: cannot open a table: {0}")]
-    Table(#[from] Box<redb::TableError>),
-    /// Reading or writing the file failed.
-    #[error("store: storage error: {0}")]
-    Storage(#[from] Box<redb::StorageError>),
-    /// The durability level could not be set.
-    #[error("store: cannot set durability: {0}")]
-    Durability(#[from] Box<redb::SetDurabilityError>),
-    /// The commit failed; see the type's docs: reopen the store.
-    #[error("store: commit failed (reopen the store): {0}")]
-    Commit(#[from] Box<redb::CommitError>),
+    /// Opening, reading or writing the redb file failed.
+    #[error("store: {0}")]
+    Db(#[from] DbError),
     /// A value could not be encoded.
     #[error("store: cannot encode a {what}: {source}")]
     Encode {
@@ -249,24 +219,7 @@ pub enum StoreError {
     },
 }
 
-// redb's error types are large; boxing keeps `Result<_, StoreError>` small (clippy's
-// `result_large_err`) and these conversions keep `?` usable.
-macro_rules! boxed_from {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                Box::new(e).into()
-            }
-        }
-    )*};
-}
-boxed_from!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::SetDurabilityError,
-    redb::CommitError
-);
+servicekit::redb_errors!(StoreError);
 
 /// An agent's liveness as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -680,19 +633,7 @@ impl Store {
             report_ids_per_agent: options.report_ids_per_agent.max(reports_per_agent),
             cache_bytes: options.cache_bytes,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-                path: path.clone(),
-                source,
-            })?;
-        }
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create(&path)
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source: Box::new(source),
-            })?;
+        let db = durable::open(&path, options.cache_bytes)?;
 
         // Tables and counters are created in one transaction: a crash during first open
         // leaves either an initialised file or an empty one.
@@ -1730,9 +1671,7 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T,
 /// A write transaction with durability set explicitly, so a change of redb's default can
 /// never silently weaken the guarantee in the module docs.
 pub(crate) fn begin_durable_write(db: &Database) -> Result<WriteTransaction, StoreError> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)?;
-    Ok(txn)
+    Ok(durable::begin_durable_write(db)?)
 }
 
 #[cfg(test)]

@@ -709,7 +709,10 @@ fn reports_are_idempotent_and_bounded_per_agent() {
 #[test]
 fn a_second_open_of_the_same_file_is_refused() {
     let f = fixture();
-    assert!(matches!(Store::open(&f.path), Err(StoreError::Open { .. })));
+    assert!(matches!(
+        Store::open(&f.path),
+        Err(StoreError::Db(servicekit::durable::DbError::Open { .. }))
+    ));
     assert_eq!(f.store.path(), f.path.as_path());
 }
 

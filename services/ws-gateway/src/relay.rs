@@ -54,9 +54,12 @@ pub struct Via(pub UserId);
 /// its register and closed again, which closes the connection then.
 #[derive(Debug, Clone, Default)]
 pub struct Relays {
-    open: Arc<Mutex<HashMap<UserId, Vec<(u64, watch::Sender<Option<CloseCode>>)>>>>,
+    open: Arc<Mutex<HashMap<UserId, Vec<Closer>>>>,
     next: Arc<AtomicU64>,
 }
+
+/// One relay connection's id and the sender that closes it.
+type Closer = (u64, watch::Sender<Option<CloseCode>>);
 
 impl Relays {
     /// Records a relay connection of `node` until the returned registration drops.
