@@ -120,6 +120,14 @@ pub fn ready_response(nats_connected: bool) -> HttpResponse {
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The OpenMetrics text of `registry`.
+pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
 /// `/metrics`: OpenMetrics text as `prometheus-client` encodes it.
 pub fn metrics_response(text: String) -> HttpResponse {
     HttpResponse::Ok()

@@ -207,10 +207,7 @@ impl Metrics {
 
     /// OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        servicekit::http::encode_metrics(&self.registry)
     }
 }
 

@@ -119,9 +119,7 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        servicekit::http::encode_metrics(&self.registry)
     }
 }
 

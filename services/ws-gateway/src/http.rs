@@ -399,7 +399,5 @@ async fn readyz(shared: web::Data<Arc<Shared>>) -> HttpResponse {
 async fn metrics(shared: web::Data<Arc<Shared>>) -> HttpResponse {
     let r = shared.readiness();
     shared.metrics.ready.set(i64::from(r.ready()));
-    HttpResponse::Ok()
-        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
-        .body(shared.metrics.encode())
+    servicekit::http::metrics_response(shared.metrics.encode())
 }

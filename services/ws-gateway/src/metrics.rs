@@ -333,10 +333,7 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        servicekit::http::encode_metrics(&self.registry)
     }
 }
 
