@@ -20,21 +20,7 @@ pub enum HttpError {
     Timeout(String),
 }
 
-/// A response: status and body.
-#[derive(Debug)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// Body.
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    /// The body as JSON (`Null` if it is not JSON).
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
-    }
-}
+pub use servicekit::http_client::Response;
 
 /// Sends one request and reads the whole response.
 pub async fn request(
@@ -59,15 +45,10 @@ pub async fn request(
             HttpError::Request(what.clone(), e)
         }
     };
-    let resp = client
+    let request = client
         .request(method, format!("http://{addr}{path}"))
         .bearer_auth(key)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send()
-        .await
-        .map_err(fail)?;
-    let status = resp.status().as_u16();
-    let body = resp.bytes().await.map_err(fail)?.to_vec();
-    Ok(Response { status, body })
+        .body(body);
+    servicekit::http_client::fetch(request).await.map_err(fail)
 }

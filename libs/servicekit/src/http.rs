@@ -79,14 +79,18 @@ pub fn json_error(err: actix_web::error::JsonPayloadError) -> actix_web::Error {
     }
 }
 
-/// Accepts the request if it carries `Authorization: Bearer <key>` with one of `keys`.
-pub fn authorize(req: &HttpRequest, keys: &[String]) -> Result<(), ApiError> {
-    let presented = req
-        .headers()
+/// The key of an `Authorization: Bearer <key>` header, if the request carries one.
+pub fn bearer(req: &HttpRequest) -> Option<&str> {
+    req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .map(str::trim)
+}
+
+/// Accepts the request if it carries `Authorization: Bearer <key>` with one of `keys`.
+pub fn authorize(req: &HttpRequest, keys: &[String]) -> Result<(), ApiError> {
+    let presented = bearer(req);
     if presented.is_some_and(|p| {
         keys.iter()
             .any(|k| constant_time_eq(k.as_bytes(), p.as_bytes()))

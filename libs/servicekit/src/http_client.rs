@@ -53,6 +53,30 @@ pub fn client(options: ClientOptions) -> Result<reqwest::Client, ClientError> {
     builder.build().map_err(ClientError::Build)
 }
 
+/// A whole response: its status and body, for callers that read small JSON answers.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The body parsed as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Sends `request` and reads the whole response body.
+pub async fn fetch(request: reqwest::RequestBuilder) -> Result<Response, reqwest::Error> {
+    let resp = request.send().await?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await?.to_vec();
+    Ok(Response { status, body })
+}
+
 /// A blocking client (command-line tools); do not call it from async code.
 pub fn blocking_client(options: ClientOptions) -> Result<reqwest::blocking::Client, ClientError> {
     let config = tls::client_config(options.roots, &options.pins)?;

@@ -4,26 +4,12 @@
 
 use std::net::SocketAddr;
 
-/// A response: status code and body.
-#[derive(Debug, Clone)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// Body bytes.
-    pub body: Vec<u8>,
-}
+pub use servicekit::http_client::Response;
 
-impl Response {
-    /// The body parsed as JSON (`Null` when it is not JSON).
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-/// Sends one request and reads the whole response.
 /// Bound on one test request.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Sends one request and reads the whole response.
 pub async fn request(
     addr: SocketAddr,
     method: &str,
@@ -47,10 +33,9 @@ pub async fn request(
     for (name, value) in headers {
         req = req.header(*name, *value);
     }
-    let resp = req.send().await.map_err(std::io::Error::other)?;
-    let status = resp.status().as_u16();
-    let body = resp.bytes().await.map_err(std::io::Error::other)?.to_vec();
-    Ok(Response { status, body })
+    servicekit::http_client::fetch(req)
+        .await
+        .map_err(std::io::Error::other)
 }
 
 /// POSTs JSON with a bearer token.

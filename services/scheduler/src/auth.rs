@@ -18,7 +18,7 @@
 use std::fmt;
 
 use actix_web::HttpRequest;
-use actix_web::http::{Method, StatusCode, header};
+use actix_web::http::{Method, StatusCode};
 use servicekit::http::{ApiError, constant_time_eq};
 
 /// Shortest secret accepted.
@@ -271,12 +271,7 @@ impl Actor {
 /// against the request's method: 401 `unauthorized` for a missing or unknown key, 403
 /// `forbidden` for a read key on anything but `GET`/`HEAD`.
 pub fn authorize(req: &HttpRequest, keys: &[ApiKey]) -> Result<Actor, ApiError> {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let presented = servicekit::http::bearer(req);
     let key = presented.and_then(|p| find(keys, p)).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use actix_web::http::{StatusCode, header};
+use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 use messages::{UserId, fleet};
@@ -159,12 +159,7 @@ async fn download(
             "no agent-token key is configured (SCHEDULER_AGENT_TOKEN_KEY_FILE): agent credentials cannot be checked",
         ));
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+    let presented = servicekit::http::bearer(&req)
         .ok_or_else(|| unauthorized("downloads need the agent's own token (Bearer)"))?;
     let node = tokens
         .verify(presented)
