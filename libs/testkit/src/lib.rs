@@ -4,7 +4,7 @@
 //! proxy for testing clients over real TLS; [`gateway`] is the one in-process ws-gateway
 //! fixture the other crates' tests share; [`fleetbus`] is a fake gateway on the bus for the
 //! scheduler's tests; [`browser`] drives a real headless Chromium over WebDriver and serves
-//! test pages.
+//! test pages; [`agent`] renders the configuration test agents start from.
 //!
 //! [`NatsServer`] is one node with JetStream that can be killed and started again on the
 //! same port with the same storage (for reconnect and outage tests). [`NatsCluster`] is
@@ -18,6 +18,7 @@
 // A test-support crate: its helpers fail the calling test by panicking, on purpose.
 #![allow(clippy::panic)]
 
+pub mod agent;
 pub mod browser;
 pub mod cutproxy;
 pub mod fleetbus;

@@ -21,6 +21,7 @@ use messages::payload::{GatewayControl, HeartbeatParams, SessionEvent, from_bus,
 use messages::subject::{self, Event};
 use messages::{BodyCodec, ClientKind, CloseCode, Route};
 use testkit::NatsServer;
+use testkit::agent::AgentToml;
 use testkit::ws::token;
 use tokio::sync::mpsc;
 
@@ -55,31 +56,13 @@ fn agent_config(dir: &Path, gateway: SocketAddr) -> AgentConfig {
 }
 
 fn agent_config_many(dir: &Path, gateways: &[SocketAddr]) -> AgentConfig {
-    let gateways = gateways
-        .iter()
-        .map(|g| format!("\"ws://{g}/ws\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        r#"
-node_id = "node-1"
-token = "{token}"
-gateways = [{gateways}]
-outbox_path = "outbox.redb"
-allowed_commands = ["echo", "sleep", "sh"]
-command_keys_file = "command.pub"
-
-[labels]
-role = "test"
-
-[backoff]
-base_ms = 50
-cap_ms = 500
-jitter = 0.3
-"#,
-        token = token("node-1", Some("agent"), &[]),
-    );
-    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+    let urls: Vec<String> = gateways.iter().map(|g| format!("ws://{g}/ws")).collect();
+    let text = AgentToml::new("node-1")
+        .gateways(&urls)
+        .outbox("outbox.redb")
+        .line(r#"allowed_commands = ["echo", "sleep", "sh"]"#)
+        .label("role", "test")
+        .render(dir);
     AgentConfig::from_toml(&text, &dir.join("agent.toml"), |_| None).unwrap()
 }
 

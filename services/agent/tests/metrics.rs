@@ -14,7 +14,7 @@ use messages::fleet::{self, Ack, Task, TaskKind};
 use messages::payload::to_bus;
 use messages::{BodyCodec, Route};
 use testkit::NatsServer;
-use testkit::ws::token;
+use testkit::agent::AgentToml;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -26,25 +26,13 @@ async fn gateway(nats: &str) -> ws_gateway::Handle {
 }
 
 fn agent_config(dir: &Path, gateway: SocketAddr) -> AgentConfig {
-    let text = format!(
-        r#"
-node_id = "node-1"
-token = "{token}"
-gateways = ["ws://{gateway}/ws"]
-outbox_path = "outbox.redb"
-allowed_commands = ["echo"]
-heartbeat_secs = 1
-metrics_listen = "127.0.0.1:0"
-command_keys_file = "command.pub"
-
-[backoff]
-base_ms = 50
-cap_ms = 500
-jitter = 0.3
-"#,
-        token = token("node-1", Some("agent"), &[]),
-    );
-    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+    let text = AgentToml::new("node-1")
+        .gateway(format!("ws://{gateway}/ws"))
+        .outbox("outbox.redb")
+        .line(r#"allowed_commands = ["echo"]"#)
+        .line("heartbeat_secs = 1")
+        .line(r#"metrics_listen = "127.0.0.1:0""#)
+        .render(dir);
     AgentConfig::from_toml(&text, &dir.join("agent.toml"), |_| None).unwrap()
 }
 

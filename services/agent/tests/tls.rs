@@ -18,8 +18,8 @@ use messages::fleet::{self, Register};
 use messages::payload::from_bus;
 use messages::{ClientKind, subject};
 use testkit::NatsServer;
+use testkit::agent::AgentToml;
 use testkit::tls::{TestCa, TlsProxy};
-use testkit::ws::token;
 
 /// Bound on every wait in this file.
 const WAIT: Duration = Duration::from_secs(20);
@@ -99,23 +99,11 @@ async fn setup() -> Setup {
 
 /// An agent configuration for `url`, with extra TOML lines (the TLS settings).
 fn agent_config(dir: &Path, node: &str, url: &str, extra: &str) -> AgentConfig {
-    let text = format!(
-        r#"
-node_id = "{node}"
-token = "{token}"
-gateways = ["{url}"]
-outbox_path = "outbox.redb"
-command_keys_file = "command.pub"
-{extra}
-
-[backoff]
-base_ms = 50
-cap_ms = 300
-jitter = 0.3
-"#,
-        token = token(node, Some("agent"), &[]),
-    );
-    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+    let text = AgentToml::new(node)
+        .gateway(url)
+        .outbox("outbox.redb")
+        .line(extra)
+        .render(dir);
     AgentConfig::from_toml(&text, &dir.join("agent.toml"), |_| None).unwrap()
 }
 

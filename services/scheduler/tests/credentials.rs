@@ -14,8 +14,9 @@ use messages::command::CommandSigner;
 use scheduler::trust::AgentTokens;
 use serde_json::json;
 use testkit::NatsServer;
+use testkit::agent::AgentToml;
 use testkit::http;
-use testkit::ws::{TEST_AGENT_TOKEN_KEY, TEST_COMMAND_KEY, TEST_COMMAND_PUBLIC};
+use testkit::ws::{TEST_AGENT_TOKEN_KEY, TEST_COMMAND_KEY};
 
 const KEY: &str = "cred-api-key-0123456789";
 const TTL: Duration = Duration::from_secs(5);
@@ -101,22 +102,11 @@ fn agent_config(dir: &Path, node: &str, gateway: SocketAddr) -> agent::AgentConf
         .mint(&UserId::new(node).unwrap(), now_s(), TTL)
         .unwrap();
     std::fs::write(dir.join(format!("{node}.token")), token).unwrap();
-    std::fs::write(dir.join("command.pub"), TEST_COMMAND_PUBLIC).unwrap();
-    let text = format!(
-        r#"
-node_id = "{node}"
-token_file = "{node}.token"
-gateways = ["ws://{gateway}/ws"]
-outbox_path = "{node}.redb"
-allowed_commands = ["echo", "sh", "sleep"]
-command_keys_file = "command.pub"
-
-[backoff]
-base_ms = 50
-cap_ms = 500
-jitter = 0.3
-"#
-    );
+    let text = AgentToml::new(node)
+        .token_file(&format!("{node}.token"))
+        .gateway(format!("ws://{gateway}/ws"))
+        .line(r#"allowed_commands = ["echo", "sh", "sleep"]"#)
+        .render(dir);
     agent::AgentConfig::from_toml(&text, &dir.join(format!("{node}.toml")), |_| None).unwrap()
 }
 

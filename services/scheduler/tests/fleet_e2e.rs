@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use testkit::NatsServer;
+use testkit::agent::AgentToml;
 use testkit::http;
-use testkit::ws::token;
 
 const KEY: &str = "e2e-api-key-0123456789";
 /// A read-scope key: may GET, may change nothing.
@@ -45,27 +45,12 @@ fn agent_config_with(
     gateway: SocketAddr,
     extra: &str,
 ) -> agent::AgentConfig {
-    let text = format!(
-        r#"
-{extra}
-node_id = "{node}"
-token = "{token}"
-gateways = ["ws://{gateway}/ws"]
-outbox_path = "{node}.redb"
-allowed_commands = ["echo", "sh"]
-command_keys_file = "command.pub"
-
-[labels]
-region = "{region}"
-
-[backoff]
-base_ms = 50
-cap_ms = 500
-jitter = 0.3
-"#,
-        token = token(node, Some("agent"), &[]),
-    );
-    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+    let text = AgentToml::new(node)
+        .gateway(format!("ws://{gateway}/ws"))
+        .line(r#"allowed_commands = ["echo", "sh"]"#)
+        .line(extra)
+        .label("region", region)
+        .render(dir);
     agent::AgentConfig::from_toml(&text, &dir.join(format!("{node}.toml")), |_| None).unwrap()
 }
 

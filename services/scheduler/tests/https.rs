@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use testkit::NatsServer;
+use testkit::agent::AgentToml;
 use testkit::process::{Process, free_addr};
 use testkit::tls::{TestCa, TlsProxy};
-use testkit::ws::token;
 
 const KEY: &str = "https-api-key-0123456789";
 
@@ -64,28 +64,12 @@ async fn tls_agent(nats_url: &str, ca: &TestCa, dir: &Path) -> TlsAgent {
     let proxy = TlsProxy::start(&ca.server_cert(), gateway.addr())
         .await
         .unwrap();
-    let text = format!(
-        r#"
-node_id = "edge-tls"
-token = "{token}"
-gateways = ["wss://localhost:{port}/ws"]
-tls_ca_file = "ca.pem"
-outbox_path = "edge-tls.redb"
-allowed_commands = ["echo"]
-command_keys_file = "command.pub"
-
-[labels]
-region = "tls"
-
-[backoff]
-base_ms = 50
-cap_ms = 500
-jitter = 0.3
-"#,
-        token = token("edge-tls", Some("agent"), &[]),
-        port = proxy.addr().port(),
-    );
-    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+    let text = AgentToml::new("edge-tls")
+        .gateway(format!("wss://localhost:{}/ws", proxy.addr().port()))
+        .line(r#"tls_ca_file = "ca.pem""#)
+        .line(r#"allowed_commands = ["echo"]"#)
+        .label("region", "tls")
+        .render(dir);
     let config = agent::AgentConfig::from_toml(&text, &dir.join("agent.toml"), |_| None).unwrap();
     TlsAgent {
         gateway,

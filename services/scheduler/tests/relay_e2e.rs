@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use testkit::NatsServer;
+use testkit::agent::AgentToml;
 use testkit::http;
 use testkit::tls::TestCa;
 use testkit::ws::token;
@@ -32,32 +33,12 @@ async fn eventually(
 
 /// An agent config: `gateways` are full URLs; `extra` adds top-level TOML lines.
 fn agent_config(dir: &Path, node: &str, gateways: &[String], extra: &str) -> agent::AgentConfig {
-    let list = gateways
-        .iter()
-        .map(|g| format!("\"{g}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        r#"
-{extra}
-node_id = "{node}"
-token = "{token}"
-gateways = [{list}]
-outbox_path = "{node}.redb"
-allowed_commands = ["echo", "sh"]
-command_keys_file = "command.pub"
-
-[labels]
-site = "berlin"
-
-[backoff]
-base_ms = 50
-cap_ms = 300
-jitter = 0.3
-"#,
-        token = token(node, Some("agent"), &[]),
-    );
-    std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+    let text = AgentToml::new(node)
+        .gateways(gateways)
+        .line(r#"allowed_commands = ["echo", "sh"]"#)
+        .line(extra)
+        .label("site", "berlin")
+        .render(dir);
     agent::AgentConfig::from_toml(&text, &dir.join(format!("{node}.toml")), |_| None).unwrap()
 }
 

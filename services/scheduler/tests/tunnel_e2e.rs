@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use testkit::NatsServer;
+use testkit::agent::AgentToml;
 use testkit::http;
-use testkit::ws::token;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -103,22 +103,12 @@ impl Fleet {
         extra: &str,
     ) -> agent::AgentHandle {
         let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
-        let text = format!(
-            r#"
-node_id = "{node}"
-token = "{token}"
-gateways = ["ws://{gateway}/ws"]
-outbox_path = "{node}.redb"
-command_keys_file = "command.pub"
-tunnel_allow = [{allow}]
-{extra}
-"#,
-            token = token(node, Some("agent"), &[]),
-            gateway = self.gateway.addr(),
-            allow = allow.join(", "),
-        );
         let dir = self.dir.path();
-        std::fs::write(dir.join("command.pub"), testkit::ws::TEST_COMMAND_PUBLIC).unwrap();
+        let text = AgentToml::new(node)
+            .gateway(format!("ws://{}/ws", self.gateway.addr()))
+            .line(format!("tunnel_allow = [{}]", allow.join(", ")))
+            .line(extra)
+            .render(dir);
         let config =
             agent::AgentConfig::from_toml(&text, &dir.join(format!("{node}.toml")), |_| None)
                 .unwrap();
