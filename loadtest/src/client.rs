@@ -16,10 +16,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Error type of the generator's fallible paths.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A client WebSocket over TCP, with TLS for `wss://` URLs.
-pub type Ws = tokio_tungstenite::WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type Ws = tokio_tungstenite::WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The TLS client configuration for `wss://` targets: the CAs in `LOADTEST_CA_FILE` (the
 /// system store without it), and no session resumption, so every connection pays a full
@@ -42,7 +42,7 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, BoxError> {
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Frame limits for what gateways send us.
-pub fn limits() -> Limits {
+pub(crate) fn limits() -> Limits {
     Limits {
         max_route_len: 255,
         max_body_len: 16 << 20,
@@ -52,7 +52,7 @@ pub fn limits() -> Limits {
 /// Signs an HS256 token for `user`; `kind` is the client kind claim (`app`, `agent`).
 /// Signs an agent token with the agent-token key (Ed25519 PKCS#8 PEM), as the scheduler
 /// does: gateways accept agents only with such tokens. Empty if the key does not parse.
-pub fn sign_agent(agent_key_pem: &str, node: &str) -> String {
+pub(crate) fn sign_agent(agent_key_pem: &str, node: &str) -> String {
     let exp = servicekit::clock::now_secs() + 86_400;
     let claims = serde_json::json!({"sub": node, "exp": exp, "kind": "agent"});
     let Ok(key) = jsonwebtoken::EncodingKey::from_ed_pem(agent_key_pem.as_bytes()) else {
@@ -67,7 +67,7 @@ pub fn sign_agent(agent_key_pem: &str, node: &str) -> String {
 }
 
 /// Signs an app token with the HS256 secret.
-pub fn sign(secret: &str, user: &str, kind: &str) -> String {
+pub(crate) fn sign(secret: &str, user: &str, kind: &str) -> String {
     let exp = servicekit::clock::now_secs() + 86_400;
     let claims = serde_json::json!({"sub": user, "exp": exp, "kind": kind});
     jsonwebtoken::encode(
@@ -80,7 +80,7 @@ pub fn sign(secret: &str, user: &str, kind: &str) -> String {
 
 /// The source address for connection number `i` when spreading over `sources` addresses
 /// starting at 127.0.0.`first`.
-pub fn source_for(i: usize, first: u8, sources: u8) -> Ipv4Addr {
+pub(crate) fn source_for(i: usize, first: u8, sources: u8) -> Ipv4Addr {
     let n = usize::from(sources.max(1));
     let last = (usize::from(first) + (i % n)).min(254) as u8;
     Ipv4Addr::new(127, 0, 0, last)
@@ -88,7 +88,11 @@ pub fn source_for(i: usize, first: u8, sources: u8) -> Ipv4Addr {
 
 /// Opens a WebSocket to `url` from `source` (when the target is loopback) with the token
 /// in the `Authorization` header, and reads until the welcome.
-pub async fn connect(url: &str, token: &str, source: Ipv4Addr) -> Result<(Ws, Welcome), BoxError> {
+pub(crate) async fn connect(
+    url: &str,
+    token: &str,
+    source: Ipv4Addr,
+) -> Result<(Ws, Welcome), BoxError> {
     let mut request = url.into_client_request()?;
     request
         .headers_mut()
@@ -159,7 +163,7 @@ pub async fn connect(url: &str, token: &str, source: Ipv4Addr) -> Result<(Ws, We
 
 /// Body layout of a measured push: send time (Unix µs, u64 BE), then sequence (u64 BE),
 /// then padding.
-pub fn stamped_body(seq: u64, size: usize) -> Vec<u8> {
+pub(crate) fn stamped_body(seq: u64, size: usize) -> Vec<u8> {
     let mut body = vec![b'x'; size.max(16)];
     body[..8].copy_from_slice(&messages::headers::now_micros().to_be_bytes());
     body[8..16].copy_from_slice(&seq.to_be_bytes());
@@ -167,7 +171,7 @@ pub fn stamped_body(seq: u64, size: usize) -> Vec<u8> {
 }
 
 /// Reads a measured push's send time and sequence.
-pub fn read_stamp(body: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn read_stamp(body: &[u8]) -> Option<(u64, u64)> {
     let sent = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
     let seq = u64::from_be_bytes(body.get(8..16)?.try_into().ok()?);
     Some((sent, seq))

@@ -18,7 +18,7 @@ use crate::procfs;
 use crate::report::Row;
 
 /// What the coordinator passes in.
-pub struct Plan<'a> {
+pub(crate) struct Plan<'a> {
     /// Scheduler API address.
     pub addr: SocketAddr,
     /// API key.
@@ -84,7 +84,7 @@ async fn applied(plan: &Plan<'_>, name: &str) -> Result<u64, Error> {
 }
 
 /// Runs both measurements; returns the summary fields and rows.
-pub async fn drive(plan: Plan<'_>) -> Result<(Value, Vec<Row>), Error> {
+pub(crate) async fn drive(plan: Plan<'_>) -> Result<(Value, Vec<Row>), Error> {
     let mut lat = Hist::default();
     let mut timeouts = 0u64;
     for i in 0..plan.single {

@@ -29,7 +29,7 @@ use crate::worker::{Role, WorkerLine, WorkerSpec};
 /// Which scenario the parent drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Open every connection at the target rate, hold, report connects/s, handshake
     /// latency, errors and server memory per connection.
     Storm,
@@ -42,7 +42,7 @@ pub enum Kind {
 /// How broadcasts are published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Via {
+pub(crate) enum Via {
     /// `POST /v1/push` on ws-api (the product path; receipts counted by ws-api).
     Api,
     /// Straight on the bus (`ws.all`), bypassing ws-api.
@@ -51,7 +51,7 @@ pub enum Via {
 
 /// Arguments of `loadtest run`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Scenario to drive.
     #[arg(long, value_enum)]
     pub scenario: Kind,
@@ -196,7 +196,7 @@ pub struct RunArgs {
 
 /// One second of the run, all workers and samples merged.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Second {
+pub(crate) struct Second {
     /// Seconds since the run started.
     pub t: u64,
     /// Connections open at the end of the second.
@@ -413,7 +413,7 @@ impl Run {
 
 /// Global options the parent passes down.
 #[derive(Debug, Clone)]
-pub struct Common {
+pub(crate) struct Common {
     /// Gateway URLs.
     pub urls: Vec<String>,
     /// Token secret.
@@ -431,7 +431,7 @@ pub struct Common {
 }
 
 /// Runs a multi-process scenario end to end; returns whether every threshold held.
-pub async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError> {
+pub(crate) async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError> {
     if common.urls.is_empty() {
         return Err("no --urls".into());
     }

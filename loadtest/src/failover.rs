@@ -17,10 +17,10 @@ use crate::report::Row;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// The default `--kill-label`: the killed pid is the active scheduler.
-pub const SCHEDULER_LABEL: &str = "the active scheduler";
+pub(crate) const SCHEDULER_LABEL: &str = "the active scheduler";
 
 /// What the coordinator passes in.
-pub struct Plan<'a> {
+pub(crate) struct Plan<'a> {
     /// Every scheduler instance; the active one answers, a standby says 503.
     pub addrs: Vec<SocketAddr>,
     /// API key.
@@ -73,7 +73,7 @@ async fn active(
 
 /// Runs the fault; `totals` reads the agents' counters (tasks received, results sent,
 /// results acked, results sent again).
-pub async fn drive(
+pub(crate) async fn drive(
     plan: Plan<'_>,
     totals: impl Fn() -> (u64, u64, u64, u64),
 ) -> Result<(Value, Vec<Row>), Error> {

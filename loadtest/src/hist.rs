@@ -11,7 +11,7 @@ const LINEAR: u64 = 128;
 
 /// A mergeable histogram of microsecond values.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Hist {
+pub(crate) struct Hist {
     /// Bucket index -> count (sparse).
     #[serde(default)]
     buckets: BTreeMap<u32, u64>,
@@ -46,14 +46,14 @@ fn value(i: u32) -> u64 {
 
 impl Hist {
     /// Records one value.
-    pub fn record(&mut self, v: u64) {
+    pub(crate) fn record(&mut self, v: u64) {
         *self.buckets.entry(index(v)).or_insert(0) += 1;
         self.count += 1;
         self.max = self.max.max(v);
     }
 
     /// Adds another histogram's samples.
-    pub fn merge(&mut self, other: &Hist) {
+    pub(crate) fn merge(&mut self, other: &Hist) {
         for (k, c) in &other.buckets {
             *self.buckets.entry(*k).or_insert(0) += c;
         }
@@ -62,7 +62,7 @@ impl Hist {
     }
 
     /// The `p`th percentile (0-100), or 0 when empty; `p = 100` is the exact max.
-    pub fn percentile(&self, p: f64) -> u64 {
+    pub(crate) fn percentile(&self, p: f64) -> u64 {
         if self.count == 0 {
             return 0;
         }
@@ -81,12 +81,12 @@ impl Hist {
     }
 
     /// Percentile in milliseconds.
-    pub fn ms(&self, p: f64) -> f64 {
+    pub(crate) fn ms(&self, p: f64) -> f64 {
         self.percentile(p) as f64 / 1000.0
     }
 
     /// Takes the samples out, leaving an empty histogram.
-    pub fn take(&mut self) -> Hist {
+    pub(crate) fn take(&mut self) -> Hist {
         std::mem::take(self)
     }
 }

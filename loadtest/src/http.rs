@@ -8,7 +8,7 @@ use std::time::Duration;
 
 /// An HTTP call failed.
 #[derive(Debug, thiserror::Error)]
-pub enum HttpError {
+pub(crate) enum HttpError {
     /// The client could not be set up.
     #[error("http {0}: {1}")]
     Client(String, #[source] servicekit::http_client::ClientError),
@@ -20,10 +20,10 @@ pub enum HttpError {
     Timeout(String),
 }
 
-pub use servicekit::http_client::Response;
+pub(crate) use servicekit::http_client::Response;
 
 /// Sends one request and reads the whole response.
-pub async fn request(
+pub(crate) async fn request(
     addr: SocketAddr,
     method: reqwest::Method,
     path: &str,

@@ -28,7 +28,7 @@ struct Stats {
     closed_by_server: AtomicUsize,
 }
 
-pub async fn run(cli: &Cli, scenario: &Legacy) -> Result<(), BoxError> {
+pub(crate) async fn run(cli: &Cli, scenario: &Legacy) -> Result<(), BoxError> {
     let urls: Vec<String> = cli
         .urls
         .split(',')

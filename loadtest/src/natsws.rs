@@ -16,11 +16,11 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::client::{BoxError, Ws};
 
 /// Subject the peer subscribers listen on.
-pub const SUBJECT: &str = "bench.all";
+pub(crate) const SUBJECT: &str = "bench.all";
 
 /// One protocol event parsed out of the stream.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// A message payload.
     Msg(Vec<u8>),
     /// The server pings: answer PONG.
@@ -33,13 +33,13 @@ pub enum Event {
 
 /// Incremental parser of the server -> client protocol.
 #[derive(Debug, Default)]
-pub struct Parser {
+pub(crate) struct Parser {
     buf: Vec<u8>,
 }
 
 impl Parser {
     /// Feeds bytes; returns the complete events they finish.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<Event> {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Vec<Event> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
         let mut pos = 0;
@@ -92,7 +92,7 @@ impl Parser {
 
 /// Connects to nats-server's WebSocket listener at `url` from `source`, subscribes to
 /// [`SUBJECT`], and returns once the server has answered the PING after the SUB.
-pub async fn connect(url: &str, source: Ipv4Addr) -> Result<(Ws, Parser), BoxError> {
+pub(crate) async fn connect(url: &str, source: Ipv4Addr) -> Result<(Ws, Parser), BoxError> {
     let request = url.into_client_request()?;
     let host = request.uri().host().ok_or("url without host")?.to_owned();
     let port = request.uri().port_u16().unwrap_or(80);

@@ -2,7 +2,7 @@
 //! `/proc/<pid>/status`) and CPU time (utime + stime in `/proc/<pid>/stat`).
 
 /// CPU seconds (user + system) a process has used.
-pub fn cpu_secs(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')')?.1;
@@ -14,7 +14,7 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
 }
 
 /// VmRSS of a process in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -27,12 +27,12 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 /// The gateway process to account CPU to, if the runner said which
 /// (`LOADTEST_GATEWAY_PID`, used by the single-process scenarios).
-pub fn gateway_pid() -> Option<u32> {
+pub(crate) fn gateway_pid() -> Option<u32> {
     std::env::var("LOADTEST_GATEWAY_PID").ok()?.parse().ok()
 }
 
 /// Machine description for reports: cores, memory, kernel.
-pub fn machine() -> serde_json::Value {
+pub(crate) fn machine() -> serde_json::Value {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

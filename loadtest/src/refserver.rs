@@ -14,7 +14,7 @@ use messages::{BodyCodec, Frame, FrameKind, GatewayId, Limits, SocketId, UserId}
 
 /// Flags of both reference servers.
 #[derive(Debug, Parser)]
-pub struct Args {
+pub(crate) struct Args {
     /// Address to listen on.
     #[arg(long, env = "REF_LISTEN", default_value = "127.0.0.1:18080")]
     pub listen: SocketAddr,
@@ -28,7 +28,7 @@ pub struct Args {
 
 /// What every welcome and ack says.
 #[derive(Debug)]
-pub struct Hello {
+pub(crate) struct Hello {
     /// The name the welcome gives as the gateway.
     pub gateway: GatewayId,
     /// The user id every welcome names.
@@ -39,7 +39,7 @@ pub struct Hello {
 
 impl Hello {
     /// A control frame as the gateway encodes it (MessagePack body).
-    pub fn control<T: serde::Serialize>(kind: FrameKind, msg_id: u64, body: &T) -> Bytes {
+    pub(crate) fn control<T: serde::Serialize>(kind: FrameKind, msg_id: u64, body: &T) -> Bytes {
         let body = payload::encode_body(BodyCodec::MsgPack, body).unwrap_or_default();
         Frame::new(kind)
             .with_msg_id(msg_id)
@@ -48,7 +48,7 @@ impl Hello {
     }
 
     /// The welcome for socket `socket`.
-    pub fn welcome(&self, socket: u64) -> Bytes {
+    pub(crate) fn welcome(&self, socket: u64) -> Bytes {
         let welcome = Welcome {
             socket_id: SocketId(socket),
             user_id: self.user.clone(),
@@ -68,7 +68,7 @@ impl Hello {
     }
 
     /// The heartbeat ack for message `msg_id`.
-    pub fn ack(&self, msg_id: u64) -> Bytes {
+    pub(crate) fn ack(&self, msg_id: u64) -> Bytes {
         let ack = HeartbeatAck {
             next_interval_ms: self.heartbeat_ms,
         };
@@ -78,7 +78,7 @@ impl Hello {
 
 /// The push frame for a bus message, as the gateway builds it (`None` if its headers are
 /// malformed): flags, id, route and trace context from the envelope, body untouched.
-pub fn push_frame(msg: &async_nats::Message) -> Option<Bytes> {
+pub(crate) fn push_frame(msg: &async_nats::Message) -> Option<Bytes> {
     let envelope = match msg.headers.as_ref() {
         Some(map) => PushEnvelope::from_headers(map).ok()?,
         None => PushEnvelope::default(),

@@ -12,7 +12,7 @@ use crate::coordinator::Second;
 
 /// One line of the summary table.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Row {
+pub(crate) struct Row {
     /// What.
     pub label: String,
     /// Value, formatted.
@@ -21,7 +21,7 @@ pub struct Row {
 
 impl Row {
     /// A row.
-    pub fn new(label: impl Into<String>, value: impl Into<String>) -> Self {
+    pub(crate) fn new(label: impl Into<String>, value: impl Into<String>) -> Self {
         Row {
             label: label.into(),
             value: value.into(),
@@ -30,7 +30,7 @@ impl Row {
 }
 
 /// Prints the summary table.
-pub fn print_table(name: &str, rows: &[Row]) {
+pub(crate) fn print_table(name: &str, rows: &[Row]) {
     let width = rows.iter().map(|r| r.label.len()).max().unwrap_or(10);
     println!("== {name}");
     for r in rows {
@@ -40,7 +40,7 @@ pub fn print_table(name: &str, rows: &[Row]) {
 
 /// Checks `[min]` / `[max]` bounds over numeric summary keys; returns whether all held and
 /// one row per bound.
-pub fn check_thresholds(
+pub(crate) fn check_thresholds(
     path: &Path,
     summary: &serde_json::Value,
 ) -> Result<(bool, Vec<Row>), BoxError> {
@@ -84,7 +84,7 @@ pub fn check_thresholds(
 }
 
 /// Writes `<dir>/<name>.json` and `<dir>/<name>.html`; returns their paths.
-pub fn write(
+pub(crate) fn write(
     dir: &Path,
     name: &str,
     summary: &serde_json::Value,

@@ -18,7 +18,7 @@ use crate::procfs;
 use crate::report::Row;
 
 /// What the coordinator passes in.
-pub struct Plan<'a> {
+pub(crate) struct Plan<'a> {
     /// Scheduler API address.
     pub addr: SocketAddr,
     /// API key.
@@ -54,7 +54,7 @@ fn size_of(size: &str, of: u64) -> Option<u64> {
 /// The first task id of the stage after `after` in a rollout over `agents` nodes that is
 /// the first thing a fresh scheduler creates (task ids from 1). `None` when `after` is not
 /// a stage or a size does not parse.
-pub fn fail_from_task(stages: &str, batch: &str, agents: u64, after: &str) -> Option<u64> {
+pub(crate) fn fail_from_task(stages: &str, batch: &str, agents: u64, after: &str) -> Option<u64> {
     let mut start = 0;
     let mut tasks = 0u64;
     for stage in stages.split(',') {
@@ -74,7 +74,7 @@ pub fn fail_from_task(stages: &str, batch: &str, agents: u64, after: &str) -> Op
 }
 
 /// Starts the rollout and polls it; returns the summary fields and rows.
-pub async fn drive(
+pub(crate) async fn drive(
     plan: Plan<'_>,
 ) -> Result<(Value, Vec<Row>), Box<dyn std::error::Error + Send + Sync>> {
     let stages: Vec<Value> = plan

@@ -30,7 +30,7 @@ use crate::hist::Hist;
 /// What each connection of a worker is.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum Role {
+pub(crate) enum Role {
     /// An app client: heartbeats, records pushes, acks those that ask for a receipt.
     Client,
     /// A simulated edge agent: registers, heartbeats, runs tasks instantly and sends
@@ -48,7 +48,7 @@ enum Established {
 
 /// Everything a worker needs, passed by the parent as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WorkerSpec {
+pub(crate) struct WorkerSpec {
     /// Worker number.
     pub index: usize,
     /// Gateway URLs; connection `g` (global index) goes to `urls[g % len]`.
@@ -104,7 +104,7 @@ pub struct WorkerSpec {
 /// One line a worker prints: counters are deltas since the previous line.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
-pub struct WorkerLine {
+pub(crate) struct WorkerLine {
     /// Worker number.
     pub w: usize,
     /// Connections open now.
@@ -224,7 +224,7 @@ fn emit(line: &WorkerLine) {
 }
 
 /// Runs a worker to its end.
-pub async fn run(spec: WorkerSpec) -> Result<(), BoxError> {
+pub(crate) async fn run(spec: WorkerSpec) -> Result<(), BoxError> {
     if spec.urls.is_empty() {
         return Err("worker without urls".into());
     }

@@ -151,10 +151,10 @@ use crate::backoff::{BackoffError, ExponentialBackoff};
 use crate::policy::{self, Cidr, CidrError, ExecPolicy};
 
 /// Default period between status reports.
-pub const DEFAULT_REPORT_PERIOD_SECS: u64 = 30;
+pub(crate) const DEFAULT_REPORT_PERIOD_SECS: u64 = 30;
 
 /// Longest label key or value.
-pub const MAX_LABEL_LEN: usize = 128;
+pub(crate) const MAX_LABEL_LEN: usize = 128;
 
 /// The agent's credential. Its `Debug` output is redacted so it never reaches a log.
 #[derive(Clone, PartialEq, Eq)]
@@ -331,10 +331,10 @@ impl fmt::Display for Origin {
 }
 
 /// Default [`AgentConfig::tunnel_max_streams`].
-pub const DEFAULT_TUNNEL_MAX_STREAMS: usize = 16;
+pub(crate) const DEFAULT_TUNNEL_MAX_STREAMS: usize = 16;
 /// Default [`AgentConfig::tunnel_frames_per_sec`]: below the gateway's default 50 frames
 /// per second per connection.
-pub const DEFAULT_TUNNEL_FRAMES_PER_SEC: u32 = 40;
+pub(crate) const DEFAULT_TUNNEL_FRAMES_PER_SEC: u32 = 40;
 
 /// A tunnel allowlist entry is `host:port` with a non-empty host and a port from 1.
 fn check_tunnel_address(entry: &str) -> Result<(), Problem> {
@@ -1302,7 +1302,7 @@ fn line_col(text: &str, at: usize) -> (usize, usize) {
 }
 
 /// How long an outbox entry may stay unacknowledged before it is sent again.
-pub const DEFAULT_RESEND_AFTER: Duration = Duration::from_secs(15);
+pub(crate) const DEFAULT_RESEND_AFTER: Duration = Duration::from_secs(15);
 
 fn positive_secs(field: &'static str, v: Sourced<u64>) -> Result<Duration, ConfigError> {
     if v.value == 0 {
@@ -1429,7 +1429,7 @@ fn resolve_backoff<E: Fn(&str) -> Option<String>>(
 /// The `via=host:port` of a gateway URL: the relay this agent reaches the gateway through
 /// (ADR 0015). The TCP connection goes to the relay; TLS and the HTTP upgrade still name
 /// the URL's host, so the gateway's certificate is checked end to end.
-pub fn via_of(url: &str) -> Option<String> {
+pub(crate) fn via_of(url: &str) -> Option<String> {
     let query = url.split_once('?')?.1;
     let query = query.split('#').next().unwrap_or_default();
     query

@@ -43,10 +43,10 @@ use crate::outbox::Outbox;
 use crate::policy::ExecPolicy;
 
 /// Outbox entry kind of a config ack (a msgpack [`ConfigAck`]).
-pub const CONFIG_ACK_KIND: &str = "config_ack";
+pub(crate) const CONFIG_ACK_KIND: &str = "config_ack";
 
 /// The placeholder in validate and reload arguments for the file's path.
-pub const FILE_PLACEHOLDER: &str = "{file}";
+pub(crate) const FILE_PLACEHOLDER: &str = "{file}";
 
 /// Most bytes of a failed command's output quoted in an ack's error.
 const ERROR_OUTPUT: usize = 512;
@@ -74,7 +74,7 @@ pub enum StateError {
 
 /// The documents this agent applied, and where they live.
 #[derive(Debug)]
-pub struct Configs {
+pub(crate) struct Configs {
     dir: Option<PathBuf>,
     state_path: PathBuf,
     /// Applied version and its SHA-256, by name (mirrors the state file).
@@ -83,7 +83,7 @@ pub struct Configs {
 
 impl Configs {
     /// Reads what an earlier run applied (a missing state file is an empty one). Blocking.
-    pub fn open(dir: Option<PathBuf>, state_path: PathBuf) -> Result<Configs, StateError> {
+    pub(crate) fn open(dir: Option<PathBuf>, state_path: PathBuf) -> Result<Configs, StateError> {
         let applied = match std::fs::read(&state_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Json {
                 path: state_path.clone(),
@@ -106,7 +106,7 @@ impl Configs {
 
     /// What to report at a register: per applied document its version and the SHA-256 of
     /// the file as it is now (empty when the file is gone). Blocking (reads the files).
-    pub fn report(&self) -> BTreeMap<String, AppliedConfig> {
+    pub(crate) fn report(&self) -> BTreeMap<String, AppliedConfig> {
         let applied = self.snapshot();
         applied
             .into_iter()
@@ -129,7 +129,7 @@ impl Configs {
     }
 
     /// The applied versions as recorded.
-    pub fn snapshot(&self) -> BTreeMap<String, AppliedConfig> {
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, AppliedConfig> {
         self.applied.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
@@ -160,7 +160,7 @@ impl Configs {
     }
 
     /// Applies `push` (see the module docs); `Err` is the ack's error text.
-    pub async fn apply(
+    pub(crate) async fn apply(
         self: &Arc<Self>,
         push: &ConfigPush,
         policy: &ExecPolicy,
@@ -305,7 +305,7 @@ async fn run(argv: &[String], file: &Path, policy: &ExecPolicy) -> Result<(), St
 /// hands it to the connection loop ([`ExecEvent::ConfigAck`]). Returns the sender the loop
 /// queues verified pushes on and the worker's task, which ends once the sender is dropped
 /// (after the push under way, if any).
-pub fn spawn_worker(
+pub(crate) fn spawn_worker(
     configs: Arc<Configs>,
     policy: ExecPolicy,
     outbox: Arc<Outbox>,

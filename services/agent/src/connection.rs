@@ -74,10 +74,10 @@ use messages::command::Refusal;
 use servicekit::clock::now_ms;
 
 /// Most refusal reports written per minute; further refusals are only counted and logged.
-pub const REFUSAL_REPORTS_PER_MINUTE: u32 = 30;
+pub(crate) const REFUSAL_REPORTS_PER_MINUTE: u32 = 30;
 
 /// Outbox entry kind of a status report (a msgpack [`Report`]).
-pub const REPORT_KIND: &str = "report";
+pub(crate) const REPORT_KIND: &str = "report";
 
 /// Longest wait for TCP connect plus the WebSocket handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -434,7 +434,7 @@ impl TaskTraces {
 }
 
 /// Runs sessions until shutdown or a fatal close, counting in `metrics`.
-pub async fn run(
+pub(crate) async fn run(
     config: AgentConfig,
     outbox: Arc<Outbox>,
     configs: Arc<Configs>,

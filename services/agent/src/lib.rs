@@ -22,19 +22,19 @@
 //!   served on the optional `/metrics` + `/healthz` endpoint (`metrics_listen`) by
 //!   `servicekit::metrics_server`.
 
-pub mod agent_metrics;
-pub mod backoff;
-pub mod config;
-pub mod configs;
-pub mod connection;
+mod agent_metrics;
+mod backoff;
+mod config;
+mod configs;
+mod connection;
 pub mod executor;
-pub mod metrics;
-pub mod outbox;
+mod metrics;
+mod outbox;
 pub mod output;
-pub mod policy;
-pub mod relay;
-pub mod trust;
-pub mod tunnel;
+mod policy;
+mod relay;
+mod trust;
+mod tunnel;
 pub mod upgrade;
 
 pub use agent_metrics::AgentMetrics;

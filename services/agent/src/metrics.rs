@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Disk usage at or above this percentage makes the agent degraded.
-pub const DISK_DEGRADED_PCT: f64 = 90.0;
+pub(crate) const DISK_DEGRADED_PCT: f64 = 90.0;
 /// Memory usage at or above this percentage makes the agent degraded.
-pub const MEM_DEGRADED_PCT: f64 = 95.0;
+pub(crate) const MEM_DEGRADED_PCT: f64 = 95.0;
 
 /// CPU time counters from `/proc/stat`'s first line: (busy, total) jiffies.
 fn cpu_counters(stat: &str) -> Option<(u64, u64)> {
@@ -60,7 +60,7 @@ fn disk_pct(df_output: &str) -> Option<f64> {
 
 /// Samples the host and accumulates averages until [`Sampler::take`].
 #[derive(Debug)]
-pub struct Sampler {
+pub(crate) struct Sampler {
     /// File system to report (the one holding the outbox: the disk the agent needs).
     disk_path: PathBuf,
     /// Previous CPU counters, to turn cumulative jiffies into a busy percentage.
@@ -71,7 +71,7 @@ pub struct Sampler {
 
 impl Sampler {
     /// A sampler reporting the disk that holds `disk_path`.
-    pub fn new(disk_path: &Path) -> Self {
+    pub(crate) fn new(disk_path: &Path) -> Self {
         let dir = disk_path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -92,7 +92,7 @@ impl Sampler {
     }
 
     /// Takes one sample (blocking: reads files and runs `df`).
-    pub fn sample(&mut self) {
+    pub(crate) fn sample(&mut self) {
         let read = |p: &str| std::fs::read_to_string(p).ok();
         if let Some(now) = read("/proc/stat").as_deref().and_then(cpu_counters) {
             if let Some((busy0, total0)) = self.last_cpu {
@@ -120,7 +120,7 @@ impl Sampler {
     }
 
     /// Averages since the last call, and starts a new window.
-    pub fn take(&mut self) -> BTreeMap<String, f64> {
+    pub(crate) fn take(&mut self) -> BTreeMap<String, f64> {
         std::mem::take(&mut self.sums)
             .into_iter()
             .map(|(k, (sum, n))| (k.to_owned(), sum / f64::from(n.max(1))))
@@ -129,7 +129,7 @@ impl Sampler {
 }
 
 /// Why the agent should report itself degraded, if it should.
-pub fn degraded_reason(metrics: &BTreeMap<String, f64>) -> Option<String> {
+pub(crate) fn degraded_reason(metrics: &BTreeMap<String, f64>) -> Option<String> {
     if let Some(d) = metrics.get("disk_pct").filter(|d| **d >= DISK_DEGRADED_PCT) {
         return Some(format!("disk {d:.0}% full"));
     }

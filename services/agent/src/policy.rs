@@ -40,7 +40,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// The default command search path (the usual root `PATH`).
-pub const DEFAULT_SEARCH_PATH: [&str; 6] = [
+pub(crate) const DEFAULT_SEARCH_PATH: [&str; 6] = [
     "/usr/local/sbin",
     "/usr/local/bin",
     "/usr/sbin",
@@ -50,10 +50,10 @@ pub const DEFAULT_SEARCH_PATH: [&str; 6] = [
 ];
 
 /// Default cap on tasks running at once.
-pub const DEFAULT_MAX_CONCURRENT_TASKS: usize = 16;
+pub(crate) const DEFAULT_MAX_CONCURRENT_TASKS: usize = 16;
 
 /// Default cap on a task's timeout.
-pub const DEFAULT_MAX_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+pub(crate) const DEFAULT_MAX_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// A task with a zero timeout gets this one (or the cap, if lower): "no timeout" is not
 /// something an edge machine should accept from the network.
@@ -61,12 +61,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `LANG` in every child's environment: a UTF-8 locale that exists on every glibc system
 /// (and falls back to `C` where it does not), so output is not locale roulette.
-pub const CHILD_LANG: &str = "C.UTF-8";
+pub(crate) const CHILD_LANG: &str = "C.UTF-8";
 
 /// Ranges the probes refuse unless `probe_allow` names them: IPv4 link-local (which holds
 /// 169.254.169.254, the AWS, GCP, Azure and OpenStack metadata service), IPv6 link-local,
 /// AWS's IPv6 metadata address and Alibaba Cloud's metadata address.
-pub const BUILTIN_PROBE_DENY: [&str; 4] = [
+pub(crate) const BUILTIN_PROBE_DENY: [&str; 4] = [
     "169.254.0.0/16",
     "fe80::/10",
     "fd00:ec2::254/128",
@@ -123,14 +123,14 @@ const FORBIDDEN_ENV: [&str; 37] = [
 const FORBIDDEN_ENV_PREFIXES: [&str; 3] = ["LD_", "DYLD_", "BASH_FUNC_"];
 
 /// Whether `name` is one a task may never set (compared case-insensitively).
-pub fn is_forbidden_env(name: &str) -> bool {
+pub(crate) fn is_forbidden_env(name: &str) -> bool {
     let upper = name.to_ascii_uppercase();
     FORBIDDEN_ENV.contains(&upper.as_str())
         || FORBIDDEN_ENV_PREFIXES.iter().any(|p| upper.starts_with(p))
 }
 
 /// Whether `name` is a portable environment variable name (`[A-Za-z_][A-Za-z0-9_]*`).
-pub fn is_env_name(name: &str) -> bool {
+pub(crate) fn is_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -570,7 +570,7 @@ fn is_executable_file(path: &Path) -> bool {
 
 /// Checks that a probe URL or target has only printable ASCII and no spaces, so nothing in
 /// it can end a request line or add a header.
-pub fn check_probe_text(text: &str) -> Result<(), Refusal> {
+pub(crate) fn check_probe_text(text: &str) -> Result<(), Refusal> {
     if text.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
@@ -580,7 +580,7 @@ pub fn check_probe_text(text: &str) -> Result<(), Refusal> {
 
 /// Whether `host` is a host name (letters, digits, `-`, `_`, `.`) or an IP literal
 /// (without brackets).
-pub fn is_probe_host(host: &str) -> bool {
+pub(crate) fn is_probe_host(host: &str) -> bool {
     !host.is_empty()
         && (host.parse::<IpAddr>().is_ok()
             || host

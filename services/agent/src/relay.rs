@@ -40,7 +40,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The agent's gateway URLs rewritten to reach the gateways through its own relay
 /// listener at `listen` (loopback when it listens on every address).
-pub fn own_gateways(gateways: &[String], listen: SocketAddr) -> Vec<String> {
+pub(crate) fn own_gateways(gateways: &[String], listen: SocketAddr) -> Vec<String> {
     let mut local = listen;
     if local.ip().is_unspecified() {
         local.set_ip(if local.is_ipv4() {
@@ -72,7 +72,11 @@ fn relay_url(gateway: &str) -> String {
 }
 
 /// Runs the relay on `listener` until `shutdown` turns true.
-pub async fn run(listener: TcpListener, config: AgentConfig, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn run(
+    listener: TcpListener,
+    config: AgentConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let current: Arc<Mutex<Option<Mux>>> = Arc::new(Mutex::new(None));
     let upstream = tokio::spawn(upstream_loop(
         config,

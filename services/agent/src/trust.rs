@@ -27,11 +27,11 @@ use crate::config::Token;
 use crate::outbox::{Outbox, OutboxError};
 
 /// Outbox entry kind of a refusal report (a msgpack [`Refused`]).
-pub const REFUSED_KIND: &str = "refused";
+pub(crate) const REFUSED_KIND: &str = "refused";
 
 /// Why a renewed credential could not be taken.
 #[derive(Debug, thiserror::Error)]
-pub enum CredentialError {
+pub(crate) enum CredentialError {
     /// The token's claims do not decode.
     #[error("the renewed token is not a readable JWT")]
     Unreadable,
@@ -66,13 +66,13 @@ fn claims(token: &str) -> Option<Claims> {
 }
 
 /// The expiry (unix s) a token claims, if readable.
-pub fn expiry(token: &str) -> Option<u64> {
+pub(crate) fn expiry(token: &str) -> Option<u64> {
     claims(token)?.exp
 }
 
 /// The credentials the agent can connect with.
 #[derive(Debug)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     node: String,
     enrolment: Token,
     token_file: Option<PathBuf>,
@@ -82,7 +82,12 @@ pub struct Credentials {
 
 impl Credentials {
     /// From the configuration; reads a renewed credential left by an earlier run.
-    pub fn new(node: &str, enrolment: Token, token_file: Option<PathBuf>, path: PathBuf) -> Self {
+    pub(crate) fn new(
+        node: &str,
+        enrolment: Token,
+        token_file: Option<PathBuf>,
+        path: PathBuf,
+    ) -> Self {
         let renewed = std::fs::read_to_string(&path)
             .ok()
             .map(|t| t.trim().to_owned())
@@ -99,7 +104,7 @@ impl Credentials {
 
     /// The token to connect with now: the valid one that expires last (a token whose
     /// expiry cannot be read counts as expiring never, as before renewal existed).
-    pub fn current(&self, now_s: u64) -> Token {
+    pub(crate) fn current(&self, now_s: u64) -> Token {
         let mut candidates = Vec::new();
         if let Some(t) = lock(&self.renewed).clone() {
             candidates.push(t);
@@ -129,7 +134,7 @@ impl Credentials {
 
     /// Takes a renewed token: checks it names this node, stores it durably, uses it from
     /// the next connect on. Blocking (fsync).
-    pub fn renew(&self, token: &str) -> Result<u64, CredentialError> {
+    pub(crate) fn renew(&self, token: &str) -> Result<u64, CredentialError> {
         let c = claims(token).ok_or(CredentialError::Unreadable)?;
         match c.sub {
             Some(sub) if sub == self.node => {}
@@ -189,7 +194,7 @@ fn acts(route: &str) -> bool {
 
 /// Why a push was not admitted.
 #[derive(Debug, thiserror::Error)]
-pub enum GateError {
+pub(crate) enum GateError {
     /// Refused; report it.
     #[error("{0}")]
     Refused(Refusal),
@@ -200,14 +205,14 @@ pub enum GateError {
 
 /// Decides whether a push may be acted on.
 #[derive(Debug)]
-pub struct Gate {
+pub(crate) struct Gate {
     node: String,
     keys: CommandVerifier,
 }
 
 impl Gate {
     /// For `node` with the pinned `keys`.
-    pub fn new(node: &str, keys: CommandVerifier) -> Self {
+    pub(crate) fn new(node: &str, keys: CommandVerifier) -> Self {
         Gate {
             node: node.to_owned(),
             keys,
@@ -216,7 +221,7 @@ impl Gate {
 
     /// Verifies `body` as a command for this node on `route`; for acting routes, records
     /// its id in `outbox` first. Blocking (fsync) for acting routes.
-    pub fn admit(
+    pub(crate) fn admit(
         &self,
         outbox: &Outbox,
         route: &str,
@@ -238,7 +243,7 @@ impl Gate {
 }
 
 /// The refusal report for a push, with what the (unverified) envelope claimed.
-pub fn refusal_report(route: &str, body: &[u8], refusal: &Refusal, now_ms: u64) -> Refused {
+pub(crate) fn refusal_report(route: &str, body: &[u8], refusal: &Refusal, now_ms: u64) -> Refused {
     let claimed = messages::command::peek(body);
     let (task_id, attempt) = claimed
         .as_ref()

@@ -28,7 +28,7 @@ const MIN_IDLE: Duration = Duration::from_secs(1);
 
 /// What the stream tasks hand the session loop.
 #[derive(Debug)]
-pub enum Up {
+pub(crate) enum Up {
     /// Publish `body` on `route`.
     Frame {
         /// A [`messages::tunnel`] route.
@@ -65,7 +65,7 @@ impl Drop for Stream {
 
 /// The streams of one session.
 #[derive(Debug)]
-pub struct Tunnels {
+pub(crate) struct Tunnels {
     allow: Vec<String>,
     max: usize,
     streams: HashMap<u64, Stream>,
@@ -74,7 +74,7 @@ pub struct Tunnels {
 
 impl Tunnels {
     /// Streams that may dial `allow`, at most `max` at once, sending upward into `up`.
-    pub fn new(allow: Vec<String>, max: usize, up: mpsc::UnboundedSender<Up>) -> Self {
+    pub(crate) fn new(allow: Vec<String>, max: usize, up: mpsc::UnboundedSender<Up>) -> Self {
         Tunnels {
             allow,
             max,
@@ -84,23 +84,25 @@ impl Tunnels {
     }
 
     /// Streams open now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.streams.len()
     }
 
     /// Whether no stream is open.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.streams.is_empty()
     }
 
     /// Drops every stream (the session ended).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.streams.clear();
     }
 
     /// A signed open was admitted: refuse it (not allowed, too many, bad token) or start
     /// its stream.
-    pub fn open(&mut self, open: tunnel::Open) {
+    pub(crate) fn open(&mut self, open: tunnel::Open) {
         let refuse = |reason: CloseReason, detail: String| {
             tracing::warn!(stream = open.stream, remote = %open.remote, actor = %open.actor, reason = reason.as_str(), %detail, "Tunnel refused.");
             send_close(&self.up, open.stream, &open.token, reason, detail);
@@ -132,7 +134,7 @@ impl Tunnels {
 
     /// An unsigned frame for a stream (data, window or close): passed on if its token
     /// matches, dropped otherwise.
-    pub fn down(&mut self, route: &str, body: &[u8]) {
+    pub(crate) fn down(&mut self, route: &str, body: &[u8]) {
         let decoded = match route {
             tunnel::DATA => payload::from_bus::<tunnel::Data>(body)
                 .map(|d| (d.stream, d.token.clone(), Down::Data(d))),
@@ -163,7 +165,7 @@ impl Tunnels {
     }
 
     /// A stream task ended.
-    pub fn ended(&mut self, id: u64) {
+    pub(crate) fn ended(&mut self, id: u64) {
         self.streams.remove(&id);
     }
 }

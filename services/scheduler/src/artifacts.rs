@@ -16,7 +16,7 @@ use sha2::Digest;
 
 /// Why an artifact could not be stored or read.
 #[derive(Debug, thiserror::Error)]
-pub enum ArtifactError {
+pub(crate) enum ArtifactError {
     /// The file system refused.
     #[error("artifact store {path}: {source}")]
     Io {
@@ -32,23 +32,24 @@ pub enum ArtifactError {
 
 /// The artifact directory.
 #[derive(Debug, Clone)]
-pub struct Artifacts {
+pub(crate) struct Artifacts {
     dir: PathBuf,
 }
 
 impl Artifacts {
     /// Artifacts in `dir` (created on first write).
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> Self {
         Artifacts { dir: dir.into() }
     }
 
     /// The directory.
-    pub fn dir(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// Where artifact `sha256` lives.
-    pub fn path(&self, sha256: &str) -> Result<PathBuf, ArtifactError> {
+    pub(crate) fn path(&self, sha256: &str) -> Result<PathBuf, ArtifactError> {
         if !fleet::is_sha256_hex(sha256) {
             return Err(ArtifactError::Name(sha256.to_owned()));
         }
@@ -56,7 +57,7 @@ impl Artifacts {
     }
 
     /// Stores `bytes` under their SHA-256; returns it. Blocking (fsync).
-    pub fn put(&self, bytes: &[u8]) -> Result<String, ArtifactError> {
+    pub(crate) fn put(&self, bytes: &[u8]) -> Result<String, ArtifactError> {
         let io = |path: &Path, source| ArtifactError::Io {
             path: path.to_path_buf(),
             source,
@@ -92,7 +93,7 @@ impl Artifacts {
     }
 
     /// The bytes of artifact `sha256` (`None` when its file is missing). Blocking.
-    pub fn read(&self, sha256: &str) -> Result<Option<Vec<u8>>, ArtifactError> {
+    pub(crate) fn read(&self, sha256: &str) -> Result<Option<Vec<u8>>, ArtifactError> {
         let path = self.path(sha256)?;
         match std::fs::read(&path) {
             Ok(bytes) => Ok(Some(bytes)),

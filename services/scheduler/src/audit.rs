@@ -12,52 +12,52 @@ use serde_json::Value;
 use crate::Shared;
 use crate::auth::Actor;
 use crate::bus::{BusError, blocking};
-pub use crate::store::{AuditEntry, NewAuditEntry};
+pub(crate) use crate::store::{AuditEntry, NewAuditEntry};
 use servicekit::clock::now_ms;
 
 /// A task was created.
-pub const TASK_CREATE: &str = "task.create";
+pub(crate) const TASK_CREATE: &str = "task.create";
 /// A task was cancelled.
-pub const TASK_CANCEL: &str = "task.cancel";
+pub(crate) const TASK_CANCEL: &str = "task.cancel";
 /// An agent was revoked.
-pub const AGENT_REVOKE: &str = "agent.revoke";
+pub(crate) const AGENT_REVOKE: &str = "agent.revoke";
 /// An agent's labels were pinned by an operator.
-pub const AGENT_LABELS: &str = "agent.labels";
+pub(crate) const AGENT_LABELS: &str = "agent.labels";
 /// An operator lifted a node's revocation.
-pub const AGENT_UNREVOKE: &str = "agent.unrevoke";
+pub(crate) const AGENT_UNREVOKE: &str = "agent.unrevoke";
 /// An operator issued an enrolment token for a node.
-pub const AGENT_ENROL: &str = "agent.enrol";
+pub(crate) const AGENT_ENROL: &str = "agent.enrol";
 /// A schedule was created.
-pub const SCHEDULE_CREATE: &str = "schedule.create";
+pub(crate) const SCHEDULE_CREATE: &str = "schedule.create";
 /// A schedule was deleted.
-pub const SCHEDULE_DELETE: &str = "schedule.delete";
+pub(crate) const SCHEDULE_DELETE: &str = "schedule.delete";
 /// A schedule was paused.
-pub const SCHEDULE_PAUSE: &str = "schedule.pause";
+pub(crate) const SCHEDULE_PAUSE: &str = "schedule.pause";
 /// A schedule was resumed.
-pub const SCHEDULE_RESUME: &str = "schedule.resume";
+pub(crate) const SCHEDULE_RESUME: &str = "schedule.resume";
 /// A schedule fired for a period (actor `scheduler`): the task it created, or why none.
-pub const SCHEDULE_FIRE: &str = "schedule.fire";
+pub(crate) const SCHEDULE_FIRE: &str = "schedule.fire";
 /// A rollout was created.
-pub const ROLLOUT_CREATE: &str = "rollout.create";
+pub(crate) const ROLLOUT_CREATE: &str = "rollout.create";
 /// An operator paused, resumed, promoted or aborted a rollout (`rollout.<control>`).
-pub const ROLLOUT_CONTROL: &str = "rollout.control";
+pub(crate) const ROLLOUT_CONTROL: &str = "rollout.control";
 /// A rollout step (actor `scheduler`): a batch started or finished, a halt, completion.
-pub const ROLLOUT_STEP: &str = "rollout.step";
+pub(crate) const ROLLOUT_STEP: &str = "rollout.step";
 /// A new version of a config document was stored and made desired.
-pub const CONFIG_SET: &str = "config.set";
+pub(crate) const CONFIG_SET: &str = "config.set";
 /// A config document's desired version was moved back to an older one.
-pub const CONFIG_ROLLBACK: &str = "config.rollback";
+pub(crate) const CONFIG_ROLLBACK: &str = "config.rollback";
 /// An agent artifact was uploaded.
-pub const ARTIFACT_UPLOAD: &str = "artifact.upload";
+pub(crate) const ARTIFACT_UPLOAD: &str = "artifact.upload";
 /// An agent upgrade was started.
-pub const UPGRADE_START: &str = "upgrade.start";
+pub(crate) const UPGRADE_START: &str = "upgrade.start";
 /// A tunnel stream was opened, or the agent refused it (`outcome`).
-pub const TUNNEL_OPEN: &str = "tunnel.open";
+pub(crate) const TUNNEL_OPEN: &str = "tunnel.open";
 /// A tunnel stream closed (why, bytes each way, duration).
-pub const TUNNEL_CLOSE: &str = "tunnel.close";
+pub(crate) const TUNNEL_CLOSE: &str = "tunnel.close";
 
 /// The entry `actor` doing `action` to `target` makes.
-pub fn entry(
+pub(crate) fn entry(
     actor: &Actor,
     action: &str,
     target: impl Into<String>,
@@ -73,7 +73,7 @@ pub fn entry(
 }
 
 /// Logs a recorded entry at info level (target `audit`).
-pub fn log(entry: &AuditEntry) {
+pub(crate) fn log(entry: &AuditEntry) {
     tracing::info!(
         target: "audit",
         seq = entry.seq,
@@ -94,7 +94,7 @@ pub fn log(entry: &AuditEntry) {
 /// let actor = authorize(&req, &shared)?; // in the handler
 /// audit::record(&shared, &actor, audit::AGENT_REVOKE, format!("agent/{node}"), json!({})).await?;
 /// ```
-pub async fn record(
+pub(crate) async fn record(
     shared: &Shared,
     actor: &Actor,
     action: &str,

@@ -58,7 +58,7 @@ pub enum BusError {
 }
 
 /// Runs a store call on a blocking thread.
-pub async fn blocking<T, F>(shared: &Shared, f: F) -> Result<T, BusError>
+pub(crate) async fn blocking<T, F>(shared: &Shared, f: F) -> Result<T, BusError>
 where
     T: Send + 'static,
     F: FnOnce(&crate::store::Store) -> Result<T, StoreError> + Send + 'static,
@@ -71,7 +71,7 @@ where
 }
 
 /// The wire form of a stored agent state.
-pub fn wire_state(s: AgentState) -> WireState {
+pub(crate) fn wire_state(s: AgentState) -> WireState {
     match s {
         AgentState::Online => WireState::Online,
         AgentState::Degraded => WireState::Degraded,
@@ -80,7 +80,7 @@ pub fn wire_state(s: AgentState) -> WireState {
 }
 
 /// Stored task kind from the wire kind; the agent-side timeout lives in the kind.
-pub fn store_kind(kind: &fleet::TaskKind, timeout_ms: u64) -> TaskKind {
+pub(crate) fn store_kind(kind: &fleet::TaskKind, timeout_ms: u64) -> TaskKind {
     match kind.clone() {
         fleet::TaskKind::Command { argv, env, cwd } => TaskKind::Command {
             argv,
@@ -94,7 +94,7 @@ pub fn store_kind(kind: &fleet::TaskKind, timeout_ms: u64) -> TaskKind {
 }
 
 /// Wire task kind and agent-side timeout from the stored kind.
-pub fn wire_kind(kind: &TaskKind) -> (fleet::TaskKind, u64) {
+pub(crate) fn wire_kind(kind: &TaskKind) -> (fleet::TaskKind, u64) {
     match kind.clone() {
         TaskKind::Command {
             argv,
@@ -111,7 +111,7 @@ pub fn wire_kind(kind: &TaskKind) -> (fleet::TaskKind, u64) {
 
 /// Subscribes the consumers (before returning, so nothing published after start-up is
 /// missed), asks the gateways to re-announce their sessions, and starts the sweep.
-pub async fn start(
+pub(crate) async fn start(
     runtime: &tokio::runtime::Runtime,
     shared: &Arc<Shared>,
 ) -> Result<(), BusError> {
@@ -812,7 +812,7 @@ async fn announce(
 /// signed with the command key: the MessagePack body goes inside a signed envelope that
 /// names the node, the route and an expiry ([`messages::command`]), so the agent can check
 /// that the control plane sent it whatever carried it.
-pub async fn push<T: Serialize>(
+pub(crate) async fn push<T: Serialize>(
     shared: &Shared,
     node: &UserId,
     route: &'static str,
@@ -848,7 +848,7 @@ pub async fn push<T: Serialize>(
 /// Publishes a tunnel frame to `node` without a signature: data, windows and closes are
 /// bound to their stream by the token of its signed open (ADR 0014), and signing every
 /// chunk would cost a signature and the agent a verification per 32 KiB.
-pub async fn push_unsigned<T: Serialize>(
+pub(crate) async fn push_unsigned<T: Serialize>(
     shared: &Shared,
     node: &UserId,
     route: &'static str,
@@ -867,7 +867,11 @@ pub async fn push_unsigned<T: Serialize>(
 }
 
 /// Closes `node`'s agent sockets on every gateway with `code` (a revoked node).
-pub async fn close_agent(shared: &Shared, node: &UserId, code: CloseCode) -> Result<(), BusError> {
+pub(crate) async fn close_agent(
+    shared: &Shared,
+    node: &UserId,
+    code: CloseCode,
+) -> Result<(), BusError> {
     shared
         .client
         .publish_with_headers(
@@ -881,7 +885,7 @@ pub async fn close_agent(shared: &Shared, node: &UserId, code: CloseCode) -> Res
 
 /// Issues `node` a fresh agent token and pushes it (signed) over its live connection, if
 /// the scheduler holds the agent-token key.
-pub async fn renew_credential(shared: &Shared, node: &UserId) -> Result<(), BusError> {
+pub(crate) async fn renew_credential(shared: &Shared, node: &UserId) -> Result<(), BusError> {
     let Some(tokens) = shared.config.agent_tokens.as_ref() else {
         return Ok(());
     };
@@ -922,7 +926,7 @@ async fn renew_due(shared: &Shared) {
 ///
 /// The store is updated first: if the push is lost the attempt expires and is retried,
 /// whereas pushing first could let the result arrive before the target left Pending.
-pub async fn dispatch(
+pub(crate) async fn dispatch(
     shared: &Shared,
     node: &UserId,
     task_id: TaskId,
@@ -940,7 +944,7 @@ pub async fn dispatch(
 /// the targets the store refused (cancelled or dispatched meanwhile, not a target) with
 /// the reason; those get nothing. A failed push leaves its target Dispatched: the attempt
 /// expires and is retried like any lost message.
-pub async fn dispatch_many(
+pub(crate) async fn dispatch_many(
     shared: &Shared,
     task_id: TaskId,
     spec: &TaskSpec,
@@ -984,7 +988,7 @@ pub async fn dispatch_many(
 }
 
 /// Sends `node` every task waiting for it, oldest first.
-pub async fn dispatch_pending(shared: &Shared, node: &UserId) -> Result<(), BusError> {
+pub(crate) async fn dispatch_pending(shared: &Shared, node: &UserId) -> Result<(), BusError> {
     let n = node.clone();
     let pending = blocking(shared, move |store| store.pending_for(&n)).await?;
     for (task_id, spec) in pending {
@@ -998,14 +1002,14 @@ pub async fn dispatch_pending(shared: &Shared, node: &UserId) -> Result<(), BusE
 }
 
 /// Whether an agent can take work now.
-pub fn is_up(state: AgentState) -> bool {
+pub(crate) fn is_up(state: AgentState) -> bool {
     state.is_up()
 }
 
 /// Pushes `body` on `route` to each of `nodes` that is up (the others get what they lack
 /// when they register); counts each push that went out in `sent_metric` and returns how
 /// many did. A failed push is logged, not fatal, for the same reason.
-pub async fn push_to_up<T: Serialize>(
+pub(crate) async fn push_to_up<T: Serialize>(
     shared: &Shared,
     nodes: Vec<UserId>,
     route: &'static str,
@@ -1046,7 +1050,7 @@ async fn sweep(shared: std::sync::Weak<Shared>) {
 }
 
 /// One liveness and deadline pass (public so tests and tools can force one).
-pub async fn sweep_once(shared: &Shared) -> Result<(), BusError> {
+pub(crate) async fn sweep_once(shared: &Shared) -> Result<(), BusError> {
     renew_due(shared).await;
     let now = now_ms();
     let offline_after =

@@ -129,13 +129,13 @@ pub struct Args {
 }
 
 /// How long an `Idempotency-Key` is remembered by default (as long as Stripe keeps them).
-pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Shortest leader lease TTL accepted.
-pub const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
+pub(crate) const MIN_LEASE_TTL: Duration = Duration::from_millis(300);
 
 /// The host name (the default instance name), or `scheduler` if it cannot be read.
-pub fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     // Linux exposes it here; no extra dependency is needed for one read.
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()

@@ -20,7 +20,7 @@ use crate::store::{AgentRecord, ConfigVersion, NewConfigAck};
 /// Pushes `version` to each of `nodes` that is up; the others get it when they register.
 /// Returns how many pushes went out. A failed push is logged, not fatal: the node stays
 /// pending and converges at its next register.
-pub async fn push_to_up(
+pub(crate) async fn push_to_up(
     shared: &Shared,
     nodes: Vec<UserId>,
     version: &ConfigVersion,
@@ -37,7 +37,7 @@ pub async fn push_to_up(
 }
 
 /// At a register: records what the agent has and pushes each desired version it lacks.
-pub async fn converge(
+pub(crate) async fn converge(
     shared: &Shared,
     agent: AgentRecord,
     reported: BTreeMap<String, AppliedConfig>,
@@ -59,7 +59,7 @@ pub async fn converge(
 /// back as thousands of acks at once) and acknowledges each agent's outbox messages with
 /// one push per agent. Acks without a usable message id are dropped with a warning; if the
 /// store fails, nothing is acknowledged and the agents replay.
-pub async fn ack_many(shared: &Shared, acks: Vec<(UserId, fleet::ConfigAck)>) {
+pub(crate) async fn ack_many(shared: &Shared, acks: Vec<(UserId, fleet::ConfigAck)>) {
     let acks: Vec<(UserId, fleet::ConfigAck)> = acks
         .into_iter()
         .filter(|(node, a)| {

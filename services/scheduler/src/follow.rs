@@ -39,24 +39,24 @@ use crate::bus::blocking;
 use crate::store::{TargetStatus, TaskId};
 
 /// How often target states are read.
-pub const POLL: Duration = Duration::from_millis(200);
+pub(crate) const POLL: Duration = Duration::from_millis(200);
 /// How often an idle stream gets a comment line.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Followers one scheduler serves at once; more get 503.
-pub const MAX_FOLLOWERS: usize = 256;
+pub(crate) const MAX_FOLLOWERS: usize = 256;
 
 /// One SSE event.
-pub fn event(name: &str, data: &serde_json::Value) -> Bytes {
+pub(crate) fn event(name: &str, data: &serde_json::Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
 /// A follower slot, released when dropped.
 #[derive(Debug)]
-pub struct Slot(Arc<Shared>);
+pub(crate) struct Slot(Arc<Shared>);
 
 impl Slot {
     /// Takes a slot, or `None` when [`MAX_FOLLOWERS`] are following.
-    pub fn take(shared: &Arc<Shared>) -> Option<Slot> {
+    pub(crate) fn take(shared: &Arc<Shared>) -> Option<Slot> {
         shared
             .followers
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -171,7 +171,7 @@ async fn send(tx: &mpsc::Sender<Bytes>, events: Vec<Bytes>) -> Result<(), Stop> 
 
 /// Feeds `tx` with the events of `task_id` until every target finished or the follower
 /// leaves. Holds `slot` for as long as it runs.
-pub async fn run(shared: Arc<Shared>, task_id: TaskId, tx: mpsc::Sender<Bytes>, slot: Slot) {
+pub(crate) async fn run(shared: Arc<Shared>, task_id: TaskId, tx: mpsc::Sender<Bytes>, slot: Slot) {
     let _ = follow(&shared, task_id, &tx).await;
     drop(slot);
 }

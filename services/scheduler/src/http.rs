@@ -42,7 +42,7 @@ const OPENAPI: &str = include_str!("openapi.json");
 const MAX_LIST: usize = 1000;
 
 /// Registers the routes.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(servicekit::http::healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
@@ -71,7 +71,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// `/healthz` answers 200, `/readyz` 503 with `{"ready": false, "role": "standby"}`, and
 /// everything else 503 with `{"error": "standby"}`, so a load balancer sends operators to
 /// the active instance and a client that reaches this one learns why it cannot help.
-pub fn standby_routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn standby_routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(servicekit::http::healthz))
         .route("/readyz", web::get().to(standby_readyz))
         .default_service(web::to(standby_api));

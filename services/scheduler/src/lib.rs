@@ -24,22 +24,22 @@
 //!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
-pub mod artifacts;
-pub mod audit;
+mod artifacts;
+mod audit;
 pub mod auth;
-pub mod bus;
-pub mod config;
-pub mod configs;
-pub mod follow;
+mod bus;
+mod config;
+mod configs;
+mod follow;
 mod http;
 pub mod lease;
-pub mod output;
-pub mod rollout;
-pub mod schedule;
+mod output;
+mod rollout;
+mod schedule;
 pub mod store;
 pub mod trust;
-pub mod tunnel;
-pub mod upgrades;
+mod tunnel;
+mod upgrades;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use crate::store::TaskId;
 
 /// Chunks a follower may lag behind before it must re-read the kept chunks.
-pub const FOLLOW_BACKLOG: usize = 1024;
+pub(crate) const FOLLOW_BACKLOG: usize = 1024;
 
 /// A chunk as broadcast to followers.
 #[derive(Debug, Clone)]
@@ -30,9 +30,9 @@ pub struct Streamed {
 }
 
 /// Output bytes kept per (task, node).
-pub const MAX_BYTES_PER_TARGET: usize = 64 * 1024;
+pub(crate) const MAX_BYTES_PER_TARGET: usize = 64 * 1024;
 /// Targets whose output is kept.
-pub const MAX_TARGETS: usize = 4096;
+pub(crate) const MAX_TARGETS: usize = 4096;
 
 #[derive(Debug, Default)]
 struct Buffer {

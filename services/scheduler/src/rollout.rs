@@ -19,9 +19,9 @@ use crate::bus::{self, BusError, blocking};
 use crate::store::{RolloutId, RolloutState, StartedWork, Step, Work};
 
 /// How often the loop steps the rollouts: a batch finishes or starts at most this late.
-pub const TICK: Duration = Duration::from_millis(250);
+pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// The audit actor of steps (no API key makes them).
-pub const STEP_ACTOR: &str = "scheduler";
+pub(crate) const STEP_ACTOR: &str = "scheduler";
 
 /// The audit detail of a step.
 fn step_detail(step: &Step) -> serde_json::Value {
@@ -53,7 +53,7 @@ fn step_detail(step: &Step) -> serde_json::Value {
 }
 
 /// The task id (`task`) or upgrade id of a batch's work, if it is of that kind.
-pub fn work_id(work: Work, task: bool) -> Option<u64> {
+pub(crate) fn work_id(work: Work, task: bool) -> Option<u64> {
     match work {
         Work::Task(id) if task => Some(id),
         Work::Upgrade(id) if !task => Some(id),
@@ -62,7 +62,7 @@ pub fn work_id(work: Work, task: bool) -> Option<u64> {
 }
 
 /// The config version a batch's work pinned, if it is a config batch.
-pub fn config_version(work: Work) -> Option<u64> {
+pub(crate) fn config_version(work: Work) -> Option<u64> {
     match work {
         Work::Config(version) => Some(version),
         _ => None,
@@ -70,7 +70,7 @@ pub fn config_version(work: Work) -> Option<u64> {
 }
 
 /// Steps every unfinished rollout once at `now_ms` (public so tests can drive it).
-pub async fn tick(shared: &Shared, now: u64) -> Result<(), BusError> {
+pub(crate) async fn tick(shared: &Shared, now: u64) -> Result<(), BusError> {
     let active = blocking(shared, |store| store.active_rollouts()).await?;
     for id in active {
         // A batch that finished lets the next one start in the same pass (when there is no
@@ -192,7 +192,7 @@ async fn step(shared: &Shared, id: RolloutId, now: u64) -> Result<bool, BusError
 }
 
 /// Tells the agents of `nodes` that `task_id` is cancelled (their targets already are).
-pub async fn cancel(shared: &Shared, task_id: u64, nodes: &[messages::UserId]) {
+pub(crate) async fn cancel(shared: &Shared, task_id: u64, nodes: &[messages::UserId]) {
     for node in nodes {
         if let Err(e) = bus::push(
             shared,
@@ -209,7 +209,7 @@ pub async fn cancel(shared: &Shared, task_id: u64, nodes: &[messages::UserId]) {
 }
 
 /// Every [`TICK`], steps the rollouts, until `shared` is dropped (the active phase ended).
-pub async fn run(shared: Weak<Shared>) {
+pub(crate) async fn run(shared: Weak<Shared>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {

@@ -27,15 +27,15 @@ use crate::bus::{self, BusError, blocking};
 use crate::store::{Fire, ScheduleRecord};
 
 /// How often the loop looks for due schedules: a fire is at most this late.
-pub const TICK: Duration = Duration::from_millis(250);
+pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// Longest cron expression accepted.
-pub const MAX_CRON_LEN: usize = 200;
+pub(crate) const MAX_CRON_LEN: usize = 200;
 /// The audit actor of fires (no API key fires a schedule).
-pub const FIRE_ACTOR: &str = "scheduler";
+pub(crate) const FIRE_ACTOR: &str = "scheduler";
 
 /// Why a cron expression was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ScheduleError {
+pub(crate) enum ScheduleError {
     /// The expression does not parse; the message says why.
     #[error("invalid cron expression {expr:?}: {reason}")]
     InvalidCron {
@@ -53,13 +53,13 @@ pub enum ScheduleError {
 /// leading seconds field; names (`MON`, `JAN`) and `L`/`W`/`#` as croner accepts them.
 /// Always evaluated in UTC.
 #[derive(Debug, Clone)]
-pub struct CronExpr {
+pub(crate) struct CronExpr {
     cron: Cron,
 }
 
 impl CronExpr {
     /// Parses and checks that the expression fires at least once after `now_secs`.
-    pub fn parse(expr: &str, now_secs: u64) -> Result<Self, ScheduleError> {
+    pub(crate) fn parse(expr: &str, now_secs: u64) -> Result<Self, ScheduleError> {
         let invalid = |reason: String| ScheduleError::InvalidCron {
             expr: expr.to_owned(),
             reason,
@@ -86,14 +86,14 @@ impl CronExpr {
     }
 
     /// The first occurrence strictly after `secs` (unix seconds, UTC).
-    pub fn next_after(&self, secs: u64) -> Option<u64> {
+    pub(crate) fn next_after(&self, secs: u64) -> Option<u64> {
         let t = utc(secs)?;
         let next = self.cron.find_next_occurrence(&t, false).ok()?;
         u64::try_from(next.timestamp()).ok()
     }
 
     /// The last occurrence at or before `secs`.
-    pub fn latest_at_or_before(&self, secs: u64) -> Option<u64> {
+    pub(crate) fn latest_at_or_before(&self, secs: u64) -> Option<u64> {
         let t = utc(secs)?;
         let prev = self.cron.find_previous_occurrence(&t, true).ok()?;
         u64::try_from(prev.timestamp()).ok()
@@ -116,7 +116,7 @@ fn utc(secs: u64) -> Option<DateTime<Utc>> {
 /// The period due at `now` for a schedule whose periods up to `since` are done: the latest
 /// occurrence `p` with `since < p <= now`, or `None`. Missed periods before `p` are not
 /// returned (catch-up fires the latest missed period only).
-pub fn due(cron: &CronExpr, since: u64, now: u64) -> Option<u64> {
+pub(crate) fn due(cron: &CronExpr, since: u64, now: u64) -> Option<u64> {
     if now <= since {
         return None;
     }
@@ -126,7 +126,7 @@ pub fn due(cron: &CronExpr, since: u64, now: u64) -> Option<u64> {
 /// Fires every due schedule once (see [`due`]) and dispatches the tasks created to the
 /// targets that are up; returns the outcomes (a schedule whose fire failed is logged and
 /// left out). `now` is unix seconds. Fails only if the schedules cannot be read.
-pub async fn tick(shared: &Shared, now: u64) -> Result<Vec<(u64, Fire)>, BusError> {
+pub(crate) async fn tick(shared: &Shared, now: u64) -> Result<Vec<(u64, Fire)>, BusError> {
     let schedules = blocking(shared, |store| store.schedules()).await?;
     let mut outcomes = Vec::new();
     for record in schedules.into_iter().filter(|s| !s.paused) {
@@ -213,7 +213,7 @@ async fn fire(shared: &Shared, record: &ScheduleRecord, period: u64) -> Result<F
 }
 
 /// Every [`TICK`], fires what is due, until `shared` is dropped (the active phase ended).
-pub async fn run(shared: Weak<Shared>) {
+pub(crate) async fn run(shared: Weak<Shared>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {

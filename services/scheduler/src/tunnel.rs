@@ -22,7 +22,7 @@ use crate::Shared;
 
 /// A frame for one stream's bridge, already matched to it.
 #[derive(Debug)]
-pub enum Up {
+pub(crate) enum Up {
     /// The agent dialled the remote address; the downward window.
     Opened(u32),
     /// Bytes from the remote.
@@ -35,7 +35,7 @@ pub enum Up {
 
 /// Why a stream could not be registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CapError {
+pub(crate) enum CapError {
     /// The agent has its cap of streams open.
     #[error("{0} tunnel streams are open to this agent (the scheduler's cap)")]
     Agent(usize),
@@ -79,7 +79,7 @@ impl Default for Tunnels {
 
 /// A registered stream; dropping it forgets the stream and frees its cap slots.
 #[derive(Debug)]
-pub struct Registration {
+pub(crate) struct Registration {
     shared: Arc<Shared>,
     /// Stream id.
     pub stream: u64,
@@ -133,7 +133,7 @@ impl Tunnels {
 }
 
 /// Registers a stream to `node` for API key `key`, within the caps.
-pub fn register(
+pub(crate) fn register(
     shared: &Arc<Shared>,
     node: &UserId,
     key: &str,
@@ -180,7 +180,7 @@ pub fn register(
 }
 
 /// Whether `route` is an agent's tunnel frame (handled here, not by the store's consumer).
-pub fn is_tunnel_route(route: &str) -> bool {
+pub(crate) fn is_tunnel_route(route: &str) -> bool {
     matches!(
         route,
         tunnel::OPENED | tunnel::DATA | tunnel::WINDOW | tunnel::CLOSE
@@ -189,7 +189,7 @@ pub fn is_tunnel_route(route: &str) -> bool {
 
 /// Routes a tunnel frame `node` published to its stream's bridge; frames for unknown
 /// streams, from another node or with a wrong token are dropped.
-pub fn on_upstream(
+pub(crate) fn on_upstream(
     shared: &Shared,
     node: &UserId,
     route: &str,

@@ -18,7 +18,7 @@ use crate::store::{UpgradeRecord, UpgradeState};
 
 /// Pushes `upgrade` to each of `nodes` that is up; returns how many pushes went out. A
 /// failed push is logged: the node stays pending and gets it at its next register.
-pub async fn push_to_up(
+pub(crate) async fn push_to_up(
     shared: &Shared,
     nodes: Vec<UserId>,
     upgrade: &UpgradeRecord,
@@ -36,7 +36,11 @@ pub async fn push_to_up(
 
 /// At a register: marks upgrades to the version the agent reports `online`, and pushes the
 /// ones still pending for it.
-pub async fn at_register(shared: &Shared, node: &UserId, version: String) -> Result<(), BusError> {
+pub(crate) async fn at_register(
+    shared: &Shared,
+    node: &UserId,
+    version: String,
+) -> Result<(), BusError> {
     let n = node.clone();
     let pending = blocking(shared, move |store| {
         store.upgrades_at_register(&n, &version, now_ms())
@@ -58,7 +62,7 @@ pub async fn at_register(shared: &Shared, node: &UserId, version: String) -> Res
 }
 
 /// Stores an agent's upgrade report and acknowledges it (so the agent clears its outbox).
-pub async fn result(
+pub(crate) async fn result(
     shared: &Shared,
     node: UserId,
     report: fleet::UpgradeResult,

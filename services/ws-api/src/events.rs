@@ -22,7 +22,7 @@ use crate::presence::PresenceError;
 
 /// Why handling one gateway event, or sending one control message, failed.
 #[derive(Debug, thiserror::Error)]
-pub enum EventError {
+pub(crate) enum EventError {
     /// A bus payload could not be decoded or encoded.
     #[error("payload: {0}")]
     Payload(#[from] PayloadError),
@@ -38,7 +38,7 @@ pub enum EventError {
 }
 
 /// Runs the event consumer until the subscription ends.
-pub async fn consume_events(shared: Arc<Shared>) {
+pub(crate) async fn consume_events(shared: Arc<Shared>) {
     let subject = subject::event_wildcard(ClientKind::App);
     let mut sub = match shared
         .client
@@ -190,7 +190,7 @@ async fn room_request(shared: &Shared, join: bool, req: RoomRequest) -> Result<(
 }
 
 /// Publishes a control message to one gateway.
-pub async fn send_control(
+pub(crate) async fn send_control(
     shared: &Shared,
     gateway: &messages::GatewayId,
     control: &GatewayControl,
@@ -204,7 +204,7 @@ pub async fn send_control(
 }
 
 /// Forwards clients' publish frames to `app.<route>` until the subscription ends.
-pub async fn forward_upstream(shared: Arc<Shared>) {
+pub(crate) async fn forward_upstream(shared: Arc<Shared>) {
     let subject = subject::upstream_wildcard(ClientKind::App);
     let mut sub = match shared
         .client

@@ -29,7 +29,7 @@ use servicekit::clock::now_ms;
 const OPENAPI: &str = include_str!("openapi.json");
 
 /// Registers the routes.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(servicekit::http::healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
@@ -55,7 +55,7 @@ fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), ApiError> {
 /// Who a push goes to.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Target {
+pub(crate) struct Target {
     /// Socket ids (decimal strings or numbers).
     #[serde(default)]
     pub sockets: Vec<serde_json::Value>,
@@ -73,7 +73,7 @@ pub struct Target {
 /// A push request in the JSON envelope.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PushRequest {
+pub(crate) struct PushRequest {
     /// Recipients.
     pub target: Target,
     /// A JSON body, delivered as JSON.

@@ -27,11 +27,11 @@
 
 pub mod config;
 pub mod demo;
-pub mod events;
-pub mod history;
+mod events;
+mod history;
 mod http;
-pub mod presence;
-pub mod receipts;
+mod presence;
+mod receipts;
 
 use std::future::Future;
 use std::net::TcpListener;

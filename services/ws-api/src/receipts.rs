@@ -37,7 +37,7 @@ pub struct Receipt {
 pub struct ReceiptError(String);
 
 /// How often counted acks and deliveries are folded into the bucket.
-pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// Counts not yet in the bucket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

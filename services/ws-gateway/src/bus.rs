@@ -104,7 +104,7 @@ pub struct Bus {
 /// sequence number; bodies with another nonce (another replica of the same name, a stray
 /// publisher) are ignored.
 #[derive(Debug)]
-pub struct Probe {
+pub(crate) struct Probe {
     subject: String,
     nonce: u64,
     /// Highest sequence number any caller asked to have confirmed.
@@ -128,7 +128,7 @@ impl Probe {
     /// Resolves once a probe published after this call has come back, i.e. once the server
     /// has processed every subscription this client sent before the call. Never resolves
     /// while the server does not answer; callers bound it with a timeout.
-    pub async fn confirm(&self) {
+    pub(crate) async fn confirm(&self) {
         let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
         let mut confirmed = self.confirmed.subscribe();
         self.wake.notify_one();

@@ -436,7 +436,7 @@ impl Config {
 /// Connections above the maximum that one actix worker still accepts, so that clients
 /// beyond our limit are answered 503 by our own check rather than left in the listen
 /// backlog; also room for `/healthz`, `/readyz` and `/metrics` while the replica is full.
-pub const ACCEPT_HEADROOM: usize = 1_024;
+pub(crate) const ACCEPT_HEADROOM: usize = 1_024;
 
 impl Config {
     /// The `max_connections` to give each actix worker. Actix counts per worker (default

@@ -14,7 +14,7 @@ use messages::payload::HeartbeatParams;
 
 /// Heartbeat state of one session.
 #[derive(Debug, Clone)]
-pub struct Heartbeat {
+pub(crate) struct Heartbeat {
     params: HeartbeatParams,
     /// Interval the client was last told to use.
     interval_ms: u32,
@@ -28,7 +28,7 @@ pub struct Heartbeat {
 
 /// What a beat did to the interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Beat {
+pub(crate) enum Beat {
     /// On time; interval unchanged.
     OnTime,
     /// On time and the interval grew.
@@ -39,7 +39,7 @@ pub enum Beat {
 
 impl Heartbeat {
     /// A session that starts now at the base interval.
-    pub fn new(params: HeartbeatParams, now: Instant) -> Self {
+    pub(crate) fn new(params: HeartbeatParams, now: Instant) -> Self {
         Heartbeat {
             params,
             interval_ms: params.base_ms,
@@ -50,13 +50,13 @@ impl Heartbeat {
     }
 
     /// The interval the client should use now.
-    pub fn interval_ms(&self) -> u32 {
+    pub(crate) fn interval_ms(&self) -> u32 {
         self.interval_ms
     }
 
     /// Records a heartbeat at `now` and returns what it did; [`Heartbeat::interval_ms`] is
     /// then the interval to put in the ack.
-    pub fn on_beat(&mut self, now: Instant) -> Beat {
+    pub(crate) fn on_beat(&mut self, now: Instant) -> Beat {
         let elapsed = now.saturating_duration_since(self.last_beat);
         let allowed = ms(self.interval_ms) + ms(self.interval_ms / 10);
         self.last_beat = now;
@@ -79,17 +79,17 @@ impl Heartbeat {
     }
 
     /// Records any other frame from the client.
-    pub fn on_activity(&mut self, now: Instant) {
+    pub(crate) fn on_activity(&mut self, now: Instant) {
         self.last_activity = now;
     }
 
     /// When the session expires if nothing else arrives.
-    pub fn deadline(&self) -> Instant {
+    pub(crate) fn deadline(&self) -> Instant {
         self.last_activity + ms(self.interval_ms) + ms(self.params.grace_ms)
     }
 
     /// Whether the session is past its deadline at `now`.
-    pub fn expired(&self, now: Instant) -> bool {
+    pub(crate) fn expired(&self, now: Instant) -> bool {
         now > self.deadline()
     }
 }

@@ -31,7 +31,7 @@ use crate::session::{Conn, ConnInit};
 use crate::transport::{self, Transport};
 
 /// Registers the routes.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/ws", web::get().to(plain_ws))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
@@ -254,7 +254,7 @@ impl From<UpgradeError> for Response<BoxBody> {
 /// Serves a request that asks for a protocol upgrade; the HTTP layer hands over the
 /// connection with it. `/ws` becomes a WebSocket session driven by this gateway
 /// (`transport`, `ws`); anything else is answered and closed.
-pub async fn upgrade<T: Transport + Send>(
+pub(crate) async fn upgrade<T: Transport + Send>(
     shared: Arc<Shared>,
     req: Request,
     mut framed: Framed<T, h1::Codec>,

@@ -50,7 +50,7 @@ pub trait Member: Clone {
 }
 
 /// Hands a message to the bus publisher; false when it could not be queued.
-pub type Publish = Box<dyn Fn(Outbound) -> bool + Send + Sync>;
+pub(crate) type Publish = Box<dyn Fn(Outbound) -> bool + Send + Sync>;
 
 /// See the module documentation.
 pub struct Hub<H> {

@@ -47,24 +47,24 @@
 //! body to [`bus`], which publishes it on `ws.msg.<kind>.<route>` and acks the client once
 //! NATS has it.
 
-pub mod admission;
+mod admission;
 pub mod auth;
-pub mod bus;
-pub mod config;
-pub mod heartbeat;
+mod bus;
+mod config;
+mod heartbeat;
 pub mod history;
 mod http;
-pub mod hub;
+mod hub;
 pub mod lease;
-pub mod link;
-pub mod longpoll;
-pub mod metrics;
-pub mod outbox;
-pub mod registry;
-pub mod relay;
-pub mod session;
+mod link;
+mod longpoll;
+mod metrics;
+mod outbox;
+mod registry;
+mod relay;
+mod session;
 mod transport;
-pub mod upstream;
+mod upstream;
 pub mod ws;
 
 use std::future::Future;

@@ -123,7 +123,7 @@ pub struct Delivery {
 }
 
 /// Receives every message of the link with the interest it was subscribed for.
-pub type Handler = Arc<dyn Fn(&Interest, Delivery) + Send + Sync>;
+pub(crate) type Handler = Arc<dyn Fn(&Interest, Delivery) + Send + Sync>;
 
 /// Where and as whom the link connects.
 #[derive(Clone)]
@@ -614,7 +614,7 @@ async fn writer(link: Arc<Link>, mut write: tokio::net::tcp::OwnedWriteHalf, pin
 
 /// Why a link connection failed.
 #[derive(Debug, thiserror::Error)]
-pub enum LinkError {
+pub(crate) enum LinkError {
     /// Socket error.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

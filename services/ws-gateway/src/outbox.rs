@@ -19,7 +19,7 @@ use crate::ws;
 /// appends the shared bytes here and wakes the actor only if it is not already due to
 /// drain, so a burst costs one queue slot per delivery and one wake-up per batch.
 #[derive(Debug, Default)]
-pub struct Inbox {
+pub(crate) struct Inbox {
     queue: Mutex<VecDeque<Bytes>>,
     /// A drain is due (a wake-up was sent and not handled yet).
     due: AtomicBool,
@@ -30,7 +30,7 @@ pub struct Inbox {
 impl Inbox {
     /// Offers a push; at most `limit` wait, past that the overflow is recorded (and the
     /// push dropped). Returns whether the caller must wake the actor.
-    pub fn offer(&self, frame: Bytes, limit: usize) -> bool {
+    pub(crate) fn offer(&self, frame: Bytes, limit: usize) -> bool {
         if let Ok(mut queue) = self.queue.lock() {
             if queue.len() >= limit {
                 self.overflow.store(true, Ordering::Release);
@@ -43,7 +43,7 @@ impl Inbox {
 
     /// Takes everything waiting; `Err` when a push was refused (the connection must close
     /// as a slow consumer).
-    pub fn take(&self) -> Result<VecDeque<Bytes>, Overflow> {
+    pub(crate) fn take(&self) -> Result<VecDeque<Bytes>, Overflow> {
         // Cleared before taking, so a push that lands after the take wakes the actor again.
         self.due.store(false, Ordering::Release);
         let pushes = match self.queue.lock() {
@@ -59,11 +59,11 @@ impl Inbox {
 
 /// The client does not read fast enough: close it with 4008.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Overflow;
+pub(crate) struct Overflow;
 
 /// What a writer writes in one go.
 #[derive(Debug)]
-pub struct Batch {
+pub(crate) struct Batch {
     /// Complete WebSocket messages, in order (a pong first if one was due, then heartbeat
     /// acks, then the queue).
     pub frames: VecDeque<Bytes>,
@@ -75,7 +75,7 @@ pub struct Batch {
 
 /// The outbound queue of one connection; see the module documentation.
 #[derive(Debug)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     queue: VecDeque<Bytes>,
     /// Payload of the latest WebSocket ping not answered yet. RFC 6455 (5.5.3) lets an
     /// endpoint answer only the most recent ping, which bounds what a ping flood can queue.
@@ -93,7 +93,7 @@ pub struct Outbox {
 
 impl Outbox {
     /// An empty queue holding at most `limit` messages (queued and in flight).
-    pub fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         Outbox {
             queue: VecDeque::new(),
             pong: None,
@@ -106,7 +106,7 @@ impl Outbox {
     }
 
     /// Queues one message; `Err` when the queue is full. Ignored once closing.
-    pub fn enqueue(&mut self, frame: Bytes) -> Result<(), Overflow> {
+    pub(crate) fn enqueue(&mut self, frame: Bytes) -> Result<(), Overflow> {
         if self.closing {
             return Ok(());
         }
@@ -119,7 +119,7 @@ impl Outbox {
 
     /// Queues a heartbeat ack ahead of everything queued (after acks queued before it);
     /// `Err` when the queue is full. Ignored once closing.
-    pub fn enqueue_urgent(&mut self, frame: Bytes) -> Result<(), Overflow> {
+    pub(crate) fn enqueue_urgent(&mut self, frame: Bytes) -> Result<(), Overflow> {
         if self.closing {
             return Ok(());
         }
@@ -135,7 +135,7 @@ impl Outbox {
     }
 
     /// Queues what the inbox held; `Err` when that passes the limit. Ignored once closing.
-    pub fn extend(&mut self, pushes: VecDeque<Bytes>) -> Result<(), Overflow> {
+    pub(crate) fn extend(&mut self, pushes: VecDeque<Bytes>) -> Result<(), Overflow> {
         if self.closing || pushes.is_empty() {
             return Ok(());
         }
@@ -151,7 +151,7 @@ impl Outbox {
     }
 
     /// A ping to answer: replaces any pong not written yet. Ignored once closing.
-    pub fn ping(&mut self, payload: Bytes) {
+    pub(crate) fn ping(&mut self, payload: Bytes) {
         if !self.closing {
             self.pong = Some(payload);
         }
@@ -159,7 +159,7 @@ impl Outbox {
 
     /// Everything to write now, if no writer runs and something is waiting. The queue is
     /// taken whole: what a burst allocated leaves with it.
-    pub fn take(&mut self) -> Option<Batch> {
+    pub(crate) fn take(&mut self) -> Option<Batch> {
         if self.writing || self.is_empty() && self.pong.is_none() {
             return None;
         }
@@ -184,14 +184,14 @@ impl Outbox {
     }
 
     /// The writer finished (or was cancelled).
-    pub fn written(&mut self) {
+    pub(crate) fn written(&mut self) {
         self.writing = false;
         self.in_flight = 0;
     }
 
     /// A close has started: no more pongs; a slow consumer's queue is dropped (it is the
     /// reason for the close), anything else is still written before the close frame.
-    pub fn close(&mut self, drop_queue: bool) {
+    pub(crate) fn close(&mut self, drop_queue: bool) {
         self.closing = true;
         self.pong = None;
         if drop_queue {
@@ -201,17 +201,17 @@ impl Outbox {
     }
 
     /// Nothing queued and no writer running: a closing connection may send its close frame.
-    pub fn idle(&self) -> bool {
+    pub(crate) fn idle(&self) -> bool {
         !self.writing && self.is_empty() && self.pong.is_none()
     }
 
     /// Messages queued, not counting those in flight.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.queued()
     }
 
     /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty() && self.urgent.is_empty()
     }
 }

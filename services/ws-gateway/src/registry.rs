@@ -48,7 +48,7 @@ struct Group<A> {
 /// Sharded registry, generic over the handle used to reach a connection (an actor address
 /// in the gateway, anything cloneable in tests).
 #[derive(Debug)]
-pub struct Registry<A> {
+pub(crate) struct Registry<A> {
     hasher: RandomState,
     sockets: Vec<Mutex<HashMap<SocketId, SocketEntry<A>>>>,
     users: Vec<Mutex<HashMap<UserId, Group<A>>>>,
@@ -74,7 +74,7 @@ impl<A: Clone> Default for Registry<A> {
 
 impl<A: Clone> Registry<A> {
     /// An empty registry.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Registry {
             hasher: RandomState::new(),
             sockets: shards(),
@@ -94,7 +94,7 @@ impl<A: Clone> Registry<A> {
     /// is the user's (or, for an agent, the node's) first local socket, with the subject to
     /// subscribe to: `ws.user.<user>` for an app socket, `ws.agent.<node>` for an agent.
     /// Returns that subscription's liveness.
-    pub fn add(
+    pub(crate) fn add(
         &self,
         id: SocketId,
         user: &UserId,
@@ -133,7 +133,7 @@ impl<A: Clone> Registry<A> {
     }
 
     /// Removes a connection and its room memberships; drops subscriptions nobody local needs.
-    pub fn remove(&self, id: SocketId, user: &UserId, rooms: &[RoomId]) {
+    pub(crate) fn remove(&self, id: SocketId, user: &UserId, rooms: &[RoomId]) {
         let entry = lock(self.shard(&self.sockets, &id)).remove(&id);
         let maps = match entry.as_ref().map(|e| e.kind) {
             Some(ClientKind::Agent) => &self.agents,
@@ -152,7 +152,7 @@ impl<A: Clone> Registry<A> {
     /// Adds a socket to a room; `subscribe` is called for the room's first local member.
     /// Returns `None` if the socket is not connected here, otherwise whether it was newly
     /// added and the room subscription's liveness.
-    pub fn join(
+    pub(crate) fn join(
         &self,
         id: SocketId,
         room: &RoomId,
@@ -163,7 +163,7 @@ impl<A: Clone> Registry<A> {
 
     /// Like [`Registry::join`], refusing a room that would make the socket a member of
     /// more than `cap` rooms (a room it is already in is fine).
-    pub fn join_within(
+    pub(crate) fn join_within(
         &self,
         id: SocketId,
         room: &RoomId,
@@ -205,7 +205,7 @@ impl<A: Clone> Registry<A> {
     }
 
     /// Removes a socket from a room. Returns whether it was a member.
-    pub fn leave(&self, id: SocketId, room: &RoomId) -> bool {
+    pub(crate) fn leave(&self, id: SocketId, room: &RoomId) -> bool {
         let left = remove_member(&mut lock(self.shard(&self.rooms, room)), room, id);
         if left && let Some(entry) = lock(self.shard(&self.sockets, &id)).get_mut(&id) {
             entry.rooms.retain(|r| r != room);
@@ -215,7 +215,7 @@ impl<A: Clone> Registry<A> {
 
     /// The handle of a connected app socket (agents are never addressed by socket id:
     /// any product service can name a socket id).
-    pub fn handle(&self, id: SocketId) -> Option<A> {
+    pub(crate) fn handle(&self, id: SocketId) -> Option<A> {
         lock(self.shard(&self.sockets, &id))
             .get(&id)
             .filter(|e| e.kind == ClientKind::App)
@@ -223,7 +223,7 @@ impl<A: Clone> Registry<A> {
     }
 
     /// Calls `f` for each local agent socket of `node`; returns how many.
-    pub fn for_agent(&self, node: &UserId, mut f: impl FnMut(SocketId, &A)) -> usize {
+    pub(crate) fn for_agent(&self, node: &UserId, mut f: impl FnMut(SocketId, &A)) -> usize {
         let agents = lock(self.shard(&self.agents, node));
         agents.get(node).map_or(0, |g| {
             g.members.iter().for_each(|(id, h)| f(*id, h));
@@ -232,12 +232,13 @@ impl<A: Clone> Registry<A> {
     }
 
     /// Whether this replica currently holds a subscription for agent `node`.
-    pub fn has_agent(&self, node: &UserId) -> bool {
+    #[cfg(test)]
+    pub(crate) fn has_agent(&self, node: &UserId) -> bool {
         lock(self.shard(&self.agents, node)).contains_key(node)
     }
 
     /// Calls `f` for each local socket of `user`; returns how many.
-    pub fn for_user(&self, user: &UserId, mut f: impl FnMut(SocketId, &A)) -> usize {
+    pub(crate) fn for_user(&self, user: &UserId, mut f: impl FnMut(SocketId, &A)) -> usize {
         let users = lock(self.shard(&self.users, user));
         users.get(user).map_or(0, |g| {
             g.members.iter().for_each(|(id, h)| f(*id, h));
@@ -246,7 +247,7 @@ impl<A: Clone> Registry<A> {
     }
 
     /// Calls `f` for each local member of `room`; returns how many.
-    pub fn for_room(&self, room: &RoomId, mut f: impl FnMut(SocketId, &A)) -> usize {
+    pub(crate) fn for_room(&self, room: &RoomId, mut f: impl FnMut(SocketId, &A)) -> usize {
         let rooms = lock(self.shard(&self.rooms, room));
         rooms.get(room).map_or(0, |g| {
             g.members.iter().for_each(|(id, h)| f(*id, h));
@@ -255,7 +256,11 @@ impl<A: Clone> Registry<A> {
     }
 
     /// Calls `f` for every local socket of `kind` (all kinds when `None`), one shard at a time.
-    pub fn for_all(&self, kind: Option<ClientKind>, mut f: impl FnMut(SocketId, &A)) -> usize {
+    pub(crate) fn for_all(
+        &self,
+        kind: Option<ClientKind>,
+        mut f: impl FnMut(SocketId, &A),
+    ) -> usize {
         let mut n = 0;
         for shard in &self.sockets {
             for (id, entry) in lock(shard).iter() {
@@ -269,29 +274,32 @@ impl<A: Clone> Registry<A> {
     }
 
     /// Local members of `room` (for tests and diagnostics).
-    pub fn room_size(&self, room: &RoomId) -> usize {
+    #[cfg(test)]
+    pub(crate) fn room_size(&self, room: &RoomId) -> usize {
         lock(self.shard(&self.rooms, room))
             .get(room)
             .map_or(0, |g| g.members.len())
     }
 
     /// Whether this replica currently holds a subscription for `room`.
-    pub fn has_room(&self, room: &RoomId) -> bool {
+    #[cfg(test)]
+    pub(crate) fn has_room(&self, room: &RoomId) -> bool {
         lock(self.shard(&self.rooms, room)).contains_key(room)
     }
 
     /// Whether this replica currently holds a subscription for `user`.
-    pub fn has_user(&self, user: &UserId) -> bool {
+    #[cfg(test)]
+    pub(crate) fn has_user(&self, user: &UserId) -> bool {
         lock(self.shard(&self.users, user)).contains_key(user)
     }
 
     /// Connected sockets.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.sockets.iter().map(|s| lock(s).len()).sum()
     }
 
     /// Whether no socket is connected.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

@@ -36,13 +36,13 @@ use crate::transport::{Reader, Sink};
 use crate::ws::{self, Message};
 
 /// A relay that sends nothing (not even a ping) for this long is considered gone.
-pub const SILENCE: Duration = Duration::from_secs(60);
+pub(crate) const SILENCE: Duration = Duration::from_secs(60);
 /// Longest a downstream may take over its TLS handshake inside a stream.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connection data of a stream a relay carries: the relay's node id.
 #[derive(Debug, Clone)]
-pub struct Via(pub UserId);
+pub(crate) struct Via(pub UserId);
 
 /// The relay connections this replica holds, by relay node.
 ///
@@ -139,7 +139,7 @@ impl Drop for Registration {
 
 /// Serves an upgraded relay connection until it ends (on the worker's local executor:
 /// the transport and the HTTP service are not `Send`).
-pub fn serve(
+pub(crate) fn serve(
     shared: Arc<Shared>,
     identity: Identity,
     ticket: Ticket,

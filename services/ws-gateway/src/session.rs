@@ -155,7 +155,7 @@ pub enum ToConn {
 
 /// Token bucket for the per-connection frame rate.
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     tokens: f64,
     rate: f64,
     burst: f64,
@@ -164,7 +164,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// Full bucket of `burst` tokens refilling at `rate` per second.
-    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
         TokenBucket {
             tokens: burst,
@@ -175,7 +175,7 @@ impl TokenBucket {
     }
 
     /// Takes a token if there is one.
-    pub fn take(&mut self, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
@@ -192,7 +192,7 @@ impl TokenBucket {
 /// `burst` strikes in a row close the connection with 4004. A message that gets a token
 /// clears the strikes.
 #[derive(Debug, Clone)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     bucket: TokenBucket,
     strikes: u32,
     burst: u32,
@@ -200,7 +200,7 @@ pub struct RateLimit {
 
 impl RateLimit {
     /// `rate` messages per second with bursts of `burst`.
-    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+    pub(crate) fn new(rate: u32, burst: u32, now: Instant) -> Self {
         RateLimit {
             bucket: TokenBucket::new(rate, burst, now),
             strikes: 0,
@@ -224,7 +224,7 @@ impl RateLimit {
 }
 
 /// Identity and wiring a new connection starts with.
-pub struct ConnInit {
+pub(crate) struct ConnInit {
     /// Minted socket id.
     pub id: SocketId,
     /// Token subject.
@@ -250,7 +250,7 @@ pub struct ConnInit {
 }
 
 /// One WebSocket connection.
-pub struct Conn {
+pub(crate) struct Conn {
     id: SocketId,
     user: UserId,
     kind: ClientKind,
@@ -315,7 +315,7 @@ impl std::fmt::Debug for Conn {
 
 impl Conn {
     /// A connection that will send its welcome as soon as it starts.
-    pub fn new(init: ConnInit) -> Self {
+    pub(crate) fn new(init: ConnInit) -> Self {
         let now = Instant::now();
         let config = &init.shared.config;
         Conn {

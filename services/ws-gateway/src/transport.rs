@@ -25,16 +25,16 @@ const READ_CHUNK: usize = 8 * 1024;
 const MAX_IOV: usize = 64;
 
 /// An upgraded connection: plain TCP or TLS.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + 'static {}
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Transport for T {}
 
 /// A boxed transport, so the connection actor is one type whatever the socket is.
-pub type BoxTransport = Box<dyn Transport>;
+pub(crate) type BoxTransport = Box<dyn Transport>;
 
 /// Splits an upgraded socket. `early` holds bytes the client sent right after its
 /// handshake (read by the HTTP layer along with it); they are decoded first.
-pub fn split(io: BoxTransport, early: &[u8], max_message: usize) -> (Reader, Sink) {
+pub(crate) fn split(io: BoxTransport, early: &[u8], max_message: usize) -> (Reader, Sink) {
     let (read, write) = tokio::io::split(io);
     let mut reader = Reader {
         io: read,
@@ -56,7 +56,7 @@ pub fn split(io: BoxTransport, early: &[u8], max_message: usize) -> (Reader, Sin
 }
 
 /// The messages a client sends, in order; ends after the first error or at EOF.
-pub struct Reader {
+pub(crate) struct Reader {
     io: ReadHalf<BoxTransport>,
     decoder: Decoder,
     /// Messages decoded from the last read and not yet taken.
@@ -124,7 +124,7 @@ impl Stream for Reader {
 /// The write half. `torn` records that a write was abandoned part way (a timeout
 /// cancelled it), after which the stream is no longer framed and nothing more may be
 /// written but the end of the connection.
-pub struct Sink {
+pub(crate) struct Sink {
     io: WriteHalf<BoxTransport>,
     torn: bool,
 }
@@ -140,7 +140,7 @@ impl std::fmt::Debug for Sink {
 impl Sink {
     /// Writes every frame in `frames`, front first, batching them into vectored writes.
     /// Frames are removed as they are written; a cancelled call leaves the sink torn.
-    pub async fn write_all(&mut self, frames: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+    pub(crate) async fn write_all(&mut self, frames: &mut VecDeque<Bytes>) -> std::io::Result<()> {
         if self.torn {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
@@ -169,7 +169,7 @@ impl Sink {
     }
 
     /// Sends `close` (unless the stream is torn) and shuts the write side down.
-    pub async fn close(&mut self, close: Bytes) -> std::io::Result<()> {
+    pub(crate) async fn close(&mut self, close: Bytes) -> std::io::Result<()> {
         if !self.torn {
             let mut frames = VecDeque::from([close]);
             self.write_all(&mut frames).await?;

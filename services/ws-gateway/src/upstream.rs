@@ -13,7 +13,7 @@ use servicekit::telemetry::{MessageSpan, Operation};
 
 /// A message for the bus.
 #[derive(Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     /// Subject.
     pub subject: String,
     /// Headers.
@@ -24,7 +24,7 @@ pub struct Upstream {
 
 /// Why a frame is answered with an error instead of being sent on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     /// Code for the error frame.
     pub code: ErrorCode,
     /// Detail for the client.
@@ -32,7 +32,7 @@ pub struct Refusal {
 }
 
 /// A publish frame: to `ws.msg.<kind>.<route>`, with the upstream envelope.
-pub fn publish(origin: Origin, frame: Frame) -> Result<Upstream, Refusal> {
+pub(crate) fn publish(origin: Origin, frame: Frame) -> Result<Upstream, Refusal> {
     let Some(subject) = subject::upstream(origin.kind, &frame.route) else {
         return Err(Refusal {
             code: ErrorCode::BadRoute,
@@ -55,7 +55,7 @@ pub fn publish(origin: Origin, frame: Frame) -> Result<Upstream, Refusal> {
 }
 
 /// A client's ack of a push that asked for a receipt: an ack event naming the push.
-pub fn ack(origin: Origin, frame: &Frame) -> Upstream {
+pub(crate) fn ack(origin: Origin, frame: &Frame) -> Upstream {
     let subject = subject::event(origin.kind, Event::Ack);
     let receipt = AckEnvelope {
         origin,
@@ -71,7 +71,7 @@ pub fn ack(origin: Origin, frame: &Frame) -> Upstream {
 
 /// A join or leave frame: the request event the services answer with a control message.
 /// Returns the event (join or leave) with the message.
-pub fn room_request(origin: Origin, frame: &Frame) -> Result<(Event, Upstream), Refusal> {
+pub(crate) fn room_request(origin: Origin, frame: &Frame) -> Result<(Event, Upstream), Refusal> {
     let room = RoomId::new(frame.route.as_str()).map_err(|e| Refusal {
         code: ErrorCode::BadRoute,
         message: format!("{} needs a room in the route: {e}", frame.kind),
@@ -114,7 +114,7 @@ pub fn room_request(origin: Origin, frame: &Frame) -> Result<(Event, Upstream), 
 }
 
 /// The room a join or leave frame names, if it is a valid room id.
-pub fn room_of(frame: &Frame) -> Option<RoomId> {
+pub(crate) fn room_of(frame: &Frame) -> Option<RoomId> {
     RoomId::new(frame.route.as_str()).ok()
 }
 

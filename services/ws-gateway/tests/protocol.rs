@@ -365,14 +365,14 @@ mod raw {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    pub struct Raw {
+    pub(crate) struct Raw {
         stream: TcpStream,
         buf: Vec<u8>,
     }
 
     impl Raw {
         /// Handshake on `/ws` with `token`; panics unless the answer is 101.
-        pub async fn connect(addr: SocketAddr, token: &str) -> Raw {
+        pub(crate) async fn connect(addr: SocketAddr, token: &str) -> Raw {
             let mut stream = TcpStream::connect(addr).await.unwrap();
             let request = format!(
                 "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -409,7 +409,7 @@ mod raw {
         }
 
         /// Sends one frame: `first` is FIN/RSV/opcode, masked unless `unmasked`.
-        pub async fn send(&mut self, first: u8, payload: &[u8], unmasked: bool) {
+        pub(crate) async fn send(&mut self, first: u8, payload: &[u8], unmasked: bool) {
             let mask = [1u8, 2, 3, 4];
             let mut out = vec![first];
             let len = payload.len();
@@ -430,7 +430,7 @@ mod raw {
         }
 
         /// The next frame from the gateway: opcode and payload.
-        pub async fn recv(&mut self) -> (u8, Vec<u8>) {
+        pub(crate) async fn recv(&mut self) -> (u8, Vec<u8>) {
             loop {
                 if self.buf.len() >= 2 {
                     assert_eq!(self.buf[1] & 0x80, 0, "server frames are not masked");
@@ -458,7 +458,7 @@ mod raw {
         }
 
         /// Skips frames until a close; returns its code.
-        pub async fn close_code(&mut self) -> u16 {
+        pub(crate) async fn close_code(&mut self) -> u16 {
             loop {
                 let (opcode, payload) = self.recv().await;
                 if opcode == 0x8 {

@@ -17,7 +17,7 @@
 //! secret. A WebSocket cannot be forwarded, so an upgrade that reaches another replica is
 //! refused (421) and the client keeps polling.
 
-pub mod pipe;
+pub(crate) mod pipe;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -108,7 +108,7 @@ impl LongPoll {
 /// Serves forwarded requests for sessions minted under `worker` (the replica's leased
 /// worker id; `None` stops serving), and sweeps ended sessions. Called whenever the lease
 /// changes.
-pub fn serve(shared: &Arc<Shared>, worker: Option<u16>) {
+pub(crate) fn serve(shared: &Arc<Shared>, worker: Option<u16>) {
     let Ok(mut serving) = shared.longpoll.serving.lock() else {
         return;
     };
@@ -169,7 +169,7 @@ async fn answer_forwarded(
 }
 
 /// Registers the `/lp` routes.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route(PATH, web::get().to(lp_get))
         .route(PATH, web::post().to(lp_post))
         .route(PATH, web::delete().to(lp_delete))
@@ -576,7 +576,7 @@ fn handshake(shared: &Arc<Shared>, head: &RequestHead) -> HttpResponse {
 /// over (same socket id, rooms and queue). Refused before the handshake when the session
 /// is not this replica's (421: the client keeps polling and tries again later), not the
 /// token's (403), unknown (404), or already upgraded or closed (409, 410).
-pub async fn upgrade<T: Transport + Send>(
+pub(crate) async fn upgrade<T: Transport + Send>(
     shared: Arc<Shared>,
     req: Request,
     mut framed: Framed<T, h1::Codec>,

@@ -32,11 +32,11 @@ use crate::transport::Transport;
 
 /// A socket that may move between threads: the pipe is shared with HTTP handlers and bus
 /// tasks, so what it holds must be `Send`.
-pub type SendTransport = Box<dyn Transport + Send>;
+pub(crate) type SendTransport = Box<dyn Transport + Send>;
 
 /// Why a request cannot be applied to the session.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PipeError {
+pub(crate) enum PipeError {
     /// The session moved to a WebSocket.
     #[error("the session was upgraded to WebSocket")]
     Upgraded,
@@ -50,7 +50,7 @@ pub enum PipeError {
 
 /// What a poll returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PollOutcome {
+pub(crate) enum PollOutcome {
     /// Protocol frames (possibly none: the wait ended, or a newer poll replaced this one).
     Frames(Vec<Bytes>),
     /// The session moved to a WebSocket: stop polling.
@@ -93,7 +93,7 @@ struct State {
 
 /// The state a session's HTTP requests and its actor share.
 #[derive(Default)]
-pub struct PipeShared {
+pub(crate) struct PipeShared {
     state: Mutex<State>,
     /// Wakes waiting polls.
     notify: Notify,
@@ -122,7 +122,7 @@ impl Drop for WaitGuard<'_> {
 
 /// The actor's end of the pipe.
 #[derive(Debug)]
-pub struct Pipe(pub Arc<PipeShared>);
+pub(crate) struct Pipe(pub Arc<PipeShared>);
 
 const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
@@ -167,7 +167,7 @@ fn server_header(buf: &[u8]) -> Option<(usize, usize)> {
 }
 
 /// The payload of a complete server message (the protocol frame of a binary message).
-pub fn payload_of(message: &Bytes) -> Bytes {
+pub(crate) fn payload_of(message: &Bytes) -> Bytes {
     match server_header(message) {
         Some((header, _)) if header <= message.len() => message.slice(header..),
         _ => Bytes::new(),
@@ -249,7 +249,7 @@ impl PipeShared {
 
     /// Hands the frames of a POST to the actor, in order. At most `max_waiting` bytes of
     /// earlier POSTs may still be unread.
-    pub fn send(&self, frames: &[&[u8]], max_waiting: usize) -> Result<(), PipeError> {
+    pub(crate) fn send(&self, frames: &[&[u8]], max_waiting: usize) -> Result<(), PipeError> {
         let mut st = self.lock();
         if let Some(refusal) = Self::refusal(&st) {
             return Err(refusal);
@@ -267,7 +267,7 @@ impl PipeShared {
     }
 
     /// The client ends the session: a close frame (1000), then the end of the stream.
-    pub fn close_by_client(&self) {
+    pub(crate) fn close_by_client(&self) {
         let mut st = self.lock();
         if st.direct.is_some() || st.eof {
             return;
@@ -280,7 +280,7 @@ impl PipeShared {
     }
 
     /// Waits up to `wait` for frames. A newer poll releases this one with no frames.
-    pub async fn poll(&self, wait: Duration) -> PollOutcome {
+    pub(crate) async fn poll(&self, wait: Duration) -> PollOutcome {
         let deadline = tokio::time::Instant::now() + wait;
         let generation = {
             let mut st = self.lock();
@@ -333,12 +333,12 @@ impl PipeShared {
     }
 
     /// Whether a WebSocket may take the session over now.
-    pub fn can_take_over(&self) -> Result<(), PipeError> {
+    pub(crate) fn can_take_over(&self) -> Result<(), PipeError> {
         Self::refusal(&self.lock()).map_or(Ok(()), Err)
     }
 
     /// Puts the client's WebSocket behind the pipe (see the module documentation).
-    pub fn take_over(&self, io: SendTransport, early: Bytes) -> Result<(), PipeError> {
+    pub(crate) fn take_over(&self, io: SendTransport, early: Bytes) -> Result<(), PipeError> {
         let mut st = self.lock();
         if let Some(refusal) = Self::refusal(&st) {
             return Err(refusal);
@@ -363,7 +363,7 @@ impl PipeShared {
 
     /// Whether the session ended more than `linger` ago (its last poll has had time to
     /// learn the close code).
-    pub fn expired(&self, linger: Duration, now: Instant) -> bool {
+    pub(crate) fn expired(&self, linger: Duration, now: Instant) -> bool {
         let st = self.lock();
         st.ended_at
             .is_some_and(|at| now.saturating_duration_since(at) >= linger)
@@ -372,7 +372,7 @@ impl PipeShared {
 
     /// The actor stopped with this close code: reported to polls unless a close frame
     /// already told the code.
-    pub fn record_close(&self, code: u16, reason: &str) {
+    pub(crate) fn record_close(&self, code: u16, reason: &str) {
         let mut st = self.lock();
         if st.direct.is_some() {
             return;
@@ -380,11 +380,6 @@ impl PipeShared {
         st.closed.get_or_insert_with(|| (code, reason.to_owned()));
         drop(st);
         self.notify.notify_waiters();
-    }
-
-    /// Whether the session moved to a WebSocket.
-    pub fn upgraded(&self) -> bool {
-        self.lock().direct.is_some()
     }
 }
 

@@ -15,7 +15,7 @@ use ws_gateway::Config;
 use ws_gateway::auth::Keys;
 
 /// A gateway config for tests: one worker, the test secret, a short lease TTL.
-pub fn config(nats_url: &str, instance: &str) -> Config {
+pub(crate) fn config(nats_url: &str, instance: &str) -> Config {
     let keys = Keys::new(Some(TEST_SECRET.as_bytes()), None, 0)
         .and_then(|k| k.with_agent_keys(testkit::ws::TEST_AGENT_TOKEN_PUBLIC.as_bytes()))
         .unwrap();
@@ -28,7 +28,7 @@ pub fn config(nats_url: &str, instance: &str) -> Config {
 }
 
 /// Starts a replica on a free port and waits until `/readyz` says ready.
-pub async fn start(config: Config) -> ws_gateway::Handle {
+pub(crate) async fn start(config: Config) -> ws_gateway::Handle {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let handle = ws_gateway::spawn(config, listener).unwrap();
     wait_ready(handle.addr(), true).await;
@@ -36,7 +36,7 @@ pub async fn start(config: Config) -> ws_gateway::Handle {
 }
 
 /// Plain HTTP GET against the replica; returns status and body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let r = testkit::http::request(addr, "GET", path, &[], b"")
         .await
         .unwrap();
@@ -44,12 +44,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// Waits until `/readyz` reports `ready` (or not).
-pub async fn wait_ready(addr: SocketAddr, ready: bool) {
+pub(crate) async fn wait_ready(addr: SocketAddr, ready: bool) {
     testkit::http::wait_status(addr, "/readyz", if ready { 200 } else { 503 }).await;
 }
 
 /// The value of one metric line (first match) from `/metrics`.
-pub async fn metric(addr: SocketAddr, prefix: &str) -> f64 {
+pub(crate) async fn metric(addr: SocketAddr, prefix: &str) -> f64 {
     let (_, body) = http_get(addr, "/metrics").await;
     body.lines()
         .find(|l| l.starts_with(prefix))
@@ -59,7 +59,7 @@ pub async fn metric(addr: SocketAddr, prefix: &str) -> f64 {
 }
 
 /// A NATS client for the test's "service" side.
-pub async fn bus_client(url: &str) -> async_nats::Client {
+pub(crate) async fn bus_client(url: &str) -> async_nats::Client {
     async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .connect(url)
@@ -68,17 +68,17 @@ pub async fn bus_client(url: &str) -> async_nats::Client {
 }
 
 /// The push tests send unless they say otherwise: this id, route `test.push`, raw body.
-pub fn test_push(msg_id: u64) -> PushEnvelope {
+pub(crate) fn test_push(msg_id: u64) -> PushEnvelope {
     PushEnvelope::new(msg_id, Route::new("test.push").unwrap(), BodyCodec::Raw)
 }
 
 /// Publishes [`test_push`] on `subject`.
-pub async fn push(client: &async_nats::Client, subject: &str, msg_id: u64, body: &[u8]) {
+pub(crate) async fn push(client: &async_nats::Client, subject: &str, msg_id: u64, body: &[u8]) {
     push_envelope(client, subject, &test_push(msg_id), body).await;
 }
 
 /// Publishes a push with the given envelope on `subject`.
-pub async fn push_envelope(
+pub(crate) async fn push_envelope(
     client: &async_nats::Client,
     subject: &str,
     envelope: &PushEnvelope,
@@ -96,7 +96,7 @@ pub async fn push_envelope(
 }
 
 /// Sends a control message to one gateway.
-pub async fn control(client: &async_nats::Client, gateway: &str, ctl: &GatewayControl) {
+pub(crate) async fn control(client: &async_nats::Client, gateway: &str, ctl: &GatewayControl) {
     let subject = messages::subject::gateway_control(&GatewayId::new(gateway).unwrap());
     client
         .publish(subject, payload::to_bus(ctl).unwrap().into())
@@ -106,7 +106,7 @@ pub async fn control(client: &async_nats::Client, gateway: &str, ctl: &GatewayCo
 }
 
 /// Next message on a subscription, within 10 s.
-pub async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
+pub(crate) async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
     tokio::time::timeout(Duration::from_secs(10), sub.next())
         .await
         .expect("bus message in time")
