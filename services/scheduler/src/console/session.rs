@@ -252,10 +252,10 @@ pub fn csrf_ok(session: &Session, presented: Option<&str>) -> bool {
 /// (non-browser clients) still need the CSRF token, which only the console's pages carry.
 pub fn same_origin(req: &HttpRequest) -> bool {
     let headers = req.headers();
-    if let Some(site) = headers.get("sec-fetch-site") {
-        if site.as_bytes() != b"same-origin" {
-            return false;
-        }
+    if let Some(site) = headers.get("sec-fetch-site")
+        && site.as_bytes() != b"same-origin"
+    {
+        return false;
     }
     match headers.get(header::ORIGIN) {
         None => true,

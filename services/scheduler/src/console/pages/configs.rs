@@ -57,7 +57,7 @@ pub async fn list(
             }
         }
     };
-    Ok(page(layout("Config", Nav::Configs, &session, body)))
+    Ok(page(layout("Config", Nav::Configs, &session, &body)))
 }
 
 /// `GET /console/configs/{name}?from=<v>&to=<v>`
@@ -92,7 +92,7 @@ pub async fn config(
     let to = to.unwrap_or(record.desired);
     let from = from.unwrap_or(to.saturating_sub(1));
     let body = render(&record, &history, &nodes, from, to);
-    Ok(page(layout(&name, Nav::Configs, &session, body)))
+    Ok(page(layout(&name, Nav::Configs, &session, &body)))
 }
 
 fn render(

@@ -164,7 +164,7 @@ pub async fn list(
         "Fleet",
         Nav::Fleet,
         &session,
-        render_list(&view, &filter),
+        &render_list(&view, &filter),
     )))
 }
 
@@ -293,7 +293,7 @@ pub async fn agent(
     .ok_or_else(|| ConsoleError::NotFound(format!("no agent {node}")))?;
     let revoked = shared.trust.is_revoked(&node);
     let body = render_agent(&view, revoked, &node, &session);
-    Ok(page(layout(node.as_str(), Nav::Fleet, &session, body)))
+    Ok(page(layout(node.as_str(), Nav::Fleet, &session, &body)))
 }
 
 fn render_agent(
@@ -439,7 +439,7 @@ mod tests {
         AgentRecord {
             node_id: UserId::new(format!("n{i:05}")).unwrap(),
             hostname: format!("h{i}"),
-            version: if i % 2 == 0 { "1.0" } else { "1.1" }.into(),
+            version: if i.is_multiple_of(2) { "1.0" } else { "1.1" }.into(),
             labels: [("region".to_owned(), region.to_owned())].into(),
             addresses: vec![],
             registered_at_ms: 0,
@@ -451,10 +451,10 @@ mod tests {
 
     #[test]
     fn counts_cover_the_fleet_and_rows_the_filtered_page() {
-        let agents: Vec<_> = (0..500)
+        let agents: Vec<_> = (0..500usize)
             .map(|i| {
                 let region = if i < 300 { "eu" } else { "us" };
-                let state = if i % 10 == 0 {
+                let state = if i.is_multiple_of(10) {
                     AgentState::Offline
                 } else {
                     AgentState::Online

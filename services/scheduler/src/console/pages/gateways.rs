@@ -77,5 +77,5 @@ pub async fn page_handler(
 ) -> Result<HttpResponse, ConsoleError> {
     let session = page_session(&req, &shared)?;
     let body = render(&rows(&shared));
-    Ok(page(layout("Gateways", Nav::Gateways, &session, body)))
+    Ok(page(layout("Gateways", Nav::Gateways, &session, &body)))
 }

@@ -38,7 +38,7 @@ const NAV: [(Nav, &str, &str); 5] = [
 ];
 
 /// A whole page: head, top navigation, `body`.
-pub fn layout(title: &str, nav: Nav, session: &Session, body: Markup) -> Markup {
+pub fn layout(title: &str, nav: Nav, session: &Session, body: &Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {

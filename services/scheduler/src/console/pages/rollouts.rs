@@ -79,7 +79,7 @@ pub async fn list(
             }
         }
     };
-    Ok(page(layout("Rollouts", Nav::Rollouts, &session, body)))
+    Ok(page(layout("Rollouts", Nav::Rollouts, &session, &body)))
 }
 
 fn progress(done: u64, of: u64) -> Markup {
@@ -107,7 +107,7 @@ pub async fn rollout(
         &format!("Rollout {id}"),
         Nav::Rollouts,
         &session,
-        body,
+        &body,
     )))
 }
 

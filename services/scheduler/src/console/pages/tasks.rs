@@ -83,7 +83,7 @@ pub async fn list(
     };
     let tasks = blocking(&shared, move |store| store.tasks(PAGE_ROWS, state)).await?;
     let body = render_list(&tasks, &state_text, &session);
-    Ok(page(layout("Tasks", Nav::Tasks, &session, body)))
+    Ok(page(layout("Tasks", Nav::Tasks, &session, &body)))
 }
 
 fn render_list(tasks: &[TaskSummary], state: &str, session: &Session) -> Markup {
@@ -248,7 +248,7 @@ pub async fn task(
         &format!("Task {id}"),
         Nav::Tasks,
         &session,
-        body,
+        &body,
     )))
 }
 
