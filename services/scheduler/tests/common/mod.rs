@@ -148,4 +148,3 @@ impl Fleet {
         self.gateway.shutdown().await.unwrap();
     }
 }
-
