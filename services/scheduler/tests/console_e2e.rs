@@ -683,3 +683,135 @@ async fn operators_use_the_console_in_a_real_browser() {
     browser.quit().await;
     fleet.stop().await;
 }
+
+/// Page render times with 10,000 agents (and 300 tasks, 100 reports on one agent) in the
+/// store: each page fetched 30 times over one session, median and worst printed. The
+/// figures and the command are in docs/benchmarks.md.
+#[tokio::test]
+#[ignore = "a measurement (10,000 agents); run by hand, see docs/benchmarks.md"]
+async fn pages_render_quickly_with_10000_agents() {
+    use scheduler::store::{AgentRecord, AgentState, Store, Targets, TaskKind, TaskSpec};
+    const AGENTS: usize = 10_000;
+    let nats = testkit::NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("scheduler.redb");
+    let now = servicekit::clock::now_ms();
+    let filled = std::time::Instant::now();
+    {
+        let store = Store::open(&db).unwrap();
+        let regions = ["eu", "us", "ap"];
+        let roles = ["web", "db", "cache", "edge"];
+        for i in 0..AGENTS {
+            let labels = [
+                ("region".to_owned(), regions[i % 3].to_owned()),
+                ("role".to_owned(), roles[i % 4].to_owned()),
+                ("rack".to_owned(), format!("r{}", i % 40)),
+            ];
+            store
+                .upsert_agent(&AgentRecord {
+                    node_id: messages::UserId::new(format!("node-{i:05}")).unwrap(),
+                    hostname: format!("host-{i:05}.example"),
+                    version: format!("1.4.{}", i % 3),
+                    labels: labels.into_iter().collect(),
+                    addresses: vec![format!("10.{}.{}.{}", i / 65_536, (i / 256) % 256, i % 256)],
+                    registered_at_ms: now,
+                    last_seen_ms: now,
+                    state: if i % 50 == 0 {
+                        AgentState::Offline
+                    } else {
+                        AgentState::Online
+                    },
+                    via: None,
+                })
+                .unwrap();
+        }
+        for t in 0..300usize {
+            let nodes = (0..10)
+                .map(|k| {
+                    messages::UserId::new(format!("node-{:05}", (t * 10 + k) % AGENTS)).unwrap()
+                })
+                .collect();
+            store
+                .create_task(
+                    &TaskSpec {
+                        kind: TaskKind::Command {
+                            argv: vec!["uptime".into()],
+                            env: Default::default(),
+                            cwd: None,
+                            timeout_ms: 10_000,
+                        },
+                        targets: Targets::Nodes(nodes),
+                        timeout_ms: 70_000,
+                        max_attempts: 1,
+                        traceparent: None,
+                    },
+                    now,
+                )
+                .unwrap();
+        }
+        let node = messages::UserId::new("node-00001").unwrap();
+        for r in 0..100u64 {
+            let metrics = json!({
+                "cpu_pct": (r * 7 % 100) as f64,
+                "mem_pct": 40.0 + (r % 10) as f64,
+                "disk_pct": 71.5,
+                "load1": (r % 5) as f64 / 2.0,
+            });
+            store
+                .record_report(&format!("r{r}"), &node, &metrics, now - (100 - r) * 60_000)
+                .unwrap();
+        }
+    }
+    println!(
+        "filled the store with {AGENTS} agents in {:?}",
+        filled.elapsed()
+    );
+    let mut config = scheduler::Config::new(nats.url(), vec![KEY.to_owned()], &db);
+    config.api_keys = scheduler::auth::parse_keys(&format!("ops:operator:{KEY}")).unwrap();
+    // None of these agents heartbeats: keep the sweep from marking 10,000 of them offline
+    // (and announcing each) while pages are timed.
+    config.heartbeat = Duration::from_secs(600);
+    config.command_key = std::sync::Arc::new(
+        messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
+    );
+    let sched =
+        scheduler::spawn(config, std::net::TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
+    let addr = sched.addr();
+    http::wait_status(addr, "/readyz", 200).await;
+    let (session, _) = login(addr, KEY).await;
+    let pages = [
+        "/console/fleet",
+        "/console/fleet?selector=region%3Deu%2Crole%3Dweb&page=1",
+        "/console/fleet?state=offline",
+        "/console/agents/node-00001",
+        "/console/tasks",
+        "/console/tasks/150",
+        "/console/rollouts",
+        "/console/configs",
+        "/console/gateways",
+    ];
+    let mut worst_median = Duration::ZERO;
+    for page in pages {
+        let mut times = Vec::new();
+        for _ in 0..30 {
+            let started = std::time::Instant::now();
+            let r = get_page(addr, page, Some(&session)).await;
+            times.push(started.elapsed());
+            assert_eq!(r.status, 200, "{page}");
+        }
+        times.sort();
+        let (median, p95, max) = (times[15], times[28], times[29]);
+        worst_median = worst_median.max(median);
+        println!(
+            "{page:<60} median {:>6.1} ms  p95 {:>6.1} ms  max {:>6.1} ms",
+            median.as_secs_f64() * 1e3,
+            p95.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        );
+    }
+    assert!(
+        worst_median < Duration::from_millis(200),
+        "{worst_median:?}"
+    );
+    sched.shutdown().await.unwrap();
+}
