@@ -33,7 +33,16 @@ fn num(v: &Value) -> u64 {
 /// What a rollout is doing, in a few words.
 fn action_summary(r: &Value) -> String {
     if let Some(task) = r.get("task") {
-        format!("task {}", text(&task["spec"]["kind"]))
+        let spec = &task["spec"];
+        let what = match spec["argv"].as_array() {
+            Some(argv) => argv.iter().map(text).collect::<Vec<_>>().join(" "),
+            None => text(if spec["target"].is_null() {
+                &spec["url"]
+            } else {
+                &spec["target"]
+            }),
+        };
+        format!("{}: {what}", text(&spec["kind"]).replace('_', " "))
     } else if let Some(u) = r.get("upgrade") {
         format!("upgrade to {}", text(&u["version"]))
     } else if let Some(c) = r.get("config") {
