@@ -161,6 +161,20 @@ async fn sessions_and_forms_are_protected_without_a_browser() {
     assert!(!cookie.contains("Secure"), "{cookie}");
     assert!(!cookie.contains(KEY), "the key never goes into the cookie");
 
+    // The gateway tier page lists the fleet's gateway: its stats reach the scheduler over
+    // the bus (ws.stats.<instance>), with the one agent connected through it.
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = get_page(addr, "/console/gateways", Some(&ops)).await.text();
+        if page.contains("data-gateway=\"gw-console-http\"")
+            && page.contains("data-field=\"agent_connections\">1<")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < give_up, "{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let tasks = get_page(addr, "/console/tasks", Some(&ops)).await;
     assert_eq!(tasks.status, 200);
     assert_eq!(
