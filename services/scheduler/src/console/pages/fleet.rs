@@ -121,30 +121,39 @@ pub struct FleetView {
 
 /// Builds the fleet view from the whole registry: counts over all agents, `filter`'s page
 /// of the matching ones.
-pub fn fleet_view(agents: Vec<AgentRecord>, filter: &Filter) -> FleetView {
+pub fn fleet_view(agents: &[AgentRecord], filter: &Filter) -> FleetView {
     let mut view = FleetView {
         total: agents.len(),
         ..FleetView::default()
     };
-    let mut labels: BTreeMap<String, usize> = BTreeMap::new();
+    // Counted by reference: one pass over 10,000 agents allocates only per distinct value.
+    let mut labels: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    let mut versions: BTreeMap<&str, usize> = BTreeMap::new();
     let skip = filter.page.saturating_mul(PAGE_ROWS);
     for a in agents {
         *view.states.entry(a.state).or_default() += 1;
-        *view.versions.entry(a.version.clone()).or_default() += 1;
+        *versions.entry(a.version.as_str()).or_default() += 1;
         for (k, v) in &a.labels {
-            *labels.entry(format!("{k}={v}")).or_default() += 1;
+            *labels.entry((k.as_str(), v.as_str())).or_default() += 1;
         }
-        if filter.matches(&a) {
+        if filter.matches(a) {
             if view.matched >= skip && view.rows.len() < PAGE_ROWS {
-                view.rows.push(a);
+                view.rows.push(a.clone());
             }
             view.matched += 1;
         }
     }
+    view.versions = versions
+        .into_iter()
+        .map(|(v, n)| (v.to_owned(), n))
+        .collect();
     let mut labels: Vec<_> = labels.into_iter().collect();
     labels.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     labels.truncate(TOP_LABELS);
-    view.labels = labels;
+    view.labels = labels
+        .into_iter()
+        .map(|((k, v), n)| (format!("{k}={v}"), n))
+        .collect();
     view
 }
 
@@ -157,7 +166,7 @@ pub async fn list(
     let filter = Filter::parse(req.query_string())?;
     let f = filter.clone();
     let view = blocking(&shared, move |store| {
-        Ok(fleet_view(store.agents(&LabelSelector::new(), None)?, &f))
+        Ok(fleet_view(&store.agents(&LabelSelector::new(), None)?, &f))
     })
     .await?;
     Ok(page(layout(
@@ -463,7 +472,7 @@ mod tests {
             })
             .collect();
         let filter = Filter::parse("selector=region%3Deu&page=1").unwrap();
-        let view = fleet_view(agents, &filter);
+        let view = fleet_view(&agents, &filter);
         assert_eq!(view.total, 500);
         assert_eq!(view.states[&AgentState::Offline], 50);
         assert_eq!(view.versions["1.0"], 250);
