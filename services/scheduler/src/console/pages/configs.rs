@@ -15,8 +15,9 @@ use crate::bus::blocking;
 use crate::console::{ConsoleError, page, page_session};
 use crate::store::{ConfigNodeStatus, ConfigRecord, ConfigState, ConfigVersion};
 
-/// Lines per side above which no diff is computed (the table is quadratic).
-const MAX_DIFF_LINES: usize = 2000;
+/// Lines per side above which no diff is computed: the table is quadratic (4 MB of `u32`
+/// at this bound, per request).
+const MAX_DIFF_LINES: usize = 1000;
 
 /// `GET /console/configs`
 pub async fn list(
