@@ -114,6 +114,36 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// What a gateway replica publishes about itself every few seconds on
+/// [`crate::subject::gateway_stats`] (encoded with [`to_bus`]). Counters are totals since the
+/// replica started, so a reader computes rates from two envelopes and a restart shows as
+/// a counter going down. Readers keep the latest per `instance` and forget it after a few
+/// missed periods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayStats {
+    /// The replica's instance id.
+    pub instance: GatewayId,
+    /// Whether it would accept an upgrade now (its `/readyz`).
+    pub ready: bool,
+    /// The worker id it leases, if any.
+    #[serde(default)]
+    pub worker_id: Option<u16>,
+    /// Open application (user) connections.
+    pub app_connections: u64,
+    /// Open agent connections.
+    pub agent_connections: u64,
+    /// Connections closed as slow consumers (close 4002), total.
+    pub slow_consumer_closes: u64,
+    /// Push frames handed to clients' queues, total.
+    pub pushes_delivered: u64,
+    /// Client messages handed to NATS, total.
+    pub published: u64,
+    /// Milliseconds between two envelopes from this replica.
+    pub interval_ms: u64,
+    /// When it was sent, unix ms (the sender's clock).
+    pub sent_at_ms: u64,
+}
+
 /// Body of a reconnect frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reconnect {
@@ -279,6 +309,30 @@ mod tests {
             server_time_ms: 1_800_000_000_000,
             recovery: None,
         }
+    }
+
+    #[test]
+    fn gateway_stats_round_trip_on_the_bus() {
+        let stats = GatewayStats {
+            instance: GatewayId::new("gw-1").unwrap(),
+            ready: true,
+            worker_id: Some(7),
+            app_connections: 12,
+            agent_connections: 3,
+            slow_consumer_closes: 1,
+            pushes_delivered: 1_000,
+            published: 20,
+            interval_ms: 5_000,
+            sent_at_ms: 1_800_000_000_000,
+        };
+        let bytes = to_bus(&stats).unwrap();
+        assert_eq!(from_bus::<GatewayStats>(&bytes).unwrap(), stats);
+        // An envelope without the optional lease field still parses.
+        let v = serde_json::to_value(&stats).unwrap();
+        let mut v = v.as_object().unwrap().clone();
+        v.remove("worker_id");
+        let old: GatewayStats = serde_json::from_value(v.into()).unwrap();
+        assert_eq!(old.worker_id, None);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! ws.gw.<gateway>.probe        a gateway -> itself: proves its server processed its SUBs
 //! ws.lp.<worker>               a gateway -> the gateway holding worker id <worker>: long-poll
 //!                              requests that reached the wrong replica (request/reply)
+//! ws.stats.<gateway>           a gateway -> the scheduler's operator console: its counters
+//!                              every few seconds ([`crate::payload::GatewayStats`])
 //! ws.all                       services -> every gateway, every socket (broadcast)
 //! ws.ctl                       services -> every gateway: control (resync)
 //! app.<route...>               ws-api -> product services: clients' publish frames, body
@@ -320,6 +322,17 @@ pub fn longpoll_forward(worker: u16) -> String {
     format!("{ROOT}.lp.{worker}")
 }
 
+/// `ws.stats.<gateway>`: a gateway's periodic [`crate::payload::GatewayStats`], read by
+/// the scheduler's operator console (docs/protocol.md section 8).
+pub fn gateway_stats(gateway: &GatewayId) -> String {
+    format!("{ROOT}.stats.{gateway}")
+}
+
+/// `ws.stats.*`: every gateway's stats.
+pub fn gateway_stats_wildcard() -> &'static str {
+    "ws.stats.*"
+}
+
 /// `ws.all`
 pub fn broadcast() -> &'static str {
     "ws.all"
@@ -408,6 +421,9 @@ mod tests {
         assert_eq!(gateway_push(&gw), "ws.gw.gw-2.push");
         assert_eq!(gateway_control(&gw), "ws.gw.gw-2.ctl");
         assert_eq!(gateway_probe(&gw), "ws.gw.gw-2.probe");
+        assert_eq!(gateway_stats(&gw), "ws.stats.gw-2");
+        assert!(gateway_stats_wildcard().ends_with(".*"));
+        assert!(gateway_stats(&gw).starts_with(gateway_stats_wildcard().trim_end_matches('*')));
         assert_eq!(Subject::parse(broadcast()).unwrap(), Subject::Broadcast);
         assert_eq!(Subject::parse(control_all()).unwrap(), Subject::ControlAll);
         assert_eq!(upstream_wildcard(ClientKind::Agent), "ws.msg.agent.>");

@@ -257,6 +257,68 @@ impl Browser {
             .map_err(|e| BrowserError::Io(e.to_string()))
     }
 
+    /// Writes a PNG screenshot of the page to `path` (creating its directory).
+    pub async fn screenshot_to(&self, path: &Path) -> Result<(), BrowserError> {
+        let png = self.screenshot().await?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| BrowserError::Io(e.to_string()))?;
+        }
+        std::fs::write(path, png).map_err(|e| BrowserError::Io(e.to_string()))
+    }
+
+    /// The text content of the first element `selector` matches (`None` when nothing does).
+    pub async fn text(&self, selector: &str) -> Result<Option<String>, BrowserError> {
+        let v = self
+            .execute(
+                "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;",
+                json!([selector]),
+            )
+            .await?;
+        Ok(v.as_str().map(str::to_owned))
+    }
+
+    /// Sets the value of the form field `selector` matches; errors when nothing matches.
+    pub async fn fill(&self, selector: &str, value: &str) -> Result<(), BrowserError> {
+        let found = self
+            .execute(
+                "const e = document.querySelector(arguments[0]); if (!e) return false; \
+                 e.value = arguments[1]; e.dispatchEvent(new Event('change', {bubbles: true})); return true;",
+                json!([selector, value]),
+            )
+            .await?;
+        if found == Value::Bool(true) {
+            Ok(())
+        } else {
+            Err(BrowserError::Io(format!("no element {selector:?} to fill")))
+        }
+    }
+
+    /// Clicks the element `selector` matches (as a user would: a submit button submits its
+    /// form); errors when nothing matches.
+    pub async fn click(&self, selector: &str) -> Result<(), BrowserError> {
+        let found = self
+            .execute(
+                "const e = document.querySelector(arguments[0]); if (!e) return false; e.click(); return true;",
+                json!([selector]),
+            )
+            .await?;
+        if found == Value::Bool(true) {
+            Ok(())
+        } else {
+            Err(BrowserError::Io(format!(
+                "no element {selector:?} to click"
+            )))
+        }
+    }
+
+    /// The page's current URL.
+    pub async fn url(&self) -> Result<String, BrowserError> {
+        let v = self
+            .command("GET", &self.session_path("/url"), Value::Null)
+            .await?;
+        Ok(v.as_str().unwrap_or_default().to_owned())
+    }
+
     /// Ends the session (closing Chromium) and stops chromedriver.
     pub async fn quit(mut self) {
         let path = self.session_path("");

@@ -24,6 +24,7 @@ pub fn config(nats_url: &str, instance: &str) -> ws_gateway::Config {
     config.lease_ttl = Duration::from_secs(5);
     config.drain_window = Duration::from_millis(100);
     config.presence_sync = Duration::from_millis(300);
+    config.stats_interval = Some(Duration::from_millis(300));
     config
 }
 

@@ -116,7 +116,7 @@ pub(crate) async fn start(
     shared: &Arc<Shared>,
 ) -> Result<(), BusError> {
     let setup = Arc::clone(shared);
-    let (events, upstream) = runtime
+    let (events, upstream, stats) = runtime
         .spawn(async move {
             let queue = subject::QUEUE_SCHEDULER.to_owned();
             let events = setup
@@ -127,6 +127,12 @@ pub(crate) async fn start(
             let upstream = setup
                 .client
                 .queue_subscribe(subject::upstream_wildcard(ClientKind::Agent), queue)
+                .await
+                .map_err(|e| BusError::Subscribe(e.to_string()))?;
+            // Not a queue group: every instance keeps its own view of the gateway tier.
+            let stats = setup
+                .client
+                .subscribe(subject::gateway_stats_wildcard())
                 .await
                 .map_err(|e| BusError::Subscribe(e.to_string()))?;
             // The socket map is memory only: after a (re)start, have every gateway announce
@@ -142,13 +148,14 @@ pub(crate) async fn start(
                 .flush()
                 .await
                 .map_err(|e| BusError::Publish(e.to_string()))?;
-            Ok::<_, BusError>((events, upstream))
+            Ok::<_, BusError>((events, upstream, stats))
         })
         .await
         .map_err(|e| BusError::Join(e.to_string()))??;
     runtime.spawn(consume(Arc::clone(shared), events));
     runtime.spawn(consume(Arc::clone(shared), upstream));
     runtime.spawn(sweep(Arc::downgrade(shared)));
+    runtime.spawn(crate::gateways::consume(Arc::downgrade(shared), stats));
     Ok(())
 }
 

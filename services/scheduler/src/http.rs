@@ -30,7 +30,7 @@ use crate::store::{
 use servicekit::clock::now_ms;
 
 mod configs;
-mod rollouts;
+pub(crate) mod rollouts;
 mod schedules;
 mod tunnels;
 mod upgrades;
@@ -219,7 +219,7 @@ fn parse_target_state(s: &str) -> Result<TargetState, ApiError> {
         .map_err(|_| ApiError::bad("bad_state", format!("unknown task state {s:?}")))
 }
 
-fn node_id(s: &str) -> Result<UserId, ApiError> {
+pub(crate) fn node_id(s: &str) -> Result<UserId, ApiError> {
     UserId::new(s).map_err(|e| ApiError::bad("malformed_id", format!("node {s:?}: {e}")))
 }
 
@@ -238,7 +238,7 @@ fn agent_json(a: &AgentRecord) -> serde_json::Value {
 }
 
 /// Targets as the API shows them: `{"nodes": [...]}` or `{"labels": {...}}`, as requested.
-fn targets_json(targets: &Targets) -> serde_json::Value {
+pub(crate) fn targets_json(targets: &Targets) -> serde_json::Value {
     match targets {
         Targets::Nodes(ids) => {
             json!({ "nodes": ids.iter().map(UserId::as_str).collect::<Vec<_>>() })
@@ -247,7 +247,7 @@ fn targets_json(targets: &Targets) -> serde_json::Value {
     }
 }
 
-fn spec_json(spec: &TaskSpec) -> serde_json::Value {
+pub(crate) fn spec_json(spec: &TaskSpec) -> serde_json::Value {
     let (kind, agent_timeout_ms) = wire_kind(&spec.kind);
     let targets = targets_json(&spec.targets);
     json!({
@@ -384,17 +384,61 @@ async fn create_task(
 ) -> Result<HttpResponse, ApiError> {
     let request = server_span(&req, "/v1/tasks");
     let actor = authorize(&req, &shared)?.traced(&request);
-    let raw = body.into_inner();
     let key = idempotency_key(&req)?;
+    let created = submit_task(
+        &shared,
+        actor,
+        body.into_inner(),
+        key,
+        request.context().map(|t| t.to_traceparent()),
+    )
+    .await?;
+    if created.replayed {
+        return Ok(HttpResponse::Ok()
+            .insert_header(("idempotent-replayed", "true"))
+            .json(json!({ "task_id": created.task_id, "replayed": true })));
+    }
+    let mut body = json!({
+        "task_id": created.task_id,
+        "dispatched": created.dispatched,
+        "replayed": false,
+    });
+    if let Some(trace) = request.context() {
+        body["trace_id"] = json!(trace.trace_id_hex());
+    }
+    Ok(HttpResponse::Created().json(body))
+}
+
+/// What [`submit_task`] did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Submitted {
+    /// The task (the earlier one for an idempotent retry).
+    pub task_id: u64,
+    /// Targets it was pushed to at once.
+    pub dispatched: u64,
+    /// An idempotent retry: nothing new was created, audited or dispatched.
+    pub replayed: bool,
+}
+
+/// Creates a task from a `POST /v1/tasks` body on behalf of `actor`: validation, the
+/// idempotency claim, the audit entry in the task's transaction, and the dispatch to the
+/// targets that are up. The API and the console both create tasks through here.
+pub(crate) async fn submit_task(
+    shared: &Arc<Shared>,
+    actor: Actor,
+    raw: serde_json::Value,
+    key: Option<String>,
+    traceparent: Option<String>,
+) -> Result<Submitted, ApiError> {
     let body: CreateTask = serde_json::from_value(raw.clone())
         .map_err(|e| ApiError::bad("malformed_json", e.to_string()))?;
     let spec = task_spec(
-        &shared,
+        shared,
         body.targets,
         &body.spec,
         body.timeout_ms,
         body.max_attempts,
-        request.context().map(|t| t.to_traceparent()),
+        traceparent,
     )?;
     let created = spec.clone();
     let now = now_ms();
@@ -411,7 +455,7 @@ async fn create_task(
         "idempotency_key": claim.as_ref().map(|c| c.key.as_str()),
     });
     let claimed = claim.clone();
-    let (outcome, entry, up) = blocking(&shared, move |store| {
+    let (outcome, entry, up) = blocking(shared, move |store| {
         let (outcome, entry) = store.create_task_once(&created, now, claimed.as_ref(), |id| {
             audit::entry(
                 &audit_actor,
@@ -434,9 +478,11 @@ async fn create_task(
         Created::Replayed(id) => {
             // A retry: nothing new happened, so nothing is audited or dispatched.
             tracing::info!(task_id = id, actor = %actor.name, "Idempotent retry; returning the task it created.");
-            return Ok(HttpResponse::Ok()
-                .insert_header(("idempotent-replayed", "true"))
-                .json(json!({ "task_id": id, "replayed": true })));
+            return Ok(Submitted {
+                task_id: id,
+                dispatched: 0,
+                replayed: true,
+            });
         }
     };
     if let Some(entry) = &entry {
@@ -446,22 +492,18 @@ async fn create_task(
     // Targets that are up get it now; the others when they register again.
     // Not fatal for the request when this fails: targets still Pending go out on the next
     // register, ones left Dispatched expire and are retried by the sweep.
-    let dispatched = match bus::dispatch_many(&shared, task_id, &spec, up).await {
+    let dispatched = match bus::dispatch_many(shared, task_id, &spec, up).await {
         Ok((sent, _)) => sent,
         Err(e) => {
             tracing::warn!(task_id, error = %e, "Dispatch failed.");
             0
         }
     };
-    let mut created = json!({
-        "task_id": task_id,
-        "dispatched": dispatched,
-        "replayed": false,
-    });
-    if let Some(trace) = request.context() {
-        created["trace_id"] = json!(trace.trace_id_hex());
-    }
-    Ok(HttpResponse::Created().json(created))
+    Ok(Submitted {
+        task_id,
+        dispatched,
+        replayed: false,
+    })
 }
 
 async fn list_tasks(
@@ -569,7 +611,14 @@ async fn task_output(
             "output": output_json(&shared, id),
         })));
     }
-    let shared = Arc::clone(shared.get_ref());
+    follow_response(shared.get_ref(), id)
+}
+
+/// The live output of task `id` as a Server-Sent Events response ([`crate::follow`]); 503
+/// when [`crate::follow::MAX_FOLLOWERS`] clients follow already. The caller has checked that
+/// the task exists. The API's `?follow=1` and the console's task page both stream this.
+pub(crate) fn follow_response(shared: &Arc<Shared>, id: u64) -> Result<HttpResponse, ApiError> {
+    let shared = Arc::clone(shared);
     let slot = crate::follow::Slot::take(&shared).ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -602,7 +651,22 @@ async fn cancel_task(
 ) -> Result<HttpResponse, ApiError> {
     let actor = authorize(&req, &shared)?;
     let id = task_id(&path)?;
-    let (cancelled, entry) = blocking(&shared, move |store| {
+    let cancelled = cancel(&shared, actor, id).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "task_id": id,
+        "cancelled": cancelled.iter().map(UserId::as_str).collect::<Vec<_>>(),
+    })))
+}
+
+/// Cancels every unfinished target of task `id` on behalf of `actor` (audited in the same
+/// transaction) and tells the agents that had it; returns the cancelled targets. The API
+/// and the console both cancel through here.
+pub(crate) async fn cancel(
+    shared: &Arc<Shared>,
+    actor: Actor,
+    id: u64,
+) -> Result<Vec<UserId>, ApiError> {
+    let (cancelled, entry) = blocking(shared, move |store| {
         store.cancel_audited(id, now_ms(), |cancelled| {
             let nodes: Vec<&str> = cancelled.iter().map(|(n, _)| n.as_str()).collect();
             audit::entry(
@@ -619,7 +683,7 @@ async fn cancel_task(
     for (node, old) in &cancelled {
         if old.is_in_flight()
             && let Err(e) = bus::push(
-                &shared,
+                shared,
                 node,
                 fleet::down::CANCEL,
                 &fleet::Cancel { task_id: id },
@@ -630,10 +694,7 @@ async fn cancel_task(
             tracing::warn!(%node, task_id = id, error = %e, "Pushing a cancel failed.");
         }
     }
-    Ok(HttpResponse::Ok().json(json!({
-        "task_id": id,
-        "cancelled": cancelled.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-    })))
+    Ok(cancelled.into_iter().map(|(n, _)| n).collect())
 }
 
 /// `POST /v1/agents/{id}/revoke`: the node is disconnected everywhere, refused when it
@@ -645,20 +706,31 @@ async fn revoke_agent(
 ) -> Result<HttpResponse, ApiError> {
     let actor = authorize(&req, &shared)?;
     let node = node_id(&path)?;
+    let newly = revoke(&shared, actor, &node).await?;
+    Ok(HttpResponse::Ok().json(json!({"node_id": node.as_str(), "revoked": true, "newly": newly})))
+}
+
+/// Revokes `node` on behalf of `actor`: stored, audited, and its connections closed;
+/// whether it was newly revoked. The API and the console both revoke through here.
+pub(crate) async fn revoke(
+    shared: &Arc<Shared>,
+    actor: Actor,
+    node: &UserId,
+) -> Result<bool, ApiError> {
     let n = node.clone();
-    let newly = blocking(&shared, move |store| store.revoke(&n, now_ms())).await?;
-    shared.trust.set_revoked(&node, true);
+    let newly = blocking(shared, move |store| store.revoke(&n, now_ms())).await?;
+    shared.trust.set_revoked(node, true);
     tracing::warn!(%node, newly, "Agent revoked.");
     audit::record(
-        &shared,
+        shared,
         &actor,
         audit::AGENT_REVOKE,
         format!("agent/{node}"),
         json!({"newly": newly}),
     )
     .await?;
-    bus::close_agent(&shared, &node, messages::CloseCode::Revoked).await?;
-    Ok(HttpResponse::Ok().json(json!({"node_id": node.as_str(), "revoked": true, "newly": newly})))
+    bus::close_agent(shared, node, messages::CloseCode::Revoked).await?;
+    Ok(newly)
 }
 
 /// `DELETE /v1/agents/{id}/revoke`: lifts a revocation; the node still needs a valid

@@ -21,6 +21,9 @@
 //!
 //! - [`tunnel`]: TCP tunnels to agents' ports (the registry of streams; the operator's
 //!   WebSocket is served by the HTTP module).
+//! - [`console`]: the operator web console at `/console` (server-rendered pages, cookie
+//!   sessions, live updates over Server-Sent Events); [`gateways`]: the gateway replicas'
+//!   stats it shows.
 //!
 //! [`run`] is the whole service; [`spawn`] runs it on its own thread for tests.
 
@@ -30,7 +33,9 @@ pub mod auth;
 mod bus;
 mod config;
 mod configs;
+pub mod console;
 mod follow;
+mod gateways;
 mod http;
 pub mod lease;
 mod output;
@@ -236,6 +241,10 @@ pub struct Shared {
     pub trust: trust::Live,
     /// Open tunnel streams (memory only).
     pub tunnels: tunnel::Tunnels,
+    /// The gateway replicas' latest stats, for the console (memory only).
+    pub gateways: gateways::Tier,
+    /// The operator console's sessions and login throttle (memory only).
+    pub console: console::ConsoleState,
 }
 
 impl Shared {
@@ -413,6 +422,7 @@ async fn active(
                     .error_handler(|e, _| servicekit::http::json_error(e)),
             )
             .configure(http::routes)
+            .configure(console::routes)
     })
     .workers(2)
     .disable_signals()
@@ -524,6 +534,8 @@ async fn connect(config: Config, store: Arc<Store>) -> Result<Arc<Shared>, Error
         followers: std::sync::atomic::AtomicUsize::new(0),
         trust: trust::Live::load(&store)?,
         tunnels: tunnel::Tunnels::default(),
+        gateways: gateways::Tier::default(),
+        console: console::ConsoleState::default(),
     }))
 }
 

@@ -7,129 +7,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use serde_json::json;
-use testkit::NatsServer;
-use testkit::agent::AgentToml;
 use testkit::http;
 
-const KEY: &str = "e2e-api-key-0123456789";
-/// A read-scope key: may GET, may change nothing.
-const READ_KEY: &str = "e2e-read-key-0123456789";
-
-async fn ready(addr: SocketAddr) {
-    http::wait_status(addr, "/readyz", 200).await;
-}
-
-/// Polls until `check` accepts the JSON at `path`.
-async fn eventually(
-    addr: SocketAddr,
-    path: &str,
-    check: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    http::eventually(addr, path, KEY, check).await
-}
-
-fn agent_config(
-    dir: &std::path::Path,
-    node: &str,
-    region: &str,
-    gateway: SocketAddr,
-) -> agent::AgentConfig {
-    agent_config_with(dir, node, region, gateway, "")
-}
-
-/// [`agent_config`] with `extra` top-level TOML lines (`config_dir = ...`).
-fn agent_config_with(
-    dir: &std::path::Path,
-    node: &str,
-    region: &str,
-    gateway: SocketAddr,
-    extra: &str,
-) -> agent::AgentConfig {
-    let text = AgentToml::new(node)
-        .gateway(format!("ws://{gateway}/ws"))
-        .line(r#"allowed_commands = ["echo", "sh"]"#)
-        .line(extra)
-        .label("region", region)
-        .render(dir);
-    agent::AgentConfig::from_toml(&text, &dir.join(format!("{node}.toml")), |_| None).unwrap()
-}
-
-/// NATS, one gateway and the scheduler, all real; the agents come per test.
-struct Fleet {
-    _nats: NatsServer,
-    gateway: ws_gateway::Handle,
-    sched: scheduler::Handle,
-    dir: tempfile::TempDir,
-}
-
-impl Fleet {
-    async fn start(gateway_name: &str) -> Fleet {
-        let nats = NatsServer::start().unwrap();
-        let url = nats.url();
-        let gateway = testkit::gateway::start(testkit::gateway::config(&url, gateway_name)).await;
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = scheduler::Config::new(
-            &url,
-            vec![KEY.to_owned()],
-            dir.path().join("scheduler.redb"),
-        );
-        config.api_keys =
-            scheduler::auth::parse_keys(&format!("ops:operator:{KEY},dashboard:read:{READ_KEY}"))
-                .unwrap();
-        config.command_key = std::sync::Arc::new(
-            messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
-        );
-        let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
-        ready(sched.addr()).await;
-        Fleet {
-            _nats: nats,
-            gateway,
-            sched,
-            dir,
-        }
-    }
-
-    /// Starts a real agent `node` (label region=`region`) and waits until it is online.
-    async fn agent(&self, node: &str, region: &str) -> agent::AgentHandle {
-        let config = agent_config(self.dir.path(), node, region, self.gateway.addr());
-        let handle = agent::start(config).await.unwrap();
-        eventually(self.sched.addr(), &format!("/v1/agents/{node}"), |v| {
-            v["state"] == "online"
-        })
-        .await;
-        handle
-    }
-
-    /// Starts a real agent that takes config documents into `<dir>/<node>-etc` and waits
-    /// until it is online.
-    async fn config_agent(&self, node: &str, region: &str) -> agent::AgentHandle {
-        let config = agent_config_with(
-            self.dir.path(),
-            node,
-            region,
-            self.gateway.addr(),
-            // Each agent its own applied-versions file (the default sits beside the outbox,
-            // which these agents share a directory with).
-            &format!("config_dir = \"{node}-etc\"\nconfig_state_path = \"{node}-configs.json\""),
-        );
-        let handle = agent::start(config).await.unwrap();
-        eventually(self.sched.addr(), &format!("/v1/agents/{node}"), |v| {
-            v["state"] == "online"
-        })
-        .await;
-        handle
-    }
-
-    /// Where `node`'s config documents are written.
-    fn etc(&self, node: &str) -> std::path::PathBuf {
-        self.dir.path().join(format!("{node}-etc"))
-    }
-
-    async fn stop(self) {
-        self.sched.shutdown().await.unwrap();
-        self.gateway.shutdown().await.unwrap();
-    }
-}
+mod common;
+use common::{Fleet, KEY, READ_KEY, agent_config, agent_config_with, eventually, ready};
 
 #[tokio::test]
 async fn tasks_to_a_label_selector_run_on_real_agents_and_results_are_stored_once() {
@@ -959,7 +840,7 @@ async fn bad_configs_are_refused_and_a_failing_validate_keeps_the_old_file() {
     assert_eq!(entries, ["app.conf"], "no temp file left behind");
 
     // Forgeries with bus access: unsigned, then signed with a key the agent does not pin.
-    let nats = fleet._nats.url();
+    let nats = fleet.nats.url();
     let evil = |name: &str| {
         let content = b"evil\n".to_vec();
         messages::payload::to_bus(&ConfigPush {
@@ -1438,7 +1319,7 @@ async fn a_result_lost_while_no_scheduler_listens_is_sent_again_on_the_same_conn
     .await;
     // The scheduler goes away; the command finishes and its result goes nowhere.
     let Fleet {
-        _nats,
+        nats: _nats,
         gateway,
         sched,
         dir,

@@ -159,6 +159,30 @@ async fn schedctl_lists_agents_and_runs_tasks_over_https_with_the_private_ca() {
         run.stdout
     );
 
+    // The operator console over HTTPS: the session cookie is also `Secure`.
+    let client = servicekit::http_client::client(servicekit::http_client::ClientOptions {
+        roots: servicekit::tls::roots_from_file(&ca_file).unwrap(),
+        timeout: Some(Duration::from_secs(10)),
+        ..Default::default()
+    })
+    .unwrap();
+    let login = client
+        .post(format!("{url}/console/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("key={KEY}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 303);
+    let cookie = login
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/console", "Secure"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+
     // Without the private CA (the system's store) and with another CA: refused, with the
     // certificate problem and the remedy named, exit 69.
     let other = dir.path().join("other-ca.pem");

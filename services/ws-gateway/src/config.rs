@@ -75,6 +75,10 @@ pub struct Args {
     /// How often last-seen times are sent to the bus in batches, ms.
     #[arg(long, env = "WS_GATEWAY_PRESENCE_SYNC_MS", default_value_t = 15_000)]
     pub presence_sync_ms: u64,
+    /// How often the replica publishes its counters for the operator console
+    /// (`ws.stats.<instance>`), ms; 0 turns it off.
+    #[arg(long, env = "WS_GATEWAY_STATS_MS", default_value_t = 5_000)]
+    pub stats_ms: u64,
     /// Largest frame body accepted from a client, bytes.
     #[arg(long, env = "WS_GATEWAY_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -234,6 +238,8 @@ pub struct Config {
     pub heartbeat: HeartbeatParams,
     /// Period of presence batches to the bus.
     pub presence_sync: Duration,
+    /// Period of the stats envelope for the operator console; `None`: not published.
+    pub stats_interval: Option<Duration>,
     /// Frame limits.
     pub limits: Limits,
     /// Sustained frames per second per connection.
@@ -296,6 +302,7 @@ impl Config {
                 grace_ms: 20_000,
             },
             presence_sync: Duration::from_secs(15),
+            stats_interval: Some(Duration::from_secs(5)),
             limits: Limits::default(),
             rate_per_sec: 50,
             rate_burst: 100,
@@ -360,6 +367,7 @@ impl Config {
             grace_ms: args.heartbeat_grace_ms,
         };
         config.presence_sync = Duration::from_millis(args.presence_sync_ms);
+        config.stats_interval = (args.stats_ms > 0).then(|| Duration::from_millis(args.stats_ms));
         config.limits = Limits {
             max_route_len: args.max_route_len,
             max_body_len: args.max_body_bytes,

@@ -186,6 +186,28 @@ impl Shared {
         }
     }
 
+    /// The counters the operator console shows (see [`spawn_stats`]).
+    pub fn stats(&self, interval_ms: u64) -> messages::payload::GatewayStats {
+        let readiness = self.readiness();
+        let agents = self
+            .hub
+            .for_all(Some(messages::ClientKind::Agent), |_, _| ());
+        let apps = self.hub.for_all(Some(messages::ClientKind::App), |_, _| ());
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        messages::payload::GatewayStats {
+            instance: self.config.instance.clone(),
+            ready: readiness.ready(),
+            worker_id: readiness.worker_id,
+            app_connections: count(apps),
+            agent_connections: count(agents),
+            slow_consumer_closes: self.metrics.closes_of(CloseCode::SlowConsumer),
+            pushes_delivered: self.metrics.pushes_delivered.get(),
+            published: self.metrics.published.get(),
+            interval_ms,
+            sent_at_ms: servicekit::clock::now_ms(),
+        }
+    }
+
     /// Open connections.
     pub fn connections(&self) -> usize {
         usize::try_from(self.metrics.connections.get()).unwrap_or(0)
@@ -294,6 +316,9 @@ pub async fn run(
         .collect();
     let probe_subscription = shared.bus.subscribe_probe();
     let presence = spawn_presence_sync(&shared, config.presence_sync);
+    let stats = config
+        .stats_interval
+        .map(|period| spawn_stats(&shared, period));
     let bus_watch = config
         .bus_loss_shed
         .map(|after| spawn_bus_watch(&shared, after));
@@ -342,6 +367,9 @@ pub async fn run(
     }
     let _ = server_task.await;
     presence.abort();
+    if let Some(task) = stats {
+        task.abort();
+    }
     if let Some(task) = bus_watch {
         task.abort();
     }
@@ -606,6 +634,33 @@ fn spawn_presence_sync(shared: &Arc<Shared>, period: Duration) -> tokio::task::J
             tick.tick().await;
             let Some(shared) = weak.upgrade() else { break };
             shared.hub.sync_presence();
+        }
+    })
+}
+
+/// Publishes this replica's [`messages::payload::GatewayStats`] every `period` until the
+/// returned task is aborted. Plain core NATS, fire and forget: a missed envelope only makes
+/// the console's view one period older, and the scheduler forgets a replica that stops
+/// sending.
+fn spawn_stats(shared: &Arc<Shared>, period: Duration) -> tokio::task::JoinHandle<()> {
+    let weak = Arc::downgrade(shared);
+    let subject = messages::subject::gateway_stats(&shared.config.instance);
+    let interval_ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
+    shared.bus.runtime().spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { break };
+            let stats = shared.stats(interval_ms);
+            let client = shared.bus.client().clone();
+            drop(shared);
+            let Ok(body) = messages::payload::to_bus(&stats) else {
+                continue;
+            };
+            if let Err(e) = client.publish(subject.clone(), body.into()).await {
+                tracing::debug!(error = %e, "Publishing stats failed.");
+            }
         }
     })
 }

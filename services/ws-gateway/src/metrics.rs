@@ -324,7 +324,15 @@ impl Metrics {
         }
     }
 
-    /// Counts a close the gateway initiated.
+    /// Closes with `code` so far.
+    pub fn closes_of(&self, code: CloseCode) -> u64 {
+        self.closes
+            .iter()
+            .find(|(k, _)| *k == code)
+            .map_or(0, |(_, c)| c.get())
+    }
+
+    /// Counts a close with `code`.
     pub fn closed(&self, code: CloseCode) {
         if let Some((_, c)) = self.closes.iter().find(|(k, _)| *k == code) {
             c.inc();

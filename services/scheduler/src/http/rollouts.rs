@@ -144,7 +144,7 @@ fn rollout_id(path: &str) -> Result<u64, ApiError> {
 
 /// The API form of a rollout. `batch_states` are the live target states of the batch in
 /// flight, when the caller read them.
-fn rollout_json(
+pub(crate) fn rollout_json(
     rec: &RolloutRecord,
     batch_states: Option<&std::collections::BTreeMap<String, u64>>,
 ) -> serde_json::Value {
@@ -399,7 +399,13 @@ async fn get(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&req, &shared)?;
     let id = rollout_id(&path)?;
-    let (record, states) = blocking(&shared, move |store| {
+    Ok(HttpResponse::Ok().json(view(&shared, id).await?))
+}
+
+/// The API form of rollout `id` with the live states of its batch in flight (`GET
+/// /v1/rollouts/{id}`, and the console's rollout page).
+pub(crate) async fn view(shared: &Arc<Shared>, id: u64) -> Result<serde_json::Value, ApiError> {
+    let (record, states) = blocking(shared, move |store| {
         let Some(record) = store.rollout(id)? else {
             return Ok((None, None));
         };
@@ -450,7 +456,7 @@ async fn get(
     })
     .await?;
     let record = record.ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?;
-    Ok(HttpResponse::Ok().json(rollout_json(&record, states.as_ref())))
+    Ok(rollout_json(&record, states.as_ref()))
 }
 
 async fn control(
@@ -461,7 +467,19 @@ async fn control(
     let actor = authorize(&req, &shared)?;
     let (id, control) = path.into_inner();
     let id = rollout_id(&id)?;
-    let control = match control.as_str() {
+    let record = control_as(&shared, actor, id, &control).await?;
+    Ok(HttpResponse::Ok().json(rollout_json(&record, None)))
+}
+
+/// Applies `control` (`pause`, `resume`, `promote`, `abort`) to rollout `id` on behalf of
+/// `actor`, audited in the same transaction; the API and the console both go through here.
+pub(crate) async fn control_as(
+    shared: &Arc<Shared>,
+    actor: crate::auth::Actor,
+    id: u64,
+    control: &str,
+) -> Result<RolloutRecord, ApiError> {
+    let control = match control {
         "pause" => Control::Pause,
         "resume" => Control::Resume,
         "promote" => Control::Promote,
@@ -472,7 +490,7 @@ async fn control(
             )));
         }
     };
-    let (controlled, entry) = blocking(&shared, move |store| {
+    let (controlled, entry) = blocking(shared, move |store| {
         store.control_rollout(id, control, now_ms(), |rec| {
             audit::entry(
                 &actor,
@@ -486,9 +504,9 @@ async fn control(
     audit::log(&entry);
     tracing::info!(rollout = id, control = control.name(), state = ?controlled.record.state, "Rollout control.");
     if let Some((task_id, nodes)) = &controlled.cancelled {
-        rollout::cancel(&shared, *task_id, nodes).await;
+        rollout::cancel(shared, *task_id, nodes).await;
     }
-    Ok(HttpResponse::Ok().json(rollout_json(&controlled.record, None)))
+    Ok(controlled.record)
 }
 
 #[cfg(test)]
