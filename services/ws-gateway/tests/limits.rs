@@ -238,6 +238,50 @@ async fn a_ping_flood_is_rate_limited_and_closed() {
     gw.shutdown().await.unwrap();
 }
 
+/// A flood paced at a few times the rate gets a token at every refill; it must still be
+/// cut with 4004 (it used to be kept open for good: each admitted ping cleared the count
+/// of dropped ones), and a well-behaved client on the same gateway keeps receiving.
+#[tokio::test]
+async fn a_paced_ping_flood_is_closed_while_a_normal_client_keeps_receiving() {
+    let nats = NatsServer::start().unwrap();
+    let bus = bus_client(&nats.url()).await;
+    let mut cfg = config(&nats.url(), "gw-paced-flood");
+    cfg.rate_per_sec = 10;
+    cfg.rate_burst = 5;
+    let gw = start(cfg).await;
+    let mut normal = TestClient::connect(gw.addr(), &token("normal", None, &[]))
+        .await
+        .unwrap();
+    let mut flooder = TestClient::connect(gw.addr(), &token("flooder", None, &[]))
+        .await
+        .unwrap();
+    // 50 pings a second (5x the rate) for at most 5 s, reading between them.
+    let mut ended = None;
+    for i in 0..250u32 {
+        flooder.send_ping(&i.to_be_bytes()).await;
+        match flooder
+            .pongs_until_frame_within(Duration::from_millis(20))
+            .await
+        {
+            (_, Received::Timeout) => {}
+            (_, other) => {
+                ended = Some(other);
+                break;
+            }
+        }
+    }
+    assert!(
+        matches!(ended, Some(Received::Close(Some(code))) if code == CloseCode::RateLimited.code()),
+        "{ended:?}"
+    );
+    let subject = messages::subject::user(&messages::UserId::new("normal").unwrap());
+    for i in 1..=3u64 {
+        push(&bus, &subject, i, b"still here").await;
+        assert_eq!(normal.frame().await.msg_id, i);
+    }
+    gw.shutdown().await.unwrap();
+}
+
 /// A client that pings without reading cannot make the gateway queue pongs: only the
 /// latest ping is answered once the socket drains (RFC 6455, 5.5.3), and the session is
 /// fine afterwards.
