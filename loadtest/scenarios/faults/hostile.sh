@@ -3,7 +3,10 @@
 # a SIZE-byte broadcast every INTERVAL seconds (published on the bus); each client records
 # the delivery latency (publisher's stamp -> received).
 #   run A: the normal clients alone;
-#   run B: the same, with STALLED clients that stop reading (but keep heartbeating) and
+#   run B: the same, with STALLED clients that stop reading (but keep heartbeating; each is
+#          also sent STALLED_FEED bytes every 100 ms on its own user subject, 0 for none:
+#          at the broadcast's 2 KB/s alone their backlog stays in the kernel's socket
+#          buffers for many minutes before the gateway's write blocks) and
 #          HOSTILE clients that, round-robin, send garbage bytes, oversized messages,
 #          undecodable frames, text messages, ping floods (PING_RATE/s) or a slowloris
 #          upgrade, each cut, pausing ~PAUSE_MS and coming back for the whole run
@@ -26,6 +29,7 @@ INTERVAL="${INTERVAL:-0.5}"
 SIZE="${SIZE:-1024}"
 PAUSE_MS="${PAUSE_MS:-2000}"
 PING_RATE="${PING_RATE:-300}"
+STALLED_FEED="${STALLED_FEED:-16384}"
 RATE="${RATE:-5000}"
 WORKERS="${WORKERS:-2}"
 OUT="${OUT:-$ROOT/target/loadtest/faults/hostile}"
@@ -52,6 +56,7 @@ echo "== run B: the same with $STALLED stalled and $HOSTILE hostile clients"
 # the broadcasts, the last deliveries.
 loadtest --urls "$(urls)" hostile --stalled "$STALLED" --hostile "$HOSTILE" \
   --secs "$(( BROADCAST_SECS + 10 ))" --pause-ms "$PAUSE_MS" --ping-rate "$PING_RATE" \
+  --nats-url "nats://127.0.0.1:$NATS_PORT" --stalled-feed-bytes "$STALLED_FEED" --stalled-feed-ms 100 \
   --out "$OUT" --name hostile-clients &
 HOSTILE_PID=$!
 sleep 2

@@ -17,11 +17,15 @@
 //! - `slowloris`: the upgrade request one byte every 500 ms (the HTTP layer's request
 //!   timeout: 408 or a closed socket).
 //!
+//! The stalled users can be fed pushes of their own straight on the bus ([`feed`]), so
+//! that their backlog outgrows the kernel's socket buffers within a run.
+//!
 //! Every hostile slot repeats: connect, misbehave, get cut, pause, so the hostile load
 //! lasts the whole run. The gateway's own close counters (`/metrics`) are read before and
 //! after, since a client that stops reading cannot read the close frame meant for it.
 
 mod attempt;
+mod feed;
 pub mod verdict;
 mod wire;
 
@@ -58,6 +62,16 @@ pub struct Args {
     /// Receive buffer of a stalled client's socket, bytes.
     #[arg(long, default_value_t = 4096)]
     pub stalled_rcvbuf: u32,
+    /// NATS URL for the stalled users' feed (`--stalled-feed-bytes`).
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Bytes pushed to each stalled user every `--stalled-feed-ms` straight on the bus
+    /// (0: none, the stalled clients get only what everyone gets).
+    #[arg(long, default_value_t = 0)]
+    pub stalled_feed_bytes: usize,
+    /// Interval of the stalled users' feed, ms.
+    #[arg(long, default_value_t = 100)]
+    pub stalled_feed_ms: u64,
     /// First source address's last octet (127.0.0.x), away from the normal clients'.
     #[arg(long, default_value_t = 200)]
     pub source_first: u8,
@@ -220,6 +234,19 @@ pub async fn run(urls: &[String], secret: &str, args: Args) -> Result<(), BoxErr
         args: args.clone(),
         tally: Mutex::new(Tally::default()),
     });
+    let tcp_mem_max = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = tokio::spawn(feed::sample_tcp_mem(
+        Arc::clone(&ctx),
+        Arc::clone(&tcp_mem_max),
+    ));
+    let feeder = (args.stalled_feed_bytes > 0 && args.stalled > 0).then(|| {
+        tokio::spawn(feed::stalled_users(
+            Arc::clone(&ctx),
+            args.nats_url.clone(),
+            args.stalled_feed_bytes,
+            Duration::from_millis(args.stalled_feed_ms.max(1)),
+        ))
+    });
     let mut tasks = Vec::new();
     for slot in 0..args.stalled + args.hostile {
         let kind = if slot < args.stalled {
@@ -237,6 +264,19 @@ pub async fn run(urls: &[String], secret: &str, args: Args) -> Result<(), BoxErr
     for t in tasks {
         let _ = t.await;
     }
+    let fed = match feeder {
+        Some(f) => match f.await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(format!("stalled users' feed: {e}").into()),
+            Err(e) => return Err(format!("stalled users' feed: {e}").into()),
+        },
+        None => 0,
+    };
+    sampler.abort();
+    let extra = Extra {
+        fed,
+        tcp_mem_max_kib: tcp_mem_max.load(std::sync::atomic::Ordering::Relaxed),
+    };
     // Let the gateway count the last closes.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = gateway_closes(target.addr).await;
@@ -246,7 +286,15 @@ pub async fn run(urls: &[String], secret: &str, args: Args) -> Result<(), BoxErr
         .filter(|(_, v)| *v > 0)
         .collect();
     let tally = std::mem::take(&mut *ctx.tally.lock().unwrap_or_else(|e| e.into_inner()));
-    write_results(&args, tally, &delta)
+    write_results(&args, tally, &delta, &extra)
+}
+
+/// Figures beside the tally.
+struct Extra {
+    /// Pushes published to stalled users.
+    fed: u64,
+    /// Highest TCP buffer memory of the machine during the run, KiB.
+    tcp_mem_max_kib: u64,
 }
 
 /// One slot: attempt after attempt until the deadline (a stalled client stays stalled
@@ -308,6 +356,7 @@ fn write_results(
     args: &Args,
     mut tally: Tally,
     gateway_closes: &BTreeMap<String, u64>,
+    extra: &Extra,
 ) -> Result<(), BoxError> {
     println!("== hostile clients ({} s)", args.secs);
     for (kind, t) in &mut tally.kinds {
@@ -321,6 +370,12 @@ fn write_results(
         );
     }
     println!(
+        "  stalled users fed {} pushes of {} B; machine TCP buffer memory max {:.1} MiB",
+        extra.fed,
+        args.stalled_feed_bytes,
+        extra.tcp_mem_max_kib as f64 / 1024.0
+    );
+    println!(
         "  stalled clients never cut: {}; gateway closes by reason during the run: {gateway_closes:?}",
         tally.stalled_never_cut
     );
@@ -333,6 +388,10 @@ fn write_results(
         "kinds": tally.kinds.iter().map(|(k, t)| (serde_json::to_value(k).unwrap_or_default().as_str().unwrap_or("").to_owned(), serde_json::to_value(t).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
         "gateway_closes": gateway_closes,
         "stalled_never_cut": tally.stalled_never_cut,
+        "stalled_feed_bytes": args.stalled_feed_bytes,
+        "stalled_feed_ms": args.stalled_feed_ms,
+        "stalled_pushes_fed": extra.fed,
+        "tcp_mem_max_kib": extra.tcp_mem_max_kib,
     });
     std::fs::create_dir_all(&args.out)?;
     let path = args.out.join(format!("{}.json", args.name));

@@ -125,6 +125,16 @@ fn hostile_rows(clients: &serde_json::Value) -> (serde_json::Value, Vec<Row>) {
         .as_f64()
         .unwrap_or(0.0);
     rows.push(Row::new(
+        "stalled users' feed; machine TCP buffer memory max during B",
+        format!(
+            "{} pushes of {} B every {} ms; {:.1} MiB",
+            clients["stalled_pushes_fed"],
+            clients["stalled_feed_bytes"],
+            clients["stalled_feed_ms"],
+            clients["tcp_mem_max_kib"].as_f64().unwrap_or(0.0) / 1024.0
+        ),
+    ));
+    rows.push(Row::new(
         "gateway closes by reason during B (its /metrics)",
         clients["gateway_closes"].to_string(),
     ));
@@ -136,6 +146,7 @@ fn hostile_rows(clients: &serde_json::Value) -> (serde_json::Value, Vec<Row>) {
         "stalled_clients": clients["stalled"],
         "stalled_never_cut": clients["stalled_never_cut"],
         "gateway_slow_consumer_closes": slow,
+        "tcp_mem_max_mib": clients["tcp_mem_max_kib"].as_f64().unwrap_or(0.0) / 1024.0,
     });
     (summary, rows)
 }

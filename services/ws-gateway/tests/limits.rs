@@ -1,6 +1,7 @@
 //! Limits that must hold against a hostile client: connections per user and per source
-//! address, the replica's connection maximum, rooms per socket, and WebSocket pings (which
-//! count against the frame rate and cannot queue pongs). Real clients over TCP against a real
+//! address, the replica's connection maximum, an upgrade request that never ends, rooms per
+//! socket, and WebSocket pings (which count against the frame rate, even a flood paced to
+//! get a token at every refill, and cannot queue pongs). Real clients over TCP against a real
 //! gateway on a real nats-server; no timing assertions.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -148,6 +149,34 @@ async fn clients_beyond_the_connection_maximum_get_503_and_a_closed_connection()
         metric(gw.addr(), "ws_gateway_rejected_total{reason=\"capacity\"}").await,
         64.0
     );
+    gw.shutdown().await.unwrap();
+}
+
+/// A slowloris upgrade (the request head one byte at a time, never finished) does not
+/// hold a connection: the HTTP layer answers 408 once its request timeout (actix-http's
+/// 5 s default) has passed, and closes.
+#[tokio::test]
+async fn an_upgrade_request_that_never_ends_is_answered_408_and_closed() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-slowloris")).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let dribble = tokio::spawn(async move {
+        while w.write_all(b"X").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(15), r.read_to_string(&mut response))
+        .await
+        .expect("the gateway ends a request head that never completes")
+        .unwrap();
+    dribble.abort();
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
     gw.shutdown().await.unwrap();
 }
 
