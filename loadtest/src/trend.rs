@@ -111,7 +111,11 @@ pub fn add(
         let listed: Vec<String> = points
             .iter()
             .step_by(SAMPLE_EVERY)
-            .chain(points.last())
+            .chain(
+                points
+                    .last()
+                    .filter(|_| !(points.len() - 1).is_multiple_of(SAMPLE_EVERY)),
+            )
             .map(|(t, kib)| format!("{t:.0}s {:.1}", kib / 1024.0))
             .collect();
         rows.push(Row::new(

@@ -48,10 +48,13 @@ async fn open(
 async fn write_misbehaviour(mut w: OwnedWriteHalf, kind: Kind, n: u64, ping_rate: u32) {
     let _ = match kind {
         Kind::Garbage => garbage(&mut w, n).await,
-        Kind::Oversized if n % 2 == 0 => announced_mib(&mut w).await,
+        Kind::Oversized if n.is_multiple_of(2) => announced_mib(&mut w).await,
         Kind::Oversized => w.write_all(&body_over_limit()).await,
         Kind::BadFrame => w.write_all(&bad_frame(n)).await,
-        Kind::Text => w.write_all(&wire::client_frame(op::TEXT, b"hello", None)).await,
+        Kind::Text => {
+            w.write_all(&wire::client_frame(op::TEXT, b"hello", None))
+                .await
+        }
         Kind::PingFlood => ping_flood(&mut w, ping_rate).await,
         Kind::Stalled | Kind::Slowloris => Ok(()),
     };
@@ -160,7 +163,12 @@ fn bad_frame(n: u64) -> Vec<u8> {
 async fn ping_flood(w: &mut OwnedWriteHalf, rate: u32) -> std::io::Result<()> {
     let per_batch = (rate / 100).max(1) as usize;
     let ping = wire::client_frame(op::PING, b"flood123", None);
-    let batch: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * per_batch).collect();
+    let batch: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * per_batch)
+        .collect();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     loop {
         tick.tick().await;

@@ -282,7 +282,12 @@ pub async fn run(urls: &[String], secret: &str, args: Args) -> Result<(), BoxErr
     let after = gateway_closes(target.addr).await;
     let delta: BTreeMap<String, u64> = after
         .iter()
-        .map(|(k, v)| (k.clone(), v.saturating_sub(before.get(k).copied().unwrap_or(0))))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.saturating_sub(before.get(k).copied().unwrap_or(0)),
+            )
+        })
         .filter(|(_, v)| *v > 0)
         .collect();
     let tally = std::mem::take(&mut *ctx.tally.lock().unwrap_or_else(|e| e.into_inner()));

@@ -119,7 +119,9 @@ fn hostile_rows(clients: &serde_json::Value) -> (serde_json::Value, Vec<Row>) {
     }
     let stalled = &kinds.get("stalled").cloned().unwrap_or_default();
     let stalled_cut = stalled["attempts"].as_f64().unwrap_or(0.0)
-        - stalled["outcomes"]["open at the end"].as_f64().unwrap_or(0.0)
+        - stalled["outcomes"]["open at the end"]
+            .as_f64()
+            .unwrap_or(0.0)
         - stalled["outcomes"]["connect error"].as_f64().unwrap_or(0.0);
     let slow = clients["gateway_closes"]["slow_consumer"]
         .as_f64()
@@ -173,8 +175,7 @@ pub fn run(args: &ReportArgs) -> Result<bool, BoxError> {
         }
         None => true,
     };
-    let timeline: Vec<Second> =
-        serde_json::from_value(b["timeline"].clone()).unwrap_or_default();
+    let timeline: Vec<Second> = serde_json::from_value(b["timeline"].clone()).unwrap_or_default();
     report::print_table(&args.name, &rows);
     let files = report::write(&args.out, &args.name, &summary, &rows, &timeline)?;
     println!("results: {}", files.join(", "));

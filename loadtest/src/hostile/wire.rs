@@ -166,7 +166,10 @@ pub fn parse_server_frame(buf: &[u8]) -> Option<(ServerFrame, usize)> {
     let b0 = *buf.first()?;
     let b1 = *buf.get(1)?;
     let (len, mut at) = match b1 & 0x7f {
-        126 => (u64::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])), 4),
+        126 => (
+            u64::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
+            4,
+        ),
         127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
         n => (u64::from(n), 2),
     };
