@@ -189,13 +189,19 @@ pub(crate) struct RunArgs {
     /// Thresholds file (TOML, `[min]` and `[max]` tables over summary keys).
     #[arg(long)]
     pub thresholds: Option<std::path::PathBuf>,
+    /// Memory trend of the gateways from this many seconds after the start to the last
+    /// push (broadcast) or the end: slope, KiB per reconnect, samples ([`crate::trend`]).
+    #[arg(long)]
+    pub rss_warmup_secs: Option<u64>,
     /// Extra `key=value` notes recorded in the results (command, pinning).
     #[arg(long, value_delimiter = ',')]
     pub note: Vec<String>,
 }
 
-/// One second of the run, all workers and samples merged.
-#[derive(Debug, Clone, Default, Serialize)]
+/// One second of the run, all workers and samples merged (read back from a run's JSON by
+/// [`crate::hostile::verdict`]).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub(crate) struct Second {
     /// Seconds since the run started.
     pub t: u64,
@@ -258,6 +264,7 @@ struct Agg {
     last_seen: Vec<bool>,
     per_push: BTreeMap<u64, u64>,
     gaps: u64,
+    missed: u64,
     hs: Hist,
     lat: Hist,
     rc: Hist,
@@ -315,6 +322,7 @@ impl Agg {
                 *self.per_push.entry(*k).or_insert(0) += v;
             }
             self.gaps += line.gaps;
+            self.missed += line.missed;
         }
         let open: u64 = self.open.iter().sum();
         let s = self.second(t);
@@ -629,6 +637,15 @@ pub(crate) async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError>
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     summary["notes"] = serde_json::to_value(&notes)?;
+    if let Some(warmup) = args.rss_warmup_secs {
+        let gateways: Vec<String> = run
+            .watched
+            .iter()
+            .filter(|w| w.gateway_index.is_some())
+            .map(|w| w.name.clone())
+            .collect();
+        crate::trend::add(&agg, warmup, &gateways, &mut summary, &mut rows);
+    }
     let ok = match &args.thresholds {
         Some(path) => {
             let (ok, mut checks) = report::check_thresholds(path, &summary)?;
@@ -1158,6 +1175,7 @@ fn broadcast_summary(run: &Run, done: BroadcastDone) -> (serde_json::Value, Vec<
         "delivered": delivered,
         "lost": lost,
         "lost_in_session_gaps": agg.gaps,
+        "missed_while_connected": agg.missed,
         "delivered_per_sec_mean": delivered as f64 / broadcast_secs.max(1e-3),
         "delivered_per_sec_peak": peak_recv,
         "acks_sent": acks,
@@ -1242,12 +1260,10 @@ fn broadcast_summary(run: &Run, done: BroadcastDone) -> (serde_json::Value, Vec<
             format!("{api_targeted} / {api_delivered} / {api_acked}"),
         ));
     }
-    if args.churn > 0.0 {
-        rows.push(Row::new(
-            "pushes missed inside a session (gaps)",
-            agg.gaps.to_string(),
-        ));
-    }
+    rows.push(Row::new(
+        "pushes missed inside a session: gaps / stamped while open, not received",
+        format!("{} / {}", agg.gaps, agg.missed),
+    ));
     if let (Some(obj), Some(p)) = (summary.as_object_mut(), procs.as_object()) {
         for (k, v) in p {
             obj.insert(k.clone(), v.clone());

@@ -7,6 +7,8 @@
 //!   receipts and churn, fleet of simulated agents); the process re-executes itself as
 //!   `worker`s, aggregates their per-second lines, and writes a summary table, JSON and an
 //!   HTML report ([`coordinator`], [`worker`], [`report`]).
+//! - `hostile`, `hostile-report`: slow and hostile clients next to a normal run, and the
+//!   verdict comparing the runs with and without them ([`hostile`]).
 //! - `connect`, `idle`, `fanout`, `api-push`: the single-process scenarios used by
 //!   `scenarios/gateway-bench.sh` and `scenarios/api-bench.sh` ([`legacy`]).
 //!
@@ -19,12 +21,15 @@ mod configpush;
 mod coordinator;
 mod failover;
 mod hist;
+mod hostile;
 mod http;
 mod legacy;
 mod natsws;
+mod presence;
 mod procfs;
 mod report;
 mod rollout;
+mod trend;
 mod worker;
 
 use std::process::ExitCode;
@@ -78,6 +83,11 @@ enum Command {
         #[arg(long)]
         spec: String,
     },
+    /// Slow and hostile clients next to a normal run: how the gateway cuts each kind.
+    Hostile(hostile::Args),
+    /// The verdict of a hostile-clients run: run A (normal clients), run B (with hostile
+    /// ones) and the hostile clients' results, against thresholds.
+    HostileReport(hostile::verdict::ReportArgs),
     #[command(flatten)]
     Legacy(Legacy),
 }
@@ -170,6 +180,15 @@ fn main() -> ExitCode {
                 };
                 coordinator::run(common, (**args).clone()).await
             }
+            Command::Hostile(args) => {
+                if cli.secret.is_empty() {
+                    return Err("LOADTEST_SECRET / --secret is required".into());
+                }
+                hostile::run(&split_urls(&cli.urls), &cli.secret, args.clone())
+                    .await
+                    .map(|()| true)
+            }
+            Command::HostileReport(args) => hostile::verdict::run(args),
             Command::Legacy(l) => legacy::run(&cli, l).await.map(|()| true),
         }
     });

@@ -152,6 +152,9 @@ pub(crate) struct WorkerLine {
     /// Last line only: pushes missing inside a session (between the first and the last one
     /// a connection received).
     pub gaps: u64,
+    /// Last line only: pushes stamped while a connection was open that it never received
+    /// ([`crate::presence`]).
+    pub missed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -174,6 +177,8 @@ struct Counters {
     started_at_us: AtomicU64,
     opened_at_us: AtomicU64,
     gaps: AtomicU64,
+    missed: AtomicU64,
+    push_times: crate::presence::PushTimes,
     hs: Mutex<Hist>,
     lat: Mutex<Hist>,
     per_push: Mutex<HashMap<u64, u64>>,
@@ -352,6 +357,7 @@ pub(crate) async fn run(spec: WorkerSpec) -> Result<(), BoxError> {
         .map(|(k, v)| (*k, *v))
         .collect();
     line.gaps = counters.gaps.load(Ordering::Relaxed);
+    line.missed = counters.missed.load(Ordering::Relaxed);
     emit(&line);
     let _ = started;
     Ok(())
@@ -530,11 +536,27 @@ fn backoff(n: u32, instance: u128) -> Duration {
 }
 
 /// Pushes seen in one session, for gap counting.
-#[derive(Default)]
 struct Seen {
     first: Option<u64>,
     last: u64,
     count: u64,
+    /// Sequence numbers received (a session lasts a few pushes under churn; the soak's
+    /// longest sessions hold a few hundred).
+    got: Vec<u64>,
+    /// Unix µs at the welcome.
+    welcome_us: u64,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen {
+            first: None,
+            last: 0,
+            count: 0,
+            got: Vec::new(),
+            welcome_us: messages::headers::now_micros(),
+        }
+    }
 }
 
 impl Seen {
@@ -544,6 +566,13 @@ impl Seen {
         }
         self.last = self.last.max(seq);
         self.count += 1;
+        self.got.push(seq);
+    }
+
+    /// Pushes stamped while this session was open that it did not receive.
+    fn missed(&mut self, times: &crate::presence::PushTimes) -> u64 {
+        self.got.sort_unstable();
+        times.missed(self.welcome_us, messages::headers::now_micros(), &self.got)
     }
 
     fn gaps(&self) -> u64 {
@@ -658,6 +687,7 @@ async fn session(
                                         let now = messages::headers::now_micros();
                                         lock(&counters.lat).record(now.saturating_sub(sent));
                                         *lock(&counters.per_push).entry(seq).or_insert(0) += 1;
+                                        counters.push_times.note(seq, sent);
                                         seen.add(seq);
                                     }
                                     if frame.flags.receipt() && frame.msg_id != 0 {
@@ -690,6 +720,9 @@ async fn session(
         }
     };
     counters.gaps.fetch_add(seen.gaps(), Ordering::Relaxed);
+    counters
+        .missed
+        .fetch_add(seen.missed(&counters.push_times), Ordering::Relaxed);
     if !matches!(end, End::Lost) {
         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
     }
@@ -728,6 +761,7 @@ async fn nats_session(
                                 let now = messages::headers::now_micros();
                                 lock(&counters.lat).record(now.saturating_sub(sent));
                                 *lock(&counters.per_push).entry(seq).or_insert(0) += 1;
+                                counters.push_times.note(seq, sent);
                                 seen.add(seq);
                             }
                         }
@@ -746,6 +780,9 @@ async fn nats_session(
         }
     };
     counters.gaps.fetch_add(seen.gaps(), Ordering::Relaxed);
+    counters
+        .missed
+        .fetch_add(seen.missed(&counters.push_times), Ordering::Relaxed);
     if !matches!(end, End::Lost) {
         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
     }

@@ -174,6 +174,13 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket would be full at `now` (the client has stayed within its rate
+    /// long enough to have its whole burst back).
+    pub(crate) fn full_at(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Takes a token if there is one.
     pub(crate) fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
@@ -189,8 +196,11 @@ impl TokenBucket {
 }
 
 /// The frame rate rule: a message without a token is dropped (a strike), and more than
-/// `burst` strikes in a row close the connection with 4004. A message that gets a token
-/// clears the strikes.
+/// `burst` strikes close the connection with 4004. The strikes are cleared once the bucket
+/// is full again, not by the next message that gets a token: a client flooding at several
+/// times its rate gets a token at every refill, and clearing on that would let it flood
+/// forever (the hostile-clients run of issue 18 found a 300-per-second ping flood never
+/// cut at 50 per second).
 #[derive(Debug, Clone)]
 pub(crate) struct RateLimit {
     bucket: TokenBucket,
@@ -210,8 +220,10 @@ impl RateLimit {
 
     /// What the rule says about a message arriving at `now`.
     fn admit(&mut self, now: Instant) -> Admit {
-        if self.bucket.take(now) {
+        if self.bucket.full_at(now) {
             self.strikes = 0;
+        }
+        if self.bucket.take(now) {
             return Admit::Go;
         }
         self.strikes = self.strikes.saturating_add(1);
@@ -691,7 +703,8 @@ impl Conn {
 
     /// Takes a token from the rate limit for a message from the client (a frame or a
     /// WebSocket ping). Without one, the message is dropped: a strike, and after more than
-    /// `rate_burst` strikes in a row the connection is closed with 4004. Returns whether the
+    /// `rate_burst` strikes since the bucket was last full the connection is closed with
+    /// 4004 ([`RateLimit`]). Returns whether the
     /// message may be processed; a dropped one is answered by the caller (or not at all).
     fn admit_message(&mut self, now: Instant, ctx: &mut Ctx) -> Admit {
         let admit = self.rate.admit(now);
@@ -1304,7 +1317,7 @@ mod tests {
     }
 
     #[test]
-    fn more_strikes_in_a_row_than_the_burst_close_and_an_admitted_frame_clears_them() {
+    fn more_strikes_than_the_burst_close_and_only_a_full_bucket_clears_them() {
         let t0 = Instant::now();
         let mut rate = RateLimit::new(10, 3, t0);
         assert!((0..3).all(|_| rate.admit(t0) == Admit::Go), "the burst");
@@ -1312,11 +1325,24 @@ mod tests {
             (0..3).all(|_| rate.admit(t0) == Admit::Dropped),
             "three strikes"
         );
-        // A token later clears the strikes: three more may be dropped without a close.
-        assert_eq!(rate.admit(t0 + Duration::from_millis(100)), Admit::Go);
-        let t1 = t0 + Duration::from_millis(100);
+        // A full bucket later (300 ms at 10/s) clears them: three more may be dropped.
+        let t1 = t0 + Duration::from_millis(300);
+        assert!((0..3).all(|_| rate.admit(t1) == Admit::Go));
         assert!((0..3).all(|_| rate.admit(t1) == Admit::Dropped));
-        assert_eq!(rate.admit(t1), Admit::Closed, "the fourth strike in a row");
+        assert_eq!(rate.admit(t1), Admit::Closed, "the fourth strike");
+    }
+
+    #[test]
+    fn a_flood_that_gets_a_token_at_every_refill_is_still_closed() {
+        // 10 per second: a token every 100 ms; the flood sends one message every 20 ms, so
+        // every fifth one is admitted. Clearing the strikes on each admitted message kept
+        // such a flood open for good.
+        let t0 = Instant::now();
+        let mut rate = RateLimit::new(10, 3, t0);
+        let closed = (0..100u64)
+            .map(|i| rate.admit(t0 + Duration::from_millis(20 * i)))
+            .position(|a| a == Admit::Closed);
+        assert!(closed.is_some_and(|i| i < 20), "{closed:?}");
     }
 
     #[test]

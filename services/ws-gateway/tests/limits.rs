@@ -1,6 +1,7 @@
 //! Limits that must hold against a hostile client: connections per user and per source
-//! address, the replica's connection maximum, rooms per socket, and WebSocket pings (which
-//! count against the frame rate and cannot queue pongs). Real clients over TCP against a real
+//! address, the replica's connection maximum, an upgrade request that never ends, rooms per
+//! socket, and WebSocket pings (which count against the frame rate, even a flood paced to
+//! get a token at every refill, and cannot queue pongs). Real clients over TCP against a real
 //! gateway on a real nats-server; no timing assertions.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -151,6 +152,34 @@ async fn clients_beyond_the_connection_maximum_get_503_and_a_closed_connection()
     gw.shutdown().await.unwrap();
 }
 
+/// A slowloris upgrade (the request head one byte at a time, never finished) does not
+/// hold a connection: the HTTP layer answers 408 once its request timeout (actix-http's
+/// 5 s default) has passed, and closes.
+#[tokio::test]
+async fn an_upgrade_request_that_never_ends_is_answered_408_and_closed() {
+    let nats = NatsServer::start().unwrap();
+    let gw = start(config(&nats.url(), "gw-slowloris")).await;
+    let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let dribble = tokio::spawn(async move {
+        while w.write_all(b"X").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(15), r.read_to_string(&mut response))
+        .await
+        .expect("the gateway ends a request head that never completes")
+        .unwrap();
+    dribble.abort();
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn rooms_per_socket_are_capped_counting_pending_joins() {
     let nats = NatsServer::start().unwrap();
@@ -235,6 +264,50 @@ async fn a_ping_flood_is_rate_limited_and_closed() {
         "only pings within the burst are answered: {} pongs",
         pongs.len()
     );
+    gw.shutdown().await.unwrap();
+}
+
+/// A flood paced at a few times the rate gets a token at every refill; it must still be
+/// cut with 4004 (it used to be kept open for good: each admitted ping cleared the count
+/// of dropped ones), and a well-behaved client on the same gateway keeps receiving.
+#[tokio::test]
+async fn a_paced_ping_flood_is_closed_while_a_normal_client_keeps_receiving() {
+    let nats = NatsServer::start().unwrap();
+    let bus = bus_client(&nats.url()).await;
+    let mut cfg = config(&nats.url(), "gw-paced-flood");
+    cfg.rate_per_sec = 10;
+    cfg.rate_burst = 5;
+    let gw = start(cfg).await;
+    let mut normal = TestClient::connect(gw.addr(), &token("normal", None, &[]))
+        .await
+        .unwrap();
+    let mut flooder = TestClient::connect(gw.addr(), &token("flooder", None, &[]))
+        .await
+        .unwrap();
+    // 50 pings a second (5x the rate) for at most 5 s, reading between them.
+    let mut ended = None;
+    for i in 0..250u32 {
+        flooder.send_ping(&i.to_be_bytes()).await;
+        match flooder
+            .pongs_until_frame_within(Duration::from_millis(20))
+            .await
+        {
+            (_, Received::Timeout) => {}
+            (_, other) => {
+                ended = Some(other);
+                break;
+            }
+        }
+    }
+    assert!(
+        matches!(ended, Some(Received::Close(Some(code))) if code == CloseCode::RateLimited.code()),
+        "{ended:?}"
+    );
+    let subject = messages::subject::user(&messages::UserId::new("normal").unwrap());
+    for i in 1..=3u64 {
+        push(&bus, &subject, i, b"still here").await;
+        assert_eq!(normal.frame().await.msg_id, i);
+    }
     gw.shutdown().await.unwrap();
 }
 
