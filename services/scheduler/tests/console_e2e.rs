@@ -354,6 +354,17 @@ fn screenshot_dir() -> PathBuf {
         .join("console-screenshots")
 }
 
+/// How many elements on the current page match the CSS `selector`.
+async fn count(browser: &Browser, selector: &str) -> serde_json::Value {
+    browser
+        .execute(
+            &format!("return document.querySelectorAll({selector:?}).length;"),
+            json!([]),
+        )
+        .await
+        .unwrap()
+}
+
 async fn shot(browser: &Browser, name: &str) {
     let path = screenshot_dir().join(format!("{name}.png"));
     browser.screenshot_to(&path).await.unwrap();
@@ -420,13 +431,7 @@ async fn operators_use_the_console_in_a_real_browser() {
         )
         .await
         .unwrap();
-    let rows = browser
-        .execute(
-            "return document.querySelectorAll('#agents tbody tr').length;",
-            json!([]),
-        )
-        .await
-        .unwrap();
+    let rows = count(&browser, "#agents tbody tr").await;
     assert_eq!(rows, 3);
     assert_eq!(
         browser.text(".who .key").await.unwrap().as_deref(),
@@ -439,13 +444,7 @@ async fn operators_use_the_console_in_a_real_browser() {
         .goto(&format!("{base}/console/fleet?selector=region%3Deu"))
         .await
         .unwrap();
-    let rows = browser
-        .execute(
-            "return document.querySelectorAll('#agents tbody tr').length;",
-            json!([]),
-        )
-        .await
-        .unwrap();
+    let rows = count(&browser, "#agents tbody tr").await;
     assert_eq!(rows, 2);
 
     // An agent's page.
@@ -578,26 +577,14 @@ async fn operators_use_the_console_in_a_real_browser() {
         .goto(&format!("{base}/console/tasks"))
         .await
         .unwrap();
-    let rows = browser
-        .execute(
-            "return document.querySelectorAll('#tasks tbody tr').length;",
-            json!([]),
-        )
-        .await
-        .unwrap();
+    let rows = count(&browser, "#tasks tbody tr").await;
     assert_eq!(rows, 2);
     shot(&browser, "tasks").await;
     browser
         .goto(&format!("{base}/console/tasks?state=cancelled"))
         .await
         .unwrap();
-    let rows = browser
-        .execute(
-            "return document.querySelectorAll('#tasks tbody tr').length;",
-            json!([]),
-        )
-        .await
-        .unwrap();
+    let rows = count(&browser, "#tasks tbody tr").await;
     assert_eq!(rows, 1);
 
     // The gateway tier: its app connection count follows clients as they connect.
@@ -688,13 +675,7 @@ async fn operators_use_the_console_in_a_real_browser() {
         "document.querySelector('h1').textContent.includes('awaiting_promotion')",
     )
     .await;
-    let stages = browser
-        .execute(
-            "return document.querySelectorAll('#stages progress').length;",
-            json!([]),
-        )
-        .await
-        .unwrap();
+    let stages = count(&browser, "#stages progress").await;
     assert_eq!(stages, 2, "a progress bar per stage");
     shot(&browser, "rollout").await;
     browser

@@ -10,7 +10,9 @@ use serde_json::json;
 use testkit::http;
 
 mod common;
-use common::{Fleet, KEY, READ_KEY, agent_config, agent_config_with, eventually, ready};
+use common::{
+    Fleet, KEY, READ_KEY, agent_config, agent_config_with, eventually, ready, scheduler_config,
+};
 
 #[tokio::test]
 async fn tasks_to_a_label_selector_run_on_real_agents_and_results_are_stored_once() {
@@ -1328,17 +1330,7 @@ async fn a_result_lost_while_no_scheduler_listens_is_sent_again_on_the_same_conn
     std::fs::write(&marker, b"").unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The next scheduler (same store) gets the result from the same connection.
-    let mut config = scheduler::Config::new(
-        _nats.url(),
-        vec![KEY.to_owned()],
-        dir.path().join("scheduler.redb"),
-    );
-    config.api_keys =
-        scheduler::auth::parse_keys(&format!("ops:operator:{KEY},dashboard:read:{READ_KEY}"))
-            .unwrap();
-    config.command_key = std::sync::Arc::new(
-        messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
-    );
+    let config = scheduler_config(&_nats.url(), dir.path());
     let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
     ready(sched.addr()).await;
     let t = eventually(sched.addr(), &format!("/v1/tasks/{task}"), |t| {

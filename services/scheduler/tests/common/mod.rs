@@ -27,6 +27,20 @@ pub(crate) async fn eventually(
     http::eventually(addr, path, KEY, check).await
 }
 
+/// The scheduler's configuration for these tests: its store in `dir`, an operator key
+/// (`ops`, [`KEY`]) and a read key (`dashboard`, [`READ_KEY`]), the test command key.
+pub(crate) fn scheduler_config(nats_url: &str, dir: &std::path::Path) -> scheduler::Config {
+    let mut config =
+        scheduler::Config::new(nats_url, vec![KEY.to_owned()], dir.join("scheduler.redb"));
+    config.api_keys =
+        scheduler::auth::parse_keys(&format!("ops:operator:{KEY},dashboard:read:{READ_KEY}"))
+            .unwrap();
+    config.command_key = std::sync::Arc::new(
+        messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
+    );
+    config
+}
+
 pub(crate) fn agent_config(
     dir: &std::path::Path,
     node: &str,
@@ -71,17 +85,7 @@ impl Fleet {
         let url = nats.url();
         let gateway = testkit::gateway::start(testkit::gateway::config(&url, gateway_name)).await;
         let dir = tempfile::tempdir().unwrap();
-        let mut config = scheduler::Config::new(
-            &url,
-            vec![KEY.to_owned()],
-            dir.path().join("scheduler.redb"),
-        );
-        config.api_keys =
-            scheduler::auth::parse_keys(&format!("ops:operator:{KEY},dashboard:read:{READ_KEY}"))
-                .unwrap();
-        config.command_key = std::sync::Arc::new(
-            messages::command::CommandSigner::from_pem(testkit::ws::TEST_COMMAND_KEY).unwrap(),
-        );
+        let config = scheduler_config(&url, dir.path());
         let sched = scheduler::spawn(config, TcpListener::bind("127.0.0.1:0").unwrap()).unwrap();
         ready(sched.addr()).await;
         Fleet {
