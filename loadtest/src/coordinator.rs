@@ -646,15 +646,7 @@ pub(crate) async fn run(common: Common, args: RunArgs) -> Result<bool, BoxError>
             .collect();
         crate::trend::add(&agg, warmup, &gateways, &mut summary, &mut rows);
     }
-    let ok = match &args.thresholds {
-        Some(path) => {
-            let (ok, mut checks) = report::check_thresholds(path, &summary)?;
-            rows.append(&mut checks);
-            summary["thresholds_ok"] = ok.into();
-            ok
-        }
-        None => true,
-    };
+    let ok = report::apply_thresholds(args.thresholds.as_deref(), &mut summary, &mut rows)?;
     report::print_table(&args.name, &rows);
     let files = report::write(&args.out, &args.name, &summary, &rows, &agg)?;
     println!("results: {}", files.join(", "));

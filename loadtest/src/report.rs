@@ -40,6 +40,23 @@ pub(crate) fn print_table(name: &str, rows: &[Row]) {
 
 /// Checks `[min]` / `[max]` bounds over numeric summary keys; returns whether all held and
 /// one row per bound.
+/// Checks `summary` against the thresholds file, if there is one: its rows go to `rows`,
+/// the verdict into `summary["thresholds_ok"]`; true when every threshold holds (or none
+/// was given).
+pub(crate) fn apply_thresholds(
+    path: Option<&Path>,
+    summary: &mut serde_json::Value,
+    rows: &mut Vec<Row>,
+) -> Result<bool, BoxError> {
+    let Some(path) = path else {
+        return Ok(true);
+    };
+    let (ok, mut checks) = check_thresholds(path, summary)?;
+    rows.append(&mut checks);
+    summary["thresholds_ok"] = ok.into();
+    Ok(ok)
+}
+
 pub(crate) fn check_thresholds(
     path: &Path,
     summary: &serde_json::Value,

@@ -166,15 +166,7 @@ pub(crate) fn run(args: &ReportArgs) -> Result<bool, BoxError> {
     rows.append(&mut more);
     summary["name"] = args.name.clone().into();
     summary["clients"] = clients;
-    let ok = match &args.thresholds {
-        Some(path) => {
-            let (ok, mut checks) = report::check_thresholds(path, &summary)?;
-            rows.append(&mut checks);
-            summary["thresholds_ok"] = ok.into();
-            ok
-        }
-        None => true,
-    };
+    let ok = report::apply_thresholds(args.thresholds.as_deref(), &mut summary, &mut rows)?;
     let timeline: Vec<Second> = serde_json::from_value(b["timeline"].clone()).unwrap_or_default();
     report::print_table(&args.name, &rows);
     let files = report::write(&args.out, &args.name, &summary, &rows, &timeline)?;
