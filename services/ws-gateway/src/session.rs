@@ -436,22 +436,24 @@ impl Conn {
     /// Queues a WebSocket message for the client; closes the client as a slow consumer when
     /// its queue is full.
     fn enqueue(&mut self, frame: Bytes, ctx: &mut Ctx) {
-        if self.closing.is_some() {
-            return;
-        }
-        if self.outbox.enqueue(frame).is_err() {
-            self.close(CloseCode::SlowConsumer, ctx);
-            return;
-        }
-        self.pump(ctx);
+        self.queue(frame, false, ctx);
     }
 
     /// Queues a heartbeat ack ahead of queued pushes (see `Outbox::enqueue_urgent`).
     fn enqueue_urgent(&mut self, frame: Bytes, ctx: &mut Ctx) {
+        self.queue(frame, true, ctx);
+    }
+
+    fn queue(&mut self, frame: Bytes, urgent: bool, ctx: &mut Ctx) {
         if self.closing.is_some() {
             return;
         }
-        if self.outbox.enqueue_urgent(frame).is_err() {
+        let queued = if urgent {
+            self.outbox.enqueue_urgent(frame)
+        } else {
+            self.outbox.enqueue(frame)
+        };
+        if queued.is_err() {
             self.close(CloseCode::SlowConsumer, ctx);
             return;
         }
