@@ -227,37 +227,46 @@ impl fmt::Debug for SpkiPin {
 pub struct PinParseError(pub String);
 
 /// Accepts 64 hex digits (colons allowed between bytes) or base64 of 32 bytes (standard or
-/// URL-safe alphabet, padding optional), optionally prefixed `sha256/` or `sha256//`.
+/// URL-safe alphabet, padding optional), optionally prefixed `sha256/` (our form) or
+/// `sha256//` (curl's). A base64 pin may itself begin with `/`, so `sha256//…` is read both
+/// ways; at most one reading is 32 bytes long.
 impl FromStr for SpkiPin {
     type Err = PinParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        use base64::Engine as _;
-        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
-        let bad = || PinParseError(s.to_owned());
         let t = s.trim();
-        let t = t
-            .strip_prefix("sha256//")
-            .or_else(|| t.strip_prefix("sha256/"))
-            .unwrap_or(t);
-        let hex: String = t.chars().filter(|c| *c != ':').collect();
-        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let mut out = [0u8; 32];
-            for (i, byte) in out.iter_mut().enumerate() {
-                let pair = hex.get(2 * i..2 * i + 2).ok_or_else(bad)?;
-                *byte = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
-            }
-            return Ok(SpkiPin(out));
-        }
-        let unpadded = t.trim_end_matches('=');
-        let decoded = STANDARD_NO_PAD
-            .decode(unpadded)
-            .or_else(|_| URL_SAFE_NO_PAD.decode(unpadded))
-            .map_err(|_| bad())?;
-        <[u8; 32]>::try_from(decoded.as_slice())
-            .map(SpkiPin)
-            .map_err(|_| bad())
+        let readings = [
+            t.strip_prefix("sha256//"),
+            t.strip_prefix("sha256/"),
+            Some(t),
+        ];
+        readings
+            .into_iter()
+            .flatten()
+            .find_map(parse_bare_pin)
+            .ok_or_else(|| PinParseError(s.to_owned()))
     }
+}
+
+/// A pin without prefix: hex (colons allowed) or base64 of exactly 32 bytes.
+fn parse_bare_pin(t: &str) -> Option<SpkiPin> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let hex: String = t.chars().filter(|c| *c != ':').collect();
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            let pair = hex.get(2 * i..2 * i + 2)?;
+            *byte = u8::from_str_radix(pair, 16).ok()?;
+        }
+        return Some(SpkiPin(out));
+    }
+    let unpadded = t.trim_end_matches('=');
+    let decoded = STANDARD_NO_PAD
+        .decode(unpadded)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(unpadded))
+        .ok()?;
+    <[u8; 32]>::try_from(decoded.as_slice()).ok().map(SpkiPin)
 }
 
 /// One DER element: its tag, its content, the whole element and what follows it.
@@ -675,8 +684,33 @@ mod tests {
             .collect::<Vec<_>>()
             .join(":");
         assert_eq!(colons.parse::<SpkiPin>().unwrap(), pin);
-        for bad in ["", "abc", "zz", &pin.to_hex()[..62], "sha256/", "AAAA"] {
+        for bad in [
+            "",
+            "abc",
+            "zz",
+            &pin.to_hex()[..62],
+            "sha256/",
+            "sha256//",
+            "AAAA",
+        ] {
             assert!(bad.parse::<SpkiPin>().is_err(), "{bad:?}");
+        }
+    }
+
+    /// One key in 64 has a base64 pin that starts with `/`; in our `sha256/` form that reads
+    /// like curl's `sha256//` prefix and was refused before (seen in CI).
+    #[test]
+    fn a_base64_pin_that_starts_with_a_slash_parses_in_every_form() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| if i == 0 { 0xfc } else { i as u8 });
+        let pin = SpkiPin(bytes);
+        assert!(pin.to_base64().starts_with('/'), "{}", pin.to_base64());
+        for text in [
+            pin.to_string(),
+            format!("sha256//{}", pin.to_base64()),
+            pin.to_base64(),
+            pin.to_base64().trim_end_matches('=').to_owned(),
+        ] {
+            assert_eq!(text.parse::<SpkiPin>().unwrap(), pin, "{text}");
         }
     }
 

@@ -18,6 +18,12 @@ use servicekit::tls::ReloadableCert;
 
 use crate::auth::{KeyError, Keys};
 
+/// SO_SNDBUF asked for on client sockets: 128 KiB, which Linux doubles to 256 KiB. Without
+/// it a client that stops reading holds up to `tcp_wmem` max (4 MiB) of kernel memory until
+/// the write stalls (docs/reliability.md, "Slow and hostile clients"); 256 KiB still carries
+/// 20 Mbit/s per socket at 100 ms round trip, far above what a push stream needs.
+pub(crate) const DEFAULT_SEND_BUFFER: usize = 128 * 1024;
+
 /// Command-line flags and environment variables.
 #[derive(Debug, Parser)]
 #[command(
@@ -120,6 +126,11 @@ pub struct Args {
     /// A write that cannot make progress for this long closes the client as slow, ms.
     #[arg(long, env = "WS_GATEWAY_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
     pub write_timeout_ms: u64,
+    /// Kernel send buffer of each client socket, bytes (SO_SNDBUF, which Linux doubles for
+    /// its bookkeeping); bounds what a client that stops reading holds in kernel memory.
+    /// 0 leaves the kernel's auto-tuning (up to `net.ipv4.tcp_wmem` max, 4 MiB by default).
+    #[arg(long, env = "WS_GATEWAY_SOCKET_SEND_BUFFER", default_value_t = DEFAULT_SEND_BUFFER)]
+    pub socket_send_buffer: usize,
     /// How long a client's join/leave waits for the services' answer before a timeout error, ms.
     #[arg(long, env = "WS_GATEWAY_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
     pub request_timeout_ms: u64,
@@ -258,6 +269,8 @@ pub struct Config {
     pub outbound_queue: usize,
     /// Stalled-write limit before a slow-consumer close.
     pub write_timeout: Duration,
+    /// SO_SNDBUF for client sockets, bytes (`None`: the kernel's auto-tuning).
+    pub socket_send_buffer: Option<usize>,
     /// How long a forwarded join/leave waits for the services' answer.
     pub request_timeout: Duration,
     /// Most pushes one recovery replays (ADR 0017); see [`Config::replay_cap`].
@@ -312,6 +325,7 @@ impl Config {
             max_rooms_per_socket: 100,
             outbound_queue: 512,
             write_timeout: Duration::from_secs(10),
+            socket_send_buffer: Some(DEFAULT_SEND_BUFFER),
             request_timeout: Duration::from_secs(5),
             max_replay: 256,
             drain_window: Duration::from_secs(10),
@@ -380,6 +394,8 @@ impl Config {
         config.max_rooms_per_socket = args.max_rooms_per_socket;
         config.outbound_queue = args.outbound_queue;
         config.write_timeout = Duration::from_millis(args.write_timeout_ms);
+        config.socket_send_buffer =
+            (args.socket_send_buffer > 0).then_some(args.socket_send_buffer);
         config.request_timeout = Duration::from_millis(args.request_timeout_ms);
         config.max_replay = args.max_replay;
         config.drain_window = Duration::from_millis(args.drain_window_ms);
@@ -432,6 +448,11 @@ impl Config {
         {
             return Err(ConfigError::Invalid(
                 "long-poll wait must be positive and the POST limit must hold one frame",
+            ));
+        }
+        if self.socket_send_buffer.is_some_and(|n| n < 4096) {
+            return Err(ConfigError::Invalid(
+                "socket send buffer must be 0 (the kernel's auto-tuning) or at least 4096 bytes",
             ));
         }
         if self.lease_ttl < Duration::from_secs(3) {
@@ -519,5 +540,32 @@ mod tests {
         let mut bad = config;
         bad.max_connections = 0;
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn the_socket_send_buffer_is_bounded_by_default_and_zero_leaves_it_to_the_kernel() {
+        let secret = "s".repeat(32);
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["ws-gateway", "--jwt-hs256-secret", &secret];
+            argv.extend_from_slice(extra);
+            Config::from_args(&Args::parse_from(argv))
+        };
+        assert_eq!(
+            parse(&[]).unwrap().socket_send_buffer,
+            Some(DEFAULT_SEND_BUFFER)
+        );
+        assert_eq!(
+            parse(&["--socket-send-buffer", "0"])
+                .unwrap()
+                .socket_send_buffer,
+            None
+        );
+        assert_eq!(
+            parse(&["--socket-send-buffer", "65536"])
+                .unwrap()
+                .socket_send_buffer,
+            Some(65_536)
+        );
+        assert!(parse(&["--socket-send-buffer", "100"]).is_err());
     }
 }

@@ -444,6 +444,9 @@ fn serve(
     workers: usize,
 ) -> std::io::Result<actix_web::dev::Server> {
     let accept_limit = shared.config.accept_limit_per_worker();
+    if let Some(bytes) = shared.config.socket_send_buffer {
+        set_send_buffer(&listener, bytes)?;
+    }
     let builder = actix_web::dev::Server::build()
         .workers(workers)
         .disable_signals()
@@ -466,6 +469,13 @@ fn serve(
         }
     };
     Ok(builder.run())
+}
+
+/// Sets SO_SNDBUF on the listener. Linux copies a listener's buffer sizes (and the lock that
+/// turns auto-tuning off) into every socket it accepts, so this bounds each client's kernel
+/// send buffer without touching actix's accept loop.
+fn set_send_buffer(listener: &TcpListener, bytes: usize) -> std::io::Result<()> {
+    socket2::SockRef::from(listener).set_send_buffer_size(bytes)
 }
 
 /// Re-reads the certificate files when they change and on SIGHUP, until the gateway stops.
@@ -679,4 +689,32 @@ pub fn spawn(config: Config, listener: TcpListener) -> Result<Handle, Error> {
             })
         },
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::Write as _;
+
+    use super::*;
+
+    /// The gateway never sees its accepted sockets before actix does, so the bound rests on
+    /// Linux copying the listener's SO_SNDBUF (and its auto-tuning lock) into each of them.
+    #[test]
+    fn accepted_sockets_inherit_the_listeners_send_buffer() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        set_send_buffer(&listener, 64 * 1024).unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        // Linux doubles the value asked for (the other half is its bookkeeping).
+        assert_eq!(
+            socket2::SockRef::from(&accepted)
+                .send_buffer_size()
+                .unwrap(),
+            128 * 1024
+        );
+        // Still a working connection.
+        client.write_all(b"x").unwrap();
+    }
 }
