@@ -33,13 +33,14 @@ mod outbox;
 pub mod output;
 mod policy;
 mod relay;
+mod transport;
 mod trust;
 mod tunnel;
 pub mod upgrade;
 
 pub use agent_metrics::AgentMetrics;
 pub use backoff::{BackoffError, ExponentialBackoff};
-pub use config::{AgentConfig, ConfigError, Origin, Problem, TlsSettings, Token};
+pub use config::{AgentConfig, ConfigError, Origin, Problem, RelayListen, TlsSettings, Token};
 pub use connection::{AgentHandle, RunError, start};
 pub use executor::{ExecEvent, Execution, Executor};
 pub use outbox::{Entry, MessageId, Outbox, OutboxError};
