@@ -287,7 +287,9 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
     let mut config = config;
     let relay = match config.relay_listen.clone() {
         Some(addr) => {
-            let (listener, local) = crate::relay::Listener::bind(&addr)
+            // Boxed: binding a socket file probes an old one, which would otherwise swell
+            // every caller's `start` future.
+            let (listener, local) = Box::pin(crate::relay::Listener::bind(&addr))
                 .await
                 .map_err(|source| RunError::RelayListen { addr, source })?;
             tracing::info!(%local, "Relay listening.");

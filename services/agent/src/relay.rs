@@ -193,15 +193,7 @@ async fn bind_unix(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let socket = UnixSocket::new_stream()?;
-    // Linux creates the file with the socket's own mode less the umask: set on a
-    // duplicate descriptor (fchmod reaches the same socket), so the file never allows
-    // more than SOCKET_MODE, not even between bind and the chmod below.
-    {
-        use std::os::fd::AsFd;
-        let dup = std::fs::File::from(socket.as_fd().try_clone_to_owned()?);
-        dup.set_permissions(std::fs::Permissions::from_mode(SOCKET_MODE))?;
-    }
+    let socket = restricted_socket()?;
     socket.bind(path)?;
     let meta = std::fs::symlink_metadata(path)?;
     let file = SocketFile {
@@ -213,6 +205,18 @@ async fn bind_unix(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
     let listener = socket.listen(UNIX_BACKLOG)?;
     Ok((listener, file))
+}
+
+/// A unix stream socket whose file, once bound, allows at most [`SOCKET_MODE`]: Linux
+/// creates the file with the socket's own mode less the umask, so setting that mode first
+/// (through a duplicate descriptor: fchmod reaches the same socket) leaves no moment
+/// between `bind` and a `chmod` in which others could connect.
+fn restricted_socket() -> io::Result<UnixSocket> {
+    use std::os::fd::AsFd;
+    let socket = UnixSocket::new_stream()?;
+    let dup = std::fs::File::from(socket.as_fd().try_clone_to_owned()?);
+    dup.set_permissions(std::fs::Permissions::from_mode(SOCKET_MODE))?;
+    Ok(socket)
 }
 
 /// Runs the relay on `listener` until `shutdown` turns true; a unix socket file is removed
@@ -413,6 +417,7 @@ fn pick(count: usize, avoid: Option<usize>) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::config::Via;
 
@@ -451,6 +456,17 @@ mod tests {
             urls.first().map(|u| crate::config::via_of(u)),
             Some(Ok(Some(Via::Unix(path))))
         );
+    }
+
+    #[tokio::test]
+    async fn a_socket_file_is_born_with_no_more_than_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let socket = restricted_socket().unwrap();
+        socket.bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        // Whatever the umask removed, nothing beyond 0660 is there before any chmod.
+        assert_eq!(mode & !SOCKET_MODE, 0, "{mode:o}");
     }
 
     #[test]
