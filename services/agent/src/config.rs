@@ -23,8 +23,9 @@
 //! allowed_commands = ["/usr/bin/uptime", "df"]   # default: none
 //! metrics_listen = "127.0.0.1:9464"     # optional: serve Prometheus /metrics here
 //! relay_listen = "10.0.0.5:7000"        # optional: be a relay for downstream agents
-//! insecure_relay = false                  # allow via= over ws:// (test setups only)
-//!                                       # (ADR 0015); they point a gateway URL at it
+//!                                       # (ADR 0015); they point a gateway URL at it;
+//!                                       # or "unix:/run/edge/relay.sock" (a 0660 file)
+//! insecure_relay = false                # allow via= over ws:// (test setups only)
 //! command_keys_file = "command.pub"     # required to run: the control plane's public
 //!                                       # command key(s), PEM; unsigned commands are refused
 //! credential_path = "credential.jwt"    # default: credential.jwt beside the outbox
@@ -73,12 +74,19 @@
 //! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`, `AGENT_TLS_CA_FILE`, `AGENT_TLS_PIN_SHA256`,
 //! `AGENT_RELAY_LISTEN`, `AGENT_INSECURE_RELAY`.
 //!
-//! Relays (ADR 0015): a gateway URL may end in `?via=host:port`; the agent then opens its
-//! TCP connection to that relay, and everything above TCP (TLS with the URL's host name,
-//! the upgrade with its own token, the session) is end to end with the gateway, so list a
-//! relay and the gateway directly (or two relays) to fail over. `relay_listen` makes this
-//! agent a relay: it accepts such connections there and carries them over one connection
-//! to its own gateways, which must not use `via=` themselves (relays nest one level).
+//! Relays (ADR 0015): a gateway URL may end in `?via=host:port`, or `?via=unix:/abs/path`
+//! for a relay's socket file on this machine (the value is percent-decoded first; the path
+//! must be absolute, written with one slash after `unix:`, at most 107 bytes; a URL has at
+//! most one `via=`). The agent then opens its connection to that relay, and everything
+//! above it (TLS with the URL's host name, the upgrade with its own token, the session) is
+//! end to end with the gateway, so list a relay and the gateway directly (or two relays)
+//! to fail over. `relay_listen` makes this agent a relay: it accepts such connections on
+//! an `IP:port` or a `unix:/abs/path` socket file and carries them over one connection to
+//! its own gateways, which must not use `via=` themselves (relays nest one level). The
+//! socket file gets mode 0660, so the agent's user and group decide who may be a
+//! downstream; a stale file (nothing listening) is replaced, a live one refused, and the
+//! file is removed when the agent stops (see [`crate::relay`]). The agent runs on Unix
+//! (Linux) only, so the unix form needs no platform gate.
 //! Over `ws://` a relay would see this agent's token and could alter its traffic, so a
 //! `via=` on a `ws://` URL is refused unless `insecure_relay = true`
 //! (`AGENT_INSECURE_RELAY=1`), meant for test setups on one machine.
