@@ -181,6 +181,8 @@ async fn bind_unix(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
                     std::fs::remove_file(path)?;
                     tracing::info!(path = %path.display(), "Removed a stale relay socket.");
                 }
+                // Removed meanwhile: nothing to replace.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => {}
                 Ok(Err(e)) => return Err(e),
             }
         }
