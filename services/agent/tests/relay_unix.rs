@@ -256,6 +256,28 @@ fn spawn_relay(dir: &Path, node: &str, socket: &Path, umask: &str, stderr: bool)
         .unwrap()
 }
 
+/// Waits until process `pid` has a handler for SIGTERM (its `SigCgt` mask in /proc).
+async fn catches_sigterm(pid: u32) {
+    let term_bit = 1u64 << (rustix::process::Signal::TERM.as_raw() - 1);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & term_bit != 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process {pid} never caught SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits for `child` to exit; its exit code and stderr.
 async fn exited(child: Child) -> (Option<i32>, String) {
     let out = tokio::time::timeout(
@@ -303,6 +325,9 @@ async fn a_live_socket_is_refused_a_stale_one_replaced_and_the_file_removed_at_e
     let third = spawn_relay(dir.path(), "relay-3", &socket, "077", false);
     wait_listening(&socket).await;
     assert_eq!(mode(&socket), 0o660);
+    // The socket is bound before the agent installs its signal handlers; a SIGTERM sent
+    // in between would kill it the default way.
+    catches_sigterm(third.id()).await;
     let pid = rustix::process::Pid::from_raw(i32::try_from(third.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
     let (code, stderr) = exited(third).await;
