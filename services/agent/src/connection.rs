@@ -1490,6 +1490,8 @@ async fn connect(
                 let via = Via::Unix(path);
                 lost(false, format!("relay {via} unreachable: {e}"))
             })?,
+        // Dialled here rather than by tungstenite so that direct, TCP-relayed and
+        // unix-relayed connections are one stream type for the session.
         None => {
             let uri = request.uri();
             let host = uri.host().unwrap_or_default();
