@@ -23,8 +23,9 @@
 //! allowed_commands = ["/usr/bin/uptime", "df"]   # default: none
 //! metrics_listen = "127.0.0.1:9464"     # optional: serve Prometheus /metrics here
 //! relay_listen = "10.0.0.5:7000"        # optional: be a relay for downstream agents
-//! insecure_relay = false                  # allow via= over ws:// (test setups only)
-//!                                       # (ADR 0015); they point a gateway URL at it
+//!                                       # (ADR 0015); they point a gateway URL at it;
+//!                                       # or "unix:/run/edge/relay.sock" (a 0660 file)
+//! insecure_relay = false                # allow via= over ws:// (test setups only)
 //! command_keys_file = "command.pub"     # required to run: the control plane's public
 //!                                       # command key(s), PEM; unsigned commands are refused
 //! credential_path = "credential.jwt"    # default: credential.jwt beside the outbox
@@ -73,12 +74,19 @@
 //! `AGENT_PROBE_ALLOW`, `AGENT_PROBE_DENY`, `AGENT_TLS_CA_FILE`, `AGENT_TLS_PIN_SHA256`,
 //! `AGENT_RELAY_LISTEN`, `AGENT_INSECURE_RELAY`.
 //!
-//! Relays (ADR 0015): a gateway URL may end in `?via=host:port`; the agent then opens its
-//! TCP connection to that relay, and everything above TCP (TLS with the URL's host name,
-//! the upgrade with its own token, the session) is end to end with the gateway, so list a
-//! relay and the gateway directly (or two relays) to fail over. `relay_listen` makes this
-//! agent a relay: it accepts such connections there and carries them over one connection
-//! to its own gateways, which must not use `via=` themselves (relays nest one level).
+//! Relays (ADR 0015): a gateway URL may end in `?via=host:port`, or `?via=unix:/abs/path`
+//! for a relay's socket file on this machine (the value is percent-decoded first; the path
+//! must be absolute, written with one slash after `unix:`, at most 107 bytes; a URL has at
+//! most one `via=`). The agent then opens its connection to that relay, and everything
+//! above it (TLS with the URL's host name, the upgrade with its own token, the session) is
+//! end to end with the gateway, so list a relay and the gateway directly (or two relays)
+//! to fail over. `relay_listen` makes this agent a relay: it accepts such connections on
+//! an `IP:port` or a `unix:/abs/path` socket file and carries them over one connection to
+//! its own gateways, which must not use `via=` themselves (relays nest one level). The
+//! socket file gets mode 0660, so the agent's user and group decide who may be a
+//! downstream; a stale file (nothing listening) is replaced, a live one refused, and the
+//! file is removed when the agent stops (see [`crate::relay`]). The agent runs on Unix
+//! (Linux) only, so the unix form needs no platform gate.
 //! Over `ws://` a relay would see this agent's token and could alter its traffic, so a
 //! `via=` on a `ws://` URL is refused unless `insecure_relay = true`
 //! (`AGENT_INSECURE_RELAY=1`), meant for test setups on one machine.
@@ -247,7 +255,7 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Relay mode (ADR 0015): accept downstream agents' connections here and carry them
     /// over one upstream connection to the gateways; `None` (the default): not a relay.
-    pub relay_listen: Option<SocketAddr>,
+    pub relay_listen: Option<RelayListen>,
     /// Accept `via=` relays on `ws://` gateway URLs (the relay can then read the token and
     /// alter traffic); `false` (the default) refuses such a configuration.
     pub insecure_relay: bool,
@@ -438,6 +446,14 @@ pub enum Problem {
     Label {
         /// The offending key (or `key=value` entry from the environment).
         label: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Not a relay listen address.
+    #[error("{value:?}: {reason} (expected IP:port, e.g. 10.0.0.5:7000, or unix:/absolute/path)")]
+    RelayListen {
+        /// The text given.
+        value: String,
         /// What is wrong with it.
         reason: &'static str,
     },
@@ -879,7 +895,7 @@ impl AgentConfig {
             })? {
                 Some(Sourced { value, .. }) if value.trim().is_empty() => None,
                 Some(Sourced { value, origin }) => Some(
-                    parse_socket_addr(&value).map_err(|p| invalid("relay_listen", origin, p))?,
+                    RelayListen::parse(&value).map_err(|p| invalid("relay_listen", origin, p))?,
                 ),
                 None => None,
             };
@@ -896,7 +912,7 @@ impl AgentConfig {
             && let Some(url) = gateways
                 .value
                 .iter()
-                .find(|u| via_of(u).is_some() && u.to_ascii_lowercase().starts_with("ws://"))
+                .find(|u| has_via(u) && u.to_ascii_lowercase().starts_with("ws://"))
         {
             return Err(invalid(
                 "gateways",
@@ -909,7 +925,7 @@ impl AgentConfig {
         }
         // A relay's own upstream must be a gateway: relays nest one level only.
         if relay_listen.is_some()
-            && let Some(url) = gateways.value.iter().find(|u| via_of(u).is_some())
+            && let Some(url) = gateways.value.iter().find(|u| has_via(u))
         {
             return Err(invalid(
                 "gateways",
@@ -1424,32 +1440,181 @@ fn resolve_backoff<E: Fn(&str) -> Option<String>>(
     })
 }
 
-/// Checks a gateway URL enough to catch configuration mistakes (wrong scheme, missing
-/// host, bad port, credentials in the URL); the WebSocket client does the full parse.
-/// The `via=host:port` of a gateway URL: the relay this agent reaches the gateway through
-/// (ADR 0015). The TCP connection goes to the relay; TLS and the HTTP upgrade still name
-/// the URL's host, so the gateway's certificate is checked end to end.
-pub(crate) fn via_of(url: &str) -> Option<String> {
-    let query = url.split_once('?')?.1;
+/// Where a relay listens for its downstream agents (`relay_listen`, ADR 0015).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayListen {
+    /// A TCP address, `IP:port` (port 0: one the system picks).
+    Tcp(SocketAddr),
+    /// A unix socket file, `unix:/absolute/path`: created with mode 0660 (the agent's user
+    /// and group may connect), replacing a stale file, removed when the agent stops.
+    Unix(PathBuf),
+}
+
+impl RelayListen {
+    fn parse(text: &str) -> Result<RelayListen, Problem> {
+        let text = text.trim();
+        match text.strip_prefix(UNIX_PREFIX) {
+            Some(path) => unix_socket_path(path)
+                .map(RelayListen::Unix)
+                .map_err(|reason| Problem::RelayListen {
+                    value: text.to_owned(),
+                    reason,
+                }),
+            None => text
+                .parse()
+                .map(RelayListen::Tcp)
+                .map_err(|_| Problem::RelayListen {
+                    value: text.to_owned(),
+                    reason: "not an IP:port address",
+                }),
+        }
+    }
+}
+
+impl fmt::Display for RelayListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RelayListen::Tcp(addr) => write!(f, "{addr}"),
+            RelayListen::Unix(path) => write!(f, "{UNIX_PREFIX}{}", path.display()),
+        }
+    }
+}
+
+/// Marks a unix socket path in `relay_listen` and in `via=`.
+pub(crate) const UNIX_PREFIX: &str = "unix:";
+
+/// Longest unix socket path: `sun_path` holds 108 bytes on Linux, with a terminating NUL.
+const MAX_UNIX_PATH: usize = 107;
+
+/// Checks the path of a `unix:` address: absolute (a relative one would depend on the
+/// working directory of whoever connects), written with one leading slash (`unix://x`
+/// reads like a URL whose `x` is a host, yet would name `/x`), and short enough to bind.
+fn unix_socket_path(path: &str) -> Result<PathBuf, &'static str> {
+    if path.is_empty() {
+        return Err("the unix socket path is empty");
+    }
+    if !path.starts_with('/') {
+        return Err("the unix socket path must be absolute (unix:/path)");
+    }
+    if path.starts_with("//") {
+        return Err("write one slash after unix: (unix:/path), not a URL form");
+    }
+    if path.contains('\0') {
+        return Err("the unix socket path contains a NUL byte");
+    }
+    if path.ends_with('/') {
+        return Err("the unix socket path names a directory");
+    }
+    if path.len() > MAX_UNIX_PATH {
+        return Err("the unix socket path is longer than 107 bytes");
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Where a downstream agent opens its connection instead of the gateway's address: the
+/// `via=` of a gateway URL (ADR 0015).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Via {
+    /// `via=host:port`.
+    Tcp(String),
+    /// `via=unix:/absolute/path` (percent-encoded bytes decoded).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Via::Tcp(addr) => f.write_str(addr),
+            Via::Unix(path) => write!(f, "{UNIX_PREFIX}{}", path.display()),
+        }
+    }
+}
+
+/// Whether a gateway URL names a relay (valid or not: the URL check reports a bad one).
+fn has_via(url: &str) -> bool {
+    via_values(url).next().is_some()
+}
+
+/// The raw `via=` values of a URL's query.
+fn via_values(url: &str) -> impl Iterator<Item = &str> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
     let query = query.split('#').next().unwrap_or_default();
     query
         .split('&')
-        .find_map(|pair| pair.strip_prefix("via="))
-        .map(str::to_owned)
+        .filter_map(|pair| pair.strip_prefix("via="))
 }
 
+/// The relay a gateway URL reaches its gateway through (ADR 0015), if it names one:
+/// `via=host:port` or `via=unix:/absolute/path` (percent-encoding is decoded first, so a
+/// path may hold `&`, `#` or spaces as `%26`, `%23`, `%20`). Only the connection goes to
+/// the relay; TLS and the HTTP upgrade still name the URL's host, so the gateway's
+/// certificate is checked end to end.
+pub(crate) fn via_of(url: &str) -> Result<Option<Via>, &'static str> {
+    let mut values = via_values(url);
+    let Some(raw) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err("has more than one via=");
+    }
+    let value = percent_decode(raw).ok_or("has a via= with bad percent-encoding")?;
+    if let Some(path) = value.strip_prefix(UNIX_PREFIX) {
+        return unix_socket_path(path).map(|p| Some(Via::Unix(p))).map_err(|_| {
+            "has a via=unix: that is not an absolute socket path (via=unix:/path/to/relay.sock)"
+        });
+    }
+    let host_port = value
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !host_port || value.contains('/') || value.chars().any(char::is_whitespace) {
+        return Err("has a via= that is neither host:port nor unix:/path");
+    }
+    Ok(Some(Via::Tcp(value)))
+}
+
+/// `%XX` sequences decoded; `None` for a truncated or non-hex sequence or a result that
+/// is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `text` with every byte but unreserved ones and `/` percent-encoded, so a socket path
+/// survives as one `via=` query value (the inverse of [`percent_decode`]).
+pub(crate) fn percent_encode_path(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Checks a gateway URL enough to catch configuration mistakes (wrong scheme, missing
+/// host, bad port, credentials in the URL, a bad `via=`); the WebSocket client does the
+/// full parse.
 fn check_gateway_url(url: &str) -> Result<(), Problem> {
     let bad = |reason| Problem::GatewayUrl {
         url: url.to_owned(),
         reason,
     };
-    if let Some(via) = via_of(url)
-        && via
-            .rsplit_once(':')
-            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
-    {
-        return Err(bad("has a via= that is not host:port"));
-    }
+    via_of(url).map_err(bad)?;
     let lower = url.to_ascii_lowercase();
     let rest = if lower.starts_with("ws://") {
         url.get(5..)
@@ -1600,6 +1765,92 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn via_names_a_tcp_relay_or_a_unix_socket() {
+        assert_eq!(via_of("wss://gw/ws"), Ok(None));
+        assert_eq!(
+            via_of("wss://gw/ws?via=10.0.0.5:7000"),
+            Ok(Some(Via::Tcp("10.0.0.5:7000".into())))
+        );
+        assert_eq!(
+            via_of("wss://gw/ws?codec=json&via=unix:/run/edge/relay.sock#f"),
+            Ok(Some(Via::Unix("/run/edge/relay.sock".into())))
+        );
+        // Percent-encoded, whole or in part: the same socket.
+        for url in [
+            "wss://gw/ws?via=unix%3A%2Frun%2Fedge%2Frelay.sock",
+            "wss://gw/ws?via=unix:/run/edge/relay%2Esock",
+        ] {
+            assert_eq!(
+                via_of(url),
+                Ok(Some(Via::Unix("/run/edge/relay.sock".into()))),
+                "{url}"
+            );
+        }
+        assert_eq!(
+            via_of("wss://gw/ws?via=unix:/run/a%20b%26c.sock"),
+            Ok(Some(Via::Unix("/run/a b&c.sock".into())))
+        );
+    }
+
+    #[test]
+    fn bad_vias_are_refused() {
+        let long = format!("wss://gw/ws?via=unix:/{}", "x".repeat(107));
+        for bad in [
+            "wss://gw/ws?via=",
+            "wss://gw/ws?via=unix:",
+            "wss://gw/ws?via=unix:relay.sock",
+            "wss://gw/ws?via=unix:./relay.sock",
+            "wss://gw/ws?via=unix:host:7000",
+            "wss://gw/ws?via=unix://run/relay.sock",
+            "wss://gw/ws?via=unix:/run/edge/",
+            "wss://gw/ws?via=unix:/run/a%00b",
+            "wss://gw/ws?via=unix:/run/a%2",
+            "wss://gw/ws?via=unix:/run/a%zz",
+            "wss://gw/ws?via=unix:/run/a%FF",
+            "wss://gw/ws?via=10.0.0.5:7000&via=unix:/run/relay.sock",
+            "wss://gw/ws?via=10.0.0.5",
+            "wss://gw/ws?via=10.0.0.5:0",
+            "wss://gw/ws?via=/run/relay.sock",
+            "wss://gw/ws?via=:7000",
+            long.as_str(),
+        ] {
+            assert!(via_of(bad).is_err(), "{bad}");
+            assert!(
+                matches!(check_gateway_url(bad), Err(Problem::GatewayUrl { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn relay_listen_is_ip_port_or_an_absolute_unix_path() {
+        assert_eq!(
+            RelayListen::parse(" unix:/run/edge/relay.sock ").ok(),
+            Some(RelayListen::Unix("/run/edge/relay.sock".into()))
+        );
+        assert_eq!(
+            RelayListen::parse("10.0.0.5:7000").ok(),
+            Some(RelayListen::Tcp(([10, 0, 0, 5], 7000).into()))
+        );
+        for bad in [
+            "unix:",
+            "unix:relay.sock",
+            "unix://run/relay.sock",
+            "unix:/run/",
+            "/run/relay.sock",
+            "relay.example:7000",
+            "unix:/run/a\0b",
+        ] {
+            assert!(
+                matches!(RelayListen::parse(bad), Err(Problem::RelayListen { .. })),
+                "{bad}"
+            );
+        }
+        let text = RelayListen::Unix("/run/edge/relay.sock".into()).to_string();
+        assert_eq!(text, "unix:/run/edge/relay.sock");
     }
 
     #[test]

@@ -64,10 +64,11 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::agent_metrics::AgentMetrics;
 use crate::backoff::ExponentialBackoff;
-use crate::config::{AgentConfig, Token};
+use crate::config::{AgentConfig, Token, Via};
 use crate::configs::{CONFIG_ACK_KIND, Configs};
 use crate::executor::{ExecEvent, Executor, RESULT_KIND};
 use crate::outbox::{Entry, MessageId, Outbox, OutboxError};
+use crate::transport::Transport;
 use crate::trust::{Credentials, Gate, GateError, REFUSED_KIND, refusal_report};
 use crate::upgrade::{UPGRADE_RESULT_KIND, Upgrader};
 use messages::command::Refusal;
@@ -96,7 +97,7 @@ const REPORTS_PER_BATCH: usize = 100;
 /// Largest message accepted from a gateway.
 const MAX_MESSAGE: usize = 1 << 20;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Ws = WebSocketStream<MaybeTlsStream<Transport>>;
 
 /// Why the agent stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -117,11 +118,12 @@ pub enum RunError {
         /// The close reason.
         reason: String,
     },
-    /// The configured `relay_listen` address could not be bound.
-    #[error("cannot listen for downstream agents on {addr}: {source}")]
+    /// The configured `relay_listen` address could not be bound (or its socket file is
+    /// in use, or is not a socket).
+    #[error("cannot listen for downstream agents on {addr} (relay_listen): {source}")]
     RelayListen {
         /// The configured address.
-        addr: SocketAddr,
+        addr: crate::config::RelayListen,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -222,8 +224,9 @@ impl AgentHandle {
         &self.metrics
     }
 
-    /// Where the relay listens for downstream agents, if `relay_listen` is configured (the
-    /// bound address, so port 0 can be used).
+    /// Where the relay listens for downstream agents, if `relay_listen` is a TCP address
+    /// (the bound address, so port 0 can be used); `None` for a unix socket, whose path is
+    /// the configured one.
     pub fn relay_addr(&self) -> Option<SocketAddr> {
         self.relay_addr
     }
@@ -282,22 +285,24 @@ pub async fn start(config: AgentConfig) -> Result<AgentHandle, RunError> {
     let (stop, stopped) = watch::channel(false);
     // Relay mode: bound before anything runs, so a taken address fails the start.
     let mut config = config;
-    let relay = match config.relay_listen {
+    let relay = match config.relay_listen.clone() {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
+            // Boxed: binding a socket file probes an old one, which would otherwise swell
+            // every caller's `start` future.
+            let (listener, local) = Box::pin(crate::relay::Listener::bind(&addr))
                 .await
-                .map_err(|source| RunError::RelayListen { addr, source })?;
-            let local = listener
-                .local_addr()
                 .map_err(|source| RunError::RelayListen { addr, source })?;
             tracing::info!(%local, "Relay listening.");
             let relay = tokio::spawn(crate::relay::run(listener, config.clone(), stopped.clone()));
-            config.gateways = crate::relay::own_gateways(&config.gateways, local);
+            config.gateways = crate::relay::own_gateways(&config.gateways, &local);
             Some((relay, local))
         }
         None => None,
     };
-    let relay_addr = relay.as_ref().map(|(_, addr)| *addr);
+    let relay_addr = relay.as_ref().and_then(|(_, local)| match local {
+        crate::config::RelayListen::Tcp(addr) => Some(*addr),
+        crate::config::RelayListen::Unix(_) => None,
+    });
     let restart = Arc::new(AtomicBool::new(false));
     let task = tokio::spawn({
         let outbox = Arc::clone(&outbox);
@@ -1445,7 +1450,9 @@ fn frame_limits() -> Limits {
 /// The local IP of the connection, reported as the node's address.
 fn local_address(ws: &Ws) -> Option<String> {
     match ws.get_ref() {
-        MaybeTlsStream::Plain(tcp) => tcp.local_addr().ok().map(|a| a.ip().to_string()),
+        MaybeTlsStream::Plain(Transport::Tcp(tcp)) => {
+            tcp.local_addr().ok().map(|a| a.ip().to_string())
+        }
         _ => None,
     }
 }
@@ -1468,22 +1475,47 @@ async fn connect(
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE + 1024));
     let connector = tls.map(|c| tokio_tungstenite::Connector::Rustls(Arc::clone(c)));
-    let handshake = match crate::config::via_of(url) {
-        // Through a relay (ADR 0015): only the TCP connection goes elsewhere; TLS and the
-        // upgrade still name the gateway, so the relay carries bytes it cannot read.
-        Some(via) => {
-            let tcp = TcpStream::connect(via.as_str())
-                .await
-                .map_err(|e| lost(false, format!("relay {via} unreachable: {e}")))?;
-            let _ = tcp.set_nodelay(true);
-            tokio_tungstenite::client_async_tls_with_config(request, tcp, Some(config), connector)
-                .await
-        }
+    // Through a relay (ADR 0015) only the connection goes elsewhere; TLS and the upgrade
+    // still name the gateway, so the relay carries bytes it cannot read.
+    let via = crate::config::via_of(url).map_err(|why| lost(false, format!("{url} {why}")))?;
+    let stream = match via {
+        Some(Via::Tcp(addr)) => TcpStream::connect(addr.as_str())
+            .await
+            .map(Transport::Tcp)
+            .map_err(|e| lost(false, format!("relay {addr} unreachable: {e}")))?,
+        Some(Via::Unix(path)) => tokio::net::UnixStream::connect(&path)
+            .await
+            .map(Transport::Unix)
+            .map_err(|e| {
+                let via = Via::Unix(path);
+                lost(false, format!("relay {via} unreachable: {e}"))
+            })?,
+        // Dialled here rather than by tungstenite so that direct, TCP-relayed and
+        // unix-relayed connections are one stream type for the session.
         None => {
-            tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector)
+            let uri = request.uri();
+            let host = uri.host().unwrap_or_default();
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host)
+                .to_owned();
+            let tls = uri
+                .scheme_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case("wss"));
+            let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+            TcpStream::connect((host.as_str(), port))
                 .await
+                .map(Transport::Tcp)
+                .map_err(|e| lost(false, connect_error(&tungstenite::Error::Io(e))))?
         }
     };
+    if let Transport::Tcp(tcp) = &stream {
+        let _ = tcp.set_nodelay(true);
+    }
+    let handshake =
+        tokio_tungstenite::client_async_tls_with_config(request, stream, Some(config), connector)
+            .await;
     match handshake {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(response)) => {

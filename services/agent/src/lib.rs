@@ -15,7 +15,8 @@
 //! - [`upgrade`]: signed self-upgrades (download, verify, swap, restart) and the watchdog
 //!   that restores the previous binary when the new one does not come back online.
 //! - [`relay`]: relay mode (`relay_listen`): downstream agents' connections carried as
-//!   streams over one gateway connection (ADR 0015).
+//!   streams over one gateway connection (ADR 0015), on `IP:port` or a unix socket file.
+//! - [`transport`]: the stream under a WebSocket: TCP, or a unix socket to a relay.
 //! - [`backoff`]: reconnect delays (capped exponential with jitter).
 //! - [`metrics`]: host CPU, memory and disk samples for status reports.
 //! - [`agent_metrics`]: the agent's own Prometheus counters and gauges ([`AgentMetrics`]),
@@ -33,13 +34,14 @@ mod outbox;
 pub mod output;
 mod policy;
 mod relay;
+mod transport;
 mod trust;
 mod tunnel;
 pub mod upgrade;
 
 pub use agent_metrics::AgentMetrics;
 pub use backoff::{BackoffError, ExponentialBackoff};
-pub use config::{AgentConfig, ConfigError, Origin, Problem, TlsSettings, Token};
+pub use config::{AgentConfig, ConfigError, Origin, Problem, RelayListen, TlsSettings, Token};
 pub use connection::{AgentHandle, RunError, start};
 pub use executor::{ExecEvent, Execution, Executor};
 pub use outbox::{Entry, MessageId, Outbox, OutboxError};

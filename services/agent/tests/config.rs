@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent::{AgentConfig, BackoffError, ConfigError, Origin, Problem};
+use agent::{AgentConfig, BackoffError, ConfigError, Origin, Problem, RelayListen};
 
 const GOOD: &str = r#"
 node_id = "edge-berlin-17"
@@ -800,4 +800,116 @@ fn a_plaintext_relay_must_be_allowed_explicitly() {
         invalid(err, "insecure_relay", &Origin::Env("AGENT_INSECURE_RELAY")),
         Problem::NotABool { .. }
     ));
+}
+
+/// A relay may listen on a unix socket file (`unix:/absolute/path`) as well as on
+/// `IP:port`, from the file or the environment; anything else is refused naming
+/// `relay_listen` and where the value came from.
+#[test]
+fn relay_listen_takes_a_unix_socket_path() {
+    let text = format!("relay_listen = \"unix:/run/edge/relay.sock\"\n{MINIMAL}");
+    let c = load(&text, no_env).unwrap();
+    assert_eq!(
+        c.relay_listen,
+        Some(RelayListen::Unix("/run/edge/relay.sock".into()))
+    );
+    let c = load(
+        &text,
+        env(&[("AGENT_RELAY_LISTEN", "unix:/tmp/other.sock")]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.relay_listen,
+        Some(RelayListen::Unix("/tmp/other.sock".into()))
+    );
+    let c = load(&text, env(&[("AGENT_RELAY_LISTEN", "127.0.0.1:7000")])).unwrap();
+    assert_eq!(
+        c.relay_listen,
+        Some(RelayListen::Tcp(([127, 0, 0, 1], 7000).into()))
+    );
+
+    for bad in [
+        "unix:relay.sock",
+        "unix:",
+        "unix://run/relay.sock",
+        "/run/relay.sock",
+    ] {
+        let err = load(MINIMAL, env(&[("AGENT_RELAY_LISTEN", bad)])).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(
+                invalid(err, "relay_listen", &Origin::Env("AGENT_RELAY_LISTEN")),
+                Problem::RelayListen { .. }
+            ),
+            "{bad}"
+        );
+        assert!(msg.contains("unix:/absolute/path"), "{msg}");
+    }
+    let (_dir, path) = write_config(&format!("relay_listen = \"unix:rel.sock\"\n{MINIMAL}"));
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    assert!(matches!(
+        invalid(err, "relay_listen", &Origin::File(path)),
+        Problem::RelayListen { .. }
+    ));
+}
+
+/// `via=unix:/path` reaches a relay's socket file; a relative, empty, malformed or
+/// doubled `via=` is a configuration error naming `gateways`, and the `ws://` rule and the
+/// one-level rule apply to it as to `via=host:port`.
+#[test]
+fn via_unix_in_a_gateway_url_is_checked_like_via_host_port() {
+    let tls = "wss://gw.example/ws?via=unix:/run/edge/relay.sock";
+    let c = load(MINIMAL, env(&[("AGENT_GATEWAYS", tls)])).unwrap();
+    assert_eq!(c.gateways, [tls]);
+    let encoded = "wss://gw.example/ws?via=unix%3A%2Frun%2Fedge%2Frelay.sock";
+    load(MINIMAL, env(&[("AGENT_GATEWAYS", encoded)])).unwrap();
+
+    for bad in [
+        "wss://gw.example/ws?via=unix:relay.sock",
+        "wss://gw.example/ws?via=unix:",
+        "wss://gw.example/ws?via=",
+        "wss://gw.example/ws?via=unix://run/relay.sock",
+        "wss://gw.example/ws?via=unix:/run/relay%zz.sock",
+        "wss://gw.example/ws?via=10.0.0.5:7000&via=unix:/run/relay.sock",
+    ] {
+        let err = load(MINIMAL, env(&[("AGENT_GATEWAYS", bad)])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("gateways") && msg.contains("via="), "{msg}");
+        let p = invalid(err, "gateways", &Origin::Env("AGENT_GATEWAYS"));
+        assert!(
+            matches!(&p, Problem::GatewayUrl { url, .. } if url == bad),
+            "{bad}: {p:?}"
+        );
+    }
+    // The same from the file.
+    let (_dir, path) = write_config(&MINIMAL.replace(
+        "ws://127.0.0.1:8081/ws",
+        "wss://gw.example/ws?via=unix:relay.sock",
+    ));
+    let err = AgentConfig::load(Some(&path), no_env).unwrap_err();
+    assert!(matches!(
+        invalid(err, "gateways", &Origin::File(path)),
+        Problem::GatewayUrl { .. }
+    ));
+
+    // Over ws:// the relay could read the token, socket file or not.
+    let plain = "ws://gw.example/ws?via=unix:/run/edge/relay.sock";
+    let err = load(MINIMAL, env(&[("AGENT_GATEWAYS", plain)])).unwrap_err();
+    assert!(err.to_string().contains("wss://"), "{err}");
+    load(
+        MINIMAL,
+        env(&[("AGENT_GATEWAYS", plain), ("AGENT_INSECURE_RELAY", "1")]),
+    )
+    .unwrap();
+
+    // A relay's own gateways are reached directly.
+    let err = load(
+        MINIMAL,
+        env(&[
+            ("AGENT_GATEWAYS", tls),
+            ("AGENT_RELAY_LISTEN", "unix:/run/edge/relay.sock"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(err.field(), Some("gateways"));
 }

@@ -1,8 +1,9 @@
 //! Relays end to end (ADR 0015): a real nats-server, a real gateway, the real scheduler, a
 //! real relay agent and real downstream agents (the agent library over real sockets).
 //! Downstreams register through the relay with their own tokens, run tasks, replay their
-//! outbox after the relay restarts, fail over when it dies and take tunnels; a relay that
-//! tampers with a downstream's bytes or tries to register in its name gets nowhere.
+//! outbox after the relay restarts, fail over when it dies and take tunnels, also through a
+//! relay's unix socket file; a relay that tampers with a downstream's bytes or tries to
+//! register in its name gets nowhere.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -275,6 +276,42 @@ async fn downstreams_behind_a_relay_register_with_their_own_identity_and_run_tas
     for agent in [a, b, relay] {
         stop(agent).await;
     }
+    fleet.stop().await;
+}
+
+/// A relay listening on a unix socket file, over TLS: the downstream does TLS with the
+/// gateway's name and its upgrade through the socket, registers as itself, and runs a task
+/// from the real scheduler; the relay's own session goes through the socket as well.
+#[tokio::test]
+async fn a_downstream_behind_a_unix_socket_relay_runs_tasks_over_tls() {
+    let fleet = Fleet::start("gw-relay-unix", true).await;
+    let socket = fleet.dir.path().join("relay.sock");
+    let relay = fleet
+        .relay("relay-u", &format!("unix:{}", socket.display()))
+        .await;
+    assert_eq!(relay.relay_addr(), None);
+    let via = format!("{}?via=unix:{}", fleet.url, socket.display());
+    assert!(via.starts_with("wss://"), "{via}");
+    let down = fleet.agent("down-u", std::slice::from_ref(&via)).await;
+
+    // Both tagged with the relay: the relay's own session came through its socket too.
+    for node in ["down-u", "relay-u"] {
+        let v = fleet.online(node).await;
+        assert_eq!(v["via"], "relay-u", "{v}");
+    }
+
+    let id = fleet
+        .task(&["down-u", "relay-u"], &["sh", "-c", "echo from $0", "x"])
+        .await;
+    eventually(fleet.sched.addr(), &format!("/v1/tasks/{id}"), |v| {
+        v["targets"]["down-u"]["state"] == "succeeded"
+            && v["targets"]["relay-u"]["state"] == "succeeded"
+    })
+    .await;
+
+    stop(down).await;
+    stop(relay).await;
+    assert!(!socket.exists(), "the relay removed its socket file");
     fleet.stop().await;
 }
 
