@@ -39,9 +39,16 @@ export LOADTEST_AGENT_TOKEN_KEY_FILE="$KEYS/agent-token.key"
 PIDS=()
 GW_PIDS=()
 GW_URLS=()
+# Alive and not a zombie (an exited child stays one until `wait`, and `kill -0` says yes).
+running() { local st; st="$(ps -o stat= -p "$1" 2>/dev/null)" && [[ "$st" != Z* ]]; }
 cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  local p i
+  # Last started, first stopped, each given up to 3 s: the services flush to NATS and
+  # drain while it is still up (stopped all at once, their last events were lost).
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${PIDS[i]}" 2>/dev/null || continue
+    for _ in $(seq 1 30); do running "${PIDS[i]}" || break; sleep 0.1; done
+  done
   for _ in $(seq 1 100); do
     local alive=0
     for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done

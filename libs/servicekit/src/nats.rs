@@ -4,7 +4,8 @@
 //! token auth). async-nats takes neither from one string, so this module splits the list,
 //! moves the credentials into the connect options, and gives a form safe to log.
 //!
-//! It also owns how a service connects ([`connect`]: named client, reconnect forever) and
+//! It also owns how a service connects ([`connect`]: named client, reconnect forever,
+//! connection losses and reconnects logged) and
 //! the runtime the client lives on ([`runtime`]): a tokio runtime of its own, apart from
 //! the actix workers, so a busy HTTP worker never starves the NATS connection.
 
@@ -188,12 +189,49 @@ pub async fn connect(urls: &str, name: &str) -> Result<Client, ConnectError> {
         .max_reconnects(None)
         .connection_timeout(CONNECTION_TIMEOUT)
         .ping_interval(PING_INTERVAL)
+        .event_callback(log_event(name.to_owned()))
         .connect(target.servers())
         .await
         .map_err(|source| ConnectError::Connect {
             servers: target.redacted(),
             source,
         })
+}
+
+/// Logs the client's connection events with the client's name, a loss at warn level, so an
+/// operator sees a NATS node loss and the reconnect in every service's log (async-nats's own
+/// line is at info under `async_nats` and does not say which client).
+fn log_event(
+    name: String,
+) -> impl Fn(async_nats::Event) -> std::future::Ready<()> + Send + Sync + 'static {
+    use async_nats::Event;
+    move |event| {
+        match event {
+            Event::Connected => tracing::info!(client = %name, "NATS connected."),
+            Event::Disconnected => {
+                tracing::warn!(client = %name, "NATS connection lost; reconnecting.");
+            }
+            Event::LameDuckMode => tracing::warn!(
+                client = %name,
+                "NATS server entering lame-duck mode; the client will move to another."
+            ),
+            Event::SlowConsumer(sid) => tracing::warn!(
+                client = %name,
+                subscription = sid,
+                "NATS subscription too slow; messages were dropped."
+            ),
+            Event::ServerError(e) => {
+                tracing::warn!(client = %name, error = %e, "NATS server error.");
+            }
+            Event::ClientError(e) => {
+                tracing::warn!(client = %name, error = %e, "NATS client error.");
+            }
+            Event::Draining | Event::Closed => {
+                tracing::debug!(client = %name, event = %event, "NATS client event.");
+            }
+        }
+        std::future::ready(())
+    }
 }
 
 /// A runtime for the NATS client and its consumers: one worker thread named `name`.

@@ -13,6 +13,7 @@
 # push lost after it, no client closed, no ws-api call left unanswered.
 #
 #   loadtest/scenarios/faults/nats-node-loss-broadcast.sh            # 10,000 users, 24 pushes
+#   PUSHES=120 INTERVAL=0.5 KILL_AT=20 loadtest/scenarios/faults/nats-node-loss-broadcast.sh
 #   CONNECTIONS=2000 PUSHES=8 INTERVAL=2 KILL_AT=5 loadtest/scenarios/faults/nats-node-loss-broadcast.sh
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$DIR/../lib.sh"
@@ -22,7 +23,8 @@ WORKERS="${WORKERS:-2}"
 PUSHES="${PUSHES:-24}"
 INTERVAL="${INTERVAL:-5}"
 SIZE="${SIZE:-1024}"
-KILL_AT="${KILL_AT:-$((INTERVAL * PUSHES / 3))}"
+BROADCAST_SECS="$(echo "$PUSHES * $INTERVAL / 1" | bc)"
+KILL_AT="${KILL_AT:-$((BROADCAST_SECS / 3))}"
 OUT="${OUT:-$ROOT/target/loadtest/faults/nats-node-loss-broadcast}"
 
 machine
@@ -43,7 +45,7 @@ loadtest --urls "$(urls)" --connections "$CONNECTIONS" --sources 16 --concurrenc
   run --scenario broadcast --name nats-node-loss-broadcast --workers "$WORKERS" --rate "$RATE" \
   --pushes "$PUSHES" --interval-secs "$INTERVAL" --size "$SIZE" --receipts \
   --via api --api "127.0.0.1:$API_PORT" --nats-url "$NATS_URL" \
-  --max-secs "$(( PUSHES * INTERVAL + 180 ))" --gateway-pids "$(gw_pids)" \
+  --max-secs "$(( BROADCAST_SECS + 180 ))" --gateway-pids "$(gw_pids)" \
   --watch "ws-api=$API_PID,nats2=${NATS_PIDS[1]},nats3=${NATS_PIDS[2]}" --out "$OUT" \
   --thresholds "$DIR/nats-node-loss-broadcast.toml" --note "pinning=$PINNING" ${EXTRA:-} &
 LT=$!

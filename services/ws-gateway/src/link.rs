@@ -50,6 +50,18 @@ const KEEPALIVE: Duration = Duration::from_secs(5);
 /// ready meanwhile (after `bus_loss_shed` its clients go elsewhere).
 const STALE_AFTER: Duration = Duration::from_secs(10);
 
+/// Where in the server list the link starts: at random, as async-nats does for the
+/// replica's other connection. Starting every replica at the first URL put every link of
+/// the tier on one node, so losing that node cut every replica's subscriptions at once
+/// (docs/reliability.md, "NATS node loss during a broadcast").
+fn first_server(servers: usize) -> usize {
+    if servers > 1 {
+        rand::random_range(0..servers)
+    } else {
+        0
+    }
+}
+
 /// Our `PING`s in flight, in the order written: the ticket each covers, and when.
 type Pings = Mutex<VecDeque<(u64, std::time::Instant)>>;
 
@@ -377,7 +389,7 @@ impl Link {
     /// Keeps the link connected to one of `target`'s servers, forever.
     pub async fn run(self: Arc<Self>, target: LinkTarget) {
         let mut backoff = FIRST_BACKOFF;
-        let mut next = 0usize;
+        let mut next = first_server(target.servers.len());
         let mut warned = false;
         loop {
             let Some((host, port, tls)) = target.servers.get(next % target.servers.len().max(1))
@@ -766,6 +778,18 @@ fn parse_headers(block: &[u8]) -> Result<HeaderMap, LinkError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn links_start_anywhere_in_the_server_list() {
+        assert_eq!(first_server(0), 0);
+        assert_eq!(first_server(1), 0);
+        let mut seen = [0u32; 3];
+        for _ in 0..300 {
+            seen[first_server(3)] += 1;
+        }
+        // Each start has probability 1/3; missing one in 300 draws is a (2/3)^300 event.
+        assert!(seen.iter().all(|n| *n > 0), "{seen:?}");
+    }
 
     #[test]
     fn parses_messages_with_and_without_headers_across_reads() {
