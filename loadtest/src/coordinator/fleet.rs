@@ -4,7 +4,9 @@
 //! scheduler is polled until every result is stored (create -> first and last result,
 //! scheduler CPU for the task). It owns that sequence and hands the variants to their
 //! drivers: a staged rollout ([`crate::rollout`]), config pushes ([`crate::configpush`])
-//! and the fault mode that kills a process while results flow ([`crate::failover`]).
+//! and the fault mode that kills a process while results flow ([`crate::failover`]); with
+//! `--reconnect` (a gateway killed) the fault mode also reads the agents' recovery
+//! ([`super::storm::recover`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -202,6 +204,12 @@ async fn fault(run: &Run, addrs: Vec<SocketAddr>, pid: u32, online: &Online) -> 
         },
     )
     .await?;
+    // A gateway was killed: every agent it held must be back (and registered again).
+    let recovery = if args.reconnect {
+        Some(super::storm::recover(run).await)
+    } else {
+        None
+    };
     let mut summary = json!({
         "agents": online.open,
         "agents_online_at_scheduler": online.online,
@@ -212,6 +220,10 @@ async fn fault(run: &Run, addrs: Vec<SocketAddr>, pid: u32, online: &Online) -> 
         format!("{} / {}", online.open, online.online),
     )];
     rows.extend(extra_rows);
+    if let Some((r, r_rows)) = recovery {
+        super::storm::merge(&mut summary, &r);
+        rows.extend(r_rows);
+    }
     proc_rows(run, &mut summary, &mut rows, 0);
     Ok(Done::Ready(summary, rows))
 }

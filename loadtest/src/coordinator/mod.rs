@@ -230,7 +230,8 @@ pub(crate) struct Second {
     pub results: u64,
     /// Result ids acknowledged by the scheduler.
     pub result_acks: u64,
-    /// Results and config acks agents sent again (unacknowledged too long).
+    /// Results and config acks agents sent again (unacknowledged too long, or replayed
+    /// after a new register).
     pub resent: u64,
     /// Pushes published by the parent.
     pub pushes: u64,

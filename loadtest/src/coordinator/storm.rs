@@ -228,8 +228,10 @@ impl Recovery {
     }
 }
 
-/// The first second with connections missing after all were open, and the first one
-/// after it with all back.
+/// The first second with connections lost after all were open, and the first one from it
+/// with all back. A loss is a second with connections missing or with any closed: a small
+/// fleet can lose and regain its connections within one worker report, and then no second
+/// shows fewer open.
 fn loss_window(seconds: &[Second], total: u64) -> (Option<usize>, Option<usize>) {
     let first_at = |from: usize, pred: &dyn Fn(&Second) -> bool| {
         seconds
@@ -240,7 +242,7 @@ fn loss_window(seconds: &[Second], total: u64) -> (Option<usize>, Option<usize>)
             .map(|(i, _)| i)
     };
     let opened_at = first_at(0, &|s| s.open >= total);
-    let lost = opened_at.and_then(|o| first_at(o, &|s| s.open < total));
+    let lost = opened_at.and_then(|o| first_at(o, &|s| s.open < total || s.closed > 0));
     let back = lost.and_then(|d| first_at(d, &|s| s.open >= total));
     (lost, back)
 }
@@ -254,4 +256,57 @@ fn peak_over_mean(per_second: &[u64]) -> f64 {
     let mean = busy.iter().sum::<u64>() as f64 / busy.len() as f64;
     let peak = busy.iter().copied().max().unwrap_or(0);
     peak as f64 / mean
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn second(t: u64, open: u64, connects: u64, closed: u64) -> Second {
+        Second {
+            t,
+            open,
+            connects,
+            closed,
+            ..Second::default()
+        }
+    }
+
+    #[test]
+    fn a_loss_seen_as_fewer_open_ends_at_the_first_second_with_all_back() {
+        let seconds = [
+            second(0, 0, 0, 0),
+            second(1, 100, 100, 0),
+            second(2, 100, 0, 0),
+            second(3, 60, 0, 40),
+            second(4, 90, 30, 0),
+            second(5, 100, 10, 0),
+        ];
+        assert_eq!(loss_window(&seconds, 100), (Some(3), Some(5)));
+    }
+
+    #[test]
+    fn a_loss_regained_within_one_report_still_counts_as_a_loss() {
+        // 40 lost and 40 back inside second 3: no second shows fewer than 100 open.
+        let seconds = [
+            second(0, 0, 0, 0),
+            second(1, 100, 100, 0),
+            second(2, 100, 0, 0),
+            second(3, 100, 40, 40),
+            second(4, 100, 0, 0),
+        ];
+        assert_eq!(loss_window(&seconds, 100), (Some(3), Some(3)));
+    }
+
+    #[test]
+    fn no_loss_no_window_and_no_storm_measure() {
+        let seconds = [
+            second(0, 50, 50, 0),
+            second(1, 100, 50, 0),
+            second(2, 100, 0, 0),
+        ];
+        assert_eq!(loss_window(&seconds, 100), (None, None));
+        assert!(peak_over_mean(&[]).abs() < f64::EPSILON);
+        assert!((peak_over_mean(&[0, 300, 100]) - 1.5).abs() < 1e-9);
+    }
 }
