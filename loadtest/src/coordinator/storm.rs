@@ -126,10 +126,11 @@ pub(super) fn merge(summary: &mut Value, extra: &Value) {
 /// `--recover-secs` for every connection to be back, then reads the recovery off the
 /// per-second record: the first second with connections missing, the first one after it
 /// with all back, the reconnects per second in between, and each connection's loss ->
-/// welcome time.
+/// welcome time. "Every connection" is every one that opened: a first attempt that failed
+/// is a connect error of the opening, not a connection lost by the fault.
 pub(super) async fn recover(run: &Run) -> (Value, Vec<Row>) {
     let until = Instant::now() + Duration::from_secs(run.args.recover_secs).min(run.remaining());
-    let total = run.connections as u64;
+    let total = held(&run.agg().seconds, run.connections as u64);
     while Instant::now() < until && run.agg().open_now() < total {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -163,7 +164,14 @@ impl Recovery {
             _ => Vec::new(),
         };
         let lowest = lost
-            .map(|d| seconds[d..].iter().map(|s| s.open).min().unwrap_or(0))
+            .map(|d| {
+                seconds[d..]
+                    .iter()
+                    .filter(|s| reported(s))
+                    .map(|s| s.open)
+                    .min()
+                    .unwrap_or(0)
+            })
             .unwrap_or(total);
         Recovery {
             peak_over_mean: peak_over_mean(&per_second),
@@ -228,10 +236,28 @@ impl Recovery {
     }
 }
 
+/// The most connections open in any second, at most `target`: what the run held once its
+/// opening was over.
+fn held(seconds: &[Second], target: u64) -> u64 {
+    seconds
+        .iter()
+        .map(|s| s.open)
+        .max()
+        .unwrap_or(0)
+        .min(target)
+}
+
+/// Whether any worker line or sample landed in the second: a parent starved of CPU skips
+/// seconds, which stay all zero and must not read as every connection gone (connections
+/// cannot drop to none without closes being counted).
+fn reported(s: &Second) -> bool {
+    s.open > 0 || s.connects > 0 || s.closed > 0 || s.connect_errors > 0
+}
+
 /// The first second with connections lost after all were open, and the first one from it
 /// with all back. A loss is a second with connections missing or with any closed: a small
 /// fleet can lose and regain its connections within one worker report, and then no second
-/// shows fewer open.
+/// shows fewer open. Seconds nothing was reported in are skipped.
 fn loss_window(seconds: &[Second], total: u64) -> (Option<usize>, Option<usize>) {
     let first_at = |from: usize, pred: &dyn Fn(&Second) -> bool| {
         seconds
@@ -242,7 +268,8 @@ fn loss_window(seconds: &[Second], total: u64) -> (Option<usize>, Option<usize>)
             .map(|(i, _)| i)
     };
     let opened_at = first_at(0, &|s| s.open >= total);
-    let lost = opened_at.and_then(|o| first_at(o, &|s| s.open < total || s.closed > 0));
+    let lost =
+        opened_at.and_then(|o| first_at(o, &|s| reported(s) && (s.open < total || s.closed > 0)));
     let back = lost.and_then(|d| first_at(d, &|s| s.open >= total));
     (lost, back)
 }
@@ -296,6 +323,39 @@ mod tests {
             second(4, 100, 0, 0),
         ];
         assert_eq!(loss_window(&seconds, 100), (Some(3), Some(3)));
+    }
+
+    #[test]
+    fn a_second_the_parent_skipped_is_not_a_loss() {
+        // Second 3 got no worker line (the parent was starved): all zero, not 0 open.
+        let seconds = [
+            second(0, 0, 0, 0),
+            second(1, 100, 100, 0),
+            second(2, 100, 0, 0),
+            Second {
+                t: 3,
+                ..Second::default()
+            },
+            second(4, 100, 0, 0),
+            second(5, 70, 0, 30),
+            second(6, 100, 30, 0),
+        ];
+        assert_eq!(loss_window(&seconds, 100), (Some(5), Some(6)));
+    }
+
+    #[test]
+    fn connections_that_never_opened_are_not_waited_for() {
+        // 24 first attempts refused: the run held 76, lost 30 of them, got them back.
+        let seconds = [
+            second(0, 0, 0, 0),
+            second(1, 76, 76, 0),
+            second(2, 46, 0, 30),
+            second(3, 76, 30, 0),
+        ];
+        let total = held(&seconds, 100);
+        assert_eq!(total, 76);
+        assert_eq!(loss_window(&seconds, total), (Some(2), Some(3)));
+        assert_eq!(held(&seconds, 50), 50);
     }
 
     #[test]
