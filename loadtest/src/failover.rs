@@ -4,7 +4,8 @@
 //! killed with SIGKILL; the standby takes over. The figures: time until the standby
 //! answers, time until every result is stored, and the proof that nothing was lost or run
 //! twice: results stored = targets, tasks received by the agents = targets, no target with
-//! a second attempt.
+//! a second attempt. The killed pid may be another process (`kill_label`: a NATS node, a
+//! gateway); then no takeover is waited for, only every result.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -95,6 +96,7 @@ pub(crate) async fn drive(
     let killed_on = current;
     let mut killed: Option<Instant> = None;
     let mut stored_at_kill = 0;
+    let mut acked_at_kill = 0;
     let mut takeover_secs = None;
     let mut stored = 0;
     let mut finished = false;
@@ -106,6 +108,7 @@ pub(crate) async fn drive(
             return Err(format!("kill -9 {} failed", plan.kill_pid).into());
         }
         stored_at_kill = stored;
+        acked_at_kill = totals().2;
         Ok(Instant::now())
     };
     if plan.kill_after_results == 0 {
@@ -181,7 +184,7 @@ pub(crate) async fn drive(
             format!("killed {}", plan.kill_label),
             match killed {
                 Some(_) => format!(
-                    "after {stored_at_kill} of {} results were stored",
+                    "after {stored_at_kill} of {} results were stored ({acked_at_kill} acknowledged to the agents)",
                     plan.agents
                 ),
                 None => "NEVER".to_owned(),
@@ -193,7 +196,7 @@ pub(crate) async fn drive(
                 if scheduler_killed {
                     "NEVER"
                 } else {
-                    "n/a (one scheduler)"
+                    "n/a (no scheduler killed)"
                 }
                 .to_owned(),
                 |s| format!("{s:.2} s"),
@@ -217,6 +220,7 @@ pub(crate) async fn drive(
     let summary = json!({
         "task_id": task_id,
         "killed_after_results": stored_at_kill,
+        "results_acked_before_kill": acked_at_kill,
         "takeover_secs": takeover_secs,
         "task_finished": finished,
         "all_results_stored_secs": finished.then_some(all_secs),

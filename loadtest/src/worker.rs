@@ -26,6 +26,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, BoxError, Ws};
 use crate::hist::Hist;
+use crate::outbox::Outbox;
+use crate::redial;
 
 /// What each connection of a worker is.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -94,9 +96,10 @@ pub(crate) struct WorkerSpec {
     /// after it was sent, as services/agent does (`resend_after_ms`; 0: never).
     #[serde(default)]
     pub resend_after_ms: u64,
-    /// A lost connection is opened again, to the next URL, after the backoff of
-    /// docs/protocol.md 13.1 (base 100 ms, doubling, cap 30 s, 0.3 jitter); the time from
-    /// loss to the new welcome is recorded.
+    /// A lost connection is opened again, to another URL drawn at random, after the
+    /// backoff of docs/protocol.md 13.1 (base 100 ms, doubling, cap 30 s, 0.3 jitter), as
+    /// services/agent does ([`crate::redial`]); the time from loss to the new welcome is
+    /// recorded.
     #[serde(default)]
     pub reconnect: bool,
 }
@@ -131,7 +134,8 @@ pub(crate) struct WorkerLine {
     pub results: u64,
     /// Agents: result ids acknowledged by the scheduler.
     pub result_acks: u64,
-    /// Agents: results and config acks sent again, unacknowledged after `resend_after_ms`.
+    /// Agents: results and config acks sent again: unacknowledged after `resend_after_ms`,
+    /// or replayed from the outbox after a new register.
     pub resent: u64,
     /// Connections opened again after a loss (`reconnect`).
     pub reconnects: u64,
@@ -399,6 +403,8 @@ async fn connection(
     // Identifies this agent's "outbox" in result message ids.
     let instance: u128 = (u128::from(std::process::id()) << 64) | global as u128;
     let mut next_result_seq = 1u64;
+    // Outlives the sessions, as services/agent's outbox on disk does.
+    let mut outbox = Outbox::default();
     let mut first = true;
     let churning = spec.churn_per_sec > 0.0;
     loop {
@@ -445,8 +451,9 @@ async fn connection(
                     eprintln!("worker {}: connect to {url} failed: {e}", spec.index);
                 }
                 if spec.reconnect && lost_at.is_some() {
-                    url_index += 1;
-                    let delay = backoff(failures, instance);
+                    let (next, delay) =
+                        redial_after(spec.urls.len(), url_index, failures, instance);
+                    url_index = next;
                     failures = failures.saturating_add(1);
                     tokio::select! {
                         () = tokio::time::sleep(delay) => continue,
@@ -471,6 +478,7 @@ async fn connection(
                     &user,
                     instance,
                     &mut next_result_seq,
+                    &mut outbox,
                     ws,
                     &welcome,
                     &counters,
@@ -491,10 +499,9 @@ async fn connection(
                 counters.closed.fetch_add(1, Ordering::Relaxed);
                 if spec.reconnect {
                     lost_at = Some(Instant::now());
-                    // Another gateway, chosen per slot, so the lost gateway's clients
-                    // spread over all the others instead of piling onto the next one.
-                    url_index += 1 + slot % spec.urls.len().saturating_sub(1).max(1);
-                    let delay = backoff(failures, instance);
+                    let (next, delay) =
+                        redial_after(spec.urls.len(), url_index, failures, instance);
+                    url_index = next;
                     failures = failures.saturating_add(1);
                     tokio::select! {
                         () = tokio::time::sleep(delay) => continue,
@@ -514,25 +521,21 @@ async fn connection(
     }
 }
 
-/// docs/protocol.md 13.1: `min(30 s, 100 ms * 2^n) * (1 + uniform(-0.3, 0.3))`; the
-/// jitter comes from the slot's identity and the clock (no RNG needed for a spread).
-fn backoff(n: u32, instance: u128) -> Duration {
-    let base = 100u64.saturating_mul(1u64 << n.min(20)).min(30_000);
-    let nanos = u128::from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0),
+/// After a failure on gateway `url_index`: the gateway to try next (another one, drawn
+/// at random) and how long to wait first ([`crate::redial`], services/agent's rule).
+fn redial_after(
+    count: usize,
+    url_index: usize,
+    failures: u32,
+    instance: u128,
+) -> (usize, Duration) {
+    let next = redial::other_gateway(
+        count,
+        url_index % count.max(1),
+        redial::draw(instance, failures),
     );
-    // splitmix64 over the slot and the time: a uniform-enough fraction in [0, 1).
-    let mut z = u64::try_from((instance ^ (nanos << 17) ^ u128::from(n)) & u128::from(u64::MAX))
-        .unwrap_or(0)
-        .wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    let fraction = (z >> 11) as f64 / (1u64 << 53) as f64;
-    Duration::from_millis(base).mul_f64(0.7 + 0.6 * fraction)
+    let delay = redial::backoff(failures, redial::draw(!instance, failures));
+    (next, delay)
 }
 
 /// Pushes seen in one session, for gap counting.
@@ -590,6 +593,7 @@ async fn session(
     user: &str,
     instance: u128,
     next_result_seq: &mut u64,
+    outbox: &mut Outbox,
     mut ws: Ws,
     welcome: &Welcome,
     counters: &Counters,
@@ -623,6 +627,15 @@ async fn session(
             return End::Lost;
         }
         counters.registered.fetch_add(1, Ordering::Relaxed);
+        // services/agent sends every outbox entry again after each register: what the
+        // last connection took with it reaches the scheduler through this one.
+        let pending = outbox.replay(tokio::time::Instant::now());
+        if send_again(&mut ws, &mut next_id, pending, counters)
+            .await
+            .is_err()
+        {
+            return End::Lost;
+        }
     }
     let mut seen = Seen::default();
     // Agents beat at 90% of the interval like services/agent; app clients at the interval.
@@ -630,8 +643,6 @@ async fn session(
     let mut interval =
         Duration::from_millis(u64::from(welcome.heartbeat.base_ms.max(100))).mul_f64(factor);
     let mut next_beat = tokio::time::Instant::now() + interval;
-    // What this agent sent and has not seen acknowledged: message id -> (route, body, sent).
-    let mut unacked: Unacked = HashMap::new();
     let resend_after = Duration::from_millis(spec.resend_after_ms);
     let mut next_resend = (spec.resend_after_ms > 0 && spec.role == Role::Agent)
         .then(|| tokio::time::Instant::now() + resend_after);
@@ -648,23 +659,8 @@ async fn session(
                 }
             } => {
                 let now = tokio::time::Instant::now();
-                let mut lost = false;
-                for (route, body, sent) in unacked.values_mut() {
-                    if now.duration_since(*sent) >= resend_after {
-                        let frame = Frame::new(FrameKind::Publish)
-                            .with_msg_id(next_id)
-                            .with_route(route.clone())
-                            .with_body(BodyCodec::MsgPack, body.clone());
-                        next_id += 1;
-                        if ws.send(Message::Binary(frame.encode())).await.is_err() {
-                            lost = true;
-                            break;
-                        }
-                        *sent = now;
-                        counters.resent.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                if lost {
+                let due = outbox.due(now, resend_after);
+                if send_again(&mut ws, &mut next_id, due, counters).await.is_err() {
                     break End::Lost;
                 }
                 next_resend = Some(now + resend_after / 2);
@@ -700,7 +696,7 @@ async fn session(
                                 }
                                 Role::NatsWs => {}
                                 Role::Agent => {
-                                    if agent_push(&mut ws, &mut next_id, instance, next_result_seq, &frame, counters, behaviour, &mut unacked).await.is_err() {
+                                    if agent_push(&mut ws, &mut next_id, instance, next_result_seq, &frame, counters, behaviour, outbox).await.is_err() {
                                         break End::Lost;
                                     }
                                 }
@@ -789,28 +785,49 @@ async fn nats_session(
     end
 }
 
-/// A simulated agent's sent, unacknowledged messages: message id -> (route, body, sent at).
-type Unacked = HashMap<String, (Route, Vec<u8>, tokio::time::Instant)>;
-
-/// Publishes an outboxed message (a result, a config ack) and remembers it until an
-/// `agent.ack` names it.
+/// Publishes a message (a result, a config ack) through the outbox: stored first, so it
+/// is sent again until an `agent.ack` names it, even when this send fails.
 async fn publish_tracked<T: Serialize>(
     ws: &mut Ws,
     next_id: &mut u64,
     route: &str,
     body: &T,
     message_id: String,
-    unacked: &mut Unacked,
+    outbox: &mut Outbox,
 ) -> Result<(), BoxError> {
     let route = Route::new(route)?;
     let bytes = payload::to_bus(body)?;
+    outbox.add(
+        message_id,
+        route.clone(),
+        bytes.clone(),
+        tokio::time::Instant::now(),
+    );
     let frame = Frame::new(FrameKind::Publish)
         .with_msg_id(*next_id)
-        .with_route(route.clone())
-        .with_body(BodyCodec::MsgPack, bytes.clone());
+        .with_route(route)
+        .with_body(BodyCodec::MsgPack, bytes);
     *next_id += 1;
     ws.send(Message::Binary(frame.encode())).await?;
-    unacked.insert(message_id, (route, bytes, tokio::time::Instant::now()));
+    Ok(())
+}
+
+/// Sends outbox entries again (a replay after register, or those due), counting them.
+async fn send_again(
+    ws: &mut Ws,
+    next_id: &mut u64,
+    entries: Vec<(Route, Vec<u8>)>,
+    counters: &Counters,
+) -> Result<(), BoxError> {
+    for (route, body) in entries {
+        let frame = Frame::new(FrameKind::Publish)
+            .with_msg_id(*next_id)
+            .with_route(route)
+            .with_body(BodyCodec::MsgPack, body);
+        *next_id += 1;
+        ws.send(Message::Binary(frame.encode())).await?;
+        counters.resent.fetch_add(1, Ordering::Relaxed);
+    }
     Ok(())
 }
 
@@ -851,7 +868,7 @@ async fn agent_push(
     frame: &Frame,
     counters: &Counters,
     behaviour: AgentBehaviour,
-    unacked: &mut Unacked,
+    outbox: &mut Outbox,
 ) -> Result<(), BoxError> {
     let codec = frame.flags.codec();
     // Scheduler pushes are signed envelopes; a simulated agent reads the message inside
@@ -898,8 +915,9 @@ async fn agent_push(
             };
             *next_result_seq += 1;
             let id = result.message_id.clone();
-            publish_tracked(ws, next_id, fleet::up::RESULT, &result, id, unacked).await?;
+            // Counted once it is in the outbox: a failed send still reaches the scheduler.
             counters.results.fetch_add(1, Ordering::Relaxed);
+            publish_tracked(ws, next_id, fleet::up::RESULT, &result, id, outbox).await?;
         }
         // A config document is "applied" at once: the ack echoes name, version and hash.
         fleet::down::CONFIG => {
@@ -917,12 +935,12 @@ async fn agent_push(
             };
             *next_result_seq += 1;
             let id = ack.message_id.clone();
-            publish_tracked(ws, next_id, fleet::up::CONFIG_ACK, &ack, id, unacked).await?;
+            publish_tracked(ws, next_id, fleet::up::CONFIG_ACK, &ack, id, outbox).await?;
         }
         fleet::down::ACK => {
             if let Ok(ack) = payload::decode_body::<Ack>(codec, body) {
                 for id in &ack.message_ids {
-                    unacked.remove(id);
+                    outbox.ack(id);
                 }
                 counters
                     .result_acks
