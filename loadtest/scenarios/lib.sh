@@ -61,7 +61,11 @@ cleanup() {
   if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/logs" && cp "$TMP"/*.log "$OUT/logs/" 2>/dev/null || true; fi
   rm -rf "$TMP"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+# A signal ends the script (and so runs the EXIT trap once); trapped without `exit`, the
+# script carried on after its clean-up, still injecting its fault and writing its log.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 wait_ready() { # PORT NAME LOG
   for _ in $(seq 1 300); do

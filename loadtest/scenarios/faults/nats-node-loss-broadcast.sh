@@ -32,7 +32,7 @@ start_nats_cluster
 export WS_GATEWAY_LEASE_REPLICAS=3
 for i in 1 2 3; do start_gateway "$i" "$NATS_URL"; done
 API_PORT="$((BASE_PORT + 90))"
-env WS_API_LISTEN="127.0.0.1:$API_PORT" WS_API_NATS_URL="$NATS_URL" WS_API_KEYS="$KEY" \
+env WS_API_LISTEN="127.0.0.1:$API_PORT" WS_API_NATS_URL="$NATS_URL" WS_API_KEYS="$KEY" WS_API_KV_REPLICAS=3 \
   RUST_LOG=info "${SVC_CORE[@]}" "$BIN/ws-api" >"$TMP/api.log" 2>&1 &
 API_PID=$!
 PIDS+=("$API_PID")
