@@ -267,8 +267,14 @@ async fn the_library_works_in_a_real_browser_against_a_real_gateway() {
         &[0x81, 0xa4, b't', b'e', b'x', b't', 0xa2, b'h', b'i']
     );
     let headers = msg.headers.unwrap();
-    assert_eq!(headers.get("ws-codec").unwrap().as_str(), "msgpack");
-    assert_eq!(headers.get("ws-socket").unwrap().as_str(), socket_id);
+    assert_eq!(
+        headers.get(messages::headers::CODEC).unwrap().as_str(),
+        "msgpack"
+    );
+    assert_eq!(
+        headers.get(messages::headers::SOCKET_ID).unwrap().as_str(),
+        socket_id
+    );
 
     // Rooms: a join the token allows is acked, one it does not is refused with 403.
     assert_eq!(
