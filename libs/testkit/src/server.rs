@@ -338,7 +338,59 @@ impl NatsCluster {
         for node in &mut nodes {
             node.wait_healthy()?;
         }
-        Ok(NatsCluster { nodes })
+        let cluster = NatsCluster { nodes };
+        cluster.wait_for_meta_peers(size)?;
+        Ok(cluster)
+    }
+
+    /// Waits until the JetStream meta leader sees every other node current. Each node
+    /// healthy is not enough: right after forming, a stream with 3 replicas could still be
+    /// refused with "no suitable peers for placement, peer offline" (seen in CI). Only the
+    /// leader tracks its followers, so its `/jsz` is the one read.
+    fn wait_for_meta_peers(&self, size: usize) -> Result<(), Error> {
+        if size < 2 {
+            return Ok(());
+        }
+        let leader_ready = |i: usize, node: &NatsServer| {
+            http_get_json(node.monitor_port, "/jsz").is_some_and(|jsz| {
+                let meta = &jsz["meta_cluster"];
+                meta["leader"].as_str() == Some(format!("n{}", i + 1).as_str())
+                    && meta["replicas"].as_array().is_some_and(|r| {
+                        r.len() + 1 >= size
+                            && r.iter().all(|p| {
+                                p["current"].as_bool() == Some(true)
+                                    && p["offline"].as_bool() != Some(true)
+                            })
+                    })
+            })
+        };
+        let started = Instant::now();
+        while started.elapsed() < START_TIMEOUT {
+            if self
+                .nodes
+                .iter()
+                .enumerate()
+                .any(|(i, n)| leader_ready(i, n))
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let views: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                http_get_json(n.monitor_port, "/jsz")
+                    .map_or_else(|| "-".to_owned(), |j| j["meta_cluster"].to_string())
+            })
+            .collect();
+        Err(Error::NotHealthy {
+            port: self.nodes.first().map_or(0, |n| n.port),
+            waited: START_TIMEOUT,
+            log_tail: format!(
+                "no JetStream meta leader saw all {size} peers current; /jsz meta_cluster per node: {views:?}"
+            ),
+        })
     }
 
     /// Client URLs of every node, comma-separated, as NATS clients accept them.
@@ -372,6 +424,28 @@ impl NatsCluster {
 }
 
 /// `GET` against loopback; returns the status code.
+/// The JSON body of a monitoring endpoint (same thread rule as [`http_get_status`]).
+fn http_get_json(port: u16, path: &str) -> Option<serde_json::Value> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let client = servicekit::http_client::blocking_client(
+                    servicekit::http_client::ClientOptions {
+                        timeout: Some(Duration::from_secs(2)),
+                        ..Default::default()
+                    },
+                )
+                .ok()?;
+                let body = client.get(&url).send().ok()?.bytes().ok()?;
+                serde_json::from_slice(&body).ok()
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
+}
+
 fn http_get_status(port: u16, path: &str) -> Option<u16> {
     let url = format!("http://127.0.0.1:{port}{path}");
     // reqwest's blocking client runs a runtime of its own, which must not be created or

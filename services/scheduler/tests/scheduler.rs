@@ -667,10 +667,11 @@ async fn refusals_are_stored_acked_and_fail_only_genuine_commands() {
     })
     .await;
     assert!(v.to_string().contains("refused by the agent"), "{v}");
-    let refusals = http::get(api, "/v1/agents/node-3/refusals", KEY)
-        .await
-        .unwrap()
-        .json();
+    // The refusal is stored beside the attempt's failure, not before it: wait for both.
+    let refusals = eventually(api, "/v1/agents/node-3/refusals", |r| {
+        r["refusals"].as_array().map_or(0, Vec::len) == 2
+    })
+    .await;
     assert_eq!(
         refusals["refusals"].as_array().unwrap().len(),
         2,
