@@ -220,8 +220,8 @@ impl Presence {
     /// Every socket of the batch is tried even when one fails, and the first error is
     /// returned after. A failure that ended the batch left the rest of it unrefreshed; the
     /// sweep then deleted live sessions, and no later batch could bring them back (a
-    /// refresh needs a record): after a NATS node loss ws-api lost 2.7% of its live sessions
-    /// that way (docs/reliability.md). One socket that failed is retried by the next batch.
+    /// refresh needs a record); one of the two ways live sessions went missing after a NATS
+    /// node loss (docs/reliability.md). One socket that failed is retried by the next batch.
     pub async fn seen(&self, seen: &[(SocketId, u64)]) -> Result<(), PresenceError> {
         let fresh_for = u64::try_from(self.ttl.as_millis() / 2).unwrap_or(u64::MAX);
         let mut first_error = None;
