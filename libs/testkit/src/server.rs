@@ -424,29 +424,23 @@ impl NatsCluster {
 }
 
 /// `GET` against loopback; returns the status code.
-/// The JSON body of a monitoring endpoint (same thread rule as [`http_get_status`]).
+fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path, |response| Some(response.status().as_u16()))
+}
+
+/// The JSON body of a monitoring endpoint.
 fn http_get_json(port: u16, path: &str) -> Option<serde_json::Value> {
-    let url = format!("http://127.0.0.1:{port}{path}");
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let client = servicekit::http_client::blocking_client(
-                    servicekit::http_client::ClientOptions {
-                        timeout: Some(Duration::from_secs(2)),
-                        ..Default::default()
-                    },
-                )
-                .ok()?;
-                let body = client.get(&url).send().ok()?.bytes().ok()?;
-                serde_json::from_slice(&body).ok()
-            })
-            .join()
-            .ok()
-            .flatten()
+    http_get(port, path, |response| {
+        serde_json::from_slice(&response.bytes().ok()?).ok()
     })
 }
 
-fn http_get_status(port: u16, path: &str) -> Option<u16> {
+/// `GET http://127.0.0.1:<port><path>`, the response read by `read`.
+fn http_get<T: Send>(
+    port: u16,
+    path: &str,
+    read: impl FnOnce(reqwest::blocking::Response) -> Option<T> + Send,
+) -> Option<T> {
     let url = format!("http://127.0.0.1:{port}{path}");
     // reqwest's blocking client runs a runtime of its own, which must not be created or
     // dropped on a thread inside one, and the callers here are often async tests: it gets a
@@ -461,7 +455,7 @@ fn http_get_status(port: u16, path: &str) -> Option<u16> {
                     },
                 )
                 .ok()?;
-                Some(client.get(&url).send().ok()?.status().as_u16())
+                read(client.get(&url).send().ok()?)
             })
             .join()
             .ok()
