@@ -211,6 +211,14 @@ pub struct SessionEvent {
     /// socket connected to the gateway directly (`docs/protocol.md` 12.13).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<UserId>,
+    /// Connect, re-announced: the rooms the socket is in (a first connect is in none), so a
+    /// service that rebuilds its record from the announcement keeps the memberships.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rooms: Vec<RoomId>,
+    /// Connect, re-announced: Unix ms of the original connect; absent on a first connect,
+    /// whose `at_ms` is the connect time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_at_ms: Option<u64>,
 }
 
 /// Last-seen times of a gateway's sockets, sent in batches on a slow period
@@ -285,8 +293,14 @@ pub enum GatewayControl {
         /// Why.
         reason: String,
     },
-    /// Ask gateways to re-announce their sessions (a service lost its registry).
-    Resync,
+    /// Ask gateways to re-announce their sessions: all of them when `sockets` is empty (a
+    /// service lost its registry), or only those listed that the gateway still holds (a
+    /// service found them in a last-seen batch without a record).
+    Resync {
+        /// The sockets to re-announce; empty: every socket.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        sockets: Vec<SocketId>,
+    },
 }
 
 #[cfg(test)]
@@ -389,11 +403,24 @@ mod tests {
             close_code: None,
             reason: None,
             via: None,
+            rooms: Vec::new(),
+            connected_at_ms: None,
         };
         let bytes = to_bus(&event).unwrap();
         assert_eq!(from_bus::<SessionEvent>(&bytes).unwrap(), event);
         // Named fields: a reader in another language finds the keys.
         assert!(bytes.windows(9).any(|w| w == b"socket_id"));
+        // A first connect leaves the re-announce fields out.
+        assert!(!bytes.windows(6).any(|w| w == b"\xa5rooms"));
+        let announced = SessionEvent {
+            rooms: vec![RoomId::new("chat.lobby").unwrap()],
+            connected_at_ms: Some(3),
+            ..event
+        };
+        assert_eq!(
+            from_bus::<SessionEvent>(&to_bus(&announced).unwrap()).unwrap(),
+            announced
+        );
 
         let batch = HeartbeatBatch {
             gateway: GatewayId::new("gw-2").unwrap(),
@@ -443,7 +470,10 @@ mod tests {
                 code: 4503,
                 reason: "bye".into(),
             },
-            GatewayControl::Resync,
+            GatewayControl::Resync { sockets: vec![] },
+            GatewayControl::Resync {
+                sockets: vec![SocketId(1), SocketId(137_465_797_017_604_096)],
+            },
         ];
         for ctl in all {
             assert_eq!(
@@ -453,6 +483,18 @@ mod tests {
             let json = serde_json::to_string(&ctl).unwrap();
             assert_eq!(serde_json::from_str::<GatewayControl>(&json).unwrap(), ctl);
         }
+    }
+
+    #[test]
+    fn a_resync_for_every_socket_keeps_its_documented_bytes() {
+        // docs/protocol.md 12.7: `{"op": "resync"}`; gateways and services in other
+        // languages send exactly these bytes.
+        let bytes = [
+            0x81, 0xa2, b'o', b'p', 0xa6, b'r', b'e', b's', b'y', b'n', b'c',
+        ];
+        let all = GatewayControl::Resync { sockets: vec![] };
+        assert_eq!(to_bus(&all).unwrap(), bytes);
+        assert_eq!(from_bus::<GatewayControl>(&bytes).unwrap(), all);
     }
 
     #[test]

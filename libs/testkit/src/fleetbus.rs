@@ -73,6 +73,8 @@ pub async fn session_event(bus: &async_nats::Client, node: &str, socket: u64, ev
         close_code: None,
         reason: None,
         via: None,
+        rooms: vec![],
+        connected_at_ms: None,
     };
     let body = payload::to_bus(&e).unwrap_or_else(|e| panic!("encoding the event: {e}"));
     bus.publish(subject::event(ClientKind::Agent, event), body.into())

@@ -137,7 +137,7 @@ pub(crate) async fn start(
                 .map_err(|e| BusError::Subscribe(e.to_string()))?;
             // The socket map is memory only: after a (re)start, have every gateway announce
             // its sessions again so heartbeat batches can be attributed.
-            let body = payload::to_bus(&GatewayControl::Resync)?;
+            let body = payload::to_bus(&GatewayControl::Resync { sockets: vec![] })?;
             setup
                 .client
                 .publish(subject::control_all(), Bytes::from(body))

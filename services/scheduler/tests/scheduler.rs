@@ -478,6 +478,8 @@ async fn liveness_follows_heartbeat_batches_and_overdue_attempts_retry_then_time
         close_code: None,
         reason: None,
         via: None,
+        rooms: vec![],
+        connected_at_ms: None,
     };
     bus.publish(
         subject::event(ClientKind::Agent, Event::Connect),

@@ -84,11 +84,7 @@ async fn handle_event(shared: &Shared, msg: Message) {
             Err(e) => Err(e.into()),
         },
         Event::Heartbeat => match payload::from_bus::<HeartbeatBatch>(&msg.payload) {
-            Ok(b) => shared
-                .presence
-                .seen(&b.seen)
-                .await
-                .map_err(EventError::from),
+            Ok(b) => last_seen(shared, b).await,
             Err(e) => Err(e.into()),
         },
         Event::Join | Event::Leave => match payload::from_bus::<RoomRequest>(&msg.payload) {
@@ -105,6 +101,29 @@ async fn handle_event(shared: &Shared, msg: Message) {
         }
         tracing::warn!(subject = %msg.subject, error = %e, %trace_id, "Handling a gateway event failed.");
     }
+}
+
+/// Refreshes presence from a gateway's batch, and asks the gateway to announce again the
+/// sockets it vouched for that presence has no record of (lost refreshes, lost connect
+/// events): without that, nothing but a reconnect would bring them back.
+async fn last_seen(shared: &Shared, batch: HeartbeatBatch) -> Result<(), EventError> {
+    let seen = shared.presence.seen(&batch.seen).await;
+    if !seen.missing.is_empty() {
+        shared
+            .metrics
+            .resync_asked
+            .inc_by(seen.missing.len() as u64);
+        tracing::info!(
+            gateway = %batch.gateway,
+            sockets = seen.missing.len(),
+            "Live sockets without a session record; asking their gateway to announce them."
+        );
+        let resync = GatewayControl::Resync {
+            sockets: seen.missing,
+        };
+        send_control(shared, &batch.gateway, &resync).await?;
+    }
+    seen.error.map_or(Ok(()), |e| Err(e.into()))
 }
 
 fn receipt(shared: &Shared, event: Event, msg: &Message) -> Result<(), EventError> {

@@ -83,6 +83,8 @@ pub struct Metrics {
     pub event_errors: Counter,
     /// Publish frames forwarded to product services.
     pub forwarded: Counter,
+    /// Sockets a gateway was asked to announce again (vouched for, but no record).
+    pub resync_asked: Counter,
     /// Per-hop latency from the messages' `ws-hop` stamps.
     pub hops: servicekit::hops::HopLatency,
 }
@@ -106,6 +108,12 @@ impl Metrics {
             "Client frames forwarded to product services",
             forwarded.clone(),
         );
+        let resync_asked = Counter::default();
+        registry.register(
+            "presence_resync_asked",
+            "Live sockets without a session record that their gateway was asked to announce",
+            resync_asked.clone(),
+        );
         let hops = servicekit::hops::HopLatency::register(&mut registry);
         Metrics {
             registry,
@@ -113,6 +121,7 @@ impl Metrics {
             events,
             event_errors,
             forwarded,
+            resync_asked,
             hops,
         }
     }

@@ -8,6 +8,13 @@
 //! the current state) and answers queries and push targeting from it; replicas therefore
 //! hold nothing another would need.
 //!
+//! Lost sessions: a last-seen refresh lost on the bus (a NATS node loss) can let a live
+//! session's record age out. A batch that names a socket this registry has no record of
+//! therefore yields that socket as missing, and the caller asks its gateway to announce it
+//! again (`resync` with the socket ids): the record comes back, rooms included, within one
+//! sync period. Sockets minted within [`SETTLE`] of the batch are not asked for: their
+//! connect event is normally still on its way.
+//!
 //! Ghosts: a gateway that dies sends no disconnects. Records carry the last time a gateway
 //! reported the socket (heartbeat batches); the sweep deletes records older than the
 //! presence TTL, so a dead gateway's sessions vanish within TTL + sweep period. The bucket's
@@ -24,6 +31,19 @@ use messages::payload::{self, SessionEvent};
 use messages::{ClientKind, GatewayId, RoomId, SocketId, UserId};
 use serde::{Deserialize, Serialize};
 use servicekit::clock::now_ms;
+
+/// How long after its socket id was minted a socket missing from the registry is taken
+/// for a lost record rather than a connect event still being handled.
+pub(crate) const SETTLE: Duration = Duration::from_secs(10);
+
+/// What a last-seen batch did.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Sockets the gateway vouched for that have no record (see the module documentation).
+    pub missing: Vec<SocketId>,
+    /// The first refresh that failed; every other socket was still tried.
+    pub error: Option<PresenceError>,
+}
 
 /// One socket as the system knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,16 +171,17 @@ impl Presence {
         Ok(presence)
     }
 
-    /// Records a connect.
+    /// Records a connect, or a gateway's re-announce of a socket (which carries its rooms
+    /// and original connect time, and replaces whatever record there was).
     pub async fn connected(&self, event: &SessionEvent) -> Result<(), PresenceError> {
         let record = SessionRecord {
             socket_id: event.socket_id,
             user_id: event.user_id.clone(),
             kind: event.kind,
             gateway: event.gateway.clone(),
-            rooms: Vec::new(),
+            rooms: event.rooms.clone(),
             allowed_rooms: event.allowed_rooms.clone(),
-            connected_at_ms: event.at_ms,
+            connected_at_ms: event.connected_at_ms.unwrap_or(event.at_ms),
             last_seen_ms: event.at_ms.max(now_ms()),
         };
         let bytes = Bytes::from(payload::to_bus(&record)?);
@@ -214,30 +235,40 @@ impl Presence {
     /// Refreshes last-seen times from a gateway's batch. Gateways vouch for every socket each
     /// sync period, but a record only needs rewriting before it could age past the TTL, so
     /// records refreshed within the last half TTL are left alone (a KV read and write saved
-    /// per socket per batch; a live socket's record is still never older than TTL/2 + one
-    /// sync period).
+    /// per socket per batch). With the gateway's default sync period (10 s) and TTL (45 s)
+    /// a record is rewritten every 30 s and has two batches to be refreshed by before the
+    /// sweep (docs/operations.md).
     ///
-    /// Every socket of the batch is tried even when one fails, and the first error is
-    /// returned after. A failure that ended the batch left the rest of it unrefreshed; the
-    /// sweep then deleted live sessions, and no later batch could bring them back (a
-    /// refresh needs a record); one of the two ways live sessions went missing after a NATS
-    /// node loss (docs/reliability.md). One socket that failed is retried by the next batch.
-    pub async fn seen(&self, seen: &[(SocketId, u64)]) -> Result<(), PresenceError> {
+    /// Every socket of the batch is tried even when one fails: a failure that ended the
+    /// batch left the rest of it unrefreshed. Sockets with no record come back as
+    /// [`Seen::missing`] (see the module documentation).
+    pub async fn seen(&self, seen: &[(SocketId, u64)]) -> Seen {
         let fresh_for = u64::try_from(self.ttl.as_millis() / 2).unwrap_or(u64::MAX);
-        let mut first_error = None;
+        let settle = u64::try_from(SETTLE.as_millis()).unwrap_or(u64::MAX);
+        let mut out = Seen::default();
         for &(id, at) in seen {
-            let Some(record) = self.get(id) else { continue };
+            let Some(record) = self.get(id) else {
+                if id.parts().unix_ms.saturating_add(settle) <= at {
+                    out.missing.push(id);
+                }
+                continue;
+            };
             if at < record.last_seen_ms.saturating_add(fresh_for) {
                 continue;
             }
-            if let Err(e) = self
+            match self
                 .modify(id, |r| r.last_seen_ms = r.last_seen_ms.max(at))
                 .await
             {
-                first_error.get_or_insert(e);
+                // Deleted meanwhile (swept, or by another replica): as missing.
+                Ok(None) => out.missing.push(id),
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    out.error.get_or_insert(e);
+                }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        out
     }
 
     /// Deletes records not seen within the TTL; returns how many.
@@ -386,6 +417,8 @@ mod tests {
             close_code: None,
             reason: None,
             via: None,
+            rooms: vec![],
+            connected_at_ms: None,
         }
     }
 
@@ -410,11 +443,46 @@ mod tests {
         let result = presence
             .seen(&[(SocketId(1), later), (SocketId(2), later)])
             .await;
-        assert!(result.is_err(), "the failure is still reported");
+        assert!(result.error.is_some(), "the failure is still reported");
+        assert!(result.missing.is_empty());
         assert_eq!(
             presence.get(SocketId(2)).unwrap().last_seen_ms,
             later,
             "the socket after the failing one was refreshed"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vouched_socket_without_a_record_is_missing_and_its_announce_restores_it() {
+        let nats = testkit::NatsServer::start().unwrap();
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let presence = Presence::open(&js, "presence_missing", Duration::from_secs(60), 1)
+            .await
+            .unwrap();
+        let now = now_ms();
+        // A socket minted long ago whose record aged out, and one minted a moment ago whose
+        // connect event may still be on its way.
+        let old = SocketId(1);
+        let generator = messages::snowflake::Snowflake::new(3).unwrap();
+        let young = generator.next_id().unwrap();
+        let seen = presence.seen(&[(old, now), (young, now)]).await;
+        assert!(seen.error.is_none());
+        assert_eq!(seen.missing, [old]);
+
+        // The gateway's re-announce carries the rooms and the original connect time.
+        let room = RoomId::new("chat.lobby").unwrap();
+        let announce = SessionEvent {
+            rooms: vec![room.clone()],
+            connected_at_ms: Some(7),
+            at_ms: now,
+            ..connect_event(1)
+        };
+        presence.connected(&announce).await.unwrap();
+        let record = presence.get(old).unwrap();
+        assert_eq!(record.rooms, std::slice::from_ref(&room));
+        assert_eq!(record.connected_at_ms, 7);
+        assert_eq!(presence.room(&room).len(), 1);
+        assert!(presence.seen(&[(old, now)]).await.missing.is_empty());
     }
 }

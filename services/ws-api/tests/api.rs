@@ -585,3 +585,59 @@ async fn presence_follows_connects_disconnects_and_a_killed_gateway() {
         .expect("gateway shutdown hung")
         .unwrap();
 }
+
+/// A live session whose record is lost (a last-seen refresh lost on the bus, and the sweep)
+/// comes back from the gateway's next batch: ws-api asks the gateway to announce it again,
+/// and the announcement carries its rooms and original connect time.
+#[tokio::test]
+async fn a_live_session_whose_record_was_lost_is_restored_with_its_rooms() {
+    let nats = NatsServer::start().unwrap();
+    let gw = gateway(&nats.url(), "gw-resync").await;
+    let api = api(api_config(&nats.url())).await;
+    let mut c = TestClient::connect(gw.addr(), &token("erin", None, &["games"]))
+        .await
+        .unwrap();
+    c.send(
+        &Frame::new(FrameKind::Join)
+            .with_msg_id(1)
+            .with_route(Route::new("games").unwrap()),
+    )
+    .await;
+    let f = c.frame().await;
+    assert_eq!((f.kind, f.msg_id), (FrameKind::Ack, 1), "{f:?}");
+    let before = eventually(api.addr(), "/v1/users/erin", |v| {
+        v["sockets"][0]["rooms"] == json!(["games"])
+    })
+    .await;
+    let socket = before["sockets"][0]["socket_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The record disappears as if swept after lost refreshes; the client never left.
+    let bus = async_nats::connect(nats.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(bus)
+        .get_key_value("ws_sessions")
+        .await
+        .unwrap();
+    kv.delete(format!("s.{socket}")).await.unwrap();
+    eventually(api.addr(), "/v1/users/erin", |v| v["online"] == false).await;
+
+    // Within the settle time (10 s from the socket's id) and a batch or two, it is back.
+    let after = eventually(api.addr(), "/v1/users/erin", |v| v["online"] == true).await;
+    let restored = &after["sockets"][0];
+    assert_eq!(restored["socket_id"], socket.as_str());
+    assert_eq!(restored["rooms"], json!(["games"]));
+    assert_eq!(
+        restored["connected_at_ms"], before["sockets"][0]["connected_at_ms"],
+        "the original connect time, not the announce's"
+    );
+    push(
+        api.addr(),
+        json!({"target": {"room": "games"}, "body": "still here"}),
+    )
+    .await;
+    expect_push(&mut c, br#""still here""#).await;
+    api.shutdown().await.unwrap();
+    gw.shutdown().await.unwrap();
+}

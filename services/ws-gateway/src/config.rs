@@ -78,8 +78,11 @@ pub struct Args {
     /// Slack after the interval before a silent session is closed, ms.
     #[arg(long, env = "WS_GATEWAY_HEARTBEAT_GRACE_MS", default_value_t = 20_000)]
     pub heartbeat_grace_ms: u32,
-    /// How often last-seen times are sent to the bus in batches, ms.
-    #[arg(long, env = "WS_GATEWAY_PRESENCE_SYNC_MS", default_value_t = 15_000)]
+    /// How often last-seen times are sent to the bus in batches, ms. Keep it at most
+    /// ws-api's presence TTL / 4.5 (10 s against the default 45 s): a record is then
+    /// refreshed by one of two batches before it could be swept, so one lost batch loses
+    /// no session.
+    #[arg(long, env = "WS_GATEWAY_PRESENCE_SYNC_MS", default_value_t = 10_000)]
     pub presence_sync_ms: u64,
     /// How often the replica publishes its counters for the operator console
     /// (`ws.stats.<instance>`), ms; 0 turns it off.
@@ -314,7 +317,7 @@ impl Config {
                 grow_after: 3,
                 grace_ms: 20_000,
             },
-            presence_sync: Duration::from_secs(15),
+            presence_sync: Duration::from_secs(10),
             stats_interval: Some(Duration::from_secs(5)),
             limits: Limits::default(),
             rate_per_sec: 50,

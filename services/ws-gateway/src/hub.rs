@@ -357,14 +357,13 @@ impl<H: Member> Hub<H> {
             | GatewayControl::Leave { socket_id, .. }
             | GatewayControl::Refuse { socket_id, .. }
             | GatewayControl::Close { socket_id, .. } => Some(*socket_id),
-            GatewayControl::Resync => None,
+            GatewayControl::Resync { sockets } => {
+                // Named sockets: app sockets only, as for every control naming a socket.
+                self.resync(sockets);
+                return;
+            }
         };
         let Some(member) = socket.and_then(|id| self.registry.handle(id)) else {
-            if socket.is_none() {
-                // A service lost its registry: every local socket announces itself again.
-                let count = self.registry.for_all(None, |_, member| member.announce());
-                tracing::info!(sockets = count, "Resync requested; re-announcing sessions.");
-            }
             return;
         };
         // Memberships change here, in the bus's order, not later in the connection's
@@ -394,6 +393,28 @@ impl<H: Member> Hub<H> {
             }
             other => member.control(other),
         }
+    }
+
+    /// A service asked for connect events again: for every local socket (it lost its
+    /// registry), or for the listed ones this replica still holds (it found them in a
+    /// last-seen batch without a record; a socket that has gone since is not announced, so
+    /// a resync never brings back a closed session).
+    fn resync(&self, sockets: &[SocketId]) {
+        if sockets.is_empty() {
+            let count = self.registry.for_all(None, |_, member| member.announce());
+            tracing::info!(sockets = count, "Resync requested; re-announcing sessions.");
+            return;
+        }
+        let mut count = 0usize;
+        for member in sockets.iter().filter_map(|id| self.registry.handle(*id)) {
+            member.announce();
+            count += 1;
+        }
+        tracing::info!(
+            asked = sockets.len(),
+            sockets = count,
+            "Resync of named sockets requested; re-announcing those still held."
+        );
     }
 
     /// Publishes the sockets this replica holds, with the time it vouched for them. Every
@@ -727,9 +748,27 @@ mod tests {
         assert_eq!(a.seen().len(), 1);
         hub.on_interest(
             &ctl,
-            &msg(payload::to_bus(&GatewayControl::Resync).unwrap()),
+            &msg(payload::to_bus(&GatewayControl::Resync { sockets: vec![] }).unwrap()),
         );
         assert_eq!(a.seen(), ["announce"]);
         assert_eq!(b.seen(), ["announce"]);
+    }
+
+    #[test]
+    fn a_resync_of_named_sockets_announces_only_the_app_sockets_still_held() {
+        let (hub, _, _) = hub();
+        let (a, b, c) = (Fake::default(), Fake::default(), Fake::default());
+        hub.add(SocketId(1), &user("a"), ClientKind::App, a.clone());
+        hub.add(SocketId(2), &user("b"), ClientKind::App, b.clone());
+        hub.add(SocketId(3), &user("edge-1"), ClientKind::Agent, c.clone());
+        let resync = GatewayControl::Resync {
+            // 9 has gone: nothing brings a closed session back.
+            sockets: vec![SocketId(2), SocketId(3), SocketId(9)],
+        };
+        let (interest, delivery) = control_msg(&hub, &resync);
+        hub.on_interest(&interest, &delivery);
+        assert!(a.seen().is_empty(), "not named");
+        assert_eq!(b.seen(), ["announce"]);
+        assert!(c.seen().is_empty(), "agents are not addressed by socket id");
     }
 }

@@ -279,8 +279,11 @@ pub(crate) struct Conn {
     hb: Heartbeat,
     /// Frames per second, and strikes for frames over it.
     rate: RateLimit,
-    /// Rooms this socket is in here (to clean up on disconnect).
+    /// Rooms this socket is in here (to clean up on disconnect, and in a re-announce).
     rooms: Vec<RoomId>,
+    /// Unix ms of the first connect event; set once it is published, so every later one
+    /// is a re-announce that carries it and the rooms.
+    announced_at_ms: Option<u64>,
     /// Join/leave requests forwarded to the services and not answered yet: message id and
     /// whether it is a join (pending joins count against the room cap).
     pending: Vec<(u64, bool)>,
@@ -344,6 +347,7 @@ impl Conn {
             sink: Rc::new(tokio::sync::Mutex::new(init.sink)),
             shared: init.shared,
             rooms: Vec::new(),
+            announced_at_ms: None,
             pending: Vec::new(),
             writer: None,
             closing: None,
@@ -624,6 +628,8 @@ impl Conn {
             close_code,
             reason,
             via: self.via.clone(),
+            rooms: Vec::new(),
+            connected_at_ms: None,
         }
     }
 
@@ -688,9 +694,18 @@ impl Conn {
         }));
     }
 
-    /// Publishes the connect event.
+    /// Publishes the connect event: the first one, or a re-announce a service asked for
+    /// (with the original connect time and the rooms, so a rebuilt record loses neither).
     fn announce(&mut self, ctx: &mut Ctx) {
-        match payload::to_bus(&self.session_event(None, None)) {
+        let mut event = self.session_event(None, None);
+        match self.announced_at_ms {
+            None => self.announced_at_ms = Some(event.at_ms),
+            Some(at) => {
+                event.connected_at_ms = Some(at);
+                event.rooms.clone_from(&self.rooms);
+            }
+        }
+        match payload::to_bus(&event) {
             Ok(body) => {
                 let out = self.event(
                     Event::Connect,
@@ -920,7 +935,7 @@ impl Conn {
             | GatewayControl::Refuse { msg_id, .. } => {
                 self.answered(*msg_id);
             }
-            GatewayControl::Close { .. } | GatewayControl::Resync => {}
+            GatewayControl::Close { .. } | GatewayControl::Resync { .. } => {}
         }
         match control {
             // Applied by the hub (in the bus's order); they arrive as `Joined` / `Left`.
@@ -941,7 +956,7 @@ impl Conn {
                 let reason = (!reason.is_empty()).then(|| close_reason(&reason).to_owned());
                 self.close_with(code, reason, ctx);
             }
-            GatewayControl::Resync => {}
+            GatewayControl::Resync { .. } => {}
         }
     }
 
