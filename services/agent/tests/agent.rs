@@ -382,6 +382,42 @@ async fn results_produced_while_the_gateway_is_down_arrive_once_after_it_returns
     gw.shutdown().await.unwrap();
 }
 
+/// A gateway URL with an IPv6 literal (`ws://[::1]:port/ws`) is dialled directly: the
+/// agent registers through it, reports its IPv6 address, and runs a task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_through_a_gateway_at_an_ipv6_literal() {
+    let Ok(listener) = TcpListener::bind("[::1]:0") else {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    };
+    let nats = NatsServer::start().unwrap();
+    let mut scheduler = Scheduler::start(&nats.url()).await;
+    let gw = gateway_on(&nats.url(), "gw-v6", listener).await;
+    assert!(gw.addr().is_ipv6());
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(dir.path(), gw.addr());
+    assert_eq!(
+        config.gateways[0].to_string(),
+        format!("ws://[::1]:{}/ws", gw.addr().port())
+    );
+    let mut agent = agent::start(config).await.unwrap();
+    let register: Register = from_bus(&scheduler.expect(fleet::up::REGISTER).await).unwrap();
+    assert_eq!(register.addresses, vec!["::1".to_owned()]);
+    scheduler
+        .push_task(1, command(&["echo", "over v6"]), 10_000)
+        .await;
+    let result = scheduler.result(1).await;
+    assert_eq!(result.outcome, Outcome::Succeeded, "{result:?}");
+    assert!(result.stdout_tail.contains("over v6"), "{result:?}");
+
+    agent.stop();
+    tokio::time::timeout(WAIT, agent.join())
+        .await
+        .unwrap()
+        .unwrap();
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fails_over_to_the_other_gateway() {
     let nats = NatsServer::start().unwrap();
