@@ -15,6 +15,7 @@
 #   loadtest/scenarios/faults/nats-node-loss-broadcast.sh            # 10,000 users, 24 pushes
 #   PUSHES=120 INTERVAL=0.5 KILL_AT=20 loadtest/scenarios/faults/nats-node-loss-broadcast.sh
 #   CONNECTIONS=2000 PUSHES=8 INTERVAL=2 KILL_AT=5 loadtest/scenarios/faults/nats-node-loss-broadcast.sh
+#   KILL_NODE=ws-api ...   # kill the node ws-api is connected to (default: node 1)
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$DIR/../lib.sh"
 CONNECTIONS="${CONNECTIONS:-10000}"
@@ -26,6 +27,7 @@ SIZE="${SIZE:-1024}"
 BROADCAST_SECS="$(echo "$PUSHES * $INTERVAL / 1" | bc)"
 KILL_AT="${KILL_AT:-$((BROADCAST_SECS / 3))}"
 OUT="${OUT:-$ROOT/target/loadtest/faults/nats-node-loss-broadcast}"
+KILL_NODE="${KILL_NODE:-1}"
 
 machine
 start_nats_cluster
@@ -38,20 +40,35 @@ API_PID=$!
 PIDS+=("$API_PID")
 wait_ready "$API_PORT" ws-api "$TMP/api.log"
 sleep 1
+if [ "$KILL_NODE" = ws-api ]; then
+  # The node whose client port ws-api's connection ends at: the worst case for presence
+  # and receipts (every event in flight to ws-api is lost with it).
+  port="$(ss -Htnp state established | grep "pid=$API_PID," | awk '{print $4}' | sed 's/.*://' \
+    | while read -r p; do
+        for i in 0 1 2; do [ "$p" = "$((NATS_PORT + 2 * i))" ] && echo "$p"; done
+      done | head -n 1)"
+  [ -n "$port" ] || { echo "cannot tell which NATS node ws-api is on" >&2; exit 1; }
+  KILL_NODE=$(( (port - NATS_PORT) / 2 + 1 ))
+  echo "== ws-api is on NATS node $KILL_NODE"
+fi
+case "$KILL_NODE" in 1|2|3) ;; *) echo "KILL_NODE must be 1, 2, 3 or ws-api" >&2; exit 2 ;; esac
+KILL_PID="${NATS_PIDS[$((KILL_NODE - 1))]}"
+WATCH="ws-api=$API_PID"
+for i in 1 2 3; do [ "$i" = "$KILL_NODE" ] || WATCH+=",nats$i=${NATS_PIDS[$((i - 1))]}"; done
 CONNECT_SECS=$(( CONNECTIONS / RATE + 3 ))
 echo "== NATS node loss during a broadcast with receipts: $CONNECTIONS users over 3 gateways;" \
-  "$PUSHES pushes of $SIZE B every ${INTERVAL}s; kill -9 NATS node 1 ${KILL_AT}s after the first push"
+  "$PUSHES pushes of $SIZE B every ${INTERVAL}s; kill -9 NATS node $KILL_NODE ${KILL_AT}s after the first push"
 loadtest --urls "$(urls)" --connections "$CONNECTIONS" --sources 16 --concurrency 512 \
   run --scenario broadcast --name nats-node-loss-broadcast --workers "$WORKERS" --rate "$RATE" \
   --pushes "$PUSHES" --interval-secs "$INTERVAL" --size "$SIZE" --receipts \
   --via api --api "127.0.0.1:$API_PORT" --nats-url "$NATS_URL" \
   --max-secs "$(( BROADCAST_SECS + 180 ))" --gateway-pids "$(gw_pids)" \
-  --watch "ws-api=$API_PID,nats2=${NATS_PIDS[1]},nats3=${NATS_PIDS[2]}" --out "$OUT" \
+  --watch "$WATCH" --out "$OUT" \
   --thresholds "$DIR/nats-node-loss-broadcast.toml" --note "pinning=$PINNING" ${EXTRA:-} &
 LT=$!
 sleep "$(( CONNECT_SECS + KILL_AT ))"
-echo "== kill -9 NATS node 1 (pid ${NATS_PIDS[0]}) at $(date +%T.%N | cut -c1-12)"
-kill -9 "${NATS_PIDS[0]}"
+echo "== kill -9 NATS node $KILL_NODE (pid $KILL_PID) at $(date +%T.%N | cut -c1-12)"
+kill -9 "$KILL_PID"
 wait "$LT" || STATUS=$?
 echo "== who was on the killed node (reconnects in the logs):"
 grep -il 'reconnect\|disconnect' "$TMP"/gw*.log "$TMP"/api.log 2>/dev/null || echo "(no reconnect logged)"
