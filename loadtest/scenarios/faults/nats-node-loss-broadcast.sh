@@ -43,10 +43,9 @@ sleep 1
 if [ "$KILL_NODE" = ws-api ]; then
   # The node whose client port ws-api's connection ends at: the worst case for presence
   # and receipts (every event in flight to ws-api is lost with it).
-  port="$(ss -Htnp state established | grep "pid=$API_PID," | awk '{print $4}' | sed 's/.*://' \
-    | while read -r p; do
-        for i in 0 1 2; do [ "$p" = "$((NATS_PORT + 2 * i))" ] && echo "$p"; done
-      done | head -n 1)"
+  port="$(ss -Htnp state established | awk -v pid="pid=$API_PID," -v lo="$NATS_PORT" '
+    index($0, pid) { n = split($4, a, ":"); p = a[n] + 0
+      if (p == lo || p == lo + 2 || p == lo + 4) { print p; exit } }')"
   [ -n "$port" ] || { echo "cannot tell which NATS node ws-api is on" >&2; exit 1; }
   KILL_NODE=$(( (port - NATS_PORT) / 2 + 1 ))
   echo "== ws-api is on NATS node $KILL_NODE"
