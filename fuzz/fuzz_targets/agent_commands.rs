@@ -1,5 +1,5 @@
 //! The agent's handling of what the gateway pushes to it (protocol 12.8): the trust gate
-//! (`agent::trust::Gate`: signature, node, route, lifetime, replay, against a real redb
+//! (`agent::Gate`: signature, node, route, lifetime, replay, against a real redb
 //! outbox) and, for what it admits, the body decoders and checks the agent runs before it
 //! acts (the execution policy for commands, probe targets, config names, upgrade
 //! manifests, tunnel allowlists). Half the inputs are signed with the pinned key, so the
@@ -10,9 +10,7 @@
 
 use std::sync::OnceLock;
 
-use agent::policy::{ExecPolicy, check_probe_text};
-use agent::trust::Gate;
-use agent::Outbox;
+use agent::{ExecPolicy, Gate, Outbox, check_probe_text};
 use libfuzzer_sys::fuzz_target;
 use messages::command::{CommandSigner, CommandVerifier, Envelope};
 use messages::payload::from_bus;

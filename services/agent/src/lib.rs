@@ -45,4 +45,5 @@ pub use config::{AgentConfig, ConfigError, Origin, Problem, RelayListen, TlsSett
 pub use connection::{AgentHandle, RunError, start};
 pub use executor::{ExecEvent, Execution, Executor};
 pub use outbox::{Entry, MessageId, Outbox, OutboxError};
-pub use policy::{Cidr, ExecPolicy, Refusal};
+pub use policy::{Cidr, ExecPolicy, Refusal, check_probe_text};
+pub use trust::{Gate, GateError};

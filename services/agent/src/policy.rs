@@ -570,7 +570,7 @@ fn is_executable_file(path: &Path) -> bool {
 
 /// Checks that a probe URL or target has only printable ASCII and no spaces, so nothing in
 /// it can end a request line or add a header.
-pub(crate) fn check_probe_text(text: &str) -> Result<(), Refusal> {
+pub fn check_probe_text(text: &str) -> Result<(), Refusal> {
     if text.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {

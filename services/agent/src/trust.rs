@@ -194,7 +194,7 @@ fn acts(route: &str) -> bool {
 
 /// Why a push was not admitted.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum GateError {
+pub enum GateError {
     /// Refused; report it.
     #[error("{0}")]
     Refused(Refusal),
@@ -203,16 +203,17 @@ pub(crate) enum GateError {
     Outbox(#[from] OutboxError),
 }
 
-/// Decides whether a push may be acted on.
+/// Decides whether a push may be acted on: the agent's only way from a push to an action,
+/// public so the fuzz target (`fuzz/fuzz_targets/agent_commands.rs`) drives the real one.
 #[derive(Debug)]
-pub(crate) struct Gate {
+pub struct Gate {
     node: String,
     keys: CommandVerifier,
 }
 
 impl Gate {
     /// For `node` with the pinned `keys`.
-    pub(crate) fn new(node: &str, keys: CommandVerifier) -> Self {
+    pub fn new(node: &str, keys: CommandVerifier) -> Self {
         Gate {
             node: node.to_owned(),
             keys,
@@ -221,7 +222,7 @@ impl Gate {
 
     /// Verifies `body` as a command for this node on `route`; for acting routes, records
     /// its id in `outbox` first. Blocking (fsync) for acting routes.
-    pub(crate) fn admit(
+    pub fn admit(
         &self,
         outbox: &Outbox,
         route: &str,
