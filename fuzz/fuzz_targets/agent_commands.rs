@@ -9,6 +9,7 @@
 #![no_main]
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use agent::{ExecPolicy, Gate, Outbox, check_probe_text};
 use libfuzzer_sys::fuzz_target;
@@ -17,7 +18,12 @@ use messages::payload::from_bus;
 use messages::{fleet, tunnel};
 
 const NODE: &str = "edge-1";
-const NOW: u64 = 1_767_225_600_000;
+/// The clock the first input sees; every input moves it on by [`TICK_MS`], so commands
+/// the outbox remembered expire and are pruned as they would on an agent. With a fixed
+/// clock the replay set only grew, and `remember_command`'s prune (a scan of the set)
+/// slowed the target to a few hundred executions a second.
+const START: u64 = 1_767_225_600_000;
+const TICK_MS: u64 = 10_000;
 const ROUTES: [&str; 7] = [
     fleet::down::ACK,
     fleet::down::TASK,
@@ -106,10 +112,12 @@ fn act(w: &World, route: &str, body: &[u8]) {
 }
 
 fuzz_target!(|input: &[u8]| {
+    static CLOCK: AtomicU64 = AtomicU64::new(START);
     let w = world();
     let Some((&ctl, data)) = input.split_first() else {
         return;
     };
+    let now = CLOCK.fetch_add(TICK_MS, Ordering::Relaxed);
     let route = ROUTES[usize::from(ctl & 0x07) % ROUTES.len()];
     let signed_for = ROUTES[usize::from((ctl >> 3) & 0x07) % ROUTES.len()];
     let other_node = ctl & 0x40 != 0;
@@ -120,8 +128,8 @@ fuzz_target!(|input: &[u8]| {
             id: format!("{:016x}", fastrand(data)),
             node: if other_node { "edge-2".to_owned() } else { NODE.to_owned() },
             route: signed_for.to_owned(),
-            issued_ms: NOW,
-            expires_ms: NOW + 60_000,
+            issued_ms: now,
+            expires_ms: now + 60_000,
             body: data.to_vec(),
         };
         match w.signer.sign_envelope(&envelope) {
@@ -131,14 +139,14 @@ fuzz_target!(|input: &[u8]| {
     } else {
         data.to_vec()
     };
-    match w.gate.admit(&w.outbox, route, &push, NOW) {
+    match w.gate.admit(&w.outbox, route, &push, now) {
         Ok(envelope) => {
             assert_eq!(envelope.node, NODE, "admitted a push signed for another node");
             assert_eq!(envelope.route, route, "admitted a push signed for another route");
             act(w, route, &envelope.body);
             // The same push again: a command that acts is refused as a replay.
             if acts(route) {
-                let again = w.gate.admit(&w.outbox, route, &push, NOW);
+                let again = w.gate.admit(&w.outbox, route, &push, now);
                 assert!(again.is_err(), "a replayed command was admitted");
             }
         }
