@@ -21,6 +21,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use servicekit::durable::{self, DbError};
@@ -47,6 +48,10 @@ const FORMAT_VERSION: u128 = 1;
 /// redb's page cache is 1 GiB by default; an edge daemon's outbox is small and the machine
 /// is someone else's, so keep the cache modest.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
+/// How often remembered command ids are pruned, ms of the caller's clock. The prune scans
+/// the whole table; on every command it cost a scan of every id still valid (600 s of
+/// commands by default) per command.
+const PRUNE_EVERY_MS: u64 = 60_000;
 
 /// Why an outbox operation failed.
 ///
@@ -128,6 +133,8 @@ pub struct Outbox {
     db: Database,
     instance: u128,
     path: PathBuf,
+    /// The caller's clock value from which the next prune of remembered commands is due.
+    next_prune_ms: AtomicU64,
 }
 
 impl Outbox {
@@ -174,7 +181,12 @@ impl Outbox {
         };
         txn.open_table(ENTRIES)?;
         txn.commit()?;
-        Ok(Outbox { db, instance, path })
+        Ok(Outbox {
+            db,
+            instance,
+            path,
+            next_prune_ms: AtomicU64::new(0),
+        })
     }
 
     /// The file this outbox lives in.
@@ -316,7 +328,9 @@ impl Outbox {
     /// Records that the signed command `id` (valid until `expires_ms`) is being acted on,
     /// durably, before the agent acts. Returns `false` if it was seen before: a replay.
     /// Ids whose command expired before `prune_before_ms` are dropped in the same
-    /// transaction, which bounds the table by what can still verify.
+    /// transaction, at most once a minute of `prune_before_ms`, which bounds the table by
+    /// what can still verify plus a minute of commands. (Dropping an expired id early or
+    /// late changes nothing: the gate refuses an expired command before it gets here.)
     pub fn remember_command(
         &self,
         id: &str,
@@ -330,8 +344,14 @@ impl Outbox {
                 false
             } else {
                 seen.insert(id, expires_ms)?;
-                for item in seen.extract_if(|_, exp| exp < prune_before_ms)? {
-                    item?;
+                if prune_before_ms >= self.next_prune_ms.load(Ordering::Relaxed) {
+                    for item in seen.extract_if(|_, exp| exp < prune_before_ms)? {
+                        item?;
+                    }
+                    self.next_prune_ms.store(
+                        prune_before_ms.saturating_add(PRUNE_EVERY_MS),
+                        Ordering::Relaxed,
+                    );
                 }
                 true
             }
@@ -381,6 +401,40 @@ fn read_next_seq(meta: &impl ReadableTable<&'static str, u128>) -> Result<u64, O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn remembered(outbox: &Outbox) -> u64 {
+        let txn = outbox.db.begin_read().unwrap();
+        txn.open_table(SEEN_COMMANDS).unwrap().len().unwrap()
+    }
+
+    #[test]
+    fn expired_command_ids_are_pruned_once_a_minute_and_replays_still_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path().join("o.redb")).unwrap();
+        // The first command prunes (nothing yet); the next prune is due a minute later.
+        assert!(outbox.remember_command("a", 1_000, 0).unwrap());
+        assert!(outbox.remember_command("b", 100_000, 2_000).unwrap());
+        assert!(outbox.remember_command("c", 200_000, 59_999).unwrap());
+        assert_eq!(
+            remembered(&outbox),
+            3,
+            "\"a\" expired but waits for the next prune"
+        );
+        assert!(
+            !outbox.remember_command("c", 200_000, 59_999).unwrap(),
+            "a replay"
+        );
+        assert!(outbox.remember_command("d", 200_000, 60_000).unwrap());
+        assert_eq!(remembered(&outbox), 3, "\"a\" pruned");
+        assert!(outbox.remember_command("e", 200_000, 119_999).unwrap());
+        assert_eq!(remembered(&outbox), 4);
+        assert!(outbox.remember_command("f", 200_000, 120_000).unwrap());
+        assert_eq!(remembered(&outbox), 4, "\"b\" pruned");
+        assert!(
+            !outbox.remember_command("d", 200_000, 120_000).unwrap(),
+            "a replay"
+        );
+    }
 
     #[test]
     fn message_id_format_is_subject_safe() {
